@@ -1,0 +1,508 @@
+"""The desired state users configure (tenants, ports, endpoints, routes, rules) as plain,
+validated types, and the cross-checks that make a whole state consistent.
+
+Every value that comes from outside (CLI, API, TOML, SQLite) enters through `from_dict`,
+which names the field that is wrong; nothing here touches the kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+IPAddr = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNet = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+MAX_TENANT_ID = 65535
+MAX_VNI = (1 << 24) - 1
+MAX_PRIORITY = 65535
+MAX_RULE_ID = (1 << 31) - 1
+IFNAMSIZ = 15
+
+VERDICTS = ("drop", "pass")
+RULE_ACTIONS = ("allow", "deny", "pass")
+ROUTE_ACTIONS = ("via", "kernel", "drop")
+PROTOCOLS = {"any": 0, "icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
+_IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
+_MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+
+
+class Invalid(ValueError):
+    """A value that cannot be accepted; `where` names the object and field."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(f"{where}: {message}")
+        self.where = where
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------
+# Field parsers: each takes the raw value and the place it came from, for the error.
+
+def parse_name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise Invalid(where, f"{value!r} is not a name (a letter, then up to 31 letters, "
+                             "digits, '_', '.', '-')")
+    return value
+
+
+def parse_ifname(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _IFNAME_RE.match(value) or value in (".", ".."):
+        raise Invalid(where, f"{value!r} is not an interface name (1-15 characters, "
+                             "no spaces, '/' or ':')")
+    return value
+
+
+def parse_int(value: Any, where: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool):
+        raise Invalid(where, f"{value!r} is not an integer")
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        value = int(value)
+    if not isinstance(value, int):
+        raise Invalid(where, f"{value!r} is not an integer")
+    if not lo <= value <= hi:
+        raise Invalid(where, f"{value} is out of range {lo}..{hi}")
+    return value
+
+
+def parse_choice(value: Any, where: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise Invalid(where, f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def parse_ip(value: Any, where: str) -> IPAddr:
+    try:
+        return ipaddress.ip_address(value)
+    except (ValueError, TypeError):
+        raise Invalid(where, f"{value!r} is not an IP address") from None
+
+
+def parse_prefix(value: Any, where: str) -> IPNet:
+    """A prefix; a bare address means the host prefix. Host bits must be zero."""
+    if value in (None, "", "any"):
+        return ipaddress.ip_network("::/0")
+    if not isinstance(value, str):
+        raise Invalid(where, f"{value!r} is not a prefix")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as e:
+        if "has host bits set" in str(e):
+            raise Invalid(where, f"{value!r} has host bits set") from None
+        raise Invalid(where, f"{value!r} is not a prefix (address/length)") from None
+
+
+def parse_mac(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _MAC_RE.match(value):
+        raise Invalid(where, f"{value!r} is not a MAC address (xx:xx:xx:xx:xx:xx)")
+    mac = value.lower()
+    if int(mac[:2], 16) & 1:
+        raise Invalid(where, f"{value!r} is a multicast MAC address")
+    return mac
+
+
+def parse_port_range(value: Any, where: str) -> Tuple[int, int]:
+    """'22', 22, '1000-1999', [1000, 1999], None/'any' -> (lo, hi)."""
+    if value in (None, "", "any"):
+        return (0, 65535)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        lo, hi = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        lo = hi = value
+    elif isinstance(value, str) and re.fullmatch(r"\d+", value.strip()):
+        lo = hi = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\d+\s*-\s*\d+", value.strip()):
+        lo, hi = (int(x) for x in value.split("-"))
+    else:
+        raise Invalid(where, f"{value!r} is not a port or port range (N or LO-HI)")
+    lo = parse_int(lo, where, 0, 65535)
+    hi = parse_int(hi, where, 0, 65535)
+    if lo > hi:
+        raise Invalid(where, f"range {lo}-{hi} is empty (low end above high end)")
+    return (lo, hi)
+
+
+def parse_protocol(value: Any, where: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.lower() in PROTOCOLS:
+        return PROTOCOLS[value.lower()]
+    return parse_int(value, where, 0, 255)
+
+
+def _check_keys(d: Any, where: str, allowed: Iterable[str], required: Iterable[str] = ()):
+    if not isinstance(d, dict):
+        raise Invalid(where, f"expected a table of fields, got {type(d).__name__}")
+    allowed = set(allowed)
+    for k in d:
+        if k not in allowed:
+            raise Invalid(where, f"unknown field {k!r} (known: {', '.join(sorted(allowed))})")
+    for k in required:
+        if d.get(k) is None:
+            raise Invalid(where, f"field {k!r} is required")
+
+
+def _fmt_range(r: Tuple[int, int]) -> Optional[str]:
+    if r == (0, 65535):
+        return None
+    return str(r[0]) if r[0] == r[1] else f"{r[0]}-{r[1]}"
+
+
+def prefix_str(p: IPNet) -> Optional[str]:
+    return None if p.prefixlen == 0 and p.version == 6 else str(p)
+
+
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tenant:
+    """A VPC: its id is in every datapath key, so tenants never see each other."""
+    name: str
+    id: int
+    vni: Optional[int] = None
+    default: str = "drop"
+
+    FIELDS = ("name", "id", "vni", "default")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Tenant":
+        where = f"tenant {d.get('name', '?')}" if isinstance(d, dict) else "tenant"
+        _check_keys(d, where, cls.FIELDS, ("name", "id"))
+        return cls(
+            name=parse_name(d["name"], f"{where}: name"),
+            id=parse_int(d["id"], f"{where}: id", 1, MAX_TENANT_ID),
+            vni=None if d.get("vni") is None else parse_int(d["vni"], f"{where}: vni", 1, MAX_VNI),
+            default=parse_choice(d.get("default", "drop"), f"{where}: default", VERDICTS),
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "id": self.id, "vni": self.vni, "default": self.default}
+
+
+@dataclass(frozen=True)
+class Port:
+    """A node interface that belongs to one tenant (a VM's veth or tap)."""
+    name: str
+    tenant: str
+
+    FIELDS = ("name", "tenant")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Port":
+        where = f"port {d.get('name', '?')}" if isinstance(d, dict) else "port"
+        _check_keys(d, where, cls.FIELDS, cls.FIELDS)
+        return cls(name=parse_ifname(d["name"], f"{where}: name"),
+                   tenant=parse_name(d["tenant"], f"{where}: tenant"))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "tenant": self.tenant}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """(tenant, IP) -> the local port it lives behind and its MAC."""
+    tenant: str
+    ip: IPAddr
+    port: str
+    mac: str
+
+    FIELDS = ("tenant", "ip", "port", "mac")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Endpoint":
+        where = (f"endpoint {d.get('tenant', '?')}/{d.get('ip', '?')}"
+                 if isinstance(d, dict) else "endpoint")
+        _check_keys(d, where, cls.FIELDS, cls.FIELDS)
+        return cls(tenant=parse_name(d["tenant"], f"{where}: tenant"),
+                   ip=parse_ip(d["ip"], f"{where}: ip"),
+                   port=parse_ifname(d["port"], f"{where}: port"),
+                   mac=parse_mac(d["mac"], f"{where}: mac"))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"tenant": self.tenant, "ip": str(self.ip), "port": self.port, "mac": self.mac}
+
+
+@dataclass(frozen=True)
+class Route:
+    """(tenant, prefix) -> a next hop that is one of the tenant's endpoints, the node's
+    kernel, or a blackhole."""
+    tenant: str
+    prefix: IPNet
+    action: str = "via"
+    via: Optional[IPAddr] = None
+
+    FIELDS = ("tenant", "prefix", "action", "via")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Route":
+        where = (f"route {d.get('tenant', '?')}/{d.get('prefix', '?')}"
+                 if isinstance(d, dict) else "route")
+        _check_keys(d, where, cls.FIELDS, ("tenant", "prefix"))
+        prefix = d["prefix"]
+        if prefix == "default":
+            prefix = "0.0.0.0/0"
+        pfx = parse_prefix(prefix, f"{where}: prefix")
+        action = d.get("action") or ("via" if d.get("via") is not None else None)
+        if action is None:
+            raise Invalid(where, "needs a next hop: 'via' an endpoint address, or action "
+                                 "'kernel' or 'drop'")
+        action = parse_choice(action, f"{where}: action", ROUTE_ACTIONS)
+        via = None
+        if action == "via":
+            if d.get("via") is None:
+                raise Invalid(where, "action 'via' needs field 'via' (a next-hop address)")
+            via = parse_ip(d["via"], f"{where}: via")
+            if via.version != pfx.version:
+                raise Invalid(f"{where}: via", f"{via} is IPv{via.version} but the prefix is "
+                                               f"IPv{pfx.version}")
+        elif d.get("via") is not None:
+            raise Invalid(f"{where}: via", f"action {action!r} takes no next hop")
+        return cls(tenant=parse_name(d["tenant"], f"{where}: tenant"), prefix=pfx,
+                   action=action, via=via)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"tenant": self.tenant, "prefix": str(self.prefix), "action": self.action,
+                "via": None if self.via is None else str(self.via)}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A security-group entry. The highest priority number wins; at equal priority the
+    lower id wins. `allow` is stateful: replies of an allowed flow pass without a rule."""
+    id: int
+    tenant: str
+    priority: int
+    action: str
+    src: IPNet = ipaddress.ip_network("::/0")
+    dst: IPNet = ipaddress.ip_network("::/0")
+    proto: int = 0
+    sport: Tuple[int, int] = (0, 65535)
+    dport: Tuple[int, int] = (0, 65535)
+    icmp_type: Optional[int] = None
+    icmp_code: Optional[int] = None
+    in_port: Optional[str] = None
+    comment: str = ""
+
+    FIELDS = ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
+              "icmp_type", "icmp_code", "in_port", "comment")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Rule":
+        where = f"rule {d.get('id', '?')}" if isinstance(d, dict) else "rule"
+        _check_keys(d, where, cls.FIELDS, ("id", "tenant", "priority", "action"))
+        src = parse_prefix(d.get("src"), f"{where}: src")
+        dst = parse_prefix(d.get("dst"), f"{where}: dst")
+        anyp = ipaddress.ip_network("::/0")
+        if src != anyp and dst != anyp and src.version != dst.version:
+            raise Invalid(where, f"src {src} and dst {dst} are of different IP versions")
+        proto = parse_protocol(d.get("proto"), f"{where}: proto")
+        sport = parse_port_range(d.get("sport"), f"{where}: sport")
+        dport = parse_port_range(d.get("dport"), f"{where}: dport")
+        if proto not in (6, 17) and ((0, 65535) != sport or (0, 65535) != dport):
+            raise Invalid(where, "ports (sport/dport) need proto tcp or udp")
+        icmp_type = d.get("icmp_type")
+        icmp_code = d.get("icmp_code")
+        if icmp_type is not None or icmp_code is not None:
+            if proto not in (1, 58):
+                raise Invalid(where, "icmp_type/icmp_code need proto icmp or icmpv6")
+            if icmp_type is None:
+                raise Invalid(where, "icmp_code needs icmp_type")
+            icmp_type = parse_int(icmp_type, f"{where}: icmp_type", 0, 255)
+            if icmp_code is not None:
+                icmp_code = parse_int(icmp_code, f"{where}: icmp_code", 0, 255)
+        version = src.version if src != anyp else (dst.version if dst != anyp else None)
+        if proto == 1 and version == 6:
+            raise Invalid(where, "proto icmp is IPv4; use icmpv6 with IPv6 prefixes")
+        if proto == 58 and version == 4:
+            raise Invalid(where, "proto icmpv6 is IPv6; use icmp with IPv4 prefixes")
+        comment = d.get("comment") or ""
+        if not isinstance(comment, str) or len(comment) > 256:
+            raise Invalid(f"{where}: comment", "must be text of at most 256 characters")
+        return cls(
+            id=parse_int(d["id"], f"{where}: id", 1, MAX_RULE_ID),
+            tenant=parse_name(d["tenant"], f"{where}: tenant"),
+            priority=parse_int(d["priority"], f"{where}: priority", 0, MAX_PRIORITY),
+            action=parse_choice(d["action"], f"{where}: action", RULE_ACTIONS),
+            src=src, dst=dst, proto=proto, sport=sport, dport=dport,
+            icmp_type=icmp_type, icmp_code=icmp_code,
+            in_port=None if d.get("in_port") is None else parse_ifname(d["in_port"], f"{where}: in_port"),
+            comment=comment,
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "id": self.id, "tenant": self.tenant, "priority": self.priority,
+            "action": self.action, "src": prefix_str(self.src), "dst": prefix_str(self.dst),
+            "proto": PROTOCOL_NAMES.get(self.proto, self.proto) if self.proto else None,
+            "sport": _fmt_range(self.sport), "dport": _fmt_range(self.dport),
+            "icmp_type": self.icmp_type, "icmp_code": self.icmp_code,
+            "in_port": self.in_port, "comment": self.comment,
+        }
+
+    def same_match(self, other: "Rule") -> bool:
+        a, b = self.to_dict(), other.to_dict()
+        for k in ("id", "priority", "action", "comment"):
+            a.pop(k), b.pop(k)
+        return a == b
+
+
+KINDS = {"tenants": Tenant, "ports": Port, "endpoints": Endpoint, "routes": Route,
+         "rules": Rule}
+
+
+def identity(kind: str, obj) -> Tuple:
+    """The key that names one object of a kind (what `del` takes)."""
+    if kind == "tenants":
+        return (obj.name,)
+    if kind == "ports":
+        return (obj.name,)
+    if kind == "endpoints":
+        return (obj.tenant, str(obj.ip))
+    if kind == "routes":
+        return (obj.tenant, str(obj.prefix))
+    if kind == "rules":
+        return (obj.id,)
+    raise KeyError(kind)
+
+
+@dataclass
+class State:
+    """A whole desired state. `validate()` checks the references between objects."""
+    tenants: List[Tenant] = field(default_factory=list)
+    ports: List[Port] = field(default_factory=list)
+    endpoints: List[Endpoint] = field(default_factory=list)
+    routes: List[Route] = field(default_factory=list)
+    rules: List[Rule] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], where: str = "state") -> "State":
+        if d is None:
+            d = {}
+        _check_keys(d, where, KINDS)
+        st = cls()
+        for kind, typ in KINDS.items():
+            items = d.get(kind) or []
+            if not isinstance(items, list):
+                raise Invalid(f"{where}: {kind}", "must be a list")
+            setattr(st, kind, [typ.from_dict(x) for x in items])
+        return st
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {kind: [o.to_dict() for o in self.sorted(kind)] for kind in KINDS}
+
+    def sorted(self, kind: str) -> list:
+        return sorted(getattr(self, kind), key=lambda o: tuple(str(x) for x in identity(kind, o))
+                      if kind != "rules" else (o.id,))
+
+    def copy(self) -> "State":
+        return State(*(list(getattr(self, k)) for k in KINDS))
+
+    def tenant(self, name: str) -> Optional[Tenant]:
+        for t in self.tenants:
+            if t.name == name:
+                return t
+        return None
+
+    def validate(self) -> None:
+        names, ids, vnis = {}, {}, {}
+        for t in self.tenants:
+            if t.name in names:
+                raise Invalid(f"tenant {t.name}", "defined twice")
+            if t.id in ids:
+                raise Invalid(f"tenant {t.name}", f"id {t.id} is already tenant {ids[t.id]}")
+            if t.vni is not None and t.vni in vnis:
+                raise Invalid(f"tenant {t.name}", f"vni {t.vni} is already tenant {vnis[t.vni]}")
+            names[t.name], ids[t.id] = t, t.name
+            if t.vni is not None:
+                vnis[t.vni] = t.name
+        ports = {}
+        for p in self.ports:
+            if p.name in ports:
+                raise Invalid(f"port {p.name}", "defined twice")
+            if p.tenant not in names:
+                raise Invalid(f"port {p.name}", f"unknown tenant {p.tenant!r}")
+            ports[p.name] = p
+        eps = {}
+        for e in self.endpoints:
+            where = f"endpoint {e.tenant}/{e.ip}"
+            if e.tenant not in names:
+                raise Invalid(where, f"unknown tenant {e.tenant!r}")
+            if e.port not in ports:
+                raise Invalid(where, f"unknown port {e.port!r}")
+            if ports[e.port].tenant != e.tenant:
+                raise Invalid(where, f"port {e.port} belongs to tenant {ports[e.port].tenant}")
+            if (e.tenant, e.ip) in eps:
+                raise Invalid(where, "defined twice")
+            eps[(e.tenant, e.ip)] = e
+        seen = set()
+        for r in self.routes:
+            where = f"route {r.tenant}/{r.prefix}"
+            if r.tenant not in names:
+                raise Invalid(where, f"unknown tenant {r.tenant!r}")
+            if (r.tenant, r.prefix) in seen:
+                raise Invalid(where, "defined twice")
+            seen.add((r.tenant, r.prefix))
+            if r.action == "via" and (r.tenant, r.via) not in eps:
+                raise Invalid(where, f"next hop {r.via} is not an endpoint of tenant {r.tenant}")
+        rule_ids = set()
+        for r in self.rules:
+            where = f"rule {r.id}"
+            if r.id in rule_ids:
+                raise Invalid(where, "id used twice")
+            rule_ids.add(r.id)
+            if r.tenant not in names:
+                raise Invalid(where, f"unknown tenant {r.tenant!r}")
+            if r.in_port is not None:
+                if r.in_port not in ports:
+                    raise Invalid(where, f"in_port: unknown port {r.in_port!r}")
+                if ports[r.in_port].tenant != r.tenant:
+                    raise Invalid(where, f"in_port: port {r.in_port} belongs to tenant "
+                                         f"{ports[r.in_port].tenant}")
+
+    # -- changes: each returns a new State and leaves this one as it was ------------------
+    def with_added(self, kind: str, obj) -> "State":
+        st = self.copy()
+        ident = identity(kind, obj)
+        for o in getattr(st, kind):
+            if identity(kind, o) == ident:
+                raise Invalid(f"{kind[:-1]} {'/'.join(str(x) for x in ident)}", "already exists")
+        getattr(st, kind).append(obj)
+        st.validate()
+        return st
+
+    def with_removed(self, kind: str, ident: Tuple) -> "State":
+        st = self.copy()
+        items = getattr(st, kind)
+        keep = [o for o in items if identity(kind, o) != ident]
+        if len(keep) == len(items):
+            raise Invalid(f"{kind[:-1]} {'/'.join(str(x) for x in ident)}", "does not exist")
+        setattr(st, kind, keep)
+        # Removing a tenant or port removes what hangs off it only when asked explicitly;
+        # otherwise validate() names what still refers to it.
+        st.validate()
+        return st
+
+
+def diff(old: State, new: State) -> Dict[str, Dict[str, list]]:
+    """What `apply` would change: per kind, added / removed / changed identities."""
+    out = {}
+    for kind in KINDS:
+        a = {identity(kind, o): o for o in getattr(old, kind)}
+        b = {identity(kind, o): o for o in getattr(new, kind)}
+        out[kind] = {
+            "add": [b[k].to_dict() for k in sorted(b.keys() - a.keys(), key=str)],
+            "remove": [a[k].to_dict() for k in sorted(a.keys() - b.keys(), key=str)],
+            "change": [{"from": a[k].to_dict(), "to": b[k].to_dict()}
+                       for k in sorted(a.keys() & b.keys(), key=str) if a[k] != b[k]],
+        }
+    return out
+
+
+def replace(obj, **changes):
+    return dataclasses.replace(obj, **changes)
