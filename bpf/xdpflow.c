@@ -1,0 +1,562 @@
+/* xdpflow datapath: the XDP program attached to every port. It wires the pipeline
+ *
+ *   parse -> tenant (ingress port) -> flow table (hit, current generation: act)
+ *     miss -> local? -> classify (tuple-space search) -> route -> install flow + reverse
+ *     -> act (drop | pass | redirect with MAC rewrite and TTL decrement) -> count
+ *
+ * Built with -DXF_TRACE it is the trace build: the same pipeline run by BPF_PROG_TEST_RUN
+ * for `xdpflowctl trace`, which records what it decided and writes no flow or counter. */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+
+#include "xf_consts.h"
+#include "xf_structs.h"
+#include "xf_maps.h"
+#include "xf_csum.h"
+#include "xf_parse.h"
+/* Map accesses stay in this file: BCC rewrites map calls in the main file only. */
+/* Does the tenant know this address (and does it live behind another port than the
+ * asker's)? */
+static __always_inline int xf_tenant_knows(__u16 tenant, __u16 in_port, __u32 *addr)
+{
+    struct xf_ep_key ek = {};
+    ek.tenant = tenant;
+    __builtin_memcpy(ek.addr, addr, 16);
+    struct xf_endpoint *ep = xf_endpoints.lookup(&ek);
+    if (ep)
+        return ep->port != in_port && !(ep->flags & XF_EP_LOCAL);
+    struct xf_route_key rk = {};
+    rk.prefixlen = 32 + 128;
+    rk.tenant = tenant;
+    __builtin_memcpy(rk.addr, addr, 16);
+    return xf_routes.lookup(&rk) != NULL;
+}
+
+#include "xf_neigh.h"
+
+#define TCP_FIN 0x01
+#define TCP_RST 0x04
+
+struct xf_verdict {
+    __u32 rule_id;
+    __u32 out_ifindex;
+    __u16 out_port;
+    __u8  verdict;
+    __u8  reason;
+    __u8  flow_hit;
+    __u8  stale;
+};
+
+static __always_inline void xf_count(__u16 tenant, __u16 port, __u8 verdict, __u8 reason,
+                                     __u64 bytes)
+{
+#ifndef XF_TRACE
+    struct xf_stats_key k = {};
+    k.tenant = tenant;
+    k.port = port;
+    k.verdict = verdict;
+    k.reason = reason;
+    struct xf_counter *c = xf_stats.lookup(&k);
+    if (!c) {
+        struct xf_counter zero = {};
+        xf_stats.insert(&k, &zero);
+        c = xf_stats.lookup(&k);
+        if (!c)
+            return;
+    }
+    c->packets++;          /* per-CPU: no atomics needed */
+    c->bytes += bytes;
+#endif
+}
+
+/* Count the packet and return its XDP action. Every exit goes through here. */
+static __always_inline int xf_finish(__u16 tenant, __u16 port, struct xf_verdict *v,
+                                     __u64 bytes, int action)
+{
+    xf_count(tenant, port, v->verdict, v->reason, bytes);
+#ifdef XF_TRACE
+    __u32 zero = 0;
+    struct xf_trace *t = xf_trace_rec.lookup(&zero);
+    if (t) {
+        t->tenant = tenant;
+        t->rule_id = v->rule_id;
+        t->out_ifindex = v->out_ifindex;
+        t->out_port = v->out_port;
+        t->in_port = port;
+        t->verdict = v->verdict;
+        t->reason = v->reason;
+        t->flow_hit = v->flow_hit;
+        t->stale = v->stale;
+    }
+#endif
+    return action;
+}
+
+static __always_inline int xf_verdict_action(__u8 verdict)
+{
+    return verdict == XF_V_PASS ? XDP_PASS : XDP_DROP;
+}
+
+/* The reply direction of a flow key: addresses and ports swapped; an ICMP echo request
+ * becomes its reply and back. Returns 0 when the protocol has no reply direction. */
+static __always_inline int xf_reverse_key(struct xf_flow_key *in, struct xf_flow_key *out)
+{
+    out->tenant = in->tenant;
+    out->proto = in->proto;
+    out->pad = 0;
+    __builtin_memcpy(out->src, in->dst, 16);
+    __builtin_memcpy(out->dst, in->src, 16);
+    if (in->proto == XF_IPPROTO_TCP || in->proto == XF_IPPROTO_UDP) {
+        out->sport = in->dport;
+        out->dport = in->sport;
+        return 1;
+    }
+    out->sport = in->sport;             /* the echo id */
+    __u8 type = in->dport >> 8;
+    if (in->proto == XF_IPPROTO_ICMP && (type == 8 || type == 0)) {
+        out->dport = (type == 8 ? 0 : 8) << 8;
+        return 1;
+    }
+    if (in->proto == XF_IPPROTO_ICMPV6 && (type == 128 || type == 129)) {
+        out->dport = (type == 128 ? 129 : 128) << 8;
+        return 1;
+    }
+    out->dport = in->dport;
+    return 0;
+}
+
+/* Tuple-space search: one exact-match lookup per mask of the tenant's generation, masks
+ * ordered by the best rank they hold, stopping once nothing left can win. The best match
+ * is kept as scalars, not a map pointer: far fewer verifier states. Returns its action,
+ * or 0 when no rule matches. */
+struct xf_match {
+    __u32 rank;
+    __u32 rule_id;
+    __u8  action;
+};
+
+static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_key *fk,
+                                        __u16 in_port, struct xf_match *best)
+{
+    best->rank = 0;
+    best->rule_id = 0;
+    best->action = 0;
+    struct xf_mask_key mk = {};
+    mk.tenant = tenant;
+    mk.generation = gen;
+    struct xf_mask_set *ms = xf_masks.lookup(&mk);
+    if (!ms)
+        return 0;
+    /* ICMP rules see type and code, not the echo id. */
+    __u16 sport = (fk->proto == XF_IPPROTO_ICMP || fk->proto == XF_IPPROTO_ICMPV6) ? 0 : fk->sport;
+    struct xf_rule_key k = {};
+    k.generation = gen;
+    k.tenant = tenant;
+    __u32 count = ms->count;
+
+    for (__u32 i = 0; i < XF_MAX_MASKS; i++) {
+        /* Hide the index from clang's induction rewriting, which turns the two bounds
+         * into one pointer comparison the verifier cannot follow. */
+        __u32 idx = i;
+        asm volatile("" : "+r"(idx));
+        if (idx >= count || idx >= XF_MAX_MASKS)
+            break;
+        struct xf_mask *m = &ms->masks[idx];
+        if (best->rank > m->max_rank)
+            break;
+        k.mask_idx = idx;
+        k.proto = fk->proto & m->proto;
+        k.in_port = in_port & m->in_port;
+        k.src[0] = fk->src[0] & m->src[0];
+        k.src[1] = fk->src[1] & m->src[1];
+        k.src[2] = fk->src[2] & m->src[2];
+        k.src[3] = fk->src[3] & m->src[3];
+        k.dst[0] = fk->dst[0] & m->dst[0];
+        k.dst[1] = fk->dst[1] & m->dst[1];
+        k.dst[2] = fk->dst[2] & m->dst[2];
+        k.dst[3] = fk->dst[3] & m->dst[3];
+        k.sport = sport & m->sport;
+        k.dport = fk->dport & m->dport;
+        struct xf_rule *r = xf_rules.lookup(&k);
+        if (r && r->rank > best->rank) {
+            best->rank = r->rank;
+            best->rule_id = r->rule_id;
+            best->action = r->action;
+        }
+    }
+    return best->action;
+}
+
+/* Where a destination goes: fills *f (verdict, output, MACs) and returns the reason. */
+static __always_inline __u8 xf_route(__u16 tenant, __u32 *dst, struct xf_flow *f)
+{
+    struct xf_ep_key ek = {};
+    ek.tenant = tenant;
+    __builtin_memcpy(ek.addr, dst, 16);
+    struct xf_endpoint *ep = xf_endpoints.lookup(&ek);
+    if (!ep) {
+        struct xf_route_key rk = {};
+        rk.prefixlen = 32 + 128;
+        rk.tenant = tenant;
+        __builtin_memcpy(rk.addr, dst, 16);
+        struct xf_route *rt = xf_routes.lookup(&rk);
+        if (!rt) {
+            f->verdict = XF_V_DROP;
+            return XF_R_NO_ROUTE;
+        }
+        if (rt->action == XF_RT_KERNEL) {
+            f->verdict = XF_V_PASS;
+            return XF_R_ROUTE_KERNEL;
+        }
+        if (rt->action != XF_RT_VIA) {
+            f->verdict = XF_V_DROP;
+            return XF_R_ROUTE_DROP;
+        }
+        __builtin_memcpy(ek.addr, rt->via, 16);
+        ep = xf_endpoints.lookup(&ek);
+        if (!ep) {
+            f->verdict = XF_V_DROP;
+            return XF_R_NO_ROUTE;
+        }
+    }
+    if (ep->flags & XF_EP_LOCAL) {
+        f->verdict = XF_V_PASS;
+        return XF_R_LOCAL;
+    }
+    f->verdict = XF_V_REDIRECT;
+    f->out_ifindex = ep->ifindex;
+    f->out_port = ep->port;
+    __builtin_memcpy(f->dmac, ep->mac, 6);
+    __builtin_memcpy(f->smac, ep->port_mac, 6);
+    return XF_R_RULE_ALLOW;
+}
+
+static __always_inline int xf_insert(struct xf_flow_key *k, struct xf_flow *f, __u16 tenant,
+                                     __u16 port)
+{
+#ifndef XF_TRACE
+    if (xf_flows.update(k, f)) {
+        xf_count(tenant, port, XF_V_NONE, XF_R_INSERT_FAILED, 0);
+        return -1;
+    }
+#endif
+    return 0;
+}
+
+/* Act on a flow's flattened result. */
+static __always_inline int xf_act(struct xdp_md *ctx, struct xf_pkt *p, struct xf_flow *f)
+{
+    if (f->verdict != XF_V_REDIRECT)
+        return xf_verdict_action(f->verdict);
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return XDP_DROP;
+    __builtin_memcpy(eth->h_dest, f->dmac, 6);
+    __builtin_memcpy(eth->h_source, f->smac, 6);
+    __u32 off = p->l3_off & 0x3f;
+    if (p->family == 4) {
+        struct iphdr *iph = data + off;
+        if ((void *)(iph + 1) > data_end)
+            return XDP_DROP;
+        xf_ipv4_dec_ttl(iph);
+    } else {
+        struct ipv6hdr *ip6 = data + off;
+        if ((void *)(ip6 + 1) > data_end)
+            return XDP_DROP;
+        ip6->hop_limit--;
+    }
+    return bpf_redirect(f->out_ifindex, 0);
+}
+
+static __always_inline int xf_is_multicast(struct xf_pkt *p)
+{
+    __u8 *d = (__u8 *)p->dst;
+    if (p->family == 6)
+        return d[0] == 0xff;
+    return (d[12] & 0xf0) == 0xe0 || p->dst[3] == 0xffffffff;
+}
+
+int xdpflow_port(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    __u64 len = data_end - data;
+    struct xf_verdict v = {};
+    __u32 ifindex = ctx->ingress_ifindex;
+
+    struct xf_port *port = xf_ports.lookup(&ifindex);
+    if (!port) {
+        v.verdict = XF_V_PASS;
+        v.reason = XF_R_NO_PORT;
+        return xf_finish(0, 0, &v, len, XDP_PASS);
+    }
+    __u16 tenant = port->tenant;
+    __u16 slot = port->slot;
+    __u32 tid = tenant;
+    struct xf_tenant *t = xf_tenants.lookup(&tid);
+    if (!t || t->generation == 0) {
+        v.verdict = XF_V_PASS;
+        v.reason = XF_R_NO_TENANT;
+        return xf_finish(tenant, slot, &v, len, XDP_PASS);
+    }
+    __u32 gen = t->generation;
+    v.verdict = t->default_verdict == XF_V_PASS ? XF_V_PASS : XF_V_DROP;
+    int dflt = xf_verdict_action(v.verdict);
+
+    struct xf_pkt p = {};
+    int err = xf_parse(ctx, &p);
+    if (err) {
+        v.reason = err;
+        return xf_finish(tenant, slot, &v, len, dflt);
+    }
+
+    if (p.family == 0) {
+        if (p.eth_proto == ETH_P_ARP_BE) {
+            if (xf_arp_reply(ctx, &p, port) == XDP_TX) {
+                v.verdict = XF_V_TX;
+                v.reason = XF_R_ARP_REPLY;
+                return xf_finish(tenant, slot, &v, len, XDP_TX);
+            }
+            v.reason = XF_R_ARP_OTHER;
+        } else {
+            v.reason = XF_R_NOT_IP;
+        }
+        return xf_finish(tenant, slot, &v, len, dflt);
+    }
+
+    if (p.proto == XF_IPPROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137) {
+        if (p.icmp_type == 135 && xf_nd_reply(ctx, &p, port) == XDP_TX) {
+            v.verdict = XF_V_TX;
+            v.reason = XF_R_ND_REPLY;
+            return xf_finish(tenant, slot, &v, len, XDP_TX);
+        }
+        v.reason = XF_R_ND_OTHER;
+        return xf_finish(tenant, slot, &v, len, dflt);
+    }
+
+    if (xf_is_multicast(&p)) {
+        v.reason = XF_R_MULTICAST;
+        return xf_finish(tenant, slot, &v, len, dflt);
+    }
+
+    /* The kernel sends time-exceeded exactly as it would without offload. */
+    if (p.ttl <= 1) {
+        v.verdict = XF_V_PASS;
+        v.reason = XF_R_TTL;
+        return xf_finish(tenant, slot, &v, len, XDP_PASS);
+    }
+
+    /* Later fragments take the ports their first fragment left. */
+    if (p.frag != XF_FRAG_NONE) {
+        struct xf_frag_key frk = {};
+        frk.tenant = tenant;
+        frk.proto = p.proto;
+        frk.id = p.frag_id;
+        __builtin_memcpy(frk.src, p.src, 16);
+        __builtin_memcpy(frk.dst, p.dst, 16);
+        if (p.frag == XF_FRAG_LATER) {
+            struct xf_frag *fr = xf_frags.lookup(&frk);
+            if (!fr) {
+                v.reason = XF_R_FRAG;
+                return xf_finish(tenant, slot, &v, len, dflt);
+            }
+            p.sport = fr->sport;
+            p.dport = fr->dport;
+        } else {
+#ifndef XF_TRACE
+            struct xf_frag fr = {};
+            fr.sport = p.sport;
+            fr.dport = p.dport;
+            xf_frags.update(&frk, &fr);
+#endif
+        }
+    }
+
+    struct xf_flow_key fk = {};
+    fk.tenant = tenant;
+    fk.proto = p.proto;
+    __builtin_memcpy(fk.src, p.src, 16);
+    __builtin_memcpy(fk.dst, p.dst, 16);
+    fk.sport = p.sport;
+    fk.dport = p.dport;
+
+    struct xf_flow *f = xf_flows.lookup(&fk);
+    if (f && f->generation == gen) {
+        v.flow_hit = 1;
+        v.verdict = f->verdict;
+        v.reason = XF_R_FLOW;
+        v.rule_id = f->rule_id;
+        v.out_ifindex = f->out_ifindex;
+        v.out_port = f->out_port;
+#ifndef XF_TRACE
+        __sync_fetch_and_add(&f->packets, 1);
+        __sync_fetch_and_add(&f->bytes, len);
+        f->last_seen_ns = bpf_ktime_get_coarse_ns();
+        if (p.tcp_flags & ~f->tcp_flags) {
+            f->tcp_flags |= p.tcp_flags;
+            if (p.tcp_flags & (TCP_FIN | TCP_RST))
+                f->flags |= XF_FLOW_CLOSING;
+        }
+#endif
+        return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, f));
+    }
+
+    /* Miss, or a flow made under an older rule set: classify again. */
+    if (f) {
+        v.stale = 1;
+        xf_count(tenant, slot, XF_V_NONE, XF_R_FLOW_STALE, 0);
+    }
+
+    /* A stale reply entry: its connection lives on if the new rules still allow the
+     * forward direction, so judge that first; otherwise judge the packet on its own. */
+    struct xf_flow_key ck;          /* the forward direction being judged */
+    __u16 c_in_port = slot;
+    int as_reply = 0;
+    if (f && (f->flags & XF_FLOW_REVERSE) && xf_reverse_key(&fk, &ck)) {
+        as_reply = 1;
+        c_in_port = f->out_port;
+    } else {
+        ck = fk;
+    }
+
+    struct xf_flow nf = {};        /* the forward direction's result */
+    nf.generation = gen;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    nf.created_ns = now;
+    nf.last_seen_ns = now;
+
+    /* Addressed to the node itself: the kernel's, before any security rule. */
+    __u8 rreason = xf_route(tenant, ck.dst, &nf);
+    if (rreason == XF_R_LOCAL && !as_reply) {
+        nf.reason = XF_R_LOCAL;
+        nf.in_port = slot;
+        nf.packets = 1;
+        nf.bytes = len;
+        xf_insert(&fk, &nf, tenant, slot);
+        v.verdict = XF_V_PASS;
+        v.reason = XF_R_LOCAL;
+        return xf_finish(tenant, slot, &v, len, XDP_PASS);
+    }
+
+    struct xf_match r;
+    __u8 action = xf_classify(tenant, gen, &ck, c_in_port, &r);
+    if (as_reply && (action == 0 || action == XF_A_DENY)) {
+        /* The forward direction is no longer allowed: the packet is new traffic. */
+        as_reply = 0;
+        ck = fk;
+        c_in_port = slot;
+        __builtin_memset(&nf, 0, sizeof(nf));
+        nf.generation = gen;
+        nf.created_ns = now;
+        nf.last_seen_ns = now;
+        rreason = xf_route(tenant, ck.dst, &nf);
+        if (rreason == XF_R_LOCAL) {
+            v.verdict = XF_V_PASS;
+            v.reason = XF_R_LOCAL;
+            return xf_finish(tenant, slot, &v, len, XDP_PASS);
+        }
+        action = xf_classify(tenant, gen, &ck, c_in_port, &r);
+    }
+
+    if (!action) {
+        v.reason = XF_R_DEFAULT;
+        return xf_finish(tenant, slot, &v, len, dflt);
+    }
+    v.rule_id = r.rule_id;
+#ifndef XF_TRACE
+    {
+        __u32 rid = r.rule_id;
+        __u64 *hits = xf_rule_hits.lookup(&rid);
+        if (hits)
+            *hits += 1;
+        else {
+            __u64 one = 1;
+            xf_rule_hits.update(&rid, &one);
+        }
+    }
+#endif
+    if (action == XF_A_DENY) {
+        v.verdict = XF_V_DROP;
+        v.reason = XF_R_RULE_DENY;
+        return xf_finish(tenant, slot, &v, len, XDP_DROP);
+    }
+
+    nf.rule_id = r.rule_id;
+    nf.in_port = c_in_port;
+    if (action == XF_A_PASS) {
+        nf.verdict = XF_V_PASS;
+        nf.out_ifindex = 0;
+        nf.out_port = 0;
+        rreason = XF_R_RULE_PASS;
+    } else if (nf.verdict == XF_V_DROP) {
+        /* Allowed, but nowhere to go: not cached, so a new endpoint or route takes
+         * effect without waiting for the flow to age. */
+        v.verdict = XF_V_DROP;
+        v.reason = rreason;
+        return xf_finish(tenant, slot, &v, len, XDP_DROP);
+    }
+    nf.reason = rreason;
+
+    /* Stateful: the reply direction is installed with the forward one (redirects only;
+     * what goes to the kernel comes back through the kernel). */
+    struct xf_flow rf = {};
+    struct xf_flow_key rk;
+    int have_rev = 0;
+    if (nf.verdict == XF_V_REDIRECT && action == XF_A_ALLOW && xf_reverse_key(&ck, &rk)) {
+        rf.generation = gen;
+        rf.created_ns = now;
+        rf.last_seen_ns = now;
+        rf.rule_id = r.rule_id;
+        rf.flags = XF_FLOW_REVERSE;
+        rf.in_port = nf.out_port;
+        if (xf_route(tenant, rk.dst, &rf) == XF_R_RULE_ALLOW)
+            have_rev = 1;
+        rf.reason = XF_R_RULE_ALLOW;
+    }
+
+    /* The packet's own direction carries its first count (no pointer select: the
+     * verifier refuses what clang makes of one between two stack structs). */
+    __u8 tflags = 0;
+    if (p.proto == XF_IPPROTO_TCP)
+        tflags = p.tcp_flags;
+    __u8 fclose = (tflags & (TCP_FIN | TCP_RST)) ? XF_FLOW_CLOSING : 0;
+    if (as_reply) {
+        rf.packets = 1;
+        rf.bytes = len;
+        rf.tcp_flags = tflags;
+        rf.flags |= fclose;
+    } else {
+        nf.packets = 1;
+        nf.bytes = len;
+        nf.tcp_flags = tflags;
+        nf.flags |= fclose;
+    }
+    xf_insert(&ck, &nf, tenant, slot);
+    if (have_rev)
+        xf_insert(&rk, &rf, tenant, slot);
+
+    if (as_reply && !have_rev) {
+        v.verdict = XF_V_DROP;
+        v.reason = XF_R_NO_ROUTE;
+        return xf_finish(tenant, slot, &v, len, XDP_DROP);
+    }
+    if (as_reply) {
+        v.verdict = rf.verdict;
+        v.reason = XF_R_RULE_ALLOW;
+        v.out_ifindex = rf.out_ifindex;
+        v.out_port = rf.out_port;
+        return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, &rf));
+    }
+    v.verdict = nf.verdict;
+    v.reason = nf.reason;
+    v.out_ifindex = nf.out_ifindex;
+    v.out_port = nf.out_port;
+    return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, &nf));
+}

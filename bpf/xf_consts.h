@@ -1,0 +1,92 @@
+/* xdpflow datapath: constants shared with the agent (agent/abi.py mirrors them and a test
+ * checks the mirror). Sizes are defaults; the agent passes the configured ones as -D flags. */
+#pragma once
+
+#ifndef XF_FLOW_TABLE_SIZE
+#define XF_FLOW_TABLE_SIZE 1000000   /* exact-match flows (both directions count) */
+#endif
+#ifndef XF_MAX_RULE_ENTRIES
+#define XF_MAX_RULE_ENTRIES 262144   /* classifier entries, all tenants, old + new generation */
+#endif
+#ifndef XF_MAX_MASKS
+#define XF_MAX_MASKS 32              /* distinct masks per tenant: tuple-space search bound */
+#endif
+#ifndef XF_MAX_ENDPOINTS
+#define XF_MAX_ENDPOINTS 65536
+#endif
+#ifndef XF_MAX_ROUTES
+#define XF_MAX_ROUTES 16384
+#endif
+#ifndef XF_MAX_PORTS
+#define XF_MAX_PORTS 1024
+#endif
+#ifndef XF_PIN_DIR
+#define XF_PIN_DIR "/sys/fs/bpf/xdpflow"
+#endif
+
+#define XF_MAX_TENANTS 65536         /* tenant ids are 1..65535; the array is indexed by id */
+#define XF_MAX_VLAN_DEPTH 2          /* 802.1Q / 802.1ad tags parsed before L3 */
+#define XF_MAX_IPV6_EXT 6            /* IPv6 extension headers walked before giving up */
+#define XF_STATS_SIZE 65536          /* (tenant, port, verdict, reason) counter rows */
+#define XF_FRAG_TABLE_SIZE 8192      /* first fragments remembered for their later fragments */
+#define XF_MAX_RULE_IDS 262144       /* rules whose classification hits are counted */
+#define XF_MASK_SETS 8192            /* (tenant, generation) mask sets: configured tenants x 2 */
+
+/* Verdicts: what the datapath did with a packet (XF_V_NONE marks event counters). */
+#define XF_V_NONE 0
+#define XF_V_DROP 1
+#define XF_V_PASS 2
+#define XF_V_REDIRECT 3
+#define XF_V_TX 4
+
+/* Reasons: why. Keep in step with agent/abi.py REASONS (checked by a test). */
+#define XF_R_FLOW 1            /* flow-table hit */
+#define XF_R_RULE_ALLOW 2      /* miss; a rule allowed: flow installed */
+#define XF_R_RULE_DENY 3       /* miss; a rule denied */
+#define XF_R_RULE_PASS 4       /* miss; a rule sends it to the kernel */
+#define XF_R_DEFAULT 5         /* miss; no rule matched: the tenant's default verdict */
+#define XF_R_NO_ROUTE 6        /* allowed, but no endpoint or route for the destination */
+#define XF_R_ROUTE_KERNEL 7    /* allowed; the route hands it to the node's kernel */
+#define XF_R_ROUTE_DROP 8      /* allowed; the route is a blackhole */
+#define XF_R_LOCAL 9           /* addressed to the node itself: the kernel answers */
+#define XF_R_TTL 10            /* TTL / hop limit would expire: the kernel answers */
+#define XF_R_ARP_REPLY 11      /* proxy ARP answered */
+#define XF_R_ND_REPLY 12       /* neighbour advertisement sent for a solicitation */
+#define XF_R_ARP_OTHER 13      /* ARP not answered by the datapath */
+#define XF_R_ND_OTHER 14       /* neighbour discovery not answered by the datapath */
+#define XF_R_NOT_IP 15         /* neither IPv4, IPv6 nor ARP */
+#define XF_R_MULTICAST 16      /* broadcast or multicast destination */
+#define XF_R_NO_PORT 17        /* ingress interface is not a configured port */
+#define XF_R_NO_TENANT 18      /* port's tenant is not configured */
+#define XF_R_PARSE_ETH 19      /* truncated Ethernet header */
+#define XF_R_PARSE_VLAN 20     /* truncated tag, or more tags than XF_MAX_VLAN_DEPTH */
+#define XF_R_PARSE_IPV4 21     /* truncated, IHL < 5, total length that lies */
+#define XF_R_PARSE_IPV6 22     /* truncated, payload length that lies */
+#define XF_R_PARSE_EXT 23      /* IPv6 extension headers truncated or too many */
+#define XF_R_PARSE_L4 24       /* TCP/UDP/ICMP header truncated or lying */
+#define XF_R_FRAG 25           /* later fragment whose first fragment was not seen */
+#define XF_R_INSERT_FAILED 26  /* event: a flow insert failed (table full); verdict unchanged */
+#define XF_R_FLOW_STALE 27     /* event: a flow of an older generation was classified again */
+#define XF_R_MAX 28
+
+/* Rule actions (classifier entries). */
+#define XF_A_ALLOW 1
+#define XF_A_DENY 2
+#define XF_A_PASS 3
+
+/* Route actions. */
+#define XF_RT_VIA 1
+#define XF_RT_KERNEL 2
+#define XF_RT_DROP 3
+
+/* Flow flags. */
+#define XF_FLOW_REVERSE 0x01   /* installed as the reply direction of an allowed flow */
+#define XF_FLOW_CLOSING 0x02   /* TCP FIN or RST seen: aged with the short timeout */
+
+/* Endpoint flags. */
+#define XF_EP_LOCAL 0x01       /* an address of the node itself: hand to the kernel */
+
+/* Fragment state of a packet. */
+#define XF_FRAG_NONE 0
+#define XF_FRAG_FIRST 1
+#define XF_FRAG_LATER 2

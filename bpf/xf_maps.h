@@ -1,0 +1,34 @@
+/* xdpflow datapath: maps. All but the trace record are pinned under XF_PIN_DIR so a
+ * restarted or upgraded agent finds the same state (BPF_TABLE_PINNED reuses a pin without
+ * checking its layout: agent/datapath.py checks the layout before loading). */
+#pragma once
+
+#define XF_PIN(name) XF_PIN_DIR "/" #name
+
+/* Exact-match flow table: (tenant, 5-tuple) -> flattened action and counters. */
+BPF_TABLE_PINNED("hash", struct xf_flow_key, struct xf_flow, xf_flows, XF_FLOW_TABLE_SIZE, XF_PIN(xf_flows));
+/* Ports by ingress ifindex: tenant, slot, MAC. */
+BPF_TABLE_PINNED("hash", __u32, struct xf_port, xf_ports, XF_MAX_PORTS, XF_PIN(xf_ports));
+/* Tenants by id: current generation and default verdict. */
+BPF_TABLE_PINNED("array", __u32, struct xf_tenant, xf_tenants, XF_MAX_TENANTS, XF_PIN(xf_tenants));
+/* Per (tenant, generation): the masks of its tuple space, highest-ranked first. */
+BPF_TABLE_PINNED("hash", struct xf_mask_key, struct xf_mask_set, xf_masks, XF_MASK_SETS, XF_PIN(xf_masks));
+/* Classifier entries of every tenant's tuple space (one hash, partitioned by mask index). */
+BPF_TABLE_PINNED("hash", struct xf_rule_key, struct xf_rule, xf_rules, XF_MAX_RULE_ENTRIES, XF_PIN(xf_rules));
+/* Endpoints: (tenant, address) -> local port and MAC. */
+BPF_TABLE_PINNED("hash", struct xf_ep_key, struct xf_endpoint, xf_endpoints, XF_MAX_ENDPOINTS, XF_PIN(xf_endpoints));
+/* Tenant routes: longest prefix match on (tenant, address). */
+BPF_TABLE_PINNED("lpm_trie", struct xf_route_key, struct xf_route, xf_routes, XF_MAX_ROUTES, XF_PIN(xf_routes), BPF_F_NO_PREALLOC);
+/* Packet counters per CPU by (tenant, port, verdict, reason), and events (verdict NONE). */
+BPF_TABLE_PINNED("percpu_hash", struct xf_stats_key, struct xf_counter, xf_stats, XF_STATS_SIZE, XF_PIN(xf_stats));
+/* Classifications per rule id, per CPU. */
+BPF_TABLE_PINNED("percpu_hash", __u32, __u64, xf_rule_hits, XF_MAX_RULE_IDS, XF_PIN(xf_rule_hits));
+/* Ports of first fragments, for the later fragments of the same datagram. */
+BPF_TABLE_PINNED("lru_hash", struct xf_frag_key, struct xf_frag, xf_frags, XF_FRAG_TABLE_SIZE, XF_PIN(xf_frags));
+/* Layout fingerprint of the maps above, written by the agent. */
+BPF_TABLE_PINNED("array", __u32, struct xf_meta, xf_meta, 1, XF_PIN(xf_meta));
+
+#ifdef XF_TRACE
+/* What the last traced packet did, per CPU (trace build only, not pinned). */
+BPF_PERCPU_ARRAY(xf_trace_rec, struct xf_trace, 1);
+#endif

@@ -1,0 +1,202 @@
+/* xdpflow datapath: the one packet parser.
+ *
+ * Contract: xf_parse() reads Ethernet, up to XF_MAX_VLAN_DEPTH VLAN tags, then ARP, IPv4
+ * (options, fragments) or IPv6 (up to XF_MAX_IPV6_EXT extension headers), then TCP, UDP,
+ * ICMP or ICMPv6. Every read is bounds-checked against data_end; nothing is written.
+ * It returns 0 and fills *p, or an XF_R_PARSE_* reason when the packet does not parse.
+ * Addresses are copied in network order (IPv4 mapped into ::ffff:0:0/96); ports, ids and
+ * lengths are converted to host order. A later fragment has no L4 header: p->frag says so
+ * and the ports are left 0 for the fragment table to fill. */
+#pragma once
+
+#define ETH_P_8021Q_BE  0x0081   /* bpf_htons(0x8100) */
+#define ETH_P_8021AD_BE 0xA888   /* bpf_htons(0x88A8) */
+#define ETH_P_IP_BE     0x0008
+#define ETH_P_IPV6_BE   0xDD86
+#define ETH_P_ARP_BE    0x0608
+
+#define XF_IPPROTO_HOPOPTS 0
+#define XF_IPPROTO_ICMP 1
+#define XF_IPPROTO_TCP 6
+#define XF_IPPROTO_UDP 17
+#define XF_IPPROTO_ROUTING 43
+#define XF_IPPROTO_FRAGMENT 44
+#define XF_IPPROTO_AH 51
+#define XF_IPPROTO_ICMPV6 58
+#define XF_IPPROTO_NONE 59
+#define XF_IPPROTO_DSTOPTS 60
+
+struct xf_vlan_hdr {
+    __be16 tci;
+    __be16 proto;
+};
+
+struct xf_pkt {
+    __u32 src[4];
+    __u32 dst[4];
+    __u32 frag_id;
+    __u16 l3_off;          /* offset of the ARP / IP header */
+    __u16 l4_off;          /* offset of the L4 header (when present) */
+    __u16 sport;           /* host order; ICMP echo: the id */
+    __u16 dport;           /* host order; ICMP: type << 8 | code */
+    __u16 eth_proto;       /* network order, after the tags */
+    __u8  vlan_depth;
+    __u8  family;          /* 4, 6, or 0 for non-IP */
+    __u8  proto;
+    __u8  ttl;             /* TTL / hop limit */
+    __u8  tcp_flags;
+    __u8  frag;            /* XF_FRAG_* */
+    __u8  icmp_type;
+    __u8  icmp_code;
+};
+
+static __always_inline int xf_parse_l4(struct xf_pkt *p, void *l4, void *l3_end, void *data_end)
+{
+    if (p->proto == XF_IPPROTO_TCP) {
+        struct tcphdr *th = l4;
+        if ((void *)(th + 1) > data_end || (void *)(th + 1) > l3_end)
+            return XF_R_PARSE_L4;
+        if (th->doff < 5 || l4 + th->doff * 4 > l3_end)
+            return XF_R_PARSE_L4;
+        p->sport = bpf_ntohs(th->source);
+        p->dport = bpf_ntohs(th->dest);
+        p->tcp_flags = ((__u8 *)th)[13];
+    } else if (p->proto == XF_IPPROTO_UDP) {
+        struct udphdr *uh = l4;
+        if ((void *)(uh + 1) > data_end || (void *)(uh + 1) > l3_end)
+            return XF_R_PARSE_L4;
+        __u16 ulen = bpf_ntohs(uh->len);
+        /* A first fragment's UDP length covers the whole datagram, not this packet. */
+        if (ulen < sizeof(*uh) || (p->frag == XF_FRAG_NONE && l4 + ulen > l3_end))
+            return XF_R_PARSE_L4;
+        p->sport = bpf_ntohs(uh->source);
+        p->dport = bpf_ntohs(uh->dest);
+    } else if (p->proto == XF_IPPROTO_ICMP || p->proto == XF_IPPROTO_ICMPV6) {
+        __u8 *ih = l4;
+        if ((void *)(ih + 8) > data_end || (void *)(ih + 8) > l3_end)
+            return XF_R_PARSE_L4;
+        p->icmp_type = ih[0];
+        p->icmp_code = ih[1];
+        p->dport = ((__u16)ih[0] << 8) | ih[1];
+        /* Echo request/reply carry an id: the flow is (addresses, id). */
+        if ((p->proto == XF_IPPROTO_ICMP && (ih[0] == 8 || ih[0] == 0)) ||
+            (p->proto == XF_IPPROTO_ICMPV6 && (ih[0] == 128 || ih[0] == 129)))
+            p->sport = ((__u16)ih[4] << 8) | ih[5];
+    }
+    return 0;
+}
+
+static __always_inline int xf_parse(struct xdp_md *ctx, struct xf_pkt *p)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    void *cur = data + sizeof(*eth);
+
+    if (cur > data_end)
+        return XF_R_PARSE_ETH;
+    __be16 proto = eth->h_proto;
+
+#pragma unroll
+    for (int i = 0; i < XF_MAX_VLAN_DEPTH; i++) {
+        if (proto != ETH_P_8021Q_BE && proto != ETH_P_8021AD_BE)
+            break;
+        struct xf_vlan_hdr *vh = cur;
+        if ((void *)(vh + 1) > data_end)
+            return XF_R_PARSE_VLAN;
+        proto = vh->proto;
+        cur = vh + 1;
+        p->vlan_depth++;
+    }
+    if (proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE)
+        return XF_R_PARSE_VLAN;
+
+    p->eth_proto = proto;
+    p->l3_off = cur - data;
+
+    if (proto == ETH_P_IP_BE) {
+        struct iphdr *iph = cur;
+        if ((void *)(iph + 1) > data_end)
+            return XF_R_PARSE_IPV4;
+        if (iph->version != 4 || iph->ihl < 5)
+            return XF_R_PARSE_IPV4;
+        __u32 hlen = iph->ihl * 4;
+        __u32 tot = bpf_ntohs(iph->tot_len);
+        if (tot < hlen || cur + tot > data_end || cur + hlen > data_end)
+            return XF_R_PARSE_IPV4;
+        void *l3_end = cur + tot;
+        p->family = 4;
+        p->proto = iph->protocol;
+        p->ttl = iph->ttl;
+        p->src[0] = 0; p->src[1] = 0; p->src[2] = bpf_htonl(0xffff); p->src[3] = iph->saddr;
+        p->dst[0] = 0; p->dst[1] = 0; p->dst[2] = bpf_htonl(0xffff); p->dst[3] = iph->daddr;
+        __u16 frag = bpf_ntohs(iph->frag_off);
+        p->frag_id = bpf_ntohs(iph->id);
+        if (frag & 0x1fff)
+            p->frag = XF_FRAG_LATER;
+        else if (frag & 0x2000)
+            p->frag = XF_FRAG_FIRST;
+        void *l4 = cur + hlen;
+        p->l4_off = l4 - data;
+        if (p->frag == XF_FRAG_LATER)
+            return 0;
+        return xf_parse_l4(p, l4, l3_end, data_end);
+    }
+
+    if (proto == ETH_P_IPV6_BE) {
+        struct ipv6hdr *ip6 = cur;
+        if ((void *)(ip6 + 1) > data_end)
+            return XF_R_PARSE_IPV6;
+        if (ip6->version != 6)
+            return XF_R_PARSE_IPV6;
+        __u32 plen = bpf_ntohs(ip6->payload_len);
+        void *l3_end = (void *)(ip6 + 1) + plen;
+        if (plen == 0 || l3_end > data_end)
+            return XF_R_PARSE_IPV6;
+        p->family = 6;
+        p->ttl = ip6->hop_limit;
+        __builtin_memcpy(p->src, &ip6->saddr, 16);
+        __builtin_memcpy(p->dst, &ip6->daddr, 16);
+        __u8 nh = ip6->nexthdr;
+        cur = ip6 + 1;
+
+#pragma unroll
+        for (int i = 0; i < XF_MAX_IPV6_EXT; i++) {
+            if (nh != XF_IPPROTO_HOPOPTS && nh != XF_IPPROTO_ROUTING &&
+                nh != XF_IPPROTO_DSTOPTS && nh != XF_IPPROTO_FRAGMENT && nh != XF_IPPROTO_AH)
+                break;
+            __u8 *eh = cur;
+            if ((void *)(eh + 8) > data_end || (void *)(eh + 8) > l3_end)
+                return XF_R_PARSE_EXT;
+            __u32 len;
+            if (nh == XF_IPPROTO_FRAGMENT) {
+                len = 8;
+                __u16 off = ((__u16)eh[2] << 8) | eh[3];
+                p->frag_id = ((__u32)eh[4] << 24) | ((__u32)eh[5] << 16) |
+                             ((__u32)eh[6] << 8) | eh[7];
+                if (off & 0xfff8)
+                    p->frag = XF_FRAG_LATER;
+                else if (off & 1)
+                    p->frag = XF_FRAG_FIRST;
+            } else if (nh == XF_IPPROTO_AH) {
+                len = ((__u32)eh[1] + 2) * 4;
+            } else {
+                len = ((__u32)eh[1] + 1) * 8;
+            }
+            nh = eh[0];
+            cur = cur + len;
+            if (cur > l3_end)
+                return XF_R_PARSE_EXT;
+        }
+        if (nh == XF_IPPROTO_HOPOPTS || nh == XF_IPPROTO_ROUTING || nh == XF_IPPROTO_DSTOPTS ||
+            nh == XF_IPPROTO_FRAGMENT || nh == XF_IPPROTO_AH)
+            return XF_R_PARSE_EXT;
+        p->proto = nh;
+        p->l4_off = cur - data;
+        if (p->frag == XF_FRAG_LATER)
+            return 0;
+        return xf_parse_l4(p, cur, l3_end, data_end);
+    }
+
+    return 0;   /* ARP and other ethertypes: the caller decides */
+}

@@ -1,0 +1,178 @@
+/* xdpflow datapath: map keys and values. agent/abi.py holds the ctypes mirror; the test
+ * tests/bpf/test_abi.py compares it with the types BCC builds from this file, field by
+ * field and offset by offset. Addresses are 16 bytes in network order; IPv4 is stored
+ * IPv4-mapped (::ffff:a.b.c.d) so one key format serves both families. Ports, ids and
+ * generations are in host order. */
+#pragma once
+
+/* Exact-match flow key: one per direction of a flow. ICMP echo: sport is the echo id,
+ * dport is type << 8 | code (so a request and its reply are distinct keys). */
+struct xf_flow_key {
+    __u16 tenant;
+    __u8  proto;
+    __u8  pad;
+    __u32 src[4];
+    __u32 dst[4];
+    __u16 sport;
+    __u16 dport;
+};
+
+/* Flow entry: the flattened result of the whole pipeline, plus counters. 64 bytes. */
+struct xf_flow {
+    __u64 packets;
+    __u64 bytes;
+    __u64 created_ns;      /* bpf_ktime_get_coarse_ns() at install */
+    __u64 last_seen_ns;
+    __u32 generation;      /* tenant generation it was made under; stale = miss */
+    __u32 rule_id;         /* the rule that allowed it (for a reply: the forward's rule) */
+    __u32 out_ifindex;     /* redirect target, 0 when not redirected */
+    __u16 out_port;        /* port slot of the output port, 0 when none */
+    __u8  verdict;         /* XF_V_* */
+    __u8  flags;           /* XF_FLOW_* */
+    __u8  dmac[6];         /* rewritten destination MAC (the endpoint's) */
+    __u8  smac[6];         /* rewritten source MAC (the output port's) */
+    __u16 in_port;         /* port slot its packets arrive on */
+    __u8  reason;          /* XF_R_* of the classification that made it */
+    __u8  tcp_flags;       /* OR of TCP flags seen */
+};
+
+/* Port: keyed by ifindex. */
+struct xf_port {
+    __u16 tenant;          /* 0: not a tenant port */
+    __u16 slot;            /* stable small number: counters, rule in_port */
+    __u32 flags;
+    __u8  mac[6];          /* source of proxy ARP/ND replies and of routed frames */
+    __u16 pad;
+};
+
+/* Tenant: an array indexed by tenant id. */
+struct xf_tenant {
+    __u32 generation;      /* current classifier generation; 0: tenant not configured */
+    __u8  default_verdict; /* XF_V_DROP or XF_V_PASS */
+    __u8  pad;
+    __u16 flags;
+    __u32 vni;
+    __u32 pad2;
+};
+
+/* One mask of a tenant's tuple space. Masks are sorted by max_rank, highest first, so the
+ * search stops once the best match found outranks every remaining mask. */
+struct xf_mask {
+    __u32 src[4];
+    __u32 dst[4];
+    __u16 sport;
+    __u16 dport;
+    __u8  proto;           /* 0 or 0xff */
+    __u8  pad;
+    __u16 in_port;         /* 0 or 0xffff */
+    __u32 max_rank;
+};
+
+struct xf_mask_key {
+    __u16 tenant;
+    __u16 pad;
+    __u32 generation;
+};
+
+struct xf_mask_set {
+    __u32 count;
+    __u32 pad;
+    struct xf_mask masks[XF_MAX_MASKS];
+};
+
+/* Classifier entry key: the packet's tuple under mask number mask_idx of a generation. */
+struct xf_rule_key {
+    __u32 generation;
+    __u16 tenant;
+    __u8  mask_idx;
+    __u8  proto;
+    __u16 in_port;
+    __u16 pad;
+    __u32 src[4];
+    __u32 dst[4];
+    __u16 sport;           /* ICMP: 0 */
+    __u16 dport;           /* ICMP: type << 8 | code */
+};
+
+struct xf_rule {
+    __u32 rank;            /* unique, higher wins: priority, then lower rule id */
+    __u32 rule_id;
+    __u8  action;          /* XF_A_* */
+    __u8  pad[3];
+};
+
+struct xf_ep_key {
+    __u16 tenant;
+    __u16 pad;
+    __u32 addr[4];
+};
+
+struct xf_endpoint {
+    __u32 ifindex;         /* output interface */
+    __u16 port;            /* its port slot */
+    __u8  mac[6];          /* the endpoint's MAC: destination of routed frames */
+    __u8  port_mac[6];     /* the output port's MAC: source of routed frames */
+    __u16 flags;           /* XF_EP_* */
+};
+
+/* LPM key: prefixlen counts the 32 bits of tenant + pad, then address bits. */
+struct xf_route_key {
+    __u32 prefixlen;
+    __u16 tenant;
+    __u16 pad;
+    __u32 addr[4];
+};
+
+struct xf_route {
+    __u8  action;          /* XF_RT_* */
+    __u8  pad[3];
+    __u32 via[4];          /* next hop: one of the tenant's endpoints */
+};
+
+struct xf_stats_key {
+    __u16 tenant;
+    __u16 port;
+    __u8  verdict;
+    __u8  reason;
+    __u16 pad;
+};
+
+struct xf_counter {
+    __u64 packets;
+    __u64 bytes;
+};
+
+/* Later fragments carry no L4 header: the first fragment leaves its ports here. */
+struct xf_frag_key {
+    __u16 tenant;
+    __u8  proto;
+    __u8  pad;
+    __u32 id;
+    __u32 src[4];
+    __u32 dst[4];
+};
+
+struct xf_frag {
+    __u16 sport;
+    __u16 dport;
+};
+
+/* Layout fingerprint of the pinned maps, written by the agent (agent/datapath.py). */
+struct xf_meta {
+    __u64 abi_version;
+    __u64 layout_hash;
+};
+
+/* What the trace build records for the packet it ran (per CPU). */
+struct xf_trace {
+    __u32 tenant;
+    __u32 rule_id;
+    __u32 out_ifindex;
+    __u16 out_port;
+    __u16 in_port;
+    __u8  verdict;
+    __u8  reason;
+    __u8  flow_hit;
+    __u8  stale;
+    __u32 pad;
+};
