@@ -27,6 +27,8 @@ ROUTE_ACTIONS = ("via", "kernel", "drop")
 PROTOCOLS = {"any": 0, "icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
+ANY = ipaddress.ip_network("::/0")   # "any address", of either family, in rules
+
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
@@ -39,6 +41,11 @@ class Invalid(ValueError):
         super().__init__(f"{where}: {message}")
         self.where = where
         self.message = message
+
+
+class Conflict(Invalid):
+    """Well-formed, but at odds with the current state: a duplicate, a missing reference,
+    something that does not exist. The agent refuses it (ctl exit 1, not 2)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,6 +85,8 @@ def parse_choice(value: Any, where: str, choices: Iterable[str]) -> str:
 
 
 def parse_ip(value: Any, where: str) -> IPAddr:
+    if not isinstance(value, str):
+        raise Invalid(where, f"{value!r} is not an IP address")
     try:
         return ipaddress.ip_address(value)
     except (ValueError, TypeError):
@@ -87,7 +96,7 @@ def parse_ip(value: Any, where: str) -> IPAddr:
 def parse_prefix(value: Any, where: str) -> IPNet:
     """A prefix; a bare address means the host prefix. Host bits must be zero."""
     if value in (None, "", "any"):
-        return ipaddress.ip_network("::/0")
+        return ANY
     if not isinstance(value, str):
         raise Invalid(where, f"{value!r} is not a prefix")
     try:
@@ -247,6 +256,9 @@ class Route:
         prefix = d["prefix"]
         if prefix == "default":
             prefix = "0.0.0.0/0"
+        if prefix in ("", "any") or not isinstance(prefix, str):
+            raise Invalid(f"{where}: prefix", f"{prefix!r} is not a prefix (address/length; "
+                                              "0.0.0.0/0 or ::/0 for a default route)")
         pfx = parse_prefix(prefix, f"{where}: prefix")
         action = d.get("action") or ("via" if d.get("via") is not None else None)
         if action is None:
@@ -279,8 +291,8 @@ class Rule:
     tenant: str
     priority: int
     action: str
-    src: IPNet = ipaddress.ip_network("::/0")
-    dst: IPNet = ipaddress.ip_network("::/0")
+    src: IPNet = ANY
+    dst: IPNet = ANY
     proto: int = 0
     sport: Tuple[int, int] = (0, 65535)
     dport: Tuple[int, int] = (0, 65535)
@@ -298,7 +310,7 @@ class Rule:
         _check_keys(d, where, cls.FIELDS, ("id", "tenant", "priority", "action"))
         src = parse_prefix(d.get("src"), f"{where}: src")
         dst = parse_prefix(d.get("dst"), f"{where}: dst")
-        anyp = ipaddress.ip_network("::/0")
+        anyp = ANY
         if src != anyp and dst != anyp and src.version != dst.version:
             raise Invalid(where, f"src {src} and dst {dst} are of different IP versions")
         proto = parse_protocol(d.get("proto"), f"{where}: proto")
@@ -321,7 +333,8 @@ class Rule:
             raise Invalid(where, "proto icmp is IPv4; use icmpv6 with IPv6 prefixes")
         if proto == 58 and version == 4:
             raise Invalid(where, "proto icmpv6 is IPv6; use icmp with IPv4 prefixes")
-        comment = d.get("comment") or ""
+        comment = d.get("comment")
+        comment = "" if comment is None else comment
         if not isinstance(comment, str) or len(comment) > 256:
             raise Invalid(f"{where}: comment", "must be text of at most 256 characters")
         return cls(
@@ -413,56 +426,56 @@ class State:
         names, ids, vnis = {}, {}, {}
         for t in self.tenants:
             if t.name in names:
-                raise Invalid(f"tenant {t.name}", "defined twice")
+                raise Conflict(f"tenant {t.name}", "defined twice")
             if t.id in ids:
-                raise Invalid(f"tenant {t.name}", f"id {t.id} is already tenant {ids[t.id]}")
+                raise Conflict(f"tenant {t.name}", f"id {t.id} is already tenant {ids[t.id]}")
             if t.vni is not None and t.vni in vnis:
-                raise Invalid(f"tenant {t.name}", f"vni {t.vni} is already tenant {vnis[t.vni]}")
+                raise Conflict(f"tenant {t.name}", f"vni {t.vni} is already tenant {vnis[t.vni]}")
             names[t.name], ids[t.id] = t, t.name
             if t.vni is not None:
                 vnis[t.vni] = t.name
         ports = {}
         for p in self.ports:
             if p.name in ports:
-                raise Invalid(f"port {p.name}", "defined twice")
+                raise Conflict(f"port {p.name}", "defined twice")
             if p.tenant not in names:
-                raise Invalid(f"port {p.name}", f"unknown tenant {p.tenant!r}")
+                raise Conflict(f"port {p.name}", f"unknown tenant {p.tenant!r}")
             ports[p.name] = p
         eps = {}
         for e in self.endpoints:
             where = f"endpoint {e.tenant}/{e.ip}"
             if e.tenant not in names:
-                raise Invalid(where, f"unknown tenant {e.tenant!r}")
+                raise Conflict(where, f"unknown tenant {e.tenant!r}")
             if e.port not in ports:
-                raise Invalid(where, f"unknown port {e.port!r}")
+                raise Conflict(where, f"unknown port {e.port!r}")
             if ports[e.port].tenant != e.tenant:
-                raise Invalid(where, f"port {e.port} belongs to tenant {ports[e.port].tenant}")
+                raise Conflict(where, f"port {e.port} belongs to tenant {ports[e.port].tenant}")
             if (e.tenant, e.ip) in eps:
-                raise Invalid(where, "defined twice")
+                raise Conflict(where, "defined twice")
             eps[(e.tenant, e.ip)] = e
         seen = set()
         for r in self.routes:
             where = f"route {r.tenant}/{r.prefix}"
             if r.tenant not in names:
-                raise Invalid(where, f"unknown tenant {r.tenant!r}")
+                raise Conflict(where, f"unknown tenant {r.tenant!r}")
             if (r.tenant, r.prefix) in seen:
-                raise Invalid(where, "defined twice")
+                raise Conflict(where, "defined twice")
             seen.add((r.tenant, r.prefix))
             if r.action == "via" and (r.tenant, r.via) not in eps:
-                raise Invalid(where, f"next hop {r.via} is not an endpoint of tenant {r.tenant}")
+                raise Conflict(where, f"next hop {r.via} is not an endpoint of tenant {r.tenant}")
         rule_ids = set()
         for r in self.rules:
             where = f"rule {r.id}"
             if r.id in rule_ids:
-                raise Invalid(where, "id used twice")
+                raise Conflict(where, "id used twice")
             rule_ids.add(r.id)
             if r.tenant not in names:
-                raise Invalid(where, f"unknown tenant {r.tenant!r}")
+                raise Conflict(where, f"unknown tenant {r.tenant!r}")
             if r.in_port is not None:
                 if r.in_port not in ports:
-                    raise Invalid(where, f"in_port: unknown port {r.in_port!r}")
+                    raise Conflict(where, f"in_port: unknown port {r.in_port!r}")
                 if ports[r.in_port].tenant != r.tenant:
-                    raise Invalid(where, f"in_port: port {r.in_port} belongs to tenant "
+                    raise Conflict(where, f"in_port: port {r.in_port} belongs to tenant "
                                          f"{ports[r.in_port].tenant}")
 
     # -- changes: each returns a new State and leaves this one as it was ------------------
@@ -471,22 +484,27 @@ class State:
         ident = identity(kind, obj)
         for o in getattr(st, kind):
             if identity(kind, o) == ident:
-                raise Invalid(f"{kind[:-1]} {'/'.join(str(x) for x in ident)}", "already exists")
+                raise Conflict(f"{kind[:-1]} {'/'.join(str(x) for x in ident)}", "already exists")
         getattr(st, kind).append(obj)
         st.validate()
         return st
 
     def with_removed(self, kind: str, ident: Tuple) -> "State":
+        ident = tuple(ident)
         st = self.copy()
         items = getattr(st, kind)
         keep = [o for o in items if identity(kind, o) != ident]
         if len(keep) == len(items):
-            raise Invalid(f"{kind[:-1]} {'/'.join(str(x) for x in ident)}", "does not exist")
+            raise Conflict(f"{kind[:-1]} {'/'.join(str(x) for x in ident)}", "does not exist")
         setattr(st, kind, keep)
         # Removing a tenant or port removes what hangs off it only when asked explicitly;
         # otherwise validate() names what still refers to it.
         st.validate()
         return st
+
+
+def _ident_order(ident: Tuple):
+    return tuple((0, x, "") if isinstance(x, int) else (1, 0, str(x)) for x in ident)
 
 
 def diff(old: State, new: State) -> Dict[str, Dict[str, list]]:
@@ -496,10 +514,10 @@ def diff(old: State, new: State) -> Dict[str, Dict[str, list]]:
         a = {identity(kind, o): o for o in getattr(old, kind)}
         b = {identity(kind, o): o for o in getattr(new, kind)}
         out[kind] = {
-            "add": [b[k].to_dict() for k in sorted(b.keys() - a.keys(), key=str)],
-            "remove": [a[k].to_dict() for k in sorted(a.keys() - b.keys(), key=str)],
+            "add": [b[k].to_dict() for k in sorted(b.keys() - a.keys(), key=_ident_order)],
+            "remove": [a[k].to_dict() for k in sorted(a.keys() - b.keys(), key=_ident_order)],
             "change": [{"from": a[k].to_dict(), "to": b[k].to_dict()}
-                       for k in sorted(a.keys() & b.keys(), key=str) if a[k] != b[k]],
+                       for k in sorted(a.keys() & b.keys(), key=_ident_order) if a[k] != b[k]],
         }
     return out
 

@@ -1,0 +1,238 @@
+"""The Python mirror of what the datapath C shares with the agent: map key/value structs
+and constants. tests/bpf/test_abi.py checks every struct against the types BCC builds from
+bpf/xf_structs.h, field by field and offset by offset, and every constant against
+bpf/xf_consts.h; so this file may be trusted where the C is not at hand (before loading,
+to check pinned maps, and in unit tests of the compiler)."""
+from __future__ import annotations
+
+import ctypes as ct
+import hashlib
+import ipaddress
+from typing import Dict, Union
+
+u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
+
+ABI_VERSION = 1
+DEFAULT_MAX_MASKS = 32
+
+# --- constants (bpf/xf_consts.h) ------------------------------------------------------
+
+VERDICTS = {0: "none", 1: "drop", 2: "pass", 3: "redirect", 4: "tx"}
+V_NONE, V_DROP, V_PASS, V_REDIRECT, V_TX = range(5)
+
+REASONS = {
+    1: "flow", 2: "rule_allow", 3: "rule_deny", 4: "rule_pass", 5: "default",
+    6: "no_route", 7: "route_kernel", 8: "route_drop", 9: "local", 10: "ttl",
+    11: "arp_reply", 12: "nd_reply", 13: "arp_other", 14: "nd_other", 15: "not_ip",
+    16: "multicast", 17: "no_port", 18: "no_tenant", 19: "parse_eth", 20: "parse_vlan",
+    21: "parse_ipv4", 22: "parse_ipv6", 23: "parse_ext", 24: "parse_l4", 25: "frag",
+    26: "insert_failed", 27: "flow_stale",
+}
+REASON_IDS = {v: k for k, v in REASONS.items()}
+R_MAX = 28
+# Reasons that count events rather than packets (their verdict is "none").
+EVENT_REASONS = ("insert_failed", "flow_stale")
+
+A_ALLOW, A_DENY, A_PASS = 1, 2, 3
+RULE_ACTIONS = {"allow": A_ALLOW, "deny": A_DENY, "pass": A_PASS}
+RT_VIA, RT_KERNEL, RT_DROP = 1, 2, 3
+ROUTE_ACTIONS = {"via": RT_VIA, "kernel": RT_KERNEL, "drop": RT_DROP}
+FLOW_REVERSE, FLOW_CLOSING = 0x01, 0x02
+EP_LOCAL = 0x01
+MAX_TENANTS = 65536
+MASK_SETS = 8192
+STATS_SIZE = 65536
+FRAG_TABLE_SIZE = 8192
+MAX_RULE_IDS = 262144
+
+CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
+    "XF_V_NONE": V_NONE, "XF_V_DROP": V_DROP, "XF_V_PASS": V_PASS,
+    "XF_V_REDIRECT": V_REDIRECT, "XF_V_TX": V_TX,
+    "XF_A_ALLOW": A_ALLOW, "XF_A_DENY": A_DENY, "XF_A_PASS": A_PASS,
+    "XF_RT_VIA": RT_VIA, "XF_RT_KERNEL": RT_KERNEL, "XF_RT_DROP": RT_DROP,
+    "XF_FLOW_REVERSE": FLOW_REVERSE, "XF_FLOW_CLOSING": FLOW_CLOSING,
+    "XF_EP_LOCAL": EP_LOCAL, "XF_MAX_TENANTS": MAX_TENANTS, "XF_MASK_SETS": MASK_SETS,
+    "XF_STATS_SIZE": STATS_SIZE, "XF_FRAG_TABLE_SIZE": FRAG_TABLE_SIZE,
+    "XF_MAX_RULE_IDS": MAX_RULE_IDS, "XF_R_MAX": R_MAX,
+}
+CONSTANTS.update({"XF_R_" + name.upper(): rid for rid, name in REASONS.items()})
+
+# --- structs (bpf/xf_structs.h) -------------------------------------------------------
+
+Addr = u32 * 4
+Mac = u8 * 6
+
+
+class FlowKey(ct.Structure):
+    _fields_ = [("tenant", u16), ("proto", u8), ("pad", u8), ("src", Addr), ("dst", Addr),
+                ("sport", u16), ("dport", u16)]
+
+
+class Flow(ct.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64), ("created_ns", u64), ("last_seen_ns", u64),
+                ("generation", u32), ("rule_id", u32), ("out_ifindex", u32),
+                ("out_port", u16), ("verdict", u8), ("flags", u8), ("dmac", Mac),
+                ("smac", Mac), ("in_port", u16), ("reason", u8), ("tcp_flags", u8)]
+
+
+class Port(ct.Structure):
+    _fields_ = [("tenant", u16), ("slot", u16), ("flags", u32), ("mac", Mac), ("pad", u16)]
+
+
+class Tenant(ct.Structure):
+    _fields_ = [("generation", u32), ("default_verdict", u8), ("pad", u8), ("flags", u16),
+                ("vni", u32), ("pad2", u32)]
+
+
+class Mask(ct.Structure):
+    _fields_ = [("src", Addr), ("dst", Addr), ("sport", u16), ("dport", u16), ("proto", u8),
+                ("pad", u8), ("in_port", u16), ("max_rank", u32)]
+
+
+class MaskKey(ct.Structure):
+    _fields_ = [("tenant", u16), ("pad", u16), ("generation", u32)]
+
+
+_mask_sets: Dict[int, type] = {}
+
+
+def mask_set_type(max_masks: int = DEFAULT_MAX_MASKS) -> type:
+    """struct xf_mask_set for a given XF_MAX_MASKS (its array length is a -D setting)."""
+    if max_masks not in _mask_sets:
+        _mask_sets[max_masks] = type(f"MaskSet{max_masks}", (ct.Structure,), {
+            "_fields_": [("count", u32), ("pad", u32), ("masks", Mask * max_masks)]})
+    return _mask_sets[max_masks]
+
+
+MaskSet = mask_set_type()
+
+
+class RuleKey(ct.Structure):
+    _fields_ = [("generation", u32), ("tenant", u16), ("mask_idx", u8), ("proto", u8),
+                ("in_port", u16), ("pad", u16), ("src", Addr), ("dst", Addr),
+                ("sport", u16), ("dport", u16)]
+
+
+class Rule(ct.Structure):
+    _fields_ = [("rank", u32), ("rule_id", u32), ("action", u8), ("pad", u8 * 3)]
+
+
+class EpKey(ct.Structure):
+    _fields_ = [("tenant", u16), ("pad", u16), ("addr", Addr)]
+
+
+class Endpoint(ct.Structure):
+    _fields_ = [("ifindex", u32), ("port", u16), ("mac", Mac), ("port_mac", Mac),
+                ("flags", u16)]
+
+
+class RouteKey(ct.Structure):
+    _fields_ = [("prefixlen", u32), ("tenant", u16), ("pad", u16), ("addr", Addr)]
+
+
+class Route(ct.Structure):
+    _fields_ = [("action", u8), ("pad", u8 * 3), ("via", Addr)]
+
+
+class StatsKey(ct.Structure):
+    _fields_ = [("tenant", u16), ("port", u16), ("verdict", u8), ("reason", u8), ("pad", u16)]
+
+
+class Counter(ct.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+class FragKey(ct.Structure):
+    _fields_ = [("tenant", u16), ("proto", u8), ("pad", u8), ("id", u32), ("src", Addr),
+                ("dst", Addr)]
+
+
+class Frag(ct.Structure):
+    _fields_ = [("sport", u16), ("dport", u16)]
+
+
+class Meta(ct.Structure):
+    _fields_ = [("abi_version", u64), ("layout_hash", u64)]
+
+
+class Trace(ct.Structure):
+    _fields_ = [("tenant", u32), ("rule_id", u32), ("out_ifindex", u32), ("out_port", u16),
+                ("in_port", u16), ("verdict", u8), ("reason", u8), ("flow_hit", u8),
+                ("stale", u8), ("pad", u32)]
+
+
+# --- maps: name -> (BPF map type, key type, value type, size setting) -----------------
+
+HASH, ARRAY, PERCPU_HASH, LRU_HASH, LPM_TRIE = 1, 2, 5, 9, 11
+MAPS = {
+    "xf_flows": (HASH, FlowKey, Flow, "XF_FLOW_TABLE_SIZE"),
+    "xf_ports": (HASH, u32, Port, "XF_MAX_PORTS"),
+    "xf_tenants": (ARRAY, u32, Tenant, MAX_TENANTS),
+    "xf_masks": (HASH, MaskKey, None, MASK_SETS),   # value: mask_set_type(max_masks)
+    "xf_rules": (HASH, RuleKey, Rule, "XF_MAX_RULE_ENTRIES"),
+    "xf_endpoints": (HASH, EpKey, Endpoint, "XF_MAX_ENDPOINTS"),
+    "xf_routes": (LPM_TRIE, RouteKey, Route, "XF_MAX_ROUTES"),
+    "xf_stats": (PERCPU_HASH, StatsKey, Counter, STATS_SIZE),
+    "xf_rule_hits": (PERCPU_HASH, u32, u64, MAX_RULE_IDS),
+    "xf_frags": (LRU_HASH, FragKey, Frag, FRAG_TABLE_SIZE),
+    "xf_meta": (ARRAY, u32, Meta, 1),
+}
+
+
+def map_spec(name: str, defines: Dict[str, int]):
+    """(type, key_size, value_size, max_entries) a map must have under these settings."""
+    mtype, k, v, size = MAPS[name]
+    if v is None:
+        v = mask_set_type(defines.get("XF_MAX_MASKS", DEFAULT_MAX_MASKS))
+    if isinstance(size, str):
+        size = defines[size]
+    return mtype, ct.sizeof(k), ct.sizeof(v), size
+
+
+def _describe(t) -> str:
+    if hasattr(t, "_fields_"):
+        return "{" + ",".join(f"{n}@{getattr(t, n).offset}:{_describe(ft)}"
+                              for n, ft in t._fields_) + "}"
+    if hasattr(t, "_length_"):
+        return f"{_describe(t._type_)}[{t._length_}]"
+    return f"{t.__name__}/{ct.sizeof(t)}"
+
+
+def layout_hash(name: str, defines: Dict[str, int]) -> int:
+    """A fingerprint of one map's type, sizes and key/value layout."""
+    mtype, k, v, _ = MAPS[name]
+    if v is None:
+        v = mask_set_type(defines.get("XF_MAX_MASKS", DEFAULT_MAX_MASKS))
+    spec = map_spec(name, defines)
+    text = f"{ABI_VERSION}|{name}|{spec}|{_describe(k)}|{_describe(v)}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+# --- addresses ------------------------------------------------------------------------
+
+IPAddr = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def addr16(ip: IPAddr) -> bytes:
+    """16 bytes in network order; IPv4 mapped into ::ffff:0:0/96 as the datapath keys it."""
+    if ip.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + ip.packed
+    return ip.packed
+
+
+def set_addr(field, ip_or_bytes) -> None:
+    raw = ip_or_bytes if isinstance(ip_or_bytes, (bytes, bytearray)) else addr16(ip_or_bytes)
+    ct.memmove(field, raw, 16)
+
+
+def get_addr(field) -> IPAddr:
+    ip = ipaddress.IPv6Address(bytes(field))
+    return ip.ipv4_mapped or ip
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes(int(x, 16) for x in mac.split(":"))
+
+
+def mac_str(raw) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))

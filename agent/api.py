@@ -1,0 +1,549 @@
+"""The agent's control API: JSON over a unix socket, dispatched through the command table
+(agent.commands), with peer credentials deciding who may change state.
+
+Wire format, one request per connection:
+    -> {"command": "tenant add", "args": {...}}\\n
+    <- {"ok": true, "result": ...}\\n
+    <- {"ok": false, "error": {"code": CODE, "message": "..."}}\\n
+CODE is "invalid" (a bad value), "refused" (at odds with the current state), "denied"
+(the peer may not run the command), "bad-request" (not JSON, unknown command, arguments that
+do not fit) or "internal" (a bug or a kernel failure; the traceback goes to the log only).
+"""
+from __future__ import annotations
+
+import errno
+import grp
+import json
+import logging
+import os
+import pwd
+import queue
+import selectors
+import socket
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Set
+
+from agent import commands, model
+
+DEFAULT_SOCKET = "/run/xdpflow/agent.sock"
+
+# Codes on the wire; the CLI maps them to exit codes.
+INVALID, REFUSED, DENIED, BAD_REQUEST, INTERNAL = (
+    "invalid", "refused", "denied", "bad-request", "internal")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of a connection, as the kernel says (SO_PEERCRED)."""
+    pid: int
+    uid: int
+    gid: int
+
+
+_UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    """The connecting process's credentials, taken by the kernel at connect() time, so a
+    client cannot claim to be someone else."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return Peer(*_UCRED.unpack(raw))
+
+
+def groups_from_status(text: str) -> Set[int]:
+    """Supplementary group ids from the text of /proc/PID/status ("Groups:\\t4 27 1000")."""
+    for line in text.splitlines():
+        if line.startswith("Groups:"):
+            return {int(g) for g in line.split()[1:]}
+    return set()
+
+
+def peer_groups(peer: Peer, proc: str = "/proc") -> Set[int]:
+    """Every group the peer is in: its primary gid, the supplementary groups of its process
+    (exact, and right for processes that changed groups after login), and, if the process is
+    gone, the groups its user is listed in."""
+    gids = {peer.gid}
+    try:
+        with open(f"{proc}/{peer.pid}/status") as f:
+            return gids | groups_from_status(f.read())
+    except OSError:
+        pass
+    try:
+        name = pwd.getpwuid(peer.uid).pw_name
+    except KeyError:
+        return gids
+    gids.update(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)
+    return gids
+
+
+def is_admin(peer: Peer, admin_group: Optional[str],
+             groups_of: Callable[[Peer], Set[int]] = peer_groups) -> bool:
+    """Root, or a member of admin_group. A group that does not exist admits no one else."""
+    if peer.uid == 0:
+        return True
+    if not admin_group:
+        return False
+    try:
+        gid = grp.getgrnam(admin_group).gr_gid
+    except KeyError:
+        return False
+    return gid in groups_of(peer)
+
+
+def reply_ok(result: Any) -> Dict[str, Any]:
+    return {"ok": True, "result": result}
+
+
+def reply_error(code: str, message: str) -> Dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+def _encode(doc: Dict[str, Any]) -> bytes:
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+class _Conn:
+    """One client connection as the server loop sees it."""
+    __slots__ = ("sock", "peer", "buf", "out", "deadline", "state")
+
+    def __init__(self, sock: socket.socket, peer: Optional[Peer], deadline: float):
+        self.sock = sock
+        self.peer = peer
+        self.buf = bytearray()
+        self.out = b""
+        self.deadline = deadline
+        self.state = "reading"  # -> "working" (queued for the controller) -> "writing"
+
+
+class ApiServer:
+    """Serves the command table on a unix socket.
+
+    One thread runs a selector loop that accepts, reads and writes for every client without
+    ever blocking on one; each request must arrive whole, within `max_request_bytes` and
+    `request_timeout` seconds, or the connection is answered "bad-request" (when possible)
+    and closed. A second thread makes the controller calls one at a time, holding `lock`
+    (pass the daemon's lock so other users of the controller are serialized with the API).
+
+    `peercred(sock) -> Peer` and `groups_of(peer) -> set of gids` may be replaced for tests;
+    production uses SO_PEERCRED and /proc."""
+
+    def __init__(self, controller, path: str = DEFAULT_SOCKET, *,
+                 socket_group: Optional[str] = None, admin_group: Optional[str] = None,
+                 max_request_bytes: int = 4 * 2**20, request_timeout: float = 5.0,
+                 logger: Optional[logging.Logger] = None, lock=None,
+                 peercred: Callable[[socket.socket], Peer] = peer_credentials,
+                 groups_of: Callable[[Peer], Set[int]] = peer_groups,
+                 max_connections: int = 128):
+        self.controller = controller
+        self.path = path
+        self.socket_group = socket_group
+        self.admin_group = admin_group
+        self.max_request_bytes = max_request_bytes
+        self.request_timeout = request_timeout
+        self.log = logger or logging.getLogger("xdpflow.api")
+        self.lock = lock or threading.Lock()
+        self.peercred = peercred
+        self.groups_of = groups_of
+        self.max_connections = max_connections
+        self._listen: Optional[socket.socket] = None
+        self._ino: Optional[int] = None
+        self._sel: Optional[selectors.BaseSelector] = None
+        self._wake_r = self._wake_w = None
+        self._conns: Dict[int, _Conn] = {}
+        self._work: "queue.Queue[Optional[_Conn]]" = queue.Queue()
+        self._done: "queue.Queue[_Conn]" = queue.Queue()
+        self._stopping = threading.Event()
+        self._threads = []
+
+    # -- socket set-up ---------------------------------------------------------------------
+    def _group_gid(self, name: Optional[str]) -> Optional[int]:
+        if not name:
+            return None
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            self.log.warning("socket group %r does not exist; leaving the socket's group as is",
+                             name)
+            return None
+
+    def _chgrp(self, path: str, gid: Optional[int]) -> None:
+        if gid is None:
+            return
+        try:
+            os.chown(path, -1, gid)
+        except OSError as e:
+            self.log.warning("cannot give %s to group %d: %s", path, gid, e)
+
+    def _check_stale(self) -> None:
+        """Refuse to take over a socket another live agent answers on; a socket nobody
+        answers is a leftover of a crash and is replaced."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(self.path)
+        except OSError:
+            self.log.info("removing stale socket %s", self.path)
+            return
+        finally:
+            probe.close()
+        raise OSError(errno.EADDRINUSE, f"another agent is serving {self.path}")
+
+    def start(self) -> None:
+        gid = self._group_gid(self.socket_group)
+        d = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(d):
+            os.makedirs(d, mode=0o750, exist_ok=True)
+            os.chmod(d, 0o750)  # makedirs' mode is filtered by the umask
+            self._chgrp(d, gid)
+        self._check_stale()
+        # Bind under a temporary name, set mode and group, then rename into place: clients
+        # never see the socket with the umask's mode, and a stale socket is replaced
+        # atomically.
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(tmp)
+            os.chmod(tmp, 0o660)
+            self._chgrp(tmp, gid)
+            os.rename(tmp, self.path)
+            s.listen(64)
+            s.setblocking(False)
+        except BaseException:
+            s.close()
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            raise
+        self._ino = os.lstat(self.path).st_ino
+        self._listen = s
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(s, selectors.EVENT_READ, "accept")
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._stopping.clear()
+        self._threads = [threading.Thread(target=self._loop, name="api-io", daemon=True),
+                         threading.Thread(target=self._worker, name="api-worker", daemon=True)]
+        for t in self._threads:
+            t.start()
+        self.log.info("control API listening on %s", self.path)
+
+    def stop(self) -> None:
+        if self._listen is None:
+            return
+        self._stopping.set()
+        self._work.put(None)
+        self._wake()
+        for t in self._threads:
+            t.join(timeout=10)
+        for c in list(self._conns.values()):
+            self._close(c)
+        self._sel.close()
+        self._listen.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self._listen = None
+        try:
+            # Only our own socket: a newer agent may already have replaced it.
+            if os.lstat(self.path).st_ino == self._ino:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- the I/O loop ----------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a full pipe already means "wake up"
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            deadlines = [c.deadline for c in self._conns.values() if c.state != "working"]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            try:
+                events = self._sel.select(timeout)
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                raise
+            for key, mask in events:
+                try:
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    elif mask & selectors.EVENT_READ:
+                        self._read(key.data)
+                    elif mask & selectors.EVENT_WRITE:
+                        self._write(key.data)
+                except Exception:
+                    self.log.exception("control API: unexpected error serving a client")
+                    if isinstance(key.data, _Conn):
+                        self._close(key.data)
+            self._expire(time.monotonic())
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listen.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: try again on the next event
+                self.log.warning("control API: accept failed: %s", e)
+                return
+            sock.setblocking(False)
+            if len(self._conns) >= self.max_connections:
+                # The agent's state, not the request, is the reason: "refused" (ctl exit 1).
+                self._try_send(sock, reply_error(REFUSED, "agent busy: too many connections"))
+                sock.close()
+                continue
+            try:
+                peer = self.peercred(sock)
+            except OSError as e:
+                self.log.warning("control API: no peer credentials: %s", e)
+                peer = None  # treated as nobody: may read, may not change
+            c = _Conn(sock, peer, time.monotonic() + self.request_timeout)
+            self._conns[sock.fileno()] = c
+            self._sel.register(sock, selectors.EVENT_READ, c)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while True:
+            try:
+                c = self._done.get_nowait()
+            except queue.Empty:
+                return
+            if c.sock.fileno() in self._conns:
+                c.state = "writing"
+                c.deadline = time.monotonic() + self.request_timeout
+                self._sel.register(c.sock, selectors.EVENT_WRITE, c)
+                self._write(c)
+
+    def _read(self, c: _Conn) -> None:
+        try:
+            chunk = c.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(c)
+            return
+        eof = not chunk
+        c.buf += chunk
+        nl = c.buf.find(b"\n", len(c.buf) - len(chunk))  # a trickling client costs no rescans
+        if (nl < 0 and len(c.buf) > self.max_request_bytes) or nl > self.max_request_bytes:
+            # Answered at once, not at the deadline: the client learns why, and the agent
+            # holds no more than the limit (plus one read) per client.
+            self._reply_now(c, reply_error(
+                BAD_REQUEST, f"request larger than {self.max_request_bytes} bytes"))
+            return
+        if nl >= 0:
+            del c.buf[nl:]
+        elif not eof:
+            return
+        elif not c.buf:
+            self._close(c)  # connected and left without a word
+            return
+        # A request ended by the client closing its side, without the newline, is taken
+        # as whole: if it was cut short, the JSON parse says so.
+        c.state = "working"
+        self._sel.unregister(c.sock)
+        self._work.put(c)
+
+    def _reply_now(self, c: _Conn, doc: Dict[str, Any]) -> None:
+        c.out = _encode(doc)
+        c.state = "writing"
+        c.deadline = time.monotonic() + self.request_timeout
+        self._sel.modify(c.sock, selectors.EVENT_WRITE, c)
+        self._write(c)
+
+    def _write(self, c: _Conn) -> None:
+        try:
+            n = c.sock.send(c.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(c)
+            return
+        c.out = c.out[n:]
+        if not c.out:
+            self._close(c)
+
+    @staticmethod
+    def _try_send(sock: socket.socket, doc: Dict[str, Any]) -> None:
+        try:
+            sock.send(_encode(doc))
+        except OSError:
+            pass
+
+    def _expire(self, now: float) -> None:
+        for c in list(self._conns.values()):
+            if c.state == "working" or c.deadline > now:
+                continue
+            if c.state == "reading":
+                self.log.info("control API: closing a client that sent no whole request in "
+                              "%.1fs", self.request_timeout)
+                self._try_send(c.sock, reply_error(
+                    BAD_REQUEST, f"no whole request within {self.request_timeout:g}s"))
+            else:
+                self.log.info("control API: closing a client that does not read its reply")
+            self._close(c)
+
+    def _close(self, c: _Conn) -> None:
+        fd = c.sock.fileno()
+        if fd >= 0 and self._conns.get(fd) is c:
+            del self._conns[fd]
+            if c.state != "working":
+                try:
+                    self._sel.unregister(c.sock)
+                except (KeyError, ValueError):
+                    pass
+        c.sock.close()
+
+    # -- the controller side ---------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            c = self._work.get()
+            if c is None:
+                return
+            try:
+                c.out = _encode(self.handle(bytes(c.buf), c.peer))
+            except Exception:  # a result JSON cannot carry: a bug in the controller
+                self.log.exception("control API: cannot encode the reply")
+                c.out = _encode(reply_error(INTERNAL, "the reply could not be encoded "
+                                                      "(see the agent's log)"))
+            self._done.put(c)
+            self._wake()
+
+    def authorize(self, cmd: commands.Command, args: Any, peer: Optional[Peer]) -> None:
+        """Raise PermissionError if `peer` may not run `cmd` with `args`. Reading is for
+        anyone who can reach the socket (its mode and group decide who that is)."""
+        if not cmd.changes_state(args):
+            return
+        if peer is not None and is_admin(peer, self.admin_group, self.groups_of):
+            return
+        who = "unknown peer" if peer is None else f"uid {peer.uid}"
+        need = (f"root or membership in group {self.admin_group!r}" if self.admin_group
+                else "root")
+        raise PermissionError(f"{cmd.name!r} changes state and needs {need} ({who})")
+
+    def handle(self, data: bytes, peer: Optional[Peer]) -> Dict[str, Any]:
+        """One request's bytes -> the reply document."""
+        try:
+            req = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            return reply_error(BAD_REQUEST, f"request is not JSON: {e}")
+        if not isinstance(req, dict) or not isinstance(req.get("command"), str):
+            return reply_error(BAD_REQUEST, 'request must be {"command": NAME, "args": {...}}')
+        extra = set(req) - {"command", "args"}
+        if extra:
+            return reply_error(BAD_REQUEST, f"unknown request field(s) {', '.join(sorted(extra))}")
+        name, args = req["command"], req.get("args")
+        cmd = commands.get(name)
+        if cmd is None:
+            return reply_error(BAD_REQUEST, f"unknown command {name!r}")
+        try:
+            self.authorize(cmd, args, peer)
+        except PermissionError as e:
+            self.log.warning("control API: denied %s to %s", name, peer)
+            return reply_error(DENIED, str(e))
+        try:
+            with self.lock:
+                return reply_ok(commands.dispatch(self.controller, name, args))
+        except commands.BadArgs as e:
+            return reply_error(BAD_REQUEST, str(e))
+        except model.Conflict as e:
+            return reply_error(REFUSED, str(e))
+        except model.Invalid as e:
+            return reply_error(INVALID, str(e))
+        except PermissionError as e:
+            return reply_error(DENIED, str(e))
+        except Exception as e:
+            self.log.exception("control API: %s failed", name)
+            return reply_error(INTERNAL, f"{name} failed: {type(e).__name__} (see the "
+                                         "agent's log)")
+
+
+class ApiError(Exception):
+    """An error reply, or "unreachable" when the agent's socket cannot be reached."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ApiClient:
+    """Sends one request per call to the agent's socket (what xdpflowctl uses)."""
+
+    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float = 30.0,
+                 max_reply_bytes: int = 256 * 2**20):
+        self.path = path
+        self.timeout = timeout
+        self.max_reply_bytes = max_reply_bytes
+
+    def call(self, command: str, args: Optional[Dict[str, Any]] = None) -> Any:
+        request = (json.dumps({"command": command, "args": args or {}}) + "\n").encode()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            try:
+                s.connect(self.path)
+            except OSError as e:
+                raise ApiError("unreachable", f"cannot reach the agent at {self.path}: "
+                                              f"{e.strerror or e}") from None
+            try:
+                try:
+                    s.sendall(request)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the agent may answer (busy, too large) before reading it all
+                buf = bytearray()
+                while b"\n" not in buf:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    if len(buf) > self.max_reply_bytes:
+                        raise ApiError(INTERNAL, "reply too large")
+            except socket.timeout:
+                raise ApiError("unreachable", f"the agent at {self.path} did not answer "
+                                              f"within {self.timeout:g}s") from None
+            except OSError as e:
+                raise ApiError("unreachable", f"connection to the agent at {self.path} "
+                                              f"failed: {e.strerror or e}") from None
+        finally:
+            s.close()
+        try:
+            reply = json.loads(bytes(buf).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(INTERNAL, f"the agent at {self.path} sent no valid reply") from None
+        if not isinstance(reply, dict) or "ok" not in reply:
+            raise ApiError(INTERNAL, f"the agent at {self.path} sent a malformed reply")
+        if reply["ok"]:
+            return reply.get("result")
+        err = reply.get("error") or {}
+        raise ApiError(str(err.get("code", INTERNAL)), str(err.get("message", "")))

@@ -1,0 +1,271 @@
+"""The one map-access layer: libbpf (libbpf.so.1) through ctypes. Pinned objects, map info,
+batched reads/writes/deletes, and BPF_PROG_TEST_RUN. BCC compiles and loads programs; every
+map read and write of the agent goes through `RawMap`."""
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+_lib = ct.CDLL("libbpf.so.1", use_errno=True)
+
+_lib.bpf_obj_get.argtypes = [ct.c_char_p]
+_lib.bpf_obj_get.restype = ct.c_int
+_lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+_lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+_lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
+_lib.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
+_lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+_lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+_lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+_lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+_lib.bpf_map_update_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p,
+                                      ct.POINTER(ct.c_uint32), ct.c_void_p]
+_lib.bpf_map_delete_batch.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32),
+                                      ct.c_void_p]
+_lib.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                                      ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
+
+
+class BpfError(OSError):
+    pass
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = -rc if rc != -1 else ct.get_errno()
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+class MapInfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+                ("map_flags", ct.c_uint32), ("name", ct.c_char * 16),
+                ("rest", ct.c_uint8 * 64)]
+
+
+class TestRunOpts(ct.Structure):
+    _fields_ = [("sz", ct.c_size_t), ("data_in", ct.c_void_p), ("data_out", ct.c_void_p),
+                ("data_size_in", ct.c_uint32), ("data_size_out", ct.c_uint32),
+                ("ctx_in", ct.c_void_p), ("ctx_out", ct.c_void_p),
+                ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
+                ("retval", ct.c_uint32), ("repeat", ct.c_int), ("duration", ct.c_uint32),
+                ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32)]
+
+
+class XdpMd(ct.Structure):
+    _fields_ = [("data", ct.c_uint32), ("data_end", ct.c_uint32), ("data_meta", ct.c_uint32),
+                ("ingress_ifindex", ct.c_uint32), ("rx_queue_index", ct.c_uint32),
+                ("egress_ifindex", ct.c_uint32)]
+
+
+_lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(TestRunOpts)]
+
+PERCPU_TYPES = {5, 6, 10}   # percpu hash, percpu array, lru percpu hash
+BATCH_TYPES = {1, 2, 5, 6, 9, 10}   # map types with batch operations (not LPM trie)
+
+
+def possible_cpus() -> int:
+    with open("/sys/devices/system/cpu/possible") as f:
+        n = 0
+        for part in f.read().strip().split(","):
+            lo, _, hi = part.partition("-")
+            n = max(n, int(hi or lo) + 1)
+        return n
+
+
+NR_CPUS = possible_cpus()
+
+
+def obj_get(path: str) -> int:
+    return _check(_lib.bpf_obj_get(path.encode()), f"open pinned {path}")
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    n = ct.c_uint32(ct.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)), "map info")
+    return info
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _check(_lib.bpf_prog_get_fd_by_id(prog_id), f"program id {prog_id}")
+
+
+def test_run(prog_fd: int, packet: bytes, ifindex: int = 0, repeat: int = 1,
+             out_size: Optional[int] = None) -> Tuple[int, bytes, int]:
+    """Run one packet through an XDP program (BPF_PROG_TEST_RUN). Returns (XDP action,
+    output packet, average ns per run). With `ifindex`, the packet arrives on that device
+    of the current network namespace (ctx->ingress_ifindex)."""
+    if len(packet) < 14:
+        raise ValueError(f"packet of {len(packet)} bytes: the kernel needs at least 14")
+    buf_in = ct.create_string_buffer(bytes(packet), len(packet))
+    size_out = out_size or len(packet) + 256
+    buf_out = ct.create_string_buffer(size_out)
+    opts = TestRunOpts(sz=ct.sizeof(TestRunOpts), data_in=ct.cast(buf_in, ct.c_void_p),
+                       data_out=ct.cast(buf_out, ct.c_void_p), data_size_in=len(packet),
+                       data_size_out=size_out, repeat=repeat)
+    ctx = None
+    if ifindex:
+        ctx = XdpMd(data=0, data_end=len(packet), ingress_ifindex=ifindex)
+        opts.ctx_in = ct.cast(ct.pointer(ctx), ct.c_void_p)
+        opts.ctx_size_in = ct.sizeof(ctx)
+    _check(_lib.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
+    return opts.retval, buf_out.raw[:opts.data_size_out], opts.duration
+
+
+class RawMap:
+    """A map by fd: keys and values are bytes. Per-CPU values are the kernel's layout
+    (value size rounded to 8, times the possible CPUs); `per_cpu()` splits them."""
+
+    def __init__(self, fd: int, name: str = "", owned: bool = False):
+        self.fd = fd
+        self.owned = owned
+        info = map_info(fd)
+        self.name = name or info.name.decode()
+        self.type = info.type
+        self.key_size = info.key_size
+        self.value_size = info.value_size
+        self.max_entries = info.max_entries
+        self.id = info.id
+        self.percpu = self.type in PERCPU_TYPES
+        self.slot = (self.value_size + 7) & ~7
+        self.vsize = self.slot * NR_CPUS if self.percpu else self.value_size
+
+    @classmethod
+    def pinned(cls, path: str) -> "RawMap":
+        return cls(obj_get(path), os.path.basename(path), owned=True)
+
+    def close(self):
+        if self.owned and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def per_cpu(self, value: bytes) -> List[bytes]:
+        return [value[i * self.slot:i * self.slot + self.value_size] for i in range(NR_CPUS)]
+
+    # -- single elements ----------------------------------------------------------------
+    def get(self, key: bytes) -> Optional[bytes]:
+        v = ct.create_string_buffer(self.vsize)
+        rc = _lib.bpf_map_lookup_elem(self.fd, key, v)
+        if rc < 0:
+            err = ct.get_errno() if rc == -1 else -rc
+            if err == errno.ENOENT:
+                return None
+            raise BpfError(err, f"{self.name}: lookup: {os.strerror(err)}")
+        return v.raw
+
+    def put(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        self._sizes(key, value)
+        _check(_lib.bpf_map_update_elem(self.fd, key, value, flags), f"{self.name}: update")
+
+    def delete(self, key: bytes) -> bool:
+        rc = _lib.bpf_map_delete_elem(self.fd, key)
+        if rc < 0:
+            err = ct.get_errno() if rc == -1 else -rc
+            if err == errno.ENOENT:
+                return False
+            raise BpfError(err, f"{self.name}: delete: {os.strerror(err)}")
+        return True
+
+    def _sizes(self, key: bytes, value: Optional[bytes] = None):
+        if len(key) != self.key_size or (value is not None and len(value) != self.vsize):
+            raise ValueError(f"{self.name}: key/value of {len(key)}/"
+                             f"{None if value is None else len(value)} bytes, map takes "
+                             f"{self.key_size}/{self.vsize}")
+
+    # -- batches ------------------------------------------------------------------------
+    def update_many(self, items: Sequence[Tuple[bytes, bytes]], chunk: int = 8192) -> None:
+        """Write many entries; batched where the map type has batch operations."""
+        for i in range(0, len(items), chunk):
+            part = items[i:i + chunk]
+            for k, v in part:
+                self._sizes(k, v)
+            if self.type in BATCH_TYPES:
+                keys = b"".join(k for k, _ in part)
+                vals = b"".join(v for _, v in part)
+                n = ct.c_uint32(len(part))
+                rc = _lib.bpf_map_update_batch(self.fd, keys, vals, ct.byref(n), None)
+                if rc >= 0:
+                    continue
+                err = ct.get_errno() if rc == -1 else -rc
+                if err != errno.EINVAL:
+                    raise BpfError(err, f"{self.name}: batch update of {len(part)} entries "
+                                        f"stopped after {n.value}: {os.strerror(err)}")
+            for k, v in part:
+                self.put(k, v)
+
+    def delete_many(self, keys: Sequence[bytes], chunk: int = 8192) -> int:
+        """Delete many keys (missing ones are fine). Returns how many were deleted."""
+        done = 0
+        for i in range(0, len(keys), chunk):
+            part = list(keys[i:i + chunk])
+            if self.type in BATCH_TYPES and self.type not in (2, 6):
+                n = ct.c_uint32(len(part))
+                rc = _lib.bpf_map_delete_batch(self.fd, b"".join(part), ct.byref(n), None)
+                if rc >= 0:
+                    done += n.value
+                    continue
+                # ENOENT stops the batch at the first missing key: finish one by one.
+                done += n.value
+                part = part[n.value:]
+            for k in part:
+                done += self.delete(k)
+        return done
+
+    def items(self, chunk: int = 4096) -> Iterator[Tuple[bytes, bytes]]:
+        """Every entry, read in batches where the map type allows it."""
+        if self.type in BATCH_TYPES:
+            yield from self._items_batch(chunk)
+        else:
+            yield from self._items_iter()
+
+    def keys(self) -> Iterator[bytes]:
+        for k, _ in self.items():
+            yield k
+
+    def _items_batch(self, chunk: int) -> Iterator[Tuple[bytes, bytes]]:
+        ks, vs = self.key_size, self.vsize
+        keys = ct.create_string_buffer(ks * chunk)
+        vals = ct.create_string_buffer(vs * chunk)
+        tok_in = ct.create_string_buffer(max(8, ks))
+        tok_out = ct.create_string_buffer(max(8, ks))
+        first = True
+        while True:
+            n = ct.c_uint32(chunk)
+            rc = _lib.bpf_map_lookup_batch(self.fd, None if first else tok_in, tok_out, keys,
+                                           vals, ct.byref(n), None)
+            err = 0
+            if rc < 0:
+                err = ct.get_errno() if rc == -1 else -rc
+                if err not in (errno.ENOENT,):
+                    if err == errno.ENOSPC and chunk < 1 << 16:
+                        # a hash bucket holds more than `chunk` entries: retry bigger
+                        yield from self._items_batch(chunk * 4) if first else self._items_iter()
+                        return
+                    raise BpfError(err, f"{self.name}: batch lookup: {os.strerror(err)}")
+            kr, vr = keys.raw, vals.raw
+            for i in range(n.value):
+                yield kr[i * ks:(i + 1) * ks], vr[i * vs:(i + 1) * vs]
+            if err == errno.ENOENT:
+                return
+            ct.memmove(tok_in, tok_out, len(tok_out.raw))
+            first = False
+
+    def _items_iter(self) -> Iterator[Tuple[bytes, bytes]]:
+        key = None
+        nxt = ct.create_string_buffer(self.key_size)
+        while True:
+            rc = _lib.bpf_map_get_next_key(self.fd, key, nxt)
+            if rc < 0:
+                return
+            key = nxt.raw
+            v = self.get(key)
+            if v is not None:
+                yield key, v
+            nxt = ct.create_string_buffer(self.key_size)
+
+    def count(self) -> int:
+        return sum(1 for _ in self.items())

@@ -1,0 +1,455 @@
+"""The one command table: every command the agent's control API serves, with its help,
+examples, arguments and the controller call it maps to.
+
+The API server dispatches from it and `xdpflowctl` builds its argparse parsers and help
+from it, so a command cannot exist on one side only. Arguments are named in the field's own
+words and are the keys of the request's `args` on the wire.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from agent import model
+
+
+_JSON_TYPE = {"str": "string", "int": "integer", "flag": "boolean", "object": "object"}
+
+
+class BadArgs(Exception):
+    """The request's arguments do not fit the command's spec (the API's "bad-request").
+
+    Distinct from model.Invalid: these are shapes no CLI would send (a missing or unknown
+    argument, a list where a string goes), while Invalid is a value the user typed wrong."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a command.
+
+    `flags` empty means positional. `kind` is the JSON type on the wire: "str", "int",
+    "flag" (a boolean switch), "object" (a JSON table). `wire=False` arguments exist only in
+    the CLI, which turns them into wire arguments before sending (a TOML file becomes
+    `state`, a Scapy expression becomes `hex`); `cli=False` ones exist only on the wire."""
+    name: str
+    help: str
+    flags: Tuple[str, ...] = ()
+    kind: str = "str"
+    required: bool = False
+    choices: Optional[Tuple[str, ...]] = None
+    metavar: Optional[str] = None
+    default: Any = None
+    wire: bool = True
+    cli: bool = True
+
+    @property
+    def positional(self) -> bool:
+        return not self.flags
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: `name` as typed ("rule add"), whether it changes state (then only root
+    or the admin group may run it), a one-line help, examples for the CLI's epilog, its
+    arguments, groups of arguments of which exactly one (`required`) or at most one must be
+    given, and `run(controller, args)`, the controller call with checked arguments."""
+    name: str
+    mutating: bool
+    help: str
+    examples: str
+    run: Callable[[Any, Dict[str, Any]], Any]
+    args: Tuple[Arg, ...] = ()
+    exclusive: Tuple[Tuple[Tuple[str, ...], bool], ...] = ()
+    description: str = ""
+
+    def changes_state(self, args: Dict[str, Any]) -> bool:
+        # A dry run shows what would change and changes nothing, so anyone who may read
+        # the state may ask for one.
+        if self.name == "apply" and isinstance(args, dict) and args.get("dry_run") is True:
+            return False
+        return self.mutating
+
+    def wire_args(self) -> List[Arg]:
+        return [a for a in self.args if a.wire]
+
+    def check_args(self, args: Any) -> Dict[str, Any]:
+        """The request's args, checked against the spec, with defaults filled in."""
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise BadArgs(f"{self.name}: args must be a JSON object")
+        spec = {a.name: a for a in self.wire_args()}
+        unknown = sorted(set(args) - set(spec))
+        if unknown:
+            raise BadArgs(f"{self.name}: unknown argument(s) {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(spec)) or 'none'})")
+        out: Dict[str, Any] = {}
+        for a in spec.values():
+            v = args.get(a.name)
+            if v is None:
+                if a.required:
+                    raise BadArgs(f"{self.name}: argument {a.name} is required")
+                out[a.name] = False if a.kind == "flag" else a.default
+                continue
+            ok = {
+                "str": lambda x: isinstance(x, str),
+                # model.parse_int turns digit strings into ints and names the field when it
+                # is out of range; only the JSON type is checked here.
+                "int": lambda x: isinstance(x, (int, str)) and not isinstance(x, bool),
+                "flag": lambda x: isinstance(x, bool),
+                "object": lambda x: isinstance(x, dict),
+            }[a.kind](v)
+            if not ok:
+                raise BadArgs(f"{self.name}: argument {a.name} must be a JSON "
+                              f"{_JSON_TYPE[a.kind]}")
+            if a.choices is not None and v not in a.choices:
+                raise model.Invalid(f"{self.name}: {a.name}",
+                                    f"{v!r} is not one of {', '.join(a.choices)}")
+            out[a.name] = v
+        for names, required in self.exclusive:
+            names = [n for n in names if n in spec]
+            given = [n for n in names if out.get(n) not in (None, False)]
+            if len(given) > 1:
+                raise BadArgs(f"{self.name}: {' and '.join(given)} exclude each other")
+            if required and not given:
+                raise BadArgs(f"{self.name}: one of {', '.join(names)} is required")
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Controller calls. Each gets the controller and args checked by Command.check_args.
+
+def _only(args: Dict[str, Any], *names: str) -> Dict[str, Any]:
+    """The named args that were given, as the model's from_dict takes them."""
+    return {n: args[n] for n in names if args.get(n) is not None}
+
+
+def _list(kind: str, by_tenant: bool = True):
+    def run(c, args):
+        return c.list(kind, args.get("tenant") if by_tenant else None)
+    return run
+
+
+def _add(kind: str, *fields: str):
+    def run(c, args):
+        return c.add(kind, _only(args, *fields))
+    return run
+
+
+def _tenant_ident(args):
+    return [model.parse_name(args["name"], "tenant: name")]
+
+
+def _port_ident(args):
+    return [model.parse_ifname(args["name"], "port: name")]
+
+
+def _endpoint_ident(args):
+    # The stored identity is the canonical text of the address ("2001:db8::5"); users may
+    # type any spelling of it.
+    return [model.parse_name(args["tenant"], "endpoint: tenant"),
+            str(model.parse_ip(args["ip"], "endpoint: ip"))]
+
+
+def _route_prefix(value: str, where: str) -> str:
+    return str(model.parse_prefix("0.0.0.0/0" if value == "default" else value, where))
+
+
+def _route_ident(args):
+    return [model.parse_name(args["tenant"], "route: tenant"),
+            _route_prefix(args["prefix"], "route: prefix")]
+
+
+def _rule_ident(args):
+    return [model.parse_int(args["id"], "rule: id", 1, model.MAX_RULE_ID)]
+
+
+def _delete(kind: str, ident_of):
+    def run(c, args):
+        ident = ident_of(args)
+        c.delete(kind, ident)
+        return {"deleted": kind[:-1], "identity": ident}
+    return run
+
+
+def _route_add(c, args):
+    obj = _only(args, "tenant", "prefix")
+    if args.get("via") is not None:
+        obj.update(action="via", via=args["via"])
+    elif args.get("kernel"):
+        obj["action"] = "kernel"
+    else:
+        obj["action"] = "drop"
+    return c.add("routes", obj)
+
+
+def next_rule_id(rules: List[Dict[str, Any]]) -> int:
+    """The smallest id > 0 that no rule uses, so ids stay small and reuse freed ones."""
+    used = {r.get("id") for r in rules}
+    n = 1
+    while n in used:
+        n += 1
+    return n
+
+
+RULE_FIELDS = ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
+               "icmp_type", "icmp_code", "in_port", "comment")
+
+
+def _rule_add(c, args):
+    obj = _only(args, *RULE_FIELDS)
+    if "id" not in obj:
+        # Rule ids are global across tenants (identity is the id alone), so the free one is
+        # searched among all rules. The API server holds the controller lock around the whole
+        # dispatch, so nothing can take this id between the list and the add.
+        obj["id"] = next_rule_id(c.list("rules", None))
+    return c.add("rules", obj)
+
+
+def _apply(c, args):
+    return c.apply(args["state"], bool(args.get("dry_run")))
+
+
+def _flow_dump(c, args):
+    limit = model.parse_int(args.get("limit"), "flow dump: limit", 1, 10_000_000)
+    return c.flow_dump(args.get("tenant"), limit)
+
+
+def _flow_flush(c, args):
+    return {"flushed": c.flow_flush(args.get("tenant"))}
+
+
+_HEX_JUNK = re.compile(r"[\s:.-]")
+
+
+def parse_hex(value: str, where: str = "trace: hex") -> bytes:
+    """Packet bytes from hex; spaces, ':' '.' '-' separators and a 0x prefix are allowed,
+    so the output of most hex dumpers can be pasted."""
+    text = _HEX_JUNK.sub("", value)
+    if text[:2].lower() == "0x":
+        text = text[2:]
+    try:
+        data = bytes.fromhex(text)
+    except ValueError:
+        raise model.Invalid(where, "is not hex (pairs of 0-9a-f)") from None
+    if len(data) < 14:
+        raise model.Invalid(where, f"{len(data)} bytes is shorter than an Ethernet header")
+    return data
+
+
+def _trace(c, args):
+    port = model.parse_ifname(args["port"], "trace: port")
+    return c.trace(port, parse_hex(args["hex"]))
+
+
+# ---------------------------------------------------------------------------------------
+# Argument specs shared by several commands, in the field's own words.
+
+def _tenant_opt(required: bool, help: str = "the tenant (VPC) by name") -> Arg:
+    return Arg("tenant", help, flags=("--tenant", "-t"), required=required, metavar="TENANT")
+
+
+_TENANT_FILTER = _tenant_opt(False, "only this tenant's")
+
+COMMANDS: Dict[str, Command] = {}
+
+
+def _cmd(*args, **kw) -> Command:
+    c = Command(*args, **kw)
+    COMMANDS[c.name] = c
+    return c
+
+
+_cmd("status", False, "show the agent's state: version, uptime, ports attached, flows",
+     "  xdpflowctl status\n  xdpflowctl --json status",
+     lambda c, a: c.status())
+
+# -- tenants --
+_cmd("tenant add", True, "add a tenant (a VPC; its id is in every datapath key)",
+     "  xdpflowctl tenant add blue --id 10\n"
+     "  xdpflowctl tenant add red --id 20 --vni 5020 --default pass",
+     _add("tenants", "name", "id", "vni", "default"),
+     args=(Arg("name", "the tenant's name", metavar="NAME", required=True),
+           Arg("id", f"tenant id, 1..{model.MAX_TENANT_ID}", flags=("--id",), kind="int",
+               required=True, metavar="ID"),
+           Arg("vni", f"VXLAN VNI between nodes, 1..{model.MAX_VNI}", flags=("--vni",),
+               kind="int", metavar="VNI"),
+           Arg("default", "verdict for traffic no rule allows: drop (the cloud default) "
+                          "or pass to the kernel", flags=("--default",),
+               choices=model.VERDICTS)))
+_cmd("tenant del", True, "delete a tenant (refused while ports, endpoints, routes or rules "
+                         "still refer to it)",
+     "  xdpflowctl tenant del blue",
+     _delete("tenants", _tenant_ident),
+     args=(Arg("name", "the tenant's name", metavar="NAME", required=True),))
+_cmd("tenant list", False, "list tenants",
+     "  xdpflowctl tenant list",
+     _list("tenants", by_tenant=False))
+
+# -- ports --
+_cmd("port add", True, "put a node interface (a VM's veth or tap) in a tenant",
+     "  xdpflowctl port add veth-vm1 --tenant blue",
+     _add("ports", "name", "tenant"),
+     args=(Arg("name", "interface name", metavar="IFNAME", required=True),
+           _tenant_opt(True)))
+_cmd("port del", True, "take an interface out of its tenant",
+     "  xdpflowctl port del veth-vm1",
+     _delete("ports", _port_ident),
+     args=(Arg("name", "interface name", metavar="IFNAME", required=True),))
+_cmd("port list", False, "list ports",
+     "  xdpflowctl port list\n  xdpflowctl port list --tenant blue",
+     _list("ports"), args=(_TENANT_FILTER,))
+
+# -- endpoints --
+_cmd("endpoint add", True, "say where a tenant address lives: behind a local port, with "
+                           "its MAC",
+     "  xdpflowctl endpoint add --tenant blue 10.0.0.5 --port veth-vm1 "
+     "--mac 02:00:00:00:00:05",
+     _add("endpoints", "tenant", "ip", "port", "mac"),
+     args=(_tenant_opt(True),
+           Arg("ip", "the endpoint's address (IPv4 or IPv6)", metavar="IP", required=True),
+           Arg("port", "the local port it lives behind", flags=("--port",), required=True,
+               metavar="IFNAME"),
+           Arg("mac", "its MAC address", flags=("--mac",), required=True, metavar="MAC")))
+_cmd("endpoint del", True, "forget a tenant address",
+     "  xdpflowctl endpoint del --tenant blue 10.0.0.5",
+     _delete("endpoints", _endpoint_ident),
+     args=(_tenant_opt(True),
+           Arg("ip", "the endpoint's address", metavar="IP", required=True)))
+_cmd("endpoint list", False, "list endpoints",
+     "  xdpflowctl endpoint list --tenant blue",
+     _list("endpoints"), args=(_TENANT_FILTER,))
+
+# -- routes --
+_cmd("route add", True, "add a tenant route: a prefix via one of the tenant's endpoints, "
+                        "to the node's kernel, or dropped",
+     "  xdpflowctl route add --tenant blue 0.0.0.0/0 --via 10.0.0.254\n"
+     "  xdpflowctl route add --tenant blue 192.168.0.0/16 --kernel\n"
+     "  xdpflowctl route add --tenant blue 10.9.0.0/16 --drop",
+     _route_add,
+     args=(_tenant_opt(True),
+           Arg("prefix", "destination prefix (address/length, or 'default')",
+               metavar="PREFIX", required=True),
+           Arg("via", "next hop: an endpoint address of the same tenant", flags=("--via",),
+               metavar="IP"),
+           Arg("kernel", "hand matching traffic to the node's kernel", flags=("--kernel",),
+               kind="flag"),
+           Arg("drop", "drop matching traffic (a blackhole route)", flags=("--drop",),
+               kind="flag")),
+     exclusive=((("via", "kernel", "drop"), True),))
+_cmd("route del", True, "delete a tenant route",
+     "  xdpflowctl route del --tenant blue 0.0.0.0/0",
+     _delete("routes", _route_ident),
+     args=(_tenant_opt(True),
+           Arg("prefix", "destination prefix", metavar="PREFIX", required=True)))
+_cmd("route list", False, "list routes",
+     "  xdpflowctl route list --tenant blue",
+     _list("routes"), args=(_TENANT_FILTER,))
+
+# -- rules --
+_cmd("rule add", True, "add a security rule; the highest priority number wins (at equal "
+                       "priority, the lower id)",
+     "  xdpflowctl rule add --tenant blue --priority 100 --proto tcp --dport 22 "
+     "--action allow\n"
+     "  xdpflowctl rule add --tenant blue --priority 200 --src 10.0.0.0/24 --proto icmp "
+     "--icmp-type 8 --action allow --comment 'ping from the subnet'\n"
+     "  xdpflowctl rule add --tenant blue --priority 10 --id 99 --action deny",
+     _rule_add,
+     description="A packet no rule matches gets the tenant's default verdict. The highest "
+                 "priority number wins; at equal priority the lower id wins. 'allow' is "
+                 "stateful: replies of an allowed flow pass without a rule. Without --id the "
+                 "agent picks the smallest unused id.",
+     args=(_tenant_opt(True),
+           Arg("priority", f"0..{model.MAX_PRIORITY}; the highest number wins",
+               flags=("--priority", "-p"), kind="int", required=True, metavar="N"),
+           Arg("id", "stable rule id (default: the smallest unused one)", flags=("--id",),
+               kind="int", metavar="N"),
+           Arg("src", "source prefix (default any)", flags=("--src",), metavar="PREFIX"),
+           Arg("dst", "destination prefix (default any)", flags=("--dst",),
+               metavar="PREFIX"),
+           Arg("proto", "tcp, udp, icmp, icmpv6 or a protocol number (default any)",
+               flags=("--proto",), metavar="PROTO"),
+           Arg("sport", "source port or range LO-HI (tcp/udp)", flags=("--sport",),
+               metavar="RANGE"),
+           Arg("dport", "destination port or range LO-HI (tcp/udp)", flags=("--dport",),
+               metavar="RANGE"),
+           Arg("icmp_type", "ICMP type (icmp/icmpv6)", flags=("--icmp-type",), kind="int",
+               metavar="T"),
+           Arg("icmp_code", "ICMP code (with --icmp-type)", flags=("--icmp-code",),
+               kind="int", metavar="C"),
+           Arg("in_port", "only packets that came in on this port", flags=("--in-port",),
+               metavar="IFNAME"),
+           Arg("action", "allow (stateful), deny, or pass to the kernel",
+               flags=("--action", "-a"), required=True, choices=model.RULE_ACTIONS),
+           Arg("comment", "free text, up to 256 characters", flags=("--comment",),
+               metavar="TEXT")))
+_cmd("rule del", True, "delete a security rule by id",
+     "  xdpflowctl rule del 12",
+     _delete("rules", _rule_ident),
+     args=(Arg("id", "the rule's id", kind="int", metavar="ID", required=True),))
+_cmd("rule list", False, "list security rules",
+     "  xdpflowctl rule list --tenant blue",
+     _list("rules"), args=(_TENANT_FILTER,))
+
+# -- the whole state --
+_cmd("apply", True, "make a whole desired state (TOML) the agent's, atomically, and show "
+                    "the difference",
+     "  xdpflowctl apply node.toml --dry-run\n  xdpflowctl apply node.toml",
+     _apply,
+     description="FILE is TOML with arrays of tables [[tenants]], [[ports]], [[endpoints]], "
+                 "[[routes]], [[rules]], the fields as the add commands name them. Everything "
+                 "not in FILE is removed. Either all of it is applied or none.",
+     args=(Arg("file", "desired state, TOML ('-' for stdin)", metavar="FILE", required=True,
+               wire=False),
+           Arg("state", "desired state as tenants/ports/endpoints/routes/rules lists",
+               kind="object", required=True, cli=False),
+           Arg("dry_run", "show what would change, change nothing", flags=("--dry-run", "-n"),
+               kind="flag")))
+
+# -- flows --
+_cmd("flow dump", False, "show flow table entries",
+     "  xdpflowctl flow dump\n  xdpflowctl flow dump --tenant blue --limit 20",
+     _flow_dump,
+     args=(_TENANT_FILTER,
+           Arg("limit", "at most this many flows (default 1000)", flags=("--limit",),
+               kind="int", default=1000, metavar="N")))
+_cmd("flow flush", True, "empty the flow table (a pure cache: the next packets are "
+                         "classified again)",
+     "  xdpflowctl flow flush\n  xdpflowctl flow flush --tenant blue",
+     _flow_flush, args=(_TENANT_FILTER,))
+
+_cmd("stats", False, "show counters per tenant, port, verdict and reason, and flow table use",
+     "  xdpflowctl stats\n  xdpflowctl --json stats",
+     lambda c, a: c.stats())
+
+_cmd("trace", False, "run one packet through the loaded datapath without sending it",
+     "  xdpflowctl trace --port veth-vm1 --hex 020000000005020000000006080045...\n"
+     "  xdpflowctl trace --port veth-vm1 --scapy "
+     "\"Ether(src='02:00:00:00:00:05')/IP(src='10.0.0.5', dst='10.0.0.6')/TCP(dport=22)\"",
+     _trace,
+     description="Prints the verdict, tenant, matched rule, output port, whether the flow "
+                 "table hit, the reason, and the output packet. --scapy evaluates a Scapy "
+                 "expression with only Scapy's layers in scope (no builtins).",
+     args=(Arg("port", "the ingress port the packet arrives on", flags=("--port",),
+               required=True, metavar="IFNAME"),
+           Arg("hex", "the packet as hex bytes, from the Ethernet header on", flags=("--hex",),
+               metavar="HEX"),
+           Arg("scapy", "the packet as a Scapy expression", flags=("--scapy",),
+               metavar="EXPR", wire=False)),
+     exclusive=((("hex", "scapy"), True),))
+
+
+def get(name: str) -> Optional[Command]:
+    return COMMANDS.get(name)
+
+
+def dispatch(controller, name: str, args: Any) -> Any:
+    """Check `args` against command `name`'s spec and make its controller call.
+
+    Raises BadArgs for an unknown command or args that do not fit, model.Invalid /
+    model.Conflict from the model or the controller. The caller serializes calls."""
+    cmd = COMMANDS.get(name) if isinstance(name, str) else None
+    if cmd is None:
+        raise BadArgs(f"unknown command {name!r}")
+    return cmd.run(controller, cmd.check_args(args))

@@ -1,0 +1,240 @@
+"""Model -> datapath map entries. Pure Python, no BPF: rules become tuple-space masks and
+exact-match entries (port ranges as prefixes), endpoints and routes become keys and values
+of their maps. The output is bytes, ready for the map layer to diff and write in batches."""
+from __future__ import annotations
+
+import ctypes as ct
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from . import abi, model
+
+FULL16 = 0xFFFF
+
+
+class CompileError(model.Conflict):
+    """The state is well-formed but the datapath cannot hold it (e.g. too many masks)."""
+
+
+@dataclass(frozen=True)
+class PortLink:
+    """What the node knows about a port's interface: the agent's links layer fills it."""
+    name: str
+    ifindex: int
+    mac: str
+    slot: int
+    addrs: Tuple[str, ...] = ()   # addresses configured on it: the node's own, in-tenant
+
+
+def range_to_prefixes(lo: int, hi: int, bits: int = 16) -> List[Tuple[int, int]]:
+    """Cover [lo, hi] with the fewest (value, mask) prefixes of a `bits`-wide field."""
+    full = (1 << bits) - 1
+    out = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << bits
+        while lo + size - 1 > hi:
+            size >>= 1
+        out.append((lo, full ^ (size - 1)))
+        lo += size
+    return out
+
+
+def prefix_mask(net: model.IPNet) -> Tuple[bytes, bytes]:
+    """(address, mask), 16 bytes each, in the IPv4-mapped space of the datapath keys."""
+    if net.version == 6 and net.prefixlen == 0:
+        return b"\0" * 16, b"\0" * 16             # any address, either family
+    bits = net.prefixlen + (96 if net.version == 4 else 0)
+    mask = ((1 << 128) - 1) ^ ((1 << (128 - bits)) - 1)
+    return abi.addr16(net.network_address), mask.to_bytes(16, "big")
+
+
+def _and(a: bytes, m: bytes) -> bytes:
+    return bytes(x & y for x, y in zip(a, m))
+
+
+MaskTuple = Tuple[bytes, bytes, int, int, int, int]       # src, dst, sport, dport, proto, in_port
+
+
+@dataclass
+class Classifier:
+    """One tenant's tuple space, independent of generation: masks highest-ranked first,
+    and entries keyed by (mask index, masked tuple)."""
+    masks: List[Tuple[MaskTuple, int]] = field(default_factory=list)   # (mask, max_rank)
+    entries: Dict[Tuple, Tuple[int, int, int]] = field(default_factory=dict)
+    # entry key: (mask_idx, proto, in_port, src, dst, sport, dport) -> (rank, rule_id, action)
+
+    def fingerprint(self) -> bytes:
+        h = hashlib.sha256()
+        for m, r in self.masks:
+            h.update(repr((m, r)).encode())
+        for k in sorted(self.entries):
+            h.update(repr((k, self.entries[k])).encode())
+        return h.digest()
+
+    def mask_set(self, max_masks: int):
+        ms = abi.mask_set_type(max_masks)()
+        ms.count = len(self.masks)
+        for i, ((src, dst, sp, dp, proto, inp), rank) in enumerate(self.masks):
+            m = ms.masks[i]
+            abi.set_addr(m.src, src)
+            abi.set_addr(m.dst, dst)
+            m.sport, m.dport, m.proto, m.in_port, m.max_rank = sp, dp, proto, inp, rank
+        return ms
+
+    def rule_items(self, tenant_id: int, generation: int) -> Iterable[Tuple[bytes, bytes]]:
+        for (idx, proto, inp, src, dst, sp, dp), (rank, rid, action) in self.entries.items():
+            k = abi.RuleKey(generation=generation, tenant=tenant_id, mask_idx=idx, proto=proto,
+                            in_port=inp, sport=sp, dport=dp)
+            abi.set_addr(k.src, src)
+            abi.set_addr(k.dst, dst)
+            yield bytes(k), bytes(abi.Rule(rank=rank, rule_id=rid, action=action))
+
+
+def rank_rules(rules: Sequence[model.Rule]) -> Dict[int, int]:
+    """rule id -> rank: unique, higher wins; the highest priority first, then the lower id."""
+    order = sorted(rules, key=lambda r: (-r.priority, r.id))
+    return {r.id: len(order) - i for i, r in enumerate(order)}
+
+
+def compile_rules(tenant: str, rules: Sequence[model.Rule], slots: Dict[str, int],
+                  max_masks: int) -> Classifier:
+    ranks = rank_rules(rules)
+    by_mask: Dict[MaskTuple, Dict[Tuple, Tuple[int, int, int]]] = {}
+    for r in rules:
+        src, srcm = prefix_mask(r.src)
+        dst, dstm = prefix_mask(r.dst)
+        proto, protom = (r.proto, 0xFF) if r.proto else (0, 0)
+        if r.in_port is not None:
+            inp, inpm = slots[r.in_port], FULL16
+        else:
+            inp, inpm = 0, 0
+        if r.proto in (1, 58):
+            sports = [(0, 0)]
+            if r.icmp_type is None:
+                dports = [(0, 0)]
+            elif r.icmp_code is None:
+                dports = [(r.icmp_type << 8, 0xFF00)]
+            else:
+                dports = [((r.icmp_type << 8) | r.icmp_code, FULL16)]
+        elif r.proto in (6, 17):
+            sports = range_to_prefixes(*r.sport) if r.sport != (0, 65535) else [(0, 0)]
+            dports = range_to_prefixes(*r.dport) if r.dport != (0, 65535) else [(0, 0)]
+        else:
+            sports = dports = [(0, 0)]
+        value = (ranks[r.id], r.id, abi.RULE_ACTIONS[r.action])
+        for sp, spm in sports:
+            for dp, dpm in dports:
+                mask = (srcm, dstm, spm, dpm, protom, inpm)
+                key = (proto & protom, inp & inpm, _and(src, srcm), _and(dst, dstm),
+                       sp & spm, dp & dpm)
+                entries = by_mask.setdefault(mask, {})
+                old = entries.get(key)
+                # Same masked key: every packet matching one matches the other; keep the
+                # one that would win.
+                if old is None or old[0] < value[0]:
+                    entries[key] = value
+    if len(by_mask) > max_masks:
+        raise CompileError(
+            f"tenant {tenant}",
+            f"its rules need {len(by_mask)} distinct masks (prefix lengths x port-range "
+            f"prefixes x protocol x in_port); the datapath holds {max_masks} per tenant "
+            f"(datapath.max_masks). Share prefix lengths or port ranges between rules.")
+    masks = sorted(((m, max(v[0] for v in ents.values())) for m, ents in by_mask.items()),
+                   key=lambda mr: (-mr[1], mr[0]))
+    cls = Classifier(masks=masks)
+    for idx, (m, _) in enumerate(masks):
+        for (proto, inp, src, dst, sp, dp), v in by_mask[m].items():
+            cls.entries[(idx, proto, inp, src, dst, sp, dp)] = v
+    return cls
+
+
+@dataclass
+class Image:
+    """Everything the datapath's configuration maps should hold (flows and counters are
+    the datapath's own). Keys and values are the bytes of the abi structs."""
+    ports: Dict[bytes, bytes] = field(default_factory=dict)
+    endpoints: Dict[bytes, bytes] = field(default_factory=dict)
+    routes: Dict[bytes, bytes] = field(default_factory=dict)
+    tenants: Dict[int, "TenantImage"] = field(default_factory=dict)
+
+
+@dataclass
+class TenantImage:
+    id: int
+    name: str
+    default_verdict: int
+    vni: int
+    classifier: Classifier
+    # Changes of anything a cached flow flattened (rules, endpoints, routes, ports) change
+    # this, and so make the agent flip the tenant's generation.
+    fingerprint: bytes = b""
+
+
+def compile_state(state: model.State, links: Dict[str, PortLink],
+                  max_masks: int = abi.DEFAULT_MAX_MASKS) -> Image:
+    """The whole image. Ports without a live interface (not in `links`) are left out, and
+    so are endpoints behind them: nothing can be sent there yet."""
+    state.validate()
+    img = Image()
+    tenants = {t.name: t for t in state.tenants}
+    slots = {name: link.slot for name, link in links.items()}
+    per_tenant_fp = {t.name: hashlib.sha256() for t in state.tenants}
+
+    for p in state.sorted("ports"):
+        link = links.get(p.name)
+        if link is None:
+            continue
+        t = tenants[p.tenant]
+        v = abi.Port(tenant=t.id, slot=link.slot, flags=0)
+        ct.memmove(v.mac, abi.mac_bytes(link.mac), 6)
+        img.ports[bytes(ct.c_uint32(link.ifindex))] = bytes(v)
+        per_tenant_fp[p.tenant].update(repr(("port", p.name, link.ifindex, link.mac,
+                                             link.slot)).encode())
+        # The node's own addresses on a tenant port: traffic to them is the kernel's.
+        for a in link.addrs:
+            ip = ipaddress.ip_address(a)
+            k = abi.EpKey(tenant=t.id)
+            abi.set_addr(k.addr, ip)
+            img.endpoints[bytes(k)] = bytes(abi.Endpoint(ifindex=link.ifindex, port=link.slot,
+                                                         flags=abi.EP_LOCAL))
+            per_tenant_fp[p.tenant].update(repr(("local", a)).encode())
+
+    for e in state.sorted("endpoints"):
+        link = links.get(e.port)
+        if link is None:
+            continue
+        t = tenants[e.tenant]
+        k = abi.EpKey(tenant=t.id)
+        abi.set_addr(k.addr, e.ip)
+        v = abi.Endpoint(ifindex=link.ifindex, port=link.slot, flags=0)
+        ct.memmove(v.mac, abi.mac_bytes(e.mac), 6)
+        ct.memmove(v.port_mac, abi.mac_bytes(link.mac), 6)
+        img.endpoints[bytes(k)] = bytes(v)
+        per_tenant_fp[e.tenant].update(repr(("ep", str(e.ip), e.port, e.mac)).encode())
+
+    for r in state.sorted("routes"):
+        t = tenants[r.tenant]
+        bits = r.prefix.prefixlen + (96 if r.prefix.version == 4 else 0)
+        k = abi.RouteKey(prefixlen=32 + bits, tenant=t.id)
+        abi.set_addr(k.addr, r.prefix.network_address)
+        v = abi.Route(action=abi.ROUTE_ACTIONS[r.action])
+        if r.via is not None:
+            abi.set_addr(v.via, r.via)
+        img.routes[bytes(k)] = bytes(v)
+        per_tenant_fp[r.tenant].update(repr(("route", str(r.prefix), r.action,
+                                             str(r.via))).encode())
+
+    rules_by_tenant: Dict[str, List[model.Rule]] = {t.name: [] for t in state.tenants}
+    for r in state.rules:
+        rules_by_tenant[r.tenant].append(r)
+    for t in state.tenants:
+        cls = compile_rules(t.name, rules_by_tenant[t.name], slots, max_masks)
+        fp = per_tenant_fp[t.name]
+        fp.update(cls.fingerprint())
+        img.tenants[t.id] = TenantImage(
+            id=t.id, name=t.name,
+            default_verdict=abi.V_PASS if t.default == "pass" else abi.V_DROP,
+            vni=t.vni or 0, classifier=cls, fingerprint=fp.digest())
+    return img

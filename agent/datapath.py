@@ -1,0 +1,377 @@
+"""The datapath as the agent sees it: build the XDP program with BCC (sizes as -D flags),
+keep its maps pinned and checked, write the compiled image into them with generation
+flips, read counters and flows, and run packets through it (BPF_PROG_TEST_RUN)."""
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Set, Tuple
+
+from . import abi, bpfsys, compiler
+from .bpfsys import RawMap
+
+log = logging.getLogger("xdpflow.datapath")
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+PROGRAM = "xdpflow_port"
+META_SLOTS = 16
+MAP_ORDER = list(abi.MAPS)            # index in xf_meta
+# Maps whose contents the agent can always rebuild from its store; the rest (flows,
+# counters) are state the datapath made and are migrated when only their size changed.
+REBUILT_FROM_STORE = {"xf_ports", "xf_tenants", "xf_masks", "xf_rules", "xf_endpoints",
+                      "xf_routes", "xf_meta"}
+DEFAULT_DEFINES = {"XF_FLOW_TABLE_SIZE": 1000000, "XF_MAX_RULE_ENTRIES": 262144,
+                   "XF_MAX_MASKS": 32, "XF_MAX_ENDPOINTS": 65536, "XF_MAX_ROUTES": 16384,
+                   "XF_MAX_PORTS": 1024}
+
+
+def ensure_bpffs(path: str = "/sys/fs/bpf") -> bool:
+    """Mount bpffs when it is missing (a fresh machine has none). Returns True if mounted."""
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[1] == path and line.split()[2] == "bpf" for line in f):
+            return False
+    os.makedirs(path, exist_ok=True)
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", path.encode(), b"bpf", 0, None) != 0:
+        err = ct.get_errno()
+        raise OSError(err, f"mount bpffs on {path}: {os.strerror(err)}")
+    return True
+
+
+@dataclass
+class PinStatus:
+    name: str
+    action: str        # create | reuse | migrate | rebuild
+    detail: str = ""
+
+
+class Datapath:
+    def __init__(self, pin_dir: str, defines: Optional[Dict[str, int]] = None):
+        self.pin_dir = pin_dir.rstrip("/")
+        self.defines = dict(DEFAULT_DEFINES)
+        self.defines.update(defines or {})
+        self.max_masks = self.defines["XF_MAX_MASKS"]
+        self.bpf = None
+        self.trace_bpf = None
+        self.prog_fd = -1
+        self.trace_fd = -1
+        self.maps: Dict[str, RawMap] = {}
+        self.pin_report: List[PinStatus] = []
+        # What the configuration maps hold (read once at load, then kept in step).
+        self._mirror: Dict[str, Dict[bytes, bytes]] = {}
+        self._gens: Dict[int, int] = {}                       # tenant id -> generation
+        self._rules: Dict[Tuple[int, int], Dict[bytes, bytes]] = {}   # (tid, gen) -> entries
+        self._masks: Dict[Tuple[int, int], bytes] = {}
+        self._tenant_vals: Dict[int, bytes] = {}
+
+    # -- build and load ----------------------------------------------------------------
+    def cflags(self, trace: bool = False) -> List[str]:
+        flags = [f"-I{BPF_DIR}", f'-DXF_PIN_DIR="{self.pin_dir}"', "-Wno-unused-function"]
+        flags += [f"-D{k}={v}" for k, v in sorted(self.defines.items())]
+        if trace:
+            flags.append("-DXF_TRACE")
+        return flags
+
+    def check_pins(self) -> List[PinStatus]:
+        """What loading would do with each pinned map: reuse it, create it, migrate its
+        entries into a resized map, or rebuild it (layout changed)."""
+        metas = self._read_meta()
+        out = []
+        for i, name in enumerate(MAP_ORDER):
+            path = f"{self.pin_dir}/{name}"
+            if not os.path.exists(path):
+                out.append(PinStatus(name, "create"))
+                continue
+            m = RawMap.pinned(path)
+            try:
+                mtype, ks, vs, size = abi.map_spec(name, self.defines)
+                want_layout = abi.layout_hash(name, {**self.defines, **{"_": 0}})
+                have_layout = metas[i] if metas is not None else None
+                same_shape = (m.type, m.key_size, m.value_size) == (mtype, ks, vs)
+                if not same_shape:
+                    out.append(PinStatus(name, "rebuild",
+                                         f"pinned type/key/value {m.type}/{m.key_size}/"
+                                         f"{m.value_size}, program wants {mtype}/{ks}/{vs}"))
+                elif have_layout is not None and have_layout != self._layout(name):
+                    out.append(PinStatus(name, "rebuild", "field layout changed"))
+                elif m.max_entries != size:
+                    out.append(PinStatus(name, "migrate",
+                                         f"size {m.max_entries} -> {size}"))
+                else:
+                    out.append(PinStatus(name, "reuse"))
+                del want_layout
+            finally:
+                m.close()
+        return out
+
+    def _layout(self, name: str) -> int:
+        # The layout fingerprint without the size: a resize is a migration, not a rebuild.
+        d = dict(self.defines)
+        size_key = abi.MAPS[name][3]
+        if isinstance(size_key, str):
+            d[size_key] = 0
+        mtype, k, v, _ = abi.MAPS[name]
+        if v is None:
+            v = abi.mask_set_type(self.max_masks)
+        return abi.layout_hash(name, d) if not isinstance(size_key, str) else \
+            int.from_bytes(abi.layout_hash(name, d).to_bytes(8, "little"), "little")
+
+    def _read_meta(self) -> Optional[List[int]]:
+        path = f"{self.pin_dir}/xf_meta"
+        if not os.path.exists(path):
+            return None
+        m = RawMap.pinned(path)
+        try:
+            if m.value_size != ct.sizeof(abi.Meta) or m.max_entries != 1:
+                return None
+            raw = m.get(bytes(ct.c_uint32(0)))
+            meta = abi.Meta.from_buffer_copy(raw) if raw else None
+            if not meta or meta.abi_version != abi.ABI_VERSION:
+                return None
+            # one combined fingerprint: per-map hashes are folded into it in order
+            return self._split_meta(meta.layout_hash)
+        finally:
+            m.close()
+
+    def _combined_layout(self) -> int:
+        h = 0
+        for name in MAP_ORDER:
+            h = (h * 1000003 ^ self._layout(name)) & ((1 << 64) - 1)
+        return h
+
+    def _split_meta(self, combined: int) -> Optional[List[int]]:
+        # One fingerprint for all maps: equal means every map's layout is unchanged.
+        if combined == self._combined_layout():
+            return [self._layout(n) for n in MAP_ORDER]
+        return [-1] * len(MAP_ORDER)
+
+    def load(self) -> List[PinStatus]:
+        """Compile and load the program, reusing, migrating or rebuilding pinned maps."""
+        from bcc import BPF   # imported here so the unit tier never needs bcc
+
+        ensure_bpffs(str(Path(self.pin_dir).parent) if self.pin_dir.startswith("/sys/fs/bpf")
+                     else "/sys/fs/bpf")
+        os.makedirs(self.pin_dir, exist_ok=True)
+        report = self.check_pins()
+        saved: Dict[str, List[Tuple[bytes, bytes]]] = {}
+        for st in report:
+            path = f"{self.pin_dir}/{st.name}"
+            if st.action == "migrate" and st.name not in REBUILT_FROM_STORE:
+                old = RawMap.pinned(path)
+                saved[st.name] = list(old.items())
+                old.close()
+            if st.action in ("migrate", "rebuild"):
+                os.unlink(path)       # the old program keeps its map until it is replaced
+            if st.action == "rebuild" and st.name not in REBUILT_FROM_STORE:
+                st.detail += "; its entries are dropped (flows re-classify, counters restart)"
+        t0 = time.monotonic()
+        self.bpf = BPF(src_file=str(BPF_DIR / "xdpflow.c").encode(), cflags=self.cflags())
+        self.prog_fd = self.bpf.load_func(PROGRAM.encode(), BPF.XDP).fd
+        log.info("datapath compiled and loaded in %.2fs", time.monotonic() - t0)
+        self.maps = {name: RawMap.pinned(f"{self.pin_dir}/{name}") for name in MAP_ORDER}
+        for name, items in saved.items():
+            m = self.maps[name]
+            keep = items[:m.max_entries]
+            m.update_many(keep)
+            for st in report:
+                if st.name == name:
+                    st.detail += f"; {len(keep)} entries copied" + (
+                        f", {len(items) - len(keep)} did not fit" if len(items) > len(keep) else "")
+        meta = abi.Meta(abi_version=abi.ABI_VERSION, layout_hash=self._combined_layout())
+        self.maps["xf_meta"].put(bytes(ct.c_uint32(0)), bytes(meta))
+        self._read_mirror()
+        self.pin_report = report
+        return report
+
+    def load_trace(self) -> int:
+        """The trace build shares the pinned maps; it records instead of counting."""
+        if self.trace_fd < 0:
+            from bcc import BPF
+            self.trace_bpf = BPF(src_file=str(BPF_DIR / "xdpflow.c").encode(),
+                                 cflags=self.cflags(trace=True))
+            self.trace_fd = self.trace_bpf.load_func(PROGRAM.encode(), BPF.XDP).fd
+        return self.trace_fd
+
+    def close(self):
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}
+        for b in (self.bpf, self.trace_bpf):
+            if b is not None:
+                b.cleanup()
+        self.bpf = self.trace_bpf = None
+        self.prog_fd = self.trace_fd = -1
+
+    def unpin(self):
+        """Remove every pin (explicit teardown)."""
+        if os.path.isdir(self.pin_dir):
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+
+    # -- configuration maps -------------------------------------------------------------
+    def _read_mirror(self):
+        self._mirror = {n: dict(self.maps[n].items())
+                        for n in ("xf_ports", "xf_endpoints", "xf_routes")}
+        self._gens, self._tenant_vals = {}, {}
+        for k, v in self.maps["xf_tenants"].items():
+            t = abi.Tenant.from_buffer_copy(v)
+            if t.generation:
+                tid = ct.c_uint32.from_buffer_copy(k).value
+                self._gens[tid] = t.generation
+                self._tenant_vals[tid] = v
+        self._rules = {}
+        for k, v in self.maps["xf_rules"].items():
+            rk = abi.RuleKey.from_buffer_copy(k)
+            self._rules.setdefault((rk.tenant, rk.generation), {})[k] = v
+        self._masks = {}
+        for k, v in self.maps["xf_masks"].items():
+            mk = abi.MaskKey.from_buffer_copy(k)
+            self._masks[(mk.tenant, mk.generation)] = v
+
+    def generation(self, tenant_id: int) -> int:
+        return self._gens.get(tenant_id, 0)
+
+    def sync(self, img: compiler.Image, flush_removed: bool = True) -> Dict[str, object]:
+        """Make the configuration maps hold `img`. Forwarding entries first, then each
+        changed tenant's classifier under a new generation, then one update of the tenant
+        entry flips it, then the old generation is removed. Returns what changed."""
+        changed_tenants: Set[int] = set()
+        summary: Dict[str, object] = {}
+        for name, want in (("xf_ports", img.ports), ("xf_endpoints", img.endpoints),
+                           ("xf_routes", img.routes)):
+            have = self._mirror[name]
+            put = [(k, v) for k, v in want.items() if have.get(k) != v]
+            gone = [k for k in have if k not in want]
+            for k, v in put:
+                changed_tenants.add(self._tenant_of(name, k, v))
+            for k in gone:
+                changed_tenants.add(self._tenant_of(name, k, have[k]))
+            m = self.maps[name]
+            if put:
+                m.update_many(put)
+            if gone:
+                m.delete_many(gone)
+            for k, v in put:
+                have[k] = v
+            for k in gone:
+                del have[k]
+            summary[name] = {"written": len(put), "removed": len(gone)}
+
+        flipped = []
+        for tid, t in sorted(img.tenants.items()):
+            gen = self._gens.get(tid, 0)
+            cls_items = dict(t.classifier.rule_items(tid, gen)) if gen else None
+            mask_val = bytes(t.classifier.mask_set(self.max_masks))
+            same_cls = gen and self._rules.get((tid, gen), {}) == cls_items and \
+                self._masks.get((tid, gen)) == mask_val
+            if not same_cls or tid in changed_tenants:
+                gen = self._flip(tid, t, mask_val)
+                flipped.append(t.name)
+            tval = bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict,
+                                    vni=t.vni))
+            if self._tenant_vals.get(tid) != tval:
+                self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)
+                self._tenant_vals[tid] = tval
+            self._drop_other_generations(tid, gen)
+        removed = [tid for tid in self._gens if tid not in img.tenants]
+        for tid in removed:
+            self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), bytes(abi.Tenant()))
+            self._tenant_vals.pop(tid, None)
+            del self._gens[tid]
+            self._drop_other_generations(tid, None)
+            if flush_removed:
+                self.flush_flows(tid)
+        # Leftovers of a crash between writing a generation and flipping to it.
+        for tid, _ in list(self._rules) + list(self._masks):
+            if tid not in self._gens:
+                self._drop_other_generations(tid, None)
+        summary["flipped"] = flipped
+        summary["removed_tenants"] = removed
+        return summary
+
+    def _tenant_of(self, name: str, key: bytes, value: bytes) -> int:
+        if name == "xf_ports":
+            return abi.Port.from_buffer_copy(value).tenant
+        if name == "xf_endpoints":
+            return abi.EpKey.from_buffer_copy(key).tenant
+        return abi.RouteKey.from_buffer_copy(key).tenant
+
+    def _flip(self, tid: int, t: compiler.TenantImage, mask_val: bytes) -> int:
+        used = {g for (x, g) in list(self._rules) + list(self._masks) if x == tid}
+        gen = self._gens.get(tid, 0)
+        while True:
+            gen = gen + 1 if gen < 0xFFFFFFFF else 1
+            if gen not in used:
+                break
+        items = list(t.classifier.rule_items(tid, gen))
+        self.maps["xf_rules"].update_many(items)
+        self._rules[(tid, gen)] = dict(items)
+        mk = bytes(abi.MaskKey(tenant=tid, generation=gen))
+        self.maps["xf_masks"].put(mk, mask_val)
+        self._masks[(tid, gen)] = mask_val
+        tval = bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict, vni=t.vni))
+        self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)     # the flip
+        self._tenant_vals[tid] = tval
+        self._gens[tid] = gen
+        return gen
+
+    def _drop_other_generations(self, tid: int, keep: Optional[int]):
+        for key in [k for k in self._rules if k[0] == tid and k[1] != keep]:
+            self.maps["xf_rules"].delete_many(list(self._rules.pop(key)))
+        for key in [k for k in self._masks if k[0] == tid and k[1] != keep]:
+            self.maps["xf_masks"].delete(bytes(abi.MaskKey(tenant=key[0], generation=key[1])))
+            del self._masks[key]
+
+    # -- flows ----------------------------------------------------------------------------
+    def flows(self) -> Iterator[Tuple[abi.FlowKey, abi.Flow]]:
+        for k, v in self.maps["xf_flows"].items():
+            yield abi.FlowKey.from_buffer_copy(k), abi.Flow.from_buffer_copy(v)
+
+    def flush_flows(self, tenant_id: Optional[int] = None) -> int:
+        keys = [k for k, _ in self.maps["xf_flows"].items()
+                if tenant_id is None or abi.FlowKey.from_buffer_copy(k).tenant == tenant_id]
+        return self.maps["xf_flows"].delete_many(keys)
+
+    # -- counters ---------------------------------------------------------------------------
+    def counters(self) -> List[Tuple[abi.StatsKey, int, int]]:
+        """(key, packets, bytes) summed over CPUs."""
+        m = self.maps["xf_stats"]
+        out = []
+        for k, v in m.items():
+            pk = by = 0
+            for cpu in m.per_cpu(v):
+                c = abi.Counter.from_buffer_copy(cpu)
+                pk += c.packets
+                by += c.bytes
+            out.append((abi.StatsKey.from_buffer_copy(k), pk, by))
+        return out
+
+    def rule_hits(self) -> Dict[int, int]:
+        m = self.maps["xf_rule_hits"]
+        return {ct.c_uint32.from_buffer_copy(k).value:
+                sum(ct.c_uint64.from_buffer_copy(c).value for c in m.per_cpu(v))
+                for k, v in m.items()}
+
+    # -- packets ----------------------------------------------------------------------------
+    def run(self, packet: bytes, ifindex: int, repeat: int = 1) -> Tuple[int, bytes, int]:
+        return bpfsys.test_run(self.prog_fd, packet, ifindex=ifindex, repeat=repeat)
+
+    def trace(self, packet: bytes, ifindex: int) -> Tuple[int, bytes, abi.Trace]:
+        """Dry run through the trace build: what the datapath would do, with no flow
+        installed and no counter touched."""
+        fd = self.load_trace()
+        rec = self.trace_bpf["xf_trace_rec"]
+        zero = rec.Key(0)
+        rec[zero] = rec.Leaf(*[rec.Leaf() for _ in range(bpfsys.NR_CPUS)]) \
+            if False else rec[zero]   # keep BCC's view; reset below
+        rec.clear() if hasattr(rec, "clear") else None
+        rc, out, _ = bpfsys.test_run(fd, packet, ifindex=ifindex)
+        vals = rec[zero]
+        # test-run executes on the current CPU: take the record that was written
+        rec_vals = [abi.Trace.from_buffer_copy(bytes(v)) for v in vals]
+        best = max(rec_vals, key=lambda t: (t.verdict != 0, t.in_port))
+        return rc, out, best

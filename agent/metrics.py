@@ -1,0 +1,250 @@
+"""Export the datapath's counters to Prometheus, read from the source at scrape time.
+
+`DatapathCollector` keeps no copies: every scrape asks its source (the agent's datapath or
+controller in production, a fake in tests) for fresh numbers, so a metric is never staler
+than the scrape. Each part of the source is read on its own; if one part raises, the others
+are still exported, `xdpflow_up` drops to 0 and `xdpflow_scrape_errors_total` counts it. A
+scrape never raises into the HTTP server.
+
+The source provides:
+  counters()     -> [{tenant, port, verdict, reason, packets, bytes}]   (summed over CPUs)
+  flow_summary() -> {total, capacity, by_tenant: {tenant: count}, insert_failures}
+  evictions()    -> {reason: count}
+  tenants()      -> [{name, id, generation, rules, endpoints}]
+  ports()        -> [{name, tenant, attached, ifindex, mode}]
+  agent_info()   -> {version, started_at, last_reconcile_seconds, reconcile_errors,
+                     sweeps, sweep_seconds_total}
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import Any, Callable, Dict, Iterable, Iterator, Tuple
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DatapathCollector", "MetricsServer", "serve", "EVICTION_REASONS"]
+
+# Always exported, at 0 until they happen, so rate() and alerts work from the first scrape.
+EVICTION_REASONS = ("idle", "closed", "rule_change", "flush", "table_full")
+
+_TRAFFIC = ("tenant", "port", "verdict", "reason")
+
+# One table of every family: describe() builds from it without touching the source, and
+# collect() fills the same families, so the two cannot disagree.
+# name (without the _total/_info suffix the family class adds), kind, help, labels
+_FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
+    ("xdpflow_packets", "counter",
+     "Packets the datapath handled, by tenant, ingress port, verdict and reason.", _TRAFFIC),
+    ("xdpflow_bytes", "counter",
+     "Bytes the datapath handled, by tenant, ingress port, verdict and reason.", _TRAFFIC),
+    ("xdpflow_flows", "gauge",
+     "Entries in the flow table, by tenant.", ("tenant",)),
+    ("xdpflow_flow_table_capacity", "gauge",
+     "Maximum number of entries the flow table holds.", ()),
+    ("xdpflow_flow_table_fill_ratio", "gauge",
+     "Fraction of the flow table in use (entries / capacity).", ()),
+    ("xdpflow_flow_insert_failures", "counter",
+     "Flow-table inserts that failed (the packet was still classified and acted on).", ()),
+    ("xdpflow_flow_evictions", "counter",
+     "Flow-table entries removed, by reason.", ("reason",)),
+    ("xdpflow_tenant_generation", "gauge",
+     "Rule-set generation currently active in the datapath, by tenant.", ("tenant",)),
+    ("xdpflow_rules", "gauge",
+     "Security rules programmed in the datapath, by tenant.", ("tenant",)),
+    ("xdpflow_endpoints", "gauge",
+     "Endpoints programmed in the datapath, by tenant.", ("tenant",)),
+    ("xdpflow_port_attached", "gauge",
+     "1 if the XDP program is attached to the port, else 0; mode is native or generic.",
+     ("port", "tenant", "mode")),
+    # Exported as xdpflow_agent_info{version="..."} 1; the label comes with the value.
+    ("xdpflow_agent", "info",
+     "The running agent's version.", ()),
+    ("xdpflow_agent_start_time_seconds", "gauge",
+     "When the agent started, in seconds since the Unix epoch.", ()),
+    ("xdpflow_reconcile_duration_seconds", "gauge",
+     "How long the last reconcile of desired state into the datapath took.", ()),
+    ("xdpflow_reconcile_errors", "counter",
+     "Reconciles of desired state into the datapath that failed.", ()),
+    ("xdpflow_sweeps", "counter",
+     "Flow-aging sweeps over the flow table.", ()),
+    ("xdpflow_sweep_duration_seconds", "counter",
+     "Time spent in flow-aging sweeps.", ()),
+    ("xdpflow_scrape_errors", "counter",
+     "Reads of the datapath that failed while serving a scrape.", ()),
+    ("xdpflow_up", "gauge",
+     "1 if this scrape read every part of the datapath, 0 if some part failed.", ()),
+)
+
+_KINDS: Dict[str, Callable[..., Metric]] = {
+    "counter": CounterMetricFamily,
+    "gauge": GaugeMetricFamily,
+    "info": InfoMetricFamily,
+}
+
+
+def _empty_families() -> Dict[str, Metric]:
+    return {
+        name: _KINDS[kind](name, help_text, labels=labels)
+        for name, kind, help_text, labels in _FAMILIES
+    }
+
+
+def _label(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class DatapathCollector:
+    """A prometheus_client custom collector over a datapath `source` (see module doc)."""
+
+    def __init__(self, source: Any):
+        self._source = source
+        self._lock = threading.Lock()
+        # Counted here, not in the source: it must survive the source being broken.
+        self._scrape_errors = 0
+
+    def describe(self) -> Iterable[Metric]:
+        """The families, without samples; never touches the source (nor BPF)."""
+        return list(_empty_families().values())
+
+    def collect(self) -> Iterator[Metric]:
+        families = _empty_families()
+        failed = 0
+        for part, fill in (
+            ("counters", self._fill_counters),
+            ("flow_summary", self._fill_flow_summary),
+            ("evictions", self._fill_evictions),
+            ("tenants", self._fill_tenants),
+            ("ports", self._fill_ports),
+            ("agent_info", self._fill_agent_info),
+        ):
+            # Fill into scratch families and merge only on success, so a part that fails
+            # halfway exports nothing rather than a misleading subset.
+            scratch = _empty_families()
+            try:
+                fill(scratch)
+            except Exception:  # noqa: BLE001 - any failure of the source is a scrape error
+                failed += 1
+                log.warning("metrics: reading %s from the datapath failed", part,
+                            exc_info=True)
+                continue
+            for name, family in scratch.items():
+                families[name].samples.extend(family.samples)
+
+        with self._lock:
+            self._scrape_errors += failed
+            errors = self._scrape_errors
+        families["xdpflow_scrape_errors"].add_metric([], errors)
+        families["xdpflow_up"].add_metric([], 0 if failed else 1)
+        # Families with no samples (e.g. no tenants yet) are still yielded: the exposition
+        # then carries their HELP and TYPE, which is harmless and documents them.
+        yield from families.values()
+
+    def _fill_counters(self, f: Dict[str, Metric]) -> None:
+        for row in self._source.counters():
+            labels = [_label(row[k]) for k in _TRAFFIC]
+            f["xdpflow_packets"].add_metric(labels, int(row["packets"]))
+            f["xdpflow_bytes"].add_metric(labels, int(row["bytes"]))
+
+    def _fill_flow_summary(self, f: Dict[str, Metric]) -> None:
+        summary = self._source.flow_summary()
+        total = int(summary["total"])
+        capacity = int(summary["capacity"])
+        for tenant, count in sorted(summary.get("by_tenant", {}).items()):
+            f["xdpflow_flows"].add_metric([_label(tenant)], int(count))
+        f["xdpflow_flow_table_capacity"].add_metric([], capacity)
+        f["xdpflow_flow_table_fill_ratio"].add_metric(
+            [], total / capacity if capacity > 0 else 0.0)
+        f["xdpflow_flow_insert_failures"].add_metric([], int(summary["insert_failures"]))
+
+    def _fill_evictions(self, f: Dict[str, Metric]) -> None:
+        counts = {reason: 0 for reason in EVICTION_REASONS}
+        counts.update({str(k): int(v) for k, v in self._source.evictions().items()})
+        for reason, count in counts.items():
+            f["xdpflow_flow_evictions"].add_metric([reason], count)
+
+    def _fill_tenants(self, f: Dict[str, Metric]) -> None:
+        for tenant in self._source.tenants():
+            name = [_label(tenant["name"])]
+            f["xdpflow_tenant_generation"].add_metric(name, int(tenant["generation"]))
+            f["xdpflow_rules"].add_metric(name, int(tenant["rules"]))
+            f["xdpflow_endpoints"].add_metric(name, int(tenant["endpoints"]))
+
+    def _fill_ports(self, f: Dict[str, Metric]) -> None:
+        for port in self._source.ports():
+            labels = [_label(port["name"]), _label(port["tenant"]), _label(port.get("mode"))]
+            f["xdpflow_port_attached"].add_metric(labels, 1 if port["attached"] else 0)
+
+    def _fill_agent_info(self, f: Dict[str, Metric]) -> None:
+        info = self._source.agent_info()
+        f["xdpflow_agent"].add_metric([], {"version": _label(info["version"])})
+        f["xdpflow_agent_start_time_seconds"].add_metric([], float(info["started_at"]))
+        f["xdpflow_reconcile_duration_seconds"].add_metric(
+            [], float(info["last_reconcile_seconds"]))
+        f["xdpflow_reconcile_errors"].add_metric([], int(info["reconcile_errors"]))
+        f["xdpflow_sweeps"].add_metric([], int(info["sweeps"]))
+        f["xdpflow_sweep_duration_seconds"].add_metric(
+            [], float(info["sweep_seconds_total"]))
+
+
+class _QuietHandler(WSGIRequestHandler):
+    # Prometheus scrapes every few seconds; an access-log line per scrape drowns the journal.
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        pass
+
+
+class MetricsServer:
+    """The running /metrics endpoint; `port` is the bound port (useful with port 0)."""
+
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread):
+        self._httpd = httpd
+        self._thread = thread
+        self.host = httpd.server_address[0]
+        self.port = httpd.server_address[1]
+
+    def shutdown(self) -> None:
+        """Stop serving and release the port; returns once the server thread is gone."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve(collector: DatapathCollector, host: str, port: int) -> MetricsServer:
+    """Serve /metrics on host:port (IPv4 or IPv6; port 0 picks one) in a daemon thread.
+
+    The registry is private to this server, so nothing registered by libraries in the
+    global one leaks out; it holds the datapath collector and the process collector
+    (CPU, memory, open fds of the agent itself).
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+
+    host = host.strip("[]")  # accept "[::1]" as written in URLs
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]
+
+    # A class per call: address_family is a class attribute read at bind time.
+    class _Server(ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True  # a stuck scraper must not hold up the agent's exit
+        allow_reuse_address = True  # rebind at once after a restart (TIME_WAIT)
+
+    httpd = make_server(host, port, make_wsgi_app(registry), _Server,
+                        handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="xdpflow-metrics",
+                              daemon=True)
+    thread.start()
+    return MetricsServer(httpd, thread)

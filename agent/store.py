@@ -1,0 +1,394 @@
+"""The desired state in SQLite, so it survives agent restarts, crashes and reboots.
+
+One row per object, one column per field, in canonical text and integers, so an operator
+can read (and, carefully, fix) it with the sqlite3 shell. Changes are written as the
+difference between two States inside one transaction, which the daemon keeps open while it
+programs the datapath: if that fails, the store rolls back with it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_str
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is: too new, corrupted, or out of step."""
+
+
+# Foreign keys are DEFERRABLE INITIALLY DEFERRED so a diff can be written in any order
+# (a port moving to a new tenant while the old one goes); Transaction.write() checks them
+# before returning, so a violation never surfaces first at COMMIT, after the caller has
+# programmed the datapath. Tenant id and VNI are not UNIQUE in SQL because two tenants
+# swapping ids in one change would trip a per-row check; State.validate() owns that rule.
+_SCHEMA_V1 = """
+CREATE TABLE tenants (
+    name            TEXT PRIMARY KEY,
+    id              INTEGER NOT NULL,
+    vni             INTEGER,                -- NULL: no VXLAN
+    default_verdict TEXT NOT NULL           -- 'drop' | 'pass'
+);
+CREATE TABLE ports (
+    name   TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(name) DEFERRABLE INITIALLY DEFERRED,
+    -- Stable small number for the datapath's per-port arrays: the smallest free one when
+    -- the port is added, kept for as long as the port exists.
+    slot   INTEGER NOT NULL UNIQUE CHECK (slot BETWEEN 1 AND 65535)
+);
+CREATE TABLE endpoints (
+    tenant TEXT NOT NULL REFERENCES tenants(name) DEFERRABLE INITIALLY DEFERRED,
+    ip     TEXT NOT NULL,                   -- canonical address text
+    port   TEXT NOT NULL REFERENCES ports(name) DEFERRABLE INITIALLY DEFERRED,
+    mac    TEXT NOT NULL,                   -- lower case xx:xx:xx:xx:xx:xx
+    PRIMARY KEY (tenant, ip)
+);
+CREATE TABLE routes (
+    tenant TEXT NOT NULL REFERENCES tenants(name) DEFERRABLE INITIALLY DEFERRED,
+    prefix TEXT NOT NULL,                   -- canonical network text
+    action TEXT NOT NULL,                   -- 'via' | 'kernel' | 'drop'
+    via    TEXT,                            -- next-hop endpoint address when action='via'
+    PRIMARY KEY (tenant, prefix),
+    FOREIGN KEY (tenant, via) REFERENCES endpoints(tenant, ip) DEFERRABLE INITIALLY DEFERRED
+);
+CREATE TABLE rules (
+    id        INTEGER PRIMARY KEY,
+    tenant    TEXT NOT NULL REFERENCES tenants(name) DEFERRABLE INITIALLY DEFERRED,
+    priority  INTEGER NOT NULL,
+    action    TEXT NOT NULL,                -- 'allow' | 'deny' | 'pass'
+    src       TEXT,                         -- prefix; NULL: any address of either version
+    dst       TEXT,
+    proto     INTEGER NOT NULL,             -- IP protocol number, 0: any
+    sport_lo  INTEGER NOT NULL, sport_hi INTEGER NOT NULL,
+    dport_lo  INTEGER NOT NULL, dport_hi INTEGER NOT NULL,
+    icmp_type INTEGER,
+    icmp_code INTEGER,
+    in_port   TEXT REFERENCES ports(name) DEFERRABLE INITIALLY DEFERRED,
+    comment   TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX rules_tenant ON rules(tenant);
+CREATE INDEX rules_in_port ON rules(in_port);
+CREATE INDEX endpoints_port ON endpoints(port);
+CREATE INDEX routes_via ON routes(tenant, via);
+CREATE INDEX ports_tenant ON ports(tenant);
+"""
+
+# MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
+MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1}
+
+
+# ---------------------------------------------------------------------------------------
+# Rows <-> objects. Each kind: its key columns (the identity), its other columns, the
+# object -> row function, and the row -> from_dict input function. Rows go back through
+# the model's from_dict so a hand-edited bad value is caught like any other input.
+
+def _rule_row(r) -> Tuple:
+    return (r.id, r.tenant, r.priority, r.action, prefix_str(r.src), prefix_str(r.dst),
+            r.proto, r.sport[0], r.sport[1], r.dport[0], r.dport[1], r.icmp_type,
+            r.icmp_code, r.in_port, r.comment)
+
+
+def _rule_dict(row: sqlite3.Row) -> Dict[str, Any]:
+    d = dict(row)
+    d["proto"] = PROTOCOL_NAMES.get(d["proto"], d["proto"])
+    d["sport"] = [d.pop("sport_lo"), d.pop("sport_hi")]
+    d["dport"] = [d.pop("dport_lo"), d.pop("dport_hi")]
+    return d
+
+
+def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
+    d = dict(row)
+    d["default"] = d.pop("default_verdict")
+    return d
+
+
+_TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] = {
+    "tenants": (("name",), ("id", "vni", "default_verdict"),
+                lambda t: (t.name, t.id, t.vni, t.default), _tenant_dict),
+    "ports": (("name",), ("tenant",), lambda p: (p.name, p.tenant), dict),
+    "endpoints": (("tenant", "ip"), ("port", "mac"),
+                  lambda e: (e.tenant, str(e.ip), e.port, e.mac), dict),
+    "routes": (("tenant", "prefix"), ("action", "via"),
+               lambda r: (r.tenant, str(r.prefix), r.action,
+                          None if r.via is None else str(r.via)), dict),
+    "rules": (("id",), ("tenant", "priority", "action", "src", "dst", "proto", "sport_lo",
+                        "sport_hi", "dport_lo", "dport_hi", "icmp_type", "icmp_code",
+                        "in_port", "comment"), _rule_row, _rule_dict),
+}
+
+# Which tables hold references to which: a change to a child, or a delete from a parent,
+# means the child's references must be checked.
+_PARENTS = {"tenants": (), "ports": ("tenants",), "endpoints": ("tenants", "ports"),
+            "routes": ("tenants", "endpoints"), "rules": ("tenants", "ports")}
+
+assert set(_TABLES) == set(KINDS) == set(_PARENTS)
+
+
+class Store:
+    """One open state database. Not for use from several threads at once."""
+
+    def __init__(self, db: sqlite3.Connection, path: str):
+        self._db = db
+        self.path = path
+        self._in_tx = False
+
+    @classmethod
+    def open(cls, path) -> "Store":
+        path = os.fspath(path)
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o750, exist_ok=True)
+            os.chmod(parent, 0o750)  # makedirs' mode is filtered by the umask
+        try:
+            # Autocommit mode: transactions are begun and ended explicitly, never implicitly
+            # by the sqlite3 module.
+            db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: cannot open: {e}") from None
+        db.row_factory = sqlite3.Row
+        store = cls(db, path)
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                log.warning("%s: journal mode is %s, not wal", path, mode)
+            # FULL: a transaction reported committed survives power loss, not only a crash.
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            store._migrate()
+        except sqlite3.DatabaseError as e:
+            db.close()
+            raise StoreError(f"{path}: not a usable state database: {e}") from None
+        except StoreError:
+            db.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- schema --------------------------------------------------------------------------
+    def _version(self) -> int:
+        has_meta = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        if not has_meta:
+            others = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if others:
+                raise StoreError(f"{self.path}: has tables but no 'meta' table; "
+                                 "not an xdpflow state database")
+            return 0
+        value = self.get_meta("schema_version")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise StoreError(f"{self.path}: meta.schema_version is {value!r}, not a "
+                             "version number") from None
+
+    def _migrate(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")  # so two agents cannot migrate at once
+        try:
+            version = self._version()
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this agent "
+                    f"knows ({SCHEMA_VERSION}); run a newer xdpflow or restore a backup")
+            if version == 0:
+                self._db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            while version < SCHEMA_VERSION:
+                log.info("%s: migrating schema %d -> %d", self.path, version, version + 1)
+                for stmt in _statements(MIGRATIONS[version]):
+                    self._db.execute(stmt)
+                version += 1
+                self.set_meta("schema_version", str(version))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        # SQLite ends the transaction itself after some errors (disk full, I/O); a second
+        # ROLLBACK would then raise and hide the error that matters.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    # -- reading -------------------------------------------------------------------------
+    def load(self) -> State:
+        """The stored state, every row checked by the model as if it were new input."""
+        st = State()
+        for kind, (keys, cols, _, to_dict) in _TABLES.items():
+            order = ", ".join(keys)
+            objs = []
+            for row in self._db.execute(
+                    f"SELECT rowid AS _rowid, {', '.join(keys + cols)} FROM {kind} "
+                    f"ORDER BY {order}"):
+                d = to_dict(row)
+                rowid = d.pop("_rowid")
+                try:
+                    objs.append(KINDS[kind].from_dict(d))
+                except Invalid as e:
+                    raise StoreError(f"{self.path}: table {kind}, row {rowid}: {e}") from None
+            setattr(st, kind, objs)
+        try:
+            st.validate()
+        except Invalid as e:
+            raise StoreError(f"{self.path}: stored state is inconsistent: {e}") from None
+        return st
+
+    def port_slots(self) -> Dict[str, int]:
+        """Port name -> its slot."""
+        return {name: slot for name, slot in self._db.execute("SELECT name, slot FROM ports")}
+
+    def get_meta(self, key: str) -> Optional[str]:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Record a small fact; part of the open transaction if there is one."""
+        if not isinstance(value, str):
+            raise TypeError(f"meta value for {key!r} must be str, not {type(value).__name__}")
+        self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # -- writing -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator["Transaction"]:
+        """One SQLite transaction: committed when the block ends, rolled back if it raises."""
+        if self._in_tx:
+            raise StoreError("a transaction is already open")
+        # IMMEDIATE takes the write lock now, so a second writer waits here rather than
+        # failing at its first write, halfway through the caller's work.
+        self._db.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        tx = Transaction(self._db, self.path)
+        try:
+            yield tx
+        except BaseException:
+            self._rollback()
+            raise
+        else:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                self._rollback()
+                raise StoreError(f"{self.path}: commit failed, rolled back: {e}") from None
+        finally:
+            self._in_tx = tx.open = False
+
+
+def _statements(script: str) -> List[str]:
+    """Split SQL into statements. executescript() would COMMIT the migration's transaction
+    first, so migrations run one statement at a time."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):  # knows about comments and quotes
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
+
+
+class Transaction:
+    """Writes inside one open transaction of a Store."""
+
+    def __init__(self, db: sqlite3.Connection, path: str):
+        self._db = db
+        self._path = path
+        self.open = True
+
+    def write(self, old: State, new: State) -> int:
+        """Make the stored state go from `old` (what is stored now) to `new`, touching only
+        the rows that differ. Returns how many rows were written."""
+        if not self.open:
+            # After the `with`, the connection is in autocommit: each row would commit alone.
+            raise StoreError("write() after its transaction ended")
+        changes = {kind: _diff(kind, getattr(old, kind), getattr(new, kind)) for kind in KINDS}
+        written = 0
+        # Deletes first so a port removed and another added in one change can take its slot.
+        for kind in reversed(list(KINDS)):
+            keys, _, to_row, _ = _TABLES[kind]
+            rows = [to_row(o)[:len(keys)] for o in changes[kind][1]]
+            where = " AND ".join(f"{k} = ?" for k in keys)
+            written += self._many(f"DELETE FROM {kind} WHERE {where}", rows, kind, "delete")
+        for kind in KINDS:
+            added, _, changed = changes[kind]
+            keys, cols, to_row, _ = _TABLES[kind]
+            rows = [to_row(o) for o in added]
+            if kind == "ports":
+                rows = self._with_slots(rows)
+                cols = cols + ("slot",)
+            names = keys + cols
+            written += self._many(
+                f"INSERT INTO {kind} ({', '.join(names)}) "
+                f"VALUES ({', '.join('?' * len(names))})", rows, kind, "insert")
+            # An UPDATE keeps the row (and a port its slot); the identity never changes.
+            # Its parameters are the other columns, then the key columns for WHERE.
+            rows = [row[len(keys):] + row[:len(keys)] for row in map(to_row, changed)]
+            written += self._many(
+                f"UPDATE {kind} SET {', '.join(f'{c} = ?' for c in _TABLES[kind][1])} "
+                f"WHERE {' AND '.join(f'{k} = ?' for k in keys)}", rows, kind, "update")
+        self._check_references(changes)
+        return written
+
+    def _many(self, sql: str, rows: List[Tuple], kind: str, what: str) -> int:
+        if not rows:
+            return 0
+        try:
+            n = self._db.executemany(sql, rows).rowcount
+        except sqlite3.IntegrityError as e:
+            raise StoreError(f"{self._path}: {what} in table {kind}: {e} (is `old` what "
+                             "is stored?)") from None
+        if n != len(rows):
+            raise StoreError(f"{self._path}: {what} in table {kind} touched {n} rows, "
+                             f"expected {len(rows)}: `old` is not what is stored")
+        return n
+
+    def _with_slots(self, rows: List[Tuple]) -> List[Tuple]:
+        used = {slot for (slot,) in self._db.execute("SELECT slot FROM ports")}
+        out, slot = [], 1
+        for row in sorted(rows):  # by name, so a batch of new ports is numbered predictably
+            while slot in used:
+                slot += 1
+            if slot > 65535:
+                raise StoreError(f"{self._path}: no free port slot for port {row[0]}")
+            used.add(slot)
+            out.append(row + (slot,))
+        return out
+
+    def _check_references(self, changes) -> None:
+        for kind, parents in _PARENTS.items():
+            touched = bool(changes[kind][0] or changes[kind][2])
+            if not touched and not any(changes[p][1] for p in parents):
+                continue
+            bad = self._db.execute(f"PRAGMA foreign_key_check({kind})").fetchone()
+            if bad:
+                row = self._db.execute(f"SELECT * FROM {kind} WHERE rowid = ?",
+                                       (bad[1],)).fetchone()
+                raise StoreError(f"{self._path}: table {kind}: row {dict(row) if row else bad[1]}"
+                                 f" refers to a missing row of table {bad[2]}")
+
+
+def _diff(kind: str, old: list, new: list) -> Tuple[list, list, list]:
+    """(added, removed, changed) objects of one kind, by identity."""
+    a = {identity(kind, o): o for o in old}
+    added, changed = [], []
+    for o in new:
+        prev = a.pop(identity(kind, o), None)
+        if prev is None:
+            added.append(o)
+        elif prev is not o and prev != o:  # `is` first: unchanged objects are shared
+            changed.append(o)
+    return added, list(a.values()), changed

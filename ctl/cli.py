@@ -1,0 +1,402 @@
+"""xdpflowctl: the operator's command line for a node's agent. Parses a command (parsers
+and help come from the agent's command table), sends it over the control socket and prints
+the answer as text or, with --json, as exactly one JSON document.
+
+Exit status: 0 done; 1 the agent refused, denied, failed, or cannot be reached; 2 bad usage
+or input (argument errors, invalid values, unreadable or malformed files, bad Scapy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+from typing import Any, Dict, List, Optional, Sequence
+
+from agent import commands, model
+from agent.api import DEFAULT_SOCKET, ApiClient, ApiError
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+# Which side is wrong decides the status: the input (2) or the agent's state or itself (1).
+USAGE_CODES = {"invalid", "bad-request", "usage"}
+
+SCAPY_NAMES = ("Ether", "Dot1Q", "ARP", "IP", "IPv6", "TCP", "UDP", "ICMP",
+               "ICMPv6EchoRequest", "ICMPv6EchoReply", "ICMPv6ND_NS", "ICMPv6ND_NA",
+               "ICMPv6DestUnreach", "IPv6ExtHdrHopByHop", "IPv6ExtHdrFragment",
+               "IPv6ExtHdrRouting", "VXLAN", "GRE", "Raw", "Padding")
+
+
+class UsageError(Exception):
+    """Bad usage or input found on this side; exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints and exits on its own; raising lets main() keep --json's promise of
+    # one JSON document on stdout.
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="xdpflowctl", description="Configure and inspect the node's xdpflow "
+                                               "agent over its control socket.",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="commands:\n" + "\n".join(
+                    f"  {c.name:<15} {c.help}" for c in commands.COMMANDS.values()))
+    p.add_argument("--socket", metavar="PATH",
+                   default=os.environ.get("XDPFLOW_SOCKET") or DEFAULT_SOCKET,
+                   help="the agent's control socket (env XDPFLOW_SOCKET; default "
+                        f"{DEFAULT_SOCKET})")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the agent (default 30)")
+    top = p.add_subparsers(dest="_noun", metavar="COMMAND", required=True)
+    nouns: Dict[str, Any] = {}
+    for cmd in commands.COMMANDS.values():
+        words = cmd.name.split()
+        if len(words) == 1:
+            leaf = top.add_parser(words[0], help=cmd.help, **_leaf_kw(cmd))
+        else:
+            noun, verb = words
+            if noun not in nouns:
+                np_ = top.add_parser(noun, help=f"{noun} commands")
+                nouns[noun] = np_.add_subparsers(dest="_verb", metavar="ACTION",
+                                                 required=True)
+            leaf = nouns[noun].add_parser(verb, help=cmd.help, **_leaf_kw(cmd))
+        _add_args(leaf, cmd)
+        # Also after the command ("tenant list --json"); SUPPRESS keeps the leaf from
+        # overwriting a --json given before it.
+        leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                          help="print one JSON document")
+        leaf.set_defaults(_command=cmd.name)
+    return p
+
+
+def _leaf_kw(cmd: commands.Command) -> Dict[str, Any]:
+    text = cmd.help + "." + ("\n\n" + textwrap.fill(cmd.description, 78)
+                             if cmd.description else "")
+    return dict(description=text,
+                epilog="examples:\n" + cmd.examples,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_args(parser: argparse.ArgumentParser, cmd: commands.Command) -> None:
+    groups = {}
+    for names, required in cmd.exclusive:
+        g = parser.add_mutually_exclusive_group(required=required)
+        for n in names:
+            groups[n] = g
+    for a in cmd.args:
+        if not a.cli:
+            continue
+        target = groups.get(a.name, parser)
+        kw: Dict[str, Any] = {"help": a.help}
+        if a.kind == "flag":
+            kw["action"] = "store_true"
+        else:
+            kw["metavar"] = a.metavar
+            if a.kind == "int":
+                kw["type"] = int
+            if a.choices:
+                kw["choices"] = a.choices
+                kw.pop("metavar")
+            if a.default is not None:
+                kw["default"] = a.default
+        if a.positional:
+            target.add_argument(a.name, **kw)
+        else:
+            if a.name not in groups:
+                kw["required"] = a.required
+            target.add_argument(*a.flags, dest=a.name, **kw)
+
+
+def leaf_commands(parser: argparse.ArgumentParser) -> List[str]:
+    """Every command the parser accepts, as its table name ("rule add")."""
+    out = []
+
+    def walk(p, prefix):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, prefix + [name])
+        if p._defaults.get("_command"):
+            out.append(" ".join(prefix))
+    walk(parser, [])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Turning CLI-only arguments into wire arguments.
+
+def load_state_file(path: str) -> Dict[str, Any]:
+    """A TOML desired-state file -> the dict model.State.from_dict takes."""
+    import tomllib  # Python 3.11+; the agent's config loader needs it too
+    try:
+        if path == "-":
+            text = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                text = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message ends "(at line L, column C)", which is what the user needs.
+        raise UsageError(f"{path}: TOML syntax error: {e}") from None
+    try:
+        json.dumps(data)
+    except (TypeError, ValueError):
+        raise UsageError(f"{path}: dates and times are not accepted in a state file") from None
+    return data
+
+
+def scapy_namespace() -> Dict[str, Any]:
+    """Scapy's packet layers by name, and nothing else."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest,
+                                    ICMPv6ND_NA, ICMPv6ND_NS, IPv6, IPv6ExtHdrFragment,
+                                    IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+    from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
+    from scapy.layers.vxlan import VXLAN
+    from scapy.packet import Padding, Raw
+    ns = dict(locals())
+    assert set(ns) == set(SCAPY_NAMES)
+    return ns
+
+
+def scapy_packet(expr: str) -> bytes:
+    """Evaluate a Scapy expression with only the layers in scope (no builtins: it is a
+    packet description, not a program; this is hygiene, not a sandbox, since it runs with
+    the caller's own rights) and return its bytes, Ethernet header first."""
+    ns = scapy_namespace()
+    from scapy.config import conf
+    from scapy.layers.l2 import Neighbor
+    from scapy.packet import Packet
+    try:
+        pkt = eval(compile(expr, "--scapy", "eval"), {"__builtins__": {}}, ns)
+    except Exception as e:
+        raise UsageError(f"--scapy: {type(e).__name__}: {e}") from None
+    if not isinstance(pkt, Packet):
+        raise UsageError(f"--scapy: the expression gives a {type(pkt).__name__}, "
+                         "not a packet")
+    if not isinstance(pkt, ns["Ether"]):
+        pkt = ns["Ether"]() / pkt  # XDP sees frames; a bare IP packet gets a default header
+    # Left to itself Scapy fills an unset Ether dst by ARPing for it on the node's network:
+    # trace must send nothing, so with no resolvers an unset dst becomes broadcast.
+    saved, conf.neighbor = conf.neighbor, Neighbor()
+    quiet = logging.getLogger("scapy.runtime")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return bytes(pkt)
+    except Exception as e:
+        raise UsageError(f"--scapy: cannot build the packet: {type(e).__name__}: {e}") from None
+    finally:
+        conf.neighbor = saved
+        quiet.setLevel(level)
+
+
+def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
+    """The request's args from parsed options; None and unset flags are left out."""
+    args = {}
+    for a in cmd.args:
+        if a.wire and a.cli:
+            v = getattr(ns, a.name, None)
+            if v is not None and v is not False:
+                args[a.name] = v
+    if cmd.name == "apply":
+        args["state"] = load_state_file(ns.file)
+    elif cmd.name == "trace" and ns.scapy is not None:
+        args["hex"] = scapy_packet(ns.scapy).hex()
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Human output.
+
+def _cell(v: Any) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_cell(x) for x in v) or "-"
+    return str(v)
+
+
+def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
+                 right: Sequence[str] = ()) -> str:
+    """Aligned columns with a header; numbers in `right` are right-aligned."""
+    cells = [[c.upper() for c in columns]] + [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = []
+    for row in cells:
+        parts = [v.rjust(w) if columns[i] in right else v.ljust(w)
+                 for i, (v, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+LIST_COLUMNS = {
+    "tenants": ("name", "id", "vni", "default"),
+    "ports": ("name", "tenant"),
+    "endpoints": ("tenant", "ip", "port", "mac"),
+    "routes": ("tenant", "prefix", "action", "via"),
+    "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
+              "icmp_type", "icmp_code", "in_port", "comment"),
+}
+FLOW_COLUMNS = ("tenant", "proto", "src", "sport", "dst", "dport", "verdict", "out_port",
+                "rule", "packets", "bytes", "idle_s", "flags")
+COUNTER_COLUMNS = ("tenant", "port", "verdict", "reason", "packets", "bytes")
+NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport")
+
+# Match fields that print "any" rather than "-" when unset.
+_ANY_FIELDS = ("src", "dst", "proto", "sport", "dport")
+
+
+def _describe(kind: str, obj: Dict[str, Any]) -> str:
+    """One object on one line: its identity, then its other fields."""
+    ident = {"tenants": ("name",), "ports": ("name",), "endpoints": ("tenant", "ip"),
+             "routes": ("tenant", "prefix"), "rules": ("id",)}.get(kind, ())
+    head = "/".join(str(obj.get(k)) for k in ident)
+    rest = " ".join(f"{k}={_cell(v)}" for k, v in obj.items()
+                    if k not in ident and v not in (None, ""))
+    return f"{kind[:-1]} {head}" + (f" ({rest})" if rest else "")
+
+
+def format_diff(d: Dict[str, Any]) -> List[str]:
+    lines = []
+    for kind in model.KINDS:
+        part = d.get(kind) or {}
+        for obj in part.get("remove", []):
+            lines.append("- " + _describe(kind, obj))
+        for obj in part.get("add", []):
+            lines.append("+ " + _describe(kind, obj))
+        for ch in part.get("change", []):
+            a, b = ch.get("from", {}), ch.get("to", {})
+            fields = ", ".join(f"{k}: {_cell(a.get(k))} -> {_cell(b.get(k))}"
+                               for k in b if a.get(k) != b.get(k))
+            lines.append("~ " + _describe(kind, b).split(" (")[0] + f": {fields}")
+    return lines
+
+
+def _format_mapping(d: Any, indent: str = "") -> List[str]:
+    lines = []
+    if not isinstance(d, dict):
+        return [indent + _cell(d)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"{indent}{k}:")
+            lines.extend(_format_mapping(v, indent + "  "))
+        else:
+            lines.append(f"{indent}{k}: {_cell(v)}")
+    return lines
+
+
+def _packet_text(hexstr: Optional[str]) -> List[str]:
+    if not hexstr:
+        return ["output packet: none"]
+    lines = ["output packet:"]
+    try:
+        ns = scapy_namespace()
+        pkt = ns["Ether"](bytes.fromhex(hexstr))
+        lines += ["  " + ln for ln in pkt.show(dump=True).splitlines()]
+    except Exception:  # scapy is a nicety here; the hex below is the answer
+        pass
+    lines.append("  hex: " + hexstr)
+    return lines
+
+
+def render(name: str, result: Any, args: Dict[str, Any]) -> str:
+    noun, _, verb = name.partition(" ")
+    kind = noun + "s"
+    if verb == "list":
+        rows = list(result or [])
+        if not rows:
+            return f"no {kind}"
+        if kind == "rules":
+            # The order the classifier evaluates them in: highest priority first.
+            rows.sort(key=lambda r: (str(r.get("tenant")), -int(r.get("priority") or 0),
+                                     int(r.get("id") or 0)))
+            rows = [{**r, **{k: r.get(k) or "any" for k in _ANY_FIELDS}} for r in rows]
+        return format_table(rows, LIST_COLUMNS[kind], NUMERIC)
+    if verb == "add":
+        return "added " + _describe(kind, result or {})
+    if verb == "del":
+        ident = "/".join(str(x) for x in (result or {}).get("identity", []))
+        return f"deleted {noun} {ident}"
+    if name == "apply":
+        lines = format_diff(result or {})
+        n = len(lines)
+        if args.get("dry_run"):
+            lines.append("dry run: nothing changed" + ("" if n else " (and nothing would)"))
+        else:
+            lines.append(f"applied {n} change{'s' if n != 1 else ''}" if n else "no changes")
+        return "\n".join(lines)
+    if name == "flow dump":
+        rows = list(result or [])
+        if not rows:
+            return "no flows"
+        return format_table(rows, FLOW_COLUMNS, NUMERIC)
+    if name == "flow flush":
+        n = (result or {}).get("flushed", 0)
+        return f"flushed {n} flow{'s' if n != 1 else ''}"
+    if name == "stats":
+        result = dict(result or {})
+        counters = result.pop("counters", [])
+        out = [format_table(counters, COUNTER_COLUMNS, NUMERIC) if counters else "no counters"]
+        if result:
+            out += [""] + _format_mapping(result)
+        return "\n".join(out)
+    if name == "trace":
+        r = result or {}
+        lines = [f"{label:<10} {_cell(r.get(k))}" for label, k in (
+            ("verdict:", "verdict"), ("tenant:", "tenant"), ("rule:", "rule"),
+            ("out port:", "out_port"), ("flow hit:", "flow_hit"), ("reason:", "reason"))]
+        return "\n".join(lines + _packet_text(r.get("packet_out")))
+    return "\n".join(_format_mapping(result))
+
+
+# ---------------------------------------------------------------------------------------
+
+def _fail(code: str, message: str, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"error": {"code": code, "message": message}}))
+    print(f"xdpflowctl: {message}", file=sys.stderr)
+    return EXIT_USAGE if code in USAGE_CODES else EXIT_REFUSED
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Known before parsing, so that even a usage error comes out as JSON when asked to.
+    as_json = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except UsageError as e:
+        return _fail("usage", str(e), as_json)
+    cmd = commands.get(ns._command)
+    try:
+        args = wire_args(cmd, ns)
+    except UsageError as e:
+        return _fail("usage", str(e), ns.json)
+    try:
+        result = ApiClient(ns.socket, timeout=ns.timeout).call(cmd.name, args)
+    except ApiError as e:
+        return _fail(e.code, e.message, ns.json)
+    if ns.json:
+        print(json.dumps(result, indent=2))
+    else:
+        text = render(cmd.name, result, args)
+        if text:
+            print(text)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The command table: it covers the contract, checks arguments, and maps each command to the
+right controller call. Also home of FakeController, the in-memory controller the API and
+CLI tests serve (test_api, test_cli import it from here)."""
+import threading
+import time
+
+import pytest
+
+from agent import commands, model
+from agent.commands import COMMANDS, BadArgs, dispatch
+
+pytestmark = pytest.mark.unit
+
+CONTRACT = {
+    "status", "apply", "stats", "trace", "flow dump", "flow flush",
+    *(f"{noun} {verb}" for noun in ("tenant", "port", "endpoint", "route", "rule")
+      for verb in ("add", "del", "list")),
+}
+
+
+class FakeController:
+    """The controller's interface over a model.State, so adds, deletes and applies behave
+    as the model says (duplicates and dangling references are refused)."""
+
+    def __init__(self):
+        self.state = model.State()
+        self.calls = []
+        self.flows = [
+            {"tenant": "blue", "proto": "tcp", "src": "10.0.0.5", "sport": 40000,
+             "dst": "10.0.0.6", "dport": 22, "verdict": "redirect", "out_port": "veth-vm2",
+             "rule": 1, "packets": 10, "bytes": 1200, "idle_s": 1.5, "flags": ["est"]},
+            {"tenant": "red", "proto": "udp", "src": "10.0.0.5", "sport": 53,
+             "dst": "10.0.0.9", "dport": 5353, "verdict": "drop", "out_port": None,
+             "rule": None, "packets": 1, "bytes": 80, "idle_s": 3.0, "flags": []},
+        ]
+        self.fail = None          # an exception status() raises, to test "internal"
+        self.slow = 0.0           # seconds each call takes, to test serialization
+        self.inside = 0
+        self.max_inside = 0
+
+    def _enter(self, name, *args):
+        self.calls.append((name,) + args)
+        self.inside += 1
+        self.max_inside = max(self.max_inside, self.inside)
+        if self.slow:
+            time.sleep(self.slow)
+        self.inside -= 1
+
+    def status(self):
+        self._enter("status")
+        if self.fail:
+            raise self.fail
+        return {"version": "test", "uptime_s": 12, "ports_attached": len(self.state.ports),
+                "flows": {"entries": len(self.flows), "capacity": 65536}}
+
+    def list(self, kind, tenant=None):
+        self._enter("list", kind, tenant)
+        objs = self.state.sorted(kind)
+        if tenant is not None and kind != "tenants":
+            objs = [o for o in objs if o.tenant == tenant]
+        return [o.to_dict() for o in objs]
+
+    def add(self, kind, obj):
+        self._enter("add", kind, obj)
+        o = model.KINDS[kind].from_dict(obj)
+        self.state = self.state.with_added(kind, o)
+        return o.to_dict()
+
+    def delete(self, kind, ident):
+        self._enter("delete", kind, ident)
+        self.state = self.state.with_removed(kind, tuple(ident))
+
+    def apply(self, state, dry_run):
+        self._enter("apply", state, dry_run)
+        new = model.State.from_dict(state)
+        new.validate()
+        d = model.diff(self.state, new)
+        if not dry_run:
+            self.state = new
+        return d
+
+    def flow_dump(self, tenant, limit):
+        self._enter("flow_dump", tenant, limit)
+        return [f for f in self.flows if tenant in (None, f["tenant"])][:limit]
+
+    def flow_flush(self, tenant):
+        self._enter("flow_flush", tenant)
+        keep = [f for f in self.flows if tenant not in (None, f["tenant"])]
+        n = len(self.flows) - len(keep)
+        self.flows = keep
+        return n
+
+    def stats(self):
+        self._enter("stats")
+        return {"counters": [
+            {"tenant": "blue", "port": "veth-vm1", "verdict": "redirect", "reason": "flow-hit",
+             "packets": 1000, "bytes": 64000},
+            {"tenant": "blue", "port": "veth-vm1", "verdict": "drop", "reason": "no-rule",
+             "packets": 3, "bytes": 180}],
+            "flows": {"entries": len(self.flows), "insert_failed": 0}}
+
+    def trace(self, port, packet):
+        self._enter("trace", port, packet)
+        return {"verdict": "redirect", "tenant": "blue", "rule": 1, "out_port": "veth-vm2",
+                "flow_hit": False, "reason": "rule", "packet_in": packet.hex(),
+                "packet_out": packet.hex()}
+
+
+def populated():
+    c = FakeController()
+    for kind, obj in (
+            ("tenants", {"name": "blue", "id": 10}),
+            ("ports", {"name": "veth-vm1", "tenant": "blue"}),
+            ("endpoints", {"tenant": "blue", "ip": "10.0.0.5", "port": "veth-vm1",
+                           "mac": "02:00:00:00:00:05"})):
+        c.add(kind, obj)
+    c.calls.clear()
+    return c
+
+
+def test_table_covers_the_contract_and_nothing_else():
+    assert set(COMMANDS) == CONTRACT
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_every_command_has_help_examples_and_a_call(name):
+    cmd = COMMANDS[name]
+    assert cmd.help and "\n" not in cmd.help
+    assert f"xdpflowctl {name}" in cmd.examples
+    assert callable(cmd.run)
+    for a in cmd.args:
+        assert a.help
+        assert a.kind in ("str", "int", "flag", "object")
+        assert a.wire or a.cli
+
+
+def test_mutating_is_what_changes_state():
+    mutating = {n for n, c in COMMANDS.items() if c.mutating}
+    assert mutating == {"tenant add", "tenant del", "port add", "port del", "endpoint add",
+                        "endpoint del", "route add", "route del", "rule add", "rule del",
+                        "apply", "flow flush"}
+    assert COMMANDS["apply"].changes_state({"dry_run": False})
+    assert not COMMANDS["apply"].changes_state({"dry_run": True})
+    assert not COMMANDS["trace"].changes_state({})
+
+
+def test_rule_priority_help_says_highest_wins():
+    cmd = COMMANDS["rule add"]
+    assert "highest" in cmd.help
+    assert "highest" in next(a for a in cmd.args if a.name == "priority").help
+
+
+def test_tenant_add_passes_only_given_fields():
+    c = FakeController()
+    assert dispatch(c, "tenant add", {"name": "blue", "id": 10}) == {
+        "name": "blue", "id": 10, "vni": None, "default": "drop"}
+    assert c.calls == [("add", "tenants", {"name": "blue", "id": 10})]
+
+
+def test_rule_id_is_the_smallest_unused():
+    c = populated()
+    for rid in (1, 2, 4):
+        dispatch(c, "rule add", {"tenant": "blue", "priority": 5, "action": "deny", "id": rid})
+    r = dispatch(c, "rule add", {"tenant": "blue", "priority": 100, "action": "allow",
+                                 "proto": "tcp", "dport": "22"})
+    assert r["id"] == 3
+    assert c.calls[-1][:2] == ("add", "rules") and c.calls[-1][2]["id"] == 3
+    assert c.calls[-2] == ("list", "rules", None)  # all tenants: ids are global
+    assert dispatch(c, "rule add", {"tenant": "blue", "priority": 1, "action": "pass"})["id"] == 5
+    assert commands.next_rule_id([]) == 1
+
+
+def test_explicit_rule_id_is_kept_and_duplicate_refused():
+    c = populated()
+    assert dispatch(c, "rule add", {"tenant": "blue", "priority": 1, "action": "deny",
+                                    "id": 42})["id"] == 42
+    with pytest.raises(model.Conflict):
+        dispatch(c, "rule add", {"tenant": "blue", "priority": 1, "action": "deny", "id": 42})
+
+
+def test_route_next_hop_forms():
+    c = populated()
+    assert dispatch(c, "route add", {"tenant": "blue", "prefix": "default",
+                                     "via": "10.0.0.5"})["action"] == "via"
+    assert dispatch(c, "route add", {"tenant": "blue", "prefix": "192.168.0.0/16",
+                                     "kernel": True})["action"] == "kernel"
+    assert dispatch(c, "route add", {"tenant": "blue", "prefix": "10.9.0.0/16",
+                                     "drop": True})["action"] == "drop"
+    with pytest.raises(BadArgs, match="exclude"):
+        dispatch(c, "route add", {"tenant": "blue", "prefix": "10.8.0.0/16", "drop": True,
+                                  "kernel": True})
+    with pytest.raises(BadArgs, match="one of"):
+        dispatch(c, "route add", {"tenant": "blue", "prefix": "10.8.0.0/16"})
+
+
+def test_delete_identities_are_canonical():
+    c = populated()
+    dispatch(c, "port add", {"name": "veth-vm6", "tenant": "blue"})
+    dispatch(c, "endpoint add", {"tenant": "blue", "ip": "2001:DB8::5", "port": "veth-vm6",
+                                 "mac": "02:00:00:00:00:06"})
+    dispatch(c, "route add", {"tenant": "blue", "prefix": "0.0.0.0/0", "kernel": True})
+    assert dispatch(c, "route del", {"tenant": "blue", "prefix": "default"}) == {
+        "deleted": "route", "identity": ["blue", "0.0.0.0/0"]}
+    dispatch(c, "endpoint del", {"tenant": "blue", "ip": "2001:0db8:0::5"})
+    assert c.calls[-1] == ("delete", "endpoints", ["blue", "2001:db8::5"])
+    dispatch(c, "rule add", {"tenant": "blue", "priority": 1, "action": "deny"})
+    dispatch(c, "rule del", {"id": "1"})
+    assert c.calls[-1] == ("delete", "rules", [1])
+    with pytest.raises(model.Conflict, match="does not exist"):
+        dispatch(c, "rule del", {"id": 1})
+    with pytest.raises(model.Invalid):
+        dispatch(c, "route del", {"tenant": "blue", "prefix": "10.0.0.1/8"})
+
+
+@pytest.mark.parametrize("name,args,match", [
+    ("nope", {}, "unknown command"),
+    ("tenant add", [], "JSON object"),
+    ("tenant add", {"name": "blue"}, "id is required"),
+    ("tenant add", {"name": "blue", "id": 1, "colour": "x"}, "unknown argument"),
+    ("tenant add", {"name": ["blue"], "id": 1}, "must be a JSON string"),
+    ("tenant add", {"name": "blue", "id": True}, "must be a JSON integer"),
+    ("route add", {"tenant": "blue", "prefix": "default", "kernel": "yes"}, "boolean"),
+    ("apply", {"state": "tenants=[]"}, "JSON object"),
+    ("apply", {"file": "x.toml", "state": {}}, "unknown argument"),   # CLI-only
+    ("trace", {"port": "veth-vm1", "scapy": "Ether()"}, "unknown argument"),  # CLI-only
+    ("trace", {"port": "veth-vm1"}, "hex"),
+])
+def test_bad_args(name, args, match):
+    with pytest.raises(BadArgs, match=match):
+        dispatch(FakeController(), name, args)
+
+
+@pytest.mark.parametrize("name,args", [
+    ("tenant add", {"name": "blue", "id": 0}),
+    ("tenant add", {"name": "blue", "id": 1, "default": "maybe"}),
+    ("endpoint add", {"tenant": "blue", "ip": "10.0.0.5", "port": "veth-vm1",
+                      "mac": "01:00:00:00:00:05"}),
+    ("rule add", {"tenant": "blue", "priority": 1, "action": "deny", "proto": "udp",
+                  "icmp_type": 8}),
+    ("flow dump", {"limit": 0}),
+    ("trace", {"port": "veth-vm1", "hex": "zz"}),
+    ("trace", {"port": "veth-vm1", "hex": "0011"}),
+])
+def test_bad_values_are_invalid_not_conflict(name, args):
+    with pytest.raises(model.Invalid) as e:
+        dispatch(populated(), name, args)
+    assert not isinstance(e.value, model.Conflict)
+
+
+def test_references_are_conflicts():
+    with pytest.raises(model.Conflict, match="unknown tenant"):
+        dispatch(FakeController(), "port add", {"name": "veth-vm1", "tenant": "blue"})
+
+
+def test_reading_commands_map_to_their_calls():
+    c = populated()
+    assert dispatch(c, "rule list", {"tenant": "blue"}) == []
+    assert c.calls[-1] == ("list", "rules", "blue")
+    assert dispatch(c, "tenant list", None)[0]["name"] == "blue"
+    assert len(dispatch(c, "flow dump", {})) == 2
+    assert c.calls[-1] == ("flow_dump", None, 1000)
+    assert dispatch(c, "flow flush", {"tenant": "red"}) == {"flushed": 1}
+    assert dispatch(c, "stats", {})["counters"]
+    assert dispatch(c, "status", {})["version"] == "test"
+    frame = "02:00:00:00:00:06 02:00:00:00:00:05 0800" + "45" * 20
+    r = dispatch(c, "trace", {"port": "veth-vm1", "hex": "0x" + frame})
+    assert c.calls[-1][:2] == ("trace", "veth-vm1")
+    assert r["packet_in"] == frame.replace(":", "").replace(" ", "")
+
+
+def test_apply_passes_state_and_dry_run():
+    c = FakeController()
+    st = {"tenants": [{"name": "blue", "id": 10}]}
+    d = dispatch(c, "apply", {"state": st, "dry_run": True})
+    assert d["tenants"]["add"][0]["name"] == "blue" and c.state.tenants == []
+    dispatch(c, "apply", {"state": st})
+    assert c.calls[-1] == ("apply", st, False) and c.state.tenant("blue")
+
+
+def test_fake_counts_concurrency():
+    # The fake itself must be able to see overlapping calls for test_api's lock test.
+    c = FakeController()
+    c.slow = 0.05
+    ts = [threading.Thread(target=c.status) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert c.max_inside > 1

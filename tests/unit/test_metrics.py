@@ -1,0 +1,262 @@
+"""The Prometheus collector, scraped over real HTTP from a fake datapath source."""
+import shutil
+import socket
+import subprocess
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.metrics import EVICTION_REASONS, DatapathCollector, serve
+
+pytestmark = pytest.mark.unit
+
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+
+
+class FakeSource:
+    """The datapath as the collector sees it, with numbers the tests can check."""
+
+    def __init__(self):
+        self.calls = 0
+        self.broken = set()
+
+    def _call(self, name):
+        self.calls += 1
+        if name in self.broken:
+            raise RuntimeError(f"bpf map read failed: {name}")
+
+    def counters(self):
+        self._call("counters")
+        return [
+            dict(tenant="blue", port="veth-vm1", verdict="allow", reason="rule",
+                 packets=1200, bytes=96000),
+            dict(tenant="blue", port="veth-vm1", verdict="drop", reason="default",
+                 packets=7, bytes=420),
+            dict(tenant="red", port="veth-vm2", verdict="pass", reason="unparsed",
+                 packets=3, bytes=180),
+        ]
+
+    def flow_summary(self):
+        self._call("flow_summary")
+        return dict(total=250, capacity=1000, by_tenant={"blue": 200, "red": 50},
+                    insert_failures=4)
+
+    def evictions(self):
+        self._call("evictions")
+        return {"idle": 30, "closed": 12, "table_full": 1}
+
+    def tenants(self):
+        self._call("tenants")
+        return [
+            dict(name="blue", id=10, generation=3, rules=5, endpoints=2),
+            dict(name="red", id=20, generation=1, rules=0, endpoints=1),
+        ]
+
+    def ports(self):
+        self._call("ports")
+        return [
+            dict(name="veth-vm1", tenant="blue", attached=True, ifindex=7, mode="native"),
+            dict(name="veth-vm2", tenant="red", attached=False, ifindex=0, mode=""),
+        ]
+
+    def agent_info(self):
+        self._call("agent_info")
+        return dict(version="0.1.0", started_at=1700000000.5, last_reconcile_seconds=0.25,
+                    reconcile_errors=2, sweeps=40, sweep_seconds_total=1.5)
+
+
+class RaisingSource:
+    """Every read fails, as when the BPF maps are gone."""
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise OSError(f"{name}: no such map")
+        return fail
+
+
+@pytest.fixture
+def source():
+    return FakeSource()
+
+
+@pytest.fixture
+def server(source):
+    srv = serve(DatapathCollector(source), "127.0.0.1", 0)
+    yield srv
+    srv.shutdown()
+
+
+def scrape(host, port):
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+        assert resp.status == 200
+        return resp.read().decode()
+
+
+def samples(body):
+    """{(sample name, frozenset(labels)): value} over the whole exposition."""
+    out = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(body_samples, name, **labels):
+    return body_samples[(name, frozenset(labels.items()))]
+
+
+def test_scrape_matches_the_source(server):
+    got = samples(scrape("127.0.0.1", server.port))
+    traffic = dict(tenant="blue", port="veth-vm1", verdict="allow", reason="rule")
+    assert value(got, "xdpflow_packets_total", **traffic) == 1200
+    assert value(got, "xdpflow_bytes_total", **traffic) == 96000
+    assert value(got, "xdpflow_packets_total", tenant="blue", port="veth-vm1",
+                 verdict="drop", reason="default") == 7
+    assert value(got, "xdpflow_bytes_total", tenant="red", port="veth-vm2",
+                 verdict="pass", reason="unparsed") == 180
+
+    assert value(got, "xdpflow_flows", tenant="blue") == 200
+    assert value(got, "xdpflow_flows", tenant="red") == 50
+    assert value(got, "xdpflow_flow_table_capacity") == 1000
+    assert value(got, "xdpflow_flow_table_fill_ratio") == pytest.approx(0.25)
+    assert value(got, "xdpflow_flow_insert_failures_total") == 4
+
+    assert value(got, "xdpflow_flow_evictions_total", reason="idle") == 30
+    assert value(got, "xdpflow_flow_evictions_total", reason="closed") == 12
+    assert value(got, "xdpflow_flow_evictions_total", reason="table_full") == 1
+    # Reasons that have not happened yet are exported at 0.
+    assert value(got, "xdpflow_flow_evictions_total", reason="flush") == 0
+    assert value(got, "xdpflow_flow_evictions_total", reason="rule_change") == 0
+
+    assert value(got, "xdpflow_tenant_generation", tenant="blue") == 3
+    assert value(got, "xdpflow_rules", tenant="blue") == 5
+    assert value(got, "xdpflow_endpoints", tenant="red") == 1
+
+    assert value(got, "xdpflow_port_attached", port="veth-vm1", tenant="blue",
+                 mode="native") == 1
+    assert value(got, "xdpflow_port_attached", port="veth-vm2", tenant="red", mode="") == 0
+
+    assert value(got, "xdpflow_agent_info", version="0.1.0") == 1
+    assert value(got, "xdpflow_agent_start_time_seconds") == 1700000000.5
+    assert value(got, "xdpflow_reconcile_duration_seconds") == 0.25
+    assert value(got, "xdpflow_reconcile_errors_total") == 2
+    assert value(got, "xdpflow_sweeps_total") == 40
+    assert value(got, "xdpflow_sweep_duration_seconds_total") == 1.5
+    assert value(got, "xdpflow_scrape_errors_total") == 0
+    assert value(got, "xdpflow_up") == 1
+    # The agent's registry also carries the process collector.
+    assert ("process_cpu_seconds_total", frozenset()) in got
+
+
+def test_every_family_has_help_and_the_prefix(server):
+    body = scrape("127.0.0.1", server.port)
+    ours = [f for f in text_string_to_metric_families(body) if not f.name.startswith("process_")]
+    assert len(ours) == 19
+    for family in ours:
+        assert family.name.startswith("xdpflow_")
+        assert family.documentation and family.documentation != family.name
+
+
+def test_promtool_check_metrics_is_clean(server):
+    if not shutil.which(PROMTOOL):
+        pytest.skip("promtool not installed")
+    body = scrape("127.0.0.1", server.port)
+    result = subprocess.run([PROMTOOL, "check", "metrics"], input=body, text=True,
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == ""
+
+
+def test_values_are_read_at_scrape_time(server, source):
+    scrape("127.0.0.1", server.port)
+    before = source.calls
+    scrape("127.0.0.1", server.port)
+    assert source.calls == before + 6
+
+
+def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
+    source.broken = {"counters"}
+    got = samples(scrape("127.0.0.1", server.port))
+    assert value(got, "xdpflow_up") == 0
+    assert value(got, "xdpflow_scrape_errors_total") == 1
+    assert not any(name == "xdpflow_packets_total" for name, _ in got)
+    assert value(got, "xdpflow_flow_table_capacity") == 1000
+    assert value(got, "xdpflow_agent_info", version="0.1.0") == 1
+
+    # The server is still answering, the error count accumulates, and recovery shows.
+    got = samples(scrape("127.0.0.1", server.port))
+    assert value(got, "xdpflow_scrape_errors_total") == 2
+    source.broken = set()
+    got = samples(scrape("127.0.0.1", server.port))
+    assert value(got, "xdpflow_up") == 1
+    assert value(got, "xdpflow_scrape_errors_total") == 2
+
+
+def test_wholly_broken_source_still_answers():
+    srv = serve(DatapathCollector(RaisingSource()), "127.0.0.1", 0)
+    try:
+        for expected_errors in (6, 12):
+            body = scrape("127.0.0.1", srv.port)
+            got = samples(body)
+            assert value(got, "xdpflow_up") == 0
+            assert value(got, "xdpflow_scrape_errors_total") == expected_errors
+    finally:
+        srv.shutdown()
+
+
+def test_malformed_rows_count_as_scrape_errors(source):
+    source.tenants = lambda: [dict(name="blue")]  # no generation, rules, endpoints
+    collector = DatapathCollector(source)
+    families = {f.name: f for f in collector.collect()}
+    assert families["xdpflow_up"].samples[0].value == 0
+    assert families["xdpflow_tenant_generation"].samples == []
+    assert families["xdpflow_rules"].samples == []
+
+
+def test_describe_does_not_touch_the_source():
+    collector = DatapathCollector(RaisingSource())
+    names = {f.name for f in collector.describe()}
+    assert "xdpflow_packets" in names and "xdpflow_up" in names
+    # Registering calls describe(); it must not read BPF.
+    CollectorRegistry().register(collector)
+
+
+def test_describe_and_collect_agree(source):
+    collector = DatapathCollector(source)
+    described = {(f.name, f.type) for f in collector.describe()}
+    collected = {(f.name, f.type) for f in collector.collect()}
+    assert described == collected
+
+
+def test_eviction_reasons_are_the_documented_ones():
+    assert set(EVICTION_REASONS) == {"idle", "closed", "rule_change", "flush", "table_full"}
+
+
+def test_serve_on_ipv6_loopback(source):
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    srv = serve(DatapathCollector(source), "::1", 0)
+    try:
+        got = samples(scrape("[::1]", srv.port))
+        assert value(got, "xdpflow_up") == 1
+    finally:
+        srv.shutdown()
+    # Bracketed, as written in a URL, is accepted too.
+    srv = serve(DatapathCollector(source), "[::1]", 0)
+    srv.shutdown()
+
+
+def test_shutdown_releases_the_port(source):
+    srv = serve(DatapathCollector(source), "127.0.0.1", 0)
+    port = srv.port
+    srv.shutdown()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    again = serve(DatapathCollector(source), "127.0.0.1", port)
+    again.shutdown()
