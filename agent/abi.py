@@ -41,7 +41,20 @@ FLOW_REVERSE, FLOW_CLOSING = 0x01, 0x02
 EP_LOCAL = 0x01
 MAX_TENANTS = 65536
 MASK_SETS = 8192
-STATS_SIZE = 65536
+V_MAX = 5
+R_ROWS = 32
+
+
+def stats_index(slot: int, verdict: int, reason: int) -> int:
+    """Row of the per-CPU counter array for (port slot, verdict, reason)."""
+    return (slot * V_MAX + verdict) * R_ROWS + reason
+
+
+def stats_row(index: int):
+    """(port slot, verdict, reason) of a counter row."""
+    slot, rest = divmod(index, V_MAX * R_ROWS)
+    verdict, reason = divmod(rest, R_ROWS)
+    return slot, verdict, reason
 FRAG_TABLE_SIZE = 8192
 MAX_RULE_IDS = 262144
 
@@ -52,7 +65,7 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_RT_VIA": RT_VIA, "XF_RT_KERNEL": RT_KERNEL, "XF_RT_DROP": RT_DROP,
     "XF_FLOW_REVERSE": FLOW_REVERSE, "XF_FLOW_CLOSING": FLOW_CLOSING,
     "XF_EP_LOCAL": EP_LOCAL, "XF_MAX_TENANTS": MAX_TENANTS, "XF_MASK_SETS": MASK_SETS,
-    "XF_STATS_SIZE": STATS_SIZE, "XF_FRAG_TABLE_SIZE": FRAG_TABLE_SIZE,
+    "XF_V_MAX": V_MAX, "XF_R_ROWS": R_ROWS, "XF_FRAG_TABLE_SIZE": FRAG_TABLE_SIZE,
     "XF_MAX_RULE_IDS": MAX_RULE_IDS, "XF_R_MAX": R_MAX,
 }
 CONSTANTS.update({"XF_R_" + name.upper(): rid for rid, name in REASONS.items()})
@@ -134,10 +147,6 @@ class Route(ct.Structure):
     _fields_ = [("action", u8), ("pad", u8 * 3), ("via", Addr)]
 
 
-class StatsKey(ct.Structure):
-    _fields_ = [("tenant", u16), ("port", u16), ("verdict", u8), ("reason", u8), ("pad", u16)]
-
-
 class Counter(ct.Structure):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
@@ -163,7 +172,7 @@ class Trace(ct.Structure):
 
 # --- maps: name -> (BPF map type, key type, value type, size setting) -----------------
 
-HASH, ARRAY, PERCPU_HASH, LRU_HASH, LPM_TRIE = 1, 2, 5, 9, 11
+HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LPM_TRIE = 1, 2, 5, 6, 9, 11
 MAPS = {
     "xf_flows": (HASH, FlowKey, Flow, "XF_FLOW_TABLE_SIZE"),
     "xf_ports": (HASH, u32, Port, "XF_MAX_PORTS"),
@@ -172,7 +181,7 @@ MAPS = {
     "xf_rules": (HASH, RuleKey, Rule, "XF_MAX_RULE_ENTRIES"),
     "xf_endpoints": (HASH, EpKey, Endpoint, "XF_MAX_ENDPOINTS"),
     "xf_routes": (LPM_TRIE, RouteKey, Route, "XF_MAX_ROUTES"),
-    "xf_stats": (PERCPU_HASH, StatsKey, Counter, STATS_SIZE),
+    "xf_stats": (PERCPU_ARRAY, u32, Counter, "XF_STATS_ROWS"),
     "xf_rule_hits": (PERCPU_HASH, u32, u64, MAX_RULE_IDS),
     "xf_frags": (LRU_HASH, FragKey, Frag, FRAG_TABLE_SIZE),
     "xf_meta": (ARRAY, u32, Meta, 1),
@@ -184,7 +193,9 @@ def map_spec(name: str, defines: Dict[str, int]):
     mtype, k, v, size = MAPS[name]
     if v is None:
         v = mask_set_type(defines.get("XF_MAX_MASKS", DEFAULT_MAX_MASKS))
-    if isinstance(size, str):
+    if size == "XF_STATS_ROWS":
+        size = defines["XF_MAX_PORTS"] * V_MAX * R_ROWS
+    elif isinstance(size, str):
         size = defines[size]
     return mtype, ct.sizeof(k), ct.sizeof(v), size
 
@@ -199,12 +210,12 @@ def _describe(t) -> str:
 
 
 def layout_hash(name: str, defines: Dict[str, int]) -> int:
-    """A fingerprint of one map's type, sizes and key/value layout."""
+    """A fingerprint of one map's type and key/value layout, not its size: a map that only
+    changed size can have its entries copied over."""
     mtype, k, v, _ = MAPS[name]
     if v is None:
         v = mask_set_type(defines.get("XF_MAX_MASKS", DEFAULT_MAX_MASKS))
-    spec = map_spec(name, defines)
-    text = f"{ABI_VERSION}|{name}|{spec}|{_describe(k)}|{_describe(v)}"
+    text = f"{ABI_VERSION}|{name}|{mtype}|{_describe(k)}|{_describe(v)}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 

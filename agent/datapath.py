@@ -4,6 +4,7 @@ flips, read counters and flows, and run packets through it (BPF_PROG_TEST_RUN)."
 from __future__ import annotations
 
 import ctypes as ct
+import hashlib
 import logging
 import os
 import shutil
@@ -19,8 +20,7 @@ log = logging.getLogger("xdpflow.datapath")
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM = "xdpflow_port"
-META_SLOTS = 16
-MAP_ORDER = list(abi.MAPS)            # index in xf_meta
+MAP_ORDER = list(abi.MAPS)
 # Maps whose contents the agent can always rebuild from its store; the rest (flows,
 # counters) are state the datapath made and are migrated when only their size changed.
 REBUILT_FROM_STORE = {"xf_ports", "xf_tenants", "xf_masks", "xf_rules", "xf_endpoints",
@@ -80,9 +80,9 @@ class Datapath:
     def check_pins(self) -> List[PinStatus]:
         """What loading would do with each pinned map: reuse it, create it, migrate its
         entries into a resized map, or rebuild it (layout changed)."""
-        metas = self._read_meta()
+        layout_ok = self._meta_layout() == self._combined_layout()
         out = []
-        for i, name in enumerate(MAP_ORDER):
+        for name in MAP_ORDER:
             path = f"{self.pin_dir}/{name}"
             if not os.path.exists(path):
                 out.append(PinStatus(name, "create"))
@@ -90,65 +90,41 @@ class Datapath:
             m = RawMap.pinned(path)
             try:
                 mtype, ks, vs, size = abi.map_spec(name, self.defines)
-                want_layout = abi.layout_hash(name, {**self.defines, **{"_": 0}})
-                have_layout = metas[i] if metas is not None else None
-                same_shape = (m.type, m.key_size, m.value_size) == (mtype, ks, vs)
-                if not same_shape:
+                if (m.type, m.key_size, m.value_size) != (mtype, ks, vs):
                     out.append(PinStatus(name, "rebuild",
                                          f"pinned type/key/value {m.type}/{m.key_size}/"
                                          f"{m.value_size}, program wants {mtype}/{ks}/{vs}"))
-                elif have_layout is not None and have_layout != self._layout(name):
-                    out.append(PinStatus(name, "rebuild", "field layout changed"))
+                elif not layout_ok and name != "xf_meta":
+                    out.append(PinStatus(name, "rebuild", "layout fingerprint differs"))
                 elif m.max_entries != size:
-                    out.append(PinStatus(name, "migrate",
-                                         f"size {m.max_entries} -> {size}"))
+                    out.append(PinStatus(name, "migrate", f"size {m.max_entries} -> {size}"))
                 else:
                     out.append(PinStatus(name, "reuse"))
-                del want_layout
             finally:
                 m.close()
         return out
 
-    def _layout(self, name: str) -> int:
-        # The layout fingerprint without the size: a resize is a migration, not a rebuild.
-        d = dict(self.defines)
-        size_key = abi.MAPS[name][3]
-        if isinstance(size_key, str):
-            d[size_key] = 0
-        mtype, k, v, _ = abi.MAPS[name]
-        if v is None:
-            v = abi.mask_set_type(self.max_masks)
-        return abi.layout_hash(name, d) if not isinstance(size_key, str) else \
-            int.from_bytes(abi.layout_hash(name, d).to_bytes(8, "little"), "little")
+    def _combined_layout(self) -> int:
+        h = hashlib.sha256()
+        for name in MAP_ORDER:
+            h.update(abi.layout_hash(name, self.defines).to_bytes(8, "little"))
+        return int.from_bytes(h.digest()[:8], "little")
 
-    def _read_meta(self) -> Optional[List[int]]:
+    def _meta_layout(self) -> Optional[int]:
         path = f"{self.pin_dir}/xf_meta"
         if not os.path.exists(path):
             return None
         m = RawMap.pinned(path)
         try:
-            if m.value_size != ct.sizeof(abi.Meta) or m.max_entries != 1:
+            if m.value_size != ct.sizeof(abi.Meta):
                 return None
             raw = m.get(bytes(ct.c_uint32(0)))
             meta = abi.Meta.from_buffer_copy(raw) if raw else None
             if not meta or meta.abi_version != abi.ABI_VERSION:
                 return None
-            # one combined fingerprint: per-map hashes are folded into it in order
-            return self._split_meta(meta.layout_hash)
+            return meta.layout_hash
         finally:
             m.close()
-
-    def _combined_layout(self) -> int:
-        h = 0
-        for name in MAP_ORDER:
-            h = (h * 1000003 ^ self._layout(name)) & ((1 << 64) - 1)
-        return h
-
-    def _split_meta(self, combined: int) -> Optional[List[int]]:
-        # One fingerprint for all maps: equal means every map's layout is unchanged.
-        if combined == self._combined_layout():
-            return [self._layout(n) for n in MAP_ORDER]
-        return [-1] * len(MAP_ORDER)
 
     def load(self) -> List[PinStatus]:
         """Compile and load the program, reusing, migrating or rebuilding pinned maps."""
@@ -337,8 +313,8 @@ class Datapath:
         return self.maps["xf_flows"].delete_many(keys)
 
     # -- counters ---------------------------------------------------------------------------
-    def counters(self) -> List[Tuple[abi.StatsKey, int, int]]:
-        """(key, packets, bytes) summed over CPUs."""
+    def counters(self) -> List[Tuple[int, int, int, int, int]]:
+        """Non-zero rows as (port slot, verdict, reason, packets, bytes), summed over CPUs."""
         m = self.maps["xf_stats"]
         out = []
         for k, v in m.items():
@@ -347,8 +323,17 @@ class Datapath:
                 c = abi.Counter.from_buffer_copy(cpu)
                 pk += c.packets
                 by += c.bytes
-            out.append((abi.StatsKey.from_buffer_copy(k), pk, by))
+            if pk or by:
+                slot, verdict, reason = abi.stats_row(ct.c_uint32.from_buffer_copy(k).value)
+                out.append((slot, verdict, reason, pk, by))
         return out
+
+    def clear_counters(self, slot: int) -> None:
+        """Zero a port slot's rows (a slot handed to a new port starts from zero)."""
+        m = self.maps["xf_stats"]
+        zero = bytes(m.vsize)
+        rows = range(abi.stats_index(slot, 0, 0), abi.stats_index(slot + 1, 0, 0))
+        m.update_many([(bytes(ct.c_uint32(i)), zero) for i in rows])
 
     def rule_hits(self) -> Dict[int, int]:
         m = self.maps["xf_rule_hits"]
@@ -364,14 +349,10 @@ class Datapath:
         """Dry run through the trace build: what the datapath would do, with no flow
         installed and no counter touched."""
         fd = self.load_trace()
-        rec = self.trace_bpf["xf_trace_rec"]
-        zero = rec.Key(0)
-        rec[zero] = rec.Leaf(*[rec.Leaf() for _ in range(bpfsys.NR_CPUS)]) \
-            if False else rec[zero]   # keep BCC's view; reset below
-        rec.clear() if hasattr(rec, "clear") else None
+        rec = RawMap(self.trace_bpf["xf_trace_rec"].get_fd(), "xf_trace_rec")
+        zero = bytes(ct.c_uint32(0))
+        rec.put(zero, bytes(rec.vsize))
         rc, out, _ = bpfsys.test_run(fd, packet, ifindex=ifindex)
-        vals = rec[zero]
-        # test-run executes on the current CPU: take the record that was written
-        rec_vals = [abi.Trace.from_buffer_copy(bytes(v)) for v in vals]
-        best = max(rec_vals, key=lambda t: (t.verdict != 0, t.in_port))
-        return rc, out, best
+        records = [abi.Trace.from_buffer_copy(v) for v in rec.per_cpu(rec.get(zero))]
+        written = [t for t in records if t.verdict or t.reason]
+        return rc, out, written[0] if written else abi.Trace()

@@ -27,7 +27,6 @@
 #define XF_MAX_TENANTS 65536         /* tenant ids are 1..65535; the array is indexed by id */
 #define XF_MAX_VLAN_DEPTH 2          /* 802.1Q / 802.1ad tags parsed before L3 */
 #define XF_MAX_IPV6_EXT 6            /* IPv6 extension headers walked before giving up */
-#define XF_STATS_SIZE 65536          /* (tenant, port, verdict, reason) counter rows */
 #define XF_FRAG_TABLE_SIZE 8192      /* first fragments remembered for their later fragments */
 #define XF_MAX_RULE_IDS 262144       /* rules whose classification hits are counted */
 #define XF_MASK_SETS 8192            /* (tenant, generation) mask sets: configured tenants x 2 */
@@ -38,6 +37,7 @@
 #define XF_V_PASS 2
 #define XF_V_REDIRECT 3
 #define XF_V_TX 4
+#define XF_V_MAX 5
 
 /* Reasons: why. Keep in step with agent/abi.py REASONS (checked by a test). */
 #define XF_R_FLOW 1            /* flow-table hit */
@@ -68,6 +68,7 @@
 #define XF_R_INSERT_FAILED 26  /* event: a flow insert failed (table full); verdict unchanged */
 #define XF_R_FLOW_STALE 27     /* event: a flow of an older generation was classified again */
 #define XF_R_MAX 28
+#define XF_R_ROWS 32           /* reasons per (port, verdict) in the counter array */
 
 /* Rule actions (classifier entries). */
 #define XF_A_ALLOW 1

@@ -19,8 +19,9 @@ BPF_TABLE_PINNED("hash", struct xf_rule_key, struct xf_rule, xf_rules, XF_MAX_RU
 BPF_TABLE_PINNED("hash", struct xf_ep_key, struct xf_endpoint, xf_endpoints, XF_MAX_ENDPOINTS, XF_PIN(xf_endpoints));
 /* Tenant routes: longest prefix match on (tenant, address). */
 BPF_TABLE_PINNED("lpm_trie", struct xf_route_key, struct xf_route, xf_routes, XF_MAX_ROUTES, XF_PIN(xf_routes), BPF_F_NO_PREALLOC);
-/* Packet counters per CPU by (tenant, port, verdict, reason), and events (verdict NONE). */
-BPF_TABLE_PINNED("percpu_hash", struct xf_stats_key, struct xf_counter, xf_stats, XF_STATS_SIZE, XF_PIN(xf_stats));
+/* Packet counters per CPU, a row per (port slot, verdict, reason); events (insert
+ * failures, stale flows) count under verdict NONE. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct xf_counter, xf_stats, XF_MAX_PORTS * XF_V_MAX * XF_R_ROWS, XF_PIN(xf_stats));
 /* Classifications per rule id, per CPU. */
 BPF_TABLE_PINNED("percpu_hash", __u32, __u64, xf_rule_hits, XF_MAX_RULE_IDS, XF_PIN(xf_rule_hits));
 /* Ports of first fragments, for the later fragments of the same datagram. */

@@ -129,14 +129,6 @@ struct xf_route {
     __u32 via[4];          /* next hop: one of the tenant's endpoints */
 };
 
-struct xf_stats_key {
-    __u16 tenant;
-    __u16 port;
-    __u8  verdict;
-    __u8  reason;
-    __u16 pad;
-};
-
 struct xf_counter {
     __u64 packets;
     __u64 bytes;

@@ -1,0 +1,126 @@
+"""Network namespaces and veths for tests and the lab: unique names, always removed, and a
+way to run this process (or one thread of it) inside a namespace without `ip netns exec`
+(which would give a fresh /sys and hide bpffs pins)."""
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import os
+import secrets
+import subprocess
+import threading
+from typing import Callable, Iterator, List, Optional, Sequence
+
+CLONE_NEWNET = 0x40000000
+_libc = ct.CDLL(None, use_errno=True)
+
+
+def unique(prefix: str, maxlen: int = 15) -> str:
+    """A name no other run uses: prefix + pid + random, cut to an interface's 15 chars."""
+    tail = f"{os.getpid() % 1000:03d}{secrets.token_hex(2)}"
+    return (prefix + tail)[:maxlen] if len(prefix) + len(tail) > maxlen else prefix + tail
+
+
+def run(cmd: Sequence[str], ns: Optional[str] = None, check: bool = True,
+        capture: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    """Run a command, inside a namespace's network stack only (nsenter --net), so it
+    still sees this mount namespace (bpffs pins, /sys)."""
+    full = list(cmd)
+    if ns:
+        full = ["nsenter", f"--net=/run/netns/{ns}", "--"] + full
+    p = subprocess.run(full, capture_output=capture, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(full)} failed ({p.returncode}): "
+                           f"{(p.stderr or '').strip()}")
+    return p
+
+
+def ip(*args: str, ns: Optional[str] = None, check: bool = True) -> str:
+    return run(["ip", *args], ns=ns, check=check).stdout
+
+
+def setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ct.get_errno()
+            raise OSError(err, f"setns {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def entered(ns: str) -> Iterator[None]:
+    """Run the calling thread inside network namespace `ns`, then return to where it was."""
+    here = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
+    try:
+        setns(f"/run/netns/{ns}")
+        yield
+    finally:
+        try:
+            if _libc.setns(here, CLONE_NEWNET) != 0:
+                raise OSError(ct.get_errno(), "setns back to the original namespace")
+        finally:
+            os.close(here)
+
+
+def in_netns(ns: str, fn: Callable, *args, **kw):
+    """Call fn in a short-lived thread that lives in namespace `ns` (sockets it opens stay
+    bound to that namespace; file descriptors are shared with the whole process)."""
+    result, error = [], []
+
+    def body():
+        try:
+            setns(f"/run/netns/{ns}")
+            result.append(fn(*args, **kw))
+        except BaseException as e:  # handed back to the caller
+            error.append(e)
+
+    t = threading.Thread(target=body, name=f"netns-{ns}")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+class Namespaces:
+    """Namespaces and root-namespace links created by one test or lab run, removed on
+    close() whatever happened in between."""
+
+    def __init__(self):
+        self.names: List[str] = []
+
+    def add(self, prefix: str = "xf") -> str:
+        name = unique(prefix, maxlen=30)
+        ip("netns", "add", name)
+        self.names.append(name)
+        ip("link", "set", "lo", "up", ns=name)
+        return name
+
+    def veth(self, a: str, a_ns: Optional[str], b: str, b_ns: Optional[str],
+             a_mac: Optional[str] = None, b_mac: Optional[str] = None) -> None:
+        """A veth pair a<->b, each end moved into its namespace and brought up."""
+        args = ["link", "add", a]
+        if a_mac:
+            args += ["address", a_mac]
+        args += ["type", "veth", "peer", "name", b]
+        if b_mac:
+            args += ["address", b_mac]
+        ip(*args, ns=a_ns)
+        if b_ns != a_ns:
+            ip("link", "set", b, "netns", b_ns, ns=a_ns)
+        ip("link", "set", a, "up", ns=a_ns)
+        ip("link", "set", b, "up", ns=b_ns)
+
+    def close(self):
+        for name in reversed(self.names):
+            # Deleting the namespace deletes its veths, and their peers with them.
+            run(["ip", "netns", "del", name], check=False)
+        self.names = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
