@@ -90,6 +90,35 @@ def map_info(fd: int) -> MapInfo:
     return info
 
 
+class ProgInfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+                ("name", ct.c_char * 16), ("rest", ct.c_uint8 * 160)]
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ProgInfo()
+    n = ct.c_uint32(ct.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)), "program info")
+    return info
+
+
+def prog_info_id(fd: int) -> int:
+    """The kernel's id of a loaded program (what netlink reports as attached)."""
+    return prog_info(fd).id
+
+
+def prog_name_by_id(prog_id: int) -> str:
+    fd = prog_fd_by_id(prog_id)
+    try:
+        return prog_info(fd).name.decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
 def prog_fd_by_id(prog_id: int) -> int:
     return _check(_lib.bpf_prog_get_fd_by_id(prog_id), f"program id {prog_id}")
 

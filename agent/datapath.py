@@ -75,6 +75,8 @@ class Datapath:
         flags += [f"-D{k}={v}" for k, v in sorted(self.defines.items())]
         if trace:
             flags.append("-DXF_TRACE")
+        # Extra -D flags for a different build of the same source (upgrade tests, debugging).
+        flags += os.environ.get("XDPFLOW_CFLAGS", "").split()
         return flags
 
     def check_pins(self) -> List[PinStatus]:

@@ -149,7 +149,10 @@ class Store:
         try:
             # Autocommit mode: transactions are begun and ended explicitly, never implicitly
             # by the sqlite3 module.
-            db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+            db = sqlite3.connect(path, isolation_level=None, timeout=10.0,
+                                 # the daemon serializes all use with one lock, from
+                                 # the API worker, the main loop and metrics threads
+                                 check_same_thread=False)
         except sqlite3.Error as e:
             raise StoreError(f"{path}: cannot open: {e}") from None
         db.row_factory = sqlite3.Row

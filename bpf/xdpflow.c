@@ -286,6 +286,7 @@ int xdpflow_port(struct xdp_md *ctx)
 
     struct xf_port *port = xf_ports.lookup(&ifindex);
     if (!port) {
+        v.rule_id = XF_BUILD_ID;       /* unused here: makes each build id a distinct program */
         v.verdict = XF_V_PASS;
         v.reason = XF_R_NO_PORT;
         return xf_finish(0, 0, &v, len, XDP_PASS);

@@ -20,6 +20,9 @@
 #ifndef XF_MAX_PORTS
 #define XF_MAX_PORTS 1024
 #endif
+#ifndef XF_BUILD_ID
+#define XF_BUILD_ID 0                /* set to tell builds of one source apart (upgrades) */
+#endif
 #ifndef XF_PIN_DIR
 #define XF_PIN_DIR "/sys/fs/bpf/xdpflow"
 #endif

@@ -3,16 +3,12 @@ way to run this process (or one thread of it) inside a namespace without `ip net
 (which would give a fresh /sys and hide bpffs pins)."""
 from __future__ import annotations
 
-import contextlib
-import ctypes as ct
 import os
 import secrets
 import subprocess
-import threading
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-CLONE_NEWNET = 0x40000000
-_libc = ct.CDLL(None, use_errno=True)
+from agent.netns import entered, in_netns, in_netns_path, setns  # noqa: F401 (re-exported)
 
 
 def unique(prefix: str, maxlen: int = 15) -> str:
@@ -37,51 +33,6 @@ def run(cmd: Sequence[str], ns: Optional[str] = None, check: bool = True,
 
 def ip(*args: str, ns: Optional[str] = None, check: bool = True) -> str:
     return run(["ip", *args], ns=ns, check=check).stdout
-
-
-def setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ct.get_errno()
-            raise OSError(err, f"setns {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def entered(ns: str) -> Iterator[None]:
-    """Run the calling thread inside network namespace `ns`, then return to where it was."""
-    here = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-    try:
-        setns(f"/run/netns/{ns}")
-        yield
-    finally:
-        try:
-            if _libc.setns(here, CLONE_NEWNET) != 0:
-                raise OSError(ct.get_errno(), "setns back to the original namespace")
-        finally:
-            os.close(here)
-
-
-def in_netns(ns: str, fn: Callable, *args, **kw):
-    """Call fn in a short-lived thread that lives in namespace `ns` (sockets it opens stay
-    bound to that namespace; file descriptors are shared with the whole process)."""
-    result, error = [], []
-
-    def body():
-        try:
-            setns(f"/run/netns/{ns}")
-            result.append(fn(*args, **kw))
-        except BaseException as e:  # handed back to the caller
-            error.append(e)
-
-    t = threading.Thread(target=body, name=f"netns-{ns}")
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 class Namespaces:

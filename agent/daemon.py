@@ -1,0 +1,323 @@
+"""xdpflow-agent: wiring and the main loop. Signal handlers only record the signal; the
+loop acts on it (reload, stop), pings the systemd watchdog, ages flows, and reconciles when
+interfaces change. On exit the programs stay attached and the maps pinned (hitless
+restart) unless a teardown is asked for."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+from . import VERSION, config as config_mod, model, notify
+from .config import ConfigError
+
+log = logging.getLogger("xdpflow.agent")
+
+EXAMPLES = """examples:
+  xdpflow-agent --config /etc/xdpflow/agent.toml            run in the foreground
+  xdpflow-agent --config /etc/xdpflow/agent.toml --check    validate the config, exit 0 or 2
+  xdpflow-agent --config /etc/xdpflow/agent.toml --teardown detach from every port, unpin maps
+"""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="xdpflow-agent", description="The xdpflow node agent (XDP datapath owner).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--teardown", action="store_true",
+                   help="detach from every port, remove the pinned maps, and exit")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="override [agent] log_level")
+    p.add_argument("--version", action="version", version=f"xdpflow-agent {VERSION}")
+    return p.parse_args(argv)
+
+
+class Agent:
+    def __init__(self, cfg, config_path: str):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.lock = threading.RLock()
+        self.signals = []
+        self.store = self.dp = self.links = self.controller = None
+        self.api = self.metrics = self.watcher = None
+        self._pass_bpf = None
+        self._links_dirty = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    # -- start-up ---------------------------------------------------------------------------
+    def start(self):
+        from .control import Controller, MetricsSource
+        from .datapath import Datapath, ensure_bpffs
+        from .links import Links, LinkWatcher
+        from .store import Store
+
+        if ensure_bpffs():
+            log.info("mounted bpffs on /sys/fs/bpf")
+        os.makedirs(self.cfg.agent.state_dir, mode=0o750, exist_ok=True)
+        self.store = Store.open(os.path.join(self.cfg.agent.state_dir, "state.db"))
+        self.dp = Datapath(self.cfg.agent.bpffs, self.cfg.datapath_defines())
+        report = self.dp.load()
+        self._log_pins(report)
+        self.links = Links()
+        self._pass_fd = self._load_pass_program()
+        self.controller = Controller(self.cfg, self.store, self.dp, self.links,
+                                     pass_fd=self._pass_fd, config_path=self.config_path)
+        with self.lock:
+            if self.store.get_meta("seeded") is None:
+                if any(getattr(self.cfg.state, k) for k in model.KINDS):
+                    self.controller.apply(self.cfg.state.to_dict(), dry_run=False)
+                    log.info("initial state from %s applied", self.config_path)
+                self.store.set_meta("seeded", "1")
+            self.controller.reconcile("start")
+            self.controller.sweep()
+        self._start_api()
+        self._start_metrics()
+        self.watcher = LinkWatcher(lambda why: self._mark_links_dirty())
+        self.watcher.start()
+
+    def _log_pins(self, report):
+        by = {}
+        for st in report:
+            by.setdefault(st.action, []).append(st.name + (f" ({st.detail})" if st.detail else ""))
+        for action in ("reuse", "create", "migrate", "rebuild"):
+            if by.get(action):
+                log.info("pinned maps under %s: %s %s", self.dp.pin_dir,
+                         {"reuse": "reusing", "create": "creating", "migrate": "migrating",
+                          "rebuild": "rebuilding"}[action], ", ".join(by[action]))
+
+    def _load_pass_program(self) -> int:
+        from bcc import BPF
+        from .datapath import BPF_DIR
+        self._pass_bpf = BPF(src_file=str(BPF_DIR / "xf_pass.c").encode())
+        return self._pass_bpf.load_func(b"xf_pass", BPF.XDP).fd
+
+    def _start_api(self):
+        from .api import ApiServer
+        a = self.cfg.agent
+        self.api = ApiServer(self.controller, a.socket, socket_group=a.socket_group,
+                             admin_group=a.admin_group, max_request_bytes=a.max_request_bytes,
+                             request_timeout=a.request_timeout, lock=self.lock)
+        self.api.start()
+        log.info("control API on %s", a.socket)
+
+    def _start_metrics(self):
+        from .control import MetricsSource
+        from .metrics import DatapathCollector, serve
+        addr = self.cfg.metrics_address()
+        if addr is None:
+            return
+        self.metrics = serve(DatapathCollector(MetricsSource(self.controller, self.lock)), *addr)
+        log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
+
+    def _mark_links_dirty(self):
+        self._links_dirty.set()
+        try:
+            os.write(self._wake_w, b"l")
+        except BlockingIOError:
+            pass
+
+    # -- the loop ------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self.signals.append(signum)    # acted on by the loop, never here
+
+    def run(self) -> int:
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, self._on_signal)
+        signal.set_wakeup_fd(self._wake_w)
+        wd = notify.watchdog_interval()
+        notify.ready(f"serving {len(self.controller.state.ports)} ports")
+        log.info("ready (xdpflow %s, pid %d)", VERSION, os.getpid())
+        next_sweep = time.monotonic() + self.cfg.aging.interval
+        next_wd = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if wd and now >= next_wd:
+                notify.watchdog()
+                next_wd = now + wd / 2
+            if now >= next_sweep:
+                self._guarded("sweep", self._sweep)
+                next_sweep = time.monotonic() + self.cfg.aging.interval
+            while self.signals:
+                sig = self.signals.pop(0)
+                if sig == signal.SIGHUP:
+                    self._guarded("reload", self.reload)
+                else:
+                    log.info("signal %s: stopping", signal.Signals(sig).name)
+                    return self.stop()
+            if self._links_dirty.is_set():
+                self._links_dirty.clear()
+                self._guarded("link change", self._reconcile_links)
+            timeout = max(0.0, min(next_sweep, next_wd if wd else next_sweep) - time.monotonic())
+            r, _, _ = select.select([self._wake_r], [], [], timeout)
+            if r:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+
+    def _guarded(self, what, fn):
+        try:
+            fn()
+        except Exception:
+            log.exception("%s failed", what)
+
+    def _sweep(self):
+        with self.lock:
+            done = self.controller.sweep()
+        if done:
+            log.debug("sweep evicted %s", done)
+
+    def _reconcile_links(self):
+        with self.lock:
+            self.controller.reconcile("link change")
+
+    def reload(self):
+        """SIGHUP: read the config again and apply what changed."""
+        notify.reloading()
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e)
+            notify.ready()
+            return
+        old = self.cfg
+        with self.lock:
+            if new.datapath != old.datapath:
+                self._rebuild_datapath(new)
+            self.cfg = new
+            self.controller.cfg = new
+            if new.state.to_dict() != old.state.to_dict():
+                self._apply_state_change(old.state, new.state)
+        if new.agent != old.agent:
+            logging.getLogger().setLevel(new.agent.log_level.upper())
+            if (new.agent.socket, new.agent.socket_group, new.agent.admin_group) != \
+                    (old.agent.socket, old.agent.socket_group, old.agent.admin_group):
+                self.api.stop()
+                self._start_api()
+        if new.metrics != old.metrics:
+            if self.metrics:
+                self.metrics.shutdown()
+                self.metrics = None
+            self._start_metrics()
+        log.info("reloaded %s", self.config_path)
+        notify.ready()
+
+    def _apply_state_change(self, old_seed: model.State, new_seed: model.State):
+        """The config's [state] changed: apply that difference to the live state."""
+        cur = self.controller.state
+        target = cur.copy()
+        d = model.diff(old_seed, new_seed)
+        for kind, typ in model.KINDS.items():
+            items = {model.identity(kind, o): o for o in getattr(target, kind)}
+            for o in d[kind]["remove"]:
+                items.pop(model.identity(kind, typ.from_dict(o)), None)
+            for o in d[kind]["add"] + [c["to"] for c in d[kind]["change"]]:
+                obj = typ.from_dict(o)
+                items[model.identity(kind, obj)] = obj
+            setattr(target, kind, list(items.values()))
+        self.controller.apply(target.to_dict(), dry_run=False)
+
+    def _rebuild_datapath(self, new_cfg):
+        """Map sizes changed: build the new program (migrating what can be migrated),
+        program it, then replace the program on every port in one step each."""
+        from .datapath import Datapath
+        old_dp = self.dp
+        dp = Datapath(new_cfg.agent.bpffs, new_cfg.datapath_defines())
+        self._log_pins(dp.load())
+        self.dp = dp
+        self.controller.dp = dp
+        self.controller.cfg = new_cfg
+        self.controller._prog_id = 0
+        self.controller.attached = {}
+        self.controller.reconcile("datapath rebuilt")
+        old_dp.close()
+
+    def stop(self) -> int:
+        notify.stopping()
+        for part in (self.watcher, self.api):
+            if part:
+                try:
+                    part.stop()
+                except Exception:
+                    log.exception("stopping %s", part)
+        if self.metrics:
+            self.metrics.shutdown()
+        with self.lock:
+            if self.cfg.agent.teardown_on_exit:
+                teardown(self.cfg, self.links, self.controller.state)
+            else:
+                log.info("leaving the datapath attached and its maps pinned: traffic keeps "
+                         "flowing; the next agent adopts them")
+        if self.store:
+            self.store.close()
+        return 0
+
+
+def teardown(cfg, links=None, state=None) -> None:
+    """Detach from every configured port (and our pass program from veth peers), then
+    remove the pinned maps."""
+    from .datapath import Datapath
+    from .links import Links
+    from .store import Store
+    own_links = links is None
+    links = links or Links()
+    if state is None:
+        path = os.path.join(cfg.agent.state_dir, "state.db")
+        state = Store.open(path).load() if os.path.exists(path) else model.State()
+    try:
+        for p in state.ports:
+            link = links.get(p.name)
+            if link is None:
+                continue
+            if links.detach(link):
+                log.info("port %s: detached", p.name)
+            try:
+                links.unprepare_peer(link)
+            except Exception as e:
+                log.warning("port %s: peer program left in place: %s", p.name, e)
+    finally:
+        if own_links:
+            links.close()
+    Datapath(cfg.agent.bpffs).unpin()
+    log.info("removed pinned maps under %s", cfg.agent.bpffs)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as e:
+        print(f"xdpflow-agent: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: ok")
+        return 0
+    logging.basicConfig(level=(args.log_level or cfg.agent.log_level).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.geteuid() != 0:
+        print("xdpflow-agent: needs root (BPF, netlink, bpffs)", file=sys.stderr)
+        return 1
+    if args.teardown:
+        teardown(cfg)
+        return 0
+    agent = Agent(cfg, args.config)
+    try:
+        agent.start()
+    except Exception as e:
+        log.exception("start-up failed")
+        notify.status(f"start-up failed: {e}")
+        return 1
+    return agent.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Ports as netlink sees them (pyroute2): look interfaces up, attach the datapath with an
+atomic replace (never detach, then attach), detach, make a veth's peer able to take
+redirected frames, and watch interfaces come and go."""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import bpfsys
+from .netns import in_netns_path
+
+log = logging.getLogger("xdpflow.links")
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4
+MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+OUR_PROGRAMS = ("xdpflow_port", "xf_pass")   # program names (BCC names them after the function)
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
+
+
+class LinkError(Exception):
+    pass
+
+
+@dataclass
+class Link:
+    name: str
+    ifindex: int
+    mac: str
+    kind: str                    # veth, tun, ...
+    xdp_prog_id: int             # 0: nothing attached
+    xdp_mode: str                # native | generic | ""
+    peer_ifindex: int            # veth: the peer's ifindex in its namespace
+    peer_netnsid: Optional[int]  # veth: the peer's namespace id as seen from here
+    addrs: Tuple[str, ...] = ()
+
+
+def _xdp_state(msg) -> Tuple[int, str]:
+    x = msg.get_attr("IFLA_XDP")
+    if not x:
+        return 0, ""
+    attached = x.get_attr("IFLA_XDP_ATTACHED")
+    pid = x.get_attr("IFLA_XDP_PROG_ID") or 0
+    mode = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}.get(
+        attached, "") if attached else ""
+    return pid, mode
+
+
+def _link_from_msg(msg, addrs=()) -> Link:
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info else ""
+    pid, mode = _xdp_state(msg)
+    return Link(name=msg.get_attr("IFLA_IFNAME"), ifindex=msg["index"],
+                mac=(msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00").lower(),
+                kind=kind or "", xdp_prog_id=pid, xdp_mode=mode,
+                peer_ifindex=msg.get_attr("IFLA_LINK") or 0,
+                peer_netnsid=msg.get_attr("IFLA_LINK_NETNSID"), addrs=tuple(addrs))
+
+
+class Links:
+    """One netlink socket in the agent's namespace."""
+
+    def __init__(self):
+        self.ipr = IPRoute()
+        self._lock = threading.Lock()
+
+    def close(self):
+        self.ipr.close()
+
+    def get(self, name: str) -> Optional[Link]:
+        with self._lock:
+            try:
+                msgs = self.ipr.link("get", ifname=name)
+            except NetlinkError as e:
+                if e.code in (19, 2):    # ENODEV, ENOENT
+                    return None
+                raise
+            if not msgs:
+                return None
+            msg = msgs[0]
+            addrs = [a.get_attr("IFA_ADDRESS") for a in self.ipr.get_addr(index=msg["index"])]
+        return _link_from_msg(msg, addrs)
+
+    def all(self) -> Dict[str, Link]:
+        with self._lock:
+            return {m.get_attr("IFLA_IFNAME"): _link_from_msg(m) for m in self.ipr.get_links()}
+
+    # -- XDP --------------------------------------------------------------------------------
+    def attach(self, link: Link, prog_fd: int, mode: str = "native") -> str:
+        """Put prog_fd on the interface. If a program is already there (ours from an
+        earlier agent, or an older build) it is replaced in one step, refused by the
+        kernel if someone swapped it in between. Returns what was done."""
+        flags = MODE_FLAGS[mode]
+        attrs = [("IFLA_XDP_FD", prog_fd)]
+        old_fd = -1
+        if link.xdp_prog_id:
+            owner = bpfsys.prog_name_by_id(link.xdp_prog_id)
+            if owner not in OUR_PROGRAMS:
+                raise LinkError(f"{link.name}: another XDP program ({owner!r}, id "
+                                f"{link.xdp_prog_id}) is attached; xdpflow does not replace "
+                                f"programs it did not attach")
+            if link.xdp_mode and link.xdp_mode != mode:
+                raise LinkError(f"{link.name}: a {link.xdp_mode} XDP program is attached; "
+                                f"this agent attaches in {mode} mode. Detach it first "
+                                f"(xdpflow-agent --teardown) or set datapath.xdp_mode")
+            old_fd = bpfsys.prog_fd_by_id(link.xdp_prog_id)
+            attrs += [("IFLA_XDP_FLAGS", flags | XDP_FLAGS_REPLACE),
+                      ("IFLA_XDP_EXPECTED_FD", old_fd)]
+        else:
+            attrs += [("IFLA_XDP_FLAGS", flags | XDP_FLAGS_UPDATE_IF_NOEXIST)]
+        try:
+            with self._lock:
+                self.ipr.link("set", index=link.ifindex, xdp={"attrs": attrs})
+        except NetlinkError as e:
+            raise LinkError(f"{link.name}: attaching XDP ({mode}) failed: {e}") from None
+        finally:
+            if old_fd >= 0:
+                os.close(old_fd)
+        return "replaced" if link.xdp_prog_id else "attached"
+
+    def detach(self, link: Link, only_ours: bool = True) -> bool:
+        if not link.xdp_prog_id:
+            return False
+        if only_ours and bpfsys.prog_name_by_id(link.xdp_prog_id) not in OUR_PROGRAMS:
+            return False
+        flags = MODE_FLAGS.get(link.xdp_mode, XDP_FLAGS_DRV_MODE)
+        with self._lock:
+            self.ipr.link("set", index=link.ifindex,
+                          xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})
+        return True
+
+    # -- veth peers ---------------------------------------------------------------------------
+    def peer_namespace(self, link: Link) -> Optional[str]:
+        """The path of the named namespace holding a veth's peer, if it can be found."""
+        if link.kind != "veth":
+            return None
+        if link.peer_netnsid is None:
+            return "self"
+        try:
+            names = os.listdir("/run/netns")
+        except FileNotFoundError:
+            return None
+        for name in names:
+            path = f"/run/netns/{name}"
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                with self._lock:
+                    r = self.ipr.get_netnsid(fd=fd)
+                if r and r.get("nsid") == link.peer_netnsid:
+                    return path
+            except NetlinkError:
+                pass
+            finally:
+                os.close(fd)
+        return None
+
+    def on_peer(self, link: Link, fn: Callable) -> Optional[object]:
+        """Call fn(IPRoute in the peer's namespace, peer ifindex) for a veth port."""
+        where = self.peer_namespace(link)
+        if where is None:
+            return None
+
+        def work():
+            ipr = IPRoute()
+            try:
+                return fn(ipr, link.peer_ifindex)
+            finally:
+                ipr.close()
+
+        return work() if where == "self" else in_netns_path(where, work)
+
+    def unprepare_peer(self, link: Link) -> bool:
+        """Take our pass-through program off a veth's peer (teardown)."""
+        def work(ipr, ifindex):
+            msg = ipr.link("get", index=ifindex)[0]
+            pid, mode = _xdp_state(msg)
+            if not pid or bpfsys.prog_name_by_id(pid) != "xf_pass":
+                return False
+            ipr.link("set", index=ifindex, xdp={"attrs": [
+                ("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", MODE_FLAGS.get(mode, XDP_FLAGS_DRV_MODE))]})
+            return True
+        return bool(self.on_peer(link, work))
+
+    def prepare_peer(self, link: Link, pass_fd: int) -> str:
+        """XDP_REDIRECT into a veth only delivers when the peer runs an XDP program: give
+        the peer a pass-through one unless it has a program already."""
+        def work(ipr, ifindex):
+            pid, _ = _xdp_state(ipr.link("get", index=ifindex)[0])
+            if pid:
+                return "peer has an XDP program"
+            ipr.link("set", index=ifindex, xdp={"attrs": [
+                ("IFLA_XDP_FD", pass_fd),
+                ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST)]})
+            return "peer prepared for redirected frames"
+        if link.kind != "veth":
+            return "not a veth"
+        return self.on_peer(link, work) or "peer namespace not found (not under /run/netns)"
+
+
+class LinkWatcher:
+    """Netlink link and address events, handed to a callback (from its own thread)."""
+
+    def __init__(self, on_change: Callable[[str], None]):
+        self.on_change = on_change
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)   # NETLINK_ROUTE
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="link-watch", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        os.write(self._stop_w, b"x")
+        self._thread.join(timeout=5)
+        self.sock.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    def _run(self):
+        while True:
+            r, _, _ = select.select([self.sock, self._stop_r], [], [])
+            if self._stop_r in r:
+                return
+            try:
+                self.sock.recv(65536)
+            except OSError:
+                continue
+            # Coalesce a burst of events into one reconcile.
+            while select.select([self.sock], [], [], 0.05)[0]:
+                try:
+                    self.sock.recv(65536)
+                except OSError:
+                    break
+            try:
+                self.on_change("link")
+            except Exception:
+                log.exception("handling a link event")

@@ -1,0 +1,141 @@
+"""Fixtures of the bpf tier: one node namespace with veth ports for the whole session (this
+process's main thread runs inside it, so BPF_PROG_TEST_RUN can name an ingress ifindex),
+one loaded datapath, and a per-test bench that programs a model state and measures what a
+packet did to the counters. Everything made here is removed at the end, whatever happened."""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import pytest
+
+from agent import abi, compiler, model
+from agent.datapath import Datapath
+from netns_lab.netns import Namespaces, entered
+
+# Node-side ports: fixed names inside the namespace, fixed MACs, fixed counter slots.
+PORTS = ("p1", "p2", "p3", "p4", "p5", "p6")
+PORT_MAC = {p: f"02:aa:00:00:00:0{i}" for i, p in enumerate(PORTS, 1)}
+VM_MAC = {p: f"02:00:00:00:00:0{i}" for i, p in enumerate(PORTS, 1)}
+SLOT = {p: i for i, p in enumerate(PORTS, 1)}
+# p6 is never part of any state: the "unknown ingress port".
+CONFIGURABLE = ("p1", "p2", "p3", "p4", "p5")
+
+SMALL_SIZES = {"XF_FLOW_TABLE_SIZE": 65536, "XF_MAX_RULE_ENTRIES": 8192,
+               "XF_MAX_ENDPOINTS": 1024, "XF_MAX_ROUTES": 1024, "XF_MAX_PORTS": 64}
+
+
+def pin_dir() -> str:
+    return f"/sys/fs/bpf/xdpflow-test-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class Lab:
+    node: str
+    vm: str
+    ifindex: Dict[str, int]
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """The namespaces and veths; the test session runs inside the node namespace."""
+    if os.geteuid() != 0:
+        pytest.skip("the bpf tier needs root")
+    nss = Namespaces()
+    try:
+        node = nss.add("xfb")
+        vm = nss.add("xfb")
+        for i, p in enumerate(PORTS, 1):
+            nss.veth(p, node, f"v{i}", vm, a_mac=PORT_MAC[p], b_mac=VM_MAC[p])
+        with entered(node):
+            yield Lab(node, vm, {p: socket.if_nametoindex(p) for p in PORTS})
+    finally:
+        nss.close()
+
+
+@pytest.fixture(scope="session")
+def dp(lab):
+    """One datapath for the session (a BCC compile costs seconds): test-run only, never
+    attached."""
+    d = Datapath(pin_dir(), SMALL_SIZES)
+    try:
+        d.unpin()
+        d.load()
+        yield d
+    finally:
+        try:
+            d.close()
+        finally:
+            d.unpin()
+
+
+@dataclass
+class Snapshot:
+    rows: Dict[Tuple[int, str, str], Tuple[int, int]]
+
+    def __sub__(self, before: "Snapshot") -> Dict[Tuple[int, str, str], Tuple[int, int]]:
+        out = {}
+        for k in set(self.rows) | set(before.rows):
+            a = self.rows.get(k, (0, 0))
+            b = before.rows.get(k, (0, 0))
+            d = (a[0] - b[0], a[1] - b[1])
+            if d != (0, 0):
+                out[k] = d
+        return out
+
+
+class Bench:
+    """Programs a state into the session datapath and runs packets through it."""
+
+    def __init__(self, lab: Lab, dp: Datapath):
+        self.lab = lab
+        self.dp = dp
+
+    def links(self, addrs: Optional[Dict[str, Iterable[str]]] = None) -> Dict[str, compiler.PortLink]:
+        addrs = addrs or {}
+        return {p: compiler.PortLink(p, self.lab.ifindex[p], PORT_MAC[p], SLOT[p],
+                                     tuple(addrs.get(p, ())))
+                for p in CONFIGURABLE}
+
+    def sync(self, state: dict, addrs: Optional[Dict[str, Iterable[str]]] = None):
+        img = compiler.compile_state(model.State.from_dict(state), self.links(addrs))
+        return self.dp.sync(img)
+
+    def apply(self, state: dict, addrs: Optional[Dict[str, Iterable[str]]] = None):
+        """A fresh start for one case: the state synced, no flows, no fragment state."""
+        self.sync(state, addrs)
+        self.dp.flush_flows()
+        frags = self.dp.maps["xf_frags"]
+        frags.delete_many(list(frags.keys()))
+
+    def run(self, pkt: bytes, port: str) -> Tuple[int, bytes]:
+        rc, out, _ = self.dp.run(bytes(pkt), self.lab.ifindex[port])
+        return rc, out
+
+    def trace(self, pkt: bytes, port: str):
+        return self.dp.trace(bytes(pkt), self.lab.ifindex[port])
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot({(slot, abi.VERDICTS[v], abi.REASONS.get(r, str(r))): (pk, by)
+                         for slot, v, r, pk, by in self.dp.counters()})
+
+    def flows(self) -> List[Tuple[abi.FlowKey, abi.Flow]]:
+        return list(self.dp.flows())
+
+    def flow(self, tenant: int, proto: int, src: str, sport: int, dst: str, dport: int):
+        """The flow entry of one direction, or None."""
+        import ipaddress
+        for k, f in self.dp.flows():
+            if (k.tenant, k.proto, k.sport, k.dport) == (tenant, proto, sport, dport) and \
+                    abi.get_addr(k.src) == ipaddress.ip_address(src) and \
+                    abi.get_addr(k.dst) == ipaddress.ip_address(dst):
+                return f
+        return None
+
+
+@pytest.fixture
+def bench(lab, dp):
+    return Bench(lab, dp)
