@@ -4,7 +4,6 @@ of their maps. The output is bytes, ready for the map layer to diff and write in
 from __future__ import annotations
 
 import ctypes as ct
-import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -64,14 +63,6 @@ class Classifier:
     masks: List[Tuple[MaskTuple, int]] = field(default_factory=list)   # (mask, max_rank)
     entries: Dict[Tuple, Tuple[int, int, int]] = field(default_factory=dict)
     # entry key: (mask_idx, proto, in_port, src, dst, sport, dport) -> (rank, rule_id, action)
-
-    def fingerprint(self) -> bytes:
-        h = hashlib.sha256()
-        for m, r in self.masks:
-            h.update(repr((m, r)).encode())
-        for k in sorted(self.entries):
-            h.update(repr((k, self.entries[k])).encode())
-        return h.digest()
 
     def mask_set(self, max_masks: int):
         ms = abi.mask_set_type(max_masks)()
@@ -167,9 +158,6 @@ class TenantImage:
     default_verdict: int
     vni: int
     classifier: Classifier
-    # Changes of anything a cached flow flattened (rules, endpoints, routes, ports) change
-    # this, and so make the agent flip the tenant's generation.
-    fingerprint: bytes = b""
 
 
 def compile_state(state: model.State, links: Dict[str, PortLink],
@@ -180,7 +168,6 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
     img = Image()
     tenants = {t.name: t for t in state.tenants}
     slots = {name: link.slot for name, link in links.items()}
-    per_tenant_fp = {t.name: hashlib.sha256() for t in state.tenants}
 
     for p in state.sorted("ports"):
         link = links.get(p.name)
@@ -190,8 +177,6 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         v = abi.Port(tenant=t.id, slot=link.slot, flags=0)
         ct.memmove(v.mac, abi.mac_bytes(link.mac), 6)
         img.ports[bytes(ct.c_uint32(link.ifindex))] = bytes(v)
-        per_tenant_fp[p.tenant].update(repr(("port", p.name, link.ifindex, link.mac,
-                                             link.slot)).encode())
         # The node's own addresses on a tenant port: traffic to them is the kernel's.
         for a in link.addrs:
             ip = ipaddress.ip_address(a)
@@ -199,7 +184,6 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
             abi.set_addr(k.addr, ip)
             img.endpoints[bytes(k)] = bytes(abi.Endpoint(ifindex=link.ifindex, port=link.slot,
                                                          flags=abi.EP_LOCAL))
-            per_tenant_fp[p.tenant].update(repr(("local", a)).encode())
 
     for e in state.sorted("endpoints"):
         link = links.get(e.port)
@@ -212,7 +196,6 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         ct.memmove(v.mac, abi.mac_bytes(e.mac), 6)
         ct.memmove(v.port_mac, abi.mac_bytes(link.mac), 6)
         img.endpoints[bytes(k)] = bytes(v)
-        per_tenant_fp[e.tenant].update(repr(("ep", str(e.ip), e.port, e.mac)).encode())
 
     for r in state.sorted("routes"):
         t = tenants[r.tenant]
@@ -223,18 +206,14 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         if r.via is not None:
             abi.set_addr(v.via, r.via)
         img.routes[bytes(k)] = bytes(v)
-        per_tenant_fp[r.tenant].update(repr(("route", str(r.prefix), r.action,
-                                             str(r.via))).encode())
 
     rules_by_tenant: Dict[str, List[model.Rule]] = {t.name: [] for t in state.tenants}
     for r in state.rules:
         rules_by_tenant[r.tenant].append(r)
     for t in state.tenants:
         cls = compile_rules(t.name, rules_by_tenant[t.name], slots, max_masks)
-        fp = per_tenant_fp[t.name]
-        fp.update(cls.fingerprint())
         img.tenants[t.id] = TenantImage(
             id=t.id, name=t.name,
             default_verdict=abi.V_PASS if t.default == "pass" else abi.V_DROP,
-            vni=t.vni or 0, classifier=cls, fingerprint=fp.digest())
+            vni=t.vni or 0, classifier=cls)
     return img
