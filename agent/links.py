@@ -7,6 +7,7 @@ import logging
 import os
 import select
 import socket
+import subprocess
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -197,16 +198,26 @@ class Links:
         return bool(self.on_peer(link, work))
 
     def prepare_peer(self, link: Link, pass_fd: int) -> str:
-        """XDP_REDIRECT into a veth only delivers when the peer runs an XDP program: give
-        the peer a pass-through one unless it has a program already."""
+        """Make a veth's peer (the VM side) able to take redirected frames:
+        - a redirect into a veth only delivers when the peer runs an XDP program, so give it
+          a pass-through one unless it has a program already;
+        - frames the VM sends with checksum offload carry an unfinished L4 checksum that an
+          XDP redirect cannot finish, so the peer computes checksums itself (tx off)."""
         def work(ipr, ifindex):
-            pid, _ = _xdp_state(ipr.link("get", index=ifindex)[0])
-            if pid:
-                return "peer has an XDP program"
-            ipr.link("set", index=ifindex, xdp={"attrs": [
-                ("IFLA_XDP_FD", pass_fd),
-                ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST)]})
-            return "peer prepared for redirected frames"
+            msg = ipr.link("get", index=ifindex)[0]
+            notes = []
+            pid, _ = _xdp_state(msg)
+            if not pid:
+                ipr.link("set", index=ifindex, xdp={"attrs": [
+                    ("IFLA_XDP_FD", pass_fd),
+                    ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST)]})
+                notes.append("pass-through XDP program attached")
+            name = msg.get_attr("IFLA_IFNAME")
+            p = subprocess.run(["ethtool", "-K", name, "tx", "off"], capture_output=True,
+                               text=True)
+            notes.append("tx checksum offload off" if p.returncode == 0 else
+                         f"could not turn tx checksum offload off: {p.stderr.strip()}")
+            return "peer " + name + ": " + ", ".join(notes)
         if link.kind != "veth":
             return "not a veth"
         return self.on_peer(link, work) or "peer namespace not found (not under /run/netns)"

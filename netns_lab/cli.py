@@ -108,8 +108,9 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    import importlib
     try:
-        from netns_lab import demo
+        demo = importlib.import_module("netns_lab.demo")
     except ImportError as e:
         if e.name in ("netns_lab.demo",):
             print("xdpflow-lab: demo is not available yet", file=sys.stderr)

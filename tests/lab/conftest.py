@@ -1,0 +1,61 @@
+"""Fixtures of the lab tier (see labkit.py for the lab itself): a lab per test or per
+module, always torn down, and a final check that nothing of ours is left behind."""
+from __future__ import annotations
+
+import json as jsonlib
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from labkit import CREATED_NAMESPACES, CREATED_PINS, Lab
+
+
+def _require_root():
+    if os.geteuid() != 0:
+        pytest.skip("the lab tier needs root")
+    for tool in ("nsenter", "ip"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+
+
+@pytest.fixture
+def lab():
+    """A fresh, empty lab (just the node namespace) for one test."""
+    _require_root()
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="module")
+def module_lab():
+    """A lab shared by the tests of one module."""
+    _require_root()
+    lab = Lab()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    """After the lab tests: none of our namespaces or pin dirs left, and no XDP program
+    attached to any interface of the root namespace."""
+    yield
+    if os.geteuid() != 0:
+        return
+    listed = {line.split()[0] for line in subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines() if line}
+    left = sorted(listed & set(CREATED_NAMESPACES))
+    pins = [p for p in CREATED_PINS if os.path.exists(p)]
+    links = jsonlib.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True,
+                                         text=True).stdout or "[]")
+    xdp_root = [link["ifname"] for link in links if link.get("xdp")]
+    assert not left, f"namespaces left behind: {left}"
+    assert not pins, f"pin dirs left behind: {pins}"
+    assert not xdp_root, f"XDP programs attached in the root namespace: {xdp_root}"

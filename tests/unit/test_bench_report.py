@@ -1,0 +1,234 @@
+"""`xdpflow-lab bench datapath`, the part that needs no root: packet bytes, the weighting
+of calls, medians, ratios against their goals, the report and its table, the PNG writer
+and chart, and the CLI's parsing (bench options, demo hand-off)."""
+import json
+import socket
+import struct
+import sys
+import types
+import zlib
+
+import pytest
+
+from netns_lab import bench, cli
+
+pytestmark = pytest.mark.unit
+
+
+def fake_rounds(scale=1.0):
+    base = {"bare_pass": 5, "bare_lookup": 24, "hit_redirect": 50, "miss_classify_1mask": 150,
+            "miss_classify_16masks": 600, "hit_redirect_rules_10": 50,
+            "hit_redirect_rules_100000": 55, "miss_classify_rules_10": 150,
+            "miss_classify_rules_100000": 200}
+    return {k: [v * scale, v * scale * 1.1, v * scale * 0.9] for k, v in base.items()}
+
+
+# -- packets and arithmetic ---------------------------------------------------------------
+
+def test_udp_packet_is_a_valid_60_byte_frame_with_ttl_255():
+    p = bench.udp_packet("02:00:00:00:00:01", "02:aa:00:00:01:01", "10.0.0.1", "10.0.0.2",
+                         1234, 5005)
+    assert len(p) == bench.PACKET_BYTES == 60
+    assert p[:6] == bytes.fromhex("02aa00000101") and p[6:12] == bytes.fromhex("020000000001")
+    assert p[12:14] == b"\x08\x00"
+    ip = p[14:34]
+    assert bench.ipv4_checksum(ip) == 0                    # checksum verifies
+    ver_ihl, _, total, _, _, ttl, proto, _, src, dst = struct.unpack("!BBHHHBBH4s4s", ip)
+    assert (ver_ihl, total, ttl, proto) == (0x45, 46, 255, 17)
+    assert (socket.inet_ntoa(src), socket.inet_ntoa(dst)) == ("10.0.0.1", "10.0.0.2")
+    sport, dport, ulen, _ = struct.unpack("!HHHH", p[34:42])
+    assert (sport, dport, ulen) == (1234, 5005, 26)
+    with pytest.raises(ValueError):
+        bench.udp_packet("02:00:00:00:00:01", "02:00:00:00:00:02", "1.1.1.1", "2.2.2.2",
+                         1, 2, size=41)
+
+
+def test_ttl_outlasts_a_call():
+    # A redirect decrements the TTL on every iteration of one call (same buffer): the call
+    # must end before the TTL reaches 1, where the datapath hands the packet to the kernel.
+    assert bench.PACKET_TTL - bench.CALL_SIZE >= 2
+
+
+def test_split_calls():
+    assert bench.split_calls(1000) == [250] * 4
+    assert bench.split_calls(1001) == [250] * 4 + [1]
+    assert bench.split_calls(100) == [100]
+    assert sum(bench.split_calls(1_000_000)) == 1_000_000
+    with pytest.raises(ValueError):
+        bench.split_calls(0)
+
+
+def test_weighted_mean_weights_by_repeat():
+    assert bench.weighted_mean([(250, 10), (50, 40)]) == pytest.approx(15.0)
+    assert bench.weighted_mean([(250, 7)] * 4) == 7
+    with pytest.raises(ValueError):
+        bench.weighted_mean([])
+
+
+def test_median():
+    assert bench.median([3, 1, 2]) == 2
+    assert bench.median([1, 2, 3, 4]) == 2.5
+    assert bench.median([7]) == 7
+    with pytest.raises(ValueError):
+        bench.median([])
+
+
+def test_ratios_against_goals():
+    r = bench.compute_ratios({"hit_redirect": 50, "bare_lookup": 24,
+                              "hit_redirect_rules_10": 50, "hit_redirect_rules_100000": 70,
+                              "miss_classify_rules_10": 100,
+                              "miss_classify_rules_100000": 125})
+    assert set(r) == {"hit_redirect/bare_lookup",
+                      "hit_redirect_rules_100000/hit_redirect_rules_10",
+                      "miss_classify_rules_100000/miss_classify_rules_10"}
+    assert r["hit_redirect/bare_lookup"]["value"] == pytest.approx(50 / 24, abs=1e-3)
+    assert r["hit_redirect/bare_lookup"]["met"] is True
+    assert r["hit_redirect_rules_100000/hit_redirect_rules_10"]["met"] is False   # 1.4
+    assert r["miss_classify_rules_100000/miss_classify_rules_10"]["met"] is True  # 1.25, at goal
+    assert r["hit_redirect/bare_lookup"]["goal_max"] == 2.5
+    # missing cases: no ratio rather than a crash
+    assert bench.compute_ratios({"bare_lookup": 24}) == {}
+
+
+# -- the report ---------------------------------------------------------------------------
+
+def test_report_shape_order_and_medians():
+    rounds = fake_rounds()
+    shuffled = dict(reversed(list(rounds.items())))
+    extra = {"hit_redirect": {"verdict": "XDP_REDIRECT", "verdict_ok": True}}
+    rep = bench.make_report(shuffled, {"kernel": "x", "repeat": 1000, "rounds": 3}, extra)
+    assert [c["name"] for c in rep["cases"]] == list(bench.REQUIRED_CASES)
+    by = {c["name"]: c for c in rep["cases"]}
+    assert by["bare_lookup"]["ns_per_packet"] == 24
+    assert by["bare_lookup"]["rounds"] == [24, 26.4, 21.6]
+    assert by["hit_redirect"]["x_bare_lookup"] == pytest.approx(50 / 24, abs=1e-3)
+    assert by["hit_redirect"]["verdict"] == "XDP_REDIRECT"
+    assert all(c["description"] for c in rep["cases"])
+    assert rep["machine"]["kernel"] == "x"
+    assert rep["ratios"]["hit_redirect/bare_lookup"]["met"] is True
+    json.dumps(rep)                                   # serialisable as is
+
+
+def test_table_lists_cases_and_ratio_verdicts():
+    rep = bench.make_report(fake_rounds(), {"repeat": 1000, "rounds": 3, "call_size": 250})
+    text = bench.format_table(rep)
+    for name in bench.REQUIRED_CASES:
+        assert name in text
+    assert "x bare_lookup" in text
+    assert "hit_redirect/bare_lookup" in text and "met" in text
+    rounds = fake_rounds()
+    rounds["hit_redirect"] = [100, 100, 100]
+    assert "MISSED" in bench.format_table(bench.make_report(rounds, {}))
+
+
+def test_write_json_creates_directories(tmp_path):
+    rep = bench.make_report(fake_rounds(), {"repeat": 1})
+    path = tmp_path / "results" / "deep" / "bench-datapath.json"
+    bench.write_json(rep, str(path))
+    back = json.loads(path.read_text())
+    assert back["cases"][0]["name"] == "bare_pass"
+    assert set(back) == {"cases", "machine", "ratios"}
+    assert not list(path.parent.glob("*.tmp"))
+
+
+# -- PNG ----------------------------------------------------------------------------------
+
+def read_png(data: bytes):
+    """(width, height, rows of RGB bytes), checking signature, chunk CRCs and IHDR."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack("!I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack("!I", data[pos + 8 + n:pos + 12 + n])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks.append((kind, body))
+        pos += 12 + n
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    w, h, depth, ctype, comp, filt, interlace = struct.unpack("!IIBBBBB", chunks[0][1])
+    assert (depth, ctype, comp, filt, interlace) == (8, 2, 0, 0, 0)
+    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
+    assert len(raw) == h * (1 + 3 * w)
+    rows = [raw[y * (1 + 3 * w) + 1:(y + 1) * (1 + 3 * w)] for y in range(h)]
+    assert all(raw[y * (1 + 3 * w)] == 0 for y in range(h))      # filter "none"
+    return w, h, rows
+
+
+def test_png_writer_roundtrip():
+    w, h = 7, 3
+    px = bytearray(b"\xff\xff\xff" * (w * h))
+    px[(1 * w + 2) * 3:(1 * w + 2) * 3 + 3] = b"\x10\x20\x30"
+    data = bench.png_bytes(w, h, bytes(px))
+    # IHDR right after the signature: length 13, then width and height
+    assert struct.unpack("!I4sII", data[8:24]) == (13, b"IHDR", 7, 3)
+    rw, rh, rows = read_png(data)
+    assert (rw, rh) == (7, 3)
+    assert rows[1][6:9] == b"\x10\x20\x30"
+    assert rows[0][:3] == b"\xff\xff\xff"
+    with pytest.raises(ValueError):
+        bench.png_bytes(2, 2, b"\0" * 11)
+
+
+def test_bar_chart_has_a_bar_per_case(tmp_path):
+    rep = bench.make_report(fake_rounds(), {})
+    path = tmp_path / "chart.png"
+    bench.write_png(rep, str(path))
+    w, h, rows = read_png(path.read_bytes())
+    assert w > 300 and h > 20 * len(rep["cases"])
+    colors = {bytes(c) for c in bench.BAR_COLORS.values()}
+    seen = set()
+    for row in rows:
+        for x in range(0, len(row), 3):
+            if row[x:x + 3] in colors:
+                seen.add(row[x:x + 3])
+    assert seen == colors                 # bare, hit and miss bars all drawn
+
+
+def test_font_covers_case_names():
+    for name in list(bench.REQUIRED_CASES) + ["0123456789."]:
+        assert all(ch in bench._FONT for ch in name.upper()), name
+    assert all(len(g) == 5 and all(d in "01234567" for d in g) for g in bench._FONT.values())
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+def test_cli_bench_datapath_defaults_and_options():
+    p = cli.build_parser()
+    a = p.parse_args(["bench", "datapath"])
+    assert (a.command, a.target) == ("bench", "datapath")
+    assert (a.json, a.png, a.repeat, a.rounds) == ("results/bench-datapath.json", None,
+                                                   1_000_000, 3)
+    a = p.parse_args(["bench", "datapath", "--json", "x.json", "--png", "x.png",
+                      "--repeat", "2000", "--rounds", "1"])
+    assert (a.json, a.png, a.repeat, a.rounds) == ("x.json", "x.png", 2000, 1)
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "nope"], ["bench", "datapath", "--repeat", "0"],
+                                  ["bench", "datapath", "--bogus"], []])
+def test_cli_bad_usage_exits_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+
+
+def test_cli_bench_needs_root(monkeypatch, capsys):
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    assert cli.main(["bench", "datapath", "--repeat", "10"]) == 2
+    assert "needs root" in capsys.readouterr().err
+
+
+def test_cli_demo_not_available(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "netns_lab.demo", None)     # import fails
+    assert cli.main(["demo"]) == 2
+    assert "demo is not available yet" in capsys.readouterr().err
+
+
+def test_cli_demo_gets_its_own_options(monkeypatch):
+    seen = {}
+    mod = types.ModuleType("netns_lab.demo")
+    mod.add_arguments = lambda p: p.add_argument("--fast", action="store_true")
+    mod.main = lambda args: seen.setdefault("args", args) and 0
+    monkeypatch.setitem(sys.modules, "netns_lab.demo", mod)
+    monkeypatch.setattr(cli, "_terminate_cleanly", lambda: None)
+    assert cli.main(["demo", "--fast"]) == 0
+    assert seen["args"].fast is True and seen["args"].command == "demo"
