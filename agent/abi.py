@@ -40,6 +40,7 @@ ROUTE_ACTIONS = {"via": RT_VIA, "kernel": RT_KERNEL, "drop": RT_DROP}
 FLOW_REVERSE, FLOW_CLOSING = 0x01, 0x02
 EP_LOCAL = 0x01
 MAX_TENANTS = 65536
+PORT_INDEX = 16384       # ifindexes below this are looked up in xf_port_index (an array)
 MASK_SETS = 8192
 V_MAX = 5
 R_ROWS = 32
@@ -64,7 +65,7 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_A_ALLOW": A_ALLOW, "XF_A_DENY": A_DENY, "XF_A_PASS": A_PASS,
     "XF_RT_VIA": RT_VIA, "XF_RT_KERNEL": RT_KERNEL, "XF_RT_DROP": RT_DROP,
     "XF_FLOW_REVERSE": FLOW_REVERSE, "XF_FLOW_CLOSING": FLOW_CLOSING,
-    "XF_EP_LOCAL": EP_LOCAL, "XF_MAX_TENANTS": MAX_TENANTS, "XF_MASK_SETS": MASK_SETS,
+    "XF_EP_LOCAL": EP_LOCAL, "XF_MAX_TENANTS": MAX_TENANTS, "XF_PORT_INDEX": PORT_INDEX, "XF_MASK_SETS": MASK_SETS,
     "XF_V_MAX": V_MAX, "XF_R_ROWS": R_ROWS, "XF_FRAG_TABLE_SIZE": FRAG_TABLE_SIZE,
     "XF_MAX_RULE_IDS": MAX_RULE_IDS, "XF_R_MAX": R_MAX,
 }
@@ -175,6 +176,7 @@ class Trace(ct.Structure):
 HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LPM_TRIE = 1, 2, 5, 6, 9, 11
 MAPS = {
     "xf_flows": (HASH, FlowKey, Flow, "XF_FLOW_TABLE_SIZE"),
+    "xf_port_index": (ARRAY, u32, Port, "XF_PORT_INDEX"),
     "xf_ports": (HASH, u32, Port, "XF_MAX_PORTS"),
     "xf_tenants": (ARRAY, u32, Tenant, MAX_TENANTS),
     "xf_masks": (HASH, MaskKey, None, MASK_SETS),   # value: mask_set_type(max_masks)
@@ -193,7 +195,9 @@ def map_spec(name: str, defines: Dict[str, int]):
     mtype, k, v, size = MAPS[name]
     if v is None:
         v = mask_set_type(defines.get("XF_MAX_MASKS", DEFAULT_MAX_MASKS))
-    if size == "XF_STATS_ROWS":
+    if size == "XF_PORT_INDEX":
+        size = PORT_INDEX
+    elif size == "XF_STATS_ROWS":
         size = defines["XF_MAX_PORTS"] * V_MAX * R_ROWS
     elif isinstance(size, str):
         size = defines[size]

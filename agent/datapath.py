@@ -23,7 +23,7 @@ PROGRAM = "xdpflow_port"
 MAP_ORDER = list(abi.MAPS)
 # Maps whose contents the agent can always rebuild from its store; the rest (flows,
 # counters) are state the datapath made and are migrated when only their size changed.
-REBUILT_FROM_STORE = {"xf_ports", "xf_tenants", "xf_masks", "xf_rules", "xf_endpoints",
+REBUILT_FROM_STORE = {"xf_port_index", "xf_ports", "xf_tenants", "xf_masks", "xf_rules", "xf_endpoints",
                       "xf_routes", "xf_meta"}
 DEFAULT_DEFINES = {"XF_FLOW_TABLE_SIZE": 1000000, "XF_MAX_RULE_ENTRIES": 262144,
                    "XF_MAX_MASKS": 32, "XF_MAX_ENDPOINTS": 65536, "XF_MAX_ROUTES": 16384,
@@ -194,6 +194,8 @@ class Datapath:
     def _read_mirror(self):
         self._mirror = {n: dict(self.maps[n].items())
                         for n in ("xf_ports", "xf_endpoints", "xf_routes")}
+        self._mirror["xf_port_index"] = {k: v for k, v in self.maps["xf_port_index"].items()
+                                         if abi.Port.from_buffer_copy(v).slot}
         self._gens, self._tenant_vals = {}, {}
         for k, v in self.maps["xf_tenants"].items():
             t = abi.Tenant.from_buffer_copy(v)
@@ -219,8 +221,11 @@ class Datapath:
         entry flips it, then the old generation is removed. Returns what changed."""
         changed_tenants: Set[int] = set()
         summary: Dict[str, object] = {}
-        for name, want in (("xf_ports", img.ports), ("xf_endpoints", img.endpoints),
-                           ("xf_routes", img.routes)):
+        indexed = {k: v for k, v in img.ports.items()
+                   if ct.c_uint32.from_buffer_copy(k).value < abi.PORT_INDEX}
+        hashed = {k: v for k, v in img.ports.items() if k not in indexed}
+        for name, want in (("xf_port_index", indexed), ("xf_ports", hashed),
+                           ("xf_endpoints", img.endpoints), ("xf_routes", img.routes)):
             have = self._mirror[name]
             put = [(k, v) for k, v in want.items() if have.get(k) != v]
             gone = [k for k in have if k not in want]
@@ -231,7 +236,9 @@ class Datapath:
             m = self.maps[name]
             if put:
                 m.update_many(put)
-            if gone:
+            if gone and name == "xf_port_index":
+                m.update_many([(k, bytes(abi.Port())) for k in gone])   # an array row is cleared
+            elif gone:
                 m.delete_many(gone)
             for k, v in put:
                 have[k] = v
@@ -272,7 +279,7 @@ class Datapath:
         return summary
 
     def _tenant_of(self, name: str, key: bytes, value: bytes) -> int:
-        if name == "xf_ports":
+        if name in ("xf_ports", "xf_port_index"):
             return abi.Port.from_buffer_copy(value).tenant
         if name == "xf_endpoints":
             return abi.EpKey.from_buffer_copy(key).tenant

@@ -284,7 +284,14 @@ int xdpflow_port(struct xdp_md *ctx)
     struct xf_verdict v = {};
     __u32 ifindex = ctx->ingress_ifindex;
 
-    struct xf_port *port = xf_ports.lookup(&ifindex);
+    struct xf_port *port;
+    if (ifindex < XF_PORT_INDEX) {
+        port = xf_port_index.lookup(&ifindex);
+        if (port && !port->slot)
+            port = NULL;            /* an empty array row */
+    } else {
+        port = xf_ports.lookup(&ifindex);
+    }
     if (!port) {
         v.rule_id = XF_BUILD_ID;       /* unused here: makes each build id a distinct program */
         v.verdict = XF_V_PASS;

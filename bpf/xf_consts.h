@@ -27,6 +27,7 @@
 #define XF_PIN_DIR "/sys/fs/bpf/xdpflow"
 #endif
 
+#define XF_PORT_INDEX 16384          /* ifindexes below this find their port in an array */
 #define XF_MAX_TENANTS 65536         /* tenant ids are 1..65535; the array is indexed by id */
 #define XF_MAX_VLAN_DEPTH 2          /* 802.1Q / 802.1ad tags parsed before L3 */
 #define XF_MAX_IPV6_EXT 6            /* IPv6 extension headers walked before giving up */

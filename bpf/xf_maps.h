@@ -7,7 +7,9 @@
 
 /* Exact-match flow table: (tenant, 5-tuple) -> flattened action and counters. */
 BPF_TABLE_PINNED("hash", struct xf_flow_key, struct xf_flow, xf_flows, XF_FLOW_TABLE_SIZE, XF_PIN(xf_flows));
-/* Ports by ingress ifindex: tenant, slot, MAC. */
+/* Ports by ingress ifindex (tenant, slot, MAC): an array for ifindexes below
+ * XF_PORT_INDEX, the common case, one array lookup per packet; a hash for the rest. */
+BPF_TABLE_PINNED("array", __u32, struct xf_port, xf_port_index, XF_PORT_INDEX, XF_PIN(xf_port_index));
 BPF_TABLE_PINNED("hash", __u32, struct xf_port, xf_ports, XF_MAX_PORTS, XF_PIN(xf_ports));
 /* Tenants by id: current generation and default verdict. */
 BPF_TABLE_PINNED("array", __u32, struct xf_tenant, xf_tenants, XF_MAX_TENANTS, XF_PIN(xf_tenants));

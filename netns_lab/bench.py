@@ -31,7 +31,6 @@ import platform
 import socket
 import statistics
 import struct
-import sys
 import time
 import zlib
 from dataclasses import dataclass, field
