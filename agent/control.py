@@ -5,10 +5,10 @@ fails. The API, the sweeper, reloads and link events all come through here, one 
 (the daemon's lock)."""
 from __future__ import annotations
 
-import ctypes as ct
-import ipaddress
+import heapq
 import logging
 import os
+import struct
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -42,6 +42,7 @@ class Controller:
         self.reconcile_errors = 0
         self.sweeps = 0
         self.sweep_seconds_total = 0.0
+        self.last_sweep_seconds = 0.0
         self.flow_counts: Dict[int, int] = {}
         self.evicted: Dict[str, int] = {r: 0 for r in EVICTION_REASONS}
         saved = store.get_meta("evictions")
@@ -310,55 +311,65 @@ class Controller:
     def sweep(self) -> Dict[str, int]:
         """Evict idle, closed and stale flows; keep the table under its high watermark.
         The two directions of a flow go together: a one-way stream keeps its reply entry
-        as long as the forward one is busy."""
+        as long as the forward one is busy. Works on the raw entries (a million of them
+        are read every interval), unpacking only the fields it needs."""
         t0 = time.monotonic()
         aging = self.cfg.aging
         now = now_coarse_ns()
-        timeouts = {6: aging.tcp_established, 17: aging.udp, 1: aging.icmp, 58: aging.icmp}
-        flows = {}
-        for k, f in self.dp.flows():
-            flows[bytes(k)] = (k, f)
+        limit_ns = {6: aging.tcp_established, 17: aging.udp, 1: aging.icmp, 58: aging.icmp}
+        limit_ns = {p: v * 1_000_000_000 for p, v in limit_ns.items()}
+        other_ns = aging.other * 1_000_000_000
+        closed_ns = aging.tcp_closed * 1_000_000_000
+        gens: Dict[int, int] = {}
+        flows = dict(self.dp.maps["xf_flows"].items())
         counts: Dict[int, int] = {}
         evict: Dict[str, List[bytes]] = {r: [] for r in EVICTION_REASONS}
         seen = set()
         keep: List[Tuple[int, bytes, Optional[bytes]]] = []   # (last seen, key, pair key)
-        for kb, (k, f) in flows.items():
+        for kb, fb in flows.items():
             if kb in seen:
                 continue
-            rk = reverse_key(k)
-            rkb = bytes(rk) if rk is not None else None
+            tenant, proto = _KEY_HEAD.unpack_from(kb)
+            rkb = reverse_key_bytes(kb)
             pair = flows.get(rkb) if rkb is not None and rkb != kb else None
-            group = [kb] + ([rkb] if pair else [])
-            seen.update(group)
-            fs = [f] + ([pair[1]] if pair else [])
-            last = max(x.last_seen_ns for x in fs)
-            gen = self.dp.generation(k.tenant)
-            if any(x.generation != gen for x in fs) or gen == 0:
+            last, gen, flags = _FLOW_AGE.unpack_from(fb, _AGE_AT)
+            group = [kb]
+            if pair is not None:
+                group.append(rkb)
+                seen.add(rkb)
+                plast, pgen, pflags = _FLOW_AGE.unpack_from(pair, _AGE_AT)
+                last, flags = max(last, plast), flags | pflags
+                gen_ok = gen == pgen
+            else:
+                gen_ok = True
+            cur = gens.get(tenant)
+            if cur is None:
+                cur = gens[tenant] = self.dp.generation(tenant)
+            if not gen_ok or gen != cur or cur == 0:
                 evict["rule_change"] += group
                 continue
-            closing = any(x.flags & abi.FLOW_CLOSING for x in fs)
-            if closing:
-                limit, reason = aging.tcp_closed, "closed"
+            if flags & abi.FLOW_CLOSING:
+                limit, reason = closed_ns, "closed"
             else:
-                limit, reason = timeouts.get(k.proto, aging.other), "idle"
-            if now - last > limit * 1_000_000_000:
+                limit, reason = limit_ns.get(proto, other_ns), "idle"
+            if now - last > limit:
                 evict[reason] += group
                 continue
-            keep.append((last, kb, rkb if pair else None))
-            counts[k.tenant] = counts.get(k.tenant, 0) + len(group)
+            keep.append((last, kb, rkb if pair is not None else None))
+            counts[tenant] = counts.get(tenant, 0) + len(group)
         # Over the high watermark: the longest-idle flows go first.
-        capacity = self.cfg.datapath.flow_table_size
-        high = int(capacity * aging.high_watermark)
+        high = int(self.cfg.datapath.flow_table_size * aging.high_watermark)
         total = sum(counts.values())
         if total > high:
-            keep.sort()
-            for last, kb, rkb in keep:
+            # The oldest first; enough pairs to get under the mark (heap, not a full sort).
+            oldest = heapq.nsmallest(total - high, keep)
+            for last, kb, rkb in oldest:
                 if total <= high:
                     break
                 group = [kb] + ([rkb] if rkb else [])
                 evict["table_full"] += group
-                t = flows[kb][0].tenant
-                counts[t] -= len(group)
+                tenant = _KEY_HEAD.unpack_from(kb)[0]
+                counts[tenant] -= len(group)
                 total -= len(group)
         done = {}
         for reason, keys in evict.items():
@@ -368,24 +379,34 @@ class Controller:
                 done[reason] = n
         self.flow_counts = {t: n for t, n in counts.items() if n}
         self.sweeps += 1
-        self.sweep_seconds_total += time.monotonic() - t0
+        self.last_sweep_seconds = time.monotonic() - t0
+        self.sweep_seconds_total += self.last_sweep_seconds
         return done
 
 
-def reverse_key(k: abi.FlowKey) -> Optional[abi.FlowKey]:
+# Raw views of the abi structs, offsets taken from the mirror (checked against the C).
+_KEY_HEAD = struct.Struct("<HB")                                  # tenant, proto
+_PORTS = struct.Struct("<HH")                                     # sport, dport
+_PORTS_AT = abi.FlowKey.sport.offset
+_AGE_AT = abi.Flow.last_seen_ns.offset
+_FLOW_AGE = struct.Struct(                                        # last_seen, generation, flags
+    f"<QI{abi.Flow.flags.offset - abi.Flow.generation.offset - 4}xB")
+assert abi.Flow.generation.offset == _AGE_AT + 8
+_REPLY_TYPE = {1: {8: 0, 0: 8}, 58: {128: 129, 129: 128}}
+
+
+def reverse_key_bytes(kb: bytes) -> Optional[bytes]:
     """The reply direction's key, as the datapath makes it (bpf xf_reverse_key)."""
-    r = abi.FlowKey(tenant=k.tenant, proto=k.proto)
-    ct.memmove(r.src, k.dst, 16)
-    ct.memmove(r.dst, k.src, 16)
-    if k.proto in (6, 17):
-        r.sport, r.dport = k.dport, k.sport
-        return r
-    t = k.dport >> 8
-    pairs = {1: {8: 0, 0: 8}, 58: {128: 129, 129: 128}}
-    if k.proto in pairs and t in pairs[k.proto]:
-        r.sport, r.dport = k.sport, pairs[k.proto][t] << 8
-        return r
-    return None
+    proto = kb[2]
+    sport, dport = _PORTS.unpack_from(kb, _PORTS_AT)
+    if proto in (6, 17):
+        ports = _PORTS.pack(dport, sport)
+    else:
+        t = _REPLY_TYPE.get(proto, {}).get(dport >> 8)
+        if t is None:
+            return None
+        ports = _PORTS.pack(sport, t << 8)
+    return kb[:4] + kb[20:36] + kb[4:20] + ports   # head, dst<->src, ports
 
 
 def flow_dict(k: abi.FlowKey, f: abi.Flow, tenants: Dict[int, str], slots: Dict[int, str],

@@ -145,7 +145,10 @@ class Agent:
                 next_wd = now + wd / 2
             if now >= next_sweep:
                 self._guarded("sweep", self._sweep)
-                next_sweep = time.monotonic() + self.cfg.aging.interval
+                # A sweep of a full table takes seconds in Python: never spend more than
+                # about a third of a core on it, whatever the configured interval.
+                next_sweep = time.monotonic() + max(self.cfg.aging.interval,
+                                                    2 * self.controller.last_sweep_seconds)
             while self.signals:
                 sig = self.signals.pop(0)
                 if sig == signal.SIGHUP:
