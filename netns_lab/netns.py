@@ -64,6 +64,11 @@ class Namespaces:
         ip("link", "set", a, "up", ns=a_ns)
         ip("link", "set", b, "up", ns=b_ns)
 
+    def delete(self, name: str) -> None:
+        """Remove one namespace now (its veths go with it, and their peers)."""
+        self.names.remove(name)
+        ip("netns", "del", name)
+
     def close(self):
         for name in reversed(self.names):
             # Deleting the namespace deletes its veths, and their peers with them.
