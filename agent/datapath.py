@@ -358,7 +358,7 @@ class Datapath:
         """Dry run through the trace build: what the datapath would do, with no flow
         installed and no counter touched."""
         fd = self.load_trace()
-        rec = RawMap(self.trace_bpf["xf_trace_rec"].get_fd(), "xf_trace_rec")
+        rec = RawMap(self.trace_bpf[b"xf_trace_rec"].get_fd(), "xf_trace_rec")
         zero = bytes(ct.c_uint32(0))
         rec.put(zero, bytes(rec.vsize))
         rc, out, _ = bpfsys.test_run(fd, packet, ifindex=ifindex)

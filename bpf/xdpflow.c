@@ -22,19 +22,29 @@
 /* Map accesses stay in this file: BCC rewrites map calls in the main file only. */
 /* Does the tenant know this address (and does it live behind another port than the
  * asker's)? */
+/* Who answers a neighbour request for addr: XF_NB_DATAPATH (an endpoint behind another
+ * port, or a route), XF_NB_KERNEL (the node's own address: the kernel answers as it
+ * would without offload), or XF_NB_NONE. */
+#define XF_NB_NONE 0
+#define XF_NB_DATAPATH 1
+#define XF_NB_KERNEL 2
+
 static __always_inline int xf_tenant_knows(__u16 tenant, __u16 in_port, __u32 *addr)
 {
     struct xf_ep_key ek = {};
     ek.tenant = tenant;
     __builtin_memcpy(ek.addr, addr, 16);
     struct xf_endpoint *ep = xf_endpoints.lookup(&ek);
-    if (ep)
-        return ep->port != in_port && !(ep->flags & XF_EP_LOCAL);
+    if (ep) {
+        if (ep->flags & XF_EP_LOCAL)
+            return XF_NB_KERNEL;
+        return ep->port != in_port ? XF_NB_DATAPATH : XF_NB_NONE;
+    }
     struct xf_route_key rk = {};
     rk.prefixlen = 32 + 128;
     rk.tenant = tenant;
     __builtin_memcpy(rk.addr, addr, 16);
-    return xf_routes.lookup(&rk) != NULL;
+    return xf_routes.lookup(&rk) != NULL ? XF_NB_DATAPATH : XF_NB_NONE;
 }
 
 #include "xf_neigh.h"
@@ -320,10 +330,16 @@ int xdpflow_port(struct xdp_md *ctx)
 
     if (p.family == 0) {
         if (p.eth_proto == ETH_P_ARP_BE) {
-            if (xf_arp_reply(ctx, &p, port) == XDP_TX) {
+            int rc = xf_arp_reply(ctx, &p, port);
+            if (rc == XDP_TX) {
                 v.verdict = XF_V_TX;
                 v.reason = XF_R_ARP_REPLY;
                 return xf_finish(tenant, slot, &v, len, XDP_TX);
+            }
+            if (rc == XDP_PASS) {
+                v.verdict = XF_V_PASS;
+                v.reason = XF_R_LOCAL;
+                return xf_finish(tenant, slot, &v, len, XDP_PASS);
             }
             v.reason = XF_R_ARP_OTHER;
         } else {
@@ -333,10 +349,16 @@ int xdpflow_port(struct xdp_md *ctx)
     }
 
     if (p.proto == XF_IPPROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137) {
-        if (p.icmp_type == 135 && xf_nd_reply(ctx, &p, port) == XDP_TX) {
+        int rc = p.icmp_type == 135 ? xf_nd_reply(ctx, &p, port) : -1;
+        if (rc == XDP_TX) {
             v.verdict = XF_V_TX;
             v.reason = XF_R_ND_REPLY;
             return xf_finish(tenant, slot, &v, len, XDP_TX);
+        }
+        if (rc == XDP_PASS) {
+            v.verdict = XF_V_PASS;
+            v.reason = XF_R_LOCAL;
+            return xf_finish(tenant, slot, &v, len, XDP_PASS);
         }
         v.reason = XF_R_ND_OTHER;
         return xf_finish(tenant, slot, &v, len, dflt);
@@ -388,8 +410,10 @@ int xdpflow_port(struct xdp_md *ctx)
     fk.sport = p.sport;
     fk.dport = p.dport;
 
+    /* A hit must come from the port the flow was judged for: the same tuple from another
+     * port of the tenant (a spoofing VM, or an in_port rule) is judged again. */
     struct xf_flow *f = xf_flows.lookup(&fk);
-    if (f && f->generation == gen) {
+    if (f && f->generation == gen && f->in_port == slot) {
         v.flow_hit = 1;
         v.verdict = f->verdict;
         v.reason = XF_R_FLOW;
@@ -409,8 +433,10 @@ int xdpflow_port(struct xdp_md *ctx)
         return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, f));
     }
 
-    /* Miss, or a flow made under an older rule set: classify again. */
-    if (f) {
+    /* Miss, or a flow made under an older rule set: classify again. (A current flow
+     * judged for another port is a plain miss for this one.) */
+    int stale = f && f->generation != gen;
+    if (stale) {
         v.stale = 1;
         xf_count(tenant, slot, XF_V_NONE, XF_R_FLOW_STALE, 0);
     }
@@ -420,7 +446,7 @@ int xdpflow_port(struct xdp_md *ctx)
     struct xf_flow_key ck;          /* the forward direction being judged */
     __u16 c_in_port = slot;
     int as_reply = 0;
-    if (f && (f->flags & XF_FLOW_REVERSE) && xf_reverse_key(&fk, &ck)) {
+    if (stale && (f->flags & XF_FLOW_REVERSE) && xf_reverse_key(&fk, &ck)) {
         as_reply = 1;
         c_in_port = f->out_port;
     } else {
@@ -448,8 +474,9 @@ int xdpflow_port(struct xdp_md *ctx)
 
     struct xf_match r;
     __u8 action = xf_classify(tenant, gen, &ck, c_in_port, &r);
-    if (as_reply && (action == 0 || action == XF_A_DENY)) {
-        /* The forward direction is no longer allowed: the packet is new traffic. */
+    if (as_reply && (action != XF_A_ALLOW || nf.verdict != XF_V_REDIRECT)) {
+        /* The forward direction is no longer allowed and forwarded: the packet is new
+         * traffic, judged on its own. */
         as_reply = 0;
         ck = fk;
         c_in_port = slot;

@@ -2,7 +2,9 @@
  * address its tenant knows (an endpoint, a route, a next hop) is answered with the port's
  * MAC, as OVN's ARP responder does, so VMs need no help from the kernel. The asker's own
  * address, gratuitous ARP and duplicate-address detection are never answered.
- * Needs xf_tenant_knows() from the program file (BCC rewrites map calls there only). */
+ * Needs xf_tenant_knows() from the program file (BCC rewrites map calls there only).
+ * The functions return XDP_TX with the reply written in place, XDP_PASS (untouched) when
+ * the address is the node's own, or -1 when the datapath does not answer. */
 #pragma once
 
 struct xf_arp {
@@ -35,7 +37,10 @@ static __always_inline int xf_arp_reply(struct xdp_md *ctx, struct xf_pkt *p,
     if (tpa == spa || spa == 0)        /* gratuitous ARP, or a probe (duplicate detection) */
         return -1;
     __u32 addr[4] = {0, 0, bpf_htonl(0xffff), tpa};
-    if (!xf_tenant_knows(port->tenant, port->slot, addr))
+    int who = xf_tenant_knows(port->tenant, port->slot, addr);
+    if (who == XF_NB_KERNEL)
+        return XDP_PASS;
+    if (who != XF_NB_DATAPATH)
         return -1;
 
     __u8 asker[6];
@@ -74,11 +79,14 @@ static __always_inline int xf_nd_reply(struct xdp_md *ctx, struct xf_pkt *p,
         return -1;
     __u32 target[4];
     __builtin_memcpy(target, icmp + 8, 16);
-    if (!xf_tenant_knows(port->tenant, port->slot, target))
+    int who = xf_tenant_knows(port->tenant, port->slot, target);
+    if (who == XF_NB_KERNEL)
+        return XDP_PASS;
+    if (who != XF_NB_DATAPATH)
         return -1;
 
     /* Resize to exactly the advertisement. */
-    int want = (int)off + XF_ND_LEN + (int)sizeof(struct ethhdr);
+    int want = (int)off + XF_ND_LEN;    /* off already counts Ethernet and any tags */
     int delta = want - (int)(data_end - data);
     if (delta && bpf_xdp_adjust_tail(ctx, delta))
         return -1;

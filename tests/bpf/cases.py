@@ -9,10 +9,10 @@ from ipaddress import IPv6Address
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from scapy.all import (ARP, ICMP, IP, UDP, TCP, Dot1AD, Dot1Q, Ether, IPv6, IPOption_RR,
-                       ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS,
+                       ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS,
                        ICMPv6ND_RS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr,
                        IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
-                       IPv6ExtHdrRouting, Raw, fragment, raw)
+                       IPv6ExtHdrRouting, Padding, Raw, fragment, raw)
 
 from agent import abi
 
@@ -200,24 +200,28 @@ def arp_answer(spa, tpa, port="p1", asker=None) -> bytes:
                ARP(op=2, hwsrc=PORT_MAC[port], psrc=tpa, hwdst=asker, pdst=spa))
 
 
-def solicit(target, src="fd00::1", port="p1", hlim=255, sll=True):
+def solicit(target, src="fd00::1", port="p1", hlim=255, sll=True, vlan=None):
     low = IPv6Address(target).packed[-3:]
     snm = "ff02::1:ff%02x:%02x%02x" % tuple(low)
-    pkt = Ether(src=VM_MAC[port], dst="33:33:ff:%02x:%02x:%02x" % tuple(low)) / \
-        IPv6(src=src, dst=snm, hlim=hlim) / ICMPv6ND_NS(tgt=target)
+    pkt = Ether(src=VM_MAC[port], dst="33:33:ff:%02x:%02x:%02x" % tuple(low))
+    if vlan is not None:
+        pkt = pkt / Dot1Q(vlan=vlan)
+    pkt = pkt / IPv6(src=src, dst=snm, hlim=hlim) / ICMPv6ND_NS(tgt=target)
     if sll:
         pkt = pkt / ICMPv6NDOptSrcLLAddr(lladdr=VM_MAC[port])
     return pkt
 
 
-def advert(target, solicitor="fd00::1", port="p1") -> bytes:
-    return raw(Ether(dst=VM_MAC[port], src=PORT_MAC[port]) /
-               IPv6(src=target, dst=solicitor, hlim=255) /
+def advert(target, solicitor="fd00::1", port="p1", vlan=None) -> bytes:
+    head = Ether(dst=VM_MAC[port], src=PORT_MAC[port])
+    if vlan is not None:
+        head = head / Dot1Q(vlan=vlan)
+    return raw(head / IPv6(src=target, dst=solicitor, hlim=255) /
                ICMPv6ND_NA(R=1, S=1, O=1, tgt=target) /
                ICMPv6NDOptDstLLAddr(lladdr=PORT_MAC[port]))
 
 
-def check_advert(target, solicitor="fd00::1", port="p1"):
+def check_advert(target, solicitor="fd00::1", port="p1", vlan=None):
     def check(bench, out):
         p = Ether(out)
         assert ICMPv6ND_NA in p, p.summary()
@@ -229,7 +233,10 @@ def check_advert(target, solicitor="fd00::1", port="p1"):
         again = p.copy()
         del again[ICMPv6ND_NA].cksum
         assert Ether(raw(again))[ICMPv6ND_NA].cksum == na.cksum, "ICMPv6 checksum is wrong"
-        assert len(out) == 14 + 40 + 32, f"frame of {len(out)} bytes, an NA is 86"
+        if vlan is not None:
+            assert p[Dot1Q].vlan == vlan
+        want = 14 + (4 if vlan is not None else 0) + 40 + 32
+        assert len(out) == want, f"frame of {len(out)} bytes, this NA is {want}"
     return check
 
 
@@ -330,6 +337,10 @@ def build() -> List[Case]:
         fwd("ipv6 hop-by-hop, destination options and routing headers", A,
             eth() / v6() / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting() /
             UDP(sport=4000, dport=5000) / b"ext3"),
+        fwd("ipv6 authentication header", A,
+            eth() / v6(nh=51) / Raw(bytes([17, 4, 0, 0]) + b"\0\0\1\0" + b"\0\0\0\1" +
+                                    b"\xaa" * 12) /
+            Raw(raw(UDP(sport=4000, dport=5000, chksum=0) / b"ah"))),
         fwd("ipv6 six extension headers (the limit)", A,
             eth() / v6() / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting() /
             IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() /
@@ -339,6 +350,14 @@ def build() -> List[Case]:
               IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() /
               IPv6ExtHdrDestOpt() / UDP(sport=4000, dport=5000) / b"ext7",
               "drop", "parse_ext"),
+    ]
+
+    padded = eth() / v4() / UDP(sport=4000, dport=5000) / b"p" / Padding(b"\0" * 17)
+    assert len(padded) == 60
+    C += [
+        fwd("60-byte frame with ethernet padding keeps its padding", A, padded),
+        fwd("to an endpoint behind the ingress port (hairpin)", ARP_STATE,
+            udp4(dst="10.0.0.3"), out_port="p1", dmac="02:00:00:00:00:03"),
     ]
 
     # Fragments: the first carries the ports, later ones take them from the fragment table.
@@ -438,6 +457,9 @@ def build() -> List[Case]:
               out=raw(Ether(dst=VM_MAC["p1"], src=PORT_MAC["p1"]) / Dot1Q(vlan=5) /
                       ARP(op=2, hwsrc=PORT_MAC["p1"], psrc="10.0.0.2", hwdst=VM_MAC["p1"],
                           pdst="10.0.0.1"))),
+        stays("arp request padded to 60 bytes", ARP_STATE,
+              arp_req("10.0.0.1", "10.0.0.2") / Padding(b"\0" * 18), "tx", "arp_reply",
+              out=arp_answer("10.0.0.1", "10.0.0.2") + b"\0" * 18),
         stays("arp for an address behind the asker's own port", ARP_STATE,
               arp_req("10.0.0.1", "10.0.0.3"), "drop", "arp_other"),
         stays("gratuitous arp", ARP_STATE, arp_req("10.0.0.1", "10.0.0.1"), "drop", "arp_other"),
@@ -460,6 +482,13 @@ def build() -> List[Case]:
         stays("neighbour solicitation for a route-covered address", ROUTES,
               solicit("fd01::9"), "tx", "nd_reply", out=advert("fd01::9"),
               check=check_advert("fd01::9")),
+        stays("neighbour solicitation inside a vlan tag", A, solicit("fd00::2", vlan=7),
+              "tx", "nd_reply", out=advert("fd00::2", vlan=7),
+              check=check_advert("fd00::2", vlan=7)),
+        stays("neighbour solicitation behind an extension header", A,
+              Ether(src=VM_MAC["p1"], dst="33:33:ff:00:00:02") /
+              IPv6(src="fd00::1", dst="ff02::1:ff00:2", hlim=255) / IPv6ExtHdrDestOpt() /
+              ICMPv6ND_NS(tgt="fd00::2"), "drop", "nd_other"),
         stays("duplicate address detection (source ::)", A, solicit("fd00::2", src="::", sll=False),
               "drop", "nd_other"),
         stays("neighbour solicitation for an unknown address", A, solicit("fd00::99"),
@@ -532,6 +561,33 @@ def build() -> List[Case]:
               pre=[Send(udp4(), action=XDP_REDIRECT), Sync(GEN2_DENY)]),
     ]
 
+    moved = blue([rule(1, proto="udp", dport=5000)], ports=("p5",))
+    moved["endpoints"] = [e for e in moved["endpoints"] if e["ip"] != "10.0.0.2"] + \
+        [ep("blue", "10.0.0.2", "p5", "02:00:00:00:00:22")]
+    inport1 = blue([rule(1, proto="udp", dport=5000, in_port="p1")])
+    inport1_plus = blue([rule(1, proto="udp", dport=5000, in_port="p1"),
+                         rule(9, proto="tcp", dport=443)])
+    C += [
+        fwd("an endpoint move reaches its existing flows", blue(
+            [rule(1, proto="udp", dport=5000)], ports=("p5",)), udp4(), out_port="p5",
+            dmac="02:00:00:00:00:22", counters={("p1", "none", "flow_stale"): 1},
+            pre=[Send(udp4(), action=XDP_REDIRECT), Sync(moved)]),
+        fwd("stale reply judged by its forward direction's in_port rule", inport1, reply,
+            out_port="p1", port="p2", counters={("p2", "none", "flow_stale"): 1},
+            pre=[Send(udp4(), action=XDP_REDIRECT), Sync(inport1_plus)]),
+    ]
+
+    # A stale reply whose forward direction is no longer *allowed* (here: now sent to the
+    # kernel by a pass rule) is judged on its own, as the program's comment says.
+    pass_fwd = blue([rule(1, proto="udp", dport=5000)], default="pass")
+    pass_fwd2 = blue([rule(1, "pass", proto="udp", dport=5000)], default="pass")
+    C += [
+        stays("stale reply whose forward became a pass rule is judged on its own", pass_fwd,
+              reply, "pass", "default", port="p2",
+              counters={("p2", "none", "flow_stale"): 1},
+              pre=[Send(udp4(), action=XDP_REDIRECT), Sync(pass_fwd2)]),
+    ]
+
     # Stateful allow.
     C += [
         fwd("reply of an allowed flow", GEN1, reply, out_port="p1", port="p2", reason="flow",
@@ -587,6 +643,10 @@ def build() -> List[Case]:
               "drop", "parse_ipv6"),
         stays("ipv6 header truncated", A, Ether(src=VM_MAC["p1"], dst=PORT_MAC["p1"],
               type=0x86dd) / raw(v6())[:30], "drop", "parse_ipv6"),
+        stays("ipv6 extension header longer than the payload", A,
+              eth() / IPv6(src="fd00::1", dst="fd00::2", nh=60) /
+              Raw(bytes([17, 10]) + b"\1\4" + b"\0" * 12) / UDP(sport=1, dport=2),
+              "drop", "parse_ext"),
         stays("ipv6 extension header truncated", A,
               eth() / IPv6(src="fd00::1", dst="fd00::2", nh=60, plen=4) / b"\x11\x00\x00\x00",
               "drop", "parse_ext"),

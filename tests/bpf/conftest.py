@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import pytest
@@ -41,7 +41,9 @@ class Lab:
 
 @pytest.fixture(scope="session")
 def lab():
-    """The namespaces and veths; the test session runs inside the node namespace."""
+    """The namespaces and veths, made once per session. Tests that run packets enter the
+    node namespace through `in_node` (per test, so other tests of the session never find
+    themselves in it)."""
     if os.geteuid() != 0:
         pytest.skip("the bpf tier needs root")
     nss = Namespaces()
@@ -51,9 +53,18 @@ def lab():
         for i, p in enumerate(PORTS, 1):
             nss.veth(p, node, f"v{i}", vm, a_mac=PORT_MAC[p], b_mac=VM_MAC[p])
         with entered(node):
-            yield Lab(node, vm, {p: socket.if_nametoindex(p) for p in PORTS})
+            ifindex = {p: socket.if_nametoindex(p) for p in PORTS}
+        yield Lab(node, vm, ifindex)
     finally:
         nss.close()
+
+
+@pytest.fixture
+def in_node(lab):
+    """The calling (main) thread inside the node namespace for one test: test-run's
+    ingress ifindex names a device of the current namespace."""
+    with entered(lab.node):
+        yield lab
 
 
 @pytest.fixture(scope="session")
@@ -137,5 +148,5 @@ class Bench:
 
 
 @pytest.fixture
-def bench(lab, dp):
-    return Bench(lab, dp)
+def bench(in_node, dp):
+    return Bench(in_node, dp)
