@@ -449,7 +449,8 @@ class ApiServer:
         who = "unknown peer" if peer is None else f"uid {peer.uid}"
         need = (f"root or membership in group {self.admin_group!r}" if self.admin_group
                 else "root")
-        raise PermissionError(f"{cmd.name!r} changes state and needs {need} ({who})")
+        raise PermissionError(f"permission denied: {cmd.name!r} changes state and needs {need} "
+                              f"({who})")
 
     def handle(self, data: bytes, peer: Optional[Peer]) -> Dict[str, Any]:
         """One request's bytes -> the reply document."""

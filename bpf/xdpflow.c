@@ -303,7 +303,10 @@ int xdpflow_port(struct xdp_md *ctx)
         port = xf_ports.lookup(&ifindex);
     }
     if (!port) {
-        v.rule_id = XF_BUILD_ID;       /* unused here: makes each build id a distinct program */
+        /* A store the compiler must keep: builds with different XF_BUILD_ID values are
+         * different programs (upgrade tests replace one with the other). */
+        volatile __u32 build_id = XF_BUILD_ID;
+        (void)build_id;
         v.verdict = XF_V_PASS;
         v.reason = XF_R_NO_PORT;
         return xf_finish(0, 0, &v, len, XDP_PASS);

@@ -10,7 +10,6 @@ Rules (default verdict: drop):
 Replies come back through the stateful flows, with no rule for them."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -101,6 +100,7 @@ def test_tcp_allowed_denied_and_kept_apart(net):
         back = exchange(bvm2, "tcp", "10.0.0.1", 5201, "backwards", sport=41004)
         got_blue, got_red = blue_srv.received(), red_srv.received()
         got_denied, got_vm1 = blue_denied.received(), blue_vm1.received()
+    rows = flows(net, "--tenant", "blue")
     # Allowed, and the answer (no rule for it) came back through the reverse flow.
     assert ok == {"ok": True, "reply": "blue-vm2:hello-blue"}, ok
     assert [(g["src"], g["data"]) for g in got_blue] == [("10.0.0.1", "hello-blue")]
@@ -114,6 +114,16 @@ def test_tcp_allowed_denied_and_kept_apart(net):
     # vm2 -> vm1: no rule allows it.
     assert not back["ok"], back
     assert got_vm1 == []
+    # The allowed connection is a flow of blue's, redirected by rule 2; the others are not
+    # (a denied packet may be cached too, but only with its drop verdict).
+    fwd = find_flow(rows, proto="tcp", src="10.0.0.1", sport=41001, dport=5201)
+    assert [(r["tenant"], r["verdict"], r["rule"], r["out_port"]) for r in fwd] == \
+        [("blue", "redirect", 2, "bvm2")], rows
+    for sport in (41003, 41004):
+        assert all(r["verdict"] == "drop" for r in find_flow(rows, proto="tcp", sport=sport))
+    assert all(r["tenant"] == "blue" for r in rows)
+    red_rows = flows(net, "--tenant", "red")
+    assert all(r["verdict"] == "drop" for r in find_flow(red_rows, proto="tcp")), red_rows
 
 
 def test_udp_in_both_tenants_kept_apart(net):
@@ -196,9 +206,6 @@ def test_flow_dump_shows_each_tenants_flows(net):
         blue_r[0]["out_port"] == "bvm1" and blue_r[0]["packets"] >= 1, blue_r
     assert len(red_r) == 1 and "reply" in red_r[0]["flags"] and \
         red_r[0]["out_port"] == "rvm1" and red_r[0]["packets"] >= 1, red_r
-    # The earlier TCP flow of blue (test_tcp_...) is blue's, not red's.
-    assert find_flow(rows, tenant="blue", proto="tcp", sport=41001, dport=5201)
-    assert not find_flow(rows, tenant="red", proto="tcp", sport=41001)
     # --tenant filters.
     only_red = flows(net, "--tenant", "red")
     assert only_red and {r["tenant"] for r in only_red} == {"red"}
