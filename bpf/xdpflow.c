@@ -331,40 +331,28 @@ int xdpflow_port(struct xdp_md *ctx)
         return xf_finish(tenant, slot, &v, len, dflt);
     }
 
-    if (p.family == 0) {
-        if (p.eth_proto == ETH_P_ARP_BE) {
-            int rc = xf_arp_reply(ctx, &p, port);
-            if (rc == XDP_TX) {
-                v.verdict = XF_V_TX;
-                v.reason = XF_R_ARP_REPLY;
-                return xf_finish(tenant, slot, &v, len, XDP_TX);
-            }
-            if (rc == XDP_PASS) {
-                v.verdict = XF_V_PASS;
-                v.reason = XF_R_LOCAL;
-                return xf_finish(tenant, slot, &v, len, XDP_PASS);
-            }
-            v.reason = XF_R_ARP_OTHER;
-        } else {
-            v.reason = XF_R_NOT_IP;
-        }
+    if (p.family == 0 && p.eth_proto != ETH_P_ARP_BE) {
+        v.reason = XF_R_NOT_IP;
         return xf_finish(tenant, slot, &v, len, dflt);
     }
 
-    if (p.proto == XF_IPPROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137) {
-        int rc = p.icmp_type == 135 ? xf_nd_reply(ctx, &p, port) : -1;
+    /* Neighbour discovery: answered here (ARP request, neighbour solicitation), handed
+     * to the kernel (for the node's own addresses), or the tenant default. */
+    int is_arp = p.family == 0;
+    if (is_arp || (p.proto == XF_IPPROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137)) {
+        int rc = is_arp ? xf_arp_reply(ctx, &p, port)
+                        : (p.icmp_type == 135 ? xf_nd_reply(ctx, &p, port) : -1);
         if (rc == XDP_TX) {
             v.verdict = XF_V_TX;
-            v.reason = XF_R_ND_REPLY;
-            return xf_finish(tenant, slot, &v, len, XDP_TX);
-        }
-        if (rc == XDP_PASS) {
+            v.reason = is_arp ? XF_R_ARP_REPLY : XF_R_ND_REPLY;
+        } else if (rc == XDP_PASS) {
             v.verdict = XF_V_PASS;
             v.reason = XF_R_LOCAL;
-            return xf_finish(tenant, slot, &v, len, XDP_PASS);
+        } else {
+            v.reason = is_arp ? XF_R_ARP_OTHER : XF_R_ND_OTHER;
+            rc = dflt;
         }
-        v.reason = XF_R_ND_OTHER;
-        return xf_finish(tenant, slot, &v, len, dflt);
+        return xf_finish(tenant, slot, &v, len, rc);
     }
 
     if (xf_is_multicast(&p)) {
@@ -446,54 +434,54 @@ int xdpflow_port(struct xdp_md *ctx)
 
     /* A stale reply entry: its connection lives on if the new rules still allow the
      * forward direction, so judge that first; otherwise judge the packet on its own. */
-    struct xf_flow_key ck;          /* the forward direction being judged */
+    /* The slow path's working set lives in a per-CPU scratch row: on the stack it would
+     * not fit the verifier's 512 bytes next to the parser's and the classifier's. */
+    __u32 zero = 0;
+    struct xf_scratch *sc = xf_scratch.lookup(&zero);
+    if (!sc) {
+        v.reason = XF_R_DEFAULT;
+        return xf_finish(tenant, slot, &v, len, dflt);
+    }
     __u16 c_in_port = slot;
     int as_reply = 0;
-    if (stale && (f->flags & XF_FLOW_REVERSE) && xf_reverse_key(&fk, &ck)) {
+    if (stale && (f->flags & XF_FLOW_REVERSE) && xf_reverse_key(&fk, &sc->ck)) {
         as_reply = 1;
         c_in_port = f->out_port;
     } else {
-        ck = fk;
+        sc->ck = fk;
     }
 
-    struct xf_flow nf = {};        /* the forward direction's result */
-    nf.generation = gen;
     __u64 now = bpf_ktime_get_coarse_ns();
-    nf.created_ns = now;
-    nf.last_seen_ns = now;
-
-    /* Addressed to the node itself: the kernel's, before any security rule. */
-    __u8 rreason = xf_route(tenant, ck.dst, &nf);
-    if (rreason == XF_R_LOCAL && !as_reply) {
-        nf.reason = XF_R_LOCAL;
-        nf.in_port = slot;
-        nf.packets = 1;
-        nf.bytes = len;
-        xf_insert(&fk, &nf, tenant, slot);
-        v.verdict = XF_V_PASS;
-        v.reason = XF_R_LOCAL;
-        return xf_finish(tenant, slot, &v, len, XDP_PASS);
-    }
-
-    struct xf_match r;
-    __u8 action = xf_classify(tenant, gen, &ck, c_in_port, &r);
-    if (as_reply && (action != XF_A_ALLOW || nf.verdict != XF_V_REDIRECT)) {
-        /* The forward direction is no longer allowed and forwarded: the packet is new
-         * traffic, judged on its own. */
-        as_reply = 0;
-        ck = fk;
-        c_in_port = slot;
-        __builtin_memset(&nf, 0, sizeof(nf));
-        nf.generation = gen;
-        nf.created_ns = now;
-        nf.last_seen_ns = now;
-        rreason = xf_route(tenant, ck.dst, &nf);
-        if (rreason == XF_R_LOCAL) {
+    __u8 rreason = 0, action = 0;
+    struct xf_match r = {};
+    /* At most two judgements, one copy of the code (the verifier walks the classifier
+     * once per copy): a stale reply's forward direction, then the packet on its own. */
+#pragma nounroll
+    for (int attempt = 0; attempt < 2; attempt++) {
+        __builtin_memset(&sc->nf, 0, sizeof(sc->nf));
+        sc->nf.generation = gen;
+        sc->nf.created_ns = now;
+        sc->nf.last_seen_ns = now;
+        /* Addressed to the node itself: the kernel's, before any security rule. */
+        rreason = xf_route(tenant, sc->ck.dst, &sc->nf);
+        if (rreason == XF_R_LOCAL && !as_reply) {
+            sc->nf.reason = XF_R_LOCAL;
+            sc->nf.in_port = slot;
+            sc->nf.packets = 1;
+            sc->nf.bytes = len;
+            xf_insert(&fk, &sc->nf, tenant, slot);
             v.verdict = XF_V_PASS;
             v.reason = XF_R_LOCAL;
             return xf_finish(tenant, slot, &v, len, XDP_PASS);
         }
-        action = xf_classify(tenant, gen, &ck, c_in_port, &r);
+        action = xf_classify(tenant, gen, &sc->ck, c_in_port, &r);
+        if (!as_reply || (action == XF_A_ALLOW && sc->nf.verdict == XF_V_REDIRECT))
+            break;
+        /* The forward direction is no longer allowed and forwarded: the packet is new
+         * traffic. */
+        as_reply = 0;
+        sc->ck = fk;
+        c_in_port = slot;
     }
 
     if (!action) {
@@ -519,59 +507,58 @@ int xdpflow_port(struct xdp_md *ctx)
         return xf_finish(tenant, slot, &v, len, XDP_DROP);
     }
 
-    nf.rule_id = r.rule_id;
-    nf.in_port = c_in_port;
+    sc->nf.rule_id = r.rule_id;
+    sc->nf.in_port = c_in_port;
     if (action == XF_A_PASS) {
-        nf.verdict = XF_V_PASS;
-        nf.out_ifindex = 0;
-        nf.out_port = 0;
+        sc->nf.verdict = XF_V_PASS;
+        sc->nf.out_ifindex = 0;
+        sc->nf.out_port = 0;
         rreason = XF_R_RULE_PASS;
-    } else if (nf.verdict == XF_V_DROP) {
+    } else if (sc->nf.verdict == XF_V_DROP) {
         /* Allowed, but nowhere to go: not cached, so a new endpoint or route takes
          * effect without waiting for the flow to age. */
         v.verdict = XF_V_DROP;
         v.reason = rreason;
         return xf_finish(tenant, slot, &v, len, XDP_DROP);
     }
-    nf.reason = rreason;
+    sc->nf.reason = rreason;
 
     /* Stateful: the reply direction is installed with the forward one (redirects only;
      * what goes to the kernel comes back through the kernel). */
-    struct xf_flow rf = {};
-    struct xf_flow_key rk;
+    __builtin_memset(&sc->rf, 0, sizeof(sc->rf));
     int have_rev = 0;
-    if (nf.verdict == XF_V_REDIRECT && action == XF_A_ALLOW && xf_reverse_key(&ck, &rk)) {
-        rf.generation = gen;
-        rf.created_ns = now;
-        rf.last_seen_ns = now;
-        rf.rule_id = r.rule_id;
-        rf.flags = XF_FLOW_REVERSE;
-        rf.in_port = nf.out_port;
-        if (xf_route(tenant, rk.dst, &rf) == XF_R_RULE_ALLOW)
+    if (sc->nf.verdict == XF_V_REDIRECT && action == XF_A_ALLOW &&
+        xf_reverse_key(&sc->ck, &sc->rk)) {
+        sc->rf.generation = gen;
+        sc->rf.created_ns = now;
+        sc->rf.last_seen_ns = now;
+        sc->rf.rule_id = r.rule_id;
+        sc->rf.flags = XF_FLOW_REVERSE;
+        sc->rf.in_port = sc->nf.out_port;
+        if (xf_route(tenant, sc->rk.dst, &sc->rf) == XF_R_RULE_ALLOW)
             have_rev = 1;
-        rf.reason = XF_R_RULE_ALLOW;
+        sc->rf.reason = XF_R_RULE_ALLOW;
     }
 
-    /* The packet's own direction carries its first count (no pointer select: the
-     * verifier refuses what clang makes of one between two stack structs). */
+    /* The packet's own direction carries its first count. */
     __u8 tflags = 0;
     if (p.proto == XF_IPPROTO_TCP)
         tflags = p.tcp_flags;
     __u8 fclose = (tflags & (TCP_FIN | TCP_RST)) ? XF_FLOW_CLOSING : 0;
     if (as_reply) {
-        rf.packets = 1;
-        rf.bytes = len;
-        rf.tcp_flags = tflags;
-        rf.flags |= fclose;
+        sc->rf.packets = 1;
+        sc->rf.bytes = len;
+        sc->rf.tcp_flags = tflags;
+        sc->rf.flags |= fclose;
     } else {
-        nf.packets = 1;
-        nf.bytes = len;
-        nf.tcp_flags = tflags;
-        nf.flags |= fclose;
+        sc->nf.packets = 1;
+        sc->nf.bytes = len;
+        sc->nf.tcp_flags = tflags;
+        sc->nf.flags |= fclose;
     }
-    xf_insert(&ck, &nf, tenant, slot);
+    xf_insert(&sc->ck, &sc->nf, tenant, slot);
     if (have_rev)
-        xf_insert(&rk, &rf, tenant, slot);
+        xf_insert(&sc->rk, &sc->rf, tenant, slot);
 
     if (as_reply && !have_rev) {
         v.verdict = XF_V_DROP;
@@ -579,15 +566,15 @@ int xdpflow_port(struct xdp_md *ctx)
         return xf_finish(tenant, slot, &v, len, XDP_DROP);
     }
     if (as_reply) {
-        v.verdict = rf.verdict;
+        v.verdict = sc->rf.verdict;
         v.reason = XF_R_RULE_ALLOW;
-        v.out_ifindex = rf.out_ifindex;
-        v.out_port = rf.out_port;
-        return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, &rf));
+        v.out_ifindex = sc->rf.out_ifindex;
+        v.out_port = sc->rf.out_port;
+        return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, &sc->rf));
     }
-    v.verdict = nf.verdict;
-    v.reason = nf.reason;
-    v.out_ifindex = nf.out_ifindex;
-    v.out_port = nf.out_port;
-    return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, &nf));
+    v.verdict = sc->nf.verdict;
+    v.reason = sc->nf.reason;
+    v.out_ifindex = sc->nf.out_ifindex;
+    v.out_port = sc->nf.out_port;
+    return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, &sc->nf));
 }

@@ -31,6 +31,9 @@ BPF_TABLE_PINNED("lru_hash", struct xf_frag_key, struct xf_frag, xf_frags, XF_FR
 /* Layout fingerprint of the maps above, written by the agent. */
 BPF_TABLE_PINNED("array", __u32, struct xf_meta, xf_meta, 1, XF_PIN(xf_meta));
 
+/* The slow path's working set (flows and keys being built), per CPU, not pinned. */
+BPF_PERCPU_ARRAY(xf_scratch, struct xf_scratch, 1);
+
 #ifdef XF_TRACE
 /* What the last traced packet did, per CPU (trace build only, not pinned). */
 BPF_PERCPU_ARRAY(xf_trace_rec, struct xf_trace, 1);

@@ -155,6 +155,14 @@ struct xf_meta {
     __u64 layout_hash;
 };
 
+/* The slow path's working set: the forward and reply flows and keys being built. */
+struct xf_scratch {
+    struct xf_flow nf;        /* the forward direction's result */
+    struct xf_flow rf;        /* the reply direction's */
+    struct xf_flow_key ck;    /* the forward direction being judged */
+    struct xf_flow_key rk;    /* its reply direction */
+};
+
 /* What the trace build records for the packet it ran (per CPU). */
 struct xf_trace {
     __u32 tenant;

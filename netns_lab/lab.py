@@ -1,10 +1,14 @@
-"""A node in namespaces: one node namespace running the agent on VM-facing veths, one
-namespace per VM, and the agent as a real process driven through `xdpflowctl`. Used by
-the demo and the lab tests. Everything it makes has a unique name and goes away in close().
-"""
+"""A node in namespaces, for the demo and the lab tests: one node namespace whose VM-facing
+veths are the agent's ports, one namespace per VM, the agent started as a process the way
+an operator would (inside the node's network namespace with `nsenter --net`, never
+`ip netns exec`, which would hide bpffs pins), and the real `xdpflowctl` over the socket.
+
+Everything a lab makes (namespaces, pin directory, temp dir, groups, processes) has a
+unique name and is removed in close(), whatever happened in between."""
 from __future__ import annotations
 
-import json
+import grp
+import json as jsonlib
 import os
 import shutil
 import signal
@@ -13,23 +17,74 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from .netns import Namespaces, ip, run, unique
+from .netns import Namespaces, in_netns, ip, run, unique
 
-VENV_BIN = Path(sys.executable).parent
+BIN = Path(sys.executable).parent
+AGENT = str(BIN / "xdpflow-agent")
+CTL = str(BIN / "xdpflowctl")
+
+# What every Lab of this process made, for an end-of-session check.
+CREATED_NAMESPACES: List[str] = []
+CREATED_PINS: List[str] = []
+
+# Two tenants with the same addresses and the same VM MACs: only the tenant id keeps them
+# apart. Node-side port names are short (<= 15 chars) and fixed inside the node namespace.
+VM_MAC = {1: "02:00:00:00:00:01", 2: "02:00:00:00:00:02"}
+VM_IP = {1: "10.0.0.1", 2: "10.0.0.2"}
+TENANTS = {"blue": 10, "red": 20}
+
+SMALL_DATAPATH = {"flow_table_size": 65536, "max_rule_entries": 4096, "max_endpoints": 1024,
+                  "max_routes": 1024, "max_ports": 64}
 
 
 @dataclass
 class VM:
-    name: str          # the VM's namespace
     tenant: str
+    index: int
+    name: str        # the VM's namespace
+    port: str        # the node-side interface (an xdpflow port)
     ip: str
     mac: str
-    port: str          # the node-side interface (the xdpflow port)
     port_mac: str
+
+
+class CtlResult:
+    """(exit code, parsed JSON) when unpacked; the raw output is kept for messages."""
+
+    def __init__(self, code: int, data: Any, stdout: str, stderr: str):
+        self.code, self.data, self.stdout, self.stderr = code, data, stdout, stderr
+
+    def __iter__(self):
+        return iter((self.code, self.data))
+
+    def __repr__(self):
+        return (f"CtlResult(code={self.code}, data={self.data!r}, "
+                f"stderr={self.stderr.strip()!r})")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return jsonlib.dumps(str(v))
+
+
+def toml_tables(prefix: str, state: Dict[str, List[Dict[str, Any]]]) -> str:
+    """[[PREFIXkind]] tables from {kind: [objects]} (prefix "state." for a config file,
+    "" for an apply file)."""
+    out = []
+    for kind, objs in state.items():
+        for obj in objs:
+            out.append(f"[[{prefix}{kind}]]")
+            out += [f"{k} = {_toml_value(v)}" for k, v in obj.items() if v is not None]
+            out.append("")
+    return "\n".join(out) + "\n"
 
 
 def free_port() -> int:
@@ -39,134 +94,228 @@ def free_port() -> int:
 
 
 class Lab:
-    def __init__(self, prefix: str = "xfl", workdir: Optional[str] = None,
-                 flow_table_size: int = 65536, extra_config: str = ""):
+    """One node namespace, VM namespaces behind veths, a temp dir, a pin dir, a config
+    file, and at most one running agent."""
+
+    def __init__(self, prefix: str = "xfl"):
         self.prefix = prefix
         self.ns = Namespaces()
-        self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"{prefix}-"))
-        self.dir.chmod(0o755)
-        self.pin_dir = f"/sys/fs/bpf/xdpflow-{unique(prefix, 30)}"
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix + "-"))
+        self.pin_dir = f"/sys/fs/bpf/xdpflow-lab-{unique(prefix, 30)}"
         self.socket = str(self.dir / "run" / "agent.sock")
-        self.metrics_port = free_port()
+        self.state_dir = str(self.dir / "state")
         self.config = self.dir / "agent.toml"
-        self.vms: Dict[str, VM] = {}
-        self.node = self.ns.add(f"{prefix}n")
-        self.agent: Optional[subprocess.Popen] = None
         self.log_path = self.dir / "agent.log"
-        self.config.write_text(
-            f'[agent]\nsocket = "{self.socket}"\nstate_dir = "{self.dir}/state"\n'
-            f'bpffs = "{self.pin_dir}"\n\n[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n\n'
-            f'[datapath]\nflow_table_size = {flow_table_size}\n\n[aging]\ninterval = 1.0\n'
-            + extra_config)
+        self.metrics_port = free_port()
+        CREATED_PINS.append(self.pin_dir)
+        self.vms: Dict[tuple, VM] = {}
+        self.proc: Optional[subprocess.Popen] = None
+        self.groups: List[str] = []
+        self.agent_starts = 0
+        self.node = self._ns("n")
 
-    # -- topology ------------------------------------------------------------------------------
-    def add_vm(self, tenant: str, index: int, vm_ip: str, mac: str, prefixlen: int = 24) -> VM:
-        """A VM namespace with eth0 (vm_ip, mac) whose peer is a port in the node namespace.
-        Port MACs differ per port; VM MACs may repeat across tenants."""
-        name = self.ns.add(f"{self.prefix}v")
-        port = f"{tenant[:6]}{index}"
-        n = len(self.vms) + 1
-        port_mac = f"02:fe:00:00:{n >> 8:02x}:{n & 0xff:02x}"
-        ip("link", "add", port, "address", port_mac, "type", "veth", "peer", "name", "eth0",
-           "address", mac, "netns", name, ns=self.node)
-        ip("link", "set", port, "up", ns=self.node)
-        ip("link", "set", "eth0", "up", ns=name)
-        ip("addr", "add", f"{vm_ip}/{prefixlen}", "dev", "eth0", ns=name)
-        vm = VM(name, tenant, vm_ip, mac, port, port_mac)
-        self.vms[f"{tenant}/{index}"] = vm
+    # -- topology -------------------------------------------------------------------------
+    def _ns(self, kind: str) -> str:
+        name = self.ns.add(self.prefix + kind)
+        CREATED_NAMESPACES.append(name)
+        return name
+
+    def add_vm(self, tenant: str, index: int, ip_addr: Optional[str] = None,
+               mac: Optional[str] = None, port: Optional[str] = None) -> VM:
+        """A VM namespace with eth0 (ip_addr/24, mac; by default VM_IP/VM_MAC[index]) whose
+        peer is the port `port` (by default e.g. "bvm1", "rvm2") in the node namespace.
+        Port MACs differ per tenant and index; VM MACs may repeat across tenants."""
+        name = self._ns("v")
+        port = port or f"{tenant[0]}vm{index}"
+        t = list(TENANTS).index(tenant) + 1 if tenant in TENANTS else 9
+        port_mac = f"02:aa:00:00:{t:02x}:{index:02x}"
+        vm = VM(tenant, index, name, port, ip_addr or VM_IP[index], mac or VM_MAC[index],
+                port_mac)
+        self.ns.veth(port, self.node, "eth0", name, a_mac=port_mac, b_mac=vm.mac)
+        ip("addr", "add", f"{vm.ip}/24", "dev", "eth0", ns=name)
+        self.vms[(tenant, index)] = vm
         return vm
 
-    # -- the agent ---------------------------------------------------------------------------
-    def start_agent(self, env: Optional[Dict[str, str]] = None, wait: float = 30) -> None:
+    def vm(self, tenant: str, index: int) -> VM:
+        return self.vms[(tenant, index)]
+
+    def two_tenants(self) -> None:
+        for tenant in TENANTS:
+            for i in (1, 2):
+                self.add_vm(tenant, i)
+
+    def base_state(self) -> Dict[str, List[Dict[str, Any]]]:
+        """Tenants, ports and endpoints for every VM in the lab (no rules)."""
+        tenants = sorted({vm.tenant for vm in self.vms.values()})
+        return {
+            "tenants": [{"name": t, "id": TENANTS[t]} for t in tenants],
+            "ports": [{"name": vm.port, "tenant": vm.tenant} for vm in self.vms.values()],
+            "endpoints": [{"tenant": vm.tenant, "ip": vm.ip, "port": vm.port, "mac": vm.mac}
+                          for vm in self.vms.values()],
+        }
+
+    def vm_run(self, vm: VM, cmd: Sequence[str], check: bool = False,
+               timeout: float = 30) -> subprocess.CompletedProcess:
+        """A command in a VM's network namespace."""
+        return run(cmd, ns=vm.name, check=check, timeout=timeout)
+
+    # -- config ------------------------------------------------------------------------------
+    def write_config(self, agent: Optional[Dict[str, Any]] = None,
+                     state: Optional[Dict[str, List[Dict[str, Any]]]] = None,
+                     aging: Optional[Dict[str, Any]] = None) -> Path:
+        a = {"socket": self.socket, "state_dir": self.state_dir, "bpffs": self.pin_dir}
+        a.update(agent or {})
+        lines = ["[agent]"] + [f"{k} = {_toml_value(v)}" for k, v in a.items()]
+        lines += ["", "[metrics]", f'listen = "127.0.0.1:{self.metrics_port}"', "",
+                  "[datapath]"] + [f"{k} = {v}" for k, v in SMALL_DATAPATH.items()]
+        if aging:
+            lines += ["", "[aging]"] + [f"{k} = {_toml_value(v)}" for k, v in aging.items()]
+        text = "\n".join(lines) + "\n\n" + (toml_tables("state.", state) if state else "")
+        self.config.write_text(text)
+        return self.config
+
+    # -- the agent ----------------------------------------------------------------------------
+    def start_agent(self, env: Optional[Dict[str, str]] = None, wait: bool = True,
+                    timeout: float = 60.0) -> subprocess.Popen:
+        assert self.proc is None or self.proc.poll() is not None, "an agent is running"
+        if not self.config.exists():
+            self.write_config()
         full_env = dict(os.environ)
+        for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "XDPFLOW_CFLAGS"):
+            full_env.pop(k, None)
         full_env.update(env or {})
-        log = open(self.log_path, "ab")
-        self.agent = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.node}", "--",
-             str(VENV_BIN / "xdpflow-agent"), "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, env=full_env)
-        log.close()
-        deadline = time.monotonic() + wait
+        self.agent_starts += 1
+        with open(self.log_path, "a") as log:
+            log.write(f"\n===== agent start #{self.agent_starts} "
+                      f"(env {env or {}}) =====\n")
+            log.flush()
+            # nsenter --net (no --fork) execs the agent: the Popen pid is the agent's pid.
+            self.proc = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{self.node}", AGENT, "--config",
+                 str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env)
+        if wait:
+            self.wait_ready(timeout)
+        return self.proc
+
+    def wait_ready(self, timeout: float = 60.0) -> Dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last = None
         while time.monotonic() < deadline:
-            if self.agent.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.agent.returncode}:\n{self.log()}")
-            if self.ctl("status", check=False)[0] == 0:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"agent did not answer within {wait}s:\n{self.log()}")
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"the agent exited with {self.proc.returncode} before "
+                                     f"answering; log:\n{self.log_text()}")
+            if os.path.exists(self.socket):
+                last = self.ctl("status", timeout=5)
+                if last.code == 0 and last.data.get("pid") == self.proc.pid:
+                    return last.data
+            time.sleep(0.1)
+        raise AssertionError(f"the agent did not answer `status` within {timeout}s "
+                             f"(last: {last!r}); log:\n{self.log_text()}")
 
-    def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = 20) -> Optional[int]:
-        if self.agent is None:
-            return None
-        if self.agent.poll() is None:
-            self.agent.send_signal(sig)
-            try:
-                self.agent.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.agent.kill()
-                self.agent.wait()
-        rc, self.agent = self.agent.returncode, None
-        return rc
+    def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> Optional[int]:
+        """Send `sig`; wait; SIGKILL if it does not go. Returns the exit status."""
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return p.returncode if p else None
+        p.send_signal(sig)
+        try:
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+            raise AssertionError(f"the agent ignored signal {sig} for {timeout}s")
 
-    def log(self) -> str:
+    def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        except FileNotFoundError:
+            return "(no log)"
 
-    def ctl(self, *args: str, check: bool = True, as_json: bool = True):
-        """Run the real CLI. Returns (exit code, parsed JSON or text)."""
-        cmd = [str(VENV_BIN / "xdpflowctl"), "--socket", self.socket]
-        if as_json:
-            cmd.append("--json")
-        p = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=60)
-        out = p.stdout
-        if as_json:
+    # -- xdpflowctl and metrics -------------------------------------------------------------
+    def ctl(self, *args: str, json: bool = True, as_user: Optional[Sequence[str]] = None,
+            timeout: float = 30.0, input: Optional[str] = None) -> CtlResult:
+        cmd = [CTL, "--socket", self.socket] + (["--json"] if json else []) + list(args)
+        if as_user is not None:
+            cmd = list(as_user) + cmd
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+        data: Any = None
+        if json and p.stdout.strip():
             try:
-                out = json.loads(p.stdout) if p.stdout.strip() else None
+                data = jsonlib.loads(p.stdout)
             except ValueError:
-                pass
-        if check and p.returncode != 0:
-            raise RuntimeError(f"xdpflowctl {' '.join(args)} -> {p.returncode}: "
-                               f"{p.stderr.strip()} {p.stdout.strip()}")
-        return p.returncode, out if as_json else (p.stdout + p.stderr)
+                raise AssertionError(f"xdpflowctl {' '.join(args)} printed no JSON document:"
+                                     f"\n{p.stdout}\n{p.stderr}") from None
+        return CtlResult(p.returncode, data, p.stdout, p.stderr)
+
+    def ok(self, *args: str, **kw) -> Any:
+        """ctl that must succeed; returns the JSON."""
+        r = self.ctl(*args, **kw)
+        assert r.code == 0, f"xdpflowctl {' '.join(args)} -> {r!r}"
+        return r.data
 
     def metrics(self) -> str:
         """A scrape, from inside the node namespace (the agent listens on its loopback)."""
-        import urllib.request
-
-        from .netns import in_netns
-
-        def fetch():
+        def scrape():
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
                                         timeout=10) as r:
                 return r.read().decode()
-        return in_netns(self.node, fetch)
+        return in_netns(self.node, scrape)
 
-    # -- VMs ---------------------------------------------------------------------------------
-    def vm_run(self, vm: VM, cmd: Sequence[str], check: bool = False, timeout: float = 30):
-        return run(cmd, ns=vm.name, check=check, timeout=timeout)
+    # -- the node ------------------------------------------------------------------------------
+    def xdp_prog(self, port: str) -> Dict[str, Any]:
+        """The XDP program attached to a node port, from `ip -d -j link show`."""
+        out = ip("-d", "-j", "link", "show", "dev", port, ns=self.node)
+        link = jsonlib.loads(out)[0]
+        xdp = link.get("xdp") or {}
+        prog = xdp.get("prog") or {}
+        if not prog and xdp.get("attached"):
+            prog = (xdp["attached"][0].get("prog") or {}) if xdp["attached"] else {}
+        return prog
 
-    def vm_python(self, vm: VM, code: str, timeout: float = 30, background: bool = False):
-        cmd = ["nsenter", f"--net=/run/netns/{vm.name}", "--", sys.executable, "-c", code]
-        if background:
-            return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    def add_group(self, stem: str) -> str:
+        name = unique(self.prefix + stem, maxlen=30)
+        subprocess.run(["groupadd", name], check=True, capture_output=True)
+        self.groups.append(name)
+        return name
 
-    # -- teardown --------------------------------------------------------------------------------
-    def close(self):
+    def gid(self, name: str) -> int:
+        return grp.getgrnam(name).gr_gid
+
+    # -- the end ---------------------------------------------------------------------------------
+    def close(self, show_log: bool = False) -> None:
+        """Stop the agent, tear its programs and pins down, remove everything; with
+        show_log, print the agent's log first (a test's captured output)."""
+        errors = []
         try:
-            self.stop_agent()
-        finally:
-            try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+        except Exception as e:  # keep cleaning up
+            errors.append(e)
+        try:
+            if self.config.exists() and self.node in self.ns.names:
                 # In the node namespace, where the ports are.
-                subprocess.run(["nsenter", f"--net=/run/netns/{self.node}", "--",
-                                str(VENV_BIN / "xdpflow-agent"), "--config", str(self.config),
-                                "--teardown"], capture_output=True, timeout=60)
-            finally:
-                self.ns.close()
-                shutil.rmtree(self.pin_dir, ignore_errors=True)
+                p = run(["nsenter", f"--net=/run/netns/{self.node}", AGENT, "--config",
+                         str(self.config), "--teardown"], check=False, timeout=60)
+                if p.returncode != 0:
+                    print(f"teardown exited {p.returncode}: {p.stdout}{p.stderr}")
+        except Exception as e:
+            errors.append(e)
+        self.ns.close()
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
+        for g in self.groups:
+            subprocess.run(["groupdel", g], capture_output=True)
+        self.groups = []
+        if show_log:
+            print(f"----- agent log ({self.log_path}) -----\n{self.log_text()}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if errors:
+            raise errors[0]
 
     def __enter__(self):
         return self

@@ -1,136 +1,238 @@
-"""Small traffic probes run inside VM namespaces with the venv's Python: a TCP connect
-with an echo, a UDP request/reply, and a steady numbered UDP stream with its counter."""
+"""Real traffic between lab VMs (netns_lab.lab.VM): small Python servers, clients and a
+paced UDP stream, each run as its own process inside a VM's network namespace
+(`nsenter --net`)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from typing import Any, Dict, List, Optional
 
-TCP_SERVER = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", {port})); s.listen(8); s.settimeout({seconds})
+from .netns import run
+
+# A TCP or UDP server: answers every message with "IDENT:message" and, when its stdin
+# closes, prints what it received as one JSON list.
+SERVER = r'''
+import json, select, socket, sys
+proto, port, ident = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if proto == "tcp":
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(16)
+else:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+got = []
 print("ready", flush=True)
+while True:
+    r, _, _ = select.select([s, sys.stdin], [], [])
+    if sys.stdin in r and not sys.stdin.readline():
+        break
+    if s not in r:
+        continue
+    if proto == "tcp":
+        c, addr = s.accept()
+        c.settimeout(2)
+        try:
+            data = c.recv(1000)
+            c.sendall(ident.encode() + b":" + data)
+        except OSError:
+            data = b""
+        c.close()
+    else:
+        data, addr = s.recvfrom(4096)
+        s.sendto(ident.encode() + b":" + data, addr)
+    got.append({"src": addr[0], "sport": addr[1], "data": data.decode(errors="replace")})
+print(json.dumps(got), flush=True)
+'''
+
+# One exchange: send MESSAGE, wait for the answer; prints {"ok": ..., "reply"/"error"}.
+CLIENT = r'''
+import json, socket, sys
+proto, dst, port, sport, msg, timeout = (sys.argv[1], sys.argv[2], int(sys.argv[3]),
+                                         int(sys.argv[4]), sys.argv[5], float(sys.argv[6]))
 try:
-    while True:
-        c, _ = s.accept(); c.settimeout(2)
-        data = c.recv(100); c.sendall(b"echo:" + data); c.close()
-except socket.timeout:
-    pass
-"""
+    if proto == "tcp":
+        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sport:
+            c.bind(("0.0.0.0", sport))
+        c.settimeout(timeout)
+        c.connect((dst, port))
+        c.sendall(msg.encode())
+        reply = c.recv(1000)
+        c.close()
+    else:
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if sport:
+            c.bind(("0.0.0.0", sport))
+        c.settimeout(timeout / 3)
+        reply = None
+        for _ in range(3):
+            c.sendto(msg.encode(), (dst, port))
+            try:
+                reply, _ = c.recvfrom(4096)
+                break
+            except socket.timeout:
+                continue
+        if reply is None:
+            raise TimeoutError("no reply")
+    print(json.dumps({"ok": True, "reply": reply.decode(errors="replace")}))
+except Exception as e:
+    print(json.dumps({"ok": False, "error": repr(e)}))
+'''
 
-TCP_CLIENT = """
-import socket, json
-s = socket.socket(); s.settimeout({timeout})
-try:
-    s.connect(("{dst}", {port})); s.sendall(b"hello"); r = s.recv(100)
-    print(json.dumps({{"ok": r == b"echo:hello"}}))
-except OSError as e:
-    print(json.dumps({{"ok": False, "error": str(e)}}))
-"""
-
-UDP_SERVER = """
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", {port}))
-s.settimeout({seconds}); print("ready", flush=True)
-try:
-    while True:
-        d, a = s.recvfrom(2048); s.sendto(b"echo:" + d, a)
-except socket.timeout:
-    pass
-"""
-
-UDP_CLIENT = """
-import socket, json
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout({timeout})
-ok = False
-for _ in range(3):
-    s.sendto(b"hello", ("{dst}", {port}))
-    try:
-        d, _ = s.recvfrom(2048); ok = d == b"echo:hello"; break
-    except socket.timeout:
-        pass
-print(json.dumps({{"ok": ok}}))
-"""
-
-STREAM_RECEIVER = """
-import socket, json, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", {port}))
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-s.settimeout({idle}); print("ready", flush=True)
-seen = set()
-try:
-    while True:
-        d, _ = s.recvfrom(64)
-        seen.add(int(d))
-except socket.timeout:
-    pass
-print(json.dumps({{"received": len(seen), "max": max(seen) if seen else -1}}))
-"""
-
-STREAM_SENDER = """
-import socket, json, time
+# A paced stream of numbered datagrams until stdin closes; prints how many were sent.
+SENDER = r'''
+import json, select, socket, sys, time
+dst, port, sport, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-n, rate, t0 = {count}, {rate}, time.monotonic()
-for i in range(n):
-    s.sendto(str(i).encode(), ("{dst}", {port}))
-    delay = t0 + (i + 1) / rate - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
-print(json.dumps({{"sent": n}}))
-"""
-
-
-def _wait_ready(proc, timeout=10):
-    deadline = time.monotonic() + timeout
-    line = proc.stdout.readline()
-    if "ready" not in line or time.monotonic() > deadline:
-        raise RuntimeError(f"probe server did not start: {line!r} {proc.stderr.read()}")
-
-
-def tcp_probe(lab, src_vm, dst_vm, port: int, timeout: float = 1.5) -> bool:
-    srv = lab.vm_python(dst_vm, TCP_SERVER.format(port=port, seconds=timeout + 3),
-                        background=True)
+s.bind(("0.0.0.0", sport))
+s.sendto(b"warm-up", (dst, port))          # resolves the neighbour before the count starts
+time.sleep(0.3)
+print("ready", flush=True)
+n, errors, t0 = 0, 0, time.monotonic()
+while True:
+    due = t0 + n / rate
+    wait = max(0.0, due - time.monotonic())
+    if select.select([sys.stdin], [], [], wait)[0] and not sys.stdin.readline():
+        break
     try:
-        _wait_ready(srv)
-        r = lab.vm_python(src_vm, TCP_CLIENT.format(dst=dst_vm.ip, port=port, timeout=timeout))
-        return json.loads(r.stdout or '{"ok": false}')["ok"]
-    finally:
-        srv.kill()
-        srv.wait()
+        s.sendto(b"%d" % n, (dst, port))
+        n += 1
+    except OSError:
+        errors += 1
+print(json.dumps({"sent": n, "errors": errors}), flush=True)
+'''
+
+# Counts the numbered datagrams it receives until stdin closes (then drains for a moment).
+RECEIVER = r'''
+import json, select, socket, sys, time
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+s.bind(("0.0.0.0", port))
+print("ready", flush=True)
+seen, dups, other, closing = set(), 0, 0, None
+while True:
+    timeout = None if closing is None else max(0.0, closing - time.monotonic())
+    r, _, _ = select.select([s] + ([sys.stdin] if closing is None else []), [], [], timeout)
+    if not r:
+        break
+    if sys.stdin in r and not sys.stdin.readline():
+        closing = time.monotonic() + 0.5
+    if s in r:
+        data, _ = s.recvfrom(4096)
+        if data.isdigit():
+            n = int(data)
+            dups += n in seen
+            seen.add(n)
+        else:
+            other += 1
+top = max(seen) if seen else -1
+missing = [i for i in range(top + 1) if i not in seen]
+print(json.dumps({"received": len(seen), "max": top, "dups": dups, "other": other,
+                  "missing": missing[:50], "missing_count": len(missing)}), flush=True)
+'''
 
 
-def udp_probe(lab, src_vm, dst_vm, port: int, timeout: float = 0.5) -> bool:
-    srv = lab.vm_python(dst_vm, UDP_SERVER.format(port=port, seconds=3 * timeout + 3),
-                        background=True)
-    try:
-        _wait_ready(srv)
-        r = lab.vm_python(src_vm, UDP_CLIENT.format(dst=dst_vm.ip, port=port, timeout=timeout))
-        return json.loads(r.stdout or '{"ok": false}')["ok"]
-    finally:
-        srv.kill()
-        srv.wait()
+def _script(script: str, *args: Any) -> List[str]:
+    return [sys.executable, "-c", script, *[str(a) for a in args]]
 
 
-def ping(lab, src_vm, dst_vm, count: int = 2) -> bool:
-    r = lab.vm_run(src_vm, ["ping", "-c", str(count), "-W", "1", "-i", "0.2", dst_vm.ip])
-    return r.returncode == 0
+def _in_ns(ns: str, script: str, *args: Any) -> List[str]:
+    """For a process that runs alongside: netns.run's `nsenter --net`, without waiting."""
+    return ["nsenter", f"--net=/run/netns/{ns}", "--", *_script(script, *args)]
+
+
+class _Proc:
+    """A helper process that prints "ready", works until its stdin closes, then prints
+    one JSON document."""
+
+    def __init__(self, cmd: List[str], what: str):
+        self.what = what
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline()
+        if line.strip() != "ready":
+            self.p.kill()
+            raise AssertionError(f"{what} did not start: {line!r} {self.p.stderr.read()}")
+        self._result: Any = None
+
+    def finish(self, timeout: float = 10) -> Any:
+        if self._result is None:
+            try:
+                out, err = self.p.communicate("", timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                raise AssertionError(f"{self.what} did not finish") from None
+            lines = out.strip().splitlines()
+            assert self.p.returncode == 0 and lines, f"{self.what} failed: {out} {err}"
+            self._result = json.loads(lines[-1])
+        return self._result
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+class Server(_Proc):
+    def __init__(self, vm, proto: str, port: int, ident: Optional[str] = None):
+        self.ident = ident or f"{vm.tenant}-vm{vm.index}"
+        super().__init__(_in_ns(vm.name, SERVER, proto, port, self.ident),
+                         f"{proto} server on {vm.tenant}/vm{vm.index}:{port}")
+
+    def received(self) -> List[Dict[str, Any]]:
+        return self.finish()
+
+
+def exchange(vm, proto: str, dst: str, port: int, message: str, sport: int = 0,
+             timeout: float = 1.5) -> Dict[str, Any]:
+    """One request/answer from a VM; {"ok": True, "reply": ...} or {"ok": False, ...}."""
+    p = run(_script(CLIENT, proto, dst, port, sport, message, timeout), ns=vm.name,
+            check=False, timeout=timeout * 3 + 10)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def ping(vm, dst: str, count: int = 1, wait: float = 1.0) -> bool:
+    """ICMP echo from a VM: True when an answer came back."""
+    p = run(["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", str(wait), dst],
+            ns=vm.name, check=False, timeout=count * wait + 10)
+    return p.returncode == 0
 
 
 class Stream:
-    """A numbered UDP stream src -> dst at `rate` packets/s; result() says sent/received."""
+    """A numbered UDP stream from one VM to another at `rate` datagrams per second."""
 
-    def __init__(self, lab, src_vm, dst_vm, port: int, count: int, rate: int):
-        self.rx = lab.vm_python(dst_vm, STREAM_RECEIVER.format(port=port, idle=3),
-                                background=True)
-        _wait_ready(self.rx)
-        self.tx = lab.vm_python(src_vm, STREAM_SENDER.format(dst=dst_vm.ip, port=port,
-                                                             count=count, rate=rate),
-                                background=True)
+    def __init__(self, src_vm, dst_vm, port: int, sport: int, rate: float = 2000):
+        self.rx = _Proc(_in_ns(dst_vm.name, RECEIVER, port), "stream receiver")
+        try:
+            self.tx = _Proc(_in_ns(src_vm.name, SENDER, dst_vm.ip, port, sport, rate),
+                            "stream sender")
+        except BaseException:
+            self.rx.kill()
+            raise
+        self.started = time.monotonic()
 
-    def result(self, timeout: float = 120) -> dict:
-        out_tx, _ = self.tx.communicate(timeout=timeout)
-        out_rx, _ = self.rx.communicate(timeout=timeout)
-        res = json.loads(out_tx.strip().splitlines()[-1])
-        res.update(json.loads(out_rx.strip().splitlines()[-1]))
-        res["lost"] = res["sent"] - res["received"]
-        return res
+    def stop(self) -> Dict[str, Any]:
+        sent = self.tx.finish()
+        time.sleep(0.2)
+        got = self.rx.finish()
+        return {**sent, **got, "seconds": round(time.monotonic() - self.started, 2)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.tx.kill()
+        self.rx.kill()

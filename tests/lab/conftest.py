@@ -1,4 +1,4 @@
-"""Fixtures of the lab tier (see labkit.py for the lab itself): a lab per test or per
+"""Fixtures of the lab tier (netns_lab/lab.py is the lab itself): a lab per test or per
 module, always torn down, and a final check that nothing of ours is left behind."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from labkit import CREATED_NAMESPACES, CREATED_PINS, Lab
+from netns_lab.lab import CREATED_NAMESPACES, CREATED_PINS, Lab
 
 
 def _require_root():
@@ -20,26 +20,26 @@ def _require_root():
             pytest.skip(f"{tool} is not installed")
 
 
-@pytest.fixture
-def lab():
-    """A fresh, empty lab (just the node namespace) for one test."""
+def _a_lab():
+    """A fresh, empty lab (just the node namespace), closed with its agent's log shown."""
     _require_root()
     lab = Lab()
     try:
         yield lab
     finally:
-        lab.close()
+        lab.close(show_log=True)
+
+
+@pytest.fixture
+def lab():
+    """A lab for one test."""
+    yield from _a_lab()
 
 
 @pytest.fixture(scope="module")
 def module_lab():
     """A lab shared by the tests of one module."""
-    _require_root()
-    lab = Lab()
-    try:
-        yield lab
-    finally:
-        lab.close()
+    yield from _a_lab()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit import toml_tables
+from netns_lab.lab import toml_tables
 
 pytestmark = pytest.mark.lab
 

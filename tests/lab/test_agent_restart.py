@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from traffic import Stream
+from netns_lab.traffic import Stream, ping
 
 pytestmark = pytest.mark.lab
 
@@ -136,5 +136,4 @@ def test_upgrade_to_another_build_loses_nothing(agent):
     assert b"XDPFLOW_CFLAGS=-DXF_BUILD_ID=2" in environ
     assert tag_before and tag_after and tag_after != tag_before, (tag_before, tag_after)
     # And traffic after the swap still follows the rules (ICMP allowed by rule 7).
-    from traffic import ping
     assert ping(agent.vm("blue", 1), "10.0.0.2")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from labkit import AGENT
+from netns_lab.lab import AGENT
 
 pytestmark = pytest.mark.lab
 

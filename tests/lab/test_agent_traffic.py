@@ -10,13 +10,10 @@ Rules (default verdict: drop):
 Replies come back through the stateful flows, with no rule for them."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from labkit import TENANTS
-from traffic import Server, exchange, ping
+from netns_lab.lab import TENANTS
+from netns_lab.traffic import Server, exchange, ping
 
 pytestmark = pytest.mark.lab
 
@@ -235,12 +232,7 @@ def test_stats_and_metrics_grow(net):
     assert int(after["rule_hits"].get("3", 0)) >= int(before["rule_hits"].get("3", 0)) + 3
     assert after["flows"]["by_tenant"].get("blue", 0) >= 0
     # The Prometheus endpoint (inside the node namespace) shows the same counters.
-    code = ("import urllib.request,sys;"
-            f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:{net.metrics_port}"
-            "/metrics',timeout=5).read().decode())")
-    p = subprocess.run(["nsenter", f"--net=/run/netns/{net.node}", sys.executable, "-c", code],
-                       capture_output=True, text=True, timeout=30)
-    assert p.returncode == 0, p.stderr
-    samples = [ln for ln in p.stdout.splitlines() if ln.startswith("xdpflow_packets")]
+    text = net.metrics()
+    samples = [ln for ln in text.splitlines() if ln.startswith("xdpflow_packets")]
     assert any('port="bvm1"' in ln and 'verdict="redirect"' in ln for ln in samples), \
-        p.stdout[:2000]
+        text[:2000]
