@@ -16,11 +16,12 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages, mounts bpffs and attaches XDP programs)"
 
 # --- packages -------------------------------------------------------------------------
-pkgs=(python3 python3-venv python3-pip python3-bpfcc libbpf1 iproute2 iptables nftables
-      ethtool netsniff-ng tcpdump iputils-ping systemd prometheus procps kmod)
+pkgs=(python3 python3-venv python3-pip python3-bpfcc iproute2 iptables nftables
+      ethtool netsniff-ng tcpdump iputils-ping systemd prometheus procps kmod util-linux)
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
 for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  installed "$p" || missing+=("$p")
 done
 apt_updated=0
 apt_install() {
@@ -32,6 +33,12 @@ apt_install() {
   say "installing: $*"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
+# libbpf is libbpf1 on Debian 12 / Ubuntu 24.04 and libbpf0 on Ubuntu 22.04: which one
+# the archive has is only known after an update.
+if ! installed libbpf1 && ! installed libbpf0; then
+  [ "$apt_updated" = 1 ] || { say "apt-get update"; apt-get update -qq >/dev/null; apt_updated=1; }
+  if apt-cache show libbpf1 >/dev/null 2>&1; then missing+=(libbpf1); else missing+=(libbpf0); fi
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   apt_install "${missing[@]}"
 else

@@ -8,7 +8,18 @@ import errno
 import os
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-_lib = ct.CDLL("libbpf.so.1", use_errno=True)
+def _load_libbpf():
+    # libbpf 1.x (Debian 12, Ubuntu 24.04) or 0.x (Ubuntu 22.04): the calls used here
+    # exist in both.
+    for name in ("libbpf.so.1", "libbpf.so.0"):
+        try:
+            return ct.CDLL(name, use_errno=True)
+        except OSError:
+            continue
+    raise OSError("libbpf is not installed (Debian/Ubuntu package libbpf1 or libbpf0)")
+
+
+_lib = _load_libbpf()
 
 _lib.bpf_obj_get.argtypes = [ct.c_char_p]
 _lib.bpf_obj_get.restype = ct.c_int

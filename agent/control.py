@@ -252,7 +252,8 @@ class Controller:
     def counter_rows(self) -> List[Dict[str, Any]]:
         _, slots, port_tenant = self._names()
         rows = []
-        for slot, verdict, reason, packets, nbytes in self.dp.counters():
+        top = max(self.store.port_slots().values(), default=0)
+        for slot, verdict, reason, packets, nbytes in self.dp.counters(max_slot=top):
             port = slots.get(slot, "" if slot == 0 else f"slot{slot}")
             rows.append({"tenant": port_tenant.get(port, ""), "port": port,
                          "verdict": abi.VERDICTS.get(verdict, str(verdict)),

@@ -322,19 +322,24 @@ class Datapath:
         return self.maps["xf_flows"].delete_many(keys)
 
     # -- counters ---------------------------------------------------------------------------
-    def counters(self) -> List[Tuple[int, int, int, int, int]]:
-        """Non-zero rows as (port slot, verdict, reason, packets, bytes), summed over CPUs."""
+    def counters(self, max_slot: Optional[int] = None) -> List[Tuple[int, int, int, int, int]]:
+        """Non-zero rows as (port slot, verdict, reason, packets, bytes), summed over CPUs.
+        Only the rows of slots up to max_slot are read (the array holds every possible
+        port; a scrape should not walk them all on a many-CPU node)."""
         m = self.maps["xf_stats"]
+        limit = m.max_entries if max_slot is None else \
+            min(m.max_entries, abi.stats_index(max_slot + 1, 0, 0))
+        zero = bytes(m.vsize)
         out = []
         for k, v in m.items():
-            pk = by = 0
-            for cpu in m.per_cpu(v):
-                c = abi.Counter.from_buffer_copy(cpu)
-                pk += c.packets
-                by += c.bytes
-            if pk or by:
-                slot, verdict, reason = abi.stats_row(ct.c_uint32.from_buffer_copy(k).value)
-                out.append((slot, verdict, reason, pk, by))
+            idx = ct.c_uint32.from_buffer_copy(k).value
+            if idx >= limit:
+                break
+            if v == zero:
+                continue
+            words = memoryview(v).cast("Q")        # per CPU: packets, bytes
+            slot, verdict, reason = abi.stats_row(idx)
+            out.append((slot, verdict, reason, sum(words[0::2]), sum(words[1::2])))
         return out
 
     def clear_counters(self, slot: int) -> None:

@@ -132,7 +132,10 @@ def leaf_commands(parser: argparse.ArgumentParser) -> List[str]:
 
 def load_state_file(path: str) -> Dict[str, Any]:
     """A TOML desired-state file -> the dict model.State.from_dict takes."""
-    import tomllib  # Python 3.11+; the agent's config loader needs it too
+    try:
+        import tomllib
+    except ModuleNotFoundError:      # Python < 3.11 (pyproject pulls tomli in there)
+        import tomli as tomllib  # type: ignore[no-redef]
     try:
         if path == "-":
             text = sys.stdin.buffer.read()
