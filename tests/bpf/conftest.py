@@ -4,6 +4,7 @@ one loaded datapath, and a per-test bench that programs a model state and measur
 packet did to the counters. Everything made here is removed at the end, whatever happened."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -67,13 +68,11 @@ def in_node(lab):
         yield lab
 
 
-@pytest.fixture(scope="session")
-def dp(lab):
-    """One datapath for the session (a BCC compile costs seconds): test-run only, never
-    attached."""
-    d = Datapath(pin_dir(), SMALL_SIZES)
+@contextlib.contextmanager
+def loaded(defines):
+    """A datapath built with these sizes in a fresh pin dir, closed and unpinned after."""
+    d = Datapath(pin_dir(), defines)
     try:
-        d.unpin()
         d.load()
         yield d
     finally:
@@ -81,6 +80,14 @@ def dp(lab):
             d.close()
         finally:
             d.unpin()
+
+
+@pytest.fixture(scope="session")
+def dp(lab):
+    """One datapath for the session (a BCC compile costs seconds): test-run only, never
+    attached."""
+    with loaded(SMALL_SIZES) as d:
+        yield d
 
 
 @dataclass

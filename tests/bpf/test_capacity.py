@@ -12,10 +12,10 @@ from scapy.all import raw
 
 from agent import abi
 from agent.bpfsys import BpfError
-from agent.datapath import DEFAULT_DEFINES, Datapath
+from agent.datapath import DEFAULT_DEFINES
 
 from . import cases
-from .conftest import SLOT, Bench, pin_dir
+from .conftest import SLOT, Bench, loaded
 
 pytestmark = pytest.mark.bpf
 
@@ -35,17 +35,9 @@ def filler_keys(n):
 @pytest.fixture(scope="module")
 def full_dp(lab):
     assert DEFAULT_DEFINES["XF_FLOW_TABLE_SIZE"] == FLOWS
-    d = Datapath(pin_dir(), {"XF_MAX_RULE_ENTRIES": 4096, "XF_MAX_ENDPOINTS": 1024,
-                             "XF_MAX_ROUTES": 1024, "XF_MAX_PORTS": 64})
-    try:
-        d.unpin()
-        d.load()
+    with loaded({"XF_MAX_RULE_ENTRIES": 4096, "XF_MAX_ENDPOINTS": 1024,
+                 "XF_MAX_ROUTES": 1024, "XF_MAX_PORTS": 64}) as d:
         yield d
-    finally:
-        try:
-            d.close()
-        finally:
-            d.unpin()
 
 
 def test_flow_table_holds_a_million_flows(in_node, full_dp):

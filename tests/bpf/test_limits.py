@@ -4,9 +4,7 @@ the verifier walks the longest."""
 import pytest
 
 from agent import config
-from agent.datapath import Datapath
-
-from .conftest import pin_dir
+from .conftest import loaded
 
 pytestmark = pytest.mark.bpf
 
@@ -17,12 +15,7 @@ def test_the_largest_mask_count_the_config_accepts_loads_in_both_builds():
         config.parse("[datapath]\nmax_masks = 49\n")
     defines = dict(top.datapath_defines(), XF_FLOW_TABLE_SIZE=4096, XF_MAX_RULE_ENTRIES=1024,
                    XF_MAX_ENDPOINTS=64, XF_MAX_ROUTES=64, XF_MAX_PORTS=16)
-    dp = Datapath(pin_dir(), defines)
-    try:
-        dp.load()
+    with loaded(defines) as dp:
         assert dp.prog_fd >= 0
         assert dp.load_trace() >= 0
         assert dp.maps["xf_masks"].value_size == 8 + 44 * 48
-    finally:
-        dp.close()
-        dp.unpin()

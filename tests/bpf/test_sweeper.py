@@ -7,10 +7,9 @@ import pytest
 
 from agent import abi, config, model
 from agent.control import Controller, now_coarse_ns
-from agent.datapath import Datapath
 from agent.store import Store
 
-from .conftest import pin_dir
+from .conftest import loaded
 
 pytestmark = pytest.mark.bpf
 
@@ -35,18 +34,15 @@ S = 1_000_000_000
 @pytest.fixture
 def ctl(tmp_path):
     cfg = config.parse(CONFIG)
-    dp = Datapath(pin_dir(), cfg.datapath_defines())
     store = Store.open(str(tmp_path / "state.db"))
     try:
-        dp.load()
-        c = Controller(cfg, store, dp, links=None)
-        c._commit(model.State.from_dict({"tenants": [{"name": "blue", "id": 10},
-                                                    {"name": "red", "id": 20}]}))
-        yield c
+        with loaded(cfg.datapath_defines()) as dp:
+            c = Controller(cfg, store, dp, links=None)
+            c._commit(model.State.from_dict({"tenants": [{"name": "blue", "id": 10},
+                                                        {"name": "red", "id": 20}]}))
+            yield c
     finally:
         store.close()
-        dp.close()
-        dp.unpin()
 
 
 def put_flow(c, proto, sport, dport, idle_s, tenant=10, flags=0, generation=None, src=1, dst=2):
