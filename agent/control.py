@@ -56,12 +56,18 @@ class Controller:
         self._prog_id = 0
 
     # -- building the datapath image -----------------------------------------------------
-    def _links_for(self, state: model.State, slots: Dict[str, int]) -> Dict[str, compiler.PortLink]:
-        out = {}
+    def _live_links(self, state: model.State) -> Dict[str, Link]:
+        """The interfaces of the configured ports that exist now (one netlink query each)."""
         if self.links is None:
-            return out
+            return {}
+        found = {p.name: self.links.get(p.name) for p in state.ports}
+        return {name: link for name, link in found.items() if link is not None}
+
+    def _links_for(self, state: model.State, slots: Dict[str, int],
+                   live: Dict[str, Link]) -> Dict[str, compiler.PortLink]:
+        out = {}
         for p in state.ports:
-            link = self.links.get(p.name)
+            link = live.get(p.name)
             if link is None:
                 continue
             slot = slots.get(p.name, 0)
@@ -72,13 +78,14 @@ class Controller:
         return out
 
     def _program(self, state: model.State, slots: Dict[str, int]) -> Dict[str, Any]:
-        links = self._links_for(state, slots)
+        live = self._live_links(state)
+        links = self._links_for(state, slots, live)
         img = compiler.compile_state(state, links, self.cfg.datapath.max_masks)
         summary = self.dp.sync(img)
-        self._attach_ports(state, links)
+        self._attach_ports(state, live)
         return summary
 
-    def _attach_ports(self, state: model.State, links: Dict[str, compiler.PortLink]):
+    def _attach_ports(self, state: model.State, live: Dict[str, Link]):
         """Our program on every port that exists; off every interface we no longer own."""
         wanted = {p.name for p in state.ports}
         for name in list(self.attached):
@@ -90,12 +97,10 @@ class Controller:
                 del self.attached[name]
         self.port_notes = {}
         for p in state.ports:
-            if p.name not in links:
+            link = live.get(p.name)
+            if link is None:
                 self.port_notes[p.name] = "interface missing"
                 self.attached.pop(p.name, None)
-                continue
-            link = self.links.get(p.name)
-            if link is None:
                 continue
             if link.xdp_prog_id != self.prog_id():
                 try:

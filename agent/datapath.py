@@ -43,6 +43,18 @@ def ensure_bpffs(path: str = "/sys/fs/bpf") -> bool:
     return True
 
 
+def fs_type(path: str) -> str:
+    """The filesystem type of the mount holding path (longest mount point prefix)."""
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, typ = line.split()[:3]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, typ
+    return kind
+
+
 @dataclass
 class PinStatus:
     name: str
@@ -132,9 +144,11 @@ class Datapath:
         """Compile and load the program, reusing, migrating or rebuilding pinned maps."""
         from bcc import BPF   # imported here so the unit tier never needs bcc
 
-        ensure_bpffs(str(Path(self.pin_dir).parent) if self.pin_dir.startswith("/sys/fs/bpf")
-                     else "/sys/fs/bpf")
+        ensure_bpffs()
         os.makedirs(self.pin_dir, exist_ok=True)
+        if fs_type(self.pin_dir) != "bpf":
+            raise OSError(f"{self.pin_dir} is not on a bpf filesystem (agent.bpffs must be "
+                          f"under a bpffs mount such as /sys/fs/bpf)")
         report = self.check_pins()
         saved: Dict[str, List[Tuple[bytes, bytes]]] = {}
         for st in report:
