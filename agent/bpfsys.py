@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import os
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 def _load_libbpf():
     # libbpf 1.x (Debian 12, Ubuntu 24.04) or 0.x (Ubuntu 22.04): the calls used here

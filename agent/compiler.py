@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 from . import abi, model
 

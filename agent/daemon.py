@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
 
 from . import VERSION, config as config_mod, model, notify
 from .config import ConfigError
@@ -55,7 +54,7 @@ class Agent:
 
     # -- start-up ---------------------------------------------------------------------------
     def start(self):
-        from .control import Controller, MetricsSource
+        from .control import Controller
         from .datapath import Datapath, ensure_bpffs
         from .links import Links, LinkWatcher
         from .store import Store

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError

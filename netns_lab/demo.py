@@ -5,7 +5,6 @@ flow table, counters, a trace and the Prometheus metrics. Exits 1 if anything ob
 differs from what the rules say."""
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time

@@ -1,7 +1,6 @@
 """Flow aging against real maps: idle timeouts per protocol, TCP after FIN/RST, stale
 generations, the high watermark; the two directions of a flow age together; evictions are
 counted by reason and the counts survive a new controller (an agent restart)."""
-import ctypes as ct
 
 import pytest
 
@@ -63,9 +62,9 @@ def keys(c):
 
 def test_idle_timeouts_follow_the_protocol(ctl):
     fresh_udp = put_flow(ctl, 17, 1000, 53, idle_s=30)
-    old_udp = put_flow(ctl, 17, 1001, 53, idle_s=90)
+    put_flow(ctl, 17, 1001, 53, idle_s=90)             # idle past udp (60)
     young_tcp = put_flow(ctl, 6, 1002, 80, idle_s=200)
-    old_icmp = put_flow(ctl, 1, 7, 8 << 8, idle_s=45)
+    put_flow(ctl, 1, 7, 8 << 8, idle_s=45)             # idle past icmp (30)
     done = ctl.sweep()
     assert keys(ctl) == {fresh_udp, young_tcp}
     assert done == {"idle": 2}
