@@ -26,10 +26,10 @@ REASONS = {
     11: "arp_reply", 12: "nd_reply", 13: "arp_other", 14: "nd_other", 15: "not_ip",
     16: "multicast", 17: "no_port", 18: "no_tenant", 19: "parse_eth", 20: "parse_vlan",
     21: "parse_ipv4", 22: "parse_ipv6", 23: "parse_ext", 24: "parse_l4", 25: "frag",
-    26: "insert_failed", 27: "flow_stale",
+    26: "insert_failed", 27: "flow_stale", 28: "related",
 }
 REASON_IDS = {v: k for k, v in REASONS.items()}
-R_MAX = 28
+R_MAX = 29
 # Reasons that count events rather than packets (their verdict is "none").
 EVENT_REASONS = ("insert_failed", "flow_stale")
 

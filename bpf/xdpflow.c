@@ -404,10 +404,37 @@ int xdpflow_port(struct xdp_md *ctx)
     /* A hit must come from the port the flow was judged for: the same tuple from another
      * port of the tenant (a spoofing VM, or an in_port rule) is judged again. */
     struct xf_flow *f = xf_flows.lookup(&fk);
+
+    /* An ICMP error about a flow in the table (port unreachable, too big, time exceeded
+     * further on) is that flow's business: it takes the path of the flow's replies back
+     * to the flow's sender, as conntrack's RELATED does, whatever the rules say about
+     * ICMP. It is not cached. (Rare: the keys use the scratch row, not the stack.) */
+    int related = 0;
+    if (!f && xf_icmp_is_error(&p)) {
+        __u32 zero = 0;
+        struct xf_scratch *qs = xf_scratch.lookup(&zero);
+        if (qs) {
+            __builtin_memset(&qs->ck, 0, sizeof(qs->ck));
+            if (xf_parse_quoted(ctx, &p, &qs->ck) == 0) {
+                qs->ck.tenant = tenant;
+                struct xf_flow *orig = xf_flows.lookup(&qs->ck);
+                if (orig && orig->generation == gen && xf_reverse_key(&qs->ck, &qs->rk)) {
+                    f = xf_flows.lookup(&qs->rk);
+                    related = f != NULL;
+                }
+            }
+        }
+        if (related && !(f->generation == gen && f->in_port == slot &&
+                         f->verdict == XF_V_REDIRECT)) {
+            f = NULL;
+            related = 0;
+        }
+    }
+
     if (f && f->generation == gen && f->in_port == slot) {
         v.flow_hit = 1;
         v.verdict = f->verdict;
-        v.reason = XF_R_FLOW;
+        v.reason = related ? XF_R_RELATED : XF_R_FLOW;
         v.rule_id = f->rule_id;
         v.out_ifindex = f->out_ifindex;
         v.out_port = f->out_port;

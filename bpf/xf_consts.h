@@ -31,6 +31,7 @@
 #define XF_MAX_TENANTS 65536         /* tenant ids are 1..65535; the array is indexed by id */
 #define XF_MAX_VLAN_DEPTH 2          /* 802.1Q / 802.1ad tags parsed before L3 */
 #define XF_MAX_IPV6_EXT 6            /* IPv6 extension headers walked before giving up */
+#define XF_MAX_IPV6_EXT_BYTES 2048   /* ... and where the L4 header must start by then */
 #define XF_FRAG_TABLE_SIZE 8192      /* first fragments remembered for their later fragments */
 #define XF_MAX_RULE_IDS 262144       /* rules whose classification hits are counted */
 #define XF_MASK_SETS 8192            /* (tenant, generation) mask sets: configured tenants x 2 */
@@ -71,7 +72,8 @@
 #define XF_R_FRAG 25           /* later fragment whose first fragment was not seen */
 #define XF_R_INSERT_FAILED 26  /* event: a flow insert failed (table full); verdict unchanged */
 #define XF_R_FLOW_STALE 27     /* event: a flow of an older generation was classified again */
-#define XF_R_MAX 28
+#define XF_R_RELATED 28        /* an ICMP error about a flow in the table: sent to its sender */
+#define XF_R_MAX 29
 #define XF_R_ROWS 32           /* reasons per (port, verdict) in the counter array */
 
 /* Rule actions (classifier entries). */

@@ -26,6 +26,10 @@
 #define XF_IPPROTO_NONE 59
 #define XF_IPPROTO_DSTOPTS 60
 
+/* Mask a value in its register where clang cannot drop the mask as redundant: the
+ * verifier needs the bound on the very register that indexes the packet. */
+#define XF_BOUND(v, mask) asm volatile("%0 &= " #mask : "+r"(v))
+
 struct xf_vlan_hdr {
     __be16 tci;
     __be16 proto;
@@ -82,6 +86,62 @@ static __always_inline int xf_parse_l4(struct xf_pkt *p, void *l4, void *l3_end,
         if ((p->proto == XF_IPPROTO_ICMP && (ih[0] == 8 || ih[0] == 0)) ||
             (p->proto == XF_IPPROTO_ICMPV6 && (ih[0] == 128 || ih[0] == 129)))
             p->sport = ((__u16)ih[4] << 8) | ih[5];
+    }
+    return 0;
+}
+
+/* Is this ICMP / ICMPv6 message an error that quotes the packet that caused it
+ * (destination unreachable, time exceeded, parameter problem; packet too big)? */
+static __always_inline int xf_icmp_is_error(struct xf_pkt *p)
+{
+    if (p->proto == XF_IPPROTO_ICMP)
+        return p->icmp_type == 3 || p->icmp_type == 11 || p->icmp_type == 12;
+    if (p->proto == XF_IPPROTO_ICMPV6)
+        return p->icmp_type >= 1 && p->icmp_type <= 4;
+    return 0;
+}
+
+/* The quoted packet of an ICMP error: its addresses, protocol and ports (or echo id and
+ * type) into *q, keyed as the flow table keys it (q->tenant is left to the caller).
+ * Only an IPv4 header with options or a bare IPv6 header is followed. Returns 0 or -1. */
+static __always_inline int xf_parse_quoted(struct xdp_md *ctx, struct xf_pkt *p,
+                                           struct xf_flow_key *q)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    if (p->l4_off > XF_MAX_IPV6_EXT_BYTES)
+        return -1;
+    __u32 off = p->l4_off;
+    XF_BOUND(off, 0xfff);
+    void *inner = data + off + 8;            /* after the ICMP header */
+    __u8 *l4;
+    if (p->family == 4) {
+        struct iphdr *iph = inner;
+        if ((void *)(iph + 1) > data_end || iph->version != 4 || iph->ihl < 5)
+            return -1;
+        q->src[0] = 0; q->src[1] = 0; q->src[2] = bpf_htonl(0xffff); q->src[3] = iph->saddr;
+        q->dst[0] = 0; q->dst[1] = 0; q->dst[2] = bpf_htonl(0xffff); q->dst[3] = iph->daddr;
+        q->proto = iph->protocol;
+        l4 = (__u8 *)inner + iph->ihl * 4;
+    } else {
+        struct ipv6hdr *ip6 = inner;
+        if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+            return -1;
+        __builtin_memcpy(q->src, &ip6->saddr, 16);
+        __builtin_memcpy(q->dst, &ip6->daddr, 16);
+        q->proto = ip6->nexthdr;
+        l4 = (__u8 *)(ip6 + 1);
+    }
+    if (l4 + 8 > (__u8 *)data_end)
+        return -1;
+    if (q->proto == XF_IPPROTO_TCP || q->proto == XF_IPPROTO_UDP) {
+        q->sport = ((__u16)l4[0] << 8) | l4[1];
+        q->dport = ((__u16)l4[2] << 8) | l4[3];
+    } else if (q->proto == XF_IPPROTO_ICMP || q->proto == XF_IPPROTO_ICMPV6) {
+        q->sport = ((__u16)l4[4] << 8) | l4[5];
+        q->dport = ((__u16)l4[0] << 8) | l4[1];
+    } else {
+        return -1;
     }
     return 0;
 }
@@ -158,25 +218,32 @@ static __always_inline int xf_parse(struct xdp_md *ctx, struct xf_pkt *p)
         __builtin_memcpy(p->src, &ip6->saddr, 16);
         __builtin_memcpy(p->dst, &ip6->daddr, 16);
         __u8 nh = ip6->nexthdr;
-        cur = ip6 + 1;
+        /* The walk keeps a scalar offset, bounded each step, and derives the header
+         * pointer from it: with a pointer carried from step to step every path through
+         * the header kinds is a different verifier state (5^6 of them). */
+        __u32 off = (void *)(ip6 + 1) - data;
+        __u32 end_off = l3_end - data;
 
 #pragma unroll
         for (int i = 0; i < XF_MAX_IPV6_EXT; i++) {
             if (nh != XF_IPPROTO_HOPOPTS && nh != XF_IPPROTO_ROUTING &&
                 nh != XF_IPPROTO_DSTOPTS && nh != XF_IPPROTO_FRAGMENT && nh != XF_IPPROTO_AH)
                 break;
-            __u8 *eh = cur;
-            if ((void *)(eh + 8) > data_end || (void *)(eh + 8) > l3_end)
+            if (off > XF_MAX_IPV6_EXT_BYTES)
+                return XF_R_PARSE_EXT;
+            XF_BOUND(off, 0xfff);       /* no-op, but a bound the verifier keeps */
+            __u8 *eh = data + off;
+            if ((void *)(eh + 8) > data_end || off + 8 > end_off)
                 return XF_R_PARSE_EXT;
             __u32 len;
             if (nh == XF_IPPROTO_FRAGMENT) {
                 len = 8;
-                __u16 off = ((__u16)eh[2] << 8) | eh[3];
+                __u16 fo = ((__u16)eh[2] << 8) | eh[3];
                 p->frag_id = ((__u32)eh[4] << 24) | ((__u32)eh[5] << 16) |
                              ((__u32)eh[6] << 8) | eh[7];
-                if (off & 0xfff8)
+                if (fo & 0xfff8)
                     p->frag = XF_FRAG_LATER;
-                else if (off & 1)
+                else if (fo & 1)
                     p->frag = XF_FRAG_FIRST;
             } else if (nh == XF_IPPROTO_AH) {
                 len = ((__u32)eh[1] + 2) * 4;
@@ -184,18 +251,21 @@ static __always_inline int xf_parse(struct xdp_md *ctx, struct xf_pkt *p)
                 len = ((__u32)eh[1] + 1) * 8;
             }
             nh = eh[0];
-            cur = cur + len;
-            if (cur > l3_end)
+            off += len;
+            if (off > end_off)
                 return XF_R_PARSE_EXT;
         }
         if (nh == XF_IPPROTO_HOPOPTS || nh == XF_IPPROTO_ROUTING || nh == XF_IPPROTO_DSTOPTS ||
             nh == XF_IPPROTO_FRAGMENT || nh == XF_IPPROTO_AH)
             return XF_R_PARSE_EXT;
+        if (off > XF_MAX_IPV6_EXT_BYTES)
+            return XF_R_PARSE_EXT;
+        XF_BOUND(off, 0xfff);
         p->proto = nh;
-        p->l4_off = cur - data;
+        p->l4_off = off;
         if (p->frag == XF_FRAG_LATER)
             return 0;
-        return xf_parse_l4(p, cur, l3_end, data_end);
+        return xf_parse_l4(p, data + off, l3_end, data_end);
     }
 
     return 0;   /* ARP and other ethertypes: the caller decides */

@@ -9,7 +9,7 @@ from ipaddress import IPv6Address
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from scapy.all import (ARP, ICMP, IP, UDP, TCP, Dot1AD, Dot1Q, Ether, IPv6, IPOption_RR,
-                       ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS,
+                       ICMPv6EchoRequest, ICMPv6PacketTooBig, ICMPv6ND_NA, ICMPv6ND_NS,
                        ICMPv6ND_RS, ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr,
                        IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
                        IPv6ExtHdrRouting, Padding, Raw, fragment, raw)
@@ -617,6 +617,29 @@ def build() -> List[Case]:
             pre=[Send(tcp4(dport=22), action=XDP_REDIRECT)],
             check=flow_check(BLUE, 6, "10.0.0.1", 4000, "10.0.0.2", 22, packets=2,
                              flags=abi.FLOW_CLOSING, tcp_flags=0x03)),
+    ]
+
+    # Related: an ICMP error about a flow in the table follows the flow's replies back to
+    # its sender whatever the rules say about ICMP (GEN1 allows only udp/5000).
+    unreach = (eth("p2") / v4("10.0.0.2", "10.0.0.1") / ICMP(type=3, code=3) /
+               IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=4000, dport=5000))
+    v6_udp = blue([rule(1, proto="udp", dport=5000, dst="fd00::/64")])
+    too_big = (eth("p2") / v6("fd00::2", "fd00::1") / ICMPv6PacketTooBig(mtu=1280) /
+               IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=4000, dport=5000))
+    C += [
+        fwd("icmp port unreachable about an allowed udp flow goes to its sender", GEN1,
+            unreach, out_port="p1", port="p2", reason="related", rule=1,
+            pre=[Send(udp4(), action=XDP_REDIRECT)],
+            check=no_flow(BLUE, 1, "10.0.0.2", 0, "10.0.0.1", 3 << 8 | 3)),
+        stays("icmp port unreachable about no flow is judged as icmp", GEN1, unreach,
+              "drop", "default", port="p2"),
+        stays("icmp error about a flow, sent by the flow's own sender", GEN1,
+              eth() / v4() / ICMP(type=3, code=3) / IP(src="10.0.0.1", dst="10.0.0.2") /
+              UDP(sport=4000, dport=5000), "drop", "default",
+              pre=[Send(udp4(), action=XDP_REDIRECT)]),
+        fwd("icmpv6 packet too big about an allowed udp flow goes to its sender", v6_udp,
+            too_big, out_port="p1", port="p2", reason="related", rule=1,
+            pre=[Send(udp6(), action=XDP_REDIRECT)]),
     ]
 
     # Malformed: the tenant's default, the parse reason, the bytes untouched.

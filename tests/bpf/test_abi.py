@@ -16,7 +16,7 @@ pytestmark = pytest.mark.bpf
 
 CONSTS_H = Path(BPF_DIR) / "xf_consts.h"
 # Defines of the C alone: parser bounds and the fragment state of a packet.
-C_ONLY = {"XF_MAX_VLAN_DEPTH", "XF_MAX_IPV6_EXT", "XF_FRAG_NONE", "XF_FRAG_FIRST",
+C_ONLY = {"XF_MAX_VLAN_DEPTH", "XF_MAX_IPV6_EXT", "XF_MAX_IPV6_EXT_BYTES", "XF_FRAG_NONE", "XF_FRAG_FIRST",
           "XF_FRAG_LATER",
           "XF_BUILD_ID"}   # a -D build setting that only tells builds apart
 

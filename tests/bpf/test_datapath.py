@@ -90,7 +90,7 @@ def test_trace(bench, case):
     assert_bytes(out, case.expected)
     port, verdict, reason = case.main_row()
     assert (abi.VERDICTS[t.verdict], abi.REASONS.get(t.reason)) == (verdict, reason)
-    assert t.flow_hit == (reason == "flow")
+    assert t.flow_hit == (reason in ("flow", "related"))   # related uses the reply entry
     assert t.stale == any(r == "flow_stale" for _, _, r in case.counters)
     assert t.in_port == (0 if port == "-" else SLOT[port])
     if case.out_port:
@@ -99,7 +99,7 @@ def test_trace(bench, case):
     elif reason != "flow":
         assert t.out_ifindex == 0
     if case.rule is not None:
-        assert t.rule_id == (case.rule if reason in CLASSIFIED | {"flow"} else 0)
+        assert t.rule_id == (case.rule if reason in CLASSIFIED | {"flow", "related"} else 0)
     assert bench.snapshot() - before == {}, "trace counted"
     assert flow_items(bench) == flows0, "trace changed the flow table"
     assert sorted(bench.dp.maps["xf_frags"].items()) == frags0, "trace changed fragment state"
