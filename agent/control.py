@@ -266,17 +266,21 @@ class Controller:
                          "packets": packets, "bytes": nbytes})
         return rows
 
+    def flow_summary(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """Flow-table fill as of the last sweep, and insert failures from counter rows."""
+        tenants, _, _ = self._names()
+        return {"total": sum(self.flow_counts.values()),
+                "capacity": self.cfg.datapath.flow_table_size,
+                "by_tenant": {tenants.get(t, str(t)): n
+                              for t, n in sorted(self.flow_counts.items())},
+                "insert_failures": sum(r["packets"] for r in rows
+                                       if r["reason"] == "insert_failed")}
+
     def stats(self) -> Dict[str, Any]:
         rows = self.counter_rows()
-        tenants, _, _ = self._names()
         return {
             "counters": rows,
-            "flows": {"total": sum(self.flow_counts.values()),
-                      "capacity": self.cfg.datapath.flow_table_size,
-                      "by_tenant": {tenants.get(t, str(t)): n
-                                    for t, n in sorted(self.flow_counts.items())},
-                      "insert_failures": sum(r["packets"] for r in rows
-                                             if r["reason"] == "insert_failed")},
+            "flows": self.flow_summary(rows),
             "evictions": dict(self.evicted),
             "rule_hits": {str(k): v for k, v in sorted(self.dp.rule_hits().items())},
         }
@@ -455,8 +459,9 @@ class MetricsSource:
 
     def flow_summary(self):
         with self.lock:
-            s = self.c.stats()["flows"]
-        return s
+            # Insert failures are event rows (verdict "none"), which counters() leaves out.
+            events = [r for r in self.c.counter_rows() if r["reason"] == "insert_failed"]
+            return self.c.flow_summary(events)
 
     def evictions(self):
         with self.lock:
