@@ -401,8 +401,6 @@ int xdpflow_port(struct xdp_md *ctx)
     fk.sport = p.sport;
     fk.dport = p.dport;
 
-    /* A hit must come from the port the flow was judged for: the same tuple from another
-     * port of the tenant (a spoofing VM, or an in_port rule) is judged again. */
     struct xf_flow *f = xf_flows.lookup(&fk);
 
     /* An ICMP error about a flow in the table (port unreachable, too big, time exceeded
@@ -431,6 +429,9 @@ int xdpflow_port(struct xdp_md *ctx)
         }
     }
 
+    /* A hit must be of the current generation and come from the port the flow was judged
+     * for: the same tuple from another port of the tenant (a spoofing VM, or an in_port
+     * rule) is judged again. */
     if (f && f->generation == gen && f->in_port == slot) {
         v.flow_hit = 1;
         v.verdict = f->verdict;
