@@ -77,3 +77,23 @@ def test_sighup_applies_the_config_difference_and_refuses_a_bad_config(lab):
     lab.config.write_text(base)
     lab.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: {t["name"] for t in lab.ok("tenant", "list")} == {"blue"})
+
+
+def test_sighup_with_a_new_flow_table_size_migrates_flows_and_keeps_traffic(lab):
+    vm1, vm2 = lab.add_vm("blue", 1), lab.add_vm("blue", 2)
+    lab.write_config(state={**lab.base_state(), "rules": [
+        {"id": 1, "tenant": "blue", "priority": 1, "proto": "icmp", "action": "allow"}]})
+    lab.start_agent()
+    assert ping(vm1, vm2.ip, count=2)
+    before = lab.ok("status")["program_id"]
+    flows_before = {(f["src"], f["dst"], f["flags"]) for f in lab.ok("flow", "dump")}
+    text = lab.config.read_text()
+    assert "flow_table_size = 65536" in text
+    lab.config.write_text(text.replace("flow_table_size = 65536", "flow_table_size = 131072"))
+    lab.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: lab.ok("status")["program_id"] != before, timeout=30)
+    maps = {m["map"]: m for m in lab.ok("status")["maps"]}
+    assert maps["xf_flows"]["action"] == "migrate"
+    assert "65536 -> 131072" in maps["xf_flows"]["detail"]
+    assert {(f["src"], f["dst"], f["flags"]) for f in lab.ok("flow", "dump")} == flows_before
+    assert ping(vm1, vm2.ip, count=2)
