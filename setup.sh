@@ -12,10 +12,15 @@ venv="$here/.venv"
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+step="start"
+# Under set -e a failing command would end the script without a word: name the step, the
+# command and the line instead.
+trap 'rc=$?; printf "setup: error: step \"%s\" failed (exit %s) at line %s: %s\n" "$step" "$rc" "$LINENO" "$BASH_COMMAND" >&2; exit "$rc"' ERR
 
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages, mounts bpffs and attaches XDP programs)"
 
 # --- packages -------------------------------------------------------------------------
+step="packages"
 pkgs=(python3 python3-venv python3-pip python3-bpfcc iproute2 iptables nftables
       ethtool netsniff-ng tcpdump iputils-ping systemd prometheus procps kmod util-linux)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
@@ -50,6 +55,7 @@ if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/
 fi
 
 # --- kernel headers for BCC ---------------------------------------------------------
+step="kernel headers"
 kver=$(uname -r)
 mod="/lib/modules/$kver"
 if [ -e "$mod/build/include/linux/kconfig.h" ] || [ -e "$mod/build/include/generated/autoconf.h" ]; then
@@ -68,8 +74,15 @@ else
     [ -n "$generic" ] || die "kernel $kver has no headers package and no distribution headers package was found"
     dpkg-query -W -f='${Status}' "$generic" 2>/dev/null | grep -q "install ok installed" || apt_install "$generic"
     # The newest arch-specific header tree (…-amd64 on Debian, …-generic on Ubuntu).
-    build=$(ls -d /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-arm64 \
-                 /usr/src/linux-headers-*-generic 2>/dev/null | sort -V | tail -n 1)
+    # (a glob that matches nothing expands to nothing, not to itself: ls would exit 2)
+    trees=()
+    shopt -s nullglob
+    for t in /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-arm64 /usr/src/linux-headers-*-generic; do
+      trees+=("$t")
+    done
+    shopt -u nullglob
+    build=""
+    [ "${#trees[@]}" -eq 0 ] || build=$(printf '%s\n' "${trees[@]}" | sort -V | tail -n 1)
     [ -n "$build" ] || die "no header tree under /usr/src after installing $generic"
     ver=${build#/usr/src/linux-headers-}
     base=${ver%-*}
@@ -84,12 +97,14 @@ else
 fi
 
 # --- filesystems --------------------------------------------------------------------
+step="filesystems"
 if ! mountpoint -q /sys/fs/bpf; then mount -t bpf bpf /sys/fs/bpf; say "mounted bpffs on /sys/fs/bpf"; fi
 if [ -d /sys/kernel/tracing ] && ! mountpoint -q /sys/kernel/tracing; then
   mount -t tracefs tracefs /sys/kernel/tracing && say "mounted tracefs on /sys/kernel/tracing"
 fi
 
 # --- python environment ---------------------------------------------------------------
+step="python environment"
 # Debian's python3 (not a pyenv one) so that BCC from python3-bpfcc is importable.
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import bcc' 2>/dev/null; then
   rm -rf "$venv"
