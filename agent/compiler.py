@@ -146,6 +146,7 @@ class Image:
     """Everything the datapath's configuration maps should hold (flows and counters are
     the datapath's own). Keys and values are the bytes of the abi structs."""
     ports: Dict[bytes, bytes] = field(default_factory=dict)
+    port_src: Dict[bytes, bytes] = field(default_factory=dict)     # port security
     endpoints: Dict[bytes, bytes] = field(default_factory=dict)
     routes: Dict[bytes, bytes] = field(default_factory=dict)
     tenants: Dict[int, "TenantImage"] = field(default_factory=dict)
@@ -158,6 +159,39 @@ class TenantImage:
     default_verdict: int
     vni: int
     classifier: Classifier
+
+
+# IPv6 link-local sources (fe80::/64): a VM's own, tied to its MAC by the MAC check.
+LINK_LOCAL = ipaddress.ip_network("fe80::/64")
+
+
+def src_key(slot: int, mac: str, net: model.IPNet) -> bytes:
+    bits = net.prefixlen + (96 if net.version == 4 else 0)
+    k = abi.SrcKey(prefixlen=16 + 48 + bits, slot=slot)
+    ct.memmove(k.mac, abi.mac_bytes(mac), 6)
+    abi.set_addr(k.addr, net.network_address)
+    return bytes(k)
+
+
+def port_sources(state: model.State, links: Dict[str, PortLink]) -> Dict[bytes, bytes]:
+    """Port security: the (slot, MAC, source prefix) entries each secured port may send
+    from. Its endpoints (their MAC and address); its allowed prefixes and the link-local
+    prefix, with the MAC of each of its endpoints."""
+    out: Dict[bytes, bytes] = {}
+    one = bytes(ct.c_uint32(1))
+    ports = {p.name: p for p in state.ports if p.port_security and p.name in links}
+    macs: Dict[str, List[str]] = {name: [] for name in ports}
+    for e in state.sorted("endpoints"):
+        if e.port not in ports:
+            continue
+        out[src_key(links[e.port].slot, e.mac, ipaddress.ip_network(e.ip))] = one
+        if e.mac not in macs[e.port]:
+            macs[e.port].append(e.mac)
+    for name, p in ports.items():
+        for mac in macs[name]:
+            for net in p.allow + (LINK_LOCAL,):
+                out[src_key(links[name].slot, mac, net)] = one
+    return out
 
 
 def compile_state(state: model.State, links: Dict[str, PortLink],
@@ -174,7 +208,9 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         if link is None:
             continue
         t = tenants[p.tenant]
-        v = abi.Port(tenant=t.id, slot=link.slot, flags=0)
+        flags = (abi.PORT_SECURITY if p.port_security else 0) | \
+            (abi.PORT_VLAN if p.allow_vlan else 0)
+        v = abi.Port(tenant=t.id, slot=link.slot, flags=flags)
         ct.memmove(v.mac, abi.mac_bytes(link.mac), 6)
         img.ports[bytes(ct.c_uint32(link.ifindex))] = bytes(v)
         # The node's own addresses on a tenant port: traffic to them is the kernel's.
@@ -196,6 +232,8 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         ct.memmove(v.mac, abi.mac_bytes(e.mac), 6)
         ct.memmove(v.port_mac, abi.mac_bytes(link.mac), 6)
         img.endpoints[bytes(k)] = bytes(v)
+
+    img.port_src = port_sources(state, links)
 
     for r in state.sorted("routes"):
         t = tenants[r.tenant]

@@ -146,15 +146,23 @@ class Bench:
     def flows(self) -> List[Tuple[abi.FlowKey, abi.Flow]]:
         return list(self.dp.flows())
 
-    def flow(self, tenant: int, proto: int, src: str, sport: int, dst: str, dport: int):
-        """The flow entry of one direction, or None."""
+    def _find(self, tenant: int, proto: int, src: str, sport: int, dst: str, dport: int):
         import ipaddress
         for k, f in self.dp.flows():
             if (k.tenant, k.proto, k.sport, k.dport) == (tenant, proto, sport, dport) and \
                     abi.get_addr(k.src) == ipaddress.ip_address(src) and \
                     abi.get_addr(k.dst) == ipaddress.ip_address(dst):
-                return f
-        return None
+                return k, f
+        return None, None
+
+    def flow(self, tenant: int, proto: int, src: str, sport: int, dst: str, dport: int):
+        """The flow entry of one direction, or None."""
+        return self._find(tenant, proto, src, sport, dst, dport)[1]
+
+    def evict(self, tenant: int, proto: int, src: str, sport: int, dst: str, dport: int) -> bool:
+        """Remove one direction's flow entry, as an eviction would."""
+        k, _ = self._find(tenant, proto, src, sport, dst, dport)
+        return k is not None and self.dp.maps["xf_flows"].delete_many([bytes(k)]) == 1
 
 
 @pytest.fixture
