@@ -77,7 +77,7 @@ class Agent:
                     log.info("initial state from %s applied", self.config_path)
                 self.store.set_meta("seeded", "1")
             self.controller.reconcile("start")
-            self.controller.sweep()
+            self.controller.sweeper.sweep()
         self._start_api()
         self._start_metrics()
         self.watcher = LinkWatcher(lambda why: self._mark_links_dirty())
@@ -109,12 +109,11 @@ class Agent:
         log.info("control API on %s", a.socket)
 
     def _start_metrics(self):
-        from .control import MetricsSource
-        from .metrics import DatapathCollector, serve
+        from .metrics import AgentSource, DatapathCollector, serve
         addr = self.cfg.metrics_address()
         if addr is None:
             return
-        self.metrics = serve(DatapathCollector(MetricsSource(self.controller, self.lock)), *addr)
+        self.metrics = serve(DatapathCollector(AgentSource(self.controller, self.lock)), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
 
     def _mark_links_dirty(self):
@@ -147,7 +146,7 @@ class Agent:
                 # A sweep of a full table takes seconds in Python: never spend more than
                 # about a third of a core on it, whatever the configured interval.
                 next_sweep = time.monotonic() + max(self.cfg.aging.interval,
-                                                    2 * self.controller.last_sweep_seconds)
+                                                    2 * self.controller.sweeper.last_seconds)
             while self.signals:
                 sig = self.signals.pop(0)
                 if sig == signal.SIGHUP:
@@ -174,7 +173,7 @@ class Agent:
 
     def _sweep(self):
         with self.lock:
-            done = self.controller.sweep()
+            done = self.controller.sweeper.sweep()
         if done:
             log.debug("sweep evicted %s", done)
 
@@ -196,7 +195,7 @@ class Agent:
             if new.datapath != old.datapath:
                 self._rebuild_datapath(new)
             self.cfg = new
-            self.controller.cfg = new
+            self.controller.use_config(new)
             if new.state.to_dict() != old.state.to_dict():
                 self._apply_state_change(old.state, new.state)
         if new.agent != old.agent:
@@ -236,11 +235,7 @@ class Agent:
         dp = Datapath(new_cfg.agent.bpffs, new_cfg.datapath_defines())
         self._log_pins(dp.load())
         self.dp = dp
-        self.controller.dp = dp
-        self.controller.cfg = new_cfg
-        self.controller._prog_id = 0
-        self.controller.attached = {}
-        self.controller.reconcile("datapath rebuilt")
+        self.controller.use_datapath(dp, new_cfg)
         old_dp.close()
 
     def stop(self) -> int:

@@ -15,6 +15,8 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 from . import abi, bpfsys, compiler
 from .bpfsys import RawMap
+from .config import Config
+from .flows import flow_head
 
 log = logging.getLogger("xdpflow.datapath")
 
@@ -25,9 +27,8 @@ MAP_ORDER = list(abi.MAPS)
 # counters) are state the datapath made and are migrated when only their size changed.
 REBUILT_FROM_STORE = {"xf_port_index", "xf_ports", "xf_tenants", "xf_masks", "xf_rules", "xf_endpoints",
                       "xf_routes", "xf_meta"}
-DEFAULT_DEFINES = {"XF_FLOW_TABLE_SIZE": 1000000, "XF_MAX_RULE_ENTRIES": 262144,
-                   "XF_MAX_MASKS": 32, "XF_MAX_ENDPOINTS": 65536, "XF_MAX_ROUTES": 16384,
-                   "XF_MAX_PORTS": 1024}
+# The sizes' one home is the config's [datapath] defaults; bpf/xf_consts.h has none.
+DEFAULT_DEFINES = Config().datapath_defines()
 
 
 def ensure_bpffs(path: str = "/sys/fs/bpf") -> bool:
@@ -332,7 +333,15 @@ class Datapath:
 
     def flush_flows(self, tenant_id: Optional[int] = None) -> int:
         keys = [k for k, _ in self.maps["xf_flows"].items()
-                if tenant_id is None or abi.FlowKey.from_buffer_copy(k).tenant == tenant_id]
+                if tenant_id is None or flow_head(k)[0] == tenant_id]
+        return self.delete_flows(keys)
+
+    def flow_entries(self) -> Dict[bytes, bytes]:
+        """The raw flow table (key bytes -> entry bytes): the sweeper reads a million of
+        these per interval and unpacks only what it needs (flow_head, flow_age)."""
+        return dict(self.maps["xf_flows"].items())
+
+    def delete_flows(self, keys: List[bytes]) -> int:
         return self.maps["xf_flows"].delete_many(keys)
 
     # -- counters ---------------------------------------------------------------------------
