@@ -49,6 +49,7 @@ class Agent:
         self.api = self.metrics = self.watcher = None
         self._pass_bpf = None
         self._links_dirty = threading.Event()
+        self._links_lost = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -80,7 +81,7 @@ class Agent:
             self.controller.sweeper.sweep()
         self._start_api()
         self._start_metrics()
-        self.watcher = LinkWatcher(lambda why: self._mark_links_dirty())
+        self.watcher = LinkWatcher(self._mark_links_dirty)
         self.watcher.start()
 
     def _log_pins(self, report):
@@ -116,7 +117,11 @@ class Agent:
         self.metrics = serve(DatapathCollector(AgentSource(self.controller, self.lock)), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
 
-    def _mark_links_dirty(self):
+    def _mark_links_dirty(self, why: str = "link"):
+        """From the watcher's thread: every port is reconciled by the loop, whatever the
+        event (and after lost events, when nothing says what changed)."""
+        if why == "lost":
+            self._links_lost.set()
         self._links_dirty.set()
         try:
             os.write(self._wake_w, b"l")
@@ -178,8 +183,10 @@ class Agent:
             log.debug("sweep evicted %s", done)
 
     def _reconcile_links(self):
+        why = "link events lost" if self._links_lost.is_set() else "link change"
+        self._links_lost.clear()
         with self.lock:
-            self.controller.reconcile("link change")
+            self.controller.reconcile(why)
 
     def reload(self):
         """SIGHUP: read the config again and apply what changed."""
