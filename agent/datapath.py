@@ -170,7 +170,7 @@ class Datapath:
         for name, items in saved.items():
             m = self.maps[name]
             keep = items[:m.max_entries]
-            m.update_many(keep)
+            m.update_many(keep, previous={})          # a fresh map
             for st in report:
                 if st.name == name:
                     st.detail += f"; {len(keep)} entries copied" + (
@@ -249,14 +249,16 @@ class Datapath:
             for k in gone:
                 changed_tenants.add(self._tenant_of(name, k, have[k]))
             m = self.maps[name]
+            # The mirror follows each write that succeeded (a failed one is rolled back
+            # whole by the map layer), so a restore after a failure diffs against the truth.
             if put:
-                m.update_many(put)
+                m.update_many(put, previous=have)
+                have.update(put)
             if gone and name == "xf_port_index":
-                m.update_many([(k, bytes(abi.Port())) for k in gone])   # an array row is cleared
+                m.update_many([(k, bytes(abi.Port())) for k in gone],   # an array row is cleared
+                              previous=have)
             elif gone:
                 m.delete_many(gone)
-            for k, v in put:
-                have[k] = v
             for k in gone:
                 del have[k]
             summary[name] = {"written": len(put), "removed": len(gone)}
@@ -308,7 +310,7 @@ class Datapath:
             if gen not in used:
                 break
         items = list(t.classifier.rule_items(tid, gen))
-        self.maps["xf_rules"].update_many(items)
+        self.maps["xf_rules"].update_many(items, previous={})    # a generation not in use
         self._rules[(tid, gen)] = dict(items)
         mk = bytes(abi.MaskKey(tenant=tid, generation=gen))
         self.maps["xf_masks"].put(mk, mask_val)
