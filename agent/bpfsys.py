@@ -91,6 +91,10 @@ def possible_cpus() -> int:
 NR_CPUS = possible_cpus()
 
 
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib.bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
 def obj_get(path: str) -> int:
     return _check(_lib.bpf_obj_get(path.encode()), f"open pinned {path}")
 

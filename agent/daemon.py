@@ -200,7 +200,14 @@ class Agent:
         old = self.cfg
         with self.lock:
             if new.datapath != old.datapath:
-                self._rebuild_datapath(new)
+                try:
+                    self._rebuild_datapath(new)
+                except Exception:
+                    log.exception("reload refused: the datapath with the new [datapath] "
+                                  "sizes could not be built and programmed; the running one "
+                                  "is kept, with the running config")
+                    notify.ready()
+                    return
             self.cfg = new
             self.controller.use_config(new)
             if new.state.to_dict() != old.state.to_dict():
@@ -235,14 +242,26 @@ class Agent:
         self.controller.apply(target.to_dict(), dry_run=False)
 
     def _rebuild_datapath(self, new_cfg):
-        """Map sizes changed: build the new program (migrating what can be migrated),
-        program it, then replace the program on every port in one step each."""
+        """Map sizes changed: build the new program beside the running one (all-new
+        configuration maps if any of them changed, see Datapath.load), program it from
+        the store, replace the program on every port in one step each, then move the pins
+        in place. If anything fails before that, the running program, its maps and pins
+        stay as they were (and ports already moved get it back)."""
         from .datapath import Datapath
-        old_dp = self.dp
+        old_dp, old_cfg = self.dp, self.cfg
         dp = Datapath(new_cfg.agent.bpffs, new_cfg.datapath_defines())
-        self._log_pins(dp.load())
+        try:
+            self._log_pins(dp.load(beside=True))
+            self.controller.use_datapath(dp, new_cfg)
+        except Exception:
+            try:
+                self.controller.use_datapath(old_dp, old_cfg)
+            finally:
+                dp.close()
+                dp.discard_staged()
+            raise
+        dp.commit_pins()
         self.dp = dp
-        self.controller.use_datapath(dp, new_cfg)
         old_dp.close()
 
     def stop(self) -> int:

@@ -56,6 +56,9 @@ def fs_type(path: str) -> str:
     return kind
 
 
+_STAGED = "-staged"     # suffix of the staging dir of a build beside the live pins (bpffs allows no dots)
+
+
 @dataclass
 class PinStatus:
     name: str
@@ -81,6 +84,7 @@ class Datapath:
         self._rules: Dict[Tuple[int, int], Dict[bytes, bytes]] = {}   # (tid, gen) -> entries
         self._masks: Dict[Tuple[int, int], bytes] = {}
         self._tenant_vals: Dict[int, bytes] = {}
+        self._gen_floor: Dict[int, int] = {}   # generations to go on from (see load)
 
     # -- build and load ----------------------------------------------------------------
     def cflags(self, trace: bool = False) -> List[str]:
@@ -141,8 +145,16 @@ class Datapath:
         finally:
             m.close()
 
-    def load(self) -> List[PinStatus]:
-        """Compile and load the program, reusing, migrating or rebuilding pinned maps."""
+    def load(self, beside: bool = False) -> List[PinStatus]:
+        """Compile and load the program, reusing, migrating or rebuilding pinned maps.
+
+        beside=True is for a reload that resizes maps while a program runs on the ports:
+        the build goes to a staging dir next to the live pins and touches neither them nor
+        the running program's maps. Maps kept as they are are shared (pinned in the staging
+        dir too); if any configuration map changes, every configuration map is a fresh one,
+        so the running program never meets a generation written for the new one. After the
+        program swap, `commit_pins()` moves the pins in place; `close()` and
+        `discard_staged()` before that leave everything as it was."""
         from bcc import BPF   # imported here so the unit tier never needs bcc
 
         ensure_bpffs()
@@ -150,15 +162,33 @@ class Datapath:
         if fs_type(self.pin_dir) != "bpf":
             raise OSError(f"{self.pin_dir} is not on a bpf filesystem (agent.bpffs must be "
                           f"under a bpffs mount such as /sys/fs/bpf)")
+        # A staging dir left by a reload that died before its commit: the live pins win.
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
         report = self.check_pins()
+        live = self.pin_dir
+        if beside:
+            os.makedirs(self.staging_dir)
+            fresh_config = any(st.action != "reuse" for st in report
+                               if st.name in REBUILT_FROM_STORE and st.action != "create")
+            if fresh_config:
+                # The flow table may be shared: generations go on from the running ones,
+                # or a flow judged by the old rules would be a hit under the new.
+                self._gen_floor = self._live_generations(f"{live}/xf_tenants")
+            self.pin_dir = self.staging_dir
         saved: Dict[str, List[Tuple[bytes, bytes]]] = {}
         for st in report:
-            path = f"{self.pin_dir}/{st.name}"
+            path = f"{live}/{st.name}"
             if st.action == "migrate" and st.name not in REBUILT_FROM_STORE:
                 old = RawMap.pinned(path)
                 saved[st.name] = list(old.items())
                 old.close()
-            if st.action in ("migrate", "rebuild"):
+            if beside and st.action == "reuse":
+                if fresh_config and st.name in REBUILT_FROM_STORE:
+                    st.action = "rebuild"
+                    st.detail = "a fresh one, with every configuration map (one was resized)"
+                else:
+                    self._share(path, f"{self.pin_dir}/{st.name}")
+            elif not beside and st.action in ("migrate", "rebuild"):
                 os.unlink(path)       # the old program keeps its map until it is replaced
             if st.action == "rebuild" and st.name not in REBUILT_FROM_STORE:
                 st.detail += "; its entries are dropped (flows re-classify, counters restart)"
@@ -181,6 +211,51 @@ class Datapath:
         self.pin_report = report
         return report
 
+    @staticmethod
+    def _live_generations(path: str) -> Dict[int, int]:
+        if not os.path.exists(path):
+            return {}
+        m = RawMap.pinned(path)
+        try:
+            out = {}
+            for k, v in m.items():
+                gen = abi.Tenant.from_buffer_copy(v).generation
+                if gen:
+                    out[ct.c_uint32.from_buffer_copy(k).value] = gen
+            return out
+        finally:
+            m.close()
+
+    @property
+    def staging_dir(self) -> str:
+        base = self.pin_dir[:-len(_STAGED)] if self.pin_dir.endswith(_STAGED) else self.pin_dir
+        return base + _STAGED
+
+    @staticmethod
+    def _share(src: str, dst: str) -> None:
+        fd = bpfsys.obj_get(src)
+        try:
+            bpfsys.obj_pin(fd, dst)
+        finally:
+            os.close(fd)
+
+    def commit_pins(self) -> None:
+        """A build made beside the live pins becomes the pinned datapath (after its
+        program was swapped onto the ports): each pin renamed over the live one."""
+        if not self.pin_dir.endswith(_STAGED):
+            return
+        live = self.pin_dir[:-len(_STAGED)]
+        for name in MAP_ORDER:
+            os.rename(f"{self.pin_dir}/{name}", f"{live}/{name}")
+        os.rmdir(self.pin_dir)
+        self.pin_dir = live
+
+    def discard_staged(self) -> None:
+        """Forget a build made beside the live pins (close() it too)."""
+        if self.pin_dir.endswith(_STAGED):
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            self.pin_dir = self.pin_dir[:-len(_STAGED)]
+
     def load_trace(self) -> int:
         """The trace build shares the pinned maps; it records instead of counting."""
         if self.trace_fd < 0:
@@ -201,9 +276,10 @@ class Datapath:
         self.prog_fd = self.trace_fd = -1
 
     def unpin(self):
-        """Remove every pin (explicit teardown)."""
-        if os.path.isdir(self.pin_dir):
-            shutil.rmtree(self.pin_dir, ignore_errors=True)
+        """Remove every pin (explicit teardown), and a reload's staging dir."""
+        for d in (self.pin_dir, self.staging_dir):
+            if os.path.isdir(d):
+                shutil.rmtree(d, ignore_errors=True)
 
     # -- configuration maps -------------------------------------------------------------
     def _read_mirror(self):
@@ -304,7 +380,7 @@ class Datapath:
 
     def _flip(self, tid: int, t: compiler.TenantImage, mask_val: bytes) -> int:
         used = {g for (x, g) in list(self._rules) + list(self._masks) if x == tid}
-        gen = self._gens.get(tid, 0)
+        gen = self._gens.get(tid) or self._gen_floor.get(tid, 0)
         while True:
             gen = gen + 1 if gen < 0xFFFFFFFF else 1
             if gen not in used:

@@ -109,3 +109,59 @@ def test_an_in_port_rule_for_a_port_without_interface_breaks_nothing(tmp_path):
             assert in_ports == {0, slot}
     finally:
         store.close()
+
+
+def test_a_resize_builds_beside_the_running_program_and_commits_all_or_nothing(in_node):
+    """A reload that resizes a configuration map (max_rule_entries) builds the new program
+    with all-new configuration maps: while it is programmed (a new generation of blue's
+    rules), the running program still judges by its own, whole, older rule set. Discarded,
+    the live pins are untouched; committed, they are the new program's maps."""
+    from .conftest import Bench, SMALL_SIZES, pin_dir
+    from .cases import XDP_DROP, XDP_REDIRECT, blue, rule, udp4
+    from agent.datapath import Datapath
+    from scapy.all import raw
+
+    allow = blue([rule(1, proto="udp", dport=5000)])
+    deny = blue([rule(2, action="deny", proto="udp", dport=5000)])
+    pkt = raw(udp4())
+    d = pin_dir()
+    old = Datapath(d, SMALL_SIZES)
+    bigger = dict(SMALL_SIZES, XF_MAX_RULE_ENTRIES=SMALL_SIZES["XF_MAX_RULE_ENTRIES"] * 2)
+    try:
+        old.load()
+        running = Bench(in_node, old)
+        running.apply(allow)
+        assert running.run(pkt, "p1")[0] == XDP_REDIRECT
+        live_ids = {n: RawMap.pinned(f"{d}/{n}") for n in ("xf_tenants", "xf_rules")}
+        ids = {n: m.id for n, m in live_ids.items()}
+        for m in live_ids.values():
+            m.close()
+
+        for commit in (False, True):
+            new = Datapath(d, bigger)
+            try:
+                report = {st.name: st.action for st in new.load(beside=True)}
+                assert report["xf_rules"] == "migrate" and report["xf_tenants"] == "rebuild"
+                Bench(in_node, new).sync(deny)              # a new generation, new maps
+                running.dp.flush_flows()
+                # The running program still sees its own whole generation: allowed.
+                assert running.run(pkt, "p1")[0] == XDP_REDIRECT
+                assert Bench(in_node, new).run(pkt, "p1")[0] == XDP_DROP
+                if commit:
+                    new.commit_pins()
+                    assert new.pin_dir == d
+                    for n in ids:
+                        m = RawMap.pinned(f"{d}/{n}")
+                        assert m.id == new.maps[n].id and m.id != ids[n]
+                        m.close()
+            finally:
+                new.close()
+                if not commit:
+                    new.discard_staged()
+                    for n, i in ids.items():                # live pins untouched
+                        m = RawMap.pinned(f"{d}/{n}")
+                        assert m.id == i
+                        m.close()
+    finally:
+        old.close()
+        old.unpin()
