@@ -130,7 +130,7 @@ def test_every_command_has_help_examples_and_a_call(name):
     assert callable(cmd.run)
     for a in cmd.args:
         assert a.help
-        assert a.kind in ("str", "int", "flag", "object")
+        assert a.kind in ("str", "int", "flag", "object", "list")
         assert a.wire or a.cli
 
 
