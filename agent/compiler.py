@@ -174,18 +174,15 @@ def src_key(slot: int, mac: str, net: model.IPNet) -> bytes:
 
 
 def port_sources(state: model.State, links: Dict[str, PortLink]) -> Dict[bytes, bytes]:
-    """Port security: the (slot, MAC, source prefix) entries each secured port may send
-    from. Its endpoints (their MAC and address); its allowed prefixes and the link-local
-    prefix, with the MAC of each of its endpoints."""
+    """Port security beyond the endpoints (which the datapath checks in xf_endpoints):
+    the (slot, MAC, source prefix) entries of each secured port's allowed prefixes and
+    link-local prefix, with the MAC of each of its endpoints."""
     out: Dict[bytes, bytes] = {}
     one = bytes(ct.c_uint32(1))
     ports = {p.name: p for p in state.ports if p.port_security and p.name in links}
     macs: Dict[str, List[str]] = {name: [] for name in ports}
     for e in state.sorted("endpoints"):
-        if e.port not in ports:
-            continue
-        out[src_key(links[e.port].slot, e.mac, ipaddress.ip_network(e.ip))] = one
-        if e.mac not in macs[e.port]:
+        if e.port in ports and e.mac not in macs[e.port]:
             macs[e.port].append(e.mac)
     for name, p in ports.items():
         for mac in macs[name]:

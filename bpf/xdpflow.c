@@ -89,9 +89,17 @@ static __always_inline int xf_mac_eq(const __u8 *a, const __u8 *b)
             (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
 }
 
-/* Port security: may the port of this slot send from (mac, addr)? */
-static __always_inline int xf_src_ok(__u16 slot, __u8 *mac, __u32 *addr)
+/* Port security: may the port of this slot send from (mac, addr)? An endpoint of the port
+ * with that MAC (an exact lookup, the common case), else the port's allowed prefixes and
+ * link-local prefix with the MAC of one of its endpoints (an LPM lookup). */
+static __always_inline int xf_src_ok(__u16 tenant, __u16 slot, __u8 *mac, __u32 *addr)
 {
+    struct xf_ep_key ek = {};
+    ek.tenant = tenant;
+    __builtin_memcpy(ek.addr, addr, 16);
+    struct xf_endpoint *ep = xf_endpoints.lookup(&ek);
+    if (ep && ep->port == slot && !(ep->flags & XF_EP_LOCAL) && xf_mac_eq(ep->mac, mac))
+        return 1;
     struct xf_src_key k = {};
     k.prefixlen = 16 + 48 + 128;
     k.slot = slot;
@@ -342,10 +350,10 @@ static __always_inline int xf_boundary_src_ok(struct xdp_md *ctx, struct xf_ctx 
     if (!(c->port_flags & XF_PORT_SECURITY))
         return 1;
     if (c->p.family == 0)
-        return xf_arp_src_ok(ctx, &c->p, c->slot);
+        return xf_arp_src_ok(ctx, &c->p, c->tenant, c->slot);
     if (xf_is_neighbour(&c->p))
-        return xf_nd_src_ok(ctx, &c->p, c->slot);
-    return xf_src_ok(c->slot, c->p.smac, c->p.src);
+        return xf_nd_src_ok(ctx, &c->p, c->tenant, c->slot);
+    return xf_src_ok(c->tenant, c->slot, c->p.smac, c->p.src);
 }
 
 static __always_inline int xf_stage_boundary(struct xdp_md *ctx, struct xf_ctx *c,
@@ -457,7 +465,8 @@ static __always_inline struct xf_flow *xf_related(struct xdp_md *ctx, struct xf_
     if ((c->p.dst[0] ^ qs->ck.src[0]) | (c->p.dst[1] ^ qs->ck.src[1]) |
         (c->p.dst[2] ^ qs->ck.src[2]) | (c->p.dst[3] ^ qs->ck.src[3]))
         return NULL;
-    if ((c->port_flags & XF_PORT_SECURITY) && !xf_src_ok(c->slot, c->p.smac, c->p.src))
+    if ((c->port_flags & XF_PORT_SECURITY) &&
+        !xf_src_ok(c->tenant, c->slot, c->p.smac, c->p.src))
         return NULL;
     struct xf_flow *orig = xf_flows.lookup(&qs->ck);
     if (!orig || orig->generation != c->gen || !xf_reverse_key(&qs->ck, &qs->rk))
@@ -678,7 +687,7 @@ static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f
     for (int attempt = 0; attempt < 2; attempt++) {
         /* On its own, a packet must come from its port's own MAC and addresses. */
         if (!j->as_reply && (c->port_flags & XF_PORT_SECURITY) &&
-            !xf_src_ok(c->slot, c->p.smac, c->p.src))
+            !xf_src_ok(c->tenant, c->slot, c->p.smac, c->p.src))
             return xf_decide(c, XF_V_DROP, XF_R_SPOOF);
         __builtin_memset(&sc->nf, 0, sizeof(sc->nf));
         sc->nf.generation = c->gen;

@@ -24,7 +24,8 @@ struct xf_arp {
 
 /* Port security for ARP: the sender's hardware address is the frame's, and its protocol
  * address one the port may send from (0.0.0.0, a probe, claims none). */
-static __always_inline int xf_arp_src_ok(struct xdp_md *ctx, struct xf_pkt *p, __u16 slot)
+static __always_inline int xf_arp_src_ok(struct xdp_md *ctx, struct xf_pkt *p, __u16 tenant,
+                                         __u16 slot)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
@@ -32,21 +33,22 @@ static __always_inline int xf_arp_src_ok(struct xdp_md *ctx, struct xf_pkt *p, _
     if ((void *)(arp + 1) > data_end || !xf_mac_eq(arp->sha, p->smac))
         return 0;
     __u32 addr[4] = {0, 0, bpf_htonl(0xffff), arp->spa};
-    return arp->spa == 0 || xf_src_ok(slot, p->smac, addr);
+    return arp->spa == 0 || xf_src_ok(tenant, slot, p->smac, addr);
 }
 
 /* Port security for neighbour discovery: the source address (the unspecified address
  * only for solicitations: duplicate-address detection), an advertisement's target (the
  * address it speaks for), and a first source/target link-layer address option, which
  * must be the frame's MAC. */
-static __always_inline int xf_nd_src_ok(struct xdp_md *ctx, struct xf_pkt *p, __u16 slot)
+static __always_inline int xf_nd_src_ok(struct xdp_md *ctx, struct xf_pkt *p, __u16 tenant,
+                                        __u16 slot)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     __u8 type = p->icmp_type;
     int unspec = !(p->src[0] | p->src[1] | p->src[2] | p->src[3]);
     if (unspec ? (type != NDISC_NEIGHBOUR_SOLICITATION && type != NDISC_ROUTER_SOLICITATION)
-               : !xf_src_ok(slot, p->smac, p->src))
+               : !xf_src_ok(tenant, slot, p->smac, p->src))
         return 0;
     if (p->l4_off > XF_MAX_IPV6_EXT_BYTES)
         return 0;
@@ -58,7 +60,7 @@ static __always_inline int xf_nd_src_ok(struct xdp_md *ctx, struct xf_pkt *p, __
     if ((void *)(m + 1) > data_end)
         return 1;                   /* no target: nothing more to check */
     if (type == NDISC_NEIGHBOUR_ADVERTISEMENT &&
-        !xf_src_ok(slot, p->smac, (__u32 *)&m->target))
+        !xf_src_ok(tenant, slot, p->smac, (__u32 *)&m->target))
         return 0;
     struct xf_nd_lladdr {
         struct nd_opt_hdr hdr;

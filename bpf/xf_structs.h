@@ -155,9 +155,9 @@ struct xf_frag {
     __u8  pad[3];
 };
 
-/* Port security (LPM): prefixlen counts the bits of slot and MAC (64), then address bits.
- * An endpoint is (its port's slot, its MAC, its address/128); an allowed prefix is one
- * entry per MAC of the port's endpoints. */
+/* Port security beyond the port's endpoints (LPM): prefixlen counts the bits of slot and
+ * MAC (64), then address bits. An allowed prefix (and the link-local prefix) is one entry
+ * per MAC of the port's endpoints. */
 struct xf_src_key {
     __u32 prefixlen;
     __u16 slot;

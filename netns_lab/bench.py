@@ -417,13 +417,13 @@ def _state_for(tenants: Sequence[str]):
         tid, _ = _TENANTS[t]
         pre = _PREFIX[t]
         st.tenants.append(model.Tenant(name=t, id=tid))
-        # The miss cases send from OTHER_IP: an allowed address of the port (port security
-        # passes them on to the classifier, the path measured).
-        st.ports += [model.Port(name=f"{pre}1", tenant=t,
-                                allow=(ipaddress.ip_network(f"{OTHER_IP}/32"),)),
-                     model.Port(name=f"{pre}2", tenant=t)]
+        st.ports += [model.Port(name=f"{pre}1", tenant=t), model.Port(name=f"{pre}2", tenant=t)]
         st.endpoints += [
             model.Endpoint(tenant=t, ip=ipaddress.ip_address(SRC_IP), port=f"{pre}1",
+                           mac=_sender_mac(pre)),
+            # The miss cases send from OTHER_IP, the sending VM's second address: port
+            # security passes them on to the classifier, the path measured.
+            model.Endpoint(tenant=t, ip=ipaddress.ip_address(OTHER_IP), port=f"{pre}1",
                            mac=_sender_mac(pre)),
             model.Endpoint(tenant=t, ip=ipaddress.ip_address(DST_IP), port=f"{pre}2",
                            mac=VM_MAC[DST_IP])]
