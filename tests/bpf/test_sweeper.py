@@ -56,6 +56,9 @@ def put_flow(c, proto, sport, dport, idle_s, tenant=10, flags=0, generation=None
     abi.set_addr(k.src, bytes(15) + bytes([src]))
     abi.set_addr(k.dst, bytes(15) + bytes([dst]))
     now = now_coarse_ns()
+    # The datapath's clock counts from boot: "idle for longer than the machine is up" would
+    # wrap around in the u64 field and read as the newest flow of all.
+    assert now > idle_s * S, f"the machine has been up less than {idle_s} s"
     f = abi.Flow(generation=c.dp.generation(tenant) if generation is None else generation,
                  last_seen_ns=now - int(idle_s * S), created_ns=now - int(idle_s * S),
                  flags=flags, verdict=abi.V_REDIRECT, packets=1)
@@ -91,7 +94,7 @@ def test_a_busy_forward_keeps_its_idle_reply(ctl):
     # A one-way UDP stream: the reply entry never sees a packet, yet must live as long
     # as the forward one is busy, or a late reply would be judged as new traffic.
     fwd = put_flow(ctl, 17, 3000, 5300, idle_s=1)
-    rev = put_flow(ctl, 17, 5300, 3000, idle_s=500, flags=abi.FLOW_REVERSE, src=2, dst=1)
+    rev = put_flow(ctl, 17, 5300, 3000, idle_s=120, flags=abi.FLOW_REVERSE, src=2, dst=1)
     ctl.sweeper.sweep()
     assert {fwd, rev} <= keys(ctl)
     # both idle: both go, counted as two evictions
@@ -125,7 +128,7 @@ def test_over_the_high_watermark_the_longest_idle_go_first(ctl):
 
 
 def test_eviction_counts_survive_a_new_controller(ctl):
-    put_flow(ctl, 17, 5000, 53, idle_s=500)
+    put_flow(ctl, 17, 5000, 53, idle_s=120)
     ctl.sweeper.sweep()
     again = Controller(ctl.cfg, ctl.store, ctl.dp, links=None)
     assert again.evictions.counts["idle"] == 1
