@@ -98,12 +98,16 @@ class Controller:
 
     def _program(self, state: model.State, slots: Dict[str, int]) -> Dict[str, Any]:
         live = self._live_links(state)
-        summary = self.dp.sync(self._compile(state, slots, live))
+        img = self._compile(state, slots, live)
+        # Off a removed port before its entry goes: our program never runs on an
+        # interface it has no port for (it would hand the VM's traffic to the kernel).
+        self._detach_removed(state)
+        summary = self.dp.sync(img)
         self._attach_ports(state, live)
         return summary
 
-    def _attach_ports(self, state: model.State, live: Dict[str, Link]):
-        """Our program on every port that exists; off every interface we no longer own."""
+    def _detach_removed(self, state: model.State) -> None:
+        """Our program off every interface we no longer own."""
         wanted = {p.name for p in state.ports}
         for name in list(self.attached):
             if name not in wanted:
@@ -112,6 +116,10 @@ class Controller:
                     self.links.detach(link)
                     log.info("port %s: detached (no longer configured)", name)
                 del self.attached[name]
+
+    def _attach_ports(self, state: model.State, live: Dict[str, Link]):
+        """Our program on every configured port whose interface exists (after its
+        entries were written)."""
         self.port_notes = {}
         for p in state.ports:
             link = live.get(p.name)
