@@ -12,14 +12,11 @@ from pathlib import Path
 import pytest
 from scapy.all import raw
 
-from agent import abi, commands, compiler, config
-from agent.control import Controller
+from agent import abi, commands
 from agent.flows import EVICTION_REASONS, PROTO_NAMES
-from agent.links import Links
-from agent.store import Store
 
 from .cases import tcp4
-from .conftest import SMALL_SIZES, VM_MAC
+from .conftest import VM_MAC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
 from test_commands import FakeController  # noqa: E402
@@ -121,35 +118,14 @@ def words(doc, where="reply"):
 
 
 @pytest.fixture
-def both(dp, in_node, tmp_path):
-    """A real Controller over the session datapath, with the node namespace's p1/p2 as
-    its ports, and a FakeController; both given the same state."""
-    sizes = {"flow_table_size": "XF_FLOW_TABLE_SIZE", "max_rule_entries": "XF_MAX_RULE_ENTRIES",
-             "max_endpoints": "XF_MAX_ENDPOINTS", "max_routes": "XF_MAX_ROUTES",
-             "max_ports": "XF_MAX_PORTS"}
-    cfg = config.parse("[datapath]\n" + "".join(f"{k} = {SMALL_SIZES[d]}\n"
-                                                 for k, d in sizes.items()))
-    assert cfg.datapath_defines() == dp.defines
-    store = Store.open(str(tmp_path / "state.db"))
-    links = Links()
-    real = Controller(cfg, store, dp, links)
+def both(node_controller):
+    """The real Controller (p1/p2 of the node namespace as its ports) and a
+    FakeController, both given the same state."""
     fake = FakeController()
-    try:
-        dp.flush_flows()
-        for c in (real, fake):
-            for name, args in STATE:
-                commands.dispatch(c, name, args)
-        yield fake, real
-    finally:
-        for name in ("p1", "p2"):
-            link = links.get(name)
-            if link is not None:
-                links.detach(link)
-        links.close()
-        # Leave the session datapath as the bench expects it: no tenants, no flows.
-        dp.sync(compiler.Image())
-        dp.flush_flows()
-        store.close()
+    for c in (node_controller, fake):
+        for name, args in STATE:
+            commands.dispatch(c, name, args)
+    return fake, node_controller
 
 
 def test_the_fake_controller_answers_as_the_real_one(both, in_node):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from agent import abi, compiler, config
+from agent import abi, config
 from agent.bpfsys import BpfError, RawMap, _lib
 from agent.control import Controller
 from agent.store import Store
@@ -186,32 +186,25 @@ class _Watched:
 
 
 def test_no_packet_meets_a_port_without_tenant_or_our_program_without_its_port(
-        dp, in_node, tmp_path):
+        node_controller, in_node):
     """Adding a tenant with its port, and removing them, through the real controller on
     the node's p1: after every single map write, a packet from p1 (traced through the
     real program) never finds a port whose tenant the datapath does not know, and never
     finds our program attached to p1 without p1's port entry. Either would hand the VM's
     traffic to the kernel (reasons no_tenant / no_port) where the tenant says drop."""
-    from agent.links import Links
     from .cases import udp4
-    from .conftest import SMALL_SIZES, VM_MAC
+    from .conftest import VM_MAC
     from scapy.all import raw
 
-    sizes = {"flow_table_size": "XF_FLOW_TABLE_SIZE", "max_rule_entries": "XF_MAX_RULE_ENTRIES",
-             "max_endpoints": "XF_MAX_ENDPOINTS", "max_routes": "XF_MAX_ROUTES",
-             "max_ports": "XF_MAX_PORTS"}
-    cfg = config.parse("[datapath]\n" + "".join(f"{k} = {SMALL_SIZES[d]}\n"
-                                                 for k, d in sizes.items()))
-    store = Store.open(str(tmp_path / "state.db"))
-    links = Links()
-    c = Controller(cfg, store, dp, links)
+    c = node_controller
+    dp = c.dp
     pkt = raw(udp4())
     seen = []
 
     def check(write):
         rc, _, rec = dp.trace(pkt, in_node.ifindex["p1"])
         reason = abi.REASONS.get(rec.reason, "")
-        attached = (links.get("p1").xdp_prog_id or 0) == c.prog_id()
+        attached = (c.links.get("p1").xdp_prog_id or 0) == c.prog_id()
         seen.append((write, reason, attached))
         assert reason != "no_tenant", f"after {write}: a port whose tenant is unknown"
         assert not (attached and reason == "no_port"), \
@@ -220,7 +213,6 @@ def test_no_packet_meets_a_port_without_tenant_or_our_program_without_its_port(
     real = dict(dp.maps)
     dp.load_trace()
     try:
-        dp.flush_flows()
         for name in ("xf_port_index", "xf_ports", "xf_tenants", "xf_endpoints", "xf_rules",
                      "xf_masks"):
             dp.maps[name] = _Watched(real[name], check)
@@ -233,10 +225,3 @@ def test_no_packet_meets_a_port_without_tenant_or_our_program_without_its_port(
         assert seen[-1][1:] == ("no_port", False)
     finally:
         dp.maps.update(real)
-        link = links.get("p1")
-        if link is not None:
-            links.detach(link)
-        links.close()
-        dp.sync(compiler.Image())
-        dp.flush_flows()
-        store.close()
