@@ -1,0 +1,21 @@
+"""Spoofed sources: a VM port accepts only its endpoints' MACs and addresses (Neutron's
+anti-spoofing rules per port; the datapath's port security, drop reason `spoof`)."""
+from . import Send
+
+DESCRIPTION = __doc__
+WAITING_ON = "port security in the datapath (source MAC/address of a VM port: drop `spoof`)"
+
+SENDS = [
+    Send("blue1", 'Ether(src=me.mac, dst=me.gw)/IP(src="10.0.0.9", dst=vm("blue2").ip)'
+                  '/UDP(sport=49000, dport=7100)/N', "an address that is nobody's"),
+    Send("blue1", 'Ether(src=me.mac, dst=me.gw)/IP(src=vm("blue2").ip, dst=vm("blue3").ip)'
+                  '/UDP(sport=49001, dport=7100)/N', "blue2's address from blue1"),
+    Send("blue1", 'Ether(src="02:00:00:00:00:99", dst=me.gw)/IP(src=me.ip, dst=vm("blue2").ip)'
+                  '/UDP(sport=49002, dport=7100)/N', "another source MAC"),
+    Send("blue1", 'Ether(src=me.mac, dst=me.gw)/IPv6(src="fd00::99", dst=vm("blue2").ip6)'
+                  '/UDP(sport=49003, dport=7100)/N', "an IPv6 address that is nobody's"),
+    Send("red1", 'Ether(src=me.mac, dst=me.gw)/IP(src="10.0.0.3", dst=vm("red2").ip)'
+                 '/UDP(sport=49004, dport=7000)/N', "red1 using an address only blue has"),
+    Send("blue1", 'Ether(src=me.mac, dst=me.gw)/IP(src=me.ip, dst=vm("blue2").ip)'
+                  '/UDP(sport=49005, dport=7100)/N', "the real source: delivered"),
+]
