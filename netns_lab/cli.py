@@ -144,13 +144,20 @@ def _lab_args(p: argparse.ArgumentParser) -> None:
                    help="name prefix of everything the lab makes (default: [lab] prefix)")
 
 
-def _load_lab(args: argparse.Namespace):
+def _lab_for(args: argparse.Namespace, what: str):
+    """The lab file, checked first (bad input: exit 2 naming what is wrong, nothing
+    changed), then root; None after printing why not."""
     from netns_lab import labfile
     try:
-        return labfile.load(args.lab, prefix=args.prefix)
+        spec = labfile.load(args.lab, prefix=args.prefix)
     except labfile.LabFileError as e:
         print(f"xdpflow-lab: {e}", file=sys.stderr)
         return None
+    err = _need_root(what)
+    if err:
+        print(f"xdpflow-lab: {err}", file=sys.stderr)
+        return None
+    return spec
 
 
 def _say(text: str) -> None:
@@ -167,11 +174,7 @@ def _add_up(sub) -> None:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    err = _need_root("up")
-    if err:
-        print(f"xdpflow-lab: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    spec = _load_lab(args)
+    spec = _lab_for(args, "up")
     if spec is None:
         return EXIT_USAGE
     from netns_lab import topology
@@ -226,18 +229,18 @@ def _add_down(sub) -> None:
 
 
 def _run_down(args: argparse.Namespace) -> int:
-    err = _need_root("down")
+    # Needs only the prefix: a lab file that no longer loads must not keep a lab up.
+    if args.prefix is None:
+        spec = _lab_for(args, "down")
+        if spec is None:
+            return EXIT_USAGE
+        args.prefix = spec.prefix
+    from netns_lab import labfile, topology
+    err = labfile.check_prefix(args.prefix) or _need_root("down")
     if err:
         print(f"xdpflow-lab: {err}", file=sys.stderr)
         return EXIT_USAGE
-    prefix = args.prefix
-    if prefix is None:
-        spec = _load_lab(args)
-        if spec is None:
-            return EXIT_USAGE
-        prefix = spec.prefix
-    from netns_lab import topology
-    topology.down(prefix, say=print)
+    topology.down(args.prefix, say=print)
     return EXIT_OK
 
 
@@ -258,18 +261,14 @@ def _add_compare(sub) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    err = _need_root("compare")
-    if err:
-        print(f"xdpflow-lab: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    spec = _load_lab(args)
-    if spec is None:
-        return EXIT_USAGE
     from netns_lab import compare, render, scenarios, topology
     try:
         chosen = scenarios.load(args.scenario, args.exclude)
     except ValueError as e:
         print(f"xdpflow-lab: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    spec = _lab_for(args, "compare")
+    if spec is None:
         return EXIT_USAGE
     variants = args.variant or list(render.VARIANTS)
     _terminate_cleanly()

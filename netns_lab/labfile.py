@@ -85,6 +85,14 @@ def port_mac(tenant_id: int, index: int) -> str:
     return f"02:aa:{tenant_id >> 8:02x}:{tenant_id & 0xff:02x}:{index >> 8:02x}:{index & 0xff:02x}"
 
 
+def check_prefix(prefix) -> Optional[str]:
+    """Why `prefix` cannot be a lab prefix, or None."""
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
+        return (f"lab prefix {prefix!r} must be 2-8 lower-case letters and digits, "
+                f"starting with a letter (it starts every name the lab makes)")
+    return None
+
+
 def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None) -> LabSpec:
     """A lab from the parsed TOML; `prefix` overrides [lab] prefix (tests use their own)."""
     def bad(msg: str) -> LabFileError:
@@ -100,9 +108,8 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
     if not isinstance(lab, dict) or set(lab) - set(LAB_KEYS):
         raise bad(f"[lab] takes only {', '.join(LAB_KEYS)}")
     prefix = prefix or lab.get("prefix")
-    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
-        raise bad(f"lab prefix {prefix!r} must be 2-8 lower-case letters and digits, "
-                  f"starting with a letter (it starts every name the lab makes)")
+    if check_prefix(prefix):
+        raise bad(check_prefix(prefix))
     try:
         state = State.from_dict({k: v for k, v in data.items() if k in KINDS})
         state.validate()

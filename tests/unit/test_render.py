@@ -257,3 +257,29 @@ def test_every_shipped_scenario_builds_and_names_unique_nonces(spec):
         compare.build_frames(spec, "x", 0, Send("ghost", "Ether()"))
     with pytest.raises(compare.ScenarioError, match="NameError"):
         compare.build_frames(spec, "x", 0, Send("blue1", "Bogus()"))
+
+
+# -- the lab CLI refuses bad input before it touches anything --------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--scenario", "nope"], "unknown scenario 'nope'"),
+    (["compare", "--exclude", "rules", "--exclude", "nope"], "unknown scenario 'nope'"),
+    (["up", "--lab", "/nonexistent/lab.toml"], "cannot read /nonexistent/lab.toml"),
+    (["up", "--prefix", "Bad"], "lab prefix 'Bad'"),
+    (["down", "--prefix", "x;rm -rf"], "lab prefix 'x;rm -rf'"),
+])
+def test_lab_cli_bad_input_exits_2_naming_it(argv, message, capsys, monkeypatch):
+    from netns_lab import cli, topology
+    monkeypatch.setattr(topology, "down", lambda *a, **k: pytest.fail("down was called"))
+    monkeypatch.setattr(topology.Topology, "up", lambda *a, **k: pytest.fail("up was called"))
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lab_cli_bad_toml_names_the_line(tmp_path, capsys):
+    from netns_lab import cli
+    bad = tmp_path / "lab.toml"
+    bad.write_text("[lab]\nprefix = \n")
+    assert cli.main(["compare", "--lab", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line 2" in err
