@@ -1,6 +1,6 @@
 """Allow and deny with priorities and port ranges (see the demo lab's rules): the edges of
 every range, a deny inside an allowed range (higher priority), a source-limited range, an
-all-protocol deny above everything, and the tenant default."""
+all-protocol deny above everything, an in-port rule, and the tenant default."""
 from . import Send
 
 DESCRIPTION = __doc__
@@ -34,6 +34,10 @@ SENDS = (
        for i, d in enumerate((7001, 7099, 7100, 7101))]
     + [Send("blue1", _TCP6.format(dst="blue2", sport=42500 + i, dport=d), f"tcp6/{d}")
        for i, d in enumerate((4999, 5000, 5050, 5099))]
+    + [Send(src, _TCP.format(dst=dst, sport=42800 + i, dport=9000),
+            f"{src} -> {dst} tcp/9000 (allowed only in from blue2's port)")
+       for i, (src, dst) in enumerate([("blue2", "blue1"), ("blue2", "blue3"),
+                                       ("blue1", "blue2"), ("blue3", "blue1")])]
     + [Send("red1", _TCP.format(dst="red2", sport=42600 + i, dport=d), f"red tcp/{d}")
        for i, d in enumerate((80, 5001))]
     + [Send("red1", _UDP.format(dst="red2", sport=42700 + i, dport=d), f"red udp/{d}")

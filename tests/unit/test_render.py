@@ -83,11 +83,12 @@ def test_iptables_walks_the_rules_in_the_datapaths_order(spec):
     rules = _rules_of(text, "xf-sg-blue")
     ids = [int(l.split('"rule ')[1].split(":")[0]) for l in rules]
     # priority 400 (8), 300 (4), 200 (3), 150 (5, 6: lower id first), 100 (1, 7)
-    assert ids == [8, 4, 3, 5, 6, 1, 7]
+    assert ids == [8, 4, 3, 5, 6, 1, 7, 9]
     assert "-p tcp --dport 5050 " in rules[1] and rules[1].endswith("-j DROP")
     assert "-p tcp --dport 5000:5099 " in rules[2] and rules[2].endswith("-j ACCEPT")
     assert "-s 10.0.0.1/32 -p udp --dport 7000:7999" in rules[3]
     assert "-s 10.0.0.2/32 -d 10.0.0.3/32 " in rules[0] and "-p" not in rules[0]
+    assert rules[-1].startswith("-A xf-sg-blue -i bvm2 -p tcp --dport 9000 ")
 
 
 def test_iptables_state_first_then_rules_then_default_drop(spec):
@@ -151,7 +152,9 @@ def test_nftables_variant_sets_and_one_chain_per_tenant(spec):
     assert "ct state established,related accept" in text
     body = text.split("chain sg_blue {")[1].splitlines()
     ids = [int(l.split('"rule ')[1].split(":")[0]) for l in body if '"rule ' in l]
-    assert ids == [8, 4, 4, 3, 3, 5, 6, 6, 1, 2, 7]         # both families for 4, 3, 6
+    assert ids == [8, 4, 4, 3, 3, 5, 6, 6, 1, 2, 7, 9, 9]   # both families for 4, 3, 6, 9
+    assert any('iifname "bvm2" meta nfproto ipv4 meta l4proto tcp tcp dport 9000' in l
+               for l in body)
     assert any("tcp dport 5000-5099 counter accept" in l for l in body)
     assert body[-3].strip().startswith("counter drop")
     assert "red" not in text.replace("rule ", "")
