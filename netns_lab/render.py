@@ -104,14 +104,6 @@ def rule_order(state: State, tenant: str) -> List[Rule]:
                   key=lambda r: (-r.priority, r.id))
 
 
-def link_local(mac: str) -> str:
-    """The EUI-64 link-local address a VM's kernel derives from its MAC."""
-    b = bytearray(int(x, 16) for x in mac.split(":"))
-    b[0] ^= 0x02
-    eui = bytes(b[:3]) + b"\xff\xfe" + bytes(b[3:])
-    return str(ipaddress.IPv6Address(b"\xfe\x80" + b"\0" * 6 + eui))
-
-
 # -- VMs --------------------------------------------------------------------------------
 
 def vm_setup(spec: LabSpec, vm: VM, path: str) -> NsSetup:
@@ -137,6 +129,7 @@ def tenant_vms(spec: LabSpec, tenant: str) -> List[VM]:
 def router_setup(spec: LabSpec, tenant: str, variant: str) -> NsSetup:
     if variant not in VARIANTS:
         raise RenderError(f"unknown kernel variant {variant!r} (known: {', '.join(VARIANTS)})")
+    check_renderable(spec, tenant)
     st = spec.state
     vms = tenant_vms(spec, tenant)
     s = NsSetup(router_ns(spec.prefix, variant, tenant), sysctls=list(QUIET_SYSCTLS) + [
@@ -180,6 +173,7 @@ def router_setup(spec: LabSpec, tenant: str, variant: str) -> NsSetup:
     if variant == "iptables":
         s.firewall.append((["iptables-restore"], iptables(spec, tenant, 4, default)))
         s.firewall.append((["ip6tables-restore"], iptables(spec, tenant, 6, default)))
+        s.firewall.append((["arptables-restore"], arptables(spec, tenant)))
     else:
         s.firewall.append((["nft", "-f", "-"], nftables(spec, tenant, default)))
     return s
@@ -226,16 +220,41 @@ def iptables_rule(rule: Rule, family: int, chain: str) -> Optional[str]:
     return " ".join(a)
 
 
-def _allowed_sources(vm: VM, family: int) -> List[str]:
-    srcs = [a for a in vm.addrs if ipaddress.ip_address(a).version == family]
+# IPv6 link-local sources: a VM's own (neighbour discovery comes from it), tied to the
+# port by the MAC check, as the datapath's port security allows them.
+LINK_LOCAL = "fe80::/64"
+
+
+def _port(spec: LabSpec, vm: VM):
+    return next(p for p in spec.state.ports if p.name == vm.port)
+
+
+def port_secured(spec: LabSpec, vm: VM) -> bool:
+    """Port security is on unless the port says `port_security = false` (a state
+    without the field: on)."""
+    return getattr(_port(spec, vm), "port_security", True)
+
+
+def allowed_sources(spec: LabSpec, vm: VM, family: int) -> List[str]:
+    """The source prefixes a VM's port accepts: its endpoints' addresses, the port's
+    `allow` prefixes (allowed address pairs) and, for IPv6, link-local."""
+    host = "/32" if family == 4 else "/128"
+    srcs = [a + host for a in vm.addrs if ipaddress.ip_address(a).version == family]
+    srcs += [str(n) for n in getattr(_port(spec, vm), "allow", ()) if n.version == family]
     if family == 6:
-        srcs.append(link_local(vm.mac))   # neighbour discovery comes from it
+        srcs.append(LINK_LOCAL)
     return srcs
+
+
+def check_renderable(spec: LabSpec, tenant: str) -> None:
+    for vm in tenant_vms(spec, tenant):
+        if getattr(_port(spec, vm), "allow_vlan", False):
+            raise RenderError(f"port {vm.port}: allow_vlan has no kernel-path rendering (this "
+                              f"kernel path has no 802.1Q devices: it drops tagged frames)")
 
 
 def iptables(spec: LabSpec, tenant: str, family: int, default: str) -> str:
     """iptables-restore (family 4) or ip6tables-restore (6) input for a tenant's router."""
-    host = "/32" if family == 4 else "/128"
     ttl = "-m ttl --ttl-lt 2" if family == 4 else "-m hl --hl-lt 2"
     out = ["*raw", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
            ":xf-ports - [0:0]",
@@ -243,10 +262,12 @@ def iptables(spec: LabSpec, tenant: str, family: int, default: str) -> str:
            f"which answers nothing here\" -j DROP",
            "-A PREROUTING -j xf-ports"]
     for vm in tenant_vms(spec, tenant):
+        if not port_secured(spec, vm):
+            continue
         out.append(f"-A xf-ports -i {vm.port} -m mac ! --mac-source {vm.mac} "
                    f"-m comment --comment \"spoof: {vm.name}'s MAC only\" -j DROP")
-        for src in _allowed_sources(vm, family):
-            out.append(f"-A xf-ports -i {vm.port} -s {src}{host} -j RETURN")
+        for src in allowed_sources(spec, vm, family):
+            out.append(f"-A xf-ports -i {vm.port} -s {src} -j RETURN")
         out.append(f"-A xf-ports -i {vm.port} -m comment --comment "
                    f"\"spoof: {vm.name}'s addresses only\" -j DROP")
     out.append("COMMIT")
@@ -265,6 +286,26 @@ def iptables(spec: LabSpec, tenant: str, family: int, default: str) -> str:
             out.append(line)
     out.append(f"-A FORWARD -m comment --comment \"tenant default: {default} (pass: the "
                f"node's stack, which forwards nothing here)\" -j DROP")
+    out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def arp_sources(spec: LabSpec, vm: VM) -> List[str]:
+    """The sender addresses an ARP packet from a VM may claim: its IPv4 sources, and
+    0.0.0.0 (a probe claims none)."""
+    return allowed_sources(spec, vm, 4) + ["0.0.0.0/32"]
+
+
+def arptables(spec: LabSpec, tenant: str) -> str:
+    """arptables-restore input: ARP from a VM port carries its MAC as sender and one of its
+    addresses (Neutron's ARP spoofing protection); anything else is not answered."""
+    out = ["*filter", ":INPUT ACCEPT", ":OUTPUT ACCEPT", ":FORWARD ACCEPT"]
+    for vm in tenant_vms(spec, tenant):
+        if not port_secured(spec, vm):
+            continue
+        out.append(f"-A INPUT -i {vm.port} ! --source-mac {vm.mac} -j DROP")
+        out += [f"-A INPUT -i {vm.port} -s {a} -j ACCEPT" for a in arp_sources(spec, vm)]
+        out.append(f"-A INPUT -i {vm.port} -j DROP")
     out.append("COMMIT")
     return "\n".join(out) + "\n"
 
@@ -306,17 +347,19 @@ def nft_rule(rule: Rule) -> List[str]:
 def nftables(spec: LabSpec, tenant: str, default: str) -> str:
     """`nft -f` input for a tenant's router: one inet table, sets for the ports' allowed
     sources, one chain for the tenant's rules."""
-    vms = tenant_vms(spec, tenant)
+    vms = [vm for vm in tenant_vms(spec, tenant) if port_secured(spec, vm)]
     chain = f"sg_{tenant}"
-    src4 = [f'"{vm.port}" . {vm.mac} . {a}' for vm in vms for a in _allowed_sources(vm, 4)]
-    src6 = [f'"{vm.port}" . {vm.mac} . {a}' for vm in vms for a in _allowed_sources(vm, 6)]
+
+    def src_set(name: str, family: int) -> str:
+        elems = [f'"{vm.port}" . {vm.mac} . {a}' for vm in vms
+                 for a in allowed_sources(spec, vm, family)]
+        return (f"  set {name} {{ type ifname . ether_addr . ipv{family}_addr; flags interval; "
+                + (f"elements = {{ {', '.join(elems)} }} " if elems else "") + "}")
     ports = ", ".join(f'"{vm.port}"' for vm in vms)
     lines = ["table inet xdpflow {",
-             "  set vm_ports { type ifname; elements = { " + ports + " } }",
-             "  set vm_src4 { type ifname . ether_addr . ipv4_addr; "
-             + (f"elements = {{ {', '.join(src4)} }} " if src4 else "") + "}",
-             "  set vm_src6 { type ifname . ether_addr . ipv6_addr; "
-             + (f"elements = {{ {', '.join(src6)} }} " if src6 else "") + "}",
+             "  set vm_ports { type ifname; " + (f"elements = {{ {ports} }} " if ports else "")
+             + "}",
+             src_set("vm_src4", 4), src_set("vm_src6", 6),
              "  chain prerouting {",
              "    type filter hook prerouting priority raw; policy accept;",
              "    ip ttl < 2 drop comment \"TTL would expire: the node's stack answers "
@@ -341,6 +384,18 @@ def nftables(spec: LabSpec, tenant: str, default: str) -> str:
     for rule in rule_order(spec.state, tenant):
         lines += [f"    {stmt}" for stmt in nft_rule(rule)]
     lines += [f"    counter drop comment \"tenant default: {default}\"", "  }", "}"]
+    arp = [f'"{vm.port}" . {vm.mac} . {a}' for vm in vms for a in arp_sources(spec, vm)]
+    lines += ["table arp xdpflow {",
+              "  set vm_ports { type ifname; " + (f"elements = {{ {ports} }} " if ports else "")
+              + "}",
+              "  set vm_arp { type ifname . ether_addr . ipv4_addr; flags interval; "
+              + (f"elements = {{ {', '.join(arp)} }} " if arp else "") + "}",
+              "  chain input {",
+              "    type filter hook input priority filter; policy accept;",
+              "    iifname != @vm_ports accept",
+              "    iifname . arp saddr ether . arp saddr ip != @vm_arp drop comment \"spoof\"",
+              "  }",
+              "}"]
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
 """Spoofed sources: a VM port accepts only its endpoints' MACs and addresses (Neutron's
-anti-spoofing rules per port; the datapath's port security, drop reason `spoof`)."""
+anti-spoofing rules per port, ARP included; the datapath's port security, drop reason
+`spoof`)."""
 from . import Send
 
 DESCRIPTION = __doc__
@@ -18,4 +19,14 @@ SENDS = [
                  '/UDP(sport=49004, dport=7000)/N', "red1 using an address only blue has"),
     Send("blue1", 'Ether(src=me.mac, dst=me.gw)/IP(src=me.ip, dst=vm("blue2").ip)'
                   '/UDP(sport=49005, dport=7100)/N', "the real source: delivered"),
+    Send("blue1", 'Ether(src=me.mac, dst="ff:ff:ff:ff:ff:ff")/ARP(op=1, hwsrc=me.mac, '
+                  'psrc=vm("blue2").ip, pdst=vm("blue3").ip)',
+         "ARP claiming blue2's address: not answered"),
+    Send("blue1", 'Ether(src=me.mac, dst="ff:ff:ff:ff:ff:ff")/ARP(op=1, '
+                  'hwsrc="02:00:00:00:00:99", psrc=me.ip, pdst=vm("blue2").ip)',
+         "ARP with another sender MAC: not answered"),
+    Send("blue1", 'Ether(src=me.mac, dst=snmac(vm("blue2").ip6))/IPv6(src=vm("blue2").ip6, '
+                  'dst=snma(vm("blue2").ip6), hlim=255)/ICMPv6ND_NS(tgt=vm("blue2").ip6)'
+                  '/ICMPv6NDOptSrcLLAddr(lladdr=me.mac)',
+         "neighbour solicitation from blue2's address: not answered"),
 ]

@@ -122,7 +122,7 @@ def test_anti_spoofing_per_vm_port_and_expiring_ttl_in_raw(spec):
     assert "rvm1" not in v4                                  # another tenant's router
     v6 = render.iptables(spec, "blue", 6, "drop")
     assert "-m hl --hl-lt 2" in v6
-    assert "-A xf-ports -i bvm1 -s fe80::ff:fe00:1/128 -j RETURN" in v6
+    assert "-A xf-ports -i bvm1 -s fe80::/64 -j RETURN" in v6
     assert "--icmpv6-type 135 -m hl --hl-eq 255 -j ACCEPT" in v6
 
 
@@ -138,7 +138,12 @@ def test_routes_neighbours_and_proxies(spec):
     assert ("net.ipv4.neigh.bvm1.proxy_delay", "0") in s.late_sysctls
     assert ("net.ipv4.ip_forward", "1") in s.sysctls
     assert s.name == "xfdemo-i-rblue"
-    assert [a for a, _ in s.firewall] == [["iptables-restore"], ["ip6tables-restore"]]
+    assert [a for a, _ in s.firewall] == [["iptables-restore"], ["ip6tables-restore"],
+                                          ["arptables-restore"]]
+    arp = s.firewall[2][1]
+    assert "-A INPUT -i bvm1 ! --source-mac 02:00:00:00:00:01 -j DROP" in arp
+    assert arp.index("-i bvm1 -s 10.0.0.1/32 -j ACCEPT") < arp.index("-A INPUT -i bvm1 -j DROP")
+    assert "-i bvm1 -s 0.0.0.0/32 -j ACCEPT" in arp          # a probe claims no address
 
 
 def test_nftables_variant_sets_and_one_chain_per_tenant(spec):
@@ -146,18 +151,20 @@ def test_nftables_variant_sets_and_one_chain_per_tenant(spec):
     assert [a for a, _ in s.firewall] == [["nft", "-f", "-"]]
     text = s.firewall[0][1]
     assert text.count("table inet xdpflow") == 1 and "chain sg_blue {" in text
-    assert 'set vm_src4 { type ifname . ether_addr . ipv4_addr; elements = { "bvm1" . ' \
-           '02:00:00:00:00:01 . 10.0.0.1' in text
+    assert 'set vm_src4 { type ifname . ether_addr . ipv4_addr; flags interval; elements = ' \
+           '{ "bvm1" . 02:00:00:00:00:01 . 10.0.0.1/32' in text
     assert "iifname . ether saddr . ip saddr != @vm_src4 drop" in text
     assert "ct state established,related accept" in text
-    body = text.split("chain sg_blue {")[1].splitlines()
+    body = text.split("chain sg_blue {")[1].split("\n  }")[0].splitlines()
     ids = [int(l.split('"rule ')[1].split(":")[0]) for l in body if '"rule ' in l]
     assert ids == [8, 4, 4, 3, 3, 5, 6, 6, 1, 2, 7, 9, 9]   # both families for 4, 3, 6, 9
     assert any('iifname "bvm2" meta nfproto ipv4 meta l4proto tcp tcp dport 9000' in l
                for l in body)
     assert any("tcp dport 5000-5099 counter accept" in l for l in body)
-    assert body[-3].strip().startswith("counter drop")
+    assert body[-1].strip().startswith("counter drop")
     assert "red" not in text.replace("rule ", "")
+    assert "table arp xdpflow" in text
+    assert "iifname . arp saddr ether . arp saddr ip != @vm_arp drop" in text
 
 
 def test_rules_the_kernel_cannot_route_become_blackholes_and_unknown_variant(spec):
@@ -181,9 +188,31 @@ def test_vm_setup_is_the_same_on_every_path_but_its_name(spec):
     assert ("net.ipv4.icmp_ratelimit", "0") in a.sysctls
 
 
-def test_link_local_is_eui64_of_the_mac():
-    assert render.link_local("02:00:00:00:00:01") == "fe80::ff:fe00:1"
-    assert render.link_local("52:54:00:12:34:56") == "fe80::5054:ff:fe12:3456"
+def _with_port(spec, name, **fields):
+    """The spec with one port given port-security fields (the model may not have them)."""
+    import types
+    st = copy.deepcopy(spec)
+    st.state.ports = [types.SimpleNamespace(**{**p.to_dict(), **fields}) if p.name == name
+                      else p for p in st.state.ports]
+    return st
+
+
+def test_allowed_prefixes_and_ports_without_security(spec):
+    import ipaddress
+    st = _with_port(spec, "bvm1", allow=(ipaddress.ip_network("192.168.7.0/24"),
+                                         ipaddress.ip_network("fd00:7::/64")))
+    v4 = render.iptables(st, "blue", 4, "drop")
+    assert "-A xf-ports -i bvm1 -s 192.168.7.0/24 -j RETURN" in v4
+    assert "fd00:7::/64" in render.iptables(st, "blue", 6, "drop")
+    nft = render.nftables(st, "blue", "drop")
+    assert '"bvm1" . 02:00:00:00:00:01 . 192.168.7.0/24' in nft
+    off = _with_port(spec, "bvm2", port_security=False)
+    v4 = render.iptables(off, "blue", 4, "drop")
+    assert "-i bvm2" not in v4.split("*filter")[0] and "-i bvm1 -m mac" in v4
+    nft = render.nftables(off, "blue", "drop")
+    assert '"bvm2"' not in nft.split("chain prerouting")[0]
+    with pytest.raises(render.RenderError, match="port bvm3: allow_vlan"):
+        render.router_setup(_with_port(spec, "bvm3", allow_vlan=True), "blue", "iptables")
 
 
 # -- the comparison's pure parts ------------------------------------------------------------
