@@ -270,13 +270,14 @@ def delivered(outcome: List[Frame]) -> List[str]:
 
 def compare_results(offload: List[SendResult], kernel: List[SendResult]
                     ) -> Dict[str, Dict[str, Any]]:
-    """Per scenario: packets (frames sent), sends, matches, mismatches, expected."""
+    """Per scenario: packets_compared (frames sent), sends, matches, mismatches,
+    expected."""
     out: Dict[str, Dict[str, Any]] = {}
     for a, b in zip(offload, kernel):
         assert (a.scenario, a.index) == (b.scenario, b.index)
-        sc = out.setdefault(a.scenario, {"packets": 0, "sends": 0, "matches": 0,
+        sc = out.setdefault(a.scenario, {"packets_compared": 0, "sends": 0, "matches": 0,
                                          "mismatches": [], "expected": []})
-        sc["packets"] += len(a.frames)
+        sc["packets_compared"] += len(a.frames)
         sc["sends"] += 1
         same = _canon(a.outcome, a.frames) == _canon(b.outcome, b.frames)
         exp = a.send.expect
@@ -306,7 +307,7 @@ def compare_results(offload: List[SendResult], kernel: List[SendResult]
 
 
 def totals(per_scenario: Dict[str, Dict[str, Any]]) -> Dict[str, int]:
-    return {"packets": sum(s["packets"] for s in per_scenario.values()),
+    return {"packets_compared": sum(s["packets_compared"] for s in per_scenario.values()),
             "sends": sum(s["sends"] for s in per_scenario.values()),
             "matches": sum(s["matches"] for s in per_scenario.values()),
             "mismatches": sum(len(s["mismatches"]) for s in per_scenario.values()),
@@ -321,7 +322,7 @@ def report(spec: LabSpec, scenarios: List[Scenario], results: Dict[str, List[Sen
                                                   "waiting_on": s.waiting_on}
                                          for s in scenarios},
                            "background_frames": background, "variants": {}}
-    grand = {"packets": 0, "sends": 0, "matches": 0, "mismatches": 0, "expected": 0}
+    grand = {"packets_compared": 0, "sends": 0, "matches": 0, "mismatches": 0, "expected": 0}
     for variant in render.VARIANTS:
         if variant not in results:
             continue
@@ -330,7 +331,7 @@ def report(spec: LabSpec, scenarios: List[Scenario], results: Dict[str, List[Sen
         doc["variants"][variant] = {"scenarios": per, "total": tot}
         for k in grand:
             grand[k] += tot[k]
-    doc["total"] = {"packets_compared": grand["packets"], "sends": grand["sends"],
+    doc["total"] = {"packets_compared": grand["packets_compared"], "sends": grand["sends"],
                     "matches": grand["matches"], "mismatches": grand["mismatches"],
                     "expected_differences": grand["expected"]}
     return doc
@@ -344,13 +345,14 @@ def format_table(doc: Dict[str, Any]) -> str:
         first = doc["variants"][variants[0]]["scenarios"].get(name) if variants else None
         if first is None:
             continue
-        row = [name, str(first["packets"])]
+        row = [name, str(first["packets_compared"])]
         for v in variants:
             s = doc["variants"][v]["scenarios"][name]
             mark = "" if not s["mismatches"] else "  <-- MISMATCH"
             row.append(f"{s['matches']}/{len(s['mismatches'])}/{len(s['expected'])}{mark}")
         rows.append(row)
-    tot = ["total", str(doc["variants"][variants[0]]["total"]["packets"]) if variants else "0"]
+    tot = ["total", str(doc["variants"][variants[0]]["total"]["packets_compared"])
+           if variants else "0"]
     for v in variants:
         t = doc["variants"][v]["total"]
         tot.append(f"{t['matches']}/{t['mismatches']}/{t['expected']}")
