@@ -35,8 +35,11 @@ ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 SOL_PACKET, PACKET_AUXDATA = 263, 8
 TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID = 0x10, 0x40
-QUIET = 0.03          # seconds without a frame that end a send's observation
-MIN_WAIT = 0.04
+# Seconds without a frame that end a send's observation: generous for a loaded machine
+# (frames without a nonce, a RST or an ARP reply, have only their timing to say whose
+# they are).
+QUIET = 0.05
+MIN_WAIT = 0.06
 MAX_WAIT = 1.0
 NONCE_RE = re.compile(rb"xfn:[a-z0-9_]+:\d{3};")
 # ICMPv6 a kernel sends on its own (MLD queries/reports, router solicitation).
