@@ -104,8 +104,10 @@ class Lab:
         self.prefix = prefix
         self.ns = Namespaces()
         if workdir is not None:
-            Path(workdir).mkdir(parents=True, exist_ok=True)
-        self.dir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=prefix + "-"))
+            self.dir = Path(workdir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.dir = Path(tempfile.mkdtemp(prefix=prefix + "-"))
         self.pin_dir = pin_dir or f"/sys/fs/bpf/xdpflow-lab-{unique(prefix, 30)}"
         self.socket = str(self.dir / "run" / "agent.sock")
         self.state_dir = str(self.dir / "state")
