@@ -315,3 +315,18 @@ def test_lab_cli_bad_toml_names_the_line(tmp_path, capsys):
     assert cli.main(["compare", "--lab", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "line 2" in err
+
+
+def test_the_speed_frame_is_60_bytes_from_the_vm_to_its_gateway(spec):
+    import re
+    from netns_lab import speed
+    conf = speed.trafgen_config(spec.vm("blue1"), spec.vm("blue2"))
+    body = conf.strip()[1:-1]
+    body = re.sub(r"csumip\(\d+, \d+\)", "CS, CS", body)
+    body = re.sub(r"fill\(0x41, (\d+)\)", lambda m: ", ".join(["F"] * int(m.group(1))), body)
+    tokens = [t.strip() for t in body.replace("\n", " ").split(",") if t.strip()]
+    assert len(tokens) == 60
+    assert tokens[:12] == ["0x02", "0xaa", "0x00", "0x0a", "0x00", "0x01",
+                           "0x02", "0x00", "0x00", "0x00", "0x00", "0x01"]
+    assert tokens[26:34] == ["10", "0", "0", "1", "10", "0", "0", "2"]
+    assert tokens[35] == "drnd(1)" and tokens[36:38] == ["0x1b", "0x61"]   # dport 7009
