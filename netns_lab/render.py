@@ -117,6 +117,12 @@ def vm_setup(spec: LabSpec, vm: VM, path: str) -> NsSetup:
         if e.tenant == vm.tenant and e.port != vm.port:
             s.ip_batch.append(f"neigh replace {e.ip} lladdr {vm.port_mac} dev {VM_IFNAME} "
                               f"nud permanent")
+    # The tenant's routes (as a cloud's DHCP would push them), through their next hop,
+    # whose neighbour entry above is the gateway MAC; not on the next hop's own VM.
+    own = set(vm.addrs)
+    for r in spec.state.routes:
+        if r.tenant == vm.tenant and r.action == "via" and str(r.via) not in own:
+            s.ip_batch.append(f"route add {r.prefix} via {r.via} dev {VM_IFNAME}")
     return s
 
 

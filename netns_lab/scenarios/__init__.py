@@ -14,9 +14,10 @@ A difference the two paths are meant to have is listed on the send as `expect=Ex
 with the reason; it is reported as expected, never skipped, and a send that was expected
 to differ but did not is a mismatch too (the scenario file is out of date).
 
-Each scenario module has NAME (its file name), DESCRIPTION, SENDS, and optionally
-LAB (the lab file it is written for; default the demo lab) and WAITING_ON (what must land
-in the datapath before it can match)."""
+Each scenario module (its file name is its name; the shipped ones are written for the demo
+lab, netns_lab/labs/demo.toml) has DESCRIPTION, SENDS and optionally WAITING_ON: what must
+land in the datapath before it can match (it is reported as waiting, and its mismatches
+do not fail the demo)."""
 from __future__ import annotations
 
 import importlib

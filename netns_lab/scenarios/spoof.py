@@ -1,10 +1,9 @@
-"""Spoofed sources: a VM port accepts only its endpoints' MACs and addresses (Neutron's
-anti-spoofing rules per port, ARP included; the datapath's port security, drop reason
-`spoof`)."""
+"""Spoofed sources: a VM port accepts only its endpoints' MACs and addresses and its
+`allow` prefixes (allowed address pairs): Neutron's anti-spoofing rules per port, ARP
+included, on the kernel path; the datapath's port security (drop reason `spoof`)."""
 from . import Send
 
 DESCRIPTION = __doc__
-WAITING_ON = "port security in the datapath (source MAC/address of a VM port: drop `spoof`)"
 
 SENDS = [
     Send("blue1", 'Ether(src=me.mac, dst=me.gw)/IP(src="10.0.0.9", dst=vm("blue2").ip)'
@@ -19,6 +18,13 @@ SENDS = [
                  '/UDP(sport=49004, dport=7000)/N', "red1 using an address only blue has"),
     Send("blue1", 'Ether(src=me.mac, dst=me.gw)/IP(src=me.ip, dst=vm("blue2").ip)'
                   '/UDP(sport=49005, dport=7100)/N', "the real source: delivered"),
+    Send("blue3", 'Ether(src=me.mac, dst=me.gw)/IP(src="192.168.50.7", dst=vm("blue1").ip)'
+                  '/TCP(sport=49006, dport=5001, flags="S")/N',
+         "blue3 from its port's allowed prefix: delivered (and blue1's RST goes back by the "
+         "route through blue3)"),
+    Send("blue1", 'Ether(src=me.mac, dst=me.gw)/IP(src="192.168.50.7", dst=vm("blue2").ip)'
+                  '/TCP(sport=49007, dport=5001, flags="S")/N',
+         "blue1 from blue3's allowed prefix: dropped"),
     Send("blue1", 'Ether(src=me.mac, dst="ff:ff:ff:ff:ff:ff")/ARP(op=1, hwsrc=me.mac, '
                   'psrc=vm("blue2").ip, pdst=vm("blue3").ip)',
          "ARP claiming blue2's address: not answered"),

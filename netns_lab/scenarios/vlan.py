@@ -4,7 +4,6 @@ has no VLAN device, so the kernel drops them; the datapath drops them with reaso
 from . import Send
 
 DESCRIPTION = __doc__
-WAITING_ON = "port security in the datapath (tagged frames from a VM port: drop `vlan`)"
 
 SENDS = [
     Send("blue1", 'Ether(src=me.mac, dst=me.gw)/Dot1Q(vlan=100)/IP(src=me.ip, '

@@ -119,6 +119,7 @@ def test_anti_spoofing_per_vm_port_and_expiring_ttl_in_raw(spec):
     assert "-A xf-ports -i bvm1 -m mac ! --mac-source 02:00:00:00:00:01" in raw4
     assert "-A xf-ports -i bvm1 -s 10.0.0.1/32 -j RETURN" in raw4
     assert "-A xf-ports -i bvm2 -s 10.0.0.1/32" not in raw4
+    assert "-A xf-ports -i bvm3 -s 192.168.50.0/24 -j RETURN" in raw4   # its `allow`
     assert "rvm1" not in v4                                  # another tenant's router
     v6 = render.iptables(spec, "blue", 6, "drop")
     assert "-m hl --hl-lt 2" in v6
@@ -185,6 +186,11 @@ def test_vm_setup_is_the_same_on_every_path_but_its_name(spec):
     assert "addr add fd00::1/64 dev eth0 nodad" in a.ip_batch
     assert "neigh replace 10.0.0.2 lladdr 02:aa:00:0a:00:01 dev eth0 nud permanent" in a.ip_batch
     assert not any("10.0.0.1 " in l and "neigh" in l for l in a.ip_batch)   # not itself
+    assert "route add 192.168.50.0/24 via 10.0.0.3 dev eth0" in a.ip_batch
+    assert not any("192.168.50.0/24" in l for l in render.vm_setup(
+        spec, spec.vm("blue3"), "offload").ip_batch)                        # its own route
+    assert not any("192.168.50.0/24" in l for l in render.vm_setup(
+        spec, spec.vm("red1"), "offload").ip_batch)                         # blue's route
     assert ("net.ipv4.icmp_ratelimit", "0") in a.sysctls
 
 
