@@ -123,6 +123,22 @@ def test_a_rule_present_in_one_path_only_is_reported_and_exits_1(up_lab, tmp_pat
     assert "MISMATCH iptables / same_tenant" in p.stdout
 
 
+def test_a_rule_present_in_one_kernel_variant_only_is_reported_for_it(up_lab, tmp_path):
+    router = render.router_ns(up_lab.prefix, "iptables", "blue")
+    rule = ["-p", "udp", "--dport", "7100", "-j", "DROP"]
+    subprocess.run(["nsenter", f"--net=/run/netns/{router}", "iptables", "-I", "xf-sg-blue",
+                    "1", *rule], check=True)
+    try:
+        p, doc = _compare(up_lab.prefix, tmp_path, "--scenario", "same_tenant")
+    finally:
+        subprocess.run(["nsenter", f"--net=/run/netns/{router}", "iptables", "-D",
+                        "xf-sg-blue", *rule], check=True)
+    assert p.returncode == 1, p.stdout + p.stderr
+    bad = doc["variants"]["iptables"]["scenarios"]["same_tenant"]["mismatches"]
+    assert len(bad) == 4 and all(m["kernel"] == [] and m["offload"] for m in bad), bad
+    assert doc["variants"]["nftables"]["total"]["mismatches"] == 0
+
+
 def _alive(pid: int, wait: float = 5.0) -> bool:
     """Running (a zombie waiting for its new parent to reap it is not)."""
     deadline = time.monotonic() + wait
