@@ -273,26 +273,34 @@ def delivered(outcome: List[Frame]) -> List[str]:
 
 def compare_results(offload: List[SendResult], kernel: List[SendResult]
                     ) -> Dict[str, Dict[str, Any]]:
-    """Per scenario: packets_compared (frames sent), sends, matches, mismatches,
-    expected."""
+    """Per scenario: packets_compared (frames sent), sends, matches, mismatches and
+    expected differences (each with the packet and both outcomes), and per_send: for every
+    send, the VMs it reached on each path, same VMs or not, same bytes or not, result."""
     out: Dict[str, Dict[str, Any]] = {}
     for a, b in zip(offload, kernel):
         assert (a.scenario, a.index) == (b.scenario, b.index)
         sc = out.setdefault(a.scenario, {"packets_compared": 0, "sends": 0, "matches": 0,
-                                         "mismatches": [], "expected": []})
+                                         "mismatches": [], "expected": [], "per_send": []})
         sc["packets_compared"] += len(a.frames)
         sc["sends"] += 1
         same = _canon(a.outcome, a.frames) == _canon(b.outcome, b.frames)
         exp = a.send.expect
+        row = {"index": a.index, "from": a.send.src, "what": a.send.what,
+               "offload_to": delivered(a.outcome), "kernel_to": delivered(b.outcome),
+               "same_vms": delivered(a.outcome) == delivered(b.outcome), "same_bytes": same}
+        sc["per_send"].append(row)
         entry = {"index": a.index, "from": a.send.src, "what": a.send.what,
                  "packet": a.send.frames, "frames": [f.hex() for f in a.frames],
                  "offload": describe(a.outcome), "kernel": describe(b.outcome)}
         if exp is None and same:
             sc["matches"] += 1
+            row["result"] = "match"
         elif exp is not None and not same and (
                 not exp.same_delivery or delivered(a.outcome) == delivered(b.outcome)):
             sc["expected"].append({**entry, "reason": exp.reason})
+            row["result"] = "expected"
         else:
+            row["result"] = "mismatch"
             if exp is not None and same:
                 entry["why"] = (f"expected a difference ({exp.reason}) but both paths did "
                                 f"the same: the scenario is out of date")

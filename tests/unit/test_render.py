@@ -245,6 +245,12 @@ def _result(outcome, expect=None, frames=(b"x",)):
 def test_outcomes_compare_by_vm_and_bytes_and_expected_differences_need_their_reason():
     same = compare.compare_results([_result([("b", b"1")])], [_result([("b", b"1")])])["s"]
     assert same["matches"] == 1 and not same["mismatches"]
+    assert same["per_send"] == [{"index": 0, "from": "blue1", "what": "w", "offload_to": ["b"],
+                                 "kernel_to": ["b"], "same_vms": True, "same_bytes": True,
+                                 "result": "match"}]
+    diff = compare.compare_results([_result([("b", b"1")])], [_result([("b", b"2")])])["s"]
+    assert diff["per_send"][0]["same_vms"] and not diff["per_send"][0]["same_bytes"]
+    assert diff["mismatches"][0]["why"] == "delivered to the same VMs, different bytes"
     other_vm = compare.compare_results([_result([("b", b"1")])], [_result([("c", b"1")])])["s"]
     assert "delivered to ['b'] (offload) vs ['c'] (kernel)" == other_vm["mismatches"][0]["why"]
     nothing = compare.compare_results([_result([])], [_result([("c", b"1")])])["s"]
