@@ -74,8 +74,11 @@ def test_every_scenario_matches_on_both_kernel_variants(up_lab, tmp_path):
         assert (v["total"]["matches"] + v["total"]["expected"] + v["total"]["mismatches"]
                 == v["total"]["sends"])
         for name, s in v["scenarios"].items():
-            # Every expected difference carries its reason.
+            # Every expected difference carries its reason; every send has its row.
             assert all(len(e["reason"]) > 30 for e in s["expected"]), name
+            assert len(s["per_send"]) == s["sends"]
+            assert sum(r["result"] == "match" and r["same_bytes"] for r in s["per_send"]) \
+                == s["matches"]
             if name in WAITING:
                 waiting_mismatches += len(s["mismatches"])
             else:
