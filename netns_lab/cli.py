@@ -4,7 +4,8 @@
     xdpflow-lab down [--lab FILE] [--prefix P]         remove all it made (also after a killed up)
     xdpflow-lab compare [--lab FILE] [--prefix P] [--scenario S ...] [--exclude S ...]
                         [--variant iptables|nftables ...] [--json FILE]
-    xdpflow-lab bench datapath [--json FILE] [--png FILE] [--repeat N] [--rounds R]
+    xdpflow-lab bench datapath [--json FILE] [--png FILE] [--plot DIR] [--quick] [--repeat N] [--rounds R]
+    xdpflow-lab bench forward|setup|memory|all [--json FILE] [--plot DIR] [--quick]
     xdpflow-lab demo [DEMO OPTIONS ...]
 
 Exit codes: 0 success, 1 the run failed (e.g. a benchmark measured the wrong path), 2 bad
@@ -57,6 +58,17 @@ def _add_bench_datapath(p: argparse.ArgumentParser) -> None:
                    help="pin the measuring thread to this CPU (default: the last allowed "
                         "one; -2: no pinning)")
     p.add_argument("--quiet", action="store_true", help="print only the table")
+    _suite_args(p, json=False)
+
+
+def _suite_args(p: argparse.ArgumentParser, json: bool = True,
+                default_json: str = "") -> None:
+    if json:
+        p.add_argument("--json", metavar="FILE", default=default_json,
+                       help=f"write the results as JSON (default {default_json})")
+    p.add_argument("--plot", metavar="DIR", help="also draw the plots (PNG) into DIR")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer and shorter rounds, smaller sizes (`all` within 10 minutes)")
 
 
 def _run_bench_datapath(args: argparse.Namespace) -> int:
@@ -67,6 +79,8 @@ def _run_bench_datapath(args: argparse.Namespace) -> int:
     from netns_lab import bench as b
     _terminate_cleanly()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.quick:
+        args.repeat, args.rounds = min(args.repeat, 100_000), min(args.rounds, 3)
     try:
         report = b.run_datapath_bench(repeat=args.repeat, rounds=args.rounds,
                                       cpu=None if args.cpu == -2 else args.cpu, log=log)
@@ -79,7 +93,49 @@ def _run_bench_datapath(args: argparse.Namespace) -> int:
     if args.png:
         b.write_png(report, args.png)
         print(f"wrote {args.png}")
+    if args.plot:
+        from netns_lab import bench_suites
+        for path in bench_suites.SUITES["datapath"].plots(report, args.plot):
+            print(f"wrote {path}")
     return EXIT_OK
+
+
+def _bench_suite(name: str):
+    """(add its arguments, run it) for a suite of netns_lab/bench_suites.py."""
+    def add(p: argparse.ArgumentParser) -> None:
+        _suite_args(p, default_json=f"results/bench-{name}.json")
+
+    def run_it(args: argparse.Namespace) -> int:
+        err = _need_root(f"bench {name}")
+        if err:
+            print(f"xdpflow-lab: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        from netns_lab import bench_suites as bs
+        from netns_lab import benchlib
+        _terminate_cleanly()
+        failed = False
+        if name == "all":
+            doc = bs.run_all(args.quick, _say)
+            table = bs.all_table(doc)
+            plots = bs.all_plots
+            failed = bool(doc["errors"])
+        else:
+            try:
+                doc = bs.run_suite(name, args.quick, _say)
+            except Exception as e:       # the rig's own errors and tools that failed
+                print(f"xdpflow-lab: bench {name} failed: {type(e).__name__}: {e}",
+                      file=sys.stderr)
+                return EXIT_FAILED
+            table = bs.SUITES[name].table(doc)
+            plots = bs.SUITES[name].plots
+        print(table)
+        benchlib.write_json(doc, args.json)
+        print(f"\nwrote {args.json}")
+        if args.plot:
+            for path in plots(doc, args.plot):
+                print(f"wrote {path}")
+        return EXIT_FAILED if failed else EXIT_OK
+    return add, run_it
 
 
 # name -> (add its arguments, run it). Other targets (e.g. `forward`, the trafgen rates
@@ -87,6 +143,10 @@ def _run_bench_datapath(args: argparse.Namespace) -> int:
 BENCH_TARGETS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
                                Callable[[argparse.Namespace], int]]] = {
     "datapath": (_add_bench_datapath, _run_bench_datapath),
+    "forward": _bench_suite("forward"),
+    "setup": _bench_suite("setup"),
+    "memory": _bench_suite("memory"),
+    "all": _bench_suite("all"),
 }
 
 
@@ -94,8 +154,9 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure and write JSON (and PNG) results",
                        description="Measure; results are numbers, not pass/fail.")
     targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)
-    helps = {"datapath": "ns/packet of the XDP datapath with BPF_PROG_TEST_RUN, against "
-                         "bare baselines"}
+    from netns_lab.bench_suites import SUITES
+    helps = {n: s.help for n, s in SUITES.items()}
+    helps["all"] = "every suite in turn, one JSON document"
     for name, (add, run) in BENCH_TARGETS.items():
         tp = targets.add_parser(name, help=helps.get(name))
         add(tp)

@@ -171,12 +171,14 @@ class Lab:
     # -- config ------------------------------------------------------------------------------
     def write_config(self, agent: Optional[Dict[str, Any]] = None,
                      state: Optional[Dict[str, List[Dict[str, Any]]]] = None,
-                     aging: Optional[Dict[str, Any]] = None) -> Path:
+                     aging: Optional[Dict[str, Any]] = None,
+                     datapath: Optional[Dict[str, Any]] = None) -> Path:
         a = {"socket": self.socket, "state_dir": self.state_dir, "bpffs": self.pin_dir}
         a.update(agent or {})
         lines = ["[agent]"] + [f"{k} = {_toml_value(v)}" for k, v in a.items()]
         lines += ["", "[metrics]", f'listen = "127.0.0.1:{self.metrics_port}"', "",
-                  "[datapath]"] + [f"{k} = {v}" for k, v in SMALL_DATAPATH.items()]
+                  "[datapath]"] + [f"{k} = {v}" for k, v in
+                                   {**SMALL_DATAPATH, **(datapath or {})}.items()]
         if aging:
             lines += ["", "[aging]"] + [f"{k} = {_toml_value(v)}" for k, v in aging.items()]
         text = "\n".join(lines) + "\n\n" + (toml_tables("state.", state) if state else "")

@@ -83,7 +83,11 @@ class Topology:
     """The lab's namespaces on the chosen paths, and for `offload` the running agent."""
 
     def __init__(self, spec: LabSpec, paths: Sequence[str] = render.PATHS,
-                 say: Callable[[str], None] = lambda s: None):
+                 say: Callable[[str], None] = lambda s: None,
+                 datapath: Optional[Dict[str, int]] = None, firewall: bool = True):
+        """datapath: the agent's [datapath] sizes over the lab's small ones (a benchmark's
+        100,000 flows); firewall=False leaves the kernel paths' routers without netfilter
+        rules (plain kernel forwarding, the benchmark's baseline)."""
         unknown = set(paths) - set(render.PATHS)
         if unknown:
             raise LabError(f"unknown path(s) {', '.join(sorted(unknown))} "
@@ -94,6 +98,8 @@ class Topology:
         self.say = say
         self.dir = rundir(self.prefix)
         self.lab: Optional[Lab] = None
+        self.datapath = datapath
+        self.firewall = firewall
 
     # -- names ------------------------------------------------------------------------------
     def vm_ns(self, path: str, vm: VM) -> str:
@@ -158,12 +164,12 @@ class Topology:
         for s in sides:
             _sysctl(s.name, s.late_sysctls)
             _ip_batch(s.name, s.ip_batch)
-            for argv, text in s.firewall:
+            for argv, text in (s.firewall if self.firewall else ()):
                 run(argv, ns=s.name, input=text)
 
     def _start_agent(self, detach: bool) -> None:
         lab = self.lab
-        lab.write_config()
+        lab.write_config(datapath=self.datapath)
         t0 = time.monotonic()
         self.say("  offload: starting the agent (builds the datapath with BCC) ...")
         lab.start_agent(detach=detach)
