@@ -225,7 +225,8 @@ def plot_bars(title: str, bars: Sequence[Tuple[str, float, str]], xlabel: str, p
         ax.axvline(goal[0], color="#1565c0", linestyle="--", linewidth=1.5, label=goal[1])
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=10)
+    import textwrap
+    ax.set_title(textwrap.fill(title, 95), fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
     ax.set_xlim(right=max(values + [goal[0] if goal else 0]) * (3 if log else 1.25))
     fig.tight_layout()

@@ -145,6 +145,7 @@ BENCH_TARGETS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
     "datapath": (_add_bench_datapath, _run_bench_datapath),
     "forward": _bench_suite("forward"),
     "setup": _bench_suite("setup"),
+    "restart": _bench_suite("restart"),
     "memory": _bench_suite("memory"),
     "all": _bench_suite("all"),
 }

@@ -232,3 +232,133 @@ def test_cli_demo_gets_its_own_options(monkeypatch):
     monkeypatch.setattr(cli, "_terminate_cleanly", lambda: None)
     assert cli.main(["demo", "--fast"]) == 0
     assert seen["args"].fast is True and seen["args"].command == "demo"
+
+
+# -- the traffic suites' report (netns_lab/benchlib.py, netns_lab/bench_traffic.py) ------------
+
+from netns_lab import bench_suites, bench_traffic, benchlib  # noqa: E402
+
+
+def test_cost_subtracts_the_generators_own_cost():
+    # generator alone 1 Mpps: 1,000 ns of its own per packet; a path at 0.5 Mpps: 2,000 ns
+    # per packet in all, 1,000 of them the node's.
+    assert benchlib.cost_ns(500_000, 1_000_000) == pytest.approx(1000.0)
+    assert benchlib.cost_ns(250_000, 1_000_000) == pytest.approx(3000.0)
+    assert benchlib.cost_ns(1_000_000, 1_000_000) == pytest.approx(0.0)
+    assert benchlib.cost_ns(0, 1_000_000) is None          # nothing arrived: no cost
+
+
+def test_summarize_pairs_rounds_and_takes_medians():
+    gen = [1_000_000, 800_000, 1_250_000]
+    path = [500_000, 400_000, 100_000]
+    s = benchlib.summarize(path, gen)
+    # per round: 2000-1000, 2500-1250, 10000-800 -> 1000, 1250, 9200; median 1250
+    assert s["samples_ns"] == [1000.0, 1250.0, 9200.0]
+    assert s["ns_per_packet"] == 1250.0
+    assert s["pps"] == 400_000 and s["generator_pps"] == 1_000_000
+    assert s["samples_pps"] == path and s["generator_samples_pps"] == gen
+    with pytest.raises(ValueError, match="paired"):
+        benchlib.summarize(path, gen[:2])
+
+
+def test_summarize_with_a_round_where_nothing_arrived():
+    s = benchlib.summarize([0, 500_000, 500_000], [1e6, 1e6, 1e6])
+    assert s["samples_ns"] == [None, 1000.0, 1000.0] and s["ns_per_packet"] == 1000.0
+    assert benchlib.summarize([0, 0], [1e6, 1e6])["ns_per_packet"] is None
+
+
+def test_goal_entries_report_met_and_by_how_much_missed():
+    g = benchlib.goal_entry("x", 5.0, ">=", 10)
+    assert g["met"] is False and g["missed_by"] == "2.00x" and g["goal"] == ">= 10"
+    assert benchlib.goal_entry("x", 12.0, ">=", 10)["met"] is True
+    g = benchlib.goal_entry("bytes", 160.0, "<=", 128)
+    assert g["met"] is False and g["missed_by"] == "1.25x"
+    assert benchlib.goal_entry("x", None, ">=", 1)["met"] is None
+    with pytest.raises(ValueError):
+        benchlib.goal_entry("x", 1.0, "==", 1)
+
+
+def _case(path, flows, rules, ns):
+    return {"path": path, "flows": flows, "rules": rules, "ns_per_packet": ns,
+            "pps": 1e5, "generator_pps": 2e5}
+
+
+def test_forward_goals_are_ratios_of_one_cell():
+    cases = [_case("offload", 1, 100, 100.0), _case("iptables", 1, 100, 1500.0),
+             _case("nftables", 1, 100, 150.0), _case("offload", 1, 10000, 100.0),
+             _case("iptables", 1, 10000, 5000.0), _case("offload", 1, 0, 200.0),
+             _case("plain", 1, 0, 150.0), _case("nftables", 1, 0, 300.0)]
+    goals = {g["name"]: g for g in bench_traffic.forward_goals(cases)}
+    assert goals["iptables/offload cost, 100 rules, 1 flows"]["value"] == 15.0
+    assert goals["iptables/offload cost, 100 rules, 1 flows"]["met"] is True
+    assert goals["iptables/offload cost, 10,000 rules, 1 flows"]["value"] == 50.0
+    assert goals["iptables/offload cost, 10,000 rules, 1 flows"]["missed_by"] == "2.00x"
+    assert goals["nftables/offload cost, 100 rules, 1 flows"]["met"] is False
+    assert goals["nftables/offload cost, 0 rules, 1 flows"]["value"] == 1.5
+    plain = goals["plain/offload cost (offload at most plain), 0 rules, 1 flows"]
+    assert plain["value"] == 0.75 and plain["met"] is False
+    # no nftables case at 10,000 rules: no goal invented for it
+    assert "nftables/offload cost, 10,000 rules, 1 flows" not in goals
+
+
+def test_forward_table_and_plot(tmp_path):
+    cases = []
+    for nf in (1, 1000):
+        for nr in (0, 100):
+            for p, ns in (("offload", 150), ("iptables", 1500), ("nftables", 900)):
+                c = {"path": p, "flows": nf, "rules": nr}
+                c.update(benchlib.summarize([1e9 / (ns + 3000)] * 2, [1e9 / 3000] * 2))
+                cases.append(c)
+        c = {"path": "plain", "flows": nf, "rules": 0}
+        c.update(benchlib.summarize([1e9 / 3140] * 2, [1e9 / 3000] * 2))
+        cases.append(c)
+    doc = {"cases": cases, "goals": bench_traffic.forward_goals(cases),
+           "plan": {"rounds": 2, "seconds": 0.4}, "seconds": 1.0}
+    assert [c["ns_per_packet"] for c in cases[:3]] == [150.0, 1500.0, 900.0]
+    text = bench_traffic.forward_table(doc)
+    assert "iptables/offload cost, 100 rules, 1 flows" in text and "met" in text
+    png = bench_traffic.forward_plots(doc, str(tmp_path))[0]
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rules_model_and_trafgen_frame():
+    spec = bench_traffic.spec_for("xbtest", 3)
+    rules = spec.state.rules
+    assert len(rules) == 4 and rules[-1].priority < rules[0].priority   # the allow is last
+    assert {str(r.src) for r in rules[:3]} == {"10.64.0.1/32", "10.64.0.2/32", "10.64.0.3/32"}
+    conf = bench_traffic.trafgen_conf(bench_traffic.SRC_MAC, "02:aa:00:4d:00:01", 100000)
+    assert "sp=drnd(1024, 4148)" in conf and "dp=drnd(7000, 7031)" in conf
+    assert 3125 * 32 == 100000
+    assert "sp=1024, dp=7000" in bench_traffic.trafgen_conf(bench_traffic.SRC_MAC, "x", 1)
+    assert "drnd(0, 65535), dp=drnd(0, 65535)" in bench_traffic.trafgen_conf(
+        bench_traffic.SRC_MAC, "x", bench_traffic.NEW_FLOWS)
+    with pytest.raises(ValueError):
+        bench_traffic.trafgen_conf(bench_traffic.SRC_MAC, "x", 7)
+
+
+@pytest.mark.parametrize("suite", ["forward", "setup", "memory", "all"])
+def test_cli_bench_suites_parse_and_need_root(suite, monkeypatch, capsys):
+    args = cli.build_parser().parse_args(["bench", suite, "--quick", "--plot", "d"])
+    assert args.quick and args.plot == "d" and args.json == f"results/bench-{suite}.json"
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    assert cli.main(["bench", suite, "--quick"]) == 2
+    assert "needs root" in capsys.readouterr().err
+
+
+def test_all_records_a_failing_suite_and_runs_the_others(monkeypatch):
+    ran = []
+
+    def ok(quick, say):
+        ran.append("ok")
+        return {"suite": "ok"}
+
+    def boom(quick, say):
+        raise RuntimeError("broken rig")
+    monkeypatch.setattr(bench_suites, "SUITES", {
+        "a": bench_suites.Suite("", boom, str, lambda d, o: []),
+        "b": bench_suites.Suite("", ok, lambda d: "B TABLE", lambda d, o: [])})
+    doc = bench_suites.run_all(True, lambda s: None)
+    assert ran == ["ok"] and doc["errors"] == {"a": "RuntimeError: broken rig"}
+    assert doc["suites"]["b"]["quick"] is True and "churn" in doc["left_out"]
+    text = bench_suites.all_table(doc)
+    assert "B TABLE" in text and "a == FAILED" in text
