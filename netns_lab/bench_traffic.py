@@ -78,16 +78,18 @@ class BenchError(RuntimeError):
 
 # -- pure: the lab file, the rules, the trafgen frame ------------------------------------
 
-def rules(n: int) -> List[Dict[str, object]]:
-    """n rules that match none of the load, walked first, then the allow of the load."""
-    out = []
-    for i in range(n):
+def rules(n: int, first: int = 0) -> List[Dict[str, object]]:
+    """The allow of the load (id 1, the lowest priority), then n rules that match none of
+    the load and are walked before it (ids and hosts from `first` on: two batches with
+    different `first` are two different rule sets)."""
+    out: List[Dict[str, object]] = [
+        {"id": 1, "tenant": TENANT, "priority": 100, "action": "allow", "dst": f"{DST_IP}/32",
+         "proto": "udp", "comment": "the load"}]
+    for i in range(first, first + n):
         host = (64 << 16) + i + 1                    # 10.64.0.1, 10.64.0.2, ... (10.64.0.0/10)
         a = f"10.{host >> 16 & 255}.{host >> 8 & 255}.{host & 255}"
-        out.append({"id": i + 1, "tenant": TENANT, "priority": 200, "action": "allow",
+        out.append({"id": i + 2, "tenant": TENANT, "priority": 200, "action": "allow",
                     "src": f"{a}/32", "proto": "udp", "dport": "9"})
-    out.append({"id": n + 1, "tenant": TENANT, "priority": 100, "action": "allow",
-                "dst": f"{DST_IP}/32", "proto": "udp", "comment": "the load"})
     return out
 
 
@@ -723,3 +725,77 @@ def restart_plots(doc: Dict[str, object], outdir: str) -> List[str]:
         f"restart under {doc['rate_pps']:,} pps: seconds until the new agent answers "
         f"(green: no packet lost)", bars, "seconds to ready; lower is better",
         os.path.join(outdir, "restart.png"))]
+
+
+# -- churn: rules applied while traffic runs ------------------------------------------------------
+
+CHURN_RATE = 50_000              # pps, paced
+
+
+def run_churn(quick: bool = False, say: Callable[[str], None] = print) -> Dict[str, object]:
+    """Under a paced load through the offloaded path, the rule set is replaced again and
+    again (`apply` of a whole state: a batch of rules out, another batch in, the allow of
+    the load in both): rules per second applied, and packets that got a verdict from
+    neither set — every packet is allowed by both, so each one the sink did not count."""
+    from agent.api import ApiClient
+    t_start = time.monotonic()
+    plan = ((1, 4), (100, 4)) if quick else ((1, 10), (100, 10), (10000, 4))
+    doc: Dict[str, object] = {"suite": "churn", "machine": benchlib.machine(),
+                              "rate_pps": CHURN_RATE}
+    cases = []
+    with Rig(("offload",), say=say) as rig:
+        doc["prefix"] = rig.prefix
+        rig.apply_rules(0)
+        lab = rig.topo.lab
+        client = ApiClient(lab.socket, timeout=600)
+        rig.measure("offload", 1000, 0.3)
+        for batch, applies in plan:
+            base = {k: v for k, v in spec_for(rig.prefix, 0).apply_dict().items() if k != "rules"}
+            states = [dict(base, rules=rules(batch, first)) for first in (0, batch)]
+            client.call("apply", {"state": states[1], "dry_run": False})     # the B batch in
+            took: List[float] = []
+
+            def event():
+                for k in range(applies):
+                    t0 = time.monotonic()
+                    client.call("apply", {"state": states[k % 2], "dry_run": False})
+                    took.append(time.monotonic() - t0)
+            res = rig.steady_loss("offload", 1000, CHURN_RATE, event)
+            changed = 2 * batch             # each apply: a batch out, the other batch in
+            rps = [changed / t for t in took]
+            c = {"batch": batch, "applies": applies, "rule_changes_per_apply": changed,
+                 "apply_seconds": [round(t, 4) for t in took],
+                 "rules_per_s": round(benchlib.median(rps), 1), "sent": res["sent"],
+                 "received": res["received"], "neither": res["lost"]}
+            cases.append(c)
+            say(f"  churn batch {batch:,}: {c['rules_per_s']:,.0f} rules/s (median of "
+                f"{applies}), {res['sent']:,} packets, {res['lost']:,} from neither set")
+    doc.update(cases=cases, seconds=round(time.monotonic() - t_start, 1),
+               goals=[benchlib.goal_entry(f"packets from neither rule set, batch {c['batch']:,}",
+                                          c["neither"], "<=", 0) for c in cases],
+               method=f"trafgen paced at {CHURN_RATE:,} pps (1,000 flows) through the "
+                      f"offloaded path while `apply` (the agent's API, one request per whole "
+                      f"state) swaps batch A for batch B and back; rules/s = (batch out + "
+                      f"batch in) / the request's round trip; neither = sent - received.")
+    return doc
+
+
+def churn_table(doc: Dict[str, object]) -> str:
+    lines = [f"{'batch':>7} {'applies':>8} {'rules/s':>10} {'sent':>10} {'neither':>8}",
+             "-" * 48]
+    for c in doc["cases"]:
+        lines.append(f"{c['batch']:>7,} {c['applies']:>8} {c['rules_per_s']:>10,.0f} "
+                     f"{c['sent']:>10,} {c['neither']:>8,}")
+    lines += ["", "goals (reported, not asserted)", benchlib.goals_table(doc["goals"])]
+    return "\n".join(lines)
+
+
+def churn_plots(doc: Dict[str, object], outdir: str) -> List[str]:
+    os.makedirs(outdir, exist_ok=True)
+    bars = [(f"batch {c['batch']:,}: {c['neither']:,} packets from neither set",
+             c["rules_per_s"], "#2e7d32" if c["neither"] == 0 else "#c62828")
+            for c in doc["cases"]]
+    return [benchlib.plot_bars(f"churn under {doc['rate_pps']:,} pps: rule changes applied "
+                               f"per second (green: no packet missed both rule sets)", bars,
+                               "rule changes per second (log; higher is better)",
+                               os.path.join(outdir, "churn.png"), log=True)]

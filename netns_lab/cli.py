@@ -146,6 +146,7 @@ BENCH_TARGETS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
     "forward": _bench_suite("forward"),
     "setup": _bench_suite("setup"),
     "restart": _bench_suite("restart"),
+    "churn": _bench_suite("churn"),
     "memory": _bench_suite("memory"),
     "all": _bench_suite("all"),
 }
