@@ -218,7 +218,9 @@ def plot_bars(title: str, bars: Sequence[Tuple[str, float, str]], xlabel: str, p
     ax.set_yticklabels(labels, fontsize=9)
     ax.invert_yaxis()
     if log:
+        from matplotlib.ticker import FuncFormatter
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:,.0f}" if v >= 10 else f" {v:,.2f}", va="center", fontsize=9)
     if goal:
@@ -228,7 +230,8 @@ def plot_bars(title: str, bars: Sequence[Tuple[str, float, str]], xlabel: str, p
     import textwrap
     ax.set_title(textwrap.fill(title, 95), fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
-    ax.set_xlim(right=max(values + [goal[0] if goal else 0]) * (3 if log else 1.25))
+    ax.set_xlim(left=1 if log else 0,
+                right=max(values + [goal[0] if goal else 0]) * (3 if log else 1.25))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
