@@ -164,7 +164,7 @@ def test_setup_on_a_fresh_machine(fresh_clone):
     assert _read(out, "run2.rc").strip() == "0", f"second run failed:\n{run2}"
     assert _read(out, "state2") == state1, "the second run changed the machine"
     assert "setup: nothing changed" in run2, run2
-    assert "installing" not in run2 and "changed:" not in run2, run2
+    assert "installing" not in run2 and "setup: changed:" not in run2, run2
 
     # BCC builds and loads the real datapath from the new venv, against the wired headers.
     load = _read(out, "load.out") + _read(out, "load.err")
