@@ -54,6 +54,7 @@ class Controller:
         self.attached: Dict[str, Link] = {}     # port name -> link with our program
         self.port_notes: Dict[str, str] = {}    # port name -> why it is not attached
         self._prog_id = 0
+        self.bpf_stats = None   # agent.bpfstats.BpfStats, set by the daemon
 
     # -- building the datapath image -----------------------------------------------------
     def _live_links(self, state: model.State) -> Dict[str, Link]:
@@ -181,7 +182,24 @@ class Controller:
                       for p in self.state.sorted("ports")],
             "flows": flows, "flow_capacity": self.cfg.datapath.flow_table_size,
             "rules": len(self.state.rules),
+            "bpf_stats": self._bpf_stats().describe(),
         }
+
+    def _bpf_stats(self):
+        if self.bpf_stats is None:
+            from .bpfstats import BpfStats
+            self.bpf_stats = BpfStats(False)
+        return self.bpf_stats
+
+    def map_pressure(self) -> Dict[str, Tuple[int, int]]:
+        return self.dp.map_pressure(sum(self.flow_counts.values()))
+
+    def datapath_runs(self) -> Dict[str, int]:
+        """The kernel's run time and count of the XDP program; {} while not enabled."""
+        if not self._bpf_stats().enabled or self.dp.prog_fd < 0:
+            return {}
+        from .bpfstats import run_stats
+        return run_stats(self.dp.prog_fd)
 
     def list(self, kind: str, tenant: Optional[str] = None) -> List[Dict[str, Any]]:
         if kind not in model.KINDS:
@@ -481,6 +499,14 @@ class MetricsSource:
                      "ifindex": self.c.attached[p.name].ifindex if p.name in self.c.attached else 0,
                      "mode": self.c.cfg.datapath.xdp_mode if p.name in self.c.attached else ""}
                     for p in self.c.state.ports]
+
+    def map_pressure(self):
+        with self.lock:
+            return self.c.map_pressure()
+
+    def datapath_runs(self):
+        with self.lock:
+            return self.c.datapath_runs()
 
     def agent_info(self):
         with self.lock:

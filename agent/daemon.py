@@ -70,6 +70,7 @@ class Agent:
         self._pass_fd = self._load_pass_program()
         self.controller = Controller(self.cfg, self.store, self.dp, self.links,
                                      pass_fd=self._pass_fd, config_path=self.config_path)
+        self._use_bpf_stats(self.cfg.metrics.bpf_stats)
         with self.lock:
             if self.store.get_meta("seeded") is None:
                 if any(getattr(self.cfg.state, k) for k in model.KINDS):
@@ -116,6 +117,17 @@ class Agent:
             return
         self.metrics = serve(DatapathCollector(MetricsSource(self.controller, self.lock)), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
+
+    def _use_bpf_stats(self, wanted: bool):
+        """Kernel BPF statistics on or off as [metrics] bpf_stats says (start, reload)."""
+        from .bpfstats import BpfStats
+        old = self.controller.bpf_stats
+        if old is not None and old.wanted == wanted:
+            return
+        with self.lock:
+            self.controller.bpf_stats = BpfStats(wanted)
+        if old is not None:
+            old.close()
 
     def _mark_links_dirty(self):
         self._links_dirty.set()
@@ -206,6 +218,7 @@ class Agent:
                 self.api.stop()
                 self._start_api()
         if new.metrics != old.metrics:
+            self._use_bpf_stats(new.metrics.bpf_stats)
             if self.metrics:
                 self.metrics.shutdown()
                 self.metrics = None
