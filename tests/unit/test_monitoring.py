@@ -4,7 +4,6 @@ the Grafana dashboard is valid JSON whose every query is valid PromQL. That the 
 they name are the agent's is checked against a real scrape in
 tests/lab/test_agent_operator_metrics.py."""
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,28 +33,24 @@ ALERTS = {
 }
 
 
-def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        # CI runs `bash setup.sh test`, which installs it (package prometheus).
-        assert not os.environ.get("CI"), "promtool is missing in CI (setup.sh installs it)"
-        pytest.skip("promtool not installed (bash setup.sh installs it)")
-    return found
+@pytest.fixture
+def promtool(tool):
+    tool("promtool", "prometheus")
+
+    def run(*args: str, cwd: Path = KIT) -> subprocess.CompletedProcess:
+        return subprocess.run(["promtool", *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=120)
+    return run
 
 
-def run_promtool(*args: str, cwd: Path = KIT) -> subprocess.CompletedProcess:
-    return subprocess.run([promtool(), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_check_rules_is_clean():
-    p = run_promtool("check", "rules", RULES.name)
+def test_check_rules_is_clean(promtool):
+    p = promtool("check", "rules", RULES.name)
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"SUCCESS: {len(ALERTS)} rules found" in p.stdout, p.stdout
 
 
-def test_rule_unit_tests_pass():
-    p = run_promtool("test", "rules", RULE_TESTS.name)
+def test_rule_unit_tests_pass(promtool):
+    p = promtool("test", "rules", RULE_TESTS.name)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "SUCCESS" in p.stdout, p.stdout
 
@@ -72,7 +67,7 @@ def test_every_alert_is_asked_for_and_tested_both_ways():
     assert quiet == ALERTS, f"never expected to stay quiet: {ALERTS - quiet}"
 
 
-def test_rule_tests_catch_a_wrong_threshold(tmp_path):
+def test_rule_tests_catch_a_wrong_threshold(promtool, tmp_path):
     """The unit tests can fail: the flow-table alert at 96% instead of 90% misses the
     fed 95% table."""
     text = RULES.read_text()
@@ -80,7 +75,7 @@ def test_rule_tests_catch_a_wrong_threshold(tmp_path):
     (tmp_path / RULES.name).write_text(text.replace("xdpflow_flow_table_fill_ratio > 0.9\n",
                                                     "xdpflow_flow_table_fill_ratio > 0.96\n"))
     shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
-    p = run_promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
+    p = promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
     assert p.returncode != 0, p.stdout
     assert "XdpflowFlowTableNearlyFull" in p.stdout + p.stderr
 
@@ -105,7 +100,7 @@ def test_dashboard_loads_and_covers_what_was_asked():
         assert p["datasource"]["uid"] == "${datasource}"
 
 
-def test_dashboard_queries_are_valid_promql(tmp_path):
+def test_dashboard_queries_are_valid_promql(promtool, tmp_path):
     """promtool parses each query (as a recording rule), with Grafana's variables given
     the values Grafana would substitute."""
     _, queries = dashboard_queries()
@@ -115,5 +110,5 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
         for i, (_, q) in enumerate(queries)]}]}
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump(rules))
-    p = run_promtool("check", "rules", str(path))
+    p = promtool("check", "rules", str(path))
     assert p.returncode == 0, p.stdout + p.stderr
