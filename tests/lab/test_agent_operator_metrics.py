@@ -1,13 +1,18 @@
 """What the operator kit (monitoring/) reads, from a real agent: map pressure that matches
 the pinned maps, the kernel's run time and count of the XDP program when [metrics]
-bpf_stats is on (and `status` saying how; off again on reload), and every metric the
-dashboard and the alert rules name present in a real scrape."""
+bpf_stats is on (and `status` saying how; off again on reload), every metric the
+dashboard and the alert rules name present in a real scrape, and a real Prometheus that
+answers every dashboard query and loads every rule."""
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
+import subprocess
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.bpfsys import RawMap
 from netns_lab import traffic
+from netns_lab.lab import free_port
+from netns_lab.netns import in_netns
 
 pytestmark = pytest.mark.lab
 
@@ -151,6 +158,62 @@ def test_every_metric_the_kit_names_is_scraped(node):
         assert names, f"{where} names no metric: {expr}"
         missing += [(where, n) for n in sorted(names - exported - PROMETHEUS_MADE)]
     assert not missing, f"named by the kit, not exported by the agent: {missing}"
+
+
+class Prometheus:
+    """A real Prometheus in the node's namespace scraping the agent every second (job
+    xdpflow, as the rules expect) with the kit's alert rules loaded."""
+
+    def __init__(self, lab, workdir: Path):
+        self.lab, self.web = lab, free_port()
+        conf = workdir / "prometheus.yml"
+        conf.write_text(json.dumps({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(KIT / "xdpflow-alerts.yml")],
+            "scrape_configs": [{"job_name": "xdpflow", "static_configs": [
+                {"targets": [f"127.0.0.1:{lab.metrics_port}"]}]}]}))
+        self.log = workdir / "prometheus.log"
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{lab.node}", shutil.which("prometheus"),
+             f"--config.file={conf}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.web}"],
+            stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+
+    def get(self, path: str):
+        def fetch():
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web}{path}", timeout=5) as r:
+                return json.loads(r.read())["data"]
+        return in_netns(self.lab.node, fetch)
+
+    def query(self, expr: str):
+        return self.get("/api/v1/query?query=" + urllib.parse.quote(expr))["result"]
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_prometheus_answers_every_dashboard_query_and_loads_the_rules(node, tmp_path):
+    """Each panel's query gives a series from a real agent (through Grafana's variables
+    as Grafana would fill them), and Prometheus loads every alert rule healthy."""
+    assert shutil.which("prometheus"), "setup.sh installs Debian's prometheus package"
+    dash = json.loads((KIT / "xdpflow-dashboard.json").read_text())
+    prom = Prometheus(node, tmp_path)
+    try:
+        empty, deadline = ["(not asked yet)"], time.monotonic() + 60
+        while empty and time.monotonic() < deadline:
+            time.sleep(1)
+            try:
+                empty = [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]
+                         if not prom.query(t["expr"].replace("$__rate_interval", "10s")
+                                           .replace("$instance", ".*"))]
+            except OSError as e:           # not listening yet
+                empty = [str(e)]
+        assert not empty, (empty, prom.log.read_text()[-2000:])
+        rules = [r for g in prom.get("/api/v1/rules")["groups"] for r in g["rules"]]
+        assert len(rules) == 10 and all(r["health"] == "ok" for r in rules), rules
+    finally:
+        prom.close()
 
 
 def test_reload_turns_bpf_stats_off(node):
