@@ -31,6 +31,7 @@ class Controller:
         self.state = store.load()
         self.started_at = time.time()
         self.last_reconcile_seconds = 0.0
+        self.last_apply_seconds = 0.0     # the last change that reached store and maps
         self.reconcile_errors = 0
         self.evictions = Evictions(store)
         self.sweeper = Sweeper(cfg, datapath, self.evictions)
@@ -153,6 +154,7 @@ class Controller:
 
     def _commit(self, new: model.State) -> Dict[str, Any]:
         """Store and datapath both get `new`, or neither does."""
+        t0 = time.monotonic()
         new.validate()
         old = self.state
         old_slots = self.store.port_slots()
@@ -173,6 +175,7 @@ class Controller:
                 self.reconcile_errors += 1
             raise
         self.state = new
+        self.last_apply_seconds = time.monotonic() - t0
         return summary
 
     # -- the API's commands ---------------------------------------------------------------
@@ -229,6 +232,7 @@ class Controller:
         sw = self.sweeper
         return {"version": VERSION, "started_at": self.started_at,
                 "last_reconcile_seconds": self.last_reconcile_seconds,
+                "last_apply_seconds": self.last_apply_seconds,
                 "reconcile_errors": self.reconcile_errors, "sweeps": sw.sweeps,
                 "sweep_seconds_total": sw.seconds_total}
 

@@ -12,8 +12,8 @@ The source provides:
   evictions()    -> {reason: count}
   tenants()      -> [{name, id, generation, rules, endpoints}]
   ports()        -> [{name, tenant, attached, ifindex, mode}]
-  agent_info()   -> {version, started_at, last_reconcile_seconds, reconcile_errors,
-                     sweeps, sweep_seconds_total}
+  agent_info()   -> {version, started_at, last_reconcile_seconds, last_apply_seconds,
+                     reconcile_errors, sweeps, sweep_seconds_total}
   map_pressure() -> {map: (entries in use, capacity)}   (every map the config sizes)
   datapath_runs() -> {run_time_ns, run_count} of the XDP program, or {} when the kernel's
                      BPF statistics are off ([metrics] bpf_stats)
@@ -75,6 +75,9 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
      "When the agent started, in seconds since the Unix epoch.", ()),
     ("xdpflow_reconcile_duration_seconds", "gauge",
      "How long the last reconcile of desired state into the datapath took.", ()),
+    ("xdpflow_apply_duration_seconds", "gauge",
+     "How long the last change (add, del, apply) took to reach the store and the "
+     "datapath.", ()),
     ("xdpflow_reconcile_errors", "counter",
      "Reconciles of desired state into the datapath that failed.", ()),
     ("xdpflow_sweeps", "counter",
@@ -209,6 +212,7 @@ class DatapathCollector:
         f["xdpflow_agent_start_time_seconds"].add_metric([], float(info["started_at"]))
         f["xdpflow_reconcile_duration_seconds"].add_metric(
             [], float(info["last_reconcile_seconds"]))
+        f["xdpflow_apply_duration_seconds"].add_metric([], float(info["last_apply_seconds"]))
         f["xdpflow_reconcile_errors"].add_metric([], int(info["reconcile_errors"]))
         f["xdpflow_sweeps"].add_metric([], int(info["sweeps"]))
         f["xdpflow_sweep_duration_seconds"].add_metric(

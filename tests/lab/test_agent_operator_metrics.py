@@ -120,6 +120,17 @@ def test_datapath_run_time_and_count_are_exported(node):
     assert runs >= packets - 2, (runs, packets)          # (ARP/ND may run in between)
 
 
+def test_apply_latency_is_the_last_change(node):
+    got = scrape(node)
+    # The config's initial state was applied at start: one change, timed.
+    first = got[("xdpflow_apply_duration_seconds", frozenset())]
+    assert 0 < first < 60, first
+    node.ok("rule", "add", "--tenant", "blue", "--id", "3", "--priority", "3", "--proto",
+            "udp", "--dport", "53", "--action", "allow")
+    again = scrape(node)[("xdpflow_apply_duration_seconds", frozenset())]
+    assert again != first and 0 < again < 60, (first, again)
+
+
 def test_map_pressure_matches_the_pinned_maps(node):
     deadline = time.monotonic() + 20
     while True:

@@ -64,7 +64,7 @@ class FakeSource:
     def agent_info(self):
         self._call("agent_info")
         return dict(version="0.1.0", started_at=1700000000.5, last_reconcile_seconds=0.25,
-                    reconcile_errors=2, sweeps=40, sweep_seconds_total=1.5)
+                    last_apply_seconds=0.125, reconcile_errors=2, sweeps=40, sweep_seconds_total=1.5)
 
     def map_pressure(self):
         self._call("map_pressure")
@@ -149,6 +149,7 @@ def test_scrape_matches_the_source(server):
     assert value(got, "xdpflow_agent_info", version="0.1.0") == 1
     assert value(got, "xdpflow_agent_start_time_seconds") == 1700000000.5
     assert value(got, "xdpflow_reconcile_duration_seconds") == 0.25
+    assert value(got, "xdpflow_apply_duration_seconds") == 0.125
     assert value(got, "xdpflow_reconcile_errors_total") == 2
     assert value(got, "xdpflow_sweeps_total") == 40
     assert value(got, "xdpflow_sweep_duration_seconds_total") == 1.5
@@ -166,7 +167,7 @@ def test_scrape_matches_the_source(server):
 def test_every_family_has_help_and_the_prefix(server):
     body = scrape("127.0.0.1", server.port)
     ours = [f for f in text_string_to_metric_families(body) if not f.name.startswith("process_")]
-    assert len(ours) == 24
+    assert len(ours) == 25
     for family in ours:
         assert family.name.startswith("xdpflow_")
         assert family.documentation and family.documentation != family.name

@@ -91,7 +91,7 @@ def test_dashboard_loads_and_covers_what_was_asked():
     titles = " | ".join(p["title"] for p in dash["panels"]).lower()
     for words in ("packets/s by tenant and verdict", "bits/s by tenant and verdict",
                   "drops/s by reason", "flows by tenant", "fill ratio", "evictions/s by reason",
-                  "reconcile latency", "time per packet"):
+                  "reconcile and apply latency", "time per packet"):
         assert words in titles, f"no panel for {words!r}: {titles}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
