@@ -5,7 +5,8 @@ made to look fresh inside a private mount namespace (an empty tmpfs over /lib/mo
 machine is back as it was when the namespace's last process ends, also if the test dies.
 
 Run 1 must wire the headers, mount bpffs and make the venv; BCC then builds and loads the
-real datapath from that venv. Run 2 must change nothing and say so."""
+real datapath from that venv. Run 2 must change nothing and say so. Then `bash setup.sh
+demo`, the README's first command, runs the demo to its end."""
 from __future__ import annotations
 
 import json
@@ -54,6 +55,10 @@ DRIVER = textwrap.dedent(r"""
     rc=0
     "$clone/.venv/bin/python" "$out/load.py" >"$out/load.out" 2>"$out/load.err" || rc=$?
     echo "$rc" > "$out/load.rc"
+    # The README's first command, as the issue's new user typed it.
+    rc=0
+    bash "$clone/setup.sh" demo </dev/null >"$out/demo.out" 2>&1 || rc=$?
+    echo "$rc" > "$out/demo.rc"
 """)
 
 # Runs in the clone's new venv: build and load the real datapath (small sizes: it is the
@@ -176,6 +181,11 @@ def test_setup_on_a_fresh_machine(fresh_clone):
     assert got["agent"].startswith(str(clone)), got["agent"]
     assert got["prog_fd"] >= 0 and got["verdict"] == 2, got
     assert "xf_flows" in got["maps"], got
+
+    demo = _read(out, "demo.out")
+    print(f"----- bash setup.sh demo (last lines) -----\n{demo[-600:]}")
+    assert _read(out, "demo.rc").strip() == "0", f"the demo failed:\n{demo[-4000:]}"
+    assert "setup: nothing changed" in demo, demo[:2000]
 
 
 def test_setup_names_what_failed(fresh_clone):
