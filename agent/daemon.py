@@ -70,7 +70,8 @@ class Agent:
         self.links = Links()
         self._pass_fd = self._load_pass_program()
         self.controller = Controller(self.cfg, self.store, self.dp, self.links,
-                                     pass_fd=self._pass_fd, config_path=self.config_path)
+                                     pass_fd=self._pass_fd, config_path=self.config_path,
+                                     lock=self.lock)
         self._use_bpf_stats(self.cfg.metrics.bpf_stats)
         with self.lock:
             if self.store.get_meta("seeded") is None:
@@ -115,7 +116,7 @@ class Agent:
         addr = self.cfg.metrics_address()
         if addr is None:
             return
-        self.metrics = serve(DatapathCollector(AgentSource(self.controller, self.lock)), *addr)
+        self.metrics = serve(DatapathCollector(AgentSource(self.controller)), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
 
     def _use_bpf_stats(self, wanted: bool):
