@@ -145,7 +145,19 @@ def markdown(doc: Dict[str, object], plot_dir: str) -> str:
     out = [f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on kernel "
            f"{m['kernel']} ({m['cpus']} CPUs, {m['cpu_model'] or m['arch']}), commit "
            f"`{m['commit']}`, load average at start {m.get('loadavg_at_start')}; "
-           f"`all` took {doc['seconds']:.0f} s{' (--quick)' if doc['quick'] else ''}.", ""]
+           f"`all` took {doc['seconds']:.0f} s{' (--quick)' if doc['quick'] else ''}.", "",
+           "### The goals, met or missed", "",
+           "| suite | goal | measured | goal | |", "|---|---|---:|---|---|"]
+    for name, sub in doc["suites"].items():
+        goals = sub.get("goals") or [
+            {"name": k, "value": r["value"], "goal": r["goal"], "met": r["met"]}
+            for k, r in (sub.get("ratios") or {}).items()]
+        for g in goals:
+            state = {True: "met", False: "**missed**", None: "not measured"}[g["met"]]
+            by = f" by {g['missed_by']}" if g.get("missed_by") else ""
+            v = "-" if g["value"] is None else f"{g['value']:,.2f}"
+            out.append(f"| {name} | {g['name']} | {v} | {g['goal']} | {state}{by} |")
+    out.append("")
     for name, sub in doc["suites"].items():
         out += [f"### {name}", ""]
         for key in ("method", "limits"):

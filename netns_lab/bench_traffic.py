@@ -612,7 +612,7 @@ def setup_table(doc: Dict[str, object]) -> str:
     lines += ["", f"test-run, one new flow per run: {tr['ns_median_installing']:.0f} ns median "
               f"({tr['new_flows_per_s']:,} flows/s) while installing; "
               f"{tr['ns_median_table_full']} ns with the table full, "
-              f"{tr['ns_median_hit_same_calls']} ns for a flow-table hit in the same kind of "
+              f"{tr.get('ns_median_hit_same_calls', '?')} ns for a flow-table hit in the same kind of "
               f"call "
               f"({tr['insert_failures_total']:,.0f} insert failures, "
               f"{tr['flow_entries_after']:,} entries)"]

@@ -101,7 +101,8 @@ def machine() -> Dict[str, object]:
         load = None
     return {"kernel": platform.release(), "arch": platform.machine(), "cpu_model": cpu,
             "cpus": os.cpu_count(), "python": platform.python_version(),
-            "commit": git_commit(), "loadavg_at_start": load}
+            "commit": git_commit(),
+            "loadavg_at_start": None if load is None else [round(x, 2) for x in load]}
 
 
 def write_json(doc: Dict[str, object], path: str) -> None:
