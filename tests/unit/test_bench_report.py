@@ -368,3 +368,22 @@ def test_all_records_a_failing_suite_and_runs_the_others(monkeypatch):
     assert doc["suites"]["b"]["quick"] is True
     text = bench_suites.all_table(doc)
     assert "B TABLE" in text and "a == FAILED" in text
+
+
+def test_markdown_lists_every_goal_and_plot():
+    doc = {"machine": {"kernel": "6.18", "cpus": 2, "cpu_model": "x", "arch": "x86_64",
+                       "commit": "abc", "loadavg_at_start": [1.0, 1.0, 1.0]},
+           "seconds": 12.0, "quick": True, "errors": {"churn": "RuntimeError: no"},
+           "suites": {"datapath": {"cases": [], "ratios": {"hit/bare": {
+               "value": 2.7, "goal": "<= 2.5", "met": False}}, "machine": {}},
+               "memory": {"goals": [benchlib.goal_entry("bytes per flow", 187.0, "<=", 128)],
+                          "method": "fdinfo"}}}
+    tables = {"datapath": lambda d: "DP TABLE", "memory": lambda d: "MEM TABLE"}
+    suites = {n: bench_suites.SUITES[n]._replace(table=t) for n, t in tables.items()}
+    import unittest.mock as mock
+    with mock.patch.object(bench_suites, "SUITES", suites):
+        md = bench_suites.markdown(doc, "benchmarks")
+    assert "| datapath | hit/bare | 2.70 | <= 2.5 | **missed** |" in md
+    assert "| memory | bytes per flow | 187.00 | <= 128 | **missed** by 1.46x |" in md
+    assert "![memory](benchmarks/memory.png)" in md and "MEM TABLE" in md
+    assert "*Method:* fdinfo" in md and "FAILED in this run: RuntimeError: no" in md
