@@ -294,7 +294,7 @@ class Rig:
                 if r.code != 0:
                     raise BenchError(f"xdpflowctl apply ({n} rules) failed: {r.stderr.strip()}")
                 continue
-            setup = render.router_setup(spec, TENANT, path)
+            setup = render.router_setup(spec, TENANT, path, nft_sets=True)
             if path == "nftables":
                 run(["nft", "flush", "ruleset"], ns=setup.name)
             for argv, text in setup.firewall:
@@ -444,8 +444,8 @@ def run_forward(plan: ForwardPlan, say: Callable[[str], None] = print) -> Dict[s
                       "rules for every packet of one-way UDP (conntrack keeps it NEW until a "
                       "reply). The rules: N that match nothing (udp from other /32 sources), "
                       "then the allow of the load; `0 rules` = only that allow. nftables "
-                      "keeps port security in sets; the security rules are a chain, as "
-                      "render.py writes them.")
+                      "keeps port security in sets and folds the N rules (alike but for their "
+                      "source) into one statement over a set (render.py, nft_sets=True).")
     return doc
 
 

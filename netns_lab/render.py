@@ -132,7 +132,10 @@ def tenant_vms(spec: LabSpec, tenant: str) -> List[VM]:
     return [v for v in spec.vms if v.tenant == tenant]
 
 
-def router_setup(spec: LabSpec, tenant: str, variant: str) -> NsSetup:
+def router_setup(spec: LabSpec, tenant: str, variant: str, nft_sets: bool = False) -> NsSetup:
+    """nft_sets: the nftables variant folds runs of rules that differ only in their source
+    into one statement over a set (`nft_rule_runs`); the lab's comparison keeps one
+    statement per rule, the benchmark measures the folded form."""
     if variant not in VARIANTS:
         raise RenderError(f"unknown kernel variant {variant!r} (known: {', '.join(VARIANTS)})")
     check_renderable(spec, tenant)
@@ -181,7 +184,7 @@ def router_setup(spec: LabSpec, tenant: str, variant: str) -> NsSetup:
         s.firewall.append((["ip6tables-restore"], iptables(spec, tenant, 6, default)))
         s.firewall.append((["arptables-restore"], arptables(spec, tenant)))
     else:
-        s.firewall.append((["nft", "-f", "-"], nftables(spec, tenant, default)))
+        s.firewall.append((["nft", "-f", "-"], nftables(spec, tenant, default, nft_sets)))
     return s
 
 
@@ -350,7 +353,40 @@ def nft_rule(rule: Rule) -> List[str]:
     return out
 
 
-def nftables(spec: LabSpec, tenant: str, default: str) -> str:
+def _fold_key(rule: Rule) -> Tuple:
+    """What a rule is besides its source (and id and comment): rules alike in all of it
+    and next to each other in the datapath's order give the same verdict to any packet
+    either matches, so one statement over a set of their sources is the same chain."""
+    return (rule.action, rule.dst, rule.proto, rule.sport, rule.dport, rule.icmp_type,
+            rule.icmp_code, rule.in_port, rule_families(rule))
+
+
+def nft_rule_runs(rules: List[Rule]) -> List[str]:
+    """nft statements for rules in the datapath's order, each run of two or more rules
+    that differ only in a (non-"any") source folded into one statement over a set."""
+    out: List[str] = []
+    i = 0
+    while i < len(rules):
+        run = [rules[i]]
+        while (i + len(run) < len(rules) and rules[i].src != ANY
+               and rules[i + len(run)].src != ANY
+               and _fold_key(rules[i + len(run)]) == _fold_key(rules[i])):
+            run.append(rules[i + len(run)])
+        first = run[0]
+        if len(run) == 1:
+            out += nft_rule(first)
+        else:
+            ipk = "ip" if first.src.version == 4 else "ip6"
+            srcs = ", ".join(str(r.src) for r in run)
+            comment = f'"rules {first.id}..{run[-1].id}: {len(run)} sources as a set"'
+            for stmt in nft_rule(first):
+                out.append(stmt.replace(f"{ipk} saddr {first.src} ", f"{ipk} saddr {{ {srcs} }} ")
+                           .replace(_comment(first), comment))
+        i += len(run)
+    return out
+
+
+def nftables(spec: LabSpec, tenant: str, default: str, sets: bool = False) -> str:
     """`nft -f` input for a tenant's router: one inet table, sets for the ports' allowed
     sources, one chain for the tenant's rules."""
     vms = [vm for vm in tenant_vms(spec, tenant) if port_secured(spec, vm)]
@@ -387,8 +423,9 @@ def nftables(spec: LabSpec, tenant: str, default: str) -> str:
              f"    jump {chain}",
              "  }",
              f"  chain {chain} {{"]
-    for rule in rule_order(spec.state, tenant):
-        lines += [f"    {stmt}" for stmt in nft_rule(rule)]
+    ordered = rule_order(spec.state, tenant)
+    stmts = nft_rule_runs(ordered) if sets else [st for r in ordered for st in nft_rule(r)]
+    lines += [f"    {stmt}" for stmt in stmts]
     lines += [f"    counter drop comment \"tenant default: {default}\"", "  }", "}"]
     arp = [f'"{vm.port}" . {vm.mac} . {a}' for vm in vms for a in arp_sources(spec, vm)]
     lines += ["table arp xdpflow {",

@@ -342,3 +342,32 @@ def test_the_speed_frame_is_60_bytes_from_the_vm_to_its_gateway(spec):
                            "0x02", "0x00", "0x00", "0x00", "0x00", "0x01"]
     assert tokens[26:34] == ["10", "0", "0", "1", "10", "0", "0", "2"]
     assert tokens[35] == "drnd(1)" and tokens[36:38] == ["0x1b", "0x61"]   # dport 7009
+
+
+def test_nft_sets_fold_only_runs_alike_but_for_the_source():
+    from agent.model import Rule
+    import ipaddress
+
+    def r(id_, src, dport=(9, 9), prio=200, action="allow"):
+        return Rule(id=id_, tenant="t", priority=prio, action=action, proto=17, dport=dport,
+                    src=ipaddress.ip_network(src))
+    rules = [r(2, "10.64.0.1/32"), r(3, "10.64.0.2/32"),
+             r(4, "10.64.0.3/32", action="deny"),        # another verdict: ends the run
+             r(5, "10.64.0.4/32"), r(6, "10.64.0.5/32", dport=(10, 10)),  # another port
+             r(7, "fd00::1/128"), r(8, "fd00::2/128")]
+    out = render.nft_rule_runs(rules)
+    assert out[0].startswith("ip saddr { 10.64.0.1/32, 10.64.0.2/32 } ") and \
+        '"rules 2..3: 2 sources as a set"' in out[0] and out[0].count("accept") == 1
+    assert out[1].startswith("ip saddr 10.64.0.3/32 ") and "drop" in out[1]
+    assert out[2].startswith("ip saddr 10.64.0.4/32 ") and out[3].startswith("ip saddr 10.64.0.5/32 ")
+    assert out[4].startswith("ip6 saddr { fd00::1/128, fd00::2/128 } ")
+    assert len(out) == 5
+    # unfolded, as the lab's comparison renders it: one statement per rule
+    assert len([s for r_ in rules for s in render.nft_rule(r_)]) == 7
+
+
+def test_nft_sets_is_opt_in(spec):
+    t = spec.state.tenants[0].name
+    assert render.nftables(spec, t, "drop") == render.nftables(spec, t, "drop", False)
+    assert render.router_setup(spec, t, "nftables").firewall == \
+        render.router_setup(spec, t, "nftables", nft_sets=False).firewall
