@@ -31,6 +31,10 @@ from agent import commands, model
 
 DEFAULT_SOCKET = "/run/xdpflow/agent.sock"
 
+# One line per attempted change (who, what, result), under its own name so it can be
+# routed or kept apart from the rest of the log.
+audit_log = logging.getLogger("xdpflow.audit")
+
 # Codes on the wire; the CLI maps them to exit codes.
 INVALID, REFUSED, DENIED, BAD_REQUEST, INTERNAL = (
     "invalid", "refused", "denied", "bad-request", "internal")
@@ -137,7 +141,7 @@ class ApiServer:
                  logger: Optional[logging.Logger] = None, lock=None,
                  peercred: Callable[[socket.socket], Peer] = peer_credentials,
                  groups_of: Callable[[Peer], Set[int]] = peer_groups,
-                 max_connections: int = 128):
+                 max_connections: int = 128, timings=None):
         self.controller = controller
         self.path = path
         self.socket_group = socket_group
@@ -149,6 +153,7 @@ class ApiServer:
         self.peercred = peercred
         self.groups_of = groups_of
         self.max_connections = max_connections
+        self.timings = timings     # agent.metrics.Timings: request counts and latency
         self._listen: Optional[socket.socket] = None
         self._ino: Optional[int] = None
         self._sel: Optional[selectors.BaseSelector] = None
@@ -453,7 +458,25 @@ class ApiServer:
                               f"({who})")
 
     def handle(self, data: bytes, peer: Optional[Peer]) -> Dict[str, Any]:
-        """One request's bytes -> the reply document."""
+        """One request's bytes -> the reply document; counted, timed, and audited when it
+        asks for a change."""
+        t0 = time.monotonic()
+        seen: Dict[str, Any] = {}
+        reply = self._reply(data, peer, seen)
+        cmd = commands.get(seen["name"]) if "name" in seen else None
+        args = seen.get("args")
+        label = cmd.name if cmd else "unknown"
+        result = "ok" if reply["ok"] else reply["error"]["code"]
+        if self.timings is not None:
+            self.timings.observe("api", time.monotonic() - t0, label)
+            self.timings.count("api", label, result)
+        if cmd is not None and cmd.changes_state(args):
+            audit_log.info("%s: %s: %s", describe_peer(peer), describe_request(cmd, args),
+                           describe_result(cmd, reply))
+        return reply
+
+    def _reply(self, data: bytes, peer: Optional[Peer], seen: Dict[str, Any]) -> Dict[str, Any]:
+        """The reply; `seen` gets the request's command name and args once parsed."""
         try:
             req = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
@@ -464,6 +487,7 @@ class ApiServer:
         if extra:
             return reply_error(BAD_REQUEST, f"unknown request field(s) {', '.join(sorted(extra))}")
         name, args = req["command"], req.get("args")
+        seen.update(name=name, args=args)
         cmd = commands.get(name)
         if cmd is None:
             return reply_error(BAD_REQUEST, f"unknown command {name!r}")
@@ -487,6 +511,45 @@ class ApiServer:
             self.log.exception("control API: %s failed", name)
             return reply_error(INTERNAL, f"{name} failed: {type(e).__name__} (see the "
                                          "agent's log)")
+
+
+def describe_peer(peer: Optional[Peer]) -> str:
+    """"uid 1000 (alice) pid 4242" for the audit log."""
+    if peer is None:
+        return "unknown peer"
+    try:
+        user = pwd.getpwuid(peer.uid).pw_name
+    except KeyError:
+        user = "?"
+    return f"uid {peer.uid} ({user}) pid {peer.pid}"
+
+
+def describe_request(cmd: commands.Command, args: Any) -> str:
+    """The command and its arguments as typed, in one line ("rule add tenant=blue ...");
+    an apply's state is summarized by what it holds."""
+    if not isinstance(args, dict):
+        return cmd.name
+    parts = [cmd.name]
+    for k, v in args.items():
+        if k == "state" and isinstance(v, dict):
+            held = ", ".join(f"{len(x)} {kind}" for kind, x in v.items()
+                             if isinstance(x, list) and x)
+            parts.append(f"state=({held or 'empty'})")
+        elif v is True:
+            parts.append(f"--{k.replace('_', '-')}")
+        elif v not in (None, False):
+            parts.append(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    return " ".join(parts)
+
+
+def describe_result(cmd: commands.Command, reply: Dict[str, Any]) -> str:
+    if not reply.get("ok"):
+        err = reply.get("error") or {}
+        return f"{err.get('code')}: {err.get('message')}"
+    if cmd.name == "apply" and isinstance(reply.get("result"), dict):
+        n = model.count_changes(reply["result"])
+        return f"ok, {n} change{'' if n == 1 else 's'}"
+    return "ok"
 
 
 class ApiError(Exception):

@@ -94,8 +94,8 @@ class Command:
                 continue
             ok = {
                 "str": lambda x: isinstance(x, str),
-                # model.parse_int turns digit strings into ints and names the field when it
-                # is out of range; only the JSON type is checked here.
+                # model.parse_int names the field when it is text or out of range; only
+                # the JSON type is checked here.
                 "int": lambda x: isinstance(x, (int, str)) and not isinstance(x, bool),
                 "flag": lambda x: isinstance(x, bool),
                 "object": lambda x: isinstance(x, dict),
@@ -173,6 +173,12 @@ def _delete(kind: str, ident_of):
     return run
 
 
+def _tenant_del(c, args):
+    ident = _tenant_ident(args)
+    gone = c.delete("tenants", ident, cascade=bool(args.get("cascade")))
+    return {"deleted": "tenant", "identity": ident, "cascaded": gone or {}}
+
+
 def _route_add(c, args):
     obj = _only(args, "tenant", "prefix")
     if args.get("via") is not None:
@@ -199,21 +205,42 @@ RULE_FIELDS = ("id", "tenant", "priority", "action", "src", "dst", "proto", "spo
 
 def _rule_add(c, args):
     obj = _only(args, *RULE_FIELDS)
-    if "id" not in obj:
-        # Rule ids are global across tenants (identity is the id alone), so the free one is
-        # searched among all rules. The API server holds the controller lock around the whole
-        # dispatch, so nothing can take this id between the list and the add.
-        obj["id"] = next_rule_id(c.list("rules", None))
-    return c.add("rules", obj)
+    if "id" in obj:
+        return c.add("rules", obj)
+    # Rule ids are global across tenants (identity is the id alone), so the free one is
+    # searched among all rules. The API server holds the controller lock around the whole
+    # dispatch, so nothing can take this id between the list and the add.
+    obj["id"] = next_rule_id(c.list("rules", None))
+    try:
+        return c.add("rules", obj)
+    except model.Invalid as e:
+        # The user gave no id: an error about "rule 3" would name one they never saw.
+        picked = f"rule {obj['id']}"
+        if not e.where.startswith(picked):
+            raise
+        raise type(e)("new rule" + e.where[len(picked):], e.message) from None
 
 
 def _apply(c, args):
-    return c.apply(args["state"], bool(args.get("dry_run")))
+    return c.apply(args["state"], bool(args.get("dry_run")), prune=bool(args.get("prune")))
 
 
 def _flow_dump(c, args):
     limit = model.parse_int(args.get("limit"), "flow dump: limit", 1, 10_000_000)
-    return c.flow_dump(args.get("tenant"), limit)
+    filters = {}
+    if args.get("port") is not None:
+        filters["port"] = model.parse_ifname(args["port"], "flow dump: port")
+    if args.get("proto") is not None:
+        filters["proto"] = model.parse_protocol(args["proto"], "flow dump: proto")
+    if args.get("ip") is not None:
+        filters["ip"] = model.parse_ip(args["ip"], "flow dump: ip")
+    return c.flow_dump(args.get("tenant"), limit, **filters)
+
+
+def _stats(c, args):
+    if args.get("tenant") is None:
+        return c.stats()
+    return c.stats(tenant=model.parse_name(args["tenant"], "stats: tenant"))
 
 
 def _flow_flush(c, args):
@@ -278,26 +305,33 @@ _cmd("tenant add", True, "add a tenant (a VPC; its id is in every datapath key)"
            Arg("default", "verdict for traffic no rule allows: drop (the cloud default) "
                           "or pass to the kernel", flags=("--default",),
                choices=model.VERDICTS)))
-_cmd("tenant del", True, "delete a tenant (refused while ports, endpoints, routes or rules "
-                         "still refer to it)",
-     "  xdpflowctl tenant del blue",
-     _delete("tenants", _tenant_ident),
-     args=(Arg("name", "the tenant's name", metavar="NAME", required=True),))
+_cmd("tenant del", True, "delete a tenant (refused, naming them, while ports, endpoints, "
+                         "routes or rules still belong to it, unless --cascade)",
+     "  xdpflowctl tenant del blue\n  xdpflowctl tenant del blue --cascade",
+     _tenant_del,
+     args=(Arg("name", "the tenant's name", metavar="NAME", required=True),
+           Arg("cascade", "also delete its ports, endpoints, routes and rules",
+               flags=("--cascade",), kind="flag")))
 _cmd("tenant list", False, "list tenants",
      "  xdpflowctl tenant list",
      _list("tenants", by_tenant=False))
 
 # -- ports --
-_cmd("port add", True, "put a node interface (a VM's veth or tap) in a tenant",
+_cmd("port add", True, "put a node interface (a VM's veth or tap) in a tenant, and say "
+                       "whether the datapath is attached to it",
      "  xdpflowctl port add veth-vm1 --tenant blue",
      _add("ports", "name", "tenant"),
+     description="Prints what happened: attached (in native or generic mode), waiting for "
+                 "the interface (it does not exist yet; attached when it appears), or "
+                 "attaching failed and why. A failed attach exits 1; the port stays "
+                 "configured (fix the cause, or delete the port).",
      args=(Arg("name", "interface name", metavar="IFNAME", required=True),
            _tenant_opt(True)))
 _cmd("port del", True, "take an interface out of its tenant",
      "  xdpflowctl port del veth-vm1",
      _delete("ports", _port_ident),
      args=(Arg("name", "interface name", metavar="IFNAME", required=True),))
-_cmd("port list", False, "list ports",
+_cmd("port list", False, "list ports: whether attached, in which mode, and why not",
      "  xdpflowctl port list\n  xdpflowctl port list --tenant blue",
      _list("ports"), args=(_TENANT_FILTER,))
 
@@ -395,23 +429,41 @@ _cmd("rule list", False, "list security rules",
 # -- the whole state --
 _cmd("apply", True, "make a whole desired state (TOML) the agent's, atomically, and show "
                     "the difference",
-     "  xdpflowctl apply node.toml --dry-run\n  xdpflowctl apply node.toml",
+     "  xdpflowctl apply node.toml --dry-run\n  xdpflowctl apply node.toml\n"
+     "  xdpflowctl apply whole-node.toml --prune --dry-run",
      _apply,
      description="FILE is TOML with arrays of tables [[tenants]], [[ports]], [[endpoints]], "
-                 "[[routes]], [[rules]], the fields as the add commands name them. Everything "
-                 "not in FILE is removed. Either all of it is applied or none.",
+                 "[[routes]], [[rules]]; their fields are the add commands' arguments, named "
+                 "as the flags are without the dashes (--icmp-type is icmp_type; a route's "
+                 "--kernel/--drop are kernel = true / drop = true, or action = \"kernel\"). "
+                 "Numbers are TOML numbers (id = 10, not \"10\"). Objects in FILE are added "
+                 "or changed; objects not in FILE are kept (the diff lists them with '=') "
+                 "unless --prune, which makes FILE the whole state and removes them. Either "
+                 "all of it is applied or none; errors name the file's line.",
      args=(Arg("file", "desired state, TOML ('-' for stdin)", metavar="FILE", required=True,
                wire=False),
            Arg("state", "desired state as tenants/ports/endpoints/routes/rules lists",
                kind="object", required=True, cli=False),
            Arg("dry_run", "show what would change, change nothing", flags=("--dry-run", "-n"),
-               kind="flag")))
+               kind="flag"),
+           Arg("prune", "FILE is the whole state: remove objects it does not name",
+               flags=("--prune",), kind="flag")))
 
 # -- flows --
-_cmd("flow dump", False, "show flow table entries",
-     "  xdpflowctl flow dump\n  xdpflowctl flow dump --tenant blue --limit 20",
+_cmd("flow dump", False, "show flow table entries, sorted, filtered by tenant, port, "
+                        "protocol or address",
+     "  xdpflowctl flow dump\n  xdpflowctl flow dump --tenant blue --limit 20\n"
+     "  xdpflowctl flow dump --port veth-vm1 --proto icmp --ip 10.0.0.5",
      _flow_dump,
+     description="Rows are sorted by tenant, protocol, source, source port, destination, "
+                 "destination port. ICMP flows show type, code and id instead of ports. "
+                 "When more flows match than --limit, the table says so.",
      args=(_TENANT_FILTER,
+           Arg("port", "only flows in or out of this port", flags=("--port",),
+               metavar="IFNAME"),
+           Arg("proto", "only this protocol: tcp, udp, icmp, icmpv6 or a number",
+               flags=("--proto",), metavar="PROTO"),
+           Arg("ip", "only flows from or to this address", flags=("--ip",), metavar="IP"),
            Arg("limit", "at most this many flows (default 1000)", flags=("--limit",),
                kind="int", default=1000, metavar="N")))
 _cmd("flow flush", True, "empty the flow table (a pure cache: the next packets are "
@@ -420,17 +472,20 @@ _cmd("flow flush", True, "empty the flow table (a pure cache: the next packets a
      _flow_flush, args=(_TENANT_FILTER,))
 
 _cmd("stats", False, "show counters per tenant, port, verdict and reason, and flow table use",
-     "  xdpflowctl stats\n  xdpflowctl --json stats",
-     lambda c, a: c.stats())
+     "  xdpflowctl stats\n  xdpflowctl stats --tenant blue\n  xdpflowctl --json stats",
+     _stats, args=(_tenant_opt(False, "only this tenant's counters, flows and rule hits"),))
 
 _cmd("trace", False, "run one packet through the loaded datapath without sending it",
      "  xdpflowctl trace --port veth-vm1 --hex 020000000005020000000006080045...\n"
      "  xdpflowctl trace --port veth-vm1 --scapy "
      "\"Ether(src='02:00:00:00:00:05')/IP(src='10.0.0.5', dst='10.0.0.6')/TCP(dport=22)\"",
      _trace,
-     description="Prints the verdict, tenant, matched rule, output port, whether the flow "
-                 "table hit, the reason, and the output packet. --scapy evaluates a Scapy "
-                 "expression with only Scapy's layers in scope (no builtins).",
+     description="Prints the verdict, tenant, matched rule, the route or endpoint the "
+                 "destination resolved to, output port, whether the flow table hit, the "
+                 "reason, and the output packet (none when dropped). --scapy evaluates a "
+                 "Scapy expression with only Scapy's layers in scope (no builtins) and says "
+                 "which fields it filled with defaults. The first trace builds the trace "
+                 "program, which takes a few seconds; later ones reuse it.",
      args=(Arg("port", "the ingress port the packet arrives on", flags=("--port",),
                required=True, metavar="IFNAME"),
            Arg("hex", "the packet as hex bytes, from the Ethernet header on", flags=("--hex",),

@@ -5,9 +5,11 @@ fails. The API, the sweeper, reloads and link events all come through here, one 
 (the daemon's lock)."""
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import os
+import platform
 import struct
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -36,6 +38,8 @@ class Controller:
         self.links = links
         self.pass_fd = pass_fd
         self.config_path = config_path
+        # Of the config as loaded (the daemon sets it again on reload).
+        self.config_sha256 = file_sha256(config_path) if config_path else ""
         self.state = store.load()
         self.started_at = time.time()
         self.last_reconcile_seconds = 0.0
@@ -54,6 +58,11 @@ class Controller:
         self.attached: Dict[str, Link] = {}     # port name -> link with our program
         self.port_notes: Dict[str, str] = {}    # port name -> why it is not attached
         self._prog_id = 0
+        # Histograms of reconcile and change durations (agent.metrics.Timings); the daemon
+        # shares one with the API server, tests may leave it out.
+        self.timings = None
+        last = store.get_meta("last_change")
+        self.last_change = float(last) if last else 0.0
 
     # -- building the datapath image -----------------------------------------------------
     def _live_links(self, state: model.State) -> Dict[str, Link]:
@@ -133,13 +142,24 @@ class Controller:
             raise
         finally:
             self.last_reconcile_seconds = time.monotonic() - t0
+        if self.timings is not None:
+            self.timings.observe("reconcile", self.last_reconcile_seconds)
         if summary.get("flipped") or reason == "start":
             log.info("reconciled (%s) in %.3fs: %s", reason or "request",
-                     self.last_reconcile_seconds, summary)
+                     self.last_reconcile_seconds, describe_summary(summary))
         return summary
 
     def _commit(self, new: model.State) -> Dict[str, Any]:
         """Store and datapath both get `new`, or neither does."""
+        t0 = time.monotonic()
+        summary = self._commit_timed(new)
+        self.last_change = time.time()
+        self.store.set_meta("last_change", repr(self.last_change))
+        if self.timings is not None:
+            self.timings.observe("apply", time.monotonic() - t0)
+        return summary
+
+    def _commit_timed(self, new: model.State) -> Dict[str, Any]:
         new.validate()
         old = self.state
         old_slots = self.store.port_slots()
@@ -181,7 +201,23 @@ class Controller:
                       for p in self.state.sorted("ports")],
             "flows": flows, "flow_capacity": self.cfg.datapath.flow_table_size,
             "rules": len(self.state.rules),
+            "trace_program": "built" if self.dp.trace_fd >= 0 else "not built",
         }
+
+    def port_status(self, name: str) -> Dict[str, Any]:
+        """What became of a configured port: attached (and how), waiting for its interface,
+        or failed (and why)."""
+        link = self.attached.get(name)
+        note = self.port_notes.get(name, "")
+        if link is not None:
+            state = "attached"
+        elif note == "interface missing":
+            state, note = "waiting", "no such interface yet; attached when it appears"
+        else:
+            state = "failed"
+        return {"attached": link is not None, "state": state,
+                "mode": (link.xdp_mode or self.cfg.datapath.xdp_mode) if link else "",
+                "ifindex": link.ifindex if link else 0, "note": note}
 
     def list(self, kind: str, tenant: Optional[str] = None) -> List[Dict[str, Any]]:
         if kind not in model.KINDS:
@@ -193,6 +229,9 @@ class Controller:
             else:
                 items = [o for o in items if o.tenant == tenant]
         out = [o.to_dict() for o in items]
+        if kind == "ports":
+            for d in out:
+                d.update(self.port_status(d["name"]))
         if kind == "rules":
             hits = self.dp.rule_hits()
             for d in out:
@@ -205,21 +244,35 @@ class Controller:
             raise model.Invalid("add", f"unknown kind {kind!r}")
         item = typ.from_dict(obj)
         self._commit(self.state.with_added(kind, item))
-        return item.to_dict()
+        out = item.to_dict()
+        if kind == "ports":
+            out.update(self.port_status(item.name))
+        return out
 
-    def delete(self, kind: str, ident) -> None:
+    def delete(self, kind: str, ident, cascade: bool = False) -> Dict[str, int]:
+        """Delete one object; returns what a cascade took with it ({kind: count})."""
         if kind not in model.KINDS:
             raise model.Invalid("delete", f"unknown kind {kind!r}")
+        if kind == "tenants":
+            name = tuple(ident)[0]
+            gone = self.state.users_of_tenant(name) if cascade else {}
+            self._commit(self.state.without_tenant(name, cascade))
+            return gone
         self._commit(self.state.with_removed(kind, tuple(ident)))
+        return {}
 
-    def apply(self, state: Dict[str, Any], dry_run: bool) -> Dict[str, Any]:
-        new = model.State.from_dict(state)
+    def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False) -> Dict[str, Any]:
+        """Make `state` the desired state. With `prune` it is the whole state (objects it
+        does not name are removed); without, objects it does not name are kept and listed
+        under "keep" in the diff."""
+        given = model.State.from_dict(state)
+        new = given if prune else self.state.merged(given)
         new.validate()
         # Compile before anything is written: a state the datapath cannot hold (too many
         # masks) is refused whole.
         compiler.compile_state(new, {}, self.cfg.datapath.max_masks)
-        d = model.diff(self.state, new)
-        if not dry_run and any(v for k in d.values() for v in k.values()):
+        d = model.diff(self.state, new, kept=None if prune else given)
+        if not dry_run and model.count_changes(d):
             self._commit(new)
         return d
 
@@ -229,18 +282,31 @@ class Controller:
         port_tenant = {p.name: p.tenant for p in self.state.ports}
         return tenants, slots, port_tenant
 
-    def flow_dump(self, tenant: Optional[str] = None, limit: int = 1000) -> List[Dict[str, Any]]:
+    def flow_dump(self, tenant: Optional[str] = None, limit: int = 1000,
+                  port: Optional[str] = None, proto: Optional[int] = None,
+                  ip=None) -> List[Dict[str, Any]]:
+        """Flows, sorted (tenant, protocol, addresses, ports), the first `limit` of those
+        that match every filter given: tenant, port (in or out), protocol number, address
+        (source or destination)."""
         tenants, slots, _ = self._names()
         tid = self._tenant_id(tenant) if tenant else None
+        if port is not None and not any(p.name == port for p in self.state.ports):
+            raise model.Conflict(f"port {port}", "is not a configured port")
         now = now_coarse_ns()
         out = []
         for k, f in self.dp.flows():
             if tid is not None and k.tenant != tid:
                 continue
-            out.append(flow_dict(k, f, tenants, slots, now, self.dp.generation(k.tenant)))
-            if limit and len(out) >= limit:
-                break
-        return out
+            if proto is not None and k.proto != proto:
+                continue
+            d = flow_dict(k, f, tenants, slots, now, self.dp.generation(k.tenant))
+            if port is not None and port not in (d["in_port"], d["out_port"]):
+                continue
+            if ip is not None and str(ip) not in (d["src"], d["dst"]):
+                continue
+            out.append(d)
+        out.sort(key=flow_order)
+        return out[:limit] if limit else out
 
     def flow_flush(self, tenant: Optional[str] = None) -> int:
         tid = self._tenant_id(tenant) if tenant else None
@@ -276,14 +342,25 @@ class Controller:
                 "insert_failures": sum(r["packets"] for r in rows
                                        if r["reason"] == "insert_failed")}
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self, tenant: Optional[str] = None) -> Dict[str, Any]:
         rows = self.counter_rows()
-        return {
+        out = {
             "counters": rows,
             "flows": self.flow_summary(rows),
             "evictions": dict(self.evicted),
             "rule_hits": {str(k): v for k, v in sorted(self.dp.rule_hits().items())},
         }
+        if tenant is not None:
+            # Counters, flows and rule hits of one tenant; evictions are node-wide.
+            self._tenant_id(tenant)
+            ids = {str(r.id) for r in self.state.rules if r.tenant == tenant}
+            out["counters"] = [r for r in rows if r["tenant"] == tenant]
+            fl = out["flows"]
+            fl["by_tenant"] = {t: n for t, n in fl["by_tenant"].items() if t == tenant}
+            fl["insert_failures"] = sum(r["packets"] for r in out["counters"]
+                                        if r["reason"] == "insert_failed")
+            out["rule_hits"] = {k: v for k, v in out["rule_hits"].items() if k in ids}
+        return out
 
     def trace(self, port: str, packet: bytes) -> Dict[str, Any]:
         if not any(p.name == port for p in self.state.ports):
@@ -295,9 +372,16 @@ class Controller:
             raise model.Invalid("packet", f"{len(packet)} bytes is shorter than an Ethernet "
                                           "header (14)")
         tenants, slots, _ = self._names()
+        building = self.dp.trace_fd < 0
+        t0 = time.monotonic()
         rc, out, rec = self.dp.trace(packet, link.ifindex)
         actions = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
+        tenant = tenants.get(rec.tenant, "") if rec.tenant else ""
         return {
+            # The first trace builds the trace program (seconds); later ones reuse it.
+            "built_trace_program": building,
+            "seconds": round(time.monotonic() - t0, 3),
+            "route": route_for(self.state, tenant, packet) if rec.reason in _ROUTED else None,
             "port": port, "action": actions.get(rc, str(rc)),
             "verdict": abi.VERDICTS.get(rec.verdict, str(rec.verdict)),
             "reason": abi.REASONS.get(rec.reason, str(rec.reason)),
@@ -307,7 +391,8 @@ class Controller:
             "out_ifindex": rec.out_ifindex,
             "flow_hit": bool(rec.flow_hit), "stale_flow": bool(rec.stale),
             "packet_in": packet.hex(),
-            "packet_out": out.hex() if rc in (3, 4) else packet.hex(),
+            # A dropped packet goes nowhere; a passed one goes to the kernel unchanged.
+            "packet_out": out.hex() if rc in (3, 4) else packet.hex() if rc == 2 else None,
             "modified": rc in (3, 4) and out != packet,
         }
 
@@ -392,6 +477,80 @@ class Controller:
         self.last_sweep_seconds = time.monotonic() - t0
         self.sweep_seconds_total += self.last_sweep_seconds
         return done
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file ("" if it cannot be read): which config a node runs,
+    comparable across nodes."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return ""
+
+
+def describe_summary(summary: Dict[str, Any]) -> str:
+    """A datapath sync summary for the log: "flipped=blue,red written=12" (no braces)."""
+    def text(v):
+        if isinstance(v, dict):
+            return ",".join(f"{k}:{text(x)}" for k, x in v.items()) or "-"
+        if isinstance(v, (list, tuple, set)):
+            return ",".join(str(x) for x in v) or "-"
+        return str(v)
+    return " ".join(f"{k}={text(v)}" for k, v in summary.items()) or "nothing to do"
+
+
+def flow_order(d: Dict[str, Any]):
+    return (d["tenant"], d["proto"], _addr_order(d["src"]), d["sport"], _addr_order(d["dst"]),
+            d["dport"])
+
+
+def _addr_order(text: str):
+    import ipaddress
+    a = ipaddress.ip_address(text)
+    return (a.version, int(a))
+
+
+# Trace reasons that mean the route lookup decided (a route, or an endpoint as next hop).
+_ROUTED = {abi.REASON_IDS[r] for r in ("rule_allow", "flow", "route_kernel", "route_drop",
+                                       "no_route")}
+
+
+def packet_dst(packet: bytes):
+    """The destination address of an Ethernet frame (up to 2 VLAN tags), or None."""
+    import ipaddress
+    off, etype = 12, int.from_bytes(packet[12:14], "big")
+    for _ in range(2):
+        if etype not in (0x8100, 0x88A8):
+            break
+        off += 4
+        etype = int.from_bytes(packet[off:off + 2], "big")
+    l3 = off + 2
+    if etype == 0x0800 and len(packet) >= l3 + 20:
+        return ipaddress.ip_address(packet[l3 + 16:l3 + 20])
+    if etype == 0x86DD and len(packet) >= l3 + 40:
+        return ipaddress.ip_address(packet[l3 + 24:l3 + 40])
+    return None
+
+
+def route_for(state: model.State, tenant: str, packet: bytes) -> Optional[str]:
+    """Which of the tenant's endpoints or routes the datapath's longest-prefix lookup
+    picks for the packet's destination, in words."""
+    dst = packet_dst(packet)
+    if dst is None or not tenant:
+        return None
+    for e in state.endpoints:
+        if e.tenant == tenant and e.ip == dst:
+            return f"endpoint {e.ip} on port {e.port}"
+    best = None
+    for r in state.routes:
+        if r.tenant == tenant and r.prefix.version == dst.version and dst in r.prefix:
+            if best is None or r.prefix.prefixlen > best.prefix.prefixlen:
+                best = r
+    if best is None:
+        return f"no route to {dst}"
+    how = f"via {best.via}" if best.action == "via" else best.action
+    return f"route {best.prefix} {how}"
 
 
 # Raw views of the abi structs, offsets taken from the mirror (checked against the C).
@@ -487,4 +646,7 @@ class MetricsSource:
             return {"version": VERSION, "started_at": self.c.started_at,
                     "last_reconcile_seconds": self.c.last_reconcile_seconds,
                     "reconcile_errors": self.c.reconcile_errors, "sweeps": self.c.sweeps,
-                    "sweep_seconds_total": self.c.sweep_seconds_total}
+                    "sweep_seconds_total": self.c.sweep_seconds_total,
+                    "program_id": self.c.prog_id(), "kernel": platform.release(),
+                    "config_sha256": self.c.config_sha256,
+                    "last_change": self.c.last_change}

@@ -2,8 +2,9 @@
 and help come from the agent's command table), sends it over the control socket and prints
 the answer as text or, with --json, as exactly one JSON document.
 
-Exit status: 0 done; 1 the agent refused, denied, failed, or cannot be reached; 2 bad usage
-or input (argument errors, invalid values, unreadable or malformed files, bad Scapy).
+Exit status: 0 done; 1 the agent refused (the node's state is at odds with the request),
+denied, failed (a port whose attach failed included), or cannot be reached; 2 bad usage or
+input (argument errors, invalid values, unreadable or malformed files, bad Scapy).
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import logging
 import os
 import sys
 import textwrap
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from agent import commands, model
+from agent import VERSION, commands, model
 from agent.api import DEFAULT_SOCKET, ApiClient, ApiError
+from agent.config import _Lines as TomlLines
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 # Which side is wrong decides the status: the input (2) or the agent's state or itself (1).
@@ -36,7 +38,10 @@ class _Parser(argparse.ArgumentParser):
     # argparse prints and exits on its own; raising lets main() keep --json's promise of
     # one JSON document on stdout.
     def error(self, message):
-        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
+        # main() puts "xdpflowctl: " in front; the command's own words follow once.
+        where = self.prog.partition(" ")[2]
+        raise UsageError(f"{where + ': ' if where else ''}{message}\n"
+                         f"{self.format_usage().rstrip()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long to wait for the agent (default 30)")
+    p.add_argument("--version", action="version", version=f"xdpflowctl {VERSION}")
     top = p.add_subparsers(dest="_noun", metavar="COMMAND", required=True)
     nouns: Dict[str, Any] = {}
     for cmd in commands.COMMANDS.values():
@@ -130,8 +136,64 @@ def leaf_commands(parser: argparse.ArgumentParser) -> List[str]:
 # ---------------------------------------------------------------------------------------
 # Turning CLI-only arguments into wire arguments.
 
-def load_state_file(path: str) -> Dict[str, Any]:
-    """A TOML desired-state file -> the dict model.State.from_dict takes."""
+class StateFile:
+    """An apply file's text and data, to name the line of what an error is about."""
+
+    def __init__(self, path: str, text: str, data: Dict[str, Any]):
+        self.path = path if path != "-" else "<stdin>"
+        self.data = data
+        self.lines = TomlLines(text)
+
+    def where(self, kind: str, i: int, field: str = "") -> str:
+        line = self.lines.find(f"{kind}[{i}]" + (f".{field}" if field else ""))
+        return f"{self.path}:{line}" if line else self.path
+
+    def check(self) -> None:
+        """What the file alone shows wrong: a bad value, an object given twice. (What it
+        is at odds with on the node, the agent says; locate() finds its line.)"""
+        for name in self.data:
+            if name not in model.KINDS:
+                line = self.lines.find(name)
+                raise UsageError(f"{self.path}{f':{line}' if line else ''}: unknown table "
+                                 f"{name!r} (known: {', '.join(model.KINDS)})")
+        for kind, typ in model.KINDS.items():
+            items = self.data.get(kind) or []
+            if not isinstance(items, list):
+                raise UsageError(f"{self.path}: {kind} must be an array of tables [[{kind}]]")
+            seen: Dict[Any, int] = {}
+            for i, item in enumerate(items):
+                try:
+                    obj = typ.from_dict(item)
+                except model.Invalid as e:
+                    field = e.where.partition(": ")[2] if ": " in e.where else ""
+                    raise UsageError(f"{self.where(kind, i, field)}: {e}") from None
+                ident = model.identity(kind, obj)
+                if ident in seen:
+                    raise UsageError(f"{self.where(kind, i)}: {_ident_text(kind, ident)}: "
+                                     f"given twice (first at line "
+                                     f"{self.lines.find(f'{kind}[{seen[ident]}]')})")
+                seen[ident] = i
+
+    def locate(self, message: str) -> Optional[str]:
+        """The file position of the object an agent error names ("rule 7: ...")."""
+        for kind, typ in model.KINDS.items():
+            for i, item in enumerate(self.data.get(kind) or []):
+                try:
+                    ident = _ident_text(kind, model.identity(kind, typ.from_dict(item)))
+                except model.Invalid:
+                    continue
+                if message.startswith(ident + ":") or message.startswith(ident + " "):
+                    return self.where(kind, i)
+        return None
+
+
+def _ident_text(kind: str, ident) -> str:
+    """How the model names an object in its errors: "rule 7", "route blue/10.0.0.0/8"."""
+    return f"{kind[:-1]} {'/'.join(str(x) for x in ident)}"
+
+
+def load_state_file(path: str) -> StateFile:
+    """A TOML desired-state file, read and checked object by object."""
     try:
         import tomllib
     except ModuleNotFoundError:      # Python < 3.11 (pyproject pulls tomli in there)
@@ -155,7 +217,9 @@ def load_state_file(path: str) -> Dict[str, Any]:
         json.dumps(data)
     except (TypeError, ValueError):
         raise UsageError(f"{path}: dates and times are not accepted in a state file") from None
-    return data
+    f = StateFile(path, text.decode("utf-8"), data)
+    f.check()
+    return f
 
 
 def scapy_namespace() -> Dict[str, Any]:
@@ -172,10 +236,25 @@ def scapy_namespace() -> Dict[str, Any]:
     return ns
 
 
+# The fields a trace depends on; when the expression leaves one unset, Scapy's default is
+# used and reported (an all-zero source MAC or 127.0.0.1 explains many a surprising verdict).
+DEFAULTED_FIELDS = {
+    "Ether": ("dst", "src"), "IP": ("src", "dst", "ttl"), "IPv6": ("src", "dst", "hlim"),
+    "TCP": ("sport", "dport", "flags"), "UDP": ("sport", "dport"),
+    "ICMP": ("type", "code", "id"), "ICMPv6EchoRequest": ("id",),
+}
+
+
 def scapy_packet(expr: str) -> bytes:
+    """The packet's bytes (see scapy_packet_defaults)."""
+    return scapy_packet_defaults(expr)[0]
+
+
+def scapy_packet_defaults(expr: str) -> Tuple[bytes, List[str]]:
     """Evaluate a Scapy expression with only the layers in scope (no builtins: it is a
     packet description, not a program; this is hygiene, not a sandbox, since it runs with
-    the caller's own rights) and return its bytes, Ethernet header first."""
+    the caller's own rights); return its bytes, Ethernet header first, and which fields
+    Scapy filled with defaults ("Ether.src=00:00:00:00:00:00")."""
     ns = scapy_namespace()
     from scapy.config import conf
     from scapy.layers.l2 import Neighbor
@@ -187,7 +266,8 @@ def scapy_packet(expr: str) -> bytes:
     if not isinstance(pkt, Packet):
         raise UsageError(f"--scapy: the expression gives a {type(pkt).__name__}, "
                          "not a packet")
-    if not isinstance(pkt, ns["Ether"]):
+    added_ether = not isinstance(pkt, ns["Ether"])
+    if added_ether:
         pkt = ns["Ether"]() / pkt  # XDP sees frames; a bare IP packet gets a default header
     # Left to itself Scapy fills an unset Ether dst by ARPing for it on the node's network:
     # trace must send nothing, so with no resolvers an unset dst becomes broadcast.
@@ -196,12 +276,30 @@ def scapy_packet(expr: str) -> bytes:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        return bytes(pkt)
+        raw = bytes(pkt)
     except Exception as e:
         raise UsageError(f"--scapy: cannot build the packet: {type(e).__name__}: {e}") from None
     finally:
         conf.neighbor = saved
         quiet.setLevel(level)
+    return raw, _defaults_used(pkt, ns["Ether"](raw), added_ether)
+
+
+def _defaults_used(given, built, added_ether: bool) -> List[str]:
+    out = ["Ether header added"] if added_ether else []
+    mine, theirs = given, built
+    while mine is not None and theirs is not None and type(mine) is type(theirs):
+        for name in DEFAULTED_FIELDS.get(type(mine).__name__, ()):
+            if name not in mine.fields:
+                out.append(f"{type(mine).__name__}.{name}={_field_text(theirs, name)}")
+        mine = mine.payload if mine.payload else None
+        theirs = theirs.payload if theirs.payload else None
+    return out
+
+
+def _field_text(layer, name: str) -> str:
+    v = layer.getfieldval(name)
+    return str(v) if name != "flags" else str(layer.get_field(name).i2repr(layer, v))
 
 
 def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
@@ -213,9 +311,14 @@ def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
             if v is not None and v is not False:
                 args[a.name] = v
     if cmd.name == "apply":
-        args["state"] = load_state_file(ns.file)
+        args["state"] = load_state_file(ns.file).data
     elif cmd.name == "trace" and ns.scapy is not None:
-        args["hex"] = scapy_packet(ns.scapy).hex()
+        raw, defaults = scapy_packet_defaults(ns.scapy)
+        args["hex"] = raw.hex()
+        if defaults:
+            print("--scapy filled in defaults: " + ", ".join(defaults), file=sys.stderr)
+    elif cmd.name == "flow dump":
+        args["limit"] = ns.limit + 1   # one more than shown: to know whether --limit cut
     return args
 
 
@@ -247,14 +350,14 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 
 LIST_COLUMNS = {
     "tenants": ("name", "id", "vni", "default"),
-    "ports": ("name", "tenant"),
+    "ports": ("name", "tenant", "attached", "mode", "note"),
     "endpoints": ("tenant", "ip", "port", "mac"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
               "icmp_type", "icmp_code", "in_port", "comment"),
 }
-FLOW_COLUMNS = ("tenant", "proto", "src", "sport", "dst", "dport", "verdict", "out_port",
-                "rule", "packets", "bytes", "idle_s", "flags")
+FLOW_COLUMNS = ("tenant", "in_port", "proto", "src", "sport", "dst", "dport", "verdict",
+                "out_port", "rule", "packets", "bytes", "idle_s", "flags")
 COUNTER_COLUMNS = ("tenant", "port", "verdict", "reason", "packets", "bytes")
 NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport")
 
@@ -289,30 +392,90 @@ def format_diff(d: Dict[str, Any]) -> List[str]:
 
 
 def _format_mapping(d: Any, indent: str = "") -> List[str]:
+    """Nested mappings as indented "key: value" lines, lists of mappings as tables: what
+    people read, never a Python structure."""
     lines = []
     if not isinstance(d, dict):
         return [indent + _cell(d)]
     for k, v in d.items():
+        label = str(k).replace("_", " ")
         if isinstance(v, dict):
-            lines.append(f"{indent}{k}:")
+            lines.append(f"{indent}{label}:" + ("" if v else " none"))
             lines.extend(_format_mapping(v, indent + "  "))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            columns = list(dict.fromkeys(c for x in v for c in x))
+            lines.append(f"{indent}{label}:")
+            lines.extend(indent + "  " + ln for ln in format_table(v, columns, NUMERIC
+                                                                   + ("ifindex",)).splitlines())
         else:
-            lines.append(f"{indent}{k}: {_cell(v)}")
+            lines.append(f"{indent}{label}: {_cell(v) if v != [] else 'none'}")
     return lines
 
 
-def _packet_text(hexstr: Optional[str]) -> List[str]:
-    if not hexstr:
-        return ["output packet: none"]
-    lines = ["output packet:"]
+def _packet_text(hexstr: Optional[str], title: str = "output packet:") -> List[str]:
+    lines = [title]
     try:
+        from scapy.config import conf
         ns = scapy_namespace()
         pkt = ns["Ether"](bytes.fromhex(hexstr))
-        lines += ["  " + ln for ln in pkt.show(dump=True).splitlines()]
+        # Ports as numbers (22, not "ssh"): what rules and flow dumps show.
+        ports = (ns["TCP"].sport, ns["TCP"].dport, ns["UDP"].sport, ns["UDP"].dport)
+        added = [f for f in ports if f not in conf.noenum]
+        conf.noenum.add(*added)
+        try:
+            lines += ["  " + ln for ln in pkt.show(dump=True).splitlines()]
+        finally:
+            if added:
+                conf.noenum.remove(*added)
     except Exception:  # scapy is a nicety here; the hex below is the answer
         pass
     lines.append("  hex: " + hexstr)
     return lines
+
+
+_PORT_STATES = {"attached": "attached ({mode})",
+                "waiting": "waiting for the interface ({note})",
+                "failed": "attaching failed: {note}"}
+
+
+def _port_added(r: Dict[str, Any]) -> str:
+    head = f"port {r.get('name')} in tenant {r.get('tenant')}"
+    state = r.get("state")
+    if state not in _PORT_STATES:
+        return "added " + head
+    what = _PORT_STATES[state].format(mode=r.get("mode") or "?", note=r.get("note") or "?")
+    if state == "failed":
+        return (f"added {head}, but {what}. The port stays configured: fix the cause, "
+                f"or remove it with: xdpflowctl port del {r.get('name')}")
+    return f"added {head}: {what}"
+
+
+def _flow_rows(rows: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Tuple[str, ...]]:
+    """ICMP flows show type/code/id in an ICMP column instead of ports."""
+    out = []
+    for r in rows:
+        if "icmp_type" in r:
+            r = {**r, "sport": None, "dport": None,
+                 "icmp": f"type {r['icmp_type']} code {r['icmp_code']} id {r['icmp_id']}"}
+        out.append(r)
+    cols = FLOW_COLUMNS
+    if any("icmp" in r for r in out):
+        i = cols.index("dport") + 1
+        cols = cols[:i] + ("icmp",) + cols[i:]
+    return out, cols
+
+
+def _kept_lines(d: Dict[str, Any]) -> Tuple[List[str], int]:
+    lines, total = [], 0
+    for kind in model.KINDS:
+        kept = (d.get(kind) or {}).get("keep") or []
+        total += len(kept)
+        if kept:
+            names = [_describe(kind, o).split(" (")[0] for o in kept]
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8
+                                           else "")
+            lines.append(f"= kept, not in the file: {shown}")
+    return lines, total
 
 
 def render(name: str, result: Any, args: Dict[str, Any]) -> str:
@@ -328,24 +491,40 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
                                      int(r.get("id") or 0)))
             rows = [{**r, **{k: r.get(k) or "any" for k in _ANY_FIELDS}} for r in rows]
         return format_table(rows, LIST_COLUMNS[kind], NUMERIC)
+    if name == "port add":
+        return _port_added(result or {})
     if verb == "add":
         return "added " + _describe(kind, result or {})
     if verb == "del":
         ident = "/".join(str(x) for x in (result or {}).get("identity", []))
-        return f"deleted {noun} {ident}"
+        gone = (result or {}).get("cascaded") or {}
+        return f"deleted {noun} {ident}" + (f" and its {model.count_phrase(gone)}"
+                                            if gone else "")
     if name == "apply":
         lines = format_diff(result or {})
         n = len(lines)
+        kept, n_kept = _kept_lines(result or {})
+        lines += kept
+        s = "s" if n != 1 else ""
         if args.get("dry_run"):
-            lines.append("dry run: nothing changed" + ("" if n else " (and nothing would)"))
+            lines.append(f"dry run: would apply {n} change{s}" if n else "dry run: no changes")
         else:
-            lines.append(f"applied {n} change{'s' if n != 1 else ''}" if n else "no changes")
+            lines.append(f"applied {n} change{s}" if n else "no changes")
+        if n_kept:
+            lines[-1] += (f"; kept {n_kept} object{'s' if n_kept != 1 else ''} not in the file "
+                          "(--prune removes them)")
         return "\n".join(lines)
     if name == "flow dump":
         rows = list(result or [])
+        limit = args.get("limit", 0) - 1
+        cut = limit > 0 and len(rows) > limit
         if not rows:
             return "no flows"
-        return format_table(rows, FLOW_COLUMNS, NUMERIC)
+        rows, cols = _flow_rows(rows[:limit] if cut else rows)
+        text = format_table(rows, cols, NUMERIC)
+        if cut:
+            text += f"\n(first {limit} flows shown; more match: raise --limit or filter)"
+        return text
     if name == "flow flush":
         n = (result or {}).get("flushed", 0)
         return f"flushed {n} flow{'s' if n != 1 else ''}"
@@ -358,10 +537,23 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
         return "\n".join(out)
     if name == "trace":
         r = result or {}
-        lines = [f"{label:<10} {_cell(r.get(k))}" for label, k in (
+        lines = []
+        if r.get("built_trace_program"):
+            lines.append(f"(built the trace program first: {r.get('seconds', 0):.1f} s; "
+                         "later traces reuse it)")
+        lines += [f"{label:<10} {_cell(r.get(k))}" for label, k in (
             ("verdict:", "verdict"), ("tenant:", "tenant"), ("rule:", "rule"),
-            ("out port:", "out_port"), ("flow hit:", "flow_hit"), ("reason:", "reason"))]
-        return "\n".join(lines + _packet_text(r.get("packet_out")))
+            ("route:", "route"), ("out port:", "out_port"), ("flow hit:", "flow_hit"),
+            ("reason:", "reason"))]
+        out = r.get("packet_out")
+        if r.get("verdict") == "drop" or r.get("action") in ("drop", "aborted") or not out:
+            lines.append("output packet: none (dropped)" if r.get("verdict") == "drop"
+                         else "output packet: none")
+        elif r.get("verdict") == "pass" or r.get("action") == "pass":
+            lines += _packet_text(out, "to the kernel's stack, unchanged:")
+        else:
+            lines += _packet_text(out)
+        return "\n".join(lines)
     return "\n".join(_format_mapping(result))
 
 
@@ -372,6 +564,25 @@ def _fail(code: str, message: str, as_json: bool) -> int:
         print(json.dumps({"error": {"code": code, "message": message}}))
     print(f"xdpflowctl: {message}", file=sys.stderr)
     return EXIT_USAGE if code in USAGE_CODES else EXIT_REFUSED
+
+
+def _unreachable_hint(message: str, path: str, from_env: bool) -> str:
+    where = "from XDPFLOW_SOCKET" if from_env else (
+        "the default" if path == DEFAULT_SOCKET else "from --socket")
+    return (f"{message}\n  is the agent running? (systemctl status xdpflow-agent)\n"
+            f"  the socket path is {where}; another one is chosen with --socket PATH or "
+            "XDPFLOW_SOCKET")
+
+
+def _announce_trace_build(client: ApiClient) -> None:
+    """The first trace builds the trace program (seconds): say so before waiting."""
+    try:
+        st = client.call("status", {})
+    except ApiError:
+        return
+    if isinstance(st, dict) and st.get("trace_program") == "not built":
+        print("building the trace program first (takes a few seconds; later traces reuse "
+              "it)...", file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -388,16 +599,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = wire_args(cmd, ns)
     except UsageError as e:
         return _fail("usage", str(e), ns.json)
+    client = ApiClient(ns.socket, timeout=ns.timeout)
+    if cmd.name == "trace" and not ns.json:
+        _announce_trace_build(client)
     try:
-        result = ApiClient(ns.socket, timeout=ns.timeout).call(cmd.name, args)
+        result = client.call(cmd.name, args)
     except ApiError as e:
-        return _fail(e.code, e.message, ns.json)
+        message = e.message
+        if e.code == "unreachable":
+            message = _unreachable_hint(message, ns.socket,
+                                        ns.socket == os.environ.get("XDPFLOW_SOCKET"))
+        elif cmd.name == "apply":
+            where = load_state_file(ns.file).locate(message) if ns.file != "-" else None
+            message = f"{where}: {message}" if where else message
+        return _fail(e.code, message, ns.json)
     if ns.json:
+        if cmd.name == "flow dump" and isinstance(result, list) and len(result) > ns.limit:
+            result = result[:ns.limit]
+            print(f"xdpflowctl: first {ns.limit} flows shown; more match", file=sys.stderr)
         print(json.dumps(result, indent=2))
     else:
         text = render(cmd.name, result, args)
         if text:
             print(text)
+    if cmd.name == "port add" and isinstance(result, dict) and result.get("state") == "failed":
+        if ns.json:
+            print(f"xdpflowctl: {_port_added(result)}", file=sys.stderr)
+        return EXIT_REFUSED
     return EXIT_OK
 
 

@@ -268,7 +268,8 @@ def test_non_admin_is_denied_mutating_commands(sock_path):
         # reading is for anyone who reaches the socket, and so is a dry run
         assert c.call("tenant list")[0]["name"] == "blue"
         assert c.call("stats")["counters"]
-        assert c.call("apply", {"state": {}, "dry_run": True})["tenants"]["remove"]
+        assert c.call("apply", {"state": {}, "dry_run": True,
+                                   "prune": True})["tenants"]["remove"]
     assert [x[0] for x in ctl.calls] == ["list", "stats", "apply"]   # nothing else reached it
     assert ctl.state.tenant("red") is None
 

@@ -194,7 +194,7 @@ def test_apply_dry_run_then_real(run, agent, tmp_path):
     rc, out, _ = run("apply", str(f), "--dry-run")
     assert rc == 0
     assert "+ tenant blue (id=10 default=drop)" in out
-    assert "+ rule 7 (" in out and out.rstrip().endswith("dry run: nothing changed")
+    assert "+ rule 7 (" in out and out.rstrip().endswith("dry run: would apply 6 changes")
     assert ctl.state.tenants == []
     rc, out, _ = run("apply", str(f))
     assert rc == 0 and out.rstrip().endswith("applied 6 changes")
@@ -203,11 +203,11 @@ def test_apply_dry_run_then_real(run, agent, tmp_path):
     rc, out, _ = run("apply", str(f), "-n")
     assert "~ tenant red: vni: 5020 -> 5021" in out
     f.write_text('[[tenants]]\nname = "blue"\nid = 10\n')
-    rc, out, _ = run("apply", str(f))
+    rc, out, _ = run("apply", str(f), "--prune")
     assert "- rule 7" in out and "- tenant red" in out
-    rc, out, _ = run("--json", "apply", str(f))
+    rc, out, _ = run("--json", "apply", str(f), "--prune")
     assert json.loads(out)["tenants"] == {"add": [], "remove": [], "change": []}
-    rc, out, _ = run("apply", str(f))
+    rc, out, _ = run("apply", str(f), "--prune")
     assert out.strip() == "no changes"
 
 
@@ -220,7 +220,7 @@ def test_apply_from_stdin(run, agent, monkeypatch):
 
 def test_flows_stats_status(run):
     rc, out, _ = run("flow", "dump")
-    assert rc == 0 and out.splitlines()[0].split()[:3] == ["TENANT", "PROTO", "SRC"]
+    assert rc == 0 and out.splitlines()[0].split()[:4] == ["TENANT", "IN_PORT", "PROTO", "SRC"]
     assert len(out.splitlines()) == 3
     rc, out, _ = run("--json", "flow", "dump", "--tenant", "blue", "--limit", "5")
     assert [f["tenant"] for f in json.loads(out)] == ["blue"]
@@ -228,7 +228,7 @@ def test_flows_stats_status(run):
     assert run("flow", "flush")[1] == "flushed 1 flow\n"
     assert run("flow", "dump")[1] == "no flows\n"
     rc, out, _ = run("stats")
-    assert rc == 0 and "no-rule" in out and "insert_failed: 0" in out
+    assert rc == 0 and "no-rule" in out and "insert failed: 0" in out
     assert out.splitlines()[0].split() == ["TENANT", "PORT", "VERDICT", "REASON", "PACKETS",
                                            "BYTES"]
     rc, out, _ = run("status")

@@ -66,22 +66,31 @@ class FakeController:
         self.state = self.state.with_added(kind, o)
         return o.to_dict()
 
-    def delete(self, kind, ident):
+    def delete(self, kind, ident, cascade=False):
         self._enter("delete", kind, ident)
+        if kind == "tenants":
+            gone = self.state.users_of_tenant(ident[0]) if cascade else {}
+            self.state = self.state.without_tenant(ident[0], cascade)
+            return gone
         self.state = self.state.with_removed(kind, tuple(ident))
+        return {}
 
-    def apply(self, state, dry_run):
+    def apply(self, state, dry_run, prune=False):
         self._enter("apply", state, dry_run)
-        new = model.State.from_dict(state)
+        given = model.State.from_dict(state)
+        new = given if prune else self.state.merged(given)
         new.validate()
-        d = model.diff(self.state, new)
+        d = model.diff(self.state, new, kept=None if prune else given)
         if not dry_run:
             self.state = new
         return d
 
-    def flow_dump(self, tenant, limit):
+    def flow_dump(self, tenant, limit, port=None, proto=None, ip=None):
         self._enter("flow_dump", tenant, limit)
-        return [f for f in self.flows if tenant in (None, f["tenant"])][:limit]
+        return [f for f in self.flows if tenant in (None, f["tenant"])
+                and port in (None, f.get("in_port"), f["out_port"])
+                and proto in (None, model.PROTOCOLS.get(f["proto"]))
+                and (ip is None or str(ip) in (f["src"], f["dst"]))][:limit]
 
     def flow_flush(self, tenant):
         self._enter("flow_flush", tenant)
@@ -90,8 +99,8 @@ class FakeController:
         self.flows = keep
         return n
 
-    def stats(self):
-        self._enter("stats")
+    def stats(self, tenant=None):
+        self._enter("stats", tenant)
         return {"counters": [
             {"tenant": "blue", "port": "veth-vm1", "verdict": "redirect", "reason": "flow-hit",
              "packets": 1000, "bytes": 64000},
@@ -204,7 +213,7 @@ def test_delete_identities_are_canonical():
     dispatch(c, "endpoint del", {"tenant": "blue", "ip": "2001:0db8:0::5"})
     assert c.calls[-1] == ("delete", "endpoints", ["blue", "2001:db8::5"])
     dispatch(c, "rule add", {"tenant": "blue", "priority": 1, "action": "deny"})
-    dispatch(c, "rule del", {"id": "1"})
+    dispatch(c, "rule del", {"id": 1})
     assert c.calls[-1] == ("delete", "rules", [1])
     with pytest.raises(model.Conflict, match="does not exist"):
         dispatch(c, "rule del", {"id": 1})

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import EVICTION_REASONS, DatapathCollector, serve
+from agent.metrics import _FAMILIES, EVICTION_REASONS, DatapathCollector, Timings, serve
 
 pytestmark = pytest.mark.unit
 
@@ -153,7 +153,7 @@ def test_scrape_matches_the_source(server):
 def test_every_family_has_help_and_the_prefix(server):
     body = scrape("127.0.0.1", server.port)
     ours = [f for f in text_string_to_metric_families(body) if not f.name.startswith("process_")]
-    assert len(ours) == 19
+    assert len(ours) == len(_FAMILIES)
     for family in ours:
         assert family.name.startswith("xdpflow_")
         assert family.documentation and family.documentation != family.name
