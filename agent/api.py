@@ -549,6 +549,9 @@ def describe_result(cmd: commands.Command, reply: Dict[str, Any]) -> str:
     if cmd.name == "apply" and isinstance(reply.get("result"), dict):
         n = model.count_changes(reply["result"])
         return f"ok, {n} change{'' if n == 1 else 's'}"
+    result = reply.get("result")
+    if cmd.name == "port add" and isinstance(result, dict) and result.get("state") == "failed":
+        return f"ok, but attaching failed: {result.get('note')}"
     return "ok"
 
 

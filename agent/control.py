@@ -215,6 +215,7 @@ class Controller:
             state, note = "waiting", "no such interface yet; attached when it appears"
         else:
             state = "failed"
+            note = note[len(name) + 2:] if note.startswith(name + ": ") else note
         return {"attached": link is not None, "state": state,
                 "mode": (link.xdp_mode or self.cfg.datapath.xdp_mode) if link else "",
                 "ifindex": link.ifindex if link else 0, "note": note}
