@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -166,6 +167,8 @@ class StateFile:
                     obj = typ.from_dict(item)
                 except model.Invalid as e:
                     field = e.where.partition(": ")[2] if ": " in e.where else ""
+                    unknown = re.match(r"unknown field '([^']+)'", e.message)
+                    field = unknown.group(1) if unknown else field
                     raise UsageError(f"{self.where(kind, i, field)}: {e}") from None
                 ident = model.identity(kind, obj)
                 if ident in seen:
@@ -569,9 +572,11 @@ def _fail(code: str, message: str, as_json: bool) -> int:
 def _unreachable_hint(message: str, path: str, from_env: bool) -> str:
     where = "from XDPFLOW_SOCKET" if from_env else (
         "the default" if path == DEFAULT_SOCKET else "from --socket")
-    return (f"{message}\n  is the agent running? (systemctl status xdpflow-agent)\n"
-            f"  the socket path is {where}; another one is chosen with --socket PATH or "
-            "XDPFLOW_SOCKET")
+    first = ("  the socket is there but not yours: reading needs its group ([agent] "
+             "socket_group), changes need root or admin_group" if "ermission denied" in message
+             else "  is the agent running? (systemctl status xdpflow-agent)")
+    return (f"{message}\n{first}\n  the socket path is {where}; another one is chosen with "
+            "--socket PATH or XDPFLOW_SOCKET")
 
 
 def _announce_trace_build(client: ApiClient) -> None:

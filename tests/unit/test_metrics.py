@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import _FAMILIES, EVICTION_REASONS, DatapathCollector, Timings, serve
+from agent.metrics import _FAMILIES, EVICTION_REASONS, DatapathCollector, serve
 
 pytestmark = pytest.mark.unit
 
