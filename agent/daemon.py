@@ -56,6 +56,7 @@ class Agent:
         from .metrics import Timings
         self.timings = Timings()   # shared by the controller and the API server
         self._links_dirty = threading.Event()
+        self._links_lost = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -85,10 +86,10 @@ class Agent:
                     log.info("initial state from %s applied", self.config_path)
                 self.store.set_meta("seeded", "1")
             self.controller.reconcile("start")
-            self.controller.sweep()
+            self.controller.sweeper.sweep()
         self._start_api()
         self._start_metrics()
-        self.watcher = LinkWatcher(lambda why: self._mark_links_dirty())
+        self.watcher = LinkWatcher(self._mark_links_dirty)
         self.watcher.start()
 
     def _log_pins(self, report):
@@ -118,16 +119,19 @@ class Agent:
         log.info("control API on %s", a.socket)
 
     def _start_metrics(self):
-        from .control import MetricsSource
-        from .metrics import DatapathCollector, serve
+        from .metrics import AgentSource, DatapathCollector, serve
         addr = self.cfg.metrics_address()
         if addr is None:
             return
-        self.metrics = serve(DatapathCollector(MetricsSource(self.controller, self.lock),
+        self.metrics = serve(DatapathCollector(AgentSource(self.controller, self.lock),
                                                self.timings), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
 
-    def _mark_links_dirty(self):
+    def _mark_links_dirty(self, why: str = "link"):
+        """From the watcher's thread: every port is reconciled by the loop, whatever the
+        event (and after lost events, when nothing says what changed)."""
+        if why == "lost":
+            self._links_lost.set()
         self._links_dirty.set()
         try:
             os.write(self._wake_w, b"l")
@@ -157,7 +161,7 @@ class Agent:
                 # A sweep of a full table takes seconds in Python: never spend more than
                 # about a third of a core on it, whatever the configured interval.
                 next_sweep = time.monotonic() + max(self.cfg.aging.interval,
-                                                    2 * self.controller.last_sweep_seconds)
+                                                    2 * self.controller.sweeper.last_seconds)
             while self.signals:
                 sig = self.signals.pop(0)
                 if sig == signal.SIGHUP:
@@ -184,13 +188,15 @@ class Agent:
 
     def _sweep(self):
         with self.lock:
-            done = self.controller.sweep()
+            done = self.controller.sweeper.sweep()
         if done:
             log.debug("sweep evicted %s", ", ".join(f"{n} {why}" for why, n in done.items()))
 
     def _reconcile_links(self):
+        why = "link events lost" if self._links_lost.is_set() else "link change"
+        self._links_lost.clear()
         with self.lock:
-            self.controller.reconcile("link change")
+            self.controller.reconcile(why)
 
     def reload(self):
         """SIGHUP: read the config again and apply what changed."""
@@ -204,9 +210,16 @@ class Agent:
         old = self.cfg
         with self.lock:
             if new.datapath != old.datapath:
-                self._rebuild_datapath(new)
+                try:
+                    self._rebuild_datapath(new)
+                except Exception:
+                    log.exception("reload refused: the datapath with the new [datapath] "
+                                  "sizes could not be built and programmed; the running one "
+                                  "is kept, with the running config")
+                    notify.ready()
+                    return
             self.cfg = new
-            self.controller.cfg = new
+            self.controller.use_config(new)
             from .control import file_sha256
             self.controller.config_sha256 = file_sha256(self.config_path)
             if new.state.to_dict() != old.state.to_dict():
@@ -238,24 +251,34 @@ class Agent:
                 obj = typ.from_dict(o)
                 items[model.identity(kind, obj)] = obj
             setattr(target, kind, list(items.values()))
-        n = model.count_changes(self.controller.apply(target.to_dict(), dry_run=False, prune=True))
         from .api import audit_log
-        audit_log.info("uid %d (%s) reload of %s: applied %d change%s", os.getuid(),
-                       "SIGHUP", self.config_path, n, "" if n == 1 else "s")
+        # The target is the whole state: what the config no longer names goes.
+        d = self.controller.apply(target.to_dict(), dry_run=False, prune=True)
+        n = model.count_changes(d)
+        audit_log.info("SIGHUP: reload of %s's [state]: ok, %d change%s", self.config_path,
+                       n, "" if n == 1 else "s")
 
     def _rebuild_datapath(self, new_cfg):
-        """Map sizes changed: build the new program (migrating what can be migrated),
-        program it, then replace the program on every port in one step each."""
+        """Map sizes changed: build the new program beside the running one (all-new
+        configuration maps if any of them changed, see Datapath.load), program it from
+        the store, replace the program on every port in one step each, then move the pins
+        in place. If anything fails before that, the running program, its maps and pins
+        stay as they were (and ports already moved get it back)."""
         from .datapath import Datapath
-        old_dp = self.dp
+        old_dp, old_cfg = self.dp, self.cfg
         dp = Datapath(new_cfg.agent.bpffs, new_cfg.datapath_defines())
-        self._log_pins(dp.load())
+        try:
+            self._log_pins(dp.load(beside=True))
+            self.controller.use_datapath(dp, new_cfg)
+        except Exception:
+            try:
+                self.controller.use_datapath(old_dp, old_cfg)
+            finally:
+                dp.close()
+                dp.discard_staged()
+            raise
+        dp.commit_pins()
         self.dp = dp
-        self.controller.dp = dp
-        self.controller.cfg = new_cfg
-        self.controller._prog_id = 0
-        self.controller.attached = {}
-        self.controller.reconcile("datapath rebuilt")
         old_dp.close()
 
     def stop(self) -> int:
