@@ -494,7 +494,7 @@ class ApiServer:
         try:
             self.authorize(cmd, args, peer)
         except PermissionError as e:
-            self.log.warning("control API: denied %s to %s", name, peer)
+            self.log.warning("control API: denied %s to %s", name, describe_peer(peer))
             return reply_error(DENIED, str(e))
         try:
             with self.lock:

@@ -225,8 +225,11 @@ def _apply(c, args):
     return c.apply(args["state"], bool(args.get("dry_run")), prune=bool(args.get("prune")))
 
 
+MAX_FLOW_LIMIT = 10_000_000
+
+
 def _flow_dump(c, args):
-    limit = model.parse_int(args.get("limit"), "flow dump: limit", 1, 10_000_000)
+    limit = model.parse_int(args.get("limit"), "flow dump: limit", 1, MAX_FLOW_LIMIT)
     filters = {}
     if args.get("port") is not None:
         filters["port"] = model.parse_ifname(args["port"], "flow dump: port")

@@ -321,6 +321,10 @@ def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
         if defaults:
             print("--scapy filled in defaults: " + ", ".join(defaults), file=sys.stderr)
     elif cmd.name == "flow dump":
+        try:
+            model.parse_int(ns.limit, "flow dump: limit", 1, commands.MAX_FLOW_LIMIT - 1)
+        except model.Invalid as e:
+            raise UsageError(str(e)) from None
         args["limit"] = ns.limit + 1   # one more than shown: to know whether --limit cut
     return args
 

@@ -346,3 +346,37 @@ def test_agent_help_names_force():
     p = subprocess.run([sys.executable, "-m", "agent.daemon", "--help"], cwd=root,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "--force" in p.stdout and "--teardown" in p.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["tenant", "add", "green", "--id", "70000"],
+    ["tenant", "add", "9green", "--id", "7"],
+    ["port", "add", "a/b", "--tenant", "blue"],
+    ["endpoint", "add", "--tenant", "blue", "10.0.0.999", "--port", "veth-vm1", "--mac",
+     "02:00:00:00:00:09"],
+    ["route", "add", "--tenant", "blue", "10.0.0.1/8", "--drop"],
+    ["rule", "add", "--tenant", "blue", "--priority", "1", "--dport", "99999", "--proto",
+     "tcp", "--action", "deny"],
+    ["rule", "del", "0"],
+    ["flow", "dump", "--limit", "0"],
+    ["flow", "dump", "--ip", "not-an-ip"],
+    ["stats", "--tenant", "9x"],
+    ["trace", "--port", "veth-vm1", "--hex", "xyz"],
+])
+def test_every_input_error_is_exit_2(run, argv):
+    setup_blue(run)
+    rc, out, err = run(*argv)
+    assert rc == 2 and out == "" and err.startswith("xdpflowctl: "), (argv, rc, err)
+    assert err.count("xdpflowctl:") == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["tenant", "add", "blue", "--id", "11"],                   # exists
+    ["port", "add", "veth-vm9", "--tenant", "nosuch"],          # no such tenant
+    ["rule", "del", "99"],                                     # no such rule
+    ["tenant", "del", "blue"],                                 # still used
+])
+def test_refusals_are_exit_1(run, argv):
+    setup_blue(run)
+    rc, out, err = run(*argv)
+    assert rc == 1 and out == "" and err.startswith("xdpflowctl: "), (argv, rc, err)
