@@ -583,15 +583,21 @@ def _unreachable_hint(message: str, path: str, from_env: bool) -> str:
             "--socket PATH or XDPFLOW_SOCKET")
 
 
-def _announce_trace_build(client: ApiClient) -> None:
-    """The first trace builds the trace program (seconds): say so before waiting."""
+TRACE_BUILD_TIMEOUT = 180.0
+
+
+def _announce_trace_build(client: ApiClient, quiet: bool) -> None:
+    """The first trace builds the trace program (seconds, more on a busy node): say so
+    before waiting, and wait long enough for it."""
     try:
         st = client.call("status", {})
     except ApiError:
         return
     if isinstance(st, dict) and st.get("trace_program") == "not built":
-        print("building the trace program first (takes a few seconds; later traces reuse "
-              "it)...", file=sys.stderr, flush=True)
+        client.timeout = max(client.timeout, TRACE_BUILD_TIMEOUT)
+        if not quiet:
+            print("building the trace program first (takes a few seconds; later traces "
+                  "reuse it)...", file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -609,8 +615,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as e:
         return _fail("usage", str(e), ns.json)
     client = ApiClient(ns.socket, timeout=ns.timeout)
-    if cmd.name == "trace" and not ns.json:
-        _announce_trace_build(client)
+    if cmd.name == "trace":
+        _announce_trace_build(client, quiet=ns.json)
     try:
         result = client.call(cmd.name, args)
     except ApiError as e:
