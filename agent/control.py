@@ -236,14 +236,9 @@ class Controller:
                 for t in st.sorted("tenants")]
 
     def port_rows(self) -> List[Dict[str, Any]]:
-        out = []
-        for p in self.state.sorted("ports"):
-            link = self.attached.get(p.name)
-            out.append({"name": p.name, "tenant": p.tenant, "attached": link is not None,
-                        "ifindex": link.ifindex if link else 0,
-                        "mode": self.cfg.datapath.xdp_mode if link else "",
-                        "note": self.port_notes.get(p.name, "")})
-        return out
+        # One row shape for status, metrics and `port list`: what port_status says.
+        return [{"name": p.name, "tenant": p.tenant, **self.port_status(p.name)}
+                for p in self.state.sorted("ports")]
 
     def agent_info(self) -> Dict[str, Any]:
         sw = self.sweeper
@@ -266,7 +261,7 @@ class Controller:
         out = [o.to_dict() for o in items]
         if kind == "ports":
             for d in out:
-                d.update(self.port_status(d["name"]))
+                d.update(self.port_status(d["name"]))   # after the fields the model has
         if kind == "rules":
             hits = self.dp.rule_hits()
             for d in out:

@@ -405,7 +405,8 @@ def _format_mapping(d: Any, indent: str = "") -> List[str]:
     if not isinstance(d, dict):
         return [indent + _cell(d)]
     for k, v in d.items():
-        label = str(k).replace("_", " ")
+        label = str(k)
+        label = (label[:-2] + " (s)" if label.endswith("_s") else label).replace("_", " ")
         if isinstance(v, dict):
             lines.append(f"{indent}{label}:" + ("" if v else " none"))
             lines.extend(_format_mapping(v, indent + "  "))
