@@ -430,8 +430,8 @@ _cmd("rule list", False, "list security rules",
      _list("rules"), args=(_TENANT_FILTER,))
 
 # -- the whole state --
-_cmd("apply", True, "make a whole desired state (TOML) the agent's, atomically, and show "
-                    "the difference",
+_cmd("apply", True, "apply a desired state (TOML) atomically and show the difference; "
+                    "with --prune it is the whole state",
      "  xdpflowctl apply node.toml --dry-run\n  xdpflowctl apply node.toml\n"
      "  xdpflowctl apply whole-node.toml --prune --dry-run",
      _apply,

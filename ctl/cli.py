@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _leaf_kw(cmd: commands.Command) -> Dict[str, Any]:
-    text = cmd.help + "." + ("\n\n" + textwrap.fill(cmd.description, 78)
+    text = textwrap.fill(cmd.help + ".", 78) + ("\n\n" + textwrap.fill(cmd.description, 78)
                              if cmd.description else "")
     return dict(description=text,
                 epilog="examples:\n" + cmd.examples,
@@ -314,7 +314,8 @@ def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
             if v is not None and v is not False:
                 args[a.name] = v
     if cmd.name == "apply":
-        args["state"] = load_state_file(ns.file).data
+        ns.state_file = load_state_file(ns.file)    # kept to locate the agent's errors
+        args["state"] = ns.state_file.data
     elif cmd.name == "trace" and ns.scapy is not None:
         raw, defaults = scapy_packet_defaults(ns.scapy)
         args["hex"] = raw.hex()
@@ -626,7 +627,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             message = _unreachable_hint(message, ns.socket,
                                         ns.socket == os.environ.get("XDPFLOW_SOCKET"))
         elif cmd.name == "apply":
-            where = load_state_file(ns.file).locate(message) if ns.file != "-" else None
+            where = ns.state_file.locate(message)
             message = f"{where}: {message}" if where else message
         return _fail(e.code, message, ns.json)
     if ns.json:
