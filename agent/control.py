@@ -236,9 +236,14 @@ class Controller:
                 for t in st.sorted("tenants")]
 
     def port_rows(self) -> List[Dict[str, Any]]:
-        # One row shape for status, metrics and `port list`: what port_status says.
-        return [{"name": p.name, "tenant": p.tenant, **self.port_status(p.name)}
-                for p in self.state.sorted("ports")]
+        out = []
+        for p in self.state.sorted("ports"):
+            link = self.attached.get(p.name)
+            out.append({"name": p.name, "tenant": p.tenant, "attached": link is not None,
+                        "ifindex": link.ifindex if link else 0,
+                        "mode": self.cfg.datapath.xdp_mode if link else "",
+                        "note": self.port_notes.get(p.name, "")})
+        return out
 
     def agent_info(self) -> Dict[str, Any]:
         sw = self.sweeper
