@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from agent import model
 
 
-_JSON_TYPE = {"str": "string", "int": "integer", "flag": "boolean", "object": "object"}
+_JSON_TYPE = {"str": "string", "int": "integer", "flag": "boolean", "object": "object",
+              "list": "array of strings"}
 
 
 class BadArgs(Exception):
@@ -29,7 +30,7 @@ class Arg:
     """One argument of a command.
 
     `flags` empty means positional. `kind` is the JSON type on the wire: "str", "int",
-    "flag" (a boolean switch), "object" (a JSON table). `wire=False` arguments exist only in
+    "flag" (a boolean switch), "object" (a JSON table), "list" (strings; a repeatable flag). `wire=False` arguments exist only in
     the CLI, which turns them into wire arguments before sending (a TOML file becomes
     `state`, a Scapy expression becomes `hex`); `cli=False` ones exist only on the wire."""
     name: str
@@ -99,6 +100,7 @@ class Command:
                 "int": lambda x: isinstance(x, (int, str)) and not isinstance(x, bool),
                 "flag": lambda x: isinstance(x, bool),
                 "object": lambda x: isinstance(x, dict),
+                "list": lambda x: isinstance(x, list) and all(isinstance(i, str) for i in x),
             }[a.kind](v)
             if not ok:
                 raise BadArgs(f"{self.name}: argument {a.name} must be a JSON "
@@ -135,6 +137,12 @@ def _add(kind: str, *fields: str):
     def run(c, args):
         return c.add(kind, _only(args, *fields))
     return run
+
+
+def _port_add(c, args):
+    obj = _only(args, "name", "tenant", "allow", "allow_vlan")
+    obj["port_security"] = not args.get("no_port_security")
+    return c.add("ports", obj)
 
 
 def _tenant_ident(args):
@@ -225,11 +233,13 @@ def _apply(c, args):
     return c.apply(args["state"], bool(args.get("dry_run")), prune=bool(args.get("prune")))
 
 
-MAX_FLOW_LIMIT = 10_000_000
+# What one `flow dump` may return: a client pages with --tenant/--limit, and a reply of a
+# million flows would be hundreds of megabytes of JSON built by the agent.
+MAX_FLOW_DUMP = 100_000
 
 
 def _flow_dump(c, args):
-    limit = model.parse_int(args.get("limit"), "flow dump: limit", 1, MAX_FLOW_LIMIT)
+    limit = model.parse_int(args.get("limit"), "flow dump: limit", 1, 10_000_000)
     filters = {}
     if args.get("port") is not None:
         filters["port"] = model.parse_ifname(args["port"], "flow dump: port")
@@ -320,16 +330,25 @@ _cmd("tenant list", False, "list tenants",
      _list("tenants", by_tenant=False))
 
 # -- ports --
-_cmd("port add", True, "put a node interface (a VM's veth or tap) in a tenant, and say "
-                       "whether the datapath is attached to it",
-     "  xdpflowctl port add veth-vm1 --tenant blue",
-     _add("ports", "name", "tenant"),
+_cmd("port add", True, "put a node interface (a VM's veth or tap) in a tenant; what it sends "
+     "must come from the MAC and address of one of its endpoints (port security)",
+     "  xdpflowctl port add veth-vm1 --tenant blue\n"
+     "  xdpflowctl port add veth-vm2 --tenant blue --allow 10.0.0.64/26 --allow-vlan\n"
+     "  xdpflowctl port add veth-fw --tenant blue --no-port-security",
+     _port_add,
      description="Prints what happened: attached (in native or generic mode), waiting for "
                  "the interface (it does not exist yet; attached when it appears), or "
                  "attaching failed and why. A failed attach exits 1; the port stays "
                  "configured (fix the cause, or delete the port).",
      args=(Arg("name", "interface name", metavar="IFNAME", required=True),
-           _tenant_opt(True)))
+           _tenant_opt(True),
+           Arg("allow", "also accept sources in this prefix, with the MAC of one of the "
+               "port's endpoints (allowed address pairs; repeatable)", flags=("--allow",),
+               kind="list", metavar="PREFIX"),
+           Arg("no_port_security", "accept any source MAC and address from this port",
+               flags=("--no-port-security",), kind="flag"),
+           Arg("allow_vlan", "accept VLAN-tagged frames from this port (dropped otherwise)",
+               flags=("--allow-vlan",), kind="flag")))
 _cmd("port del", True, "take an interface out of its tenant",
      "  xdpflowctl port del veth-vm1",
      _delete("ports", _port_ident),
@@ -467,7 +486,8 @@ _cmd("flow dump", False, "show flow table entries, sorted, filtered by tenant, p
            Arg("proto", "only this protocol: tcp, udp, icmp, icmpv6 or a number",
                flags=("--proto",), metavar="PROTO"),
            Arg("ip", "only flows from or to this address", flags=("--ip",), metavar="IP"),
-           Arg("limit", "at most this many flows (default 1000)", flags=("--limit",),
+           Arg("limit", f"at most this many flows (default 1000, at most {MAX_FLOW_DUMP})",
+               flags=("--limit",),
                kind="int", default=1000, metavar="N")))
 _cmd("flow flush", True, "empty the flow table (a pure cache: the next packets are "
                          "classified again)",

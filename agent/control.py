@@ -6,15 +6,19 @@ lock). Flow aging is the sweeper's (agent/sweeper.py); the controller only reads
 counted."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import heapq
 import ipaddress
 import logging
 import os
 import platform
+import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import VERSION, abi, compiler, model
+from .commands import MAX_FLOW_DUMP
 from .flows import flow_dict, now_coarse_ns
 from .links import Link, LinkError, Links
 from .sweeper import Evictions, Sweeper
@@ -22,10 +26,22 @@ from .sweeper import Evictions, Sweeper
 log = logging.getLogger("xdpflow.control")
 
 
+def _locked(fn: Callable) -> Callable:
+    """A reading command that takes the controller's lock for the whole (short) call."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kw):
+        with self.lock:
+            return fn(self, *args, **kw)
+    return wrapper
+
+
 class Controller:
     def __init__(self, cfg, store, datapath, links: Optional[Links], pass_fd: int = -1,
-                 config_path: str = ""):
+                 config_path: str = "", lock=None):
         self.cfg = cfg
+        # Held by whoever changes the node (the API around a change, the daemon's loop);
+        # reading commands hold it only while they take their snapshot.
+        self.lock = lock or threading.RLock()
         self.store = store
         self.dp = datapath
         self.links = links
@@ -71,7 +87,8 @@ class Controller:
         links = {p.name: compiler.PortLink(p.name, live[p.name].ifindex, live[p.name].mac,
                                            slots[p.name], live[p.name].addrs)
                  for p in state.ports if p.name in live}
-        return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots)
+        return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots,
+                                      max_entries=self.cfg.datapath.max_rule_entries)
 
     def planned_slots(self, state: model.State) -> Dict[str, int]:
         """The slots `state`'s ports would get: kept ones from the store, the smallest free
@@ -89,12 +106,16 @@ class Controller:
 
     def _program(self, state: model.State, slots: Dict[str, int]) -> Dict[str, Any]:
         live = self._live_links(state)
-        summary = self.dp.sync(self._compile(state, slots, live))
+        img = self._compile(state, slots, live)
+        # Off a removed port before its entry goes: our program never runs on an
+        # interface it has no port for (it would hand the VM's traffic to the kernel).
+        self._detach_removed(state)
+        summary = self.dp.sync(img)
         self._attach_ports(state, live)
         return summary
 
-    def _attach_ports(self, state: model.State, live: Dict[str, Link]):
-        """Our program on every port that exists; off every interface we no longer own."""
+    def _detach_removed(self, state: model.State) -> None:
+        """Our program off every interface we no longer own."""
         wanted = {p.name for p in state.ports}
         for name in list(self.attached):
             if name not in wanted:
@@ -103,6 +124,10 @@ class Controller:
                     self.links.detach(link)
                     log.info("port %s: detached (no longer configured)", name)
                 del self.attached[name]
+
+    def _attach_ports(self, state: model.State, live: Dict[str, Link]):
+        """Our program on every configured port whose interface exists (after its
+        entries were written)."""
         self.port_notes = {}
         for p in state.ports:
             link = live.get(p.name)
@@ -196,6 +221,7 @@ class Controller:
         return summary
 
     # -- the API's commands ---------------------------------------------------------------
+    @_locked
     def status(self) -> Dict[str, Any]:
         flows = sum(self.sweeper.flow_counts.values())
         return {
@@ -254,6 +280,7 @@ class Controller:
                 "program_id": self.prog_id(), "kernel": platform.release(),
                 "config_sha256": self.config_sha256, "last_change": self.last_change}
 
+    @_locked
     def list(self, kind: str, tenant: Optional[str] = None) -> List[Dict[str, Any]]:
         if kind not in model.KINDS:
             raise model.Invalid("list", f"unknown kind {kind!r}")
@@ -297,18 +324,32 @@ class Controller:
         return {}
 
     def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False) -> Dict[str, Any]:
-        """Make `state` the desired state. With `prune` it is the whole state (objects it
-        does not name are removed); without, objects it does not name are kept and listed
-        under "keep" in the diff."""
+        """A desired state, as a diff. With `prune` it is the whole state (objects it does
+        not name are removed); without, objects it does not name are kept and listed under
+        "keep". A dry run holds the lock only to take the current state and slots; parsing,
+        compiling (bounded by the datapath's sizes) and diffing a client's big state happen
+        outside it."""
         given = model.State.from_dict(state)
-        new = given if prune else self.state.merged(given)
+        kept = None if prune else given
+        with self.lock:
+            cur = self.state
+        new = given if prune else cur.merged(given)
         new.validate()
+        with self.lock:
+            slots = self.planned_slots(new)
         # Compile before anything is written: a state the datapath cannot hold (too many
-        # masks, more ports than slots) is refused whole.
-        self._compile(new, self.planned_slots(new), {})
-        d = model.diff(self.state, new, kept=None if prune else given)
-        if not dry_run and model.count_changes(d):
-            self._commit(new)
+        # masks, entries or ports) is refused whole.
+        self._compile(new, slots, {})
+        if dry_run:
+            return model.diff(cur, new, kept=kept)
+        with self.lock:
+            if not prune and self.state is not cur:
+                # Changed meanwhile: keep what the file does not name as it is now.
+                new = self.state.merged(given)
+                new.validate()
+            d = model.diff(self.state, new, kept=kept)
+            if model.count_changes(d):
+                self._commit(new)
         return d
 
     def _names(self):
@@ -320,28 +361,36 @@ class Controller:
     def flow_dump(self, tenant: Optional[str] = None, limit: int = 1000,
                   port: Optional[str] = None, proto: Optional[int] = None,
                   ip=None) -> List[Dict[str, Any]]:
-        """Flows, sorted (tenant, protocol, addresses, ports), the first `limit` of those
-        that match every filter given: tenant, port (in or out), protocol number, address
-        (source or destination)."""
-        tenants, slots, _ = self._names()
-        tid = self._tenant_id(tenant) if tenant else None
-        if port is not None and not any(p.name == port for p in self.state.ports):
-            raise model.Conflict(f"port {port}", "is not a configured port")
+        """The first `limit` (at most MAX_FLOW_DUMP) flows, sorted (tenant, protocol,
+        addresses, ports), of those that match every filter given: tenant, port (in or
+        out), protocol number, address (source or destination). Read outside the lock."""
+        if limit > MAX_FLOW_DUMP:
+            raise model.Invalid("flow dump: limit", f"{limit} is more than one reply holds "
+                                f"(at most {MAX_FLOW_DUMP}; use --tenant to narrow it)")
+        with self.lock:
+            tenants, slots, _ = self._names()
+            tid = self._tenant_id(tenant) if tenant else None
+            if port is not None and not any(p.name == port for p in self.state.ports):
+                raise model.Conflict(f"port {port}", "is not a configured port")
+            dp = self.dp
+            gens = {t: dp.generation(t) for t in tenants}
         now = now_coarse_ns()
-        out = []
-        for k, f in self.dp.flows():
-            if tid is not None and k.tenant != tid:
-                continue
-            if proto is not None and k.proto != proto:
-                continue
-            d = flow_dict(k, f, tenants, slots, now, self.dp.generation(k.tenant))
-            if port is not None and port not in (d["in_port"], d["out_port"]):
-                continue
-            if ip is not None and str(ip) not in (d["src"], d["dst"]):
-                continue
-            out.append(d)
-        out.sort(key=flow_order)
-        return out[:limit] if limit else out
+
+        def matching():
+            for k, f in dp.flows():
+                if tid is not None and k.tenant != tid:
+                    continue
+                if proto is not None and k.proto != proto:
+                    continue
+                d = flow_dict(k, f, tenants, slots, now, gens.get(k.tenant, 0))
+                if port is not None and port not in (d["in_port"], d["out_port"]):
+                    continue
+                if ip is not None and str(ip) not in (d["src"], d["dst"]):
+                    continue
+                yield d
+
+        # Only `limit` rows are ever held, whatever the table's size.
+        return heapq.nsmallest(limit, matching(), key=flow_order)
 
     def flow_flush(self, tenant: Optional[str] = None) -> int:
         tid = self._tenant_id(tenant) if tenant else None
@@ -377,6 +426,7 @@ class Controller:
                 "insert_failures": sum(r["packets"] for r in rows
                                        if r["reason"] == "insert_failed")}
 
+    @_locked
     def stats(self, tenant: Optional[str] = None) -> Dict[str, Any]:
         rows = self.counter_rows()
         out = {
@@ -397,6 +447,7 @@ class Controller:
             out["rule_hits"] = {k: v for k, v in out["rule_hits"].items() if k in ids}
         return out
 
+    @_locked
     def trace(self, port: str, packet: bytes) -> Dict[str, Any]:
         if not any(p.name == port for p in self.state.ports):
             raise model.Conflict(f"port {port}", "is not a configured port")

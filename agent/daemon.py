@@ -77,7 +77,8 @@ class Agent:
         self.links = Links()
         self._pass_fd = self._load_pass_program()
         self.controller = Controller(self.cfg, self.store, self.dp, self.links,
-                                     pass_fd=self._pass_fd, config_path=self.config_path)
+                                     pass_fd=self._pass_fd, config_path=self.config_path,
+                                     lock=self.lock)
         self.controller.timings = self.timings
         with self.lock:
             if self.store.get_meta("seeded") is None:
@@ -123,7 +124,7 @@ class Agent:
         addr = self.cfg.metrics_address()
         if addr is None:
             return
-        self.metrics = serve(DatapathCollector(AgentSource(self.controller, self.lock),
+        self.metrics = serve(DatapathCollector(AgentSource(self.controller),
                                                self.timings), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
 

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from agent import VERSION, commands, model
 from agent.api import DEFAULT_SOCKET, ApiClient, ApiError
+from agent.commands import MAX_FLOW_DUMP
 from agent.config import _Lines as TomlLines
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -102,6 +103,9 @@ def _add_args(parser: argparse.ArgumentParser, cmd: commands.Command) -> None:
         kw: Dict[str, Any] = {"help": a.help}
         if a.kind == "flag":
             kw["action"] = "store_true"
+        elif a.kind == "list":
+            kw["action"] = "append"
+            kw["metavar"] = a.metavar
         else:
             kw["metavar"] = a.metavar
             if a.kind == "int":
@@ -323,10 +327,11 @@ def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
             print("--scapy filled in defaults: " + ", ".join(defaults), file=sys.stderr)
     elif cmd.name == "flow dump":
         try:
-            model.parse_int(ns.limit, "flow dump: limit", 1, commands.MAX_FLOW_LIMIT - 1)
+            model.parse_int(ns.limit, "flow dump: limit", 1, MAX_FLOW_DUMP)
         except model.Invalid as e:
             raise UsageError(str(e)) from None
-        args["limit"] = ns.limit + 1   # one more than shown: to know whether --limit cut
+        # One more than shown, to know whether --limit cut (within what one reply holds).
+        args["limit"] = min(ns.limit + 1, MAX_FLOW_DUMP)
     return args
 
 
@@ -358,7 +363,8 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 
 LIST_COLUMNS = {
     "tenants": ("name", "id", "vni", "default"),
-    "ports": ("name", "tenant", "attached", "mode", "note"),
+    "ports": ("name", "tenant", "attached", "mode", "port_security", "allow_vlan", "allow",
+              "note"),
     "endpoints": ("tenant", "ip", "port", "mac"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
@@ -499,7 +505,9 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             rows.sort(key=lambda r: (str(r.get("tenant")), -int(r.get("priority") or 0),
                                      int(r.get("id") or 0)))
             rows = [{**r, **{k: r.get(k) or "any" for k in _ANY_FIELDS}} for r in rows]
-        return format_table(rows, LIST_COLUMNS[kind], NUMERIC)
+        # A column no row carries at all (an older agent's reply) is left out.
+        columns = [c for c in LIST_COLUMNS[kind] if any(c in r for r in rows)]
+        return format_table(rows, columns, NUMERIC)
     if name == "port add":
         return _port_added(result or {})
     if verb == "add":
