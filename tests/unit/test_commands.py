@@ -67,7 +67,12 @@ class FakeController:
                            "ifindex": 7, "mode": "native", "note": ""}
                           for p in self.state.sorted("ports")],
                 "flows": len(self.flows), "flow_capacity": 65536,
-                "rules": len(self.state.rules)}
+                "rules": len(self.state.rules), "trace_program": "built"}
+
+    @staticmethod
+    def port_status(name):
+        return {"attached": True, "state": "attached", "mode": "native", "ifindex": 7,
+                "note": ""}
 
     def list(self, kind, tenant=None):
         self._enter("list", kind, tenant)
@@ -75,16 +80,18 @@ class FakeController:
         if tenant is not None:
             objs = [o for o in objs if (o.name if kind == "tenants" else o.tenant) == tenant]
         out = [o.to_dict() for o in objs]
-        if kind == "rules":
-            for d in out:
+        for d in out:
+            if kind == "rules":
                 d["hits"] = 0
+            if kind == "ports":
+                d.update(self.port_status(d["name"]))
         return out
 
     def add(self, kind, obj):
         self._enter("add", kind, obj)
         o = model.KINDS[kind].from_dict(obj)
         self.state = self.state.with_added(kind, o)
-        return o.to_dict()
+        return {**o.to_dict(), **(self.port_status(o.name) if kind == "ports" else {})}
 
     def delete(self, kind, ident, cascade=False):
         self._enter("delete", kind, ident)
@@ -133,7 +140,9 @@ class FakeController:
 
     def trace(self, port, packet):
         self._enter("trace", port, packet)
-        return {"port": port, "action": "redirect", "verdict": "redirect",
+        return {"built_trace_program": False, "seconds": 0.002,
+                "route": "endpoint 10.0.0.6 on port veth-vm2",
+                "port": port, "action": "redirect", "verdict": "redirect",
                 "reason": "rule_allow", "tenant": "blue", "rule": 1, "out_port": "veth-vm2",
                 "out_ifindex": 8, "flow_hit": False, "stale_flow": False,
                 "packet_in": packet.hex(), "packet_out": packet.hex(), "modified": False}
