@@ -199,22 +199,36 @@ def _ident_text(kind: str, ident) -> str:
     return f"{kind[:-1]} {'/'.join(str(x) for x in ident)}"
 
 
-def load_state_file(path: str) -> StateFile:
-    """A TOML desired-state file, read and checked object by object."""
+def load_state_file(path: str) -> Dict[str, Any]:
+    """A TOML desired-state file -> the dict model.State.from_dict takes (syntax checked;
+    the lab reads its files with it too)."""
+    return _read_state_file(path)[1]
+
+
+def check_state_file(path: str) -> StateFile:
+    """A TOML desired-state file, read and checked object by object (what apply sends)."""
+    text, data = _read_state_file(path)
+    f = StateFile(path, text, data)
+    f.check()
+    return f
+
+
+def _read_state_file(path: str) -> Tuple[str, Dict[str, Any]]:
     try:
         import tomllib
     except ModuleNotFoundError:      # Python < 3.11 (pyproject pulls tomli in there)
         import tomli as tomllib  # type: ignore[no-redef]
     try:
         if path == "-":
-            text = sys.stdin.buffer.read()
+            raw = sys.stdin.buffer.read()
         else:
             with open(path, "rb") as f:
-                text = f.read()
+                raw = f.read()
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        data = tomllib.loads(text.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
@@ -224,9 +238,7 @@ def load_state_file(path: str) -> StateFile:
         json.dumps(data)
     except (TypeError, ValueError):
         raise UsageError(f"{path}: dates and times are not accepted in a state file") from None
-    f = StateFile(path, text.decode("utf-8"), data)
-    f.check()
-    return f
+    return text, data
 
 
 def scapy_namespace() -> Dict[str, Any]:
@@ -318,7 +330,7 @@ def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
             if v is not None and v is not False:
                 args[a.name] = v
     if cmd.name == "apply":
-        ns.state_file = load_state_file(ns.file)    # kept to locate the agent's errors
+        ns.state_file = check_state_file(ns.file)   # kept to locate the agent's errors
         args["state"] = ns.state_file.data
     elif cmd.name == "trace" and ns.scapy is not None:
         raw, defaults = scapy_packet_defaults(ns.scapy)
