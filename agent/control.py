@@ -15,7 +15,7 @@ import os
 import platform
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import VERSION, abi, compiler, model
 from .commands import MAX_FLOW_DUMP
@@ -52,6 +52,7 @@ class Controller:
         self.state = store.load()
         self.started_at = time.time()
         self.last_reconcile_seconds = 0.0
+        self.last_apply_seconds = 0.0     # the last change that reached store and maps
         self.reconcile_errors = 0
         self.evictions = Evictions(store)
         self.sweeper = Sweeper(cfg, datapath, self.evictions)
@@ -63,6 +64,7 @@ class Controller:
         self.timings = None
         last = store.get_meta("last_change")
         self.last_change = float(last) if last else 0.0
+        self.bpf_stats = None   # agent.bpfstats.BpfStats, set by the daemon
 
     # -- building the datapath image -----------------------------------------------------
     def _live_links(self, state: model.State) -> Dict[str, Link]:
@@ -190,14 +192,6 @@ class Controller:
     def _commit(self, new: model.State) -> Dict[str, Any]:
         """Store and datapath both get `new`, or neither does."""
         t0 = time.monotonic()
-        summary = self._commit_timed(new)
-        self.last_change = time.time()
-        self.store.set_meta("last_change", repr(self.last_change))
-        if self.timings is not None:
-            self.timings.observe("apply", time.monotonic() - t0)
-        return summary
-
-    def _commit_timed(self, new: model.State) -> Dict[str, Any]:
         new.validate()
         old = self.state
         old_slots = self.store.port_slots()
@@ -218,6 +212,11 @@ class Controller:
                 self.reconcile_errors += 1
             raise
         self.state = new
+        self.last_apply_seconds = time.monotonic() - t0
+        self.last_change = time.time()
+        self.store.set_meta("last_change", repr(self.last_change))
+        if self.timings is not None:
+            self.timings.observe("apply", self.last_apply_seconds)
         return summary
 
     # -- the API's commands ---------------------------------------------------------------
@@ -237,6 +236,22 @@ class Controller:
             "rules": len(self.state.rules),
             "trace_program": "built" if self.dp.trace_fd >= 0 else "not built",
         }
+
+    def _bpf_stats(self):
+        if self.bpf_stats is None:
+            from .bpfstats import BpfStats
+            self.bpf_stats = BpfStats(False)
+        return self.bpf_stats
+
+    def map_pressure(self) -> Dict[str, Tuple[int, int]]:
+        return self.dp.map_pressure(sum(self.sweeper.flow_counts.values()))
+
+    def datapath_runs(self) -> Dict[str, int]:
+        """The kernel's run time and count of the XDP program; {} while not enabled."""
+        if not self._bpf_stats().enabled or self.dp.prog_fd < 0:
+            return {}
+        from .bpfstats import run_stats
+        return run_stats(self.dp.prog_fd)
 
     def port_status(self, name: str) -> Dict[str, Any]:
         """What became of a configured port: attached (and how), waiting for its interface,
@@ -275,6 +290,7 @@ class Controller:
         sw = self.sweeper
         return {"version": VERSION, "started_at": self.started_at,
                 "last_reconcile_seconds": self.last_reconcile_seconds,
+                "last_apply_seconds": self.last_apply_seconds,
                 "reconcile_errors": self.reconcile_errors, "sweeps": sw.sweeps,
                 "sweep_seconds_total": sw.seconds_total,
                 "program_id": self.prog_id(), "kernel": platform.release(),

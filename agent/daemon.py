@@ -79,6 +79,7 @@ class Agent:
         self.controller = Controller(self.cfg, self.store, self.dp, self.links,
                                      pass_fd=self._pass_fd, config_path=self.config_path,
                                      lock=self.lock)
+        self._use_bpf_stats(self.cfg.metrics.bpf_stats)
         self.controller.timings = self.timings
         with self.lock:
             if self.store.get_meta("seeded") is None:
@@ -127,6 +128,17 @@ class Agent:
         self.metrics = serve(DatapathCollector(AgentSource(self.controller),
                                                self.timings), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
+
+    def _use_bpf_stats(self, wanted: bool):
+        """Kernel BPF statistics on or off as [metrics] bpf_stats says (start, reload)."""
+        from .bpfstats import BpfStats
+        old = self.controller.bpf_stats
+        if old is not None and old.wanted == wanted:
+            return
+        with self.lock:
+            self.controller.bpf_stats = BpfStats(wanted)
+        if old is not None:
+            old.close()
 
     def _mark_links_dirty(self, why: str = "link"):
         """From the watcher's thread: every port is reconciled by the loop, whatever the
@@ -232,6 +244,7 @@ class Agent:
                 self.api.stop()
                 self._start_api()
         if new.metrics != old.metrics:
+            self._use_bpf_stats(new.metrics.bpf_stats)
             if self.metrics:
                 self.metrics.shutdown()
                 self.metrics = None
