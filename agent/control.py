@@ -225,9 +225,10 @@ class Controller:
                 items = [o for o in items if o.tenant == tenant]
         out = [o.to_dict() for o in items]
         if kind == "rules":
-            hits = self.dp.rule_hits()
+            hits, counts = self.dp.rule_hits(), self.dp.rule_counters()
             for d in out:
                 d["hits"] = hits.get(d["id"], 0)
+                d["packets"], d["bytes"] = counts.get(d["id"], (0, 0))
         return out
 
     def add(self, kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
@@ -314,7 +315,17 @@ class Controller:
             "flows": self.flow_summary(rows),
             "evictions": self.evictions.as_dict(),
             "rule_hits": {str(k): v for k, v in sorted(self.dp.rule_hits().items())},
+            "rule_counters": {str(k): {"packets": p, "bytes": b}
+                              for k, (p, b) in sorted(self.dp.rule_counters().items())},
+            "port_tx": self.port_tx_rows(),
         }
+
+    def port_tx_rows(self) -> List[Dict[str, Any]]:
+        """What each port transmitted on redirect (per VM, its receive)."""
+        _, slots, port_tenant = self._names()
+        tx = self.dp.port_tx(set(slots))
+        return [{"tenant": port_tenant.get(port, ""), "port": port, "packets": p, "bytes": b}
+                for slot, (p, b) in sorted(tx.items()) for port in [slots[slot]]]
 
     def trace(self, port: str, packet: bytes) -> Dict[str, Any]:
         if not any(p.name == port for p in self.state.ports):

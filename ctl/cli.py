@@ -254,12 +254,14 @@ LIST_COLUMNS = {
     "endpoints": ("tenant", "ip", "port", "mac"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
-              "icmp_type", "icmp_code", "in_port", "comment"),
+              "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "comment"),
 }
 FLOW_COLUMNS = ("tenant", "proto", "src", "sport", "dst", "dport", "verdict", "out_port",
                 "rule", "packets", "bytes", "idle_s", "flags")
 COUNTER_COLUMNS = ("tenant", "port", "verdict", "reason", "packets", "bytes")
-NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport")
+PORT_TX_COLUMNS = ("tenant", "port", "packets", "bytes")
+NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport",
+           "hits")
 
 # Match fields that print "any" rather than "-" when unset.
 _ANY_FIELDS = ("src", "dst", "proto", "sport", "dport")
@@ -356,6 +358,10 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
         result = dict(result or {})
         counters = result.pop("counters", [])
         out = [format_table(counters, COUNTER_COLUMNS, NUMERIC) if counters else "no counters"]
+        tx = result.pop("port_tx", [])
+        if tx:
+            out += ["", "transmitted on redirect, per port:",
+                    format_table(tx, PORT_TX_COLUMNS, NUMERIC)]
         if result:
             out += [""] + _format_mapping(result)
         return "\n".join(out)
