@@ -118,9 +118,13 @@ def rank_rules(rules: Sequence[model.Rule]) -> Dict[int, int]:
 
 
 def compile_rules(tenant: str, rules: Sequence[model.Rule], slots: Dict[str, int],
-                  max_masks: int) -> Classifier:
+                  max_masks: int, max_entries: Optional[int] = None) -> Classifier:
+    """One tenant's classifier. With `max_entries`, a rule set that expands (port ranges
+    into prefixes) to more entries is refused as soon as it gets there, before the rest
+    is built: an oversized state costs no more than the datapath could hold."""
     ranks = rank_rules(rules)
     by_mask: Dict[MaskTuple, Dict[Tuple, Tuple[int, int, int]]] = {}
+    made = 0
     for r in rules:
         src, srcm = prefix_mask(r.src)
         dst, dstm = prefix_mask(r.dst)
@@ -154,6 +158,12 @@ def compile_rules(tenant: str, rules: Sequence[model.Rule], slots: Dict[str, int
                 # one that would win.
                 if old is None or old[0] < value[0]:
                     entries[key] = value
+                made += old is None
+                if max_entries is not None and made > max_entries:
+                    raise CompileError(
+                        f"tenant {tenant}", f"its rules expand to more than {max_entries} "
+                        f"classifier entries (port ranges become prefixes); the datapath "
+                        f"holds {max_entries} (datapath.max_rule_entries)")
     if len(by_mask) > max_masks:
         raise CompileError(
             f"tenant {tenant}",
@@ -221,11 +231,13 @@ def port_sources(state: model.State, links: Dict[str, PortLink]) -> Dict[bytes, 
 
 def compile_state(state: model.State, links: Dict[str, PortLink],
                   max_masks: int = abi.DEFAULT_MAX_MASKS,
-                  slots: Optional[Dict[str, int]] = None) -> Image:
+                  slots: Optional[Dict[str, int]] = None,
+                  max_entries: Optional[int] = None) -> Image:
     """The whole image. Ports without a live interface (not in `links`) are left out, and
     so are endpoints behind them: nothing can be sent there yet. Rules name ports by
     `slots` (the store's, every configured port), so an in_port rule compiles whether or
-    not its port's interface exists; without `slots`, the live links' slots."""
+    not its port's interface exists; without `slots`, the live links' slots. With
+    `max_entries`, the classifier entries of all tenants together are bounded."""
     state.validate()
     img = Image()
     tenants = {t.name: t for t in state.tenants}
@@ -277,8 +289,11 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
     rules_by_tenant: Dict[str, List[model.Rule]] = {t.name: [] for t in state.tenants}
     for r in state.rules:
         rules_by_tenant[r.tenant].append(r)
+    left = max_entries
     for t in state.tenants:
-        cls = compile_rules(t.name, rules_by_tenant[t.name], slots, max_masks)
+        cls = compile_rules(t.name, rules_by_tenant[t.name], slots, max_masks, left)
+        if left is not None:
+            left -= len(cls.entries)
         img.tenants[t.id] = TenantImage(
             id=t.id, name=t.name,
             default_verdict=abi.V_PASS if t.default == "pass" else abi.V_DROP,

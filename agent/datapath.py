@@ -332,11 +332,21 @@ class Datapath:
         return self._gens.get(tenant_id, 0)
 
     def sync(self, img: compiler.Image, flush_removed: bool = True) -> Dict[str, object]:
-        """Make the configuration maps hold `img`. Forwarding entries first, then each
-        changed tenant's classifier under a new generation, then one update of the tenant
-        entry flips it, then the old generation is removed. Returns what changed."""
+        """Make the configuration maps hold `img`. New tenants first (classifier and
+        tenant entry), so no port or endpoint ever names a tenant the datapath does not
+        know; then forwarding entries; then each changed tenant's classifier under a new
+        generation, one update of the tenant entry flipping it, and the old generation
+        removed; removed tenants last, after every entry naming them. Returns what
+        changed."""
         changed_tenants: Set[int] = set()
         summary: Dict[str, object] = {}
+        self._assign_rule_slots(img)
+        flipped = []
+        created = {tid for tid in img.tenants if tid not in self._gens}
+        for tid in sorted(created):
+            t = img.tenants[tid]
+            self._flip(tid, t, bytes(t.classifier.mask_set(self.max_masks)))
+            flipped.append(t.name)
         indexed = {k: v for k, v in img.ports.items()
                    if ct.c_uint32.from_buffer_copy(k).value < abi.PORT_INDEX}
         hashed = {k: v for k, v in img.ports.items() if k not in indexed}
@@ -369,15 +379,13 @@ class Datapath:
                 del have[k]
             summary[name] = {"written": len(put), "removed": len(gone)}
 
-        self._assign_rule_slots(img)
-        flipped = []
         for tid, t in sorted(img.tenants.items()):
             gen = self._gens.get(tid, 0)
             cls_items = dict(t.classifier.rule_items(tid, gen, self._rule_slots)) if gen else None
             mask_val = bytes(t.classifier.mask_set(self.max_masks))
             same_cls = gen and self._rules.get((tid, gen), {}) == cls_items and \
                 self._masks.get((tid, gen)) == mask_val
-            if not same_cls or tid in changed_tenants:
+            if tid not in created and (not same_cls or tid in changed_tenants):
                 gen = self._flip(tid, t, mask_val)
                 flipped.append(t.name)
             tval = bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict,

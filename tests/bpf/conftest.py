@@ -168,3 +168,35 @@ class Bench:
 @pytest.fixture
 def bench(dp, in_node):
     return Bench(in_node, dp)
+
+
+@pytest.fixture
+def node_controller(dp, in_node, tmp_path):
+    """The real Controller over the session datapath, with the node namespace's
+    interfaces as its links (it attaches to the ports it is given), a fresh store; its
+    ports detached and the datapath emptied afterwards, as the bench expects it."""
+    from agent import config
+    from agent.control import Controller
+    from agent.links import Links
+    from agent.store import Store
+
+    keys = {"flow_table_size": "XF_FLOW_TABLE_SIZE", "max_rule_entries": "XF_MAX_RULE_ENTRIES",
+            "max_endpoints": "XF_MAX_ENDPOINTS", "max_routes": "XF_MAX_ROUTES",
+            "max_ports": "XF_MAX_PORTS"}
+    cfg = config.parse("[datapath]\n" + "".join(f"{k} = {SMALL_SIZES[d]}\n"
+                                                 for k, d in keys.items()))
+    assert cfg.datapath_defines() == dp.defines
+    store = Store.open(str(tmp_path / "state.db"))
+    links = Links()
+    dp.flush_flows()
+    try:
+        yield Controller(cfg, store, dp, links)
+    finally:
+        for name in PORTS:
+            link = links.get(name)
+            if link is not None:
+                links.detach(link)
+        links.close()
+        dp.sync(compiler.Image())
+        dp.flush_flows()
+        store.close()
