@@ -77,7 +77,7 @@ class FakeController:
         out = [o.to_dict() for o in objs]
         if kind == "rules":
             for d in out:
-                d["hits"] = 0
+                d.update(hits=0, packets=0, bytes=0)
         return out
 
     def add(self, kind, obj):
@@ -120,7 +120,10 @@ class FakeController:
             "flows": {"total": len(self.flows), "capacity": 65536,
                       "by_tenant": {"blue": 1, "red": 1}, "insert_failures": 0},
             "evictions": {r: 0 for r in EVICTION_REASONS},
-            "rule_hits": {"1": 1000}}
+            "rule_hits": {"1": 1000},
+            "rule_counters": {"1": {"packets": 1200, "bytes": 76800}},
+            "port_tx": [{"tenant": "blue", "port": "veth-vm2", "packets": 1000,
+                         "bytes": 64000}]}
 
     def trace(self, port, packet):
         self._enter("trace", port, packet)
