@@ -40,7 +40,7 @@ RT_VIA, RT_KERNEL, RT_DROP = 1, 2, 3
 ROUTE_ACTIONS = {"via": RT_VIA, "kernel": RT_KERNEL, "drop": RT_DROP}
 FLOW_REVERSE, FLOW_CLOSING = 0x01, 0x02
 EP_LOCAL = 0x01
-PORT_SECURITY, PORT_VLAN = 0x01, 0x02
+PORT_SECURITY, PORT_VLAN, PORT_TENANT_DROP = 0x01, 0x02, 0x04
 IPV4_MIN_MTU, IPV6_MIN_MTU = 68, 1280
 MAX_TENANTS = 65536
 PORT_INDEX = 16384       # ifindexes below this are looked up in xf_port_index (an array)
@@ -73,6 +73,7 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_V_MAX": V_MAX, "XF_R_ROWS": R_ROWS, "XF_FRAG_TABLE_SIZE": FRAG_TABLE_SIZE,
     "XF_MAX_RULE_IDS": MAX_RULE_IDS, "XF_R_MAX": R_MAX, "XF_RULE_STATS": RULE_STATS,
     "XF_PORT_SECURITY": PORT_SECURITY, "XF_PORT_VLAN": PORT_VLAN,
+    "XF_PORT_TENANT_DROP": PORT_TENANT_DROP,
     "XF_IPV4_MIN_MTU": IPV4_MIN_MTU, "XF_IPV6_MIN_MTU": IPV6_MIN_MTU,
 }
 CONSTANTS.update({"XF_R_" + name.upper(): rid for rid, name in REASONS.items()})
