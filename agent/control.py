@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import VERSION, abi, compiler, model
 from .flows import flow_dict, now_coarse_ns
@@ -49,12 +49,14 @@ class Controller:
         self.state = store.load()
         self.started_at = time.time()
         self.last_reconcile_seconds = 0.0
+        self.last_apply_seconds = 0.0     # the last change that reached store and maps
         self.reconcile_errors = 0
         self.evictions = Evictions(store)
         self.sweeper = Sweeper(cfg, datapath, self.evictions)
         self.attached: Dict[str, Link] = {}     # port name -> link with our program
         self.port_notes: Dict[str, str] = {}    # port name -> why it is not attached
         self._prog_id = 0
+        self.bpf_stats = None   # agent.bpfstats.BpfStats, set by the daemon
 
     # -- building the datapath image -----------------------------------------------------
     def _live_links(self, state: model.State) -> Dict[str, Link]:
@@ -179,6 +181,7 @@ class Controller:
 
     def _commit(self, new: model.State) -> Dict[str, Any]:
         """Store and datapath both get `new`, or neither does."""
+        t0 = time.monotonic()
         new.validate()
         old = self.state
         old_slots = self.store.port_slots()
@@ -199,6 +202,7 @@ class Controller:
                 self.reconcile_errors += 1
             raise
         self.state = new
+        self.last_apply_seconds = time.monotonic() - t0
         return summary
 
     # -- the API's commands ---------------------------------------------------------------
@@ -216,7 +220,24 @@ class Controller:
             "ports": self.port_rows(),
             "flows": flows, "flow_capacity": self.cfg.datapath.flow_table_size,
             "rules": len(self.state.rules),
+            "bpf_stats": self._bpf_stats().describe(),
         }
+
+    def _bpf_stats(self):
+        if self.bpf_stats is None:
+            from .bpfstats import BpfStats
+            self.bpf_stats = BpfStats(False)
+        return self.bpf_stats
+
+    def map_pressure(self) -> Dict[str, Tuple[int, int]]:
+        return self.dp.map_pressure(sum(self.sweeper.flow_counts.values()))
+
+    def datapath_runs(self) -> Dict[str, int]:
+        """The kernel's run time and count of the XDP program; {} while not enabled."""
+        if not self._bpf_stats().enabled or self.dp.prog_fd < 0:
+            return {}
+        from .bpfstats import run_stats
+        return run_stats(self.dp.prog_fd)
 
     def tenant_rows(self) -> List[Dict[str, Any]]:
         st = self.state
@@ -239,6 +260,7 @@ class Controller:
         sw = self.sweeper
         return {"version": VERSION, "started_at": self.started_at,
                 "last_reconcile_seconds": self.last_reconcile_seconds,
+                "last_apply_seconds": self.last_apply_seconds,
                 "reconcile_errors": self.reconcile_errors, "sweeps": sw.sweeps,
                 "sweep_seconds_total": sw.seconds_total}
 

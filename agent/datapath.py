@@ -331,6 +331,22 @@ class Datapath:
     def generation(self, tenant_id: int) -> int:
         return self._gens.get(tenant_id, 0)
 
+    def map_pressure(self, flows: int) -> Dict[str, Tuple[int, int]]:
+        """(entries in use, capacity) of every map whose size the configuration sets.
+        The configuration maps are counted from the mirror (the agent is their only
+        writer, so it is what the kernel holds; a test compares the two), the flow table
+        is `flows`, the last sweep's count: reading a million entries per scrape would
+        cost seconds. Ports count both port maps (array index and hash): max_ports bounds
+        their slots together."""
+        used = {"xf_flows": flows,
+                "xf_rules": sum(len(e) for e in self._rules.values()),
+                "xf_masks": len(self._masks),
+                "xf_endpoints": len(self._mirror.get("xf_endpoints", {})),
+                "xf_routes": len(self._mirror.get("xf_routes", {})),
+                "xf_ports": len(self._mirror.get("xf_ports", {})) +
+                len(self._mirror.get("xf_port_index", {}))}
+        return {name: (n, abi.map_spec(name, self.defines)[3]) for name, n in used.items()}
+
     def sync(self, img: compiler.Image, flush_removed: bool = True) -> Dict[str, object]:
         """Make the configuration maps hold `img`. New tenants first (classifier and
         tenant entry), so no port or endpoint ever names a tenant the datapath does not
