@@ -67,7 +67,8 @@ class FakeController:
                            "ifindex": 7, "mode": "native", "note": ""}
                           for p in self.state.sorted("ports")],
                 "flows": len(self.flows), "flow_capacity": 65536,
-                "rules": len(self.state.rules)}
+                "rules": len(self.state.rules),
+                "bpf_stats": {"enabled": False, "how": "off ([metrics] bpf_stats = false)"}}
 
     def list(self, kind, tenant=None):
         self._enter("list", kind, tenant)
