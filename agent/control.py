@@ -311,9 +311,10 @@ class Controller:
             for d in out:
                 d.update(self.port_status(d["name"]))   # after the fields the model has
         if kind == "rules":
-            hits = self.dp.rule_hits()
+            hits, counts = self.dp.rule_hits(), self.dp.rule_counters()
             for d in out:
                 d["hits"] = hits.get(d["id"], 0)
+                d["packets"], d["bytes"] = counts.get(d["id"], (0, 0))
         return out
 
     def add(self, kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
@@ -450,6 +451,9 @@ class Controller:
             "flows": self.flow_summary(rows),
             "evictions": self.evictions.as_dict(),
             "rule_hits": {str(k): v for k, v in sorted(self.dp.rule_hits().items())},
+            "rule_counters": {str(k): {"packets": p, "bytes": b}
+                              for k, (p, b) in sorted(self.dp.rule_counters().items())},
+            "port_tx": self.port_tx_rows(),
         }
         if tenant is not None:
             # Counters, flows and rule hits of one tenant; evictions are node-wide.
@@ -462,6 +466,13 @@ class Controller:
                                         if r["reason"] == "insert_failed")
             out["rule_hits"] = {k: v for k, v in out["rule_hits"].items() if k in ids}
         return out
+
+    def port_tx_rows(self) -> List[Dict[str, Any]]:
+        """What each port transmitted on redirect (per VM, its receive)."""
+        _, slots, port_tenant = self._names()
+        tx = self.dp.port_tx(set(slots))
+        return [{"tenant": port_tenant.get(port, ""), "port": port, "packets": p, "bytes": b}
+                for slot, (p, b) in sorted(tx.items()) for port in [slots[slot]]]
 
     @_locked
     def trace(self, port: str, packet: bytes) -> Dict[str, Any]:

@@ -380,12 +380,15 @@ LIST_COLUMNS = {
     "endpoints": ("tenant", "ip", "port", "mac"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
-              "icmp_type", "icmp_code", "in_port", "comment"),
+              "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "comment"),
 }
+_PORT_STATE_COLUMNS = ("attached", "mode", "note")
 FLOW_COLUMNS = ("tenant", "in_port", "proto", "src", "sport", "dst", "dport", "verdict",
                 "out_port", "rule", "packets", "bytes", "idle_s", "flags")
 COUNTER_COLUMNS = ("tenant", "port", "verdict", "reason", "packets", "bytes")
-NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport")
+PORT_TX_COLUMNS = ("tenant", "port", "packets", "bytes")
+NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport",
+           "hits")
 
 # Match fields that print "any" rather than "-" when unset.
 _ANY_FIELDS = ("src", "dst", "proto", "sport", "dport")
@@ -517,8 +520,9 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             rows.sort(key=lambda r: (str(r.get("tenant")), -int(r.get("priority") or 0),
                                      int(r.get("id") or 0)))
             rows = [{**r, **{k: r.get(k) or "any" for k in _ANY_FIELDS}} for r in rows]
-        # A column no row carries at all (an older agent's reply) is left out.
-        columns = [c for c in LIST_COLUMNS[kind] if any(c in r for r in rows)]
+        # A port's attach state is left out when no row carries it (an older agent's reply).
+        columns = [c for c in LIST_COLUMNS[kind]
+                   if c not in _PORT_STATE_COLUMNS or any(c in r for r in rows)]
         return format_table(rows, columns, NUMERIC)
     if name == "port add":
         return _port_added(result or {})
@@ -561,6 +565,10 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
         result = dict(result or {})
         counters = result.pop("counters", [])
         out = [format_table(counters, COUNTER_COLUMNS, NUMERIC) if counters else "no counters"]
+        tx = result.pop("port_tx", [])
+        if tx:
+            out += ["", "transmitted on redirect, per port:",
+                    format_table(tx, PORT_TX_COLUMNS, NUMERIC)]
         if result:
             out += [""] + _format_mapping(result)
         return "\n".join(out)

@@ -67,7 +67,8 @@ class FakeController:
                            "ifindex": 7, "mode": "native", "note": ""}
                           for p in self.state.sorted("ports")],
                 "flows": len(self.flows), "flow_capacity": 65536,
-                "rules": len(self.state.rules), "trace_program": "built"}
+                "rules": len(self.state.rules), "trace_program": "built",
+                "bpf_stats": {"enabled": False, "how": "off ([metrics] bpf_stats = false)"}}
 
     @staticmethod
     def port_status(name):
@@ -82,7 +83,7 @@ class FakeController:
         out = [o.to_dict() for o in objs]
         for d in out:
             if kind == "rules":
-                d["hits"] = 0
+                d.update(hits=0, packets=0, bytes=0)
             if kind == "ports":
                 d.update(self.port_status(d["name"]))
         return out
@@ -136,7 +137,10 @@ class FakeController:
             "flows": {"total": len(self.flows), "capacity": 65536,
                       "by_tenant": {"blue": 1, "red": 1}, "insert_failures": 0},
             "evictions": {r: 0 for r in EVICTION_REASONS},
-            "rule_hits": {"1": 1000}}
+            "rule_hits": {"1": 1000},
+            "rule_counters": {"1": {"packets": 1200, "bytes": 76800}},
+            "port_tx": [{"tenant": "blue", "port": "veth-vm2", "packets": 1000,
+                         "bytes": 64000}]}
 
     def trace(self, port, packet):
         self._enter("trace", port, packet)
