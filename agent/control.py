@@ -234,6 +234,7 @@ class Controller:
             "ports": self.port_rows(),
             "flows": flows, "flow_capacity": self.cfg.datapath.flow_table_size,
             "rules": len(self.state.rules),
+            "bpf_stats": self._bpf_stats().describe(),
             "trace_program": "built" if self.dp.trace_fd >= 0 else "not built",
         }
 
