@@ -363,11 +363,25 @@ class Datapath:
         rows = range(abi.stats_index(slot, 0, 0), abi.stats_index(slot + 1, 0, 0))
         m.update_many([(bytes(ct.c_uint32(i)), zero) for i in rows])
 
-    def rule_hits(self) -> Dict[int, int]:
+    def rule_stats(self) -> Dict[int, Tuple[int, int]]:
+        """Rule id -> (classifications it decided, coarse-clock ns of the last one)."""
         m = self.maps["xf_rule_hits"]
-        return {ct.c_uint32.from_buffer_copy(k).value:
-                sum(ct.c_uint64.from_buffer_copy(c).value for c in m.per_cpu(v))
-                for k, v in m.items()}
+        out = {}
+        for k, v in m.items():
+            cpus = [abi.RuleStat.from_buffer_copy(c) for c in m.per_cpu(v)]
+            out[ct.c_uint32.from_buffer_copy(k).value] = (
+                sum(c.hits for c in cpus), max(c.last_hit_ns for c in cpus))
+        return out
+
+    def rule_hits(self) -> Dict[int, int]:
+        return {rid: hits for rid, (hits, _) in self.rule_stats().items()}
+
+    def monitor_maps(self) -> Tuple[int, RawMap, RawMap]:
+        """The monitor's ring buffer fd, its switch-and-filter map and per-CPU counters
+        (maps of this build, not pinned)."""
+        return (self.bpf[b"xf_events"].get_fd(),
+                RawMap(self.bpf[b"xf_mon"].get_fd(), "xf_mon"),
+                RawMap(self.bpf[b"xf_mon_cpu"].get_fd(), "xf_mon_cpu"))
 
     # -- packets ----------------------------------------------------------------------------
     def run(self, packet: bytes, ifindex: int, repeat: int = 1) -> Tuple[int, bytes, int]:

@@ -77,11 +77,73 @@ static __always_inline void xf_count(__u16 tenant, __u16 port, __u8 verdict, __u
 #endif
 }
 
-/* Count the packet and return its XDP action. Every exit goes through here. */
-static __always_inline int xf_finish(__u16 tenant, __u16 port, struct xf_verdict *v,
-                                     __u64 bytes, int action)
+#ifndef XF_TRACE
+/* A monitor event for a packet some listener may want, paid for from this CPU's token
+ * bucket: a flood costs at most the configured rate of events; the rest only counts. */
+static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_mon_cfg *mc,
+                                       __u16 tenant, __u16 port, struct xf_verdict *v,
+                                       __u64 bytes)
+{
+    if (!(mc->verdicts & (1u << (v->verdict & 31))) || !(mc->reasons & (1u << (v->reason & 31))))
+        return;
+    if ((mc->tenant && mc->tenant != tenant) || (mc->port && mc->port != port))
+        return;
+    __u32 zero = 0;
+    struct xf_mon_cpu *mb = xf_mon_cpu.lookup(&zero);
+    if (!mb)
+        return;
+    __u64 now = bpf_ktime_get_ns();
+    __u64 credit = mb->credit_ns + (now - mb->last_ns);
+    if (credit > mc->burst_ns)
+        credit = mc->burst_ns;
+    mb->last_ns = now;
+    if (credit < mc->cost_ns) {
+        mb->credit_ns = credit;
+        mb->lost_rate++;
+        return;
+    }
+    mb->credit_ns = credit - mc->cost_ns;
+    struct xf_event *e = xf_events.ringbuf_reserve(sizeof(struct xf_event));
+    if (!e) {
+        mb->lost_ring++;
+        return;
+    }
+    e->ts_ns = now;
+    e->rule_id = v->rule_id;
+    e->len = bytes;
+    e->out_ifindex = v->out_ifindex;
+    e->tenant = tenant;
+    e->port = port;
+    e->out_port = v->out_port;
+    e->verdict = v->verdict;
+    e->reason = v->reason;
+    e->flow_hit = v->flow_hit;
+    e->pad = 0;
+    /* 1..XF_EVENT_BYTES by arithmetic the verifier follows (XF_EVENT_BYTES is a power
+     * of two; frames are never empty): clang turns range checks into tests on a copy. */
+    __u64 n = bytes < XF_EVENT_BYTES ? bytes : XF_EVENT_BYTES;
+    n = ((n - 1) & (XF_EVENT_BYTES - 1)) + 1;
+    if (bpf_xdp_load_bytes(ctx, 0, e->data, n))
+        n = 0;
+    e->cap_len = n;
+    xf_events.ringbuf_submit(e, 0);
+    mb->sent++;
+}
+#endif
+
+/* Count the packet, tell a listening monitor, and return its XDP action. Every exit goes
+ * through here (by the macro below, which passes the caller's ctx). */
+static __always_inline int xf_finish_ctx(struct xdp_md *ctx, __u16 tenant, __u16 port,
+                                         struct xf_verdict *v, __u64 bytes, int action)
 {
     xf_count(tenant, port, v->verdict, v->reason, bytes);
+#ifndef XF_TRACE
+    /* With no listener, this read is all the monitor costs. */
+    __u32 mzero = 0;
+    struct xf_mon_cfg *mc = xf_mon.lookup(&mzero);
+    if (mc && mc->listeners)
+        xf_monitor(ctx, mc, tenant, port, v, bytes);
+#endif
 #ifdef XF_TRACE
     __u32 zero = 0;
     struct xf_trace *t = xf_trace_rec.lookup(&zero);
@@ -99,6 +161,8 @@ static __always_inline int xf_finish(__u16 tenant, __u16 port, struct xf_verdict
 #endif
     return action;
 }
+#define xf_finish(tenant, port, v, bytes, action) \
+    xf_finish_ctx(ctx, tenant, port, v, bytes, action)
 
 static __always_inline int xf_verdict_action(__u8 verdict)
 {
@@ -520,11 +584,12 @@ int xdpflow_port(struct xdp_md *ctx)
 #ifndef XF_TRACE
     {
         __u32 rid = r.rule_id;
-        __u64 *hits = xf_rule_hits.lookup(&rid);
-        if (hits)
-            *hits += 1;
-        else {
-            __u64 one = 1;
+        struct xf_rule_stat *rs = xf_rule_hits.lookup(&rid);
+        if (rs) {
+            rs->hits += 1;
+            rs->last_hit_ns = now;
+        } else {
+            struct xf_rule_stat one = {.hits = 1, .last_hit_ns = now};
             xf_rule_hits.update(&rid, &one);
         }
     }

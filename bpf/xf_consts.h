@@ -35,6 +35,8 @@
 #define XF_FRAG_TABLE_SIZE 8192      /* first fragments remembered for their later fragments */
 #define XF_MAX_RULE_IDS 262144       /* rules whose classification hits are counted */
 #define XF_MASK_SETS 8192            /* (tenant, generation) mask sets: configured tenants x 2 */
+#define XF_EVENT_BYTES 128           /* packet bytes a monitor event carries */
+#define XF_EVENT_RING_PAGES 64       /* monitor ring buffer: 256 KiB, about 1,500 events */
 
 /* Verdicts: what the datapath did with a packet (XF_V_NONE marks event counters). */
 #define XF_V_NONE 0
