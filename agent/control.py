@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import VERSION, abi, compiler, model
 from .links import Link, LinkError, Links
+from .monitor import Monitor
+from .top import FlowRates
 
 log = logging.getLogger("xdpflow.control")
 
@@ -54,6 +56,8 @@ class Controller:
         self.attached: Dict[str, Link] = {}     # port name -> link with our program
         self.port_notes: Dict[str, str] = {}    # port name -> why it is not attached
         self._prog_id = 0
+        self.monitor = Monitor(self)            # `monitor`'s event streams
+        self.rates = FlowRates()                # `top`'s samples
 
     # -- building the datapath image -----------------------------------------------------
     def _live_links(self, state: model.State) -> Dict[str, Link]:
@@ -241,6 +245,28 @@ class Controller:
             if limit and len(out) >= limit:
                 break
         return out
+
+    def top(self, tenant: Optional[str], by: str, limit: int) -> Dict[str, Any]:
+        tenants, slots, _ = self._names()
+        tid = self._tenant_id(tenant) if tenant else None
+        now = now_coarse_ns()
+        rows, sampled = self.rates.sample(self.dp.maps["xf_flows"], now, tid, by, limit)
+        flows = []
+        for kb, fb, pps, bps in rows:
+            k, f = abi.FlowKey.from_buffer_copy(kb), abi.Flow.from_buffer_copy(fb)
+            d = flow_dict(k, f, tenants, slots, now, self.dp.generation(k.tenant))
+            d.update(pps=round(pps, 1), bps=round(bps * 8, 1))
+            flows.append(d)
+        return {"by": by, "sampled": sampled, "flows": flows}
+
+    def add_rule_stats(self, rules: List[Dict[str, Any]]) -> None:
+        """Each rule's hits and the wall-clock time of its last one (None: never hit)."""
+        stats = self.dp.rule_stats()
+        now, wall = now_coarse_ns(), time.time()
+        for d in rules:
+            hits, last = stats.get(d["id"], (0, 0))
+            d["hits"] = hits
+            d["last_hit"] = round(wall - (now - last) / 1e9, 3) if hits else None
 
     def flow_flush(self, tenant: Optional[str] = None) -> int:
         tid = self._tenant_id(tenant) if tenant else None
@@ -481,6 +507,9 @@ class MetricsSource:
                      "ifindex": self.c.attached[p.name].ifindex if p.name in self.c.attached else 0,
                      "mode": self.c.cfg.datapath.xdp_mode if p.name in self.c.attached else ""}
                     for p in self.c.state.ports]
+
+    def monitor(self):
+        return self.c.monitor.stats()
 
     def agent_info(self):
         with self.lock:

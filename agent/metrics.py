@@ -14,6 +14,7 @@ The source provides:
   ports()        -> [{name, tenant, attached, ifindex, mode}]
   agent_info()   -> {version, started_at, last_reconcile_seconds, reconcile_errors,
                      sweeps, sweep_seconds_total}
+  monitor()      -> {listeners, sent, rate_cap, ring_full, client}
 """
 from __future__ import annotations
 
@@ -82,6 +83,14 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
      "Flow-aging sweeps over the flow table.", ()),
     ("xdpflow_sweep_duration_seconds", "counter",
      "Time spent in flow-aging sweeps.", ()),
+    ("xdpflow_monitor_listeners", "gauge",
+     "Monitor clients (xdpflowctl monitor) listening now.", ()),
+    ("xdpflow_monitor_events", "counter",
+     "Events the datapath sent to monitor listeners.", ()),
+    ("xdpflow_monitor_events_lost", "counter",
+     "Monitor events lost, by reason: rate_cap (the per-CPU monitor.rate_limit), "
+     "ring_full (the ring buffer had no room), client (a listener that did not read in "
+     "time).", ("reason",)),
     ("xdpflow_scrape_errors", "counter",
      "Reads of the datapath that failed while serving a scrape.", ()),
     ("xdpflow_up", "gauge",
@@ -129,6 +138,7 @@ class DatapathCollector:
             ("tenants", self._fill_tenants),
             ("ports", self._fill_ports),
             ("agent_info", self._fill_agent_info),
+            ("monitor", self._fill_monitor),
         ):
             # Fill into scratch families and merge only on success, so a part that fails
             # halfway exports nothing rather than a misleading subset.
@@ -186,6 +196,13 @@ class DatapathCollector:
         for port in self._source.ports():
             labels = [_label(port["name"]), _label(port["tenant"]), _label(port.get("mode"))]
             f["xdpflow_port_attached"].add_metric(labels, 1 if port["attached"] else 0)
+
+    def _fill_monitor(self, f: Dict[str, Metric]) -> None:
+        m = self._source.monitor()
+        f["xdpflow_monitor_listeners"].add_metric([], int(m["listeners"]))
+        f["xdpflow_monitor_events"].add_metric([], int(m["sent"]))
+        for reason in ("rate_cap", "ring_full", "client"):
+            f["xdpflow_monitor_events_lost"].add_metric([reason], int(m[reason]))
 
     def _fill_agent_info(self, f: Dict[str, Metric]) -> None:
         info = self._source.agent_info()

@@ -67,6 +67,11 @@ class FakeSource:
                     reconcile_errors=2, sweeps=40, sweep_seconds_total=1.5)
 
 
+    def monitor(self):
+        self._call("monitor")
+        return dict(listeners=1, sent=900, rate_cap=99100, ring_full=3, client=5)
+
+
 class RaisingSource:
     """Every read fails, as when the BPF maps are gone."""
 
@@ -144,6 +149,11 @@ def test_scrape_matches_the_source(server):
     assert value(got, "xdpflow_reconcile_errors_total") == 2
     assert value(got, "xdpflow_sweeps_total") == 40
     assert value(got, "xdpflow_sweep_duration_seconds_total") == 1.5
+    assert value(got, "xdpflow_monitor_listeners") == 1
+    assert value(got, "xdpflow_monitor_events_total") == 900
+    assert value(got, "xdpflow_monitor_events_lost_total", reason="rate_cap") == 99100
+    assert value(got, "xdpflow_monitor_events_lost_total", reason="ring_full") == 3
+    assert value(got, "xdpflow_monitor_events_lost_total", reason="client") == 5
     assert value(got, "xdpflow_scrape_errors_total") == 0
     assert value(got, "xdpflow_up") == 1
     # The agent's registry also carries the process collector.
@@ -153,7 +163,7 @@ def test_scrape_matches_the_source(server):
 def test_every_family_has_help_and_the_prefix(server):
     body = scrape("127.0.0.1", server.port)
     ours = [f for f in text_string_to_metric_families(body) if not f.name.startswith("process_")]
-    assert len(ours) == 19
+    assert len(ours) == 22
     for family in ours:
         assert family.name.startswith("xdpflow_")
         assert family.documentation and family.documentation != family.name
@@ -173,7 +183,7 @@ def test_values_are_read_at_scrape_time(server, source):
     scrape("127.0.0.1", server.port)
     before = source.calls
     scrape("127.0.0.1", server.port)
-    assert source.calls == before + 6
+    assert source.calls == before + 7
 
 
 def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
@@ -197,7 +207,7 @@ def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
 def test_wholly_broken_source_still_answers():
     srv = serve(DatapathCollector(RaisingSource()), "127.0.0.1", 0)
     try:
-        for expected_errors in (6, 12):
+        for expected_errors in (7, 14):
             body = scrape("127.0.0.1", srv.port)
             got = samples(body)
             assert value(got, "xdpflow_up") == 0
