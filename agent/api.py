@@ -339,7 +339,9 @@ class ApiServer:
                 c = self._done.get_nowait()
             except queue.Empty:
                 return
-            if c.sock.fileno() in self._conns:
+            if c.sock.fileno() in self._conns and c.stream is not None:
+                self._hand_over(c)
+            elif c.sock.fileno() in self._conns:
                 c.state = "writing"
                 c.deadline = time.monotonic() + self.request_timeout
                 self._sel.register(c.sock, selectors.EVENT_WRITE, c)
@@ -392,18 +394,15 @@ class ApiServer:
             return
         c.out = c.out[n:]
         if not c.out:
-            if c.stream is not None:
-                self._hand_over(c)
-            else:
-                self._close(c)
+            self._close(c)
 
     def _hand_over(self, c: _Conn) -> None:
-        """A streaming command's reply is out: the connection leaves this loop for the
-        streamer, which writes to it from then on."""
+        """A streaming command was accepted: the connection leaves this loop for the
+        streamer, which writes the reply and then the stream (so the client never sees
+        the reply before it is subscribed)."""
         del self._conns[c.sock.fileno()]
-        self._sel.unregister(c.sock)
         try:
-            c.stream.adopt(c.sock)
+            c.stream.adopt(c.sock, c.out)
         except Exception:
             self.log.exception("control API: cannot start a stream")
             c.sock.close()

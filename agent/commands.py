@@ -52,10 +52,10 @@ class Arg:
 @dataclass(frozen=True)
 class Stream:
     """What a streaming command's call returns: `head`, the result of its one reply, and
-    `adopt(sock)`, which takes the connection over once that reply is written; from then
-    on the connection carries one JSON object per line until either side closes it."""
+    `adopt(sock, reply_line)`, which takes the connection over: it writes the reply line
+    once it is ready to stream, then one JSON object per line until either side closes."""
     head: Any
-    adopt: Callable[[Any], None]
+    adopt: Callable[[Any, bytes], None]
 
 
 @dataclass(frozen=True)

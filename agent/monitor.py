@@ -169,14 +169,18 @@ class Monitor:
         names = ({k: v for k, v in tenants.items()}, dict(slots))
         rate = self.c.cfg.monitor.rate_limit
         head = {"filter": shown, "rate_limit": rate, "event_bytes": abi.EVENT_BYTES}
-        return commands.Stream(head, lambda sock: self.subscribe(sock, filt, names))
+        return commands.Stream(head, lambda sock, reply: self.subscribe(sock, reply, filt,
+                                                                         names))
 
-    def subscribe(self, sock: socket.socket, filt: Filter, names) -> None:
-        """Take over a client's connection (its reply already written)."""
+    def subscribe(self, sock: socket.socket, reply: bytes, filt: Filter, names) -> None:
+        """Take over a client's connection; its reply goes out once the datapath filter
+        includes it, so a client that has the reply misses no event after it."""
         sock.setblocking(False)
         with self._lock:
             self._names = names
-            self._new.append(_Client(sock, filt, {}))
+            cl = _Client(sock, filt, {})
+            cl.out += reply
+            self._new.append(cl)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="monitor",
                                                 daemon=True)
@@ -300,6 +304,8 @@ class Monitor:
                     sel.register(cl.sock, selectors.EVENT_READ, cl)
                 if new:
                     self._write_cfg()
+                    for cl in new:
+                        self._flush(sel, cl)      # their replies: they are subscribed
                 self._mono_to_wall = time.time() - time.monotonic()
                 for key, mask in sel.select(max(0.0, next_tick - time.monotonic())):
                     if key.data == "wake":

@@ -40,9 +40,10 @@ class FakeMonitor:
         if args.get("tenant") == "nosuch":
             raise model.Conflict("tenant nosuch", "does not exist")
 
-        def adopt(sock):
+        def adopt(sock, reply):
             def feed():
                 sock.setblocking(True)
+                sock.sendall(reply)
                 for doc in self.lines:
                     sock.sendall((json.dumps(doc) + "\n").encode())
                 sock.close()
