@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 
 def _load_libbpf():
     # libbpf 1.x (Debian 12, Ubuntu 24.04) or 0.x (Ubuntu 22.04): the calls used here
@@ -76,6 +76,7 @@ _lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(TestRunOpts)]
 
 PERCPU_TYPES = {5, 6, 10}   # percpu hash, percpu array, lru percpu hash
 BATCH_TYPES = {1, 2, 5, 6, 9, 10}   # map types with batch operations (not LPM trie)
+ARRAY_TYPES = {2, 6}                # array, percpu array: every key exists, none deletes
 
 
 def possible_cpus() -> int:
@@ -88,6 +89,10 @@ def possible_cpus() -> int:
 
 
 NR_CPUS = possible_cpus()
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib.bpf_obj_pin(fd, path.encode()), f"pin {path}")
 
 
 def obj_get(path: str) -> int:
@@ -217,24 +222,51 @@ class RawMap:
                              f"{self.key_size}/{self.vsize}")
 
     # -- batches ------------------------------------------------------------------------
-    def update_many(self, items: Sequence[Tuple[bytes, bytes]], chunk: int = 8192) -> None:
-        """Write many entries; batched where the map type has batch operations."""
+    def update_many(self, items: Sequence[Tuple[bytes, bytes]], chunk: int = 8192,
+                    previous: Optional[Mapping[bytes, bytes]] = None) -> None:
+        """Write many entries (batched where the map type has batch operations), all or
+        none: what each key held is recorded before writing, and if a write fails partway
+        (a full map, a kernel refusal) every entry already written gets its old value back,
+        or is deleted if it was new, before the error is raised. A caller that knows what
+        the map holds passes it as `previous` (key -> value; keys not in it are new) and
+        spares a lookup per entry."""
+        old = [(k, previous.get(k) if previous is not None else self.get(k)) for k, _ in items]
         for i in range(0, len(items), chunk):
-            part = items[i:i + chunk]
-            for k, v in part:
-                self._sizes(k, v)
-            if self.type in BATCH_TYPES:
-                keys = b"".join(k for k, _ in part)
-                vals = b"".join(v for _, v in part)
-                n = ct.c_uint32(len(part))
-                rc = _lib.bpf_map_update_batch(self.fd, keys, vals, ct.byref(n), None)
-                if rc >= 0:
-                    continue
-                err = ct.get_errno() if rc == -1 else -rc
-                if err != errno.EINVAL:
-                    raise BpfError(err, f"{self.name}: batch update of {len(part)} entries "
-                                        f"stopped after {n.value}: {os.strerror(err)}")
-            for k, v in part:
+            try:
+                self._write_chunk(items[i:i + chunk])
+            except BpfError:
+                # Up to the end of the failed chunk: where in it the kernel stopped does
+                # not matter, putting back an entry that was not written changes nothing.
+                self._undo(old[:i + chunk])
+                raise
+
+    def _write_chunk(self, part: Sequence[Tuple[bytes, bytes]]) -> None:
+        for k, v in part:
+            self._sizes(k, v)
+        if self.type in BATCH_TYPES:
+            keys = b"".join(k for k, _ in part)
+            vals = b"".join(v for _, v in part)
+            n = ct.c_uint32(len(part))
+            rc = _lib.bpf_map_update_batch(self.fd, keys, vals, ct.byref(n), None)
+            if rc >= 0:
+                return
+            err = ct.get_errno() if rc == -1 else -rc
+            if err != errno.EINVAL:
+                raise BpfError(err, f"{self.name}: batch update of {len(part)} entries "
+                                    f"stopped after {n.value}: {os.strerror(err)}")
+        for k, v in part:
+            self.put(k, v)
+
+    def _undo(self, old: Sequence[Tuple[bytes, Optional[bytes]]]) -> None:
+        """Put back what `old` says each key held (None: it did not exist). Deletes first:
+        they make the room the puts may need. (An array row "that did not exist" is zeros.)"""
+        if self.type in ARRAY_TYPES:
+            old = [(k, bytes(self.vsize) if v is None else v) for k, v in old]
+        for k, v in old:
+            if v is None:
+                self.delete(k)
+        for k, v in old:
+            if v is not None:
                 self.put(k, v)
 
     def delete_many(self, keys: Sequence[bytes], chunk: int = 8192) -> int:
@@ -242,7 +274,7 @@ class RawMap:
         done = 0
         for i in range(0, len(keys), chunk):
             part = list(keys[i:i + chunk])
-            if self.type in BATCH_TYPES and self.type not in (2, 6):
+            if self.type in BATCH_TYPES and self.type not in ARRAY_TYPES:
                 n = ct.c_uint32(len(part))
                 rc = _lib.bpf_map_delete_batch(self.fd, b"".join(part), ct.byref(n), None)
                 if rc >= 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import abi, model
 
@@ -161,13 +161,17 @@ class TenantImage:
 
 
 def compile_state(state: model.State, links: Dict[str, PortLink],
-                  max_masks: int = abi.DEFAULT_MAX_MASKS) -> Image:
+                  max_masks: int = abi.DEFAULT_MAX_MASKS,
+                  slots: Optional[Dict[str, int]] = None) -> Image:
     """The whole image. Ports without a live interface (not in `links`) are left out, and
-    so are endpoints behind them: nothing can be sent there yet."""
+    so are endpoints behind them: nothing can be sent there yet. Rules name ports by
+    `slots` (the store's, every configured port), so an in_port rule compiles whether or
+    not its port's interface exists; without `slots`, the live links' slots."""
     state.validate()
     img = Image()
     tenants = {t.name: t for t in state.tenants}
-    slots = {name: link.slot for name, link in links.items()}
+    if slots is None:
+        slots = {name: link.slot for name, link in links.items()}
 
     for p in state.sorted("ports"):
         link = links.get(p.name)

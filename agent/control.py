@@ -1,32 +1,24 @@
 """The controller: the one place that changes the node. It keeps the desired state (store)
 and the datapath (maps, attached programs) in step: every change is validated, compiled,
 written to SQLite and to the maps inside one transaction, and rolled back in both if either
-fails. The API, the sweeper, reloads and link events all come through here, one at a time
-(the daemon's lock)."""
+fails. The API, reloads and link events all come through here, one at a time (the daemon's
+lock). Flow aging is the sweeper's (agent/sweeper.py); the controller only reads what it
+counted."""
 from __future__ import annotations
 
-import heapq
 import logging
 import os
-import struct
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from . import VERSION, abi, compiler, model
+from .flows import flow_dict, now_coarse_ns
 from .links import Link, LinkError, Links
 from .monitor import Monitor
+from .sweeper import Evictions, Sweeper
 from .top import FlowRates
 
 log = logging.getLogger("xdpflow.control")
-
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
-EVICTION_REASONS = ("idle", "closed", "rule_change", "flush", "table_full")
-CLOCK_MONOTONIC_COARSE = 6
-
-
-def now_coarse_ns() -> int:
-    """The clock bpf_ktime_get_coarse_ns() reads."""
-    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 class Controller:
@@ -42,17 +34,8 @@ class Controller:
         self.started_at = time.time()
         self.last_reconcile_seconds = 0.0
         self.reconcile_errors = 0
-        self.sweeps = 0
-        self.sweep_seconds_total = 0.0
-        self.last_sweep_seconds = 0.0
-        self.flow_counts: Dict[int, int] = {}
-        self.evicted: Dict[str, int] = {r: 0 for r in EVICTION_REASONS}
-        saved = store.get_meta("evictions")
-        if saved:
-            for part in saved.split(","):
-                k, _, v = part.partition("=")
-                if k in self.evicted and v.isdigit():
-                    self.evicted[k] = int(v)
+        self.evictions = Evictions(store)
+        self.sweeper = Sweeper(cfg, datapath, self.evictions)
         self.attached: Dict[str, Link] = {}     # port name -> link with our program
         self.port_notes: Dict[str, str] = {}    # port name -> why it is not attached
         self._prog_id = 0
@@ -67,25 +50,40 @@ class Controller:
         found = {p.name: self.links.get(p.name) for p in state.ports}
         return {name: link for name, link in found.items() if link is not None}
 
-    def _links_for(self, state: model.State, slots: Dict[str, int],
-                   live: Dict[str, Link]) -> Dict[str, compiler.PortLink]:
-        out = {}
+    def _check_slots(self, state: model.State, slots: Dict[str, int]) -> None:
         for p in state.ports:
-            link = live.get(p.name)
-            if link is None:
-                continue
             slot = slots.get(p.name, 0)
             if not 0 < slot < self.cfg.datapath.max_ports:
                 raise model.Conflict(f"port {p.name}", f"slot {slot} is beyond datapath."
                                      f"max_ports={self.cfg.datapath.max_ports}")
-            out[p.name] = compiler.PortLink(p.name, link.ifindex, link.mac, slot, link.addrs)
+
+    def _compile(self, state: model.State, slots: Dict[str, int],
+                 live: Dict[str, Link]) -> compiler.Image:
+        """The image for `state`: rules name ports by their stored slots (every configured
+        port), forwarding entries exist only for ports whose interface is here now."""
+        self._check_slots(state, slots)
+        links = {p.name: compiler.PortLink(p.name, live[p.name].ifindex, live[p.name].mac,
+                                           slots[p.name], live[p.name].addrs)
+                 for p in state.ports if p.name in live}
+        return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots)
+
+    def planned_slots(self, state: model.State) -> Dict[str, int]:
+        """The slots `state`'s ports would get: kept ones from the store, the smallest free
+        ones for new ports (as the store hands them out). For a compile before commit."""
+        have = self.store.port_slots()
+        out = {p.name: have[p.name] for p in state.ports if p.name in have}
+        used, nxt = set(out.values()), 1
+        for p in state.sorted("ports"):
+            if p.name not in out:
+                while nxt in used:
+                    nxt += 1
+                out[p.name] = nxt
+                used.add(nxt)
         return out
 
     def _program(self, state: model.State, slots: Dict[str, int]) -> Dict[str, Any]:
         live = self._live_links(state)
-        links = self._links_for(state, slots, live)
-        img = compiler.compile_state(state, links, self.cfg.datapath.max_masks)
-        summary = self.dp.sync(img)
+        summary = self.dp.sync(self._compile(state, slots, live))
         self._attach_ports(state, live)
         return summary
 
@@ -119,6 +117,20 @@ class Controller:
                     note = self.links.prepare_peer(link, self.pass_fd)
                     log.info("port %s: %s", p.name, note)
             self.attached[p.name] = link
+
+    def use_config(self, cfg) -> None:
+        """A reload's config (same datapath sizes): timeouts, modes and limits from now on."""
+        self.cfg = cfg
+        self.sweeper.use(cfg, self.dp)
+
+    def use_datapath(self, dp, cfg) -> Dict[str, Any]:
+        """A rebuilt datapath (new sizes): program it from the stored state and move every
+        port onto its program (one atomic replace each). The caller closes the old one."""
+        self.dp, self.cfg = dp, cfg
+        self.sweeper.use(cfg, dp)
+        self._prog_id = 0
+        self.attached = {}
+        return self.reconcile("datapath rebuilt")
 
     def prog_id(self) -> int:
         if not self._prog_id and self.dp.prog_fd >= 0:
@@ -168,7 +180,7 @@ class Controller:
 
     # -- the API's commands ---------------------------------------------------------------
     def status(self) -> Dict[str, Any]:
-        flows = sum(self.flow_counts.values())
+        flows = sum(self.sweeper.flow_counts.values())
         return {
             "version": VERSION, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -176,16 +188,35 @@ class Controller:
             "program_id": self.prog_id(),
             "maps": [{"map": s.name, "action": s.action, "detail": s.detail}
                      for s in self.dp.pin_report],
-            "tenants": [{"name": t.name, "id": t.id, "generation": self.dp.generation(t.id)}
-                        for t in self.state.sorted("tenants")],
-            "ports": [{"name": p.name, "tenant": p.tenant,
-                       "attached": p.name in self.attached,
-                       "ifindex": self.attached[p.name].ifindex if p.name in self.attached else 0,
-                       "note": self.port_notes.get(p.name, "")}
-                      for p in self.state.sorted("ports")],
+            "tenants": self.tenant_rows(),
+            "ports": self.port_rows(),
             "flows": flows, "flow_capacity": self.cfg.datapath.flow_table_size,
             "rules": len(self.state.rules),
         }
+
+    def tenant_rows(self) -> List[Dict[str, Any]]:
+        st = self.state
+        return [{"name": t.name, "id": t.id, "generation": self.dp.generation(t.id),
+                 "rules": sum(1 for r in st.rules if r.tenant == t.name),
+                 "endpoints": sum(1 for e in st.endpoints if e.tenant == t.name)}
+                for t in st.sorted("tenants")]
+
+    def port_rows(self) -> List[Dict[str, Any]]:
+        out = []
+        for p in self.state.sorted("ports"):
+            link = self.attached.get(p.name)
+            out.append({"name": p.name, "tenant": p.tenant, "attached": link is not None,
+                        "ifindex": link.ifindex if link else 0,
+                        "mode": self.cfg.datapath.xdp_mode if link else "",
+                        "note": self.port_notes.get(p.name, "")})
+        return out
+
+    def agent_info(self) -> Dict[str, Any]:
+        sw = self.sweeper
+        return {"version": VERSION, "started_at": self.started_at,
+                "last_reconcile_seconds": self.last_reconcile_seconds,
+                "reconcile_errors": self.reconcile_errors, "sweeps": sw.sweeps,
+                "sweep_seconds_total": sw.seconds_total}
 
     def list(self, kind: str, tenant: Optional[str] = None) -> List[Dict[str, Any]]:
         if kind not in model.KINDS:
@@ -220,8 +251,8 @@ class Controller:
         new = model.State.from_dict(state)
         new.validate()
         # Compile before anything is written: a state the datapath cannot hold (too many
-        # masks) is refused whole.
-        compiler.compile_state(new, {}, self.cfg.datapath.max_masks)
+        # masks, more ports than slots) is refused whole.
+        self._compile(new, self.planned_slots(new), {})
         d = model.diff(self.state, new)
         if not dry_run and any(v for k in d.values() for v in k.values()):
             self._commit(new)
@@ -271,7 +302,7 @@ class Controller:
     def flow_flush(self, tenant: Optional[str] = None) -> int:
         tid = self._tenant_id(tenant) if tenant else None
         n = self.dp.flush_flows(tid)
-        self._evicted("flush", n)
+        self.evictions.add("flush", n)
         return n
 
     def _tenant_id(self, name: str) -> int:
@@ -295,10 +326,10 @@ class Controller:
     def flow_summary(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         """Flow-table fill as of the last sweep, and insert failures from counter rows."""
         tenants, _, _ = self._names()
-        return {"total": sum(self.flow_counts.values()),
+        counts = self.sweeper.flow_counts
+        return {"total": sum(counts.values()),
                 "capacity": self.cfg.datapath.flow_table_size,
-                "by_tenant": {tenants.get(t, str(t)): n
-                              for t, n in sorted(self.flow_counts.items())},
+                "by_tenant": {tenants.get(t, str(t)): n for t, n in sorted(counts.items())},
                 "insert_failures": sum(r["packets"] for r in rows
                                        if r["reason"] == "insert_failed")}
 
@@ -307,7 +338,7 @@ class Controller:
         return {
             "counters": rows,
             "flows": self.flow_summary(rows),
-            "evictions": dict(self.evicted),
+            "evictions": self.evictions.as_dict(),
             "rule_hits": {str(k): v for k, v in sorted(self.dp.rule_hits().items())},
         }
 
@@ -337,183 +368,3 @@ class Controller:
             "modified": rc in (3, 4) and out != packet,
         }
 
-    # -- flow aging -------------------------------------------------------------------------
-    def _evicted(self, reason: str, n: int):
-        if n:
-            self.evicted[reason] = self.evicted.get(reason, 0) + n
-            self.store.set_meta("evictions", ",".join(f"{k}={v}"
-                                                      for k, v in self.evicted.items()))
-
-    def sweep(self) -> Dict[str, int]:
-        """Evict idle, closed and stale flows; keep the table under its high watermark.
-        The two directions of a flow go together: a one-way stream keeps its reply entry
-        as long as the forward one is busy. Works on the raw entries (a million of them
-        are read every interval), unpacking only the fields it needs."""
-        t0 = time.monotonic()
-        aging = self.cfg.aging
-        now = now_coarse_ns()
-        limit_ns = {6: aging.tcp_established, 17: aging.udp, 1: aging.icmp, 58: aging.icmp}
-        limit_ns = {p: v * 1_000_000_000 for p, v in limit_ns.items()}
-        other_ns = aging.other * 1_000_000_000
-        closed_ns = aging.tcp_closed * 1_000_000_000
-        gens: Dict[int, int] = {}
-        flows = dict(self.dp.maps["xf_flows"].items())
-        counts: Dict[int, int] = {}
-        evict: Dict[str, List[bytes]] = {r: [] for r in EVICTION_REASONS}
-        seen = set()
-        keep: List[Tuple[int, bytes, Optional[bytes]]] = []   # (last seen, key, pair key)
-        for kb, fb in flows.items():
-            if kb in seen:
-                continue
-            tenant, proto = _KEY_HEAD.unpack_from(kb)
-            rkb = reverse_key_bytes(kb)
-            pair = flows.get(rkb) if rkb is not None and rkb != kb else None
-            last, gen, flags = _FLOW_AGE.unpack_from(fb, _AGE_AT)
-            group = [kb]
-            if pair is not None:
-                group.append(rkb)
-                seen.add(rkb)
-                plast, pgen, pflags = _FLOW_AGE.unpack_from(pair, _AGE_AT)
-                last, flags = max(last, plast), flags | pflags
-                gen_ok = gen == pgen
-            else:
-                gen_ok = True
-            cur = gens.get(tenant)
-            if cur is None:
-                cur = gens[tenant] = self.dp.generation(tenant)
-            if not gen_ok or gen != cur or cur == 0:
-                evict["rule_change"] += group
-                continue
-            if flags & abi.FLOW_CLOSING:
-                limit, reason = closed_ns, "closed"
-            else:
-                limit, reason = limit_ns.get(proto, other_ns), "idle"
-            if now - last > limit:
-                evict[reason] += group
-                continue
-            keep.append((last, kb, rkb if pair is not None else None))
-            counts[tenant] = counts.get(tenant, 0) + len(group)
-        # Over the high watermark: the longest-idle flows go first.
-        high = int(self.cfg.datapath.flow_table_size * aging.high_watermark)
-        total = sum(counts.values())
-        if total > high:
-            # The oldest first; enough pairs to get under the mark (heap, not a full sort).
-            oldest = heapq.nsmallest(total - high, keep)
-            for last, kb, rkb in oldest:
-                if total <= high:
-                    break
-                group = [kb] + ([rkb] if rkb else [])
-                evict["table_full"] += group
-                tenant = _KEY_HEAD.unpack_from(kb)[0]
-                counts[tenant] -= len(group)
-                total -= len(group)
-        done = {}
-        for reason, keys in evict.items():
-            if keys:
-                n = self.dp.maps["xf_flows"].delete_many(keys)
-                self._evicted(reason, n)
-                done[reason] = n
-        self.flow_counts = {t: n for t, n in counts.items() if n}
-        self.sweeps += 1
-        self.last_sweep_seconds = time.monotonic() - t0
-        self.sweep_seconds_total += self.last_sweep_seconds
-        return done
-
-
-# Raw views of the abi structs, offsets taken from the mirror (checked against the C).
-_KEY_HEAD = struct.Struct("<HB")                                  # tenant, proto
-_PORTS = struct.Struct("<HH")                                     # sport, dport
-_PORTS_AT = abi.FlowKey.sport.offset
-_AGE_AT = abi.Flow.last_seen_ns.offset
-_FLOW_AGE = struct.Struct(                                        # last_seen, generation, flags
-    f"<QI{abi.Flow.flags.offset - abi.Flow.generation.offset - 4}xB")
-assert abi.Flow.generation.offset == _AGE_AT + 8
-_REPLY_TYPE = {1: {8: 0, 0: 8}, 58: {128: 129, 129: 128}}
-
-
-def reverse_key_bytes(kb: bytes) -> Optional[bytes]:
-    """The reply direction's key, as the datapath makes it (bpf xf_reverse_key)."""
-    proto = kb[2]
-    sport, dport = _PORTS.unpack_from(kb, _PORTS_AT)
-    if proto in (6, 17):
-        ports = _PORTS.pack(dport, sport)
-    else:
-        t = _REPLY_TYPE.get(proto, {}).get(dport >> 8)
-        if t is None:
-            return None
-        ports = _PORTS.pack(sport, t << 8)
-    return kb[:4] + kb[20:36] + kb[4:20] + ports   # head, dst<->src, ports
-
-
-def flow_dict(k: abi.FlowKey, f: abi.Flow, tenants: Dict[int, str], slots: Dict[int, str],
-              now: int, generation: int) -> Dict[str, Any]:
-    icmp = k.proto in (1, 58)
-    flags = []
-    if f.flags & abi.FLOW_REVERSE:
-        flags.append("reply")
-    if f.flags & abi.FLOW_CLOSING:
-        flags.append("closing")
-    if f.generation != generation:
-        flags.append("stale")
-    d = {
-        "tenant": tenants.get(k.tenant, str(k.tenant)),
-        "proto": PROTO_NAMES.get(k.proto, str(k.proto)),
-        "src": str(abi.get_addr(k.src)), "dst": str(abi.get_addr(k.dst)),
-        "sport": k.sport, "dport": k.dport,
-        "verdict": abi.VERDICTS.get(f.verdict, str(f.verdict)),
-        "in_port": slots.get(f.in_port, ""), "out_port": slots.get(f.out_port, ""),
-        "rule": f.rule_id or None, "packets": f.packets, "bytes": f.bytes,
-        "idle_s": round(max(0, now - f.last_seen_ns) / 1e9, 1),
-        "age_s": round(max(0, now - f.created_ns) / 1e9, 1),
-        "flags": ",".join(flags),
-    }
-    if icmp:
-        d["icmp_type"], d["icmp_code"], d["icmp_id"] = k.dport >> 8, k.dport & 0xFF, k.sport
-    return d
-
-
-class MetricsSource:
-    """What the Prometheus collector reads, taken under the controller's lock."""
-
-    def __init__(self, controller: Controller, lock):
-        self.c = controller
-        self.lock = lock
-
-    def counters(self):
-        with self.lock:
-            return [r for r in self.c.counter_rows() if r["verdict"] != "none"]
-
-    def flow_summary(self):
-        with self.lock:
-            # Insert failures are event rows (verdict "none"), which counters() leaves out.
-            events = [r for r in self.c.counter_rows() if r["reason"] == "insert_failed"]
-            return self.c.flow_summary(events)
-
-    def evictions(self):
-        with self.lock:
-            return dict(self.c.evicted)
-
-    def tenants(self):
-        with self.lock:
-            st = self.c.state
-            return [{"name": t.name, "id": t.id, "generation": self.c.dp.generation(t.id),
-                     "rules": sum(1 for r in st.rules if r.tenant == t.name),
-                     "endpoints": sum(1 for e in st.endpoints if e.tenant == t.name)}
-                    for t in st.tenants]
-
-    def ports(self):
-        with self.lock:
-            return [{"name": p.name, "tenant": p.tenant, "attached": p.name in self.c.attached,
-                     "ifindex": self.c.attached[p.name].ifindex if p.name in self.c.attached else 0,
-                     "mode": self.c.cfg.datapath.xdp_mode if p.name in self.c.attached else ""}
-                    for p in self.c.state.ports]
-
-    def monitor(self):
-        return self.c.monitor.stats()
-
-    def agent_info(self):
-        with self.lock:
-            return {"version": VERSION, "started_at": self.c.started_at,
-                    "last_reconcile_seconds": self.c.last_reconcile_seconds,
-                    "reconcile_errors": self.c.reconcile_errors, "sweeps": self.c.sweeps,
-                    "sweep_seconds_total": self.c.sweep_seconds_total}

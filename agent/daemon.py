@@ -49,6 +49,7 @@ class Agent:
         self.api = self.metrics = self.watcher = None
         self._pass_bpf = None
         self._links_dirty = threading.Event()
+        self._links_lost = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -77,10 +78,10 @@ class Agent:
                     log.info("initial state from %s applied", self.config_path)
                 self.store.set_meta("seeded", "1")
             self.controller.reconcile("start")
-            self.controller.sweep()
+            self.controller.sweeper.sweep()
         self._start_api()
         self._start_metrics()
-        self.watcher = LinkWatcher(lambda why: self._mark_links_dirty())
+        self.watcher = LinkWatcher(self._mark_links_dirty)
         self.watcher.start()
 
     def _log_pins(self, report):
@@ -109,15 +110,18 @@ class Agent:
         log.info("control API on %s", a.socket)
 
     def _start_metrics(self):
-        from .control import MetricsSource
-        from .metrics import DatapathCollector, serve
+        from .metrics import AgentSource, DatapathCollector, serve
         addr = self.cfg.metrics_address()
         if addr is None:
             return
-        self.metrics = serve(DatapathCollector(MetricsSource(self.controller, self.lock)), *addr)
+        self.metrics = serve(DatapathCollector(AgentSource(self.controller, self.lock)), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
 
-    def _mark_links_dirty(self):
+    def _mark_links_dirty(self, why: str = "link"):
+        """From the watcher's thread: every port is reconciled by the loop, whatever the
+        event (and after lost events, when nothing says what changed)."""
+        if why == "lost":
+            self._links_lost.set()
         self._links_dirty.set()
         try:
             os.write(self._wake_w, b"l")
@@ -147,7 +151,7 @@ class Agent:
                 # A sweep of a full table takes seconds in Python: never spend more than
                 # about a third of a core on it, whatever the configured interval.
                 next_sweep = time.monotonic() + max(self.cfg.aging.interval,
-                                                    2 * self.controller.last_sweep_seconds)
+                                                    2 * self.controller.sweeper.last_seconds)
             while self.signals:
                 sig = self.signals.pop(0)
                 if sig == signal.SIGHUP:
@@ -174,13 +178,15 @@ class Agent:
 
     def _sweep(self):
         with self.lock:
-            done = self.controller.sweep()
+            done = self.controller.sweeper.sweep()
         if done:
             log.debug("sweep evicted %s", done)
 
     def _reconcile_links(self):
+        why = "link events lost" if self._links_lost.is_set() else "link change"
+        self._links_lost.clear()
         with self.lock:
-            self.controller.reconcile("link change")
+            self.controller.reconcile(why)
 
     def reload(self):
         """SIGHUP: read the config again and apply what changed."""
@@ -194,9 +200,16 @@ class Agent:
         old = self.cfg
         with self.lock:
             if new.datapath != old.datapath:
-                self._rebuild_datapath(new)
+                try:
+                    self._rebuild_datapath(new)
+                except Exception:
+                    log.exception("reload refused: the datapath with the new [datapath] "
+                                  "sizes could not be built and programmed; the running one "
+                                  "is kept, with the running config")
+                    notify.ready()
+                    return
             self.cfg = new
-            self.controller.cfg = new
+            self.controller.use_config(new)
             if new.state.to_dict() != old.state.to_dict():
                 self._apply_state_change(old.state, new.state)
         if new.agent != old.agent:
@@ -229,18 +242,26 @@ class Agent:
         self.controller.apply(target.to_dict(), dry_run=False)
 
     def _rebuild_datapath(self, new_cfg):
-        """Map sizes changed: build the new program (migrating what can be migrated),
-        program it, then replace the program on every port in one step each."""
+        """Map sizes changed: build the new program beside the running one (all-new
+        configuration maps if any of them changed, see Datapath.load), program it from
+        the store, replace the program on every port in one step each, then move the pins
+        in place. If anything fails before that, the running program, its maps and pins
+        stay as they were (and ports already moved get it back)."""
         from .datapath import Datapath
-        old_dp = self.dp
+        old_dp, old_cfg = self.dp, self.cfg
         dp = Datapath(new_cfg.agent.bpffs, new_cfg.datapath_defines())
-        self._log_pins(dp.load())
+        try:
+            self._log_pins(dp.load(beside=True))
+            self.controller.use_datapath(dp, new_cfg)
+        except Exception:
+            try:
+                self.controller.use_datapath(old_dp, old_cfg)
+            finally:
+                dp.close()
+                dp.discard_staged()
+            raise
+        dp.commit_pins()
         self.dp = dp
-        self.controller.dp = dp
-        self.controller.cfg = new_cfg
-        self.controller._prog_id = 0
-        self.controller.attached = {}
-        self.controller.reconcile("datapath rebuilt")
         old_dp.close()
 
     def stop(self) -> int:
@@ -253,6 +274,8 @@ class Agent:
                     log.exception("stopping %s", part)
         if self.metrics:
             self.metrics.shutdown()
+        if self.controller:
+            self.controller.monitor.close()     # the datapath left running makes no events
         with self.lock:
             if self.cfg.agent.teardown_on_exit:
                 teardown(self.cfg, self.links, self.controller.state)

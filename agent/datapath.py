@@ -15,6 +15,8 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 from . import abi, bpfsys, compiler
 from .bpfsys import RawMap
+from .config import Config
+from .flows import flow_head
 
 log = logging.getLogger("xdpflow.datapath")
 
@@ -25,9 +27,8 @@ MAP_ORDER = list(abi.MAPS)
 # counters) are state the datapath made and are migrated when only their size changed.
 REBUILT_FROM_STORE = {"xf_port_index", "xf_ports", "xf_tenants", "xf_masks", "xf_rules", "xf_endpoints",
                       "xf_routes", "xf_meta"}
-DEFAULT_DEFINES = {"XF_FLOW_TABLE_SIZE": 1000000, "XF_MAX_RULE_ENTRIES": 262144,
-                   "XF_MAX_MASKS": 32, "XF_MAX_ENDPOINTS": 65536, "XF_MAX_ROUTES": 16384,
-                   "XF_MAX_PORTS": 1024}
+# The sizes' one home is the config's [datapath] defaults; bpf/xf_consts.h has none.
+DEFAULT_DEFINES = Config().datapath_defines()
 
 
 def ensure_bpffs(path: str = "/sys/fs/bpf") -> bool:
@@ -55,6 +56,9 @@ def fs_type(path: str) -> str:
     return kind
 
 
+_STAGED = "-staged"     # suffix of the staging dir of a build beside the live pins (bpffs allows no dots)
+
+
 @dataclass
 class PinStatus:
     name: str
@@ -80,6 +84,7 @@ class Datapath:
         self._rules: Dict[Tuple[int, int], Dict[bytes, bytes]] = {}   # (tid, gen) -> entries
         self._masks: Dict[Tuple[int, int], bytes] = {}
         self._tenant_vals: Dict[int, bytes] = {}
+        self._gen_floor: Dict[int, int] = {}   # generations to go on from (see load)
 
     # -- build and load ----------------------------------------------------------------
     def cflags(self, trace: bool = False) -> List[str]:
@@ -140,8 +145,16 @@ class Datapath:
         finally:
             m.close()
 
-    def load(self) -> List[PinStatus]:
-        """Compile and load the program, reusing, migrating or rebuilding pinned maps."""
+    def load(self, beside: bool = False) -> List[PinStatus]:
+        """Compile and load the program, reusing, migrating or rebuilding pinned maps.
+
+        beside=True is for a reload that resizes maps while a program runs on the ports:
+        the build goes to a staging dir next to the live pins and touches neither them nor
+        the running program's maps. Maps kept as they are are shared (pinned in the staging
+        dir too); if any configuration map changes, every configuration map is a fresh one,
+        so the running program never meets a generation written for the new one. After the
+        program swap, `commit_pins()` moves the pins in place; `close()` and
+        `discard_staged()` before that leave everything as it was."""
         from bcc import BPF   # imported here so the unit tier never needs bcc
 
         ensure_bpffs()
@@ -149,15 +162,33 @@ class Datapath:
         if fs_type(self.pin_dir) != "bpf":
             raise OSError(f"{self.pin_dir} is not on a bpf filesystem (agent.bpffs must be "
                           f"under a bpffs mount such as /sys/fs/bpf)")
+        # A staging dir left by a reload that died before its commit: the live pins win.
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
         report = self.check_pins()
+        live = self.pin_dir
+        if beside:
+            os.makedirs(self.staging_dir)
+            fresh_config = any(st.action != "reuse" for st in report
+                               if st.name in REBUILT_FROM_STORE and st.action != "create")
+            if fresh_config:
+                # The flow table may be shared: generations go on from the running ones,
+                # or a flow judged by the old rules would be a hit under the new.
+                self._gen_floor = self._live_generations(f"{live}/xf_tenants")
+            self.pin_dir = self.staging_dir
         saved: Dict[str, List[Tuple[bytes, bytes]]] = {}
         for st in report:
-            path = f"{self.pin_dir}/{st.name}"
+            path = f"{live}/{st.name}"
             if st.action == "migrate" and st.name not in REBUILT_FROM_STORE:
                 old = RawMap.pinned(path)
                 saved[st.name] = list(old.items())
                 old.close()
-            if st.action in ("migrate", "rebuild"):
+            if beside and st.action == "reuse":
+                if fresh_config and st.name in REBUILT_FROM_STORE:
+                    st.action = "rebuild"
+                    st.detail = "a fresh one, with every configuration map (one was resized)"
+                else:
+                    self._share(path, f"{self.pin_dir}/{st.name}")
+            elif not beside and st.action in ("migrate", "rebuild"):
                 os.unlink(path)       # the old program keeps its map until it is replaced
             if st.action == "rebuild" and st.name not in REBUILT_FROM_STORE:
                 st.detail += "; its entries are dropped (flows re-classify, counters restart)"
@@ -169,7 +200,7 @@ class Datapath:
         for name, items in saved.items():
             m = self.maps[name]
             keep = items[:m.max_entries]
-            m.update_many(keep)
+            m.update_many(keep, previous={})          # a fresh map
             for st in report:
                 if st.name == name:
                     st.detail += f"; {len(keep)} entries copied" + (
@@ -179,6 +210,51 @@ class Datapath:
         self._read_mirror()
         self.pin_report = report
         return report
+
+    @staticmethod
+    def _live_generations(path: str) -> Dict[int, int]:
+        if not os.path.exists(path):
+            return {}
+        m = RawMap.pinned(path)
+        try:
+            out = {}
+            for k, v in m.items():
+                gen = abi.Tenant.from_buffer_copy(v).generation
+                if gen:
+                    out[ct.c_uint32.from_buffer_copy(k).value] = gen
+            return out
+        finally:
+            m.close()
+
+    @property
+    def staging_dir(self) -> str:
+        base = self.pin_dir[:-len(_STAGED)] if self.pin_dir.endswith(_STAGED) else self.pin_dir
+        return base + _STAGED
+
+    @staticmethod
+    def _share(src: str, dst: str) -> None:
+        fd = bpfsys.obj_get(src)
+        try:
+            bpfsys.obj_pin(fd, dst)
+        finally:
+            os.close(fd)
+
+    def commit_pins(self) -> None:
+        """A build made beside the live pins becomes the pinned datapath (after its
+        program was swapped onto the ports): each pin renamed over the live one."""
+        if not self.pin_dir.endswith(_STAGED):
+            return
+        live = self.pin_dir[:-len(_STAGED)]
+        for name in MAP_ORDER:
+            os.rename(f"{self.pin_dir}/{name}", f"{live}/{name}")
+        os.rmdir(self.pin_dir)
+        self.pin_dir = live
+
+    def discard_staged(self) -> None:
+        """Forget a build made beside the live pins (close() it too)."""
+        if self.pin_dir.endswith(_STAGED):
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            self.pin_dir = self.pin_dir[:-len(_STAGED)]
 
     def load_trace(self) -> int:
         """The trace build shares the pinned maps; it records instead of counting."""
@@ -200,9 +276,10 @@ class Datapath:
         self.prog_fd = self.trace_fd = -1
 
     def unpin(self):
-        """Remove every pin (explicit teardown)."""
-        if os.path.isdir(self.pin_dir):
-            shutil.rmtree(self.pin_dir, ignore_errors=True)
+        """Remove every pin (explicit teardown), and a reload's staging dir."""
+        for d in (self.pin_dir, self.staging_dir):
+            if os.path.isdir(d):
+                shutil.rmtree(d, ignore_errors=True)
 
     # -- configuration maps -------------------------------------------------------------
     def _read_mirror(self):
@@ -248,14 +325,16 @@ class Datapath:
             for k in gone:
                 changed_tenants.add(self._tenant_of(name, k, have[k]))
             m = self.maps[name]
+            # The mirror follows each write that succeeded (a failed one is rolled back
+            # whole by the map layer), so a restore after a failure diffs against the truth.
             if put:
-                m.update_many(put)
+                m.update_many(put, previous=have)
+                have.update(put)
             if gone and name == "xf_port_index":
-                m.update_many([(k, bytes(abi.Port())) for k in gone])   # an array row is cleared
+                m.update_many([(k, bytes(abi.Port())) for k in gone],   # an array row is cleared
+                              previous=have)
             elif gone:
                 m.delete_many(gone)
-            for k, v in put:
-                have[k] = v
             for k in gone:
                 del have[k]
             summary[name] = {"written": len(put), "removed": len(gone)}
@@ -301,13 +380,13 @@ class Datapath:
 
     def _flip(self, tid: int, t: compiler.TenantImage, mask_val: bytes) -> int:
         used = {g for (x, g) in list(self._rules) + list(self._masks) if x == tid}
-        gen = self._gens.get(tid, 0)
+        gen = self._gens.get(tid) or self._gen_floor.get(tid, 0)
         while True:
             gen = gen + 1 if gen < 0xFFFFFFFF else 1
             if gen not in used:
                 break
         items = list(t.classifier.rule_items(tid, gen))
-        self.maps["xf_rules"].update_many(items)
+        self.maps["xf_rules"].update_many(items, previous={})    # a generation not in use
         self._rules[(tid, gen)] = dict(items)
         mk = bytes(abi.MaskKey(tenant=tid, generation=gen))
         self.maps["xf_masks"].put(mk, mask_val)
@@ -332,7 +411,15 @@ class Datapath:
 
     def flush_flows(self, tenant_id: Optional[int] = None) -> int:
         keys = [k for k, _ in self.maps["xf_flows"].items()
-                if tenant_id is None or abi.FlowKey.from_buffer_copy(k).tenant == tenant_id]
+                if tenant_id is None or flow_head(k)[0] == tenant_id]
+        return self.delete_flows(keys)
+
+    def flow_entries(self) -> Dict[bytes, bytes]:
+        """The raw flow table (key bytes -> entry bytes): the sweeper reads a million of
+        these per interval and unpacks only what it needs (flow_head, flow_age)."""
+        return dict(self.maps["xf_flows"].items())
+
+    def delete_flows(self, keys: List[bytes]) -> int:
         return self.maps["xf_flows"].delete_many(keys)
 
     # -- counters ---------------------------------------------------------------------------

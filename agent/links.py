@@ -3,10 +3,10 @@ atomic replace (never detach, then attach), detach, make a veth's peer able to t
 redirected frames, and watch interfaces come and go."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
-import socket
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -224,41 +224,117 @@ class Links:
 
 
 class LinkWatcher:
-    """Netlink link and address events, handed to a callback (from its own thread)."""
+    """Link and address events, parsed by pyroute2 (IPRoute.bind/get), handed to
+    `on_change(why)` from the watcher's own thread, a burst coalesced into one call. `why`
+    is "link", or "lost" when the kernel dropped events because the socket's receive
+    buffer overflowed (ENOBUFS): the caller cannot know what changed and must reconcile
+    every port."""
 
-    def __init__(self, on_change: Callable[[str], None]):
+    GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+
+    def __init__(self, on_change: Callable[[str], None], rcvbuf: int = 1 << 20):
         self.on_change = on_change
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)   # NETLINK_ROUTE
-        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        self.rcvbuf = rcvbuf
+        self.lost = 0                      # overflows seen (each followed by "lost")
+        self.ipr: Optional[IPRoute] = None
+        self._lost_pending = False
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="link-watch", daemon=True)
 
+    def _open(self) -> IPRoute:
+        ipr = IPRoute(rcvbuf=self.rcvbuf)
+        try:
+            ipr.bind(groups=self.GROUPS)
+        except BaseException:
+            ipr.close()
+            raise
+        return ipr
+
     def start(self):
+        """Subscribe (in the caller's network namespace) and start watching; raises what
+        subscribing raised."""
         self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
 
     def stop(self):
         os.write(self._stop_w, b"x")
         self._thread.join(timeout=5)
-        self.sock.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
 
+    def _overflowed(self) -> None:
+        """The kernel dropped events (ENOBUFS); pyroute2's socket stays in that error, so
+        it is replaced, and the next call says "lost"."""
+        self.lost += 1
+        self._lost_pending = True
+        log.warning("netlink: link events were lost (receive buffer overflowed); "
+                    "reconciling every port")
+        self._close()
+        self.ipr = self._open()
+
+    def _fd(self) -> int:
+        try:
+            return self.ipr.fileno()
+        except OSError as e:      # pyroute2 raises a socket's pending error here
+            if e.errno != errno.ENOBUFS:
+                raise
+        self._overflowed()
+        return self.ipr.fileno()
+
+    def _read(self) -> None:
+        try:
+            for msg in self.ipr.get():
+                log.debug("netlink: %s %s", msg.get("event"),
+                          msg.get_attr("IFLA_IFNAME") or msg.get("index"))
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                raise
+            self._overflowed()
+
     def _run(self):
+        # pyroute2's synchronous socket belongs to the thread that made it (its event
+        # loop is per thread): open, read and close it here.
+        try:
+            self.ipr = self._open()
+        except BaseException as e:
+            self._error = e
+            return
+        finally:
+            self._ready.set()
+        try:
+            self._watch()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        try:
+            self.ipr.close()
+        except OSError:           # a socket in error raises it again on close
+            pass
+
+    def _watch(self):
         while True:
-            r, _, _ = select.select([self.sock, self._stop_r], [], [])
+            fd = self._fd()
+            r, _, _ = select.select([fd, self._stop_r], [], [],
+                                    0 if self._lost_pending else None)
             if self._stop_r in r:
                 return
             try:
-                self.sock.recv(65536)
+                if fd in r:
+                    self._read()
+                # Coalesce a burst of events into one reconcile.
+                while select.select([self._fd()], [], [], 0.05)[0]:
+                    self._read()
             except OSError:
+                log.exception("reading link events")
                 continue
-            # Coalesce a burst of events into one reconcile.
-            while select.select([self.sock], [], [], 0.05)[0]:
-                try:
-                    self.sock.recv(65536)
-                except OSError:
-                    break
+            why = "lost" if self._lost_pending else "link"
+            self._lost_pending = False
             try:
-                self.on_change("link")
+                self.on_change(why)
             except Exception:
                 log.exception("handling a link event")

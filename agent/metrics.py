@@ -1,6 +1,6 @@
 """Export the datapath's counters to Prometheus, read from the source at scrape time.
 
-`DatapathCollector` keeps no copies: every scrape asks its source (the agent's datapath or
+`DatapathCollector` keeps no copies: every scrape asks its source (`AgentSource` over the
 controller in production, a fake in tests) for fresh numbers, so a metric is never staler
 than the scrape. Each part of the source is read on its own; if one part raises, the others
 are still exported, `xdpflow_up` drops to 0 and `xdpflow_scrape_errors_total` counts it. A
@@ -19,13 +19,10 @@ The source provides:
 from __future__ import annotations
 
 import logging
-import socket
 import threading
-from socketserver import ThreadingMixIn
 from typing import Any, Callable, Dict, Iterable, Iterator, Tuple
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, start_wsgi_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -36,10 +33,9 @@ from prometheus_client.process_collector import ProcessCollector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DatapathCollector", "MetricsServer", "serve", "EVICTION_REASONS"]
+from agent.flows import EVICTION_REASONS
 
-# Always exported, at 0 until they happen, so rate() and alerts work from the first scrape.
-EVICTION_REASONS = ("idle", "closed", "rule_change", "flush", "table_full")
+__all__ = ["DatapathCollector", "MetricsServer", "serve", "AgentSource", "EVICTION_REASONS"]
 
 _TRAFFIC = ("tenant", "port", "verdict", "reason")
 
@@ -180,6 +176,8 @@ class DatapathCollector:
         f["xdpflow_flow_insert_failures"].add_metric([], int(summary["insert_failures"]))
 
     def _fill_evictions(self, f: Dict[str, Metric]) -> None:
+        # Every reason, at 0 until it happens, so rate() and alerts work from the first
+        # scrape.
         counts = {reason: 0 for reason in EVICTION_REASONS}
         counts.update({str(k): int(v) for k, v in self._source.evictions().items()})
         for reason, count in counts.items():
@@ -216,16 +214,10 @@ class DatapathCollector:
             [], float(info["sweep_seconds_total"]))
 
 
-class _QuietHandler(WSGIRequestHandler):
-    # Prometheus scrapes every few seconds; an access-log line per scrape drowns the journal.
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
-        pass
-
-
 class MetricsServer:
     """The running /metrics endpoint; `port` is the bound port (useful with port 0)."""
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread):
+    def __init__(self, httpd, thread: threading.Thread):
         self._httpd = httpd
         self._thread = thread
         self.host = httpd.server_address[0]
@@ -239,7 +231,9 @@ class MetricsServer:
 
 
 def serve(collector: DatapathCollector, host: str, port: int) -> MetricsServer:
-    """Serve /metrics on host:port (IPv4 or IPv6; port 0 picks one) in a daemon thread.
+    """Serve /metrics on host:port (IPv4 or IPv6; port 0 picks one) in a daemon thread,
+    with prometheus_client's own server (it picks the address family from the host, logs
+    no access lines, and can do TLS).
 
     The registry is private to this server, so nothing registered by libraries in the
     global one leaks out; it holds the datapath collector and the process collector
@@ -248,20 +242,44 @@ def serve(collector: DatapathCollector, host: str, port: int) -> MetricsServer:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     ProcessCollector(registry=registry)
-
-    host = host.strip("[]")  # accept "[::1]" as written in URLs
-    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                flags=socket.AI_PASSIVE)[0][0]
-
-    # A class per call: address_family is a class attribute read at bind time.
-    class _Server(ThreadingMixIn, WSGIServer):
-        address_family = family
-        daemon_threads = True  # a stuck scraper must not hold up the agent's exit
-        allow_reuse_address = True  # rebind at once after a restart (TIME_WAIT)
-
-    httpd = make_server(host, port, make_wsgi_app(registry), _Server,
-                        handler_class=_QuietHandler)
-    thread = threading.Thread(target=httpd.serve_forever, name="xdpflow-metrics",
-                              daemon=True)
-    thread.start()
+    httpd, thread = start_wsgi_server(port, addr=host.strip("[]"), registry=registry)
     return MetricsServer(httpd, thread)
+
+
+class AgentSource:
+    """The collector's source in the agent: the controller's reads, each taken under the
+    lock every change of the datapath holds."""
+
+    def __init__(self, controller, lock):
+        self.c = controller
+        self.lock = lock
+
+    def counters(self):
+        with self.lock:
+            return [r for r in self.c.counter_rows() if r["verdict"] != "none"]
+
+    def flow_summary(self):
+        with self.lock:
+            # Insert failures are event rows (verdict "none"), which counters() leaves out.
+            events = [r for r in self.c.counter_rows() if r["reason"] == "insert_failed"]
+            return self.c.flow_summary(events)
+
+    def evictions(self):
+        with self.lock:
+            return self.c.evictions.as_dict()
+
+    def tenants(self):
+        with self.lock:
+            return self.c.tenant_rows()
+
+    def ports(self):
+        with self.lock:
+            return self.c.port_rows()
+
+    def agent_info(self):
+        with self.lock:
+            return self.c.agent_info()
+
+    def monitor(self):
+        # The monitor's own counters and maps: no controller lock needed.
+        return self.c.monitor.stats()

@@ -1,18 +1,36 @@
-/* xdpflow datapath: the XDP program attached to every port. It wires the pipeline
+/* xdpflow datapath: the XDP program attached to every port. It wires the pipeline, one
+ * stage per step, each a function of its own:
  *
- *   parse -> tenant (ingress port) -> flow table (hit, current generation: act)
- *     miss -> local? -> classify (tuple-space search) -> route -> install flow + reverse
- *     -> act (drop | pass | redirect with MAC rewrite and TTL decrement) -> count
+ *   port     ingress port -> tenant, generation, default verdict
+ *   parse    the one parser (xf_parse.h); ARP and ND answered here (xf_neigh.h)
+ *   boundary multicast, TTL; later fragments take their first fragment's ports
+ *   flow     exact-match lookup (and an ICMP error's flow); a current hit is acted on
+ *   classify miss: the tenant's rules (tuple-space search), a stale reply by its forward
+ *   route    endpoint / route lookup, flattened into the flow entry
+ *   install  the flow and its reverse (stateful allow)
+ *   act      drop | pass | redirect with MAC rewrite and TTL decrement
+ *   count    per-CPU rows per (port, verdict, reason); every exit goes through it
+ *
+ * A stage returns XF_NEXT to hand the packet on, or the XDP action it decided (having
+ * set the verdict and reason in the packet's xf_ctx).
  *
  * Built with -DXF_TRACE it is the trace build: the same pipeline run by BPF_PROG_TEST_RUN
  * for `xdpflowctl trace`, which records what it decided and writes no flow or counter. */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
+#include <linux/in6.h>
 #include <linux/if_ether.h>
+#include <linux/if_arp.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/icmp.h>
+#include <linux/icmpv6.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
+#include <net/ip.h>        /* IP_MF, IP_OFFSET */
+#include <net/ipv6.h>      /* struct frag_hdr, IP6_MF, IP6_OFFSET */
+#include <net/ndisc.h>     /* struct nd_msg, NDISC_*, ND_OPT_* */
+#include <net/tcp.h>       /* tcp_flag_byte(), TCPHDR_* */
 
 #include "xf_consts.h"
 #include "xf_structs.h"
@@ -20,8 +38,7 @@
 #include "xf_csum.h"
 #include "xf_parse.h"
 /* Map accesses stay in this file: BCC rewrites map calls in the main file only. */
-/* Does the tenant know this address (and does it live behind another port than the
- * asker's)? */
+
 /* Who answers a neighbour request for addr: XF_NB_DATAPATH (an endpoint behind another
  * port, or a route), XF_NB_KERNEL (the node's own address: the kernel answers as it
  * would without offload), or XF_NB_NONE. */
@@ -49,8 +66,7 @@ static __always_inline int xf_tenant_knows(__u16 tenant, __u16 in_port, __u32 *a
 
 #include "xf_neigh.h"
 
-#define TCP_FIN 0x01
-#define TCP_RST 0x04
+#define XF_NEXT (-1)   /* a stage's "hand the packet on" */
 
 struct xf_verdict {
     __u32 rule_id;
@@ -62,8 +78,37 @@ struct xf_verdict {
     __u8  stale;
 };
 
-static __always_inline void xf_count(__u16 tenant, __u16 port, __u8 verdict, __u8 reason,
-                                     __u64 bytes)
+/* One packet's way through the pipeline: what the stages learnt and decided. */
+struct xf_ctx {
+    struct xf_pkt p;
+    struct xf_flow_key fk;     /* the packet's flow key */
+    struct xf_verdict v;
+    __u64 len;
+    __u32 gen;                 /* the tenant's current generation */
+    __u16 tenant;
+    __u16 slot;                /* the ingress port's slot */
+    int dflt;                  /* the XDP action of the tenant's default verdict */
+};
+
+/* The best rule found for a packet. Kept as scalars, not a map pointer: far fewer
+ * verifier states. */
+struct xf_match {
+    __u32 rank;
+    __u32 rule_id;
+    __u8  action;              /* XF_A_*; 0: no rule matched */
+};
+
+/* The slow path's judgement of a miss. */
+struct xf_judgement {
+    struct xf_match r;
+    __u16 in_port;             /* the port the judged direction arrives on */
+    __u8  as_reply;            /* judged as the reply of its (stale) forward direction */
+    __u8  reason;              /* what the route lookup said */
+};
+
+/* --- count ----------------------------------------------------------------------- */
+
+static __always_inline void xf_count(__u16 port, __u8 verdict, __u8 reason, __u64 bytes)
 {
 #ifndef XF_TRACE
     /* A per-CPU array row per (port slot, verdict, reason): an array lookup costs a
@@ -77,22 +122,39 @@ static __always_inline void xf_count(__u16 tenant, __u16 port, __u8 verdict, __u
 #endif
 }
 
+static __always_inline void xf_count_rule(__u32 rule_id)
+{
+#ifndef XF_TRACE
+    __u64 now = bpf_ktime_get_coarse_ns();
+    struct xf_rule_stat *rs = xf_rule_hits.lookup(&rule_id);
+    if (rs) {
+        rs->hits += 1;
+        rs->last_hit_ns = now;
+    } else {
+        struct xf_rule_stat one = {.hits = 1, .last_hit_ns = now};
+        xf_rule_hits.update(&rule_id, &one);
+    }
+#endif
+}
+
 #ifndef XF_TRACE
 /* A monitor event for a packet some listener may want, paid for from this CPU's token
- * bucket: a flood costs at most the configured rate of events; the rest only counts. */
-static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_mon_cfg *mc,
-                                       __u16 tenant, __u16 port, struct xf_verdict *v,
-                                       __u64 bytes)
+ * bucket: a flood costs at most the configured rate of events; the rest only counts. The
+ * bucket runs on the coarse clock (cheap on every packet); an event that is sent reads
+ * the fine one for its timestamp. */
+static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_ctx *c,
+                                       struct xf_mon_cfg *mc)
 {
+    struct xf_verdict *v = &c->v;
     if (!(mc->verdicts & (1u << (v->verdict & 31))) || !(mc->reasons & (1u << (v->reason & 31))))
         return;
-    if ((mc->tenant && mc->tenant != tenant) || (mc->port && mc->port != port))
+    if ((mc->tenant && mc->tenant != c->tenant) || (mc->port && mc->port != c->slot))
         return;
     __u32 zero = 0;
     struct xf_mon_cpu *mb = xf_mon_cpu.lookup(&zero);
     if (!mb)
         return;
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = bpf_ktime_get_coarse_ns();
     __u64 credit = mb->credit_ns + (now - mb->last_ns);
     if (credit > mc->burst_ns)
         credit = mc->burst_ns;
@@ -108,12 +170,12 @@ static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_mon_cfg *mc
         mb->lost_ring++;
         return;
     }
-    e->ts_ns = now;
+    e->ts_ns = bpf_ktime_get_ns();
     e->rule_id = v->rule_id;
-    e->len = bytes;
+    e->len = c->len;
     e->out_ifindex = v->out_ifindex;
-    e->tenant = tenant;
-    e->port = port;
+    e->tenant = c->tenant;
+    e->port = c->slot;
     e->out_port = v->out_port;
     e->verdict = v->verdict;
     e->reason = v->reason;
@@ -121,7 +183,7 @@ static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_mon_cfg *mc
     e->pad = 0;
     /* 1..XF_EVENT_BYTES by arithmetic the verifier follows (XF_EVENT_BYTES is a power
      * of two; frames are never empty): clang turns range checks into tests on a copy. */
-    __u64 n = bytes < XF_EVENT_BYTES ? bytes : XF_EVENT_BYTES;
+    __u64 n = c->len < XF_EVENT_BYTES ? c->len : XF_EVENT_BYTES;
     n = ((n - 1) & (XF_EVENT_BYTES - 1)) + 1;
     if (bpf_xdp_load_bytes(ctx, 0, e->data, n))
         n = 0;
@@ -132,42 +194,220 @@ static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_mon_cfg *mc
 #endif
 
 /* Count the packet, tell a listening monitor, and return its XDP action. Every exit goes
- * through here (by the macro below, which passes the caller's ctx). */
-static __always_inline int xf_finish_ctx(struct xdp_md *ctx, __u16 tenant, __u16 port,
-                                         struct xf_verdict *v, __u64 bytes, int action)
+ * through here. */
+static __always_inline int xf_finish(struct xdp_md *ctx, struct xf_ctx *c, int action)
 {
-    xf_count(tenant, port, v->verdict, v->reason, bytes);
+    xf_count(c->slot, c->v.verdict, c->v.reason, c->len);
 #if !defined(XF_TRACE) && !defined(XF_NO_MONITOR)   /* the latter: a benchmark's baseline */
     /* With no listener, this read is all the monitor costs. */
     __u32 mzero = 0;
     struct xf_mon_cfg *mc = xf_mon.lookup(&mzero);
     if (mc && mc->listeners)
-        xf_monitor(ctx, mc, tenant, port, v, bytes);
+        xf_monitor(ctx, c, mc);
 #endif
 #ifdef XF_TRACE
     __u32 zero = 0;
     struct xf_trace *t = xf_trace_rec.lookup(&zero);
     if (t) {
-        t->tenant = tenant;
-        t->rule_id = v->rule_id;
-        t->out_ifindex = v->out_ifindex;
-        t->out_port = v->out_port;
-        t->in_port = port;
-        t->verdict = v->verdict;
-        t->reason = v->reason;
-        t->flow_hit = v->flow_hit;
-        t->stale = v->stale;
+        t->tenant = c->tenant;
+        t->rule_id = c->v.rule_id;
+        t->out_ifindex = c->v.out_ifindex;
+        t->out_port = c->v.out_port;
+        t->in_port = c->slot;
+        t->verdict = c->v.verdict;
+        t->reason = c->v.reason;
+        t->flow_hit = c->v.flow_hit;
+        t->stale = c->v.stale;
     }
 #endif
     return action;
 }
-#define xf_finish(tenant, port, v, bytes, action) \
-    xf_finish_ctx(ctx, tenant, port, v, bytes, action)
 
 static __always_inline int xf_verdict_action(__u8 verdict)
 {
     return verdict == XF_V_PASS ? XDP_PASS : XDP_DROP;
 }
+
+/* Decide drop or pass for a reason; the tenant's default is already the verdict. */
+static __always_inline int xf_decide(struct xf_ctx *c, __u8 verdict, __u8 reason)
+{
+    c->v.verdict = verdict;
+    c->v.reason = reason;
+    return xf_verdict_action(verdict);
+}
+
+static __always_inline int xf_default(struct xf_ctx *c, __u8 reason)
+{
+    c->v.reason = reason;
+    return c->dflt;
+}
+
+/* --- port -------------------------------------------------------------------------- */
+
+static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
+                                         struct xf_port **portp)
+{
+    __u32 ifindex = ctx->ingress_ifindex;
+    struct xf_port *port;
+    if (ifindex < XF_PORT_INDEX) {
+        port = xf_port_index.lookup(&ifindex);
+        if (port && !port->slot)
+            port = NULL;            /* an empty array row */
+    } else {
+        port = xf_ports.lookup(&ifindex);
+    }
+    if (!port) {
+        /* A store the compiler must keep: builds with different XF_BUILD_ID values are
+         * different programs (upgrade tests replace one with the other). */
+        volatile __u32 build_id = XF_BUILD_ID;
+        (void)build_id;
+        return xf_decide(c, XF_V_PASS, XF_R_NO_PORT);
+    }
+    c->tenant = port->tenant;
+    c->slot = port->slot;
+    __u32 tid = c->tenant;
+    struct xf_tenant *t = xf_tenants.lookup(&tid);
+    if (!t || t->generation == 0)
+        return xf_decide(c, XF_V_PASS, XF_R_NO_TENANT);
+    c->gen = t->generation;
+    c->v.verdict = t->default_verdict == XF_V_PASS ? XF_V_PASS : XF_V_DROP;
+    c->dflt = xf_verdict_action(c->v.verdict);
+    *portp = port;
+    return XF_NEXT;
+}
+
+/* --- parse (and neighbour discovery) ---------------------------------------------- */
+
+static __always_inline int xf_is_neighbour(struct xf_pkt *p)
+{
+    return p->family == 0 || (p->proto == IPPROTO_ICMPV6 &&
+                              p->icmp_type >= NDISC_ROUTER_SOLICITATION &&
+                              p->icmp_type <= NDISC_REDIRECT);
+}
+
+/* ARP and ND: answered here (ARP request, neighbour solicitation), handed to the kernel
+ * (for the node's own addresses), or the tenant default. */
+static __always_inline int xf_stage_neighbour(struct xdp_md *ctx, struct xf_ctx *c,
+                                              struct xf_port *port)
+{
+    int is_arp = c->p.family == 0;
+    int rc = -1;
+    if (is_arp)
+        rc = xf_arp_reply(ctx, &c->p, port);
+    else if (c->p.icmp_type == NDISC_NEIGHBOUR_SOLICITATION)
+        rc = xf_nd_reply(ctx, &c->p, port);
+    if (rc == XDP_TX) {
+        c->v.verdict = XF_V_TX;
+        c->v.reason = is_arp ? XF_R_ARP_REPLY : XF_R_ND_REPLY;
+        return XDP_TX;
+    }
+    if (rc == XDP_PASS)
+        return xf_decide(c, XF_V_PASS, XF_R_LOCAL);
+    return xf_default(c, is_arp ? XF_R_ARP_OTHER : XF_R_ND_OTHER);
+}
+
+static __always_inline int xf_stage_parse(struct xdp_md *ctx, struct xf_ctx *c,
+                                          struct xf_port *port)
+{
+    int err = xf_parse(ctx, &c->p);
+    if (err)
+        return xf_default(c, err);
+    if (c->p.family == 0 && c->p.eth_proto != bpf_htons(ETH_P_ARP))
+        return xf_default(c, XF_R_NOT_IP);
+    if (xf_is_neighbour(&c->p))
+        return xf_stage_neighbour(ctx, c, port);
+    return XF_NEXT;
+}
+
+/* --- boundary ---------------------------------------------------------------------- */
+
+static __always_inline int xf_is_multicast(struct xf_pkt *p)
+{
+    __u8 *d = (__u8 *)p->dst;
+    if (p->family == 6)
+        return d[0] == 0xff;                                        /* ff00::/8 */
+    return (d[12] & 0xf0) == 0xe0 || p->dst[3] == 0xffffffff;       /* 224/4, limited bcast */
+}
+
+/* Later fragments take the ports their first fragment left. */
+static __always_inline int xf_stage_frag(struct xf_ctx *c)
+{
+    struct xf_frag_key frk = {};
+    frk.tenant = c->tenant;
+    frk.proto = c->p.proto;
+    frk.id = c->p.frag_id;
+    __builtin_memcpy(frk.src, c->p.src, 16);
+    __builtin_memcpy(frk.dst, c->p.dst, 16);
+    if (c->p.frag == XF_FRAG_LATER) {
+        struct xf_frag *fr = xf_frags.lookup(&frk);
+        if (!fr)
+            return xf_default(c, XF_R_FRAG);
+        c->p.sport = fr->sport;
+        c->p.dport = fr->dport;
+    } else {
+#ifndef XF_TRACE
+        struct xf_frag fr = {};
+        fr.sport = c->p.sport;
+        fr.dport = c->p.dport;
+        xf_frags.update(&frk, &fr);
+#endif
+    }
+    return XF_NEXT;
+}
+
+static __always_inline int xf_stage_boundary(struct xf_ctx *c)
+{
+    if (xf_is_multicast(&c->p))
+        return xf_default(c, XF_R_MULTICAST);
+    /* The kernel sends time-exceeded exactly as it would without offload. */
+    if (c->p.ttl <= 1)
+        return xf_decide(c, XF_V_PASS, XF_R_TTL);
+    if (c->p.frag != XF_FRAG_NONE)
+        return xf_stage_frag(c);
+    return XF_NEXT;
+}
+
+/* --- act --------------------------------------------------------------------------- */
+
+/* Act on a flow's flattened result. */
+static __always_inline int xf_act(struct xdp_md *ctx, struct xf_pkt *p, struct xf_flow *f)
+{
+    if (f->verdict != XF_V_REDIRECT)
+        return xf_verdict_action(f->verdict);
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return XDP_DROP;
+    __builtin_memcpy(eth->h_dest, f->dmac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, f->smac, ETH_ALEN);
+    __u32 off = p->l3_off & 0x3f;
+    if (p->family == 4) {
+        struct iphdr *iph = data + off;
+        if ((void *)(iph + 1) > data_end)
+            return XDP_DROP;
+        xf_ipv4_dec_ttl(iph);
+    } else {
+        struct ipv6hdr *ip6 = data + off;
+        if ((void *)(ip6 + 1) > data_end)
+            return XDP_DROP;
+        ip6->hop_limit--;
+    }
+    return bpf_redirect(f->out_ifindex, 0);
+}
+
+/* Record a flow's result as the packet's verdict, then act on it. */
+static __always_inline int xf_act_flow(struct xdp_md *ctx, struct xf_ctx *c,
+                                       struct xf_flow *f, __u8 reason)
+{
+    c->v.verdict = f->verdict;
+    c->v.reason = reason;
+    c->v.out_ifindex = f->out_ifindex;
+    c->v.out_port = f->out_port;
+    return xf_act(ctx, &c->p, f);
+}
+
+/* --- flow -------------------------------------------------------------------------- */
 
 /* The reply direction of a flow key: addresses and ports swapped; an ICMP echo request
  * becomes its reply and back. Returns 0 when the protocol has no reply direction. */
@@ -178,86 +418,95 @@ static __always_inline int xf_reverse_key(struct xf_flow_key *in, struct xf_flow
     out->pad = 0;
     __builtin_memcpy(out->src, in->dst, 16);
     __builtin_memcpy(out->dst, in->src, 16);
-    if (in->proto == XF_IPPROTO_TCP || in->proto == XF_IPPROTO_UDP) {
+    if (in->proto == IPPROTO_TCP || in->proto == IPPROTO_UDP) {
         out->sport = in->dport;
         out->dport = in->sport;
         return 1;
     }
     out->sport = in->sport;             /* the echo id */
     __u8 type = in->dport >> 8;
-    if (in->proto == XF_IPPROTO_ICMP && (type == 8 || type == 0)) {
-        out->dport = (type == 8 ? 0 : 8) << 8;
+    if (in->proto == IPPROTO_ICMP && (type == ICMP_ECHO || type == ICMP_ECHOREPLY)) {
+        out->dport = (type == ICMP_ECHO ? ICMP_ECHOREPLY : ICMP_ECHO) << 8;
         return 1;
     }
-    if (in->proto == XF_IPPROTO_ICMPV6 && (type == 128 || type == 129)) {
-        out->dport = (type == 128 ? 129 : 128) << 8;
+    if (in->proto == IPPROTO_ICMPV6 &&
+        (type == ICMPV6_ECHO_REQUEST || type == ICMPV6_ECHO_REPLY)) {
+        out->dport = (type == ICMPV6_ECHO_REQUEST ? ICMPV6_ECHO_REPLY : ICMPV6_ECHO_REQUEST) << 8;
         return 1;
     }
     out->dport = in->dport;
     return 0;
 }
 
-/* Tuple-space search: one exact-match lookup per mask of the tenant's generation, masks
- * ordered by the best rank they hold, stopping once nothing left can win. The best match
- * is kept as scalars, not a map pointer: far fewer verifier states. Returns its action,
- * or 0 when no rule matches. */
-struct xf_match {
-    __u32 rank;
-    __u32 rule_id;
-    __u8  action;
-};
-
-static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_key *fk,
-                                        __u16 in_port, struct xf_match *best)
+/* An ICMP error about a flow in the table (port unreachable, too big, time exceeded
+ * further on) is that flow's business: it takes the path of the flow's replies back to
+ * the flow's sender, as conntrack's RELATED does, whatever the rules say about ICMP.
+ * Returns that reply entry when it is current and forwards from this port, else NULL.
+ * It is not cached. (Rare: the keys use the scratch row, not the stack.) */
+static __always_inline struct xf_flow *xf_related(struct xdp_md *ctx, struct xf_ctx *c)
 {
-    best->rank = 0;
-    best->rule_id = 0;
-    best->action = 0;
-    struct xf_mask_key mk = {};
-    mk.tenant = tenant;
-    mk.generation = gen;
-    struct xf_mask_set *ms = xf_masks.lookup(&mk);
-    if (!ms)
-        return 0;
-    /* ICMP rules see type and code, not the echo id. */
-    __u16 sport = (fk->proto == XF_IPPROTO_ICMP || fk->proto == XF_IPPROTO_ICMPV6) ? 0 : fk->sport;
-    struct xf_rule_key k = {};
-    k.generation = gen;
-    k.tenant = tenant;
-    __u32 count = ms->count;
-
-    for (__u32 i = 0; i < XF_MAX_MASKS; i++) {
-        /* Hide the index from clang's induction rewriting, which turns the two bounds
-         * into one pointer comparison the verifier cannot follow. */
-        __u32 idx = i;
-        asm volatile("" : "+r"(idx));
-        if (idx >= count || idx >= XF_MAX_MASKS)
-            break;
-        struct xf_mask *m = &ms->masks[idx];
-        if (best->rank > m->max_rank)
-            break;
-        k.mask_idx = idx;
-        k.proto = fk->proto & m->proto;
-        k.in_port = in_port & m->in_port;
-        k.src[0] = fk->src[0] & m->src[0];
-        k.src[1] = fk->src[1] & m->src[1];
-        k.src[2] = fk->src[2] & m->src[2];
-        k.src[3] = fk->src[3] & m->src[3];
-        k.dst[0] = fk->dst[0] & m->dst[0];
-        k.dst[1] = fk->dst[1] & m->dst[1];
-        k.dst[2] = fk->dst[2] & m->dst[2];
-        k.dst[3] = fk->dst[3] & m->dst[3];
-        k.sport = sport & m->sport;
-        k.dport = fk->dport & m->dport;
-        struct xf_rule *r = xf_rules.lookup(&k);
-        if (r && r->rank > best->rank) {
-            best->rank = r->rank;
-            best->rule_id = r->rule_id;
-            best->action = r->action;
-        }
-    }
-    return best->action;
+    __u32 zero = 0;
+    struct xf_scratch *qs = xf_scratch.lookup(&zero);
+    if (!qs)
+        return NULL;
+    __builtin_memset(&qs->ck, 0, sizeof(qs->ck));
+    if (xf_parse_quoted(ctx, &c->p, &qs->ck))
+        return NULL;
+    qs->ck.tenant = c->tenant;
+    struct xf_flow *orig = xf_flows.lookup(&qs->ck);
+    if (!orig || orig->generation != c->gen || !xf_reverse_key(&qs->ck, &qs->rk))
+        return NULL;
+    struct xf_flow *f = xf_flows.lookup(&qs->rk);
+    if (!f || f->generation != c->gen || f->in_port != c->slot || f->verdict != XF_V_REDIRECT)
+        return NULL;
+    return f;
 }
+
+/* The packet's flow entry (*related: an ICMP error's, see xf_related), or NULL. */
+static __always_inline struct xf_flow *xf_stage_flow(struct xdp_md *ctx, struct xf_ctx *c,
+                                                     int *related)
+{
+    c->fk.tenant = c->tenant;
+    c->fk.proto = c->p.proto;
+    __builtin_memcpy(c->fk.src, c->p.src, 16);
+    __builtin_memcpy(c->fk.dst, c->p.dst, 16);
+    c->fk.sport = c->p.sport;
+    c->fk.dport = c->p.dport;
+    struct xf_flow *f = xf_flows.lookup(&c->fk);
+    if (f || !xf_icmp_is_error(&c->p))
+        return f;
+    f = xf_related(ctx, c);
+    *related = f != NULL;
+    return f;
+}
+
+/* A hit must be of the current generation and come from the port the flow was judged
+ * for: the same tuple from another port of the tenant (a spoofing VM, or an in_port
+ * rule) is judged again. */
+static __always_inline int xf_is_hit(struct xf_ctx *c, struct xf_flow *f)
+{
+    return f && f->generation == c->gen && f->in_port == c->slot;
+}
+
+static __always_inline int xf_stage_hit(struct xdp_md *ctx, struct xf_ctx *c,
+                                        struct xf_flow *f, int related)
+{
+    c->v.flow_hit = 1;
+    c->v.rule_id = f->rule_id;
+#ifndef XF_TRACE
+    __sync_fetch_and_add(&f->packets, 1);
+    __sync_fetch_and_add(&f->bytes, c->len);
+    f->last_seen_ns = bpf_ktime_get_coarse_ns();
+    if (c->p.tcp_flags & ~f->tcp_flags) {
+        f->tcp_flags |= c->p.tcp_flags;
+        if (c->p.tcp_flags & (TCPHDR_FIN | TCPHDR_RST))
+            f->flags |= XF_FLOW_CLOSING;
+    }
+#endif
+    return xf_act_flow(ctx, c, f, related ? XF_R_RELATED : XF_R_FLOW);
+}
+
+/* --- route ------------------------------------------------------------------------- */
 
 /* Where a destination goes: fills *f (verdict, output, MACs) and returns the reason. */
 static __always_inline __u8 xf_route(__u16 tenant, __u32 *dst, struct xf_flow *f)
@@ -298,376 +547,235 @@ static __always_inline __u8 xf_route(__u16 tenant, __u32 *dst, struct xf_flow *f
     f->verdict = XF_V_REDIRECT;
     f->out_ifindex = ep->ifindex;
     f->out_port = ep->port;
-    __builtin_memcpy(f->dmac, ep->mac, 6);
-    __builtin_memcpy(f->smac, ep->port_mac, 6);
+    __builtin_memcpy(f->dmac, ep->mac, ETH_ALEN);
+    __builtin_memcpy(f->smac, ep->port_mac, ETH_ALEN);
     return XF_R_RULE_ALLOW;
 }
 
-static __always_inline int xf_insert(struct xf_flow_key *k, struct xf_flow *f, __u16 tenant,
-                                     __u16 port)
+/* --- classify ---------------------------------------------------------------------- */
+
+/* Tuple-space search: one exact-match lookup per mask of the tenant's generation, masks
+ * ordered by the best rank they hold, stopping once nothing left can win. Returns the
+ * best match's action, or 0 when no rule matches. */
+static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_key *fk,
+                                        __u16 in_port, struct xf_match *best)
+{
+    best->rank = 0;
+    best->rule_id = 0;
+    best->action = 0;
+    struct xf_mask_key mk = {};
+    mk.tenant = tenant;
+    mk.generation = gen;
+    struct xf_mask_set *ms = xf_masks.lookup(&mk);
+    if (!ms)
+        return 0;
+    /* ICMP rules see type and code, not the echo id. */
+    __u16 sport = (fk->proto == IPPROTO_ICMP || fk->proto == IPPROTO_ICMPV6) ? 0 : fk->sport;
+    struct xf_rule_key k = {};
+    k.generation = gen;
+    k.tenant = tenant;
+    __u32 count = ms->count;
+
+    for (__u32 i = 0; i < XF_MAX_MASKS; i++) {
+        /* Hide the index from clang's induction rewriting, which turns the two bounds
+         * into one pointer comparison the verifier cannot follow. */
+        __u32 idx = i;
+        asm volatile("" : "+r"(idx));
+        if (idx >= count || idx >= XF_MAX_MASKS)
+            break;
+        struct xf_mask *m = &ms->masks[idx];
+        if (best->rank > m->max_rank)
+            break;
+        k.mask_idx = idx;
+        k.proto = fk->proto & m->proto;
+        k.in_port = in_port & m->in_port;
+        k.src[0] = fk->src[0] & m->src[0];
+        k.src[1] = fk->src[1] & m->src[1];
+        k.src[2] = fk->src[2] & m->src[2];
+        k.src[3] = fk->src[3] & m->src[3];
+        k.dst[0] = fk->dst[0] & m->dst[0];
+        k.dst[1] = fk->dst[1] & m->dst[1];
+        k.dst[2] = fk->dst[2] & m->dst[2];
+        k.dst[3] = fk->dst[3] & m->dst[3];
+        k.sport = sport & m->sport;
+        k.dport = fk->dport & m->dport;
+        struct xf_rule *r = xf_rules.lookup(&k);
+        if (r && r->rank > best->rank) {
+            best->rank = r->rank;
+            best->rule_id = r->rule_id;
+            best->action = r->action;
+        }
+    }
+    return best->action;
+}
+
+static __always_inline int xf_insert(struct xf_flow_key *k, struct xf_flow *f, __u16 port)
 {
 #ifndef XF_TRACE
     if (xf_flows.update(k, f)) {
-        xf_count(tenant, port, XF_V_NONE, XF_R_INSERT_FAILED, 0);
+        xf_count(port, XF_V_NONE, XF_R_INSERT_FAILED, 0);
         return -1;
     }
 #endif
     return 0;
 }
 
-/* Act on a flow's flattened result. */
-static __always_inline int xf_act(struct xdp_md *ctx, struct xf_pkt *p, struct xf_flow *f)
+/* A miss addressed to the node itself: the kernel's, before any security rule. */
+static __always_inline int xf_local(struct xf_ctx *c, struct xf_scratch *sc)
 {
-    if (f->verdict != XF_V_REDIRECT)
-        return xf_verdict_action(f->verdict);
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
-        return XDP_DROP;
-    __builtin_memcpy(eth->h_dest, f->dmac, 6);
-    __builtin_memcpy(eth->h_source, f->smac, 6);
-    __u32 off = p->l3_off & 0x3f;
-    if (p->family == 4) {
-        struct iphdr *iph = data + off;
-        if ((void *)(iph + 1) > data_end)
-            return XDP_DROP;
-        xf_ipv4_dec_ttl(iph);
-    } else {
-        struct ipv6hdr *ip6 = data + off;
-        if ((void *)(ip6 + 1) > data_end)
-            return XDP_DROP;
-        ip6->hop_limit--;
-    }
-    return bpf_redirect(f->out_ifindex, 0);
+    sc->nf.reason = XF_R_LOCAL;
+    sc->nf.in_port = c->slot;
+    sc->nf.packets = 1;
+    sc->nf.bytes = c->len;
+    xf_insert(&c->fk, &sc->nf, c->slot);
+    return xf_decide(c, XF_V_PASS, XF_R_LOCAL);
 }
 
-static __always_inline int xf_is_multicast(struct xf_pkt *p)
+/* A miss, or a flow made under an older rule set: judge it by the rules (a current flow
+ * judged for another port is a plain miss for this one). The forward result being built
+ * is sc->nf for the key sc->ck. */
+static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f,
+                                             struct xf_scratch *sc, struct xf_judgement *j)
 {
-    __u8 *d = (__u8 *)p->dst;
-    if (p->family == 6)
-        return d[0] == 0xff;
-    return (d[12] & 0xf0) == 0xe0 || p->dst[3] == 0xffffffff;
-}
-
-int xdpflow_port(struct xdp_md *ctx)
-{
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    __u64 len = data_end - data;
-    struct xf_verdict v = {};
-    __u32 ifindex = ctx->ingress_ifindex;
-
-    struct xf_port *port;
-    if (ifindex < XF_PORT_INDEX) {
-        port = xf_port_index.lookup(&ifindex);
-        if (port && !port->slot)
-            port = NULL;            /* an empty array row */
-    } else {
-        port = xf_ports.lookup(&ifindex);
-    }
-    if (!port) {
-        /* A store the compiler must keep: builds with different XF_BUILD_ID values are
-         * different programs (upgrade tests replace one with the other). */
-        volatile __u32 build_id = XF_BUILD_ID;
-        (void)build_id;
-        v.verdict = XF_V_PASS;
-        v.reason = XF_R_NO_PORT;
-        return xf_finish(0, 0, &v, len, XDP_PASS);
-    }
-    __u16 tenant = port->tenant;
-    __u16 slot = port->slot;
-    __u32 tid = tenant;
-    struct xf_tenant *t = xf_tenants.lookup(&tid);
-    if (!t || t->generation == 0) {
-        v.verdict = XF_V_PASS;
-        v.reason = XF_R_NO_TENANT;
-        return xf_finish(tenant, slot, &v, len, XDP_PASS);
-    }
-    __u32 gen = t->generation;
-    v.verdict = t->default_verdict == XF_V_PASS ? XF_V_PASS : XF_V_DROP;
-    int dflt = xf_verdict_action(v.verdict);
-
-    struct xf_pkt p = {};
-    int err = xf_parse(ctx, &p);
-    if (err) {
-        v.reason = err;
-        return xf_finish(tenant, slot, &v, len, dflt);
-    }
-
-    if (p.family == 0 && p.eth_proto != ETH_P_ARP_BE) {
-        v.reason = XF_R_NOT_IP;
-        return xf_finish(tenant, slot, &v, len, dflt);
-    }
-
-    /* Neighbour discovery: answered here (ARP request, neighbour solicitation), handed
-     * to the kernel (for the node's own addresses), or the tenant default. */
-    int is_arp = p.family == 0;
-    if (is_arp || (p.proto == XF_IPPROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137)) {
-        int rc = is_arp ? xf_arp_reply(ctx, &p, port)
-                        : (p.icmp_type == 135 ? xf_nd_reply(ctx, &p, port) : -1);
-        if (rc == XDP_TX) {
-            v.verdict = XF_V_TX;
-            v.reason = is_arp ? XF_R_ARP_REPLY : XF_R_ND_REPLY;
-        } else if (rc == XDP_PASS) {
-            v.verdict = XF_V_PASS;
-            v.reason = XF_R_LOCAL;
-        } else {
-            v.reason = is_arp ? XF_R_ARP_OTHER : XF_R_ND_OTHER;
-            rc = dflt;
-        }
-        return xf_finish(tenant, slot, &v, len, rc);
-    }
-
-    if (xf_is_multicast(&p)) {
-        v.reason = XF_R_MULTICAST;
-        return xf_finish(tenant, slot, &v, len, dflt);
-    }
-
-    /* The kernel sends time-exceeded exactly as it would without offload. */
-    if (p.ttl <= 1) {
-        v.verdict = XF_V_PASS;
-        v.reason = XF_R_TTL;
-        return xf_finish(tenant, slot, &v, len, XDP_PASS);
-    }
-
-    /* Later fragments take the ports their first fragment left. */
-    if (p.frag != XF_FRAG_NONE) {
-        struct xf_frag_key frk = {};
-        frk.tenant = tenant;
-        frk.proto = p.proto;
-        frk.id = p.frag_id;
-        __builtin_memcpy(frk.src, p.src, 16);
-        __builtin_memcpy(frk.dst, p.dst, 16);
-        if (p.frag == XF_FRAG_LATER) {
-            struct xf_frag *fr = xf_frags.lookup(&frk);
-            if (!fr) {
-                v.reason = XF_R_FRAG;
-                return xf_finish(tenant, slot, &v, len, dflt);
-            }
-            p.sport = fr->sport;
-            p.dport = fr->dport;
-        } else {
-#ifndef XF_TRACE
-            struct xf_frag fr = {};
-            fr.sport = p.sport;
-            fr.dport = p.dport;
-            xf_frags.update(&frk, &fr);
-#endif
-        }
-    }
-
-    struct xf_flow_key fk = {};
-    fk.tenant = tenant;
-    fk.proto = p.proto;
-    __builtin_memcpy(fk.src, p.src, 16);
-    __builtin_memcpy(fk.dst, p.dst, 16);
-    fk.sport = p.sport;
-    fk.dport = p.dport;
-
-    struct xf_flow *f = xf_flows.lookup(&fk);
-
-    /* An ICMP error about a flow in the table (port unreachable, too big, time exceeded
-     * further on) is that flow's business: it takes the path of the flow's replies back
-     * to the flow's sender, as conntrack's RELATED does, whatever the rules say about
-     * ICMP. It is not cached. (Rare: the keys use the scratch row, not the stack.) */
-    int related = 0;
-    if (!f && xf_icmp_is_error(&p)) {
-        __u32 zero = 0;
-        struct xf_scratch *qs = xf_scratch.lookup(&zero);
-        if (qs) {
-            __builtin_memset(&qs->ck, 0, sizeof(qs->ck));
-            if (xf_parse_quoted(ctx, &p, &qs->ck) == 0) {
-                qs->ck.tenant = tenant;
-                struct xf_flow *orig = xf_flows.lookup(&qs->ck);
-                if (orig && orig->generation == gen && xf_reverse_key(&qs->ck, &qs->rk)) {
-                    f = xf_flows.lookup(&qs->rk);
-                    related = f != NULL;
-                }
-            }
-        }
-        if (related && !(f->generation == gen && f->in_port == slot &&
-                         f->verdict == XF_V_REDIRECT)) {
-            f = NULL;
-            related = 0;
-        }
-    }
-
-    /* A hit must be of the current generation and come from the port the flow was judged
-     * for: the same tuple from another port of the tenant (a spoofing VM, or an in_port
-     * rule) is judged again. */
-    if (f && f->generation == gen && f->in_port == slot) {
-        v.flow_hit = 1;
-        v.verdict = f->verdict;
-        v.reason = related ? XF_R_RELATED : XF_R_FLOW;
-        v.rule_id = f->rule_id;
-        v.out_ifindex = f->out_ifindex;
-        v.out_port = f->out_port;
-#ifndef XF_TRACE
-        __sync_fetch_and_add(&f->packets, 1);
-        __sync_fetch_and_add(&f->bytes, len);
-        f->last_seen_ns = bpf_ktime_get_coarse_ns();
-        if (p.tcp_flags & ~f->tcp_flags) {
-            f->tcp_flags |= p.tcp_flags;
-            if (p.tcp_flags & (TCP_FIN | TCP_RST))
-                f->flags |= XF_FLOW_CLOSING;
-        }
-#endif
-        return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, f));
-    }
-
-    /* Miss, or a flow made under an older rule set: classify again. (A current flow
-     * judged for another port is a plain miss for this one.) */
-    int stale = f && f->generation != gen;
+    int stale = f && f->generation != c->gen;
     if (stale) {
-        v.stale = 1;
-        xf_count(tenant, slot, XF_V_NONE, XF_R_FLOW_STALE, 0);
+        c->v.stale = 1;
+        xf_count(c->slot, XF_V_NONE, XF_R_FLOW_STALE, 0);
     }
-
     /* A stale reply entry: its connection lives on if the new rules still allow the
      * forward direction, so judge that first; otherwise judge the packet on its own. */
-    /* The slow path's working set lives in a per-CPU scratch row: on the stack it would
-     * not fit the verifier's 512 bytes next to the parser's and the classifier's. */
-    __u32 zero = 0;
-    struct xf_scratch *sc = xf_scratch.lookup(&zero);
-    if (!sc) {
-        v.reason = XF_R_DEFAULT;
-        return xf_finish(tenant, slot, &v, len, dflt);
-    }
-    __u16 c_in_port = slot;
-    int as_reply = 0;
-    if (stale && (f->flags & XF_FLOW_REVERSE) && xf_reverse_key(&fk, &sc->ck)) {
-        as_reply = 1;
-        c_in_port = f->out_port;
+    j->in_port = c->slot;
+    j->as_reply = 0;
+    if (stale && (f->flags & XF_FLOW_REVERSE) && xf_reverse_key(&c->fk, &sc->ck)) {
+        j->as_reply = 1;
+        j->in_port = f->out_port;
     } else {
-        sc->ck = fk;
+        sc->ck = c->fk;
     }
 
     __u64 now = bpf_ktime_get_coarse_ns();
-    __u8 rreason = 0, action = 0;
-    struct xf_match r = {};
     /* At most two judgements, one copy of the code (the verifier walks the classifier
      * once per copy): a stale reply's forward direction, then the packet on its own. */
 #pragma nounroll
     for (int attempt = 0; attempt < 2; attempt++) {
         __builtin_memset(&sc->nf, 0, sizeof(sc->nf));
-        sc->nf.generation = gen;
+        sc->nf.generation = c->gen;
         sc->nf.created_ns = now;
         sc->nf.last_seen_ns = now;
-        /* Addressed to the node itself: the kernel's, before any security rule. */
-        rreason = xf_route(tenant, sc->ck.dst, &sc->nf);
-        if (rreason == XF_R_LOCAL && !as_reply) {
-            sc->nf.reason = XF_R_LOCAL;
-            sc->nf.in_port = slot;
-            sc->nf.packets = 1;
-            sc->nf.bytes = len;
-            xf_insert(&fk, &sc->nf, tenant, slot);
-            v.verdict = XF_V_PASS;
-            v.reason = XF_R_LOCAL;
-            return xf_finish(tenant, slot, &v, len, XDP_PASS);
-        }
-        action = xf_classify(tenant, gen, &sc->ck, c_in_port, &r);
-        if (!as_reply || (action == XF_A_ALLOW && sc->nf.verdict == XF_V_REDIRECT))
+        j->reason = xf_route(c->tenant, sc->ck.dst, &sc->nf);
+        if (j->reason == XF_R_LOCAL && !j->as_reply)
+            return xf_local(c, sc);
+        xf_classify(c->tenant, c->gen, &sc->ck, j->in_port, &j->r);
+        if (!j->as_reply || (j->r.action == XF_A_ALLOW && sc->nf.verdict == XF_V_REDIRECT))
             break;
         /* The forward direction is no longer allowed and forwarded: the packet is new
          * traffic. */
-        as_reply = 0;
-        sc->ck = fk;
-        c_in_port = slot;
+        j->as_reply = 0;
+        sc->ck = c->fk;
+        j->in_port = c->slot;
     }
 
-    if (!action) {
-        v.reason = XF_R_DEFAULT;
-        return xf_finish(tenant, slot, &v, len, dflt);
-    }
-    v.rule_id = r.rule_id;
-#ifndef XF_TRACE
-    {
-        __u32 rid = r.rule_id;
-        struct xf_rule_stat *rs = xf_rule_hits.lookup(&rid);
-        if (rs) {
-            rs->hits += 1;
-            rs->last_hit_ns = now;
-        } else {
-            struct xf_rule_stat one = {.hits = 1, .last_hit_ns = now};
-            xf_rule_hits.update(&rid, &one);
-        }
-    }
-#endif
-    if (action == XF_A_DENY) {
-        v.verdict = XF_V_DROP;
-        v.reason = XF_R_RULE_DENY;
-        return xf_finish(tenant, slot, &v, len, XDP_DROP);
-    }
+    if (!j->r.action)
+        return xf_default(c, XF_R_DEFAULT);
+    c->v.rule_id = j->r.rule_id;
+    xf_count_rule(j->r.rule_id);
+    if (j->r.action == XF_A_DENY)
+        return xf_decide(c, XF_V_DROP, XF_R_RULE_DENY);
+    return XF_NEXT;
+}
 
-    sc->nf.rule_id = r.rule_id;
-    sc->nf.in_port = c_in_port;
-    if (action == XF_A_PASS) {
+/* --- install ----------------------------------------------------------------------- */
+
+/* Stateful: the reply direction of an allowed flow is installed with the forward one
+ * (redirects only; what goes to the kernel comes back through the kernel). Builds it in
+ * sc->rf for the key sc->rk; returns 1 when the reply has somewhere to go. */
+static __always_inline int xf_reverse_flow(struct xf_ctx *c, struct xf_scratch *sc,
+                                           struct xf_judgement *j)
+{
+    __builtin_memset(&sc->rf, 0, sizeof(sc->rf));
+    if (sc->nf.verdict != XF_V_REDIRECT || j->r.action != XF_A_ALLOW ||
+        !xf_reverse_key(&sc->ck, &sc->rk))
+        return 0;
+    sc->rf.generation = c->gen;
+    sc->rf.created_ns = sc->nf.created_ns;
+    sc->rf.last_seen_ns = sc->nf.created_ns;
+    sc->rf.rule_id = j->r.rule_id;
+    sc->rf.flags = XF_FLOW_REVERSE;
+    sc->rf.in_port = sc->nf.out_port;
+    int routed = xf_route(c->tenant, sc->rk.dst, &sc->rf) == XF_R_RULE_ALLOW;
+    sc->rf.reason = XF_R_RULE_ALLOW;
+    return routed;
+}
+
+static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c,
+                                            struct xf_scratch *sc, struct xf_judgement *j)
+{
+    sc->nf.rule_id = j->r.rule_id;
+    sc->nf.in_port = j->in_port;
+    if (j->r.action == XF_A_PASS) {
         sc->nf.verdict = XF_V_PASS;
         sc->nf.out_ifindex = 0;
         sc->nf.out_port = 0;
-        rreason = XF_R_RULE_PASS;
+        j->reason = XF_R_RULE_PASS;
     } else if (sc->nf.verdict == XF_V_DROP) {
         /* Allowed, but nowhere to go: not cached, so a new endpoint or route takes
          * effect without waiting for the flow to age. */
-        v.verdict = XF_V_DROP;
-        v.reason = rreason;
-        return xf_finish(tenant, slot, &v, len, XDP_DROP);
+        return xf_decide(c, XF_V_DROP, j->reason);
     }
-    sc->nf.reason = rreason;
-
-    /* Stateful: the reply direction is installed with the forward one (redirects only;
-     * what goes to the kernel comes back through the kernel). */
-    __builtin_memset(&sc->rf, 0, sizeof(sc->rf));
-    int have_rev = 0;
-    if (sc->nf.verdict == XF_V_REDIRECT && action == XF_A_ALLOW &&
-        xf_reverse_key(&sc->ck, &sc->rk)) {
-        sc->rf.generation = gen;
-        sc->rf.created_ns = now;
-        sc->rf.last_seen_ns = now;
-        sc->rf.rule_id = r.rule_id;
-        sc->rf.flags = XF_FLOW_REVERSE;
-        sc->rf.in_port = sc->nf.out_port;
-        if (xf_route(tenant, sc->rk.dst, &sc->rf) == XF_R_RULE_ALLOW)
-            have_rev = 1;
-        sc->rf.reason = XF_R_RULE_ALLOW;
-    }
+    sc->nf.reason = j->reason;
+    int have_rev = xf_reverse_flow(c, sc, j);
 
     /* The packet's own direction carries its first count. */
-    __u8 tflags = 0;
-    if (p.proto == XF_IPPROTO_TCP)
-        tflags = p.tcp_flags;
-    __u8 fclose = (tflags & (TCP_FIN | TCP_RST)) ? XF_FLOW_CLOSING : 0;
-    if (as_reply) {
-        sc->rf.packets = 1;
-        sc->rf.bytes = len;
-        sc->rf.tcp_flags = tflags;
-        sc->rf.flags |= fclose;
-    } else {
-        sc->nf.packets = 1;
-        sc->nf.bytes = len;
-        sc->nf.tcp_flags = tflags;
-        sc->nf.flags |= fclose;
-    }
-    xf_insert(&sc->ck, &sc->nf, tenant, slot);
+    struct xf_flow *own = j->as_reply ? &sc->rf : &sc->nf;
+    __u8 tflags = c->p.proto == IPPROTO_TCP ? c->p.tcp_flags : 0;
+    own->packets = 1;
+    own->bytes = c->len;
+    own->tcp_flags = tflags;
+    if (tflags & (TCPHDR_FIN | TCPHDR_RST))
+        own->flags |= XF_FLOW_CLOSING;
+    xf_insert(&sc->ck, &sc->nf, c->slot);
     if (have_rev)
-        xf_insert(&sc->rk, &sc->rf, tenant, slot);
+        xf_insert(&sc->rk, &sc->rf, c->slot);
 
-    if (as_reply && !have_rev) {
-        v.verdict = XF_V_DROP;
-        v.reason = XF_R_NO_ROUTE;
-        return xf_finish(tenant, slot, &v, len, XDP_DROP);
-    }
-    if (as_reply) {
-        v.verdict = sc->rf.verdict;
-        v.reason = XF_R_RULE_ALLOW;
-        v.out_ifindex = sc->rf.out_ifindex;
-        v.out_port = sc->rf.out_port;
-        return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, &sc->rf));
-    }
-    v.verdict = sc->nf.verdict;
-    v.reason = sc->nf.reason;
-    v.out_ifindex = sc->nf.out_ifindex;
-    v.out_port = sc->nf.out_port;
-    return xf_finish(tenant, slot, &v, len, xf_act(ctx, &p, &sc->nf));
+    if (j->as_reply && !have_rev)
+        return xf_decide(c, XF_V_DROP, XF_R_NO_ROUTE);
+    if (j->as_reply)
+        return xf_act_flow(ctx, c, &sc->rf, XF_R_RULE_ALLOW);
+    return xf_act_flow(ctx, c, &sc->nf, sc->nf.reason);
+}
+
+/* --- the pipeline -------------------------------------------------------------------- */
+
+int xdpflow_port(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct xf_ctx c = {};
+    c.len = data_end - data;
+
+    struct xf_port *port = NULL;
+    int rc = xf_stage_port(ctx, &c, &port);
+    if (rc == XF_NEXT)
+        rc = xf_stage_parse(ctx, &c, port);
+    if (rc == XF_NEXT)
+        rc = xf_stage_boundary(&c);
+    if (rc != XF_NEXT)
+        return xf_finish(ctx, &c, rc);
+
+    int related = 0;
+    struct xf_flow *f = xf_stage_flow(ctx, &c, &related);
+    if (xf_is_hit(&c, f))
+        return xf_finish(ctx, &c, xf_stage_hit(ctx, &c, f, related));
+
+    /* The slow path's working set lives in a per-CPU scratch row: on the stack it would
+     * not fit the verifier's 512 bytes next to the parser's and the classifier's. */
+    __u32 zero = 0;
+    struct xf_scratch *sc = xf_scratch.lookup(&zero);
+    if (!sc)
+        return xf_finish(ctx, &c, xf_default(&c, XF_R_DEFAULT));
+    struct xf_judgement j = {};
+    rc = xf_stage_classify(&c, f, sc, &j);
+    if (rc == XF_NEXT)
+        rc = xf_stage_install(ctx, &c, sc, &j);
+    return xf_finish(ctx, &c, rc);
 }

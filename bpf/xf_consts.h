@@ -1,24 +1,12 @@
 /* xdpflow datapath: constants shared with the agent (agent/abi.py mirrors them and a test
- * checks the mirror). Sizes are defaults; the agent passes the configured ones as -D flags. */
+ * checks the mirror). */
 #pragma once
 
-#ifndef XF_FLOW_TABLE_SIZE
-#define XF_FLOW_TABLE_SIZE 1000000   /* exact-match flows (both directions count) */
-#endif
-#ifndef XF_MAX_RULE_ENTRIES
-#define XF_MAX_RULE_ENTRIES 262144   /* classifier entries, all tenants, old + new generation */
-#endif
-#ifndef XF_MAX_MASKS
-#define XF_MAX_MASKS 32              /* distinct masks per tenant: tuple-space search bound */
-#endif
-#ifndef XF_MAX_ENDPOINTS
-#define XF_MAX_ENDPOINTS 65536
-#endif
-#ifndef XF_MAX_ROUTES
-#define XF_MAX_ROUTES 16384
-#endif
-#ifndef XF_MAX_PORTS
-#define XF_MAX_PORTS 1024
+/* Map sizes have one home, the agent's config ([datapath] defaults in agent/config.py):
+ * the agent always passes them as -D flags, so the C keeps no second copy. */
+#if !defined(XF_FLOW_TABLE_SIZE) || !defined(XF_MAX_RULE_ENTRIES) || !defined(XF_MAX_MASKS) || \
+    !defined(XF_MAX_ENDPOINTS) || !defined(XF_MAX_ROUTES) || !defined(XF_MAX_PORTS)
+#error "map sizes come from the agent as -D flags (agent/datapath.py Datapath.cflags)"
 #endif
 #ifndef XF_BUILD_ID
 #define XF_BUILD_ID 0                /* set to tell builds of one source apart (upgrades) */

@@ -7,6 +7,8 @@
  * the address is the node's own, or -1 when the datapath does not answer. */
 #pragma once
 
+/* struct arphdr of linux/if_arp.h stops before the addresses (their sizes vary with the
+ * hardware and protocol); Ethernet + IPv4 ARP spelled out. */
 struct xf_arp {
     __be16 htype;
     __be16 ptype;
@@ -28,10 +30,10 @@ static __always_inline int xf_arp_reply(struct xdp_md *ctx, struct xf_pkt *p,
     struct ethhdr *eth = data;
     __u32 off = p->l3_off & 0x3f;
     struct xf_arp *arp = data + off;
-    if ((void *)(arp + 1) > data_end)
+    if ((void *)(arp + 1) > data_end || (void *)(eth + 1) > data_end)
         return -1;
-    if (arp->htype != bpf_htons(1) || arp->ptype != bpf_htons(0x0800) || arp->hlen != 6 ||
-        arp->plen != 4 || arp->op != bpf_htons(1))
+    if (arp->htype != bpf_htons(ARPHRD_ETHER) || arp->ptype != bpf_htons(ETH_P_IP) ||
+        arp->hlen != ETH_ALEN || arp->plen != 4 || arp->op != bpf_htons(ARPOP_REQUEST))
         return -1;
     __be32 tpa = arp->tpa, spa = arp->spa;
     if (tpa == spa || spa == 0)        /* gratuitous ARP, or a probe (duplicate detection) */
@@ -45,7 +47,7 @@ static __always_inline int xf_arp_reply(struct xdp_md *ctx, struct xf_pkt *p,
 
     __u8 asker[6];
     __builtin_memcpy(asker, arp->sha, 6);
-    arp->op = bpf_htons(2);
+    arp->op = bpf_htons(ARPOP_REPLY);
     __builtin_memcpy(arp->tha, asker, 6);
     arp->tpa = spa;
     __builtin_memcpy(arp->sha, port->mac, 6);
@@ -55,7 +57,15 @@ static __always_inline int xf_arp_reply(struct xdp_md *ctx, struct xf_pkt *p,
     return XDP_TX;
 }
 
-#define XF_ND_LEN 72   /* IPv6 header + NA (24) + target link-layer address option (8) */
+/* A neighbour advertisement as sent here: the message and one target link-layer address
+ * option (RFC 4861 4.4, 4.6.1). */
+struct xf_nd_advert {
+    struct nd_msg msg;               /* ICMPv6 header and target (net/ndisc.h) */
+    struct nd_opt_hdr opt;           /* ND_OPT_TARGET_LL_ADDR, length 1 (8 bytes) */
+    __u8 lladdr[ETH_ALEN];
+};
+
+#define XF_ND_LEN (sizeof(struct ipv6hdr) + sizeof(struct xf_nd_advert))
 
 /* Answers a neighbour solicitation with a neighbour advertisement (Router, Solicited,
  * Override) carrying the port's MAC. Returns XDP_TX, or -1 when not answered. */
@@ -66,19 +76,19 @@ static __always_inline int xf_nd_reply(struct xdp_md *ctx, struct xf_pkt *p,
     void *data_end = (void *)(long)ctx->data_end;
     __u32 off = p->l3_off & 0x3f;
     struct ipv6hdr *ip6 = data + off;
-    __u8 *icmp = (__u8 *)(ip6 + 1);
-    if (icmp + 24 > (__u8 *)data_end)
+    struct nd_msg *ns = (void *)(ip6 + 1);
+    if ((void *)(ns + 1) > data_end)
         return -1;
     /* RFC 4861 7.1.1: hop limit 255, code 0, no extension headers in front of it here. */
-    if (ip6->nexthdr != XF_IPPROTO_ICMPV6 || icmp[0] != 135 || icmp[1] != 0 ||
-        ip6->hop_limit != 255)
+    if (ip6->nexthdr != IPPROTO_ICMPV6 || ns->icmph.icmp6_type != NDISC_NEIGHBOUR_SOLICITATION ||
+        ns->icmph.icmp6_code != 0 || ip6->hop_limit != 255)
         return -1;
-    __u32 src0 = ((__u32 *)&ip6->saddr)[0] | ((__u32 *)&ip6->saddr)[1] |
-                 ((__u32 *)&ip6->saddr)[2] | ((__u32 *)&ip6->saddr)[3];
+    __u32 src0 = ip6->saddr.in6_u.u6_addr32[0] | ip6->saddr.in6_u.u6_addr32[1] |
+                 ip6->saddr.in6_u.u6_addr32[2] | ip6->saddr.in6_u.u6_addr32[3];
     if (src0 == 0)                      /* duplicate-address detection */
         return -1;
     __u32 target[4];
-    __builtin_memcpy(target, icmp + 8, 16);
+    __builtin_memcpy(target, &ns->target, 16);
     int who = xf_tenant_knows(port->tenant, port->slot, target);
     if (who == XF_NB_KERNEL)
         return XDP_PASS;
@@ -94,42 +104,36 @@ static __always_inline int xf_nd_reply(struct xdp_md *ctx, struct xf_pkt *p,
     data_end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
     ip6 = data + off;
-    icmp = (__u8 *)(ip6 + 1);
-    if (icmp + 32 > (__u8 *)data_end || (void *)(eth + 1) > data_end)
+    struct xf_nd_advert *na = (void *)(ip6 + 1);
+    if ((void *)(na + 1) > data_end || (void *)(eth + 1) > data_end)
         return -1;
 
-    __builtin_memcpy(eth->h_dest, eth->h_source, 6);
-    __builtin_memcpy(eth->h_source, port->mac, 6);
-    ip6->payload_len = bpf_htons(32);
+    __builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, port->mac, ETH_ALEN);
+    ip6->payload_len = bpf_htons(sizeof(*na));
     ip6->hop_limit = 255;
     __builtin_memcpy(&ip6->daddr, &ip6->saddr, 16);
     __builtin_memcpy(&ip6->saddr, target, 16);
-    icmp[0] = 136;
-    icmp[1] = 0;
-    icmp[2] = 0;
-    icmp[3] = 0;
-    icmp[4] = 0xe0;                     /* Router | Solicited | Override */
-    icmp[5] = 0;
-    icmp[6] = 0;
-    icmp[7] = 0;
-    /* target stays at icmp[8..23] */
-    icmp[24] = 2;                       /* target link-layer address option */
-    icmp[25] = 1;
-    __builtin_memcpy(icmp + 26, port->mac, 6);
+    __builtin_memset(&na->msg.icmph, 0, sizeof(na->msg.icmph));
+    na->msg.icmph.icmp6_type = NDISC_NEIGHBOUR_ADVERTISEMENT;
+    na->msg.icmph.icmp6_router = 1;
+    na->msg.icmph.icmp6_solicited = 1;
+    na->msg.icmph.icmp6_override = 1;
+    /* the target stays where the solicitation had it */
+    na->opt.nd_opt_type = ND_OPT_TARGET_LL_ADDR;
+    na->opt.nd_opt_len = 1;             /* in units of 8 bytes */
+    __builtin_memcpy(na->lladdr, port->mac, ETH_ALEN);
 
-    /* Checksum over the pseudo-header (addresses, length 32, next header 58) and the
-     * 32 bytes of the message. */
-    __u32 sum = 32 + XF_IPPROTO_ICMPV6;
+    /* Checksum over the pseudo-header (addresses, length, next header) and the message. */
+    __u32 sum = sizeof(*na) + IPPROTO_ICMPV6;
     __u16 *w = (__u16 *)&ip6->saddr;
 #pragma unroll
     for (int i = 0; i < 16; i++)
         sum += bpf_ntohs(w[i]);
-    w = (__u16 *)icmp;
+    w = (__u16 *)na;
 #pragma unroll
-    for (int i = 0; i < 16; i++)
+    for (int i = 0; i < sizeof(*na) / 2; i++)
         sum += bpf_ntohs(w[i]);
-    __u16 c = xf_csum_fold(sum);
-    icmp[2] = c >> 8;
-    icmp[3] = c & 0xff;
+    na->msg.icmph.icmp6_cksum = bpf_htons(xf_csum_fold(sum));
     return XDP_TX;
 }

@@ -9,22 +9,20 @@
  * and the ports are left 0 for the fragment table to fill. */
 #pragma once
 
-#define ETH_P_8021Q_BE  0x0081   /* bpf_htons(0x8100) */
-#define ETH_P_8021AD_BE 0xA888   /* bpf_htons(0x88A8) */
-#define ETH_P_IP_BE     0x0008
-#define ETH_P_IPV6_BE   0xDD86
-#define ETH_P_ARP_BE    0x0608
-
-#define XF_IPPROTO_HOPOPTS 0
-#define XF_IPPROTO_ICMP 1
-#define XF_IPPROTO_TCP 6
-#define XF_IPPROTO_UDP 17
-#define XF_IPPROTO_ROUTING 43
-#define XF_IPPROTO_FRAGMENT 44
-#define XF_IPPROTO_AH 51
-#define XF_IPPROTO_ICMPV6 58
-#define XF_IPPROTO_NONE 59
-#define XF_IPPROTO_DSTOPTS 60
+/* Fragment fields. IPv4 frag_off (host order after bpf_ntohs):
+ *
+ *    15  14  13  12                                  0
+ *   +---+---+---+-------------------------------------+
+ *   | 0 |DF |MF |   fragment offset (8-byte units)     |   IP_MF, IP_OFFSET (net/ip.h)
+ *   +---+---+---+-------------------------------------+
+ *
+ * IPv6 fragment header frag_off (struct frag_hdr, host order after bpf_ntohs):
+ *
+ *    15                                      3   2   1   0
+ *   +------------------------------------------+-------+---+
+ *   |   fragment offset (8-byte units)          |  res  |M  |  IP6_OFFSET, IP6_MF (net/ipv6.h)
+ *   +------------------------------------------+-------+---+
+ */
 
 /* Mask a value in its register where clang cannot drop the mask as redundant: the
  * verifier needs the bound on the very register that indexes the packet. */
@@ -43,7 +41,7 @@ struct xf_pkt {
     __u16 l4_off;          /* offset of the L4 header (when present) */
     __u16 sport;           /* host order; ICMP echo: the id */
     __u16 dport;           /* host order; ICMP: type << 8 | code */
-    __u16 eth_proto;       /* network order, after the tags */
+    __be16 eth_proto;      /* network order, after the tags */
     __u8  vlan_depth;
     __u8  family;          /* 4, 6, or 0 for non-IP */
     __u8  proto;
@@ -54,9 +52,29 @@ struct xf_pkt {
     __u8  icmp_code;
 };
 
+static __always_inline int xf_is_vlan(__be16 proto)
+{
+    return proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD);
+}
+
+static __always_inline int xf_is_ipv6_ext(__u8 nh)
+{
+    return nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS ||
+           nh == IPPROTO_FRAGMENT || nh == IPPROTO_AH;
+}
+
+static __always_inline int xf_is_icmp_echo(__u8 proto, __u8 type)
+{
+    if (proto == IPPROTO_ICMP)
+        return type == ICMP_ECHO || type == ICMP_ECHOREPLY;
+    if (proto == IPPROTO_ICMPV6)
+        return type == ICMPV6_ECHO_REQUEST || type == ICMPV6_ECHO_REPLY;
+    return 0;
+}
+
 static __always_inline int xf_parse_l4(struct xf_pkt *p, void *l4, void *l3_end, void *data_end)
 {
-    if (p->proto == XF_IPPROTO_TCP) {
+    if (p->proto == IPPROTO_TCP) {
         struct tcphdr *th = l4;
         if ((void *)(th + 1) > data_end || (void *)(th + 1) > l3_end)
             return XF_R_PARSE_L4;
@@ -64,8 +82,8 @@ static __always_inline int xf_parse_l4(struct xf_pkt *p, void *l4, void *l3_end,
             return XF_R_PARSE_L4;
         p->sport = bpf_ntohs(th->source);
         p->dport = bpf_ntohs(th->dest);
-        p->tcp_flags = ((__u8 *)th)[13];
-    } else if (p->proto == XF_IPPROTO_UDP) {
+        p->tcp_flags = tcp_flag_byte(th);
+    } else if (p->proto == IPPROTO_UDP) {
         struct udphdr *uh = l4;
         if ((void *)(uh + 1) > data_end || (void *)(uh + 1) > l3_end)
             return XF_R_PARSE_L4;
@@ -75,17 +93,18 @@ static __always_inline int xf_parse_l4(struct xf_pkt *p, void *l4, void *l3_end,
             return XF_R_PARSE_L4;
         p->sport = bpf_ntohs(uh->source);
         p->dport = bpf_ntohs(uh->dest);
-    } else if (p->proto == XF_IPPROTO_ICMP || p->proto == XF_IPPROTO_ICMPV6) {
-        __u8 *ih = l4;
-        if ((void *)(ih + 8) > data_end || (void *)(ih + 8) > l3_end)
+    } else if (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) {
+        /* struct icmphdr and struct icmp6hdr share this layout: type, code, checksum,
+         * then the echo id. */
+        struct icmphdr *ih = l4;
+        if ((void *)(ih + 1) > data_end || (void *)(ih + 1) > l3_end)
             return XF_R_PARSE_L4;
-        p->icmp_type = ih[0];
-        p->icmp_code = ih[1];
-        p->dport = ((__u16)ih[0] << 8) | ih[1];
+        p->icmp_type = ih->type;
+        p->icmp_code = ih->code;
+        p->dport = ((__u16)ih->type << 8) | ih->code;
         /* Echo request/reply carry an id: the flow is (addresses, id). */
-        if ((p->proto == XF_IPPROTO_ICMP && (ih[0] == 8 || ih[0] == 0)) ||
-            (p->proto == XF_IPPROTO_ICMPV6 && (ih[0] == 128 || ih[0] == 129)))
-            p->sport = ((__u16)ih[4] << 8) | ih[5];
+        if (xf_is_icmp_echo(p->proto, ih->type))
+            p->sport = bpf_ntohs(ih->un.echo.id);
     }
     return 0;
 }
@@ -94,10 +113,11 @@ static __always_inline int xf_parse_l4(struct xf_pkt *p, void *l4, void *l3_end,
  * (destination unreachable, time exceeded, parameter problem; packet too big)? */
 static __always_inline int xf_icmp_is_error(struct xf_pkt *p)
 {
-    if (p->proto == XF_IPPROTO_ICMP)
-        return p->icmp_type == 3 || p->icmp_type == 11 || p->icmp_type == 12;
-    if (p->proto == XF_IPPROTO_ICMPV6)
-        return p->icmp_type >= 1 && p->icmp_type <= 4;
+    if (p->proto == IPPROTO_ICMP)
+        return p->icmp_type == ICMP_DEST_UNREACH || p->icmp_type == ICMP_TIME_EXCEEDED ||
+               p->icmp_type == ICMP_PARAMETERPROB;
+    if (p->proto == IPPROTO_ICMPV6)
+        return p->icmp_type >= ICMPV6_DEST_UNREACH && p->icmp_type <= ICMPV6_PARAMPROB;
     return 0;
 }
 
@@ -113,8 +133,8 @@ static __always_inline int xf_parse_quoted(struct xdp_md *ctx, struct xf_pkt *p,
         return -1;
     __u32 off = p->l4_off;
     XF_BOUND(off, 0xfff);
-    void *inner = data + off + 8;            /* after the ICMP header */
-    __u8 *l4;
+    void *inner = data + off + sizeof(struct icmphdr);
+    void *l4;
     if (p->family == 4) {
         struct iphdr *iph = inner;
         if ((void *)(iph + 1) > data_end || iph->version != 4 || iph->ihl < 5)
@@ -122,7 +142,7 @@ static __always_inline int xf_parse_quoted(struct xdp_md *ctx, struct xf_pkt *p,
         q->src[0] = 0; q->src[1] = 0; q->src[2] = bpf_htonl(0xffff); q->src[3] = iph->saddr;
         q->dst[0] = 0; q->dst[1] = 0; q->dst[2] = bpf_htonl(0xffff); q->dst[3] = iph->daddr;
         q->proto = iph->protocol;
-        l4 = (__u8 *)inner + iph->ihl * 4;
+        l4 = inner + iph->ihl * 4;
     } else {
         struct ipv6hdr *ip6 = inner;
         if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
@@ -130,20 +150,126 @@ static __always_inline int xf_parse_quoted(struct xdp_md *ctx, struct xf_pkt *p,
         __builtin_memcpy(q->src, &ip6->saddr, 16);
         __builtin_memcpy(q->dst, &ip6->daddr, 16);
         q->proto = ip6->nexthdr;
-        l4 = (__u8 *)(ip6 + 1);
+        l4 = ip6 + 1;
     }
-    if (l4 + 8 > (__u8 *)data_end)
+    /* An error quotes at least 8 bytes of L4: the ports of TCP and UDP (both begin
+     * with source and destination port), or an ICMP header. */
+    if (l4 + 8 > data_end)
         return -1;
-    if (q->proto == XF_IPPROTO_TCP || q->proto == XF_IPPROTO_UDP) {
-        q->sport = ((__u16)l4[0] << 8) | l4[1];
-        q->dport = ((__u16)l4[2] << 8) | l4[3];
-    } else if (q->proto == XF_IPPROTO_ICMP || q->proto == XF_IPPROTO_ICMPV6) {
-        q->sport = ((__u16)l4[4] << 8) | l4[5];
-        q->dport = ((__u16)l4[0] << 8) | l4[1];
+    if (q->proto == IPPROTO_TCP || q->proto == IPPROTO_UDP) {
+        struct udphdr *uh = l4;
+        q->sport = bpf_ntohs(uh->source);
+        q->dport = bpf_ntohs(uh->dest);
+    } else if (q->proto == IPPROTO_ICMP || q->proto == IPPROTO_ICMPV6) {
+        struct icmphdr *ih = l4;
+        q->sport = bpf_ntohs(ih->un.echo.id);
+        q->dport = ((__u16)ih->type << 8) | ih->code;
     } else {
         return -1;
     }
     return 0;
+}
+
+static __always_inline int xf_parse_ipv4(struct xf_pkt *p, void *data, void *cur,
+                                         void *data_end)
+{
+    struct iphdr *iph = cur;
+    if ((void *)(iph + 1) > data_end)
+        return XF_R_PARSE_IPV4;
+    if (iph->version != 4 || iph->ihl < 5)
+        return XF_R_PARSE_IPV4;
+    __u32 hlen = iph->ihl * 4;
+    __u32 tot = bpf_ntohs(iph->tot_len);
+    if (tot < hlen || cur + tot > data_end || cur + hlen > data_end)
+        return XF_R_PARSE_IPV4;
+    void *l3_end = cur + tot;
+    p->family = 4;
+    p->proto = iph->protocol;
+    p->ttl = iph->ttl;
+    p->src[0] = 0; p->src[1] = 0; p->src[2] = bpf_htonl(0xffff); p->src[3] = iph->saddr;
+    p->dst[0] = 0; p->dst[1] = 0; p->dst[2] = bpf_htonl(0xffff); p->dst[3] = iph->daddr;
+    __u16 frag = bpf_ntohs(iph->frag_off);
+    p->frag_id = bpf_ntohs(iph->id);
+    if (frag & IP_OFFSET)
+        p->frag = XF_FRAG_LATER;
+    else if (frag & IP_MF)
+        p->frag = XF_FRAG_FIRST;
+    void *l4 = cur + hlen;
+    p->l4_off = l4 - data;
+    if (p->frag == XF_FRAG_LATER)
+        return 0;
+    return xf_parse_l4(p, l4, l3_end, data_end);
+}
+
+/* The length of one IPv6 extension header (RFC 8200 4; AH: RFC 4302 2.2). */
+static __always_inline __u32 xf_ipv6_ext_len(__u8 nh, void *eh)
+{
+    if (nh == IPPROTO_FRAGMENT)
+        return sizeof(struct frag_hdr);
+    if (nh == IPPROTO_AH)
+        return ((__u32)((struct ip_auth_hdr *)eh)->hdrlen + 2) * 4;
+    return ((__u32)((struct ipv6_opt_hdr *)eh)->hdrlen + 1) * 8;
+}
+
+static __always_inline int xf_parse_ipv6(struct xf_pkt *p, void *data, void *cur,
+                                         void *data_end)
+{
+    struct ipv6hdr *ip6 = cur;
+    if ((void *)(ip6 + 1) > data_end)
+        return XF_R_PARSE_IPV6;
+    if (ip6->version != 6)
+        return XF_R_PARSE_IPV6;
+    __u32 plen = bpf_ntohs(ip6->payload_len);
+    void *l3_end = (void *)(ip6 + 1) + plen;
+    if (plen == 0 || l3_end > data_end)
+        return XF_R_PARSE_IPV6;
+    p->family = 6;
+    p->ttl = ip6->hop_limit;
+    __builtin_memcpy(p->src, &ip6->saddr, 16);
+    __builtin_memcpy(p->dst, &ip6->daddr, 16);
+    __u8 nh = ip6->nexthdr;
+    /* The walk keeps a scalar offset, bounded each step, and derives the header
+     * pointer from it: with a pointer carried from step to step every path through
+     * the header kinds is a different verifier state (5^6 of them). */
+    __u32 off = (void *)(ip6 + 1) - data;
+    __u32 end_off = l3_end - data;
+
+#pragma unroll
+    for (int i = 0; i < XF_MAX_IPV6_EXT; i++) {
+        if (!xf_is_ipv6_ext(nh))
+            break;
+        if (off > XF_MAX_IPV6_EXT_BYTES)
+            return XF_R_PARSE_EXT;
+        XF_BOUND(off, 0xfff);       /* no-op, but a bound the verifier keeps */
+        struct ipv6_opt_hdr *eh = data + off;
+        /* 8 bytes: the smallest extension header, and all of a fragment header. */
+        if ((void *)eh + 8 > data_end || off + 8 > end_off)
+            return XF_R_PARSE_EXT;
+        if (nh == IPPROTO_FRAGMENT) {
+            struct frag_hdr *fh = (void *)eh;
+            __u16 fo = bpf_ntohs(fh->frag_off);
+            p->frag_id = bpf_ntohl(fh->identification);
+            if (fo & IP6_OFFSET)
+                p->frag = XF_FRAG_LATER;
+            else if (fo & IP6_MF)
+                p->frag = XF_FRAG_FIRST;
+        }
+        __u32 len = xf_ipv6_ext_len(nh, eh);
+        nh = eh->nexthdr;
+        off += len;
+        if (off > end_off)
+            return XF_R_PARSE_EXT;
+    }
+    if (xf_is_ipv6_ext(nh))
+        return XF_R_PARSE_EXT;
+    if (off > XF_MAX_IPV6_EXT_BYTES)
+        return XF_R_PARSE_EXT;
+    XF_BOUND(off, 0xfff);
+    p->proto = nh;
+    p->l4_off = off;
+    if (p->frag == XF_FRAG_LATER)
+        return 0;
+    return xf_parse_l4(p, data + off, l3_end, data_end);
 }
 
 static __always_inline int xf_parse(struct xdp_md *ctx, struct xf_pkt *p)
@@ -159,7 +285,7 @@ static __always_inline int xf_parse(struct xdp_md *ctx, struct xf_pkt *p)
 
 #pragma unroll
     for (int i = 0; i < XF_MAX_VLAN_DEPTH; i++) {
-        if (proto != ETH_P_8021Q_BE && proto != ETH_P_8021AD_BE)
+        if (!xf_is_vlan(proto))
             break;
         struct xf_vlan_hdr *vh = cur;
         if ((void *)(vh + 1) > data_end)
@@ -168,105 +294,14 @@ static __always_inline int xf_parse(struct xdp_md *ctx, struct xf_pkt *p)
         cur = vh + 1;
         p->vlan_depth++;
     }
-    if (proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE)
+    if (xf_is_vlan(proto))
         return XF_R_PARSE_VLAN;
 
     p->eth_proto = proto;
     p->l3_off = cur - data;
-
-    if (proto == ETH_P_IP_BE) {
-        struct iphdr *iph = cur;
-        if ((void *)(iph + 1) > data_end)
-            return XF_R_PARSE_IPV4;
-        if (iph->version != 4 || iph->ihl < 5)
-            return XF_R_PARSE_IPV4;
-        __u32 hlen = iph->ihl * 4;
-        __u32 tot = bpf_ntohs(iph->tot_len);
-        if (tot < hlen || cur + tot > data_end || cur + hlen > data_end)
-            return XF_R_PARSE_IPV4;
-        void *l3_end = cur + tot;
-        p->family = 4;
-        p->proto = iph->protocol;
-        p->ttl = iph->ttl;
-        p->src[0] = 0; p->src[1] = 0; p->src[2] = bpf_htonl(0xffff); p->src[3] = iph->saddr;
-        p->dst[0] = 0; p->dst[1] = 0; p->dst[2] = bpf_htonl(0xffff); p->dst[3] = iph->daddr;
-        __u16 frag = bpf_ntohs(iph->frag_off);
-        p->frag_id = bpf_ntohs(iph->id);
-        if (frag & 0x1fff)
-            p->frag = XF_FRAG_LATER;
-        else if (frag & 0x2000)
-            p->frag = XF_FRAG_FIRST;
-        void *l4 = cur + hlen;
-        p->l4_off = l4 - data;
-        if (p->frag == XF_FRAG_LATER)
-            return 0;
-        return xf_parse_l4(p, l4, l3_end, data_end);
-    }
-
-    if (proto == ETH_P_IPV6_BE) {
-        struct ipv6hdr *ip6 = cur;
-        if ((void *)(ip6 + 1) > data_end)
-            return XF_R_PARSE_IPV6;
-        if (ip6->version != 6)
-            return XF_R_PARSE_IPV6;
-        __u32 plen = bpf_ntohs(ip6->payload_len);
-        void *l3_end = (void *)(ip6 + 1) + plen;
-        if (plen == 0 || l3_end > data_end)
-            return XF_R_PARSE_IPV6;
-        p->family = 6;
-        p->ttl = ip6->hop_limit;
-        __builtin_memcpy(p->src, &ip6->saddr, 16);
-        __builtin_memcpy(p->dst, &ip6->daddr, 16);
-        __u8 nh = ip6->nexthdr;
-        /* The walk keeps a scalar offset, bounded each step, and derives the header
-         * pointer from it: with a pointer carried from step to step every path through
-         * the header kinds is a different verifier state (5^6 of them). */
-        __u32 off = (void *)(ip6 + 1) - data;
-        __u32 end_off = l3_end - data;
-
-#pragma unroll
-        for (int i = 0; i < XF_MAX_IPV6_EXT; i++) {
-            if (nh != XF_IPPROTO_HOPOPTS && nh != XF_IPPROTO_ROUTING &&
-                nh != XF_IPPROTO_DSTOPTS && nh != XF_IPPROTO_FRAGMENT && nh != XF_IPPROTO_AH)
-                break;
-            if (off > XF_MAX_IPV6_EXT_BYTES)
-                return XF_R_PARSE_EXT;
-            XF_BOUND(off, 0xfff);       /* no-op, but a bound the verifier keeps */
-            __u8 *eh = data + off;
-            if ((void *)(eh + 8) > data_end || off + 8 > end_off)
-                return XF_R_PARSE_EXT;
-            __u32 len;
-            if (nh == XF_IPPROTO_FRAGMENT) {
-                len = 8;
-                __u16 fo = ((__u16)eh[2] << 8) | eh[3];
-                p->frag_id = ((__u32)eh[4] << 24) | ((__u32)eh[5] << 16) |
-                             ((__u32)eh[6] << 8) | eh[7];
-                if (fo & 0xfff8)
-                    p->frag = XF_FRAG_LATER;
-                else if (fo & 1)
-                    p->frag = XF_FRAG_FIRST;
-            } else if (nh == XF_IPPROTO_AH) {
-                len = ((__u32)eh[1] + 2) * 4;
-            } else {
-                len = ((__u32)eh[1] + 1) * 8;
-            }
-            nh = eh[0];
-            off += len;
-            if (off > end_off)
-                return XF_R_PARSE_EXT;
-        }
-        if (nh == XF_IPPROTO_HOPOPTS || nh == XF_IPPROTO_ROUTING || nh == XF_IPPROTO_DSTOPTS ||
-            nh == XF_IPPROTO_FRAGMENT || nh == XF_IPPROTO_AH)
-            return XF_R_PARSE_EXT;
-        if (off > XF_MAX_IPV6_EXT_BYTES)
-            return XF_R_PARSE_EXT;
-        XF_BOUND(off, 0xfff);
-        p->proto = nh;
-        p->l4_off = off;
-        if (p->frag == XF_FRAG_LATER)
-            return 0;
-        return xf_parse_l4(p, data + off, l3_end, data_end);
-    }
-
+    if (proto == bpf_htons(ETH_P_IP))
+        return xf_parse_ipv4(p, data, cur, data_end);
+    if (proto == bpf_htons(ETH_P_IPV6))
+        return xf_parse_ipv6(p, data, cur, data_end);
     return 0;   /* ARP and other ethertypes: the caller decides */
 }

@@ -1,13 +1,20 @@
-"""Flow aging against real maps: idle timeouts per protocol, TCP after FIN/RST, stale
-generations, the high watermark; the two directions of a flow age together; evictions are
+"""Flow aging against real maps: idle timeouts per protocol, TCP after FIN/RST, the high
+watermark; the two directions of a flow age together; a flow of an older generation is
+left to the datapath to judge again (never evicted for its generation), so an idle
+connection survives an unrelated change and its server may speak first; evictions are
 counted by reason and the counts survive a new controller (an agent restart)."""
 
 import pytest
 
-from agent import abi, config, model
-from agent.control import Controller, now_coarse_ns
-from agent.store import Store
+from scapy.all import raw
 
+from agent import abi, config, model
+from agent.control import Controller
+from agent.flows import now_coarse_ns
+from agent.store import Store
+from agent.sweeper import Evictions, Sweeper
+
+from .cases import BLUE, XDP_DROP, XDP_REDIRECT, blue, ep, rule, tcp4
 from .conftest import loaded
 
 pytestmark = pytest.mark.bpf
@@ -37,8 +44,8 @@ def ctl(tmp_path):
     try:
         with loaded(cfg.datapath_defines()) as dp:
             c = Controller(cfg, store, dp, links=None)
-            c._commit(model.State.from_dict({"tenants": [{"name": "blue", "id": 10},
-                                                        {"name": "red", "id": 20}]}))
+            c.apply({"tenants": [{"name": "blue", "id": 10}, {"name": "red", "id": 20}]},
+                    dry_run=False)
             yield c
     finally:
         store.close()
@@ -68,17 +75,17 @@ def test_idle_timeouts_follow_the_protocol(ctl):
     put_flow(ctl, 17, 1001, 53, idle_s=90)             # idle past udp (60)
     young_tcp = put_flow(ctl, 6, 1002, 80, idle_s=200)
     put_flow(ctl, 1, 7, 8 << 8, idle_s=45)             # idle past icmp (30)
-    done = ctl.sweep()
+    done = ctl.sweeper.sweep()
     assert keys(ctl) == {fresh_udp, young_tcp}
     assert done == {"idle": 2}
-    assert ctl.evicted["idle"] == 2
-    assert ctl.flow_counts == {10: 2}
+    assert ctl.evictions.counts["idle"] == 2
+    assert ctl.sweeper.flow_counts == {10: 2}
 
 
 def test_tcp_after_fin_uses_the_short_timeout(ctl):
     closing = put_flow(ctl, 6, 2000, 80, idle_s=15, flags=abi.FLOW_CLOSING)
     open_ = put_flow(ctl, 6, 2001, 80, idle_s=15)
-    assert ctl.sweep() == {"closed": 1}
+    assert ctl.sweeper.sweep() == {"closed": 1}
     assert keys(ctl) == {open_}
     assert closing not in keys(ctl)
 
@@ -88,39 +95,75 @@ def test_a_busy_forward_keeps_its_idle_reply(ctl):
     # as the forward one is busy, or a late reply would be judged as new traffic.
     fwd = put_flow(ctl, 17, 3000, 5300, idle_s=1)
     rev = put_flow(ctl, 17, 5300, 3000, idle_s=120, flags=abi.FLOW_REVERSE, src=2, dst=1)
-    ctl.sweep()
+    ctl.sweeper.sweep()
     assert {fwd, rev} <= keys(ctl)
     # both idle: both go, counted as two evictions
     put_flow(ctl, 17, 3000, 5300, idle_s=100)
-    assert ctl.sweep() == {"idle": 2}
+    assert ctl.sweeper.sweep() == {"idle": 2}
     assert not ({fwd, rev} & keys(ctl))
 
 
-def test_stale_generation_is_evicted_as_rule_change(ctl):
+def test_stale_generation_is_left_to_the_datapath(ctl):
+    # An older generation is a miss the datapath judges again: the sweeper keeps it (it
+    # ages by idle time like any other), and only a removed tenant's flows go at once.
     stale = put_flow(ctl, 17, 4000, 53, idle_s=1, generation=ctl.dp.generation(10) - 1 or 99)
     gone_tenant = put_flow(ctl, 17, 4001, 53, idle_s=1, tenant=30, generation=1)
     keep = put_flow(ctl, 17, 4002, 53, idle_s=1)
-    assert ctl.sweep() == {"rule_change": 2}
-    assert keys(ctl) == {keep}
-    del stale, gone_tenant
+    assert ctl.sweeper.sweep() == {"rule_change": 1}
+    assert keys(ctl) == {stale, keep}
+    assert gone_tenant not in keys(ctl)
+    stale_idle = put_flow(ctl, 17, 4003, 53, idle_s=90, generation=ctl.dp.generation(10) - 1 or 99)
+    assert ctl.sweeper.sweep() == {"idle": 1}
+    assert stale_idle not in keys(ctl)
 
 
 def test_over_the_high_watermark_the_longest_idle_go_first(ctl):
     # capacity 1024, watermark 0.1 -> at most 102 flows stay
     made = [(i, put_flow(ctl, 6, 10000 + i, 80, idle_s=i)) for i in range(150)]
-    done = ctl.sweep()
+    done = ctl.sweeper.sweep()
     assert done == {"table_full": 48}
     left = keys(ctl)
     assert left == {k for i, k in made if i < 102}
-    assert ctl.flow_counts == {10: 102}
+    assert ctl.sweeper.flow_counts == {10: 102}
 
 
 def test_eviction_counts_survive_a_new_controller(ctl):
     put_flow(ctl, 17, 5000, 53, idle_s=120)
-    ctl.sweep()
+    ctl.sweeper.sweep()
     again = Controller(ctl.cfg, ctl.store, ctl.dp, links=None)
-    assert again.evicted["idle"] == 1
+    assert again.evictions.counts["idle"] == 1
     assert ctl.flow_flush("blue") == 0
     put_flow(ctl, 17, 5001, 53, idle_s=1)
     assert ctl.flow_flush("blue") == 1
-    assert Controller(ctl.cfg, ctl.store, ctl.dp, links=None).evicted["flush"] == 1
+    assert Controller(ctl.cfg, ctl.store, ctl.dp, links=None).evictions.counts["flush"] == 1
+
+
+def test_idle_connection_survives_an_unrelated_change_and_its_server_speaks_first(
+        bench, tmp_path):
+    """flip + sweep + reply through the real program: a TCP connection allowed from p1 to
+    the server on p2 goes quiet; an endpoint is added (every blue flow is now of an older
+    generation); a sweep runs; then the server sends first. Its packet must reach the
+    client: the reply entry is judged again under the new rules, which still allow the
+    forward direction. (Evicting stale flows made it new traffic: default drop.)"""
+    allow_ssh = [rule(1, proto="tcp", dport=22, dst="10.0.0.2/32")]
+    before = blue(allow_ssh)
+    after = blue(allow_ssh, endpoints=[ep("blue", "10.0.0.3", "p3")], ports=("p3",))
+    bench.apply(before)
+    rc, _ = bench.run(raw(tcp4(40000, 22)), "p1")
+    assert rc == XDP_REDIRECT
+    gen = bench.dp.generation(BLUE)
+    bench.sync(after)
+    assert bench.dp.generation(BLUE) != gen            # the unrelated change flipped blue
+    store = Store.open(str(tmp_path / "state.db"))
+    try:
+        sweeper = Sweeper(config.parse(""), bench.dp, Evictions(store))
+        assert sweeper.sweep() == {}
+        assert sweeper.flow_counts == {BLUE: 2}
+    finally:
+        store.close()
+    server_first = tcp4(22, 40000, port="p2", src="10.0.0.2", dst="10.0.0.1", flags="PA")
+    rc, _ = bench.run(raw(server_first), "p2")
+    assert rc == XDP_REDIRECT
+    # A packet the new rules never allowed is still dropped: nothing was opened up.
+    rc, _ = bench.run(raw(tcp4(22, 40001, port="p2", src="10.0.0.2", dst="10.0.0.1")), "p2")
+    assert rc == XDP_DROP

@@ -35,7 +35,7 @@ def test_a_port_created_after_the_agent_is_attached_and_one_removed_is_cleaned(l
     lab.ok("rule", "add", "--tenant", "blue", "--priority", "10", "--proto", "icmp",
            "--action", "allow")
     assert port_status(lab, "blue1") == {"name": "blue1", "tenant": "blue", "attached": False,
-                                         "ifindex": 0, "note": "interface missing"}
+                                         "ifindex": 0, "mode": "", "note": "interface missing"}
     # The VMs' veths appear now: the agent sees the link events and attaches.
     vm1 = lab.add_vm("blue", 1, "10.0.0.1", "02:00:00:00:00:01", port="blue1")
     vm2 = lab.add_vm("blue", 2, "10.0.0.2", "02:00:00:00:00:02", port="blue2")

@@ -1,0 +1,167 @@
+"""All-or-nothing writes against real maps: a batch write that fails partway (a full map)
+is rolled back entry for entry, and a change the datapath cannot hold leaves the maps as
+they were, not half written."""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+
+import pytest
+
+from agent import abi, config
+from agent.bpfsys import BpfError, RawMap, _lib
+from agent.control import Controller
+from agent.store import Store
+
+from .conftest import loaded
+
+pytestmark = pytest.mark.bpf
+
+BPF_MAP_TYPE_HASH = 1
+
+
+@pytest.fixture
+def small_hash():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    _lib.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32,
+                                    ct.c_uint32, ct.c_void_p]
+    fd = _lib.bpf_map_create(BPF_MAP_TYPE_HASH, b"xf_test_rb", 4, 4, 4, None)
+    assert fd >= 0, os.strerror(ct.get_errno())
+    m = RawMap(fd, "xf_test_rb", owned=True)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def u32(n: int) -> bytes:
+    return n.to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["looked-up", "previous-given"])
+def test_a_batch_that_fails_partway_is_rolled_back(small_hash, known):
+    m = small_hash
+    m.update_many([(u32(1), u32(10)), (u32(2), u32(20))])
+    before = dict(m.items())
+    # One overwrite and three new keys into a map of 4 holding 2: the third new key
+    # does not fit, after the overwrite and two inserts were made.
+    batch = [(u32(1), u32(11)), (u32(3), u32(30)), (u32(4), u32(40)), (u32(5), u32(50))]
+    with pytest.raises(BpfError):
+        if known:
+            m.update_many(batch, previous=before)
+        else:
+            m.update_many(batch)
+    assert dict(m.items()) == before
+
+
+def test_a_change_the_datapath_cannot_hold_leaves_its_maps_as_they_were(tmp_path):
+    cfg = config.parse("[datapath]\nflow_table_size = 1024\nmax_rule_entries = 1024\n"
+                       "max_endpoints = 64\nmax_routes = 16\nmax_ports = 16\n")
+    store = Store.open(str(tmp_path / "state.db"))
+
+    def routes(n):
+        return [{"tenant": "blue", "prefix": f"10.{i}.0.0/16", "action": "drop"}
+                for i in range(n)]
+
+    try:
+        with loaded(cfg.datapath_defines()) as dp:
+            c = Controller(cfg, store, dp, links=None)
+            c.apply({"tenants": [{"name": "blue", "id": 10}], "routes": routes(10)},
+                    dry_run=False)
+            before = dict(dp.maps["xf_routes"].items())
+            assert len(before) == 10
+            with pytest.raises(BpfError):
+                c.apply({"tenants": [{"name": "blue", "id": 10}], "routes": routes(20)},
+                        dry_run=False)
+            assert dict(dp.maps["xf_routes"].items()) == before
+            assert len(c.state.routes) == 10 and len(store.load().routes) == 10
+            # ...and the next change that fits goes through.
+            c.apply({"tenants": [{"name": "blue", "id": 10}], "routes": routes(12)},
+                    dry_run=False)
+            assert len(dict(dp.maps["xf_routes"].items())) == 12
+    finally:
+        store.close()
+
+
+def test_an_in_port_rule_for_a_port_without_interface_breaks_nothing(tmp_path):
+    """Rules name ports by their stored slots: a rule for a VM that is stopped (no
+    interface on the node) compiles, and later commits and a restart's reconcile work."""
+    cfg = config.parse("[datapath]\nflow_table_size = 1024\nmax_rule_entries = 1024\n"
+                       "max_endpoints = 64\nmax_routes = 16\nmax_ports = 16\n")
+    store = Store.open(str(tmp_path / "state.db"))
+    state = {"tenants": [{"name": "blue", "id": 10}],
+             "ports": [{"name": "vm1", "tenant": "blue"}, {"name": "vm2", "tenant": "blue"}],
+             "rules": [{"id": 1, "tenant": "blue", "priority": 10, "action": "allow",
+                        "in_port": "vm2"}]}
+    try:
+        with loaded(cfg.datapath_defines()) as dp:
+            c = Controller(cfg, store, dp, links=None)      # no interface exists
+            c.apply(state, dry_run=False)
+            gen = dp.generation(10)
+            c.add("rules", {"id": 2, "tenant": "blue", "priority": 5, "action": "deny"})
+            assert dp.generation(10) != gen
+            again = Controller(cfg, store, dp, links=None)  # a restart
+            again.reconcile("start")
+            rules = dict(dp.maps["xf_rules"].items())
+            slot = store.port_slots()["vm2"]
+            in_ports = {abi.RuleKey.from_buffer_copy(k).in_port for k in rules}
+            assert in_ports == {0, slot}
+    finally:
+        store.close()
+
+
+def test_a_resize_builds_beside_the_running_program_and_commits_all_or_nothing(in_node):
+    """A reload that resizes a configuration map (max_rule_entries) builds the new program
+    with all-new configuration maps: while it is programmed (a new generation of blue's
+    rules), the running program still judges by its own, whole, older rule set. Discarded,
+    the live pins are untouched; committed, they are the new program's maps."""
+    from .conftest import Bench, SMALL_SIZES, pin_dir
+    from .cases import XDP_DROP, XDP_REDIRECT, blue, rule, udp4
+    from agent.datapath import Datapath
+    from scapy.all import raw
+
+    allow = blue([rule(1, proto="udp", dport=5000)])
+    deny = blue([rule(2, action="deny", proto="udp", dport=5000)])
+    pkt = raw(udp4())
+    d = pin_dir()
+    old = Datapath(d, SMALL_SIZES)
+    bigger = dict(SMALL_SIZES, XF_MAX_RULE_ENTRIES=SMALL_SIZES["XF_MAX_RULE_ENTRIES"] * 2)
+    try:
+        old.load()
+        running = Bench(in_node, old)
+        running.apply(allow)
+        assert running.run(pkt, "p1")[0] == XDP_REDIRECT
+        live_ids = {n: RawMap.pinned(f"{d}/{n}") for n in ("xf_tenants", "xf_rules")}
+        ids = {n: m.id for n, m in live_ids.items()}
+        for m in live_ids.values():
+            m.close()
+
+        for commit in (False, True):
+            new = Datapath(d, bigger)
+            try:
+                report = {st.name: st.action for st in new.load(beside=True)}
+                assert report["xf_rules"] == "migrate" and report["xf_tenants"] == "rebuild"
+                Bench(in_node, new).sync(deny)              # a new generation, new maps
+                running.dp.flush_flows()
+                # The running program still sees its own whole generation: allowed.
+                assert running.run(pkt, "p1")[0] == XDP_REDIRECT
+                assert Bench(in_node, new).run(pkt, "p1")[0] == XDP_DROP
+                if commit:
+                    new.commit_pins()
+                    assert new.pin_dir == d
+                    for n in ids:
+                        m = RawMap.pinned(f"{d}/{n}")
+                        assert m.id == new.maps[n].id and m.id != ids[n]
+                        m.close()
+            finally:
+                new.close()
+                if not commit:
+                    new.discard_staged()
+                    for n, i in ids.items():                # live pins untouched
+                        m = RawMap.pinned(f"{d}/{n}")
+                        assert m.id == i
+                        m.close()
+    finally:
+        old.close()
+        old.unpin()
