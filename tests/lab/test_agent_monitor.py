@@ -193,3 +193,30 @@ def test_top_ranks_the_busy_flow_first(net):
         ("icmp", vm1.ip, vm2.ip), ("icmp", vm2.ip, vm1.ip)), top
     assert first["pps"] > 20, first
     assert top["sampled"] >= 2
+
+
+def test_the_lab_finds_the_events_of_one_packet_by_what_it_carries(net):
+    """What the lab's compare calls for each mismatching send (netns_lab.events)."""
+    from netns_lab.events import EventRecorder
+    vm1, vm2 = net.vm("blue", 1), net.vm("blue", 2)
+    with EventRecorder(net.socket) as rec:
+        exchange(vm1, "udp", vm2.ip, 7777, "nonce-denied-7777", timeout=0.3)   # no rule
+        assert ping(vm1, vm2.ip)                                                # rule 1
+        rec.stop()
+    evs = rec.events_for(b"nonce-denied-7777")     # the UDP client sends it again unanswered
+    assert evs, rec.events
+    for ev in evs:
+        assert (ev["verdict"], ev["reason"], ev["rule"], ev["port"]) == \
+            ("drop", "default", None, vm1.port)
+        assert (ev["proto"], ev["src"], ev["dst"], ev["dport"]) == \
+            ("udp", vm1.ip, vm2.ip, 7777)
+    # The allowed ping: redirected both ways (the request by rule 1 or its flow).
+    pings = [e for e in rec.events if describe(e).get("proto") == "icmp"]
+    assert {e["verdict"] for e in pings} == {"redirect"}, pings
+    assert rec.events_for(b"no such bytes") == []
+    assert not rec.error
+
+
+def describe(ev):
+    from agent.monitor import describe_packet
+    return describe_packet(ev["packet"])

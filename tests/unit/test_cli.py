@@ -482,3 +482,13 @@ def test_top_once_prints_the_busiest_flows(run, agent):
     assert out.startswith("busiest flows by bps")
     assert "PPS" in out and "10.0.0.6" in out and "10.0.0.9" not in out
     assert ("top", None, "bps", 1) in ctl.calls
+
+
+def test_lab_events_for_finds_a_packet_by_its_bytes():
+    from netns_lab.events import events_for
+    from test_commands import FRAME_HEX
+    ev = {"verdict": "drop", "reason": "rule_deny", "packet": FRAME_HEX}
+    other = {"verdict": "pass", "reason": "local", "packet": "00" * 60}
+    (got,) = events_for([other, ev], bytes.fromhex("0a0000050a000006"))   # src, dst
+    assert (got["reason"], got["src"], got["dport"]) == ("rule_deny", "10.0.0.5", 22)
+    assert events_for([other, ev], b"absent") == []
