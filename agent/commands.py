@@ -497,7 +497,7 @@ _cmd("top", False, "the busiest flows by rate, from the flow table's counters",
      description="Refreshed in place every --interval seconds (like ovs-dpctl-top) until "
                  "interrupted; --once prints one sample. Rates are the change of each "
                  "flow's counters between samples (the first sample: since the flow "
-                 "began). Each sample reads at most top_scan flows of a big table, going "
+                 "began). Each sample reads at most 65,536 flows of a big table, going "
                  "on where the last sample stopped, plus the busiest flows found so far.",
      args=(_TENANT_FILTER,
            Arg("by", "order by packets (pps) or bytes (bps) a second", flags=("--by",),
