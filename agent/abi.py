@@ -26,10 +26,11 @@ REASONS = {
     11: "arp_reply", 12: "nd_reply", 13: "arp_other", 14: "nd_other", 15: "not_ip",
     16: "multicast", 17: "no_port", 18: "no_tenant", 19: "parse_eth", 20: "parse_vlan",
     21: "parse_ipv4", 22: "parse_ipv6", 23: "parse_ext", 24: "parse_l4", 25: "frag",
-    26: "insert_failed", 27: "flow_stale", 28: "related",
+    26: "insert_failed", 27: "flow_stale", 28: "related", 29: "spoof", 30: "vlan",
+    31: "icmp_mtu",
 }
 REASON_IDS = {v: k for k, v in REASONS.items()}
-R_MAX = 29
+R_MAX = 32
 # Reasons that count events rather than packets (their verdict is "none").
 EVENT_REASONS = ("insert_failed", "flow_stale")
 
@@ -39,6 +40,8 @@ RT_VIA, RT_KERNEL, RT_DROP = 1, 2, 3
 ROUTE_ACTIONS = {"via": RT_VIA, "kernel": RT_KERNEL, "drop": RT_DROP}
 FLOW_REVERSE, FLOW_CLOSING = 0x01, 0x02
 EP_LOCAL = 0x01
+PORT_SECURITY, PORT_VLAN = 0x01, 0x02
+IPV4_MIN_MTU, IPV6_MIN_MTU = 68, 1280
 MAX_TENANTS = 65536
 PORT_INDEX = 16384       # ifindexes below this are looked up in xf_port_index (an array)
 MASK_SETS = 8192
@@ -70,6 +73,8 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_EP_LOCAL": EP_LOCAL, "XF_MAX_TENANTS": MAX_TENANTS, "XF_PORT_INDEX": PORT_INDEX, "XF_MASK_SETS": MASK_SETS,
     "XF_V_MAX": V_MAX, "XF_R_ROWS": R_ROWS, "XF_FRAG_TABLE_SIZE": FRAG_TABLE_SIZE,
     "XF_MAX_RULE_IDS": MAX_RULE_IDS, "XF_R_MAX": R_MAX,
+    "XF_PORT_SECURITY": PORT_SECURITY, "XF_PORT_VLAN": PORT_VLAN,
+    "XF_IPV4_MIN_MTU": IPV4_MIN_MTU, "XF_IPV6_MIN_MTU": IPV6_MIN_MTU,
     "XF_EVENT_BYTES": EVENT_BYTES, "XF_EVENT_RING_PAGES": EVENT_RING_PAGES,
 }
 CONSTANTS.update({"XF_R_" + name.upper(): rid for rid, name in REASONS.items()})
@@ -89,7 +94,8 @@ class Flow(ct.Structure):
     _fields_ = [("packets", u64), ("bytes", u64), ("created_ns", u64), ("last_seen_ns", u64),
                 ("generation", u32), ("rule_id", u32), ("out_ifindex", u32),
                 ("out_port", u16), ("verdict", u8), ("flags", u8), ("dmac", Mac),
-                ("smac", Mac), ("in_port", u16), ("reason", u8), ("tcp_flags", u8)]
+                ("smac", Mac), ("in_port", u16), ("reason", u8), ("tcp_flags", u8),
+                ("in_mac", Mac), ("pad", u16)]
 
 
 class Port(ct.Structure):
@@ -165,7 +171,11 @@ class FragKey(ct.Structure):
 
 
 class Frag(ct.Structure):
-    _fields_ = [("sport", u16), ("dport", u16)]
+    _fields_ = [("sport", u16), ("dport", u16), ("proto", u8), ("pad", u8 * 3)]
+
+
+class SrcKey(ct.Structure):
+    _fields_ = [("prefixlen", u32), ("slot", u16), ("mac", Mac), ("addr", Addr)]
 
 
 class Meta(ct.Structure):
@@ -207,6 +217,7 @@ MAPS = {
     "xf_rules": (HASH, RuleKey, Rule, "XF_MAX_RULE_ENTRIES"),
     "xf_endpoints": (HASH, EpKey, Endpoint, "XF_MAX_ENDPOINTS"),
     "xf_routes": (LPM_TRIE, RouteKey, Route, "XF_MAX_ROUTES"),
+    "xf_port_src": (LPM_TRIE, SrcKey, u32, "XF_PORT_SRC_ENTRIES"),
     "xf_stats": (PERCPU_ARRAY, u32, Counter, "XF_STATS_ROWS"),
     "xf_rule_hits": (PERCPU_HASH, u32, RuleStat, MAX_RULE_IDS),
     "xf_frags": (LRU_HASH, FragKey, Frag, FRAG_TABLE_SIZE),
@@ -223,6 +234,8 @@ def map_spec(name: str, defines: Dict[str, int]):
         size = PORT_INDEX
     elif size == "XF_STATS_ROWS":
         size = defines["XF_MAX_PORTS"] * V_MAX * R_ROWS
+    elif size == "XF_PORT_SRC_ENTRIES":
+        size = 2 * defines["XF_MAX_ENDPOINTS"]
     elif isinstance(size, str):
         size = defines[size]
     return mtype, ct.sizeof(k), ct.sizeof(v), size

@@ -11,12 +11,12 @@ do not fit) or "internal" (a bug or a kernel failure; the traceback goes to the 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import json
 import logging
 import os
-import pwd
 import queue
 import selectors
 import socket
@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, FrozenSet, Optional
 
 from agent import commands, model
 
@@ -38,51 +38,42 @@ INVALID, REFUSED, DENIED, BAD_REQUEST, INTERNAL = (
 
 @dataclass(frozen=True)
 class Peer:
-    """Who is on the other end of a connection, as the kernel says (SO_PEERCRED)."""
+    """Who is on the other end of a connection, as the kernel recorded it when the peer
+    connected (SO_PEERCRED, SO_PEERGROUPS): what the peer does later (change its groups,
+    exit and have its pid reused) changes nothing."""
     pid: int
     uid: int
     gid: int
+    groups: FrozenSet[int] = frozenset()   # supplementary groups at connect time
 
 
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux 4.13; not in every Python
+
+
+def _peer_groups(sock: socket.socket) -> FrozenSet[int]:
+    size = 64 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE and size < 65536 * 4:   # NGROUPS_MAX gids
+                size *= 16
+                continue
+            raise
+        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
-    """The connecting process's credentials, taken by the kernel at connect() time, so a
-    client cannot claim to be someone else."""
+    """The connecting process's credentials and groups, taken by the kernel at connect()
+    time, so a client cannot claim to be someone else."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return Peer(*_UCRED.unpack(raw))
+    return Peer(*_UCRED.unpack(raw), groups=_peer_groups(sock))
 
 
-def groups_from_status(text: str) -> Set[int]:
-    """Supplementary group ids from the text of /proc/PID/status ("Groups:\\t4 27 1000")."""
-    for line in text.splitlines():
-        if line.startswith("Groups:"):
-            return {int(g) for g in line.split()[1:]}
-    return set()
-
-
-def peer_groups(peer: Peer, proc: str = "/proc") -> Set[int]:
-    """Every group the peer is in: its primary gid, the supplementary groups of its process
-    (exact, and right for processes that changed groups after login), and, if the process is
-    gone, the groups its user is listed in."""
-    gids = {peer.gid}
-    try:
-        with open(f"{proc}/{peer.pid}/status") as f:
-            return gids | groups_from_status(f.read())
-    except OSError:
-        pass
-    try:
-        name = pwd.getpwuid(peer.uid).pw_name
-    except KeyError:
-        return gids
-    gids.update(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)
-    return gids
-
-
-def is_admin(peer: Peer, admin_group: Optional[str],
-             groups_of: Callable[[Peer], Set[int]] = peer_groups) -> bool:
-    """Root, or a member of admin_group. A group that does not exist admits no one else."""
+def is_admin(peer: Peer, admin_group: Optional[str]) -> bool:
+    """Root, or a member of admin_group (primary or supplementary, as of connect time).
+    No admin group: root only. A group that does not exist admits no one else."""
     if peer.uid == 0:
         return True
     if not admin_group:
@@ -91,7 +82,7 @@ def is_admin(peer: Peer, admin_group: Optional[str],
         gid = grp.getgrnam(admin_group).gr_gid
     except KeyError:
         return False
-    return gid in groups_of(peer)
+    return gid == peer.gid or gid in peer.groups
 
 
 def reply_ok(result: Any) -> Dict[str, Any]:
@@ -129,15 +120,18 @@ class ApiServer:
     and closed. A second thread makes the controller calls one at a time, holding `lock`
     (pass the daemon's lock so other users of the controller are serialized with the API).
 
-    `peercred(sock) -> Peer` and `groups_of(peer) -> set of gids` may be replaced for tests;
-    production uses SO_PEERCRED and /proc."""
+    Reading commands run without `lock`: the controller takes it itself only for a
+    snapshot of what it reads, so a client asking for much (a big dry run, a long flow
+    dump) never holds up forwarding changes, flow aging or the watchdog.
+
+    `peercred(sock) -> Peer` may be replaced for tests; production uses SO_PEERCRED and
+    SO_PEERGROUPS."""
 
     def __init__(self, controller, path: str = DEFAULT_SOCKET, *,
                  socket_group: Optional[str] = None, admin_group: Optional[str] = None,
                  max_request_bytes: int = 4 * 2**20, request_timeout: float = 5.0,
                  logger: Optional[logging.Logger] = None, lock=None,
                  peercred: Callable[[socket.socket], Peer] = peer_credentials,
-                 groups_of: Callable[[Peer], Set[int]] = peer_groups,
                  max_connections: int = 128):
         self.controller = controller
         self.path = path
@@ -148,7 +142,6 @@ class ApiServer:
         self.log = logger or logging.getLogger("xdpflow.api")
         self.lock = lock or threading.Lock()
         self.peercred = peercred
-        self.groups_of = groups_of
         self.max_connections = max_connections
         self._listen: Optional[socket.socket] = None
         self._ino: Optional[int] = None
@@ -461,7 +454,7 @@ class ApiServer:
         anyone who can reach the socket (its mode and group decide who that is)."""
         if not cmd.changes_state(args):
             return
-        if peer is not None and is_admin(peer, self.admin_group, self.groups_of):
+        if peer is not None and is_admin(peer, self.admin_group):
             return
         who = "unknown peer" if peer is None else f"uid {peer.uid}"
         need = (f"root or membership in group {self.admin_group!r}" if self.admin_group
@@ -490,8 +483,10 @@ class ApiServer:
         except PermissionError as e:
             self.log.warning("control API: denied %s to %s", name, peer)
             return reply_error(DENIED, str(e))
+        # Changes hold the lock throughout; reading commands lock only their snapshot.
+        held = self.lock if cmd.changes_state(args) else contextlib.nullcontext()
         try:
-            with self.lock:
+            with held:
                 result = commands.dispatch(self.controller, name, args)
             return result if isinstance(result, commands.Stream) else reply_ok(result)
         except commands.BadArgs as e:

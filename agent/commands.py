@@ -15,7 +15,7 @@ from agent import model
 
 
 _JSON_TYPE = {"str": "string", "int": "integer", "float": "number", "flag": "boolean",
-              "object": "object"}
+              "object": "object", "list": "array of strings"}
 
 
 class BadArgs(Exception):
@@ -30,8 +30,8 @@ class Arg:
     """One argument of a command.
 
     `flags` empty means positional. `kind` is the JSON type on the wire: "str", "int",
-    "float", "flag" (a boolean switch), "object" (a JSON table). `wire=False` arguments exist only in
-    the CLI, which turns them into wire arguments before sending (a TOML file becomes
+    "float", "flag" (a boolean switch), "object" (a JSON table), "list" (strings; a
+    repeatable flag). `wire=False` arguments exist only in the CLI, which turns them into wire arguments before sending (a TOML file becomes
     `state`, a Scapy expression becomes `hex`); `cli=False` ones exist only on the wire."""
     name: str
     help: str
@@ -111,6 +111,7 @@ class Command:
                 "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
                 "flag": lambda x: isinstance(x, bool),
                 "object": lambda x: isinstance(x, dict),
+                "list": lambda x: isinstance(x, list) and all(isinstance(i, str) for i in x),
             }[a.kind](v)
             if not ok:
                 raise BadArgs(f"{self.name}: argument {a.name} must be a JSON "
@@ -147,6 +148,12 @@ def _add(kind: str, *fields: str):
     def run(c, args):
         return c.add(kind, _only(args, *fields))
     return run
+
+
+def _port_add(c, args):
+    obj = _only(args, "name", "tenant", "allow", "allow_vlan")
+    obj["port_security"] = not args.get("no_port_security")
+    return c.add("ports", obj)
 
 
 def _tenant_ident(args):
@@ -300,11 +307,21 @@ _cmd("tenant list", False, "list tenants",
      _list("tenants", by_tenant=False))
 
 # -- ports --
-_cmd("port add", True, "put a node interface (a VM's veth or tap) in a tenant",
-     "  xdpflowctl port add veth-vm1 --tenant blue",
-     _add("ports", "name", "tenant"),
+_cmd("port add", True, "put a node interface (a VM's veth or tap) in a tenant; what it sends "
+     "must come from the MAC and address of one of its endpoints (port security)",
+     "  xdpflowctl port add veth-vm1 --tenant blue\n"
+     "  xdpflowctl port add veth-vm2 --tenant blue --allow 10.0.0.64/26 --allow-vlan\n"
+     "  xdpflowctl port add veth-fw --tenant blue --no-port-security",
+     _port_add,
      args=(Arg("name", "interface name", metavar="IFNAME", required=True),
-           _tenant_opt(True)))
+           _tenant_opt(True),
+           Arg("allow", "also accept sources in this prefix, with the MAC of one of the "
+               "port's endpoints (allowed address pairs; repeatable)", flags=("--allow",),
+               kind="list", metavar="PREFIX"),
+           Arg("no_port_security", "accept any source MAC and address from this port",
+               flags=("--no-port-security",), kind="flag"),
+           Arg("allow_vlan", "accept VLAN-tagged frames from this port (dropped otherwise)",
+               flags=("--allow-vlan",), kind="flag")))
 _cmd("port del", True, "take an interface out of its tenant",
      "  xdpflowctl port del veth-vm1",
      _delete("ports", _port_ident),

@@ -90,9 +90,13 @@ def rank_rules(rules: Sequence[model.Rule]) -> Dict[int, int]:
 
 
 def compile_rules(tenant: str, rules: Sequence[model.Rule], slots: Dict[str, int],
-                  max_masks: int) -> Classifier:
+                  max_masks: int, max_entries: Optional[int] = None) -> Classifier:
+    """One tenant's classifier. With `max_entries`, a rule set that expands (port ranges
+    into prefixes) to more entries is refused as soon as it gets there, before the rest
+    is built: an oversized state costs no more than the datapath could hold."""
     ranks = rank_rules(rules)
     by_mask: Dict[MaskTuple, Dict[Tuple, Tuple[int, int, int]]] = {}
+    made = 0
     for r in rules:
         src, srcm = prefix_mask(r.src)
         dst, dstm = prefix_mask(r.dst)
@@ -126,6 +130,12 @@ def compile_rules(tenant: str, rules: Sequence[model.Rule], slots: Dict[str, int
                 # one that would win.
                 if old is None or old[0] < value[0]:
                     entries[key] = value
+                made += old is None
+                if max_entries is not None and made > max_entries:
+                    raise CompileError(
+                        f"tenant {tenant}", f"its rules expand to more than {max_entries} "
+                        f"classifier entries (port ranges become prefixes); the datapath "
+                        f"holds {max_entries} (datapath.max_rule_entries)")
     if len(by_mask) > max_masks:
         raise CompileError(
             f"tenant {tenant}",
@@ -146,6 +156,7 @@ class Image:
     """Everything the datapath's configuration maps should hold (flows and counters are
     the datapath's own). Keys and values are the bytes of the abi structs."""
     ports: Dict[bytes, bytes] = field(default_factory=dict)
+    port_src: Dict[bytes, bytes] = field(default_factory=dict)     # port security
     endpoints: Dict[bytes, bytes] = field(default_factory=dict)
     routes: Dict[bytes, bytes] = field(default_factory=dict)
     tenants: Dict[int, "TenantImage"] = field(default_factory=dict)
@@ -160,13 +171,45 @@ class TenantImage:
     classifier: Classifier
 
 
+# IPv6 link-local sources (fe80::/64): a VM's own, tied to its MAC by the MAC check.
+LINK_LOCAL = ipaddress.ip_network("fe80::/64")
+
+
+def src_key(slot: int, mac: str, net: model.IPNet) -> bytes:
+    bits = net.prefixlen + (96 if net.version == 4 else 0)
+    k = abi.SrcKey(prefixlen=16 + 48 + bits, slot=slot)
+    ct.memmove(k.mac, abi.mac_bytes(mac), 6)
+    abi.set_addr(k.addr, net.network_address)
+    return bytes(k)
+
+
+def port_sources(state: model.State, links: Dict[str, PortLink]) -> Dict[bytes, bytes]:
+    """Port security beyond the endpoints (which the datapath checks in xf_endpoints):
+    the (slot, MAC, source prefix) entries of each secured port's allowed prefixes and
+    link-local prefix, with the MAC of each of its endpoints."""
+    out: Dict[bytes, bytes] = {}
+    one = bytes(ct.c_uint32(1))
+    ports = {p.name: p for p in state.ports if p.port_security and p.name in links}
+    macs: Dict[str, List[str]] = {name: [] for name in ports}
+    for e in state.sorted("endpoints"):
+        if e.port in ports and e.mac not in macs[e.port]:
+            macs[e.port].append(e.mac)
+    for name, p in ports.items():
+        for mac in macs[name]:
+            for net in p.allow + (LINK_LOCAL,):
+                out[src_key(links[name].slot, mac, net)] = one
+    return out
+
+
 def compile_state(state: model.State, links: Dict[str, PortLink],
                   max_masks: int = abi.DEFAULT_MAX_MASKS,
-                  slots: Optional[Dict[str, int]] = None) -> Image:
+                  slots: Optional[Dict[str, int]] = None,
+                  max_entries: Optional[int] = None) -> Image:
     """The whole image. Ports without a live interface (not in `links`) are left out, and
     so are endpoints behind them: nothing can be sent there yet. Rules name ports by
     `slots` (the store's, every configured port), so an in_port rule compiles whether or
-    not its port's interface exists; without `slots`, the live links' slots."""
+    not its port's interface exists; without `slots`, the live links' slots. With
+    `max_entries`, the classifier entries of all tenants together are bounded."""
     state.validate()
     img = Image()
     tenants = {t.name: t for t in state.tenants}
@@ -178,7 +221,9 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         if link is None:
             continue
         t = tenants[p.tenant]
-        v = abi.Port(tenant=t.id, slot=link.slot, flags=0)
+        flags = (abi.PORT_SECURITY if p.port_security else 0) | \
+            (abi.PORT_VLAN if p.allow_vlan else 0)
+        v = abi.Port(tenant=t.id, slot=link.slot, flags=flags)
         ct.memmove(v.mac, abi.mac_bytes(link.mac), 6)
         img.ports[bytes(ct.c_uint32(link.ifindex))] = bytes(v)
         # The node's own addresses on a tenant port: traffic to them is the kernel's.
@@ -201,6 +246,8 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         ct.memmove(v.port_mac, abi.mac_bytes(link.mac), 6)
         img.endpoints[bytes(k)] = bytes(v)
 
+    img.port_src = port_sources(state, links)
+
     for r in state.sorted("routes"):
         t = tenants[r.tenant]
         bits = r.prefix.prefixlen + (96 if r.prefix.version == 4 else 0)
@@ -214,8 +261,11 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
     rules_by_tenant: Dict[str, List[model.Rule]] = {t.name: [] for t in state.tenants}
     for r in state.rules:
         rules_by_tenant[r.tenant].append(r)
+    left = max_entries
     for t in state.tenants:
-        cls = compile_rules(t.name, rules_by_tenant[t.name], slots, max_masks)
+        cls = compile_rules(t.name, rules_by_tenant[t.name], slots, max_masks, left)
+        if left is not None:
+            left -= len(cls.entries)
         img.tenants[t.id] = TenantImage(
             id=t.id, name=t.name,
             default_verdict=abi.V_PASS if t.default == "pass" else abi.V_DROP,

@@ -116,6 +116,11 @@ def _group(value: Any) -> str:
     return value
 
 
+def _group_or_none(value: Any) -> str:
+    """A group name, or "" for none."""
+    return _group(value) if _string(value) else ""
+
+
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 
 
@@ -164,8 +169,10 @@ class AgentSettings:
     socket: str = _setting("/run/xdpflow/agent.sock", _socket_path)
     state_dir: str = _setting("/var/lib/xdpflow", _abspath)
     bpffs: str = _setting("/sys/fs/bpf/xdpflow", _abspath)
-    socket_group: str = _setting("xdpflow", _group)  # owns the socket, mode 0660
-    admin_group: str = _setting("xdpflow", _group)   # may run changing commands
+    socket_group: str = _setting("xdpflow", _group)  # owns the socket (0660): may read
+    # May run changing commands besides root; "" (the default): root only, so the socket
+    # group is a read-only tier unless an operator names an admin group.
+    admin_group: str = _setting("", _group_or_none)
     teardown_on_exit: bool = _setting(False, _bool)
     log_level: str = _setting("info", _choice("debug", "info", "warning", "error"))
     request_timeout: float = _setting(5.0, _number(0.1, 300))

@@ -6,10 +6,12 @@ lock). Flow aging is the sweeper's (agent/sweeper.py); the controller only reads
 counted."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import VERSION, abi, compiler, model
 from .flows import flow_dict, now_coarse_ns
@@ -20,11 +22,27 @@ from .top import FlowRates
 
 log = logging.getLogger("xdpflow.control")
 
+# What one `flow dump` may return: a client pages with --tenant/--limit, and a reply of a
+# million flows would be hundreds of megabytes of JSON built by the agent.
+MAX_FLOW_DUMP = 100_000
+
+
+def _locked(fn: Callable) -> Callable:
+    """A reading command that takes the controller's lock for the whole (short) call."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kw):
+        with self.lock:
+            return fn(self, *args, **kw)
+    return wrapper
+
 
 class Controller:
     def __init__(self, cfg, store, datapath, links: Optional[Links], pass_fd: int = -1,
-                 config_path: str = ""):
+                 config_path: str = "", lock=None):
         self.cfg = cfg
+        # Held by whoever changes the node (the API around a change, the daemon's loop);
+        # reading commands hold it only while they take their snapshot.
+        self.lock = lock or threading.RLock()
         self.store = store
         self.dp = datapath
         self.links = links
@@ -65,7 +83,8 @@ class Controller:
         links = {p.name: compiler.PortLink(p.name, live[p.name].ifindex, live[p.name].mac,
                                            slots[p.name], live[p.name].addrs)
                  for p in state.ports if p.name in live}
-        return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots)
+        return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots,
+                                      max_entries=self.cfg.datapath.max_rule_entries)
 
     def planned_slots(self, state: model.State) -> Dict[str, int]:
         """The slots `state`'s ports would get: kept ones from the store, the smallest free
@@ -83,12 +102,16 @@ class Controller:
 
     def _program(self, state: model.State, slots: Dict[str, int]) -> Dict[str, Any]:
         live = self._live_links(state)
-        summary = self.dp.sync(self._compile(state, slots, live))
+        img = self._compile(state, slots, live)
+        # Off a removed port before its entry goes: our program never runs on an
+        # interface it has no port for (it would hand the VM's traffic to the kernel).
+        self._detach_removed(state)
+        summary = self.dp.sync(img)
         self._attach_ports(state, live)
         return summary
 
-    def _attach_ports(self, state: model.State, live: Dict[str, Link]):
-        """Our program on every port that exists; off every interface we no longer own."""
+    def _detach_removed(self, state: model.State) -> None:
+        """Our program off every interface we no longer own."""
         wanted = {p.name for p in state.ports}
         for name in list(self.attached):
             if name not in wanted:
@@ -97,6 +120,10 @@ class Controller:
                     self.links.detach(link)
                     log.info("port %s: detached (no longer configured)", name)
                 del self.attached[name]
+
+    def _attach_ports(self, state: model.State, live: Dict[str, Link]):
+        """Our program on every configured port whose interface exists (after its
+        entries were written)."""
         self.port_notes = {}
         for p in state.ports:
             link = live.get(p.name)
@@ -179,6 +206,7 @@ class Controller:
         return summary
 
     # -- the API's commands ---------------------------------------------------------------
+    @_locked
     def status(self) -> Dict[str, Any]:
         flows = sum(self.sweeper.flow_counts.values())
         return {
@@ -218,6 +246,7 @@ class Controller:
                 "reconcile_errors": self.reconcile_errors, "sweeps": sw.sweeps,
                 "sweep_seconds_total": sw.seconds_total}
 
+    @_locked
     def list(self, kind: str, tenant: Optional[str] = None) -> List[Dict[str, Any]]:
         if kind not in model.KINDS:
             raise model.Invalid("list", f"unknown kind {kind!r}")
@@ -248,14 +277,22 @@ class Controller:
         self._commit(self.state.with_removed(kind, tuple(ident)))
 
     def apply(self, state: Dict[str, Any], dry_run: bool) -> Dict[str, Any]:
+        """A whole desired state, as a diff. A dry run holds the lock only to take the
+        current state and slots; parsing, compiling (bounded by the datapath's sizes) and
+        diffing a client's big state happen outside it."""
         new = model.State.from_dict(state)
         new.validate()
+        with self.lock:
+            cur, slots = self.state, self.planned_slots(new)
         # Compile before anything is written: a state the datapath cannot hold (too many
-        # masks, more ports than slots) is refused whole.
-        self._compile(new, self.planned_slots(new), {})
-        d = model.diff(self.state, new)
-        if not dry_run and any(v for k in d.values() for v in k.values()):
-            self._commit(new)
+        # masks, entries or ports) is refused whole.
+        self._compile(new, slots, {})
+        if dry_run:
+            return model.diff(cur, new)
+        with self.lock:
+            d = model.diff(self.state, new)
+            if any(v for k in d.values() for v in k.values()):
+                self._commit(new)
         return d
 
     def _names(self):
@@ -265,14 +302,21 @@ class Controller:
         return tenants, slots, port_tenant
 
     def flow_dump(self, tenant: Optional[str] = None, limit: int = 1000) -> List[Dict[str, Any]]:
-        tenants, slots, _ = self._names()
-        tid = self._tenant_id(tenant) if tenant else None
+        """Up to `limit` flows (at most MAX_FLOW_DUMP), read from the map outside the lock."""
+        if limit > MAX_FLOW_DUMP:
+            raise model.Invalid("flow dump: limit", f"{limit} is more than one reply holds "
+                                f"(at most {MAX_FLOW_DUMP}; use --tenant to narrow it)")
+        with self.lock:
+            tenants, slots, _ = self._names()
+            tid = self._tenant_id(tenant) if tenant else None
+            dp = self.dp
+            gens = {t: dp.generation(t) for t in tenants}
         now = now_coarse_ns()
         out = []
-        for k, f in self.dp.flows():
+        for k, f in dp.flows():
             if tid is not None and k.tenant != tid:
                 continue
-            out.append(flow_dict(k, f, tenants, slots, now, self.dp.generation(k.tenant)))
+            out.append(flow_dict(k, f, tenants, slots, now, gens.get(k.tenant, 0)))
             if limit and len(out) >= limit:
                 break
         return out
@@ -333,6 +377,7 @@ class Controller:
                 "insert_failures": sum(r["packets"] for r in rows
                                        if r["reason"] == "insert_failed")}
 
+    @_locked
     def stats(self) -> Dict[str, Any]:
         rows = self.counter_rows()
         return {
@@ -342,6 +387,7 @@ class Controller:
             "rule_hits": {str(k): v for k, v in sorted(self.dp.rule_hits().items())},
         }
 
+    @_locked
     def trace(self, port: str, packet: bytes) -> Dict[str, Any]:
         if not any(p.name == port for p in self.state.ports):
             raise model.Conflict(f"port {port}", "is not a configured port")

@@ -70,7 +70,8 @@ class Agent:
         self.links = Links()
         self._pass_fd = self._load_pass_program()
         self.controller = Controller(self.cfg, self.store, self.dp, self.links,
-                                     pass_fd=self._pass_fd, config_path=self.config_path)
+                                     pass_fd=self._pass_fd, config_path=self.config_path,
+                                     lock=self.lock)
         with self.lock:
             if self.store.get_meta("seeded") is None:
                 if any(getattr(self.cfg.state, k) for k in model.KINDS):
@@ -114,7 +115,7 @@ class Agent:
         addr = self.cfg.metrics_address()
         if addr is None:
             return
-        self.metrics = serve(DatapathCollector(AgentSource(self.controller, self.lock)), *addr)
+        self.metrics = serve(DatapathCollector(AgentSource(self.controller)), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
 
     def _mark_links_dirty(self, why: str = "link"):

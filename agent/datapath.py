@@ -26,9 +26,31 @@ MAP_ORDER = list(abi.MAPS)
 # Maps whose contents the agent can always rebuild from its store; the rest (flows,
 # counters) are state the datapath made and are migrated when only their size changed.
 REBUILT_FROM_STORE = {"xf_port_index", "xf_ports", "xf_tenants", "xf_masks", "xf_rules", "xf_endpoints",
-                      "xf_routes", "xf_meta"}
+                      "xf_routes", "xf_port_src", "xf_meta"}
 # The sizes' one home is the config's [datapath] defaults; bpf/xf_consts.h has none.
 DEFAULT_DEFINES = Config().datapath_defines()
+
+
+_SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283}.get(os.uname().machine)
+MEMBARRIER_CMD_GLOBAL = 1
+GRACE_FALLBACK_S = 0.05
+
+
+def wait_for_readers() -> str:
+    """Return once every XDP program run that began before the call has ended.
+
+    A packet reads its tenant's generation and then looks up that generation's masks and
+    classifier entries, all inside one RCU read-side section (XDP runs under the driver's
+    NAPI poll; test runs under rcu_read_lock). membarrier(MEMBARRIER_CMD_GLOBAL) waits for
+    an RCU grace period (synchronize_rcu()), so after it no packet can still be using a
+    generation that was flipped away before the call. Where the kernel refuses it
+    (nohz_full), a pause far longer than any program run stands in. Returns which."""
+    if _SYS_MEMBARRIER is not None:
+        libc = ct.CDLL(None, use_errno=True)
+        if libc.syscall(_SYS_MEMBARRIER, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0:
+            return "rcu"
+    time.sleep(GRACE_FALLBACK_S)
+    return "pause"
 
 
 def ensure_bpffs(path: str = "/sys/fs/bpf") -> bool:
@@ -284,7 +306,7 @@ class Datapath:
     # -- configuration maps -------------------------------------------------------------
     def _read_mirror(self):
         self._mirror = {n: dict(self.maps[n].items())
-                        for n in ("xf_ports", "xf_endpoints", "xf_routes")}
+                        for n in ("xf_ports", "xf_port_src", "xf_endpoints", "xf_routes")}
         self._mirror["xf_port_index"] = {k: v for k, v in self.maps["xf_port_index"].items()
                                          if abi.Port.from_buffer_copy(v).slot}
         self._gens, self._tenant_vals = {}, {}
@@ -307,23 +329,37 @@ class Datapath:
         return self._gens.get(tenant_id, 0)
 
     def sync(self, img: compiler.Image, flush_removed: bool = True) -> Dict[str, object]:
-        """Make the configuration maps hold `img`. Forwarding entries first, then each
-        changed tenant's classifier under a new generation, then one update of the tenant
-        entry flips it, then the old generation is removed. Returns what changed."""
+        """Make the configuration maps hold `img`. New tenants first (classifier and
+        tenant entry), so no port or endpoint ever names a tenant the datapath does not
+        know; then forwarding entries; then each changed tenant's classifier under a new
+        generation, one update of the tenant entry flipping it, and the old generation
+        removed; removed tenants last, after every entry naming them. Returns what
+        changed."""
         changed_tenants: Set[int] = set()
         summary: Dict[str, object] = {}
+        flipped = []
+        created = {tid for tid in img.tenants if tid not in self._gens}
+        for tid in sorted(created):
+            t = img.tenants[tid]
+            self._flip(tid, t, bytes(t.classifier.mask_set(self.max_masks)))
+            flipped.append(t.name)
         indexed = {k: v for k, v in img.ports.items()
                    if ct.c_uint32.from_buffer_copy(k).value < abi.PORT_INDEX}
         hashed = {k: v for k, v in img.ports.items() if k not in indexed}
-        for name, want in (("xf_port_index", indexed), ("xf_ports", hashed),
-                           ("xf_endpoints", img.endpoints), ("xf_routes", img.routes)):
+        # Port security's sources go first: a port that turns security on finds them.
+        slot_tenant = {abi.Port.from_buffer_copy(v).slot: abi.Port.from_buffer_copy(v).tenant
+                       for m in (self._mirror["xf_port_index"], self._mirror["xf_ports"],
+                                 img.ports) for v in m.values()}
+        for name, want in (("xf_port_src", img.port_src), ("xf_port_index", indexed),
+                           ("xf_ports", hashed), ("xf_endpoints", img.endpoints),
+                           ("xf_routes", img.routes)):
             have = self._mirror[name]
             put = [(k, v) for k, v in want.items() if have.get(k) != v]
             gone = [k for k in have if k not in want]
             for k, v in put:
-                changed_tenants.add(self._tenant_of(name, k, v))
+                changed_tenants.add(self._tenant_of(name, k, v, slot_tenant))
             for k in gone:
-                changed_tenants.add(self._tenant_of(name, k, have[k]))
+                changed_tenants.add(self._tenant_of(name, k, have[k], slot_tenant))
             m = self.maps[name]
             # The mirror follows each write that succeeded (a failed one is rolled back
             # whole by the map layer), so a restore after a failure diffs against the truth.
@@ -339,14 +375,13 @@ class Datapath:
                 del have[k]
             summary[name] = {"written": len(put), "removed": len(gone)}
 
-        flipped = []
         for tid, t in sorted(img.tenants.items()):
             gen = self._gens.get(tid, 0)
             cls_items = dict(t.classifier.rule_items(tid, gen)) if gen else None
             mask_val = bytes(t.classifier.mask_set(self.max_masks))
             same_cls = gen and self._rules.get((tid, gen), {}) == cls_items and \
                 self._masks.get((tid, gen)) == mask_val
-            if not same_cls or tid in changed_tenants:
+            if tid not in created and (not same_cls or tid in changed_tenants):
                 gen = self._flip(tid, t, mask_val)
                 flipped.append(t.name)
             tval = bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict,
@@ -354,12 +389,20 @@ class Datapath:
             if self._tenant_vals.get(tid) != tval:
                 self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)
                 self._tenant_vals[tid] = tval
-            self._drop_other_generations(tid, gen)
         removed = [tid for tid in self._gens if tid not in img.tenants]
         for tid in removed:
             self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), bytes(abi.Tenant()))
             self._tenant_vals.pop(tid, None)
             del self._gens[tid]
+        # The old generations go only once no packet can still be classifying against
+        # them (a packet that read the generation number before the flip): removed under
+        # it, a packet would see half a rule set.
+        old = [k for k in list(self._rules) + list(self._masks) if self._gens.get(k[0]) != k[1]]
+        if old:
+            summary["grace"] = self.wait_for_readers()
+        for tid in img.tenants:
+            self._drop_other_generations(tid, self._gens[tid])
+        for tid in removed:
             self._drop_other_generations(tid, None)
             if flush_removed:
                 self.flush_flows(tid)
@@ -371,7 +414,12 @@ class Datapath:
         summary["removed_tenants"] = removed
         return summary
 
-    def _tenant_of(self, name: str, key: bytes, value: bytes) -> int:
+    # One place the grace period is waited for (tests observe the order of map writes).
+    wait_for_readers = staticmethod(wait_for_readers)
+
+    def _tenant_of(self, name: str, key: bytes, value: bytes, slot_tenant: Dict[int, int]) -> int:
+        if name == "xf_port_src":
+            return slot_tenant.get(abi.SrcKey.from_buffer_copy(key).slot, 0)
         if name in ("xf_ports", "xf_port_index"):
             return abi.Port.from_buffer_copy(value).tenant
         if name == "xf_endpoints":

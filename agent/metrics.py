@@ -248,36 +248,35 @@ def serve(collector: DatapathCollector, host: str, port: int) -> MetricsServer:
 
 class AgentSource:
     """The collector's source in the agent: the controller's reads, each taken under the
-    lock every change of the datapath holds."""
+    controller's lock (the one every change of the datapath holds)."""
 
-    def __init__(self, controller, lock):
+    def __init__(self, controller):
         self.c = controller
-        self.lock = lock
 
     def counters(self):
-        with self.lock:
+        with self.c.lock:
             return [r for r in self.c.counter_rows() if r["verdict"] != "none"]
 
     def flow_summary(self):
-        with self.lock:
+        with self.c.lock:
             # Insert failures are event rows (verdict "none"), which counters() leaves out.
             events = [r for r in self.c.counter_rows() if r["reason"] == "insert_failed"]
             return self.c.flow_summary(events)
 
     def evictions(self):
-        with self.lock:
+        with self.c.lock:
             return self.c.evictions.as_dict()
 
     def tenants(self):
-        with self.lock:
+        with self.c.lock:
             return self.c.tenant_rows()
 
     def ports(self):
-        with self.lock:
+        with self.c.lock:
             return self.c.port_rows()
 
     def agent_info(self):
-        with self.lock:
+        with self.c.lock:
             return self.c.agent_info()
 
     def monitor(self):

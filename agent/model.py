@@ -194,23 +194,54 @@ class Tenant:
         return {"name": self.name, "id": self.id, "vni": self.vni, "default": self.default}
 
 
+def parse_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(where, f"{value!r} is not true or false")
+    return value
+
+
 @dataclass(frozen=True)
 class Port:
-    """A node interface that belongs to one tenant (a VM's veth or tap)."""
+    """A node interface that belongs to one tenant (a VM's veth or tap).
+
+    Port security (on unless `port_security` is false): what the port sends must come from
+    the MAC and address of one of its endpoints, or from an address in `allow` (allowed
+    address pairs, with the MAC of one of its endpoints). `allow_vlan`: accept VLAN-tagged
+    frames (dropped otherwise)."""
     name: str
     tenant: str
+    allow: Tuple[IPNet, ...] = ()
+    port_security: bool = True
+    allow_vlan: bool = False
 
-    FIELDS = ("name", "tenant")
+    FIELDS = ("name", "tenant", "allow", "port_security", "allow_vlan")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Port":
         where = f"port {d.get('name', '?')}" if isinstance(d, dict) else "port"
-        _check_keys(d, where, cls.FIELDS, cls.FIELDS)
+        _check_keys(d, where, cls.FIELDS, ("name", "tenant"))
+        allow = d.get("allow") or []
+        if isinstance(allow, str):
+            allow = [allow]
+        if not isinstance(allow, (list, tuple)):
+            raise Invalid(f"{where}: allow", f"{allow!r} is not a list of prefixes")
+        nets = []
+        for a in allow:
+            net = parse_prefix(a, f"{where}: allow")
+            if a in (None, "", "any"):
+                raise Invalid(f"{where}: allow", f"{a!r} is not a prefix")
+            if net not in nets:
+                nets.append(net)
         return cls(name=parse_ifname(d["name"], f"{where}: name"),
-                   tenant=parse_name(d["tenant"], f"{where}: tenant"))
+                   tenant=parse_name(d["tenant"], f"{where}: tenant"),
+                   allow=tuple(sorted(nets, key=lambda n: (n.version, n))),
+                   port_security=parse_bool(d.get("port_security", True),
+                                            f"{where}: port_security"),
+                   allow_vlan=parse_bool(d.get("allow_vlan", False), f"{where}: allow_vlan"))
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "tenant": self.tenant}
+        return {"name": self.name, "tenant": self.tenant, "allow": [str(a) for a in self.allow],
+                "port_security": self.port_security, "allow_vlan": self.allow_vlan}
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class StoreError(Exception):
@@ -80,8 +80,16 @@ CREATE INDEX routes_via ON routes(tenant, via);
 CREATE INDEX ports_tenant ON ports(tenant);
 """
 
+# Version 2: port security (allowed prefixes, an explicit opt-out) and VLAN-tagged ports.
+# Ports of a version 1 database get port security on, as the datapath now does for all.
+_PORTS_V2 = """
+ALTER TABLE ports ADD COLUMN allow TEXT NOT NULL DEFAULT '';   -- prefixes, space-separated
+ALTER TABLE ports ADD COLUMN port_security INTEGER NOT NULL DEFAULT 1 CHECK (port_security IN (0, 1));
+ALTER TABLE ports ADD COLUMN allow_vlan INTEGER NOT NULL DEFAULT 0 CHECK (allow_vlan IN (0, 1));
+"""
+
 # MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
-MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1}
+MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2}
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,6 +111,19 @@ def _rule_dict(row: sqlite3.Row) -> Dict[str, Any]:
     return d
 
 
+def _port_row(p) -> Tuple:
+    return (p.name, p.tenant, " ".join(str(a) for a in p.allow), int(p.port_security),
+            int(p.allow_vlan))
+
+
+def _port_dict(row: sqlite3.Row) -> Dict[str, Any]:
+    d = dict(row)
+    d["allow"] = d["allow"].split()
+    d["port_security"] = bool(d["port_security"])
+    d["allow_vlan"] = bool(d["allow_vlan"])
+    return d
+
+
 def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
     d = dict(row)
     d["default"] = d.pop("default_verdict")
@@ -112,7 +133,8 @@ def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
 _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] = {
     "tenants": (("name",), ("id", "vni", "default_verdict"),
                 lambda t: (t.name, t.id, t.vni, t.default), _tenant_dict),
-    "ports": (("name",), ("tenant",), lambda p: (p.name, p.tenant), dict),
+    "ports": (("name",), ("tenant", "allow", "port_security", "allow_vlan"), _port_row,
+              _port_dict),
     "endpoints": (("tenant", "ip"), ("port", "mac"),
                   lambda e: (e.tenant, str(e.ip), e.port, e.mac), dict),
     "routes": (("tenant", "prefix"), ("action", "via"),

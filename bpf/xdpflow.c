@@ -1,14 +1,18 @@
 /* xdpflow datapath: the XDP program attached to every port. It wires the pipeline, one
  * stage per step, each a function of its own:
  *
- *   port     ingress port -> tenant, generation, default verdict
- *   parse    the one parser (xf_parse.h); ARP and ND answered here (xf_neigh.h)
- *   boundary multicast, TTL; later fragments take their first fragment's ports
- *   flow     exact-match lookup (and an ICMP error's flow); a current hit is acted on
- *   classify miss: the tenant's rules (tuple-space search), a stale reply by its forward
+ *   port     ingress port -> tenant, generation, default verdict, port flags
+ *   parse    the one parser (xf_parse.h); VLAN tags only where the port takes them
+ *   boundary ARP and ND (checked, answered: xf_neigh.h), multicast, ICMP MTU; later
+ *            fragments take their first fragment's ports
+ *   flow     exact-match lookup (and an ICMP error's flow); a current hit from the
+ *            flow's port and MAC is acted on
+ *   classify miss: a reply by the flow it answers; else port security (the source is
+ *            the port's), then the tenant's rules (tuple-space search)
  *   route    endpoint / route lookup, flattened into the flow entry
- *   install  the flow and its reverse (stateful allow)
- *   act      drop | pass | redirect with MAC rewrite and TTL decrement
+ *   install  the reverse (stateful allow), then the flow
+ *   act      drop | pass | redirect with MAC rewrite and TTL decrement; what the rules
+ *            allow but whose TTL expires goes to the kernel
  *   count    per-CPU rows per (port, verdict, reason); every exit goes through it
  *
  * A stage returns XF_NEXT to hand the packet on, or the XDP action it decided (having
@@ -39,6 +43,78 @@
 #include "xf_parse.h"
 /* Map accesses stay in this file: BCC rewrites map calls in the main file only. */
 
+struct xf_verdict {
+    __u32 rule_id;
+    __u32 out_ifindex;
+    __u16 out_port;
+    __u8  verdict;
+    __u8  reason;
+    __u8  flow_hit;
+    __u8  stale;
+};
+
+/* One packet's way through the pipeline: what the stages learnt and decided. */
+struct xf_ctx {
+    struct xf_pkt p;
+    struct xf_flow_key fk;     /* the packet's flow key */
+    struct xf_verdict v;
+    __u64 len;
+    __u32 gen;                 /* the tenant's current generation */
+    __u16 tenant;
+    __u16 slot;                /* the ingress port's slot */
+    __u32 port_flags;          /* XF_PORT_* */
+    int dflt;                  /* the XDP action of the tenant's default verdict */
+};
+
+/* The best rule found for a packet. Kept as scalars, not a map pointer: far fewer
+ * verifier states. */
+struct xf_match {
+    __u32 rank;
+    __u32 rule_id;
+    __u8  action;              /* XF_A_*; 0: no rule matched */
+};
+
+/* The slow path's judgement of a miss. */
+struct xf_judgement {
+    struct xf_match r;
+    __u16 in_port;             /* the port the judged direction arrives on */
+    __u8  as_reply;            /* judged as the reply of the forward direction it answers */
+    __u8  keep_fwd;            /* that forward entry is current: only the reply is installed */
+    __u8  reason;              /* what the route lookup said */
+};
+
+static __always_inline int xf_mac_eq(const __u8 *a, const __u8 *b)
+{
+    return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
+            (a[4] ^ b[4]) | (a[5] ^ b[5])) == 0;
+}
+
+/* Port security: may the port of this slot send from (mac, addr)? An endpoint of the port
+ * with that MAC (an exact lookup, the common case), else the port's allowed prefixes and
+ * link-local prefix with the MAC of one of its endpoints (an LPM lookup). */
+static __always_inline int xf_src_ok(__u16 tenant, __u16 slot, __u8 *mac, __u32 *addr)
+{
+    struct xf_ep_key ek = {};
+    ek.tenant = tenant;
+    __builtin_memcpy(ek.addr, addr, 16);
+    struct xf_endpoint *ep = xf_endpoints.lookup(&ek);
+    if (ep && ep->port == slot && !(ep->flags & XF_EP_LOCAL) && xf_mac_eq(ep->mac, mac))
+        return 1;
+    struct xf_src_key k = {};
+    k.prefixlen = 16 + 48 + 128;
+    k.slot = slot;
+    __builtin_memcpy(k.mac, mac, ETH_ALEN);
+    __builtin_memcpy(k.addr, addr, 16);
+    return xf_port_src.lookup(&k) != NULL;
+}
+
+/* A packet from a port with port security carries a MAC a flow entry recorded. */
+static __always_inline int xf_mac_ok(struct xf_ctx *c, __u8 *mac)
+{
+    return !(c->port_flags & XF_PORT_SECURITY) || xf_mac_eq(mac, c->p.smac);
+}
+
+
 /* Who answers a neighbour request for addr: XF_NB_DATAPATH (an endpoint behind another
  * port, or a route), XF_NB_KERNEL (the node's own address: the kernel answers as it
  * would without offload), or XF_NB_NONE. */
@@ -67,44 +143,6 @@ static __always_inline int xf_tenant_knows(__u16 tenant, __u16 in_port, __u32 *a
 #include "xf_neigh.h"
 
 #define XF_NEXT (-1)   /* a stage's "hand the packet on" */
-
-struct xf_verdict {
-    __u32 rule_id;
-    __u32 out_ifindex;
-    __u16 out_port;
-    __u8  verdict;
-    __u8  reason;
-    __u8  flow_hit;
-    __u8  stale;
-};
-
-/* One packet's way through the pipeline: what the stages learnt and decided. */
-struct xf_ctx {
-    struct xf_pkt p;
-    struct xf_flow_key fk;     /* the packet's flow key */
-    struct xf_verdict v;
-    __u64 len;
-    __u32 gen;                 /* the tenant's current generation */
-    __u16 tenant;
-    __u16 slot;                /* the ingress port's slot */
-    int dflt;                  /* the XDP action of the tenant's default verdict */
-};
-
-/* The best rule found for a packet. Kept as scalars, not a map pointer: far fewer
- * verifier states. */
-struct xf_match {
-    __u32 rank;
-    __u32 rule_id;
-    __u8  action;              /* XF_A_*; 0: no rule matched */
-};
-
-/* The slow path's judgement of a miss. */
-struct xf_judgement {
-    struct xf_match r;
-    __u16 in_port;             /* the port the judged direction arrives on */
-    __u8  as_reply;            /* judged as the reply of its (stale) forward direction */
-    __u8  reason;              /* what the route lookup said */
-};
 
 /* --- count ----------------------------------------------------------------------- */
 
@@ -270,6 +308,7 @@ static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
     if (!t || t->generation == 0)
         return xf_decide(c, XF_V_PASS, XF_R_NO_TENANT);
     c->gen = t->generation;
+    c->port_flags = port->flags;
     c->v.verdict = t->default_verdict == XF_V_PASS ? XF_V_PASS : XF_V_DROP;
     c->dflt = xf_verdict_action(c->v.verdict);
     *portp = port;
@@ -306,16 +345,17 @@ static __always_inline int xf_stage_neighbour(struct xdp_md *ctx, struct xf_ctx 
     return xf_default(c, is_arp ? XF_R_ARP_OTHER : XF_R_ND_OTHER);
 }
 
-static __always_inline int xf_stage_parse(struct xdp_md *ctx, struct xf_ctx *c,
-                                          struct xf_port *port)
+static __always_inline int xf_stage_parse(struct xdp_md *ctx, struct xf_ctx *c)
 {
     int err = xf_parse(ctx, &c->p);
+    /* An access port takes no tags: a tagged frame would reach whatever the tag means
+     * beyond the node. Malformed tags too. */
+    if (c->p.vlan_depth && !(c->port_flags & XF_PORT_VLAN))
+        return xf_decide(c, XF_V_DROP, XF_R_VLAN);
     if (err)
         return xf_default(c, err);
     if (c->p.family == 0 && c->p.eth_proto != bpf_htons(ETH_P_ARP))
         return xf_default(c, XF_R_NOT_IP);
-    if (xf_is_neighbour(&c->p))
-        return xf_stage_neighbour(ctx, c, port);
     return XF_NEXT;
 }
 
@@ -334,7 +374,7 @@ static __always_inline int xf_stage_frag(struct xf_ctx *c)
 {
     struct xf_frag_key frk = {};
     frk.tenant = c->tenant;
-    frk.proto = c->p.proto;
+    frk.proto = c->p.frag_proto;
     frk.id = c->p.frag_id;
     __builtin_memcpy(frk.src, c->p.src, 16);
     __builtin_memcpy(frk.dst, c->p.dst, 16);
@@ -344,24 +384,57 @@ static __always_inline int xf_stage_frag(struct xf_ctx *c)
             return xf_default(c, XF_R_FRAG);
         c->p.sport = fr->sport;
         c->p.dport = fr->dport;
+        c->p.proto = fr->proto;
     } else {
 #ifndef XF_TRACE
         struct xf_frag fr = {};
         fr.sport = c->p.sport;
         fr.dport = c->p.dport;
+        fr.proto = c->p.proto;
         xf_frags.update(&frk, &fr);
 #endif
     }
     return XF_NEXT;
 }
 
-static __always_inline int xf_stage_boundary(struct xf_ctx *c)
+/* Packet too big / fragmentation needed reporting an MTU no link may have: a forged
+ * attempt to shrink a flow's packets. */
+static __always_inline int xf_icmp_mtu_too_small(struct xf_pkt *p)
 {
-    if (xf_is_multicast(&c->p))
+    if (p->proto == IPPROTO_ICMP && p->icmp_type == ICMP_DEST_UNREACH &&
+        p->icmp_code == ICMP_FRAG_NEEDED)
+        return p->icmp_mtu < XF_IPV4_MIN_MTU;
+    if (p->proto == IPPROTO_ICMPV6 && p->icmp_type == ICMPV6_PKT_TOOBIG)
+        return p->icmp_mtu < XF_IPV6_MIN_MTU;
+    return 0;
+}
+
+/* Port security for what is judged here, before the flow table: ARP, ND, multicast.
+ * (Unicast IP is checked when it misses: a hit checks the MAC its flow recorded.) */
+static __always_inline int xf_boundary_src_ok(struct xdp_md *ctx, struct xf_ctx *c)
+{
+    if (!(c->port_flags & XF_PORT_SECURITY))
+        return 1;
+    if (c->p.family == 0)
+        return xf_arp_src_ok(ctx, &c->p, c->tenant, c->slot);
+    if (xf_is_neighbour(&c->p))
+        return xf_nd_src_ok(ctx, &c->p, c->tenant, c->slot);
+    return xf_src_ok(c->tenant, c->slot, c->p.smac, c->p.src);
+}
+
+static __always_inline int xf_stage_boundary(struct xdp_md *ctx, struct xf_ctx *c,
+                                             struct xf_port *port)
+{
+    int neighbour = xf_is_neighbour(&c->p);
+    if (neighbour || xf_is_multicast(&c->p)) {
+        if (!xf_boundary_src_ok(ctx, c))
+            return xf_decide(c, XF_V_DROP, XF_R_SPOOF);
+        if (neighbour)
+            return xf_stage_neighbour(ctx, c, port);
         return xf_default(c, XF_R_MULTICAST);
-    /* The kernel sends time-exceeded exactly as it would without offload. */
-    if (c->p.ttl <= 1)
-        return xf_decide(c, XF_V_PASS, XF_R_TTL);
+    }
+    if (xf_icmp_mtu_too_small(&c->p))
+        return xf_decide(c, XF_V_DROP, XF_R_ICMP_MTU);
     if (c->p.frag != XF_FRAG_NONE)
         return xf_stage_frag(c);
     return XF_NEXT;
@@ -441,8 +514,10 @@ static __always_inline int xf_reverse_key(struct xf_flow_key *in, struct xf_flow
 /* An ICMP error about a flow in the table (port unreachable, too big, time exceeded
  * further on) is that flow's business: it takes the path of the flow's replies back to
  * the flow's sender, as conntrack's RELATED does, whatever the rules say about ICMP.
- * Returns that reply entry when it is current and forwards from this port, else NULL.
- * It is not cached. (Rare: the keys use the scratch row, not the stack.) */
+ * As conntrack (nf_conntrack_inet_error) it must be addressed to the flow's sender, and
+ * its source must be one the port may send from. Returns that reply entry when it is
+ * current and forwards from this port, else NULL. It is not cached. (Rare: the keys use
+ * the scratch row, not the stack.) */
 static __always_inline struct xf_flow *xf_related(struct xdp_md *ctx, struct xf_ctx *c)
 {
     __u32 zero = 0;
@@ -453,6 +528,12 @@ static __always_inline struct xf_flow *xf_related(struct xdp_md *ctx, struct xf_
     if (xf_parse_quoted(ctx, &c->p, &qs->ck))
         return NULL;
     qs->ck.tenant = c->tenant;
+    if ((c->p.dst[0] ^ qs->ck.src[0]) | (c->p.dst[1] ^ qs->ck.src[1]) |
+        (c->p.dst[2] ^ qs->ck.src[2]) | (c->p.dst[3] ^ qs->ck.src[3]))
+        return NULL;
+    if ((c->port_flags & XF_PORT_SECURITY) &&
+        !xf_src_ok(c->tenant, c->slot, c->p.smac, c->p.src))
+        return NULL;
     struct xf_flow *orig = xf_flows.lookup(&qs->ck);
     if (!orig || orig->generation != c->gen || !xf_reverse_key(&qs->ck, &qs->rk))
         return NULL;
@@ -482,15 +563,18 @@ static __always_inline struct xf_flow *xf_stage_flow(struct xdp_md *ctx, struct 
 
 /* A hit must be of the current generation and come from the port the flow was judged
  * for: the same tuple from another port of the tenant (a spoofing VM, or an in_port
- * rule) is judged again. */
+ * rule), or with another source MAC on a port with port security, is judged again. */
 static __always_inline int xf_is_hit(struct xf_ctx *c, struct xf_flow *f)
 {
-    return f && f->generation == c->gen && f->in_port == c->slot;
+    return f && f->generation == c->gen && f->in_port == c->slot && xf_mac_ok(c, f->in_mac);
 }
 
 static __always_inline int xf_stage_hit(struct xdp_md *ctx, struct xf_ctx *c,
                                         struct xf_flow *f, int related)
 {
+    /* Allowed, but its TTL expires here: the kernel sends time-exceeded. */
+    if (f->verdict == XF_V_REDIRECT && c->p.ttl <= 1)
+        return xf_decide(c, XF_V_PASS, XF_R_TTL);
     c->v.flow_hit = 1;
     c->v.rule_id = f->rule_id;
 #ifndef XF_TRACE
@@ -620,15 +704,29 @@ static __always_inline int xf_insert(struct xf_flow_key *k, struct xf_flow *f, _
     return 0;
 }
 
-/* A miss addressed to the node itself: the kernel's, before any security rule. */
-static __always_inline int xf_local(struct xf_ctx *c, struct xf_scratch *sc)
+/* Is this miss the reply of a flow the table knows? Its stale reply entry f (arriving on
+ * the port and with the MAC the entry was made for) or, its reply entry missing (a failed
+ * insert, an eviction), the forward entry it answers. Then the forward direction sc->ck,
+ * arriving on j->in_port, is what gets judged. */
+static __always_inline int xf_reply_of(struct xf_ctx *c, struct xf_flow *f,
+                                       struct xf_scratch *sc, struct xf_judgement *j)
 {
-    sc->nf.reason = XF_R_LOCAL;
-    sc->nf.in_port = c->slot;
-    sc->nf.packets = 1;
-    sc->nf.bytes = c->len;
-    xf_insert(&c->fk, &sc->nf, c->slot);
-    return xf_decide(c, XF_V_PASS, XF_R_LOCAL);
+    if (!xf_reverse_key(&c->fk, &sc->ck))
+        return 0;
+    if (f) {
+        if (f->generation == c->gen || !(f->flags & XF_FLOW_REVERSE) ||
+            f->in_port != c->slot || !xf_mac_ok(c, f->in_mac))
+            return 0;
+        j->in_port = f->out_port;
+        return 1;
+    }
+    struct xf_flow *fw = xf_flows.lookup(&sc->ck);
+    if (!fw || (fw->flags & XF_FLOW_REVERSE) || fw->verdict != XF_V_REDIRECT ||
+        fw->out_port != c->slot || !xf_mac_ok(c, fw->dmac))
+        return 0;
+    j->in_port = fw->in_port;
+    j->keep_fwd = fw->generation == c->gen;
+    return 1;
 }
 
 /* A miss, or a flow made under an older rule set: judge it by the rules (a current flow
@@ -637,40 +735,39 @@ static __always_inline int xf_local(struct xf_ctx *c, struct xf_scratch *sc)
 static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f,
                                              struct xf_scratch *sc, struct xf_judgement *j)
 {
-    int stale = f && f->generation != c->gen;
-    if (stale) {
+    if (f && f->generation != c->gen) {
         c->v.stale = 1;
         xf_count(c->slot, XF_V_NONE, XF_R_FLOW_STALE, 0);
     }
-    /* A stale reply entry: its connection lives on if the new rules still allow the
-     * forward direction, so judge that first; otherwise judge the packet on its own. */
+    /* A reply: its connection lives on if the rules still allow the forward direction,
+     * so judge that first; otherwise judge the packet on its own. */
     j->in_port = c->slot;
-    j->as_reply = 0;
-    if (stale && (f->flags & XF_FLOW_REVERSE) && xf_reverse_key(&c->fk, &sc->ck)) {
-        j->as_reply = 1;
-        j->in_port = f->out_port;
-    } else {
+    j->as_reply = xf_reply_of(c, f, sc, j);
+    if (!j->as_reply)
         sc->ck = c->fk;
-    }
 
     __u64 now = bpf_ktime_get_coarse_ns();
     /* At most two judgements, one copy of the code (the verifier walks the classifier
-     * once per copy): a stale reply's forward direction, then the packet on its own. */
+     * once per copy): a reply's forward direction, then the packet on its own. */
 #pragma nounroll
     for (int attempt = 0; attempt < 2; attempt++) {
+        /* On its own, a packet must come from its port's own MAC and addresses. */
+        if (!j->as_reply && (c->port_flags & XF_PORT_SECURITY) &&
+            !xf_src_ok(c->tenant, c->slot, c->p.smac, c->p.src))
+            return xf_decide(c, XF_V_DROP, XF_R_SPOOF);
         __builtin_memset(&sc->nf, 0, sizeof(sc->nf));
         sc->nf.generation = c->gen;
         sc->nf.created_ns = now;
         sc->nf.last_seen_ns = now;
+        /* The node's own addresses too: the rules judge them before the kernel sees them. */
         j->reason = xf_route(c->tenant, sc->ck.dst, &sc->nf);
-        if (j->reason == XF_R_LOCAL && !j->as_reply)
-            return xf_local(c, sc);
         xf_classify(c->tenant, c->gen, &sc->ck, j->in_port, &j->r);
         if (!j->as_reply || (j->r.action == XF_A_ALLOW && sc->nf.verdict == XF_V_REDIRECT))
             break;
         /* The forward direction is no longer allowed and forwarded: the packet is new
          * traffic. */
         j->as_reply = 0;
+        j->keep_fwd = 0;
         sc->ck = c->fk;
         j->in_port = c->slot;
     }
@@ -702,6 +799,7 @@ static __always_inline int xf_reverse_flow(struct xf_ctx *c, struct xf_scratch *
     sc->rf.rule_id = j->r.rule_id;
     sc->rf.flags = XF_FLOW_REVERSE;
     sc->rf.in_port = sc->nf.out_port;
+    __builtin_memcpy(sc->rf.in_mac, sc->nf.dmac, ETH_ALEN);   /* replies come from it */
     int routed = xf_route(c->tenant, sc->rk.dst, &sc->rf) == XF_R_RULE_ALLOW;
     sc->rf.reason = XF_R_RULE_ALLOW;
     return routed;
@@ -722,8 +820,18 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
          * effect without waiting for the flow to age. */
         return xf_decide(c, XF_V_DROP, j->reason);
     }
+    /* Allowed, but its TTL expires here: the kernel sends time-exceeded. Not cached: it
+     * was not forwarded. */
+    if (c->p.ttl <= 1 && sc->nf.verdict == XF_V_REDIRECT)
+        return xf_decide(c, XF_V_PASS, XF_R_TTL);
     sc->nf.reason = j->reason;
     int have_rev = xf_reverse_flow(c, sc, j);
+    /* The MAC the forward direction's packets carry: this one's, or for a reply the
+     * forward sender's (where the reply goes). */
+    if (j->as_reply)
+        __builtin_memcpy(sc->nf.in_mac, sc->rf.dmac, ETH_ALEN);
+    else
+        __builtin_memcpy(sc->nf.in_mac, c->p.smac, ETH_ALEN);
 
     /* The packet's own direction carries its first count. */
     struct xf_flow *own = j->as_reply ? &sc->rf : &sc->nf;
@@ -733,9 +841,12 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
     own->tcp_flags = tflags;
     if (tflags & (TCPHDR_FIN | TCPHDR_RST))
         own->flags |= XF_FLOW_CLOSING;
-    xf_insert(&sc->ck, &sc->nf, c->slot);
+    /* The reply first: a full table then leaves no forward entry without its reply
+     * path. A forward entry still current (a reply re-creating its entry) is kept. */
     if (have_rev)
         xf_insert(&sc->rk, &sc->rf, c->slot);
+    if (!j->keep_fwd)
+        xf_insert(&sc->ck, &sc->nf, c->slot);
 
     if (j->as_reply && !have_rev)
         return xf_decide(c, XF_V_DROP, XF_R_NO_ROUTE);
@@ -756,9 +867,9 @@ int xdpflow_port(struct xdp_md *ctx)
     struct xf_port *port = NULL;
     int rc = xf_stage_port(ctx, &c, &port);
     if (rc == XF_NEXT)
-        rc = xf_stage_parse(ctx, &c, port);
+        rc = xf_stage_parse(ctx, &c);
     if (rc == XF_NEXT)
-        rc = xf_stage_boundary(&c);
+        rc = xf_stage_boundary(ctx, &c, port);
     if (rc != XF_NEXT)
         return xf_finish(ctx, &c, rc);
 

@@ -23,6 +23,9 @@
 #define XF_FRAG_TABLE_SIZE 8192      /* first fragments remembered for their later fragments */
 #define XF_MAX_RULE_IDS 262144       /* rules whose classification hits are counted */
 #define XF_MASK_SETS 8192            /* (tenant, generation) mask sets: configured tenants x 2 */
+#define XF_PORT_SRC_ENTRIES (2 * XF_MAX_ENDPOINTS)  /* port security: endpoints + allowed prefixes */
+#define XF_IPV4_MIN_MTU 68           /* RFC 791 */
+#define XF_IPV6_MIN_MTU 1280         /* RFC 8200 5 */
 #define XF_EVENT_BYTES 128           /* packet bytes a monitor event carries */
 #define XF_EVENT_RING_PAGES 64       /* monitor ring buffer: 256 KiB, about 1,500 events */
 
@@ -63,7 +66,10 @@
 #define XF_R_INSERT_FAILED 26  /* event: a flow insert failed (table full); verdict unchanged */
 #define XF_R_FLOW_STALE 27     /* event: a flow of an older generation was classified again */
 #define XF_R_RELATED 28        /* an ICMP error about a flow in the table: sent to its sender */
-#define XF_R_MAX 29
+#define XF_R_SPOOF 29          /* source MAC/address not the port's (port security) */
+#define XF_R_VLAN 30           /* a VLAN-tagged frame from a port not configured for tags */
+#define XF_R_ICMP_MTU 31       /* packet too big / frag needed below the IPv4/IPv6 minimum MTU */
+#define XF_R_MAX 32
 #define XF_R_ROWS 32           /* reasons per (port, verdict) in the counter array */
 
 /* Rule actions (classifier entries). */
@@ -79,6 +85,10 @@
 /* Flow flags. */
 #define XF_FLOW_REVERSE 0x01   /* installed as the reply direction of an allowed flow */
 #define XF_FLOW_CLOSING 0x02   /* TCP FIN or RST seen: aged with the short timeout */
+
+/* Port flags. */
+#define XF_PORT_SECURITY 0x01  /* sources checked: the MAC and address of an endpoint of the port */
+#define XF_PORT_VLAN 0x02      /* VLAN-tagged frames accepted */
 
 /* Endpoint flags. */
 #define XF_EP_LOCAL 0x01       /* an address of the node itself: hand to the kernel */

@@ -19,6 +19,9 @@ BPF_TABLE_PINNED("hash", struct xf_mask_key, struct xf_mask_set, xf_masks, XF_MA
 BPF_TABLE_PINNED("hash", struct xf_rule_key, struct xf_rule, xf_rules, XF_MAX_RULE_ENTRIES, XF_PIN(xf_rules));
 /* Endpoints: (tenant, address) -> local port and MAC. */
 BPF_TABLE_PINNED("hash", struct xf_ep_key, struct xf_endpoint, xf_endpoints, XF_MAX_ENDPOINTS, XF_PIN(xf_endpoints));
+/* Port security: (port slot, source MAC, source prefix) a port may send from besides its
+ * endpoints' own (xf_endpoints): allowed address pairs and link-local. */
+BPF_TABLE_PINNED("lpm_trie", struct xf_src_key, __u32, xf_port_src, XF_PORT_SRC_ENTRIES, XF_PIN(xf_port_src), BPF_F_NO_PREALLOC);
 /* Tenant routes: longest prefix match on (tenant, address). */
 BPF_TABLE_PINNED("lpm_trie", struct xf_route_key, struct xf_route, xf_routes, XF_MAX_ROUTES, XF_PIN(xf_routes), BPF_F_NO_PREALLOC);
 /* Packet counters per CPU, a row per (port slot, verdict, reason); events (insert

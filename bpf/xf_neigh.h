@@ -2,7 +2,8 @@
  * address its tenant knows (an endpoint, a route, a next hop) is answered with the port's
  * MAC, as OVN's ARP responder does, so VMs need no help from the kernel. The asker's own
  * address, gratuitous ARP and duplicate-address detection are never answered.
- * Needs xf_tenant_knows() from the program file (BCC rewrites map calls there only).
+ * Needs xf_tenant_knows() and xf_src_ok() from the program file (BCC rewrites map calls
+ * there only).
  * The functions return XDP_TX with the reply written in place, XDP_PASS (untouched) when
  * the address is the node's own, or -1 when the datapath does not answer. */
 #pragma once
@@ -20,6 +21,56 @@ struct xf_arp {
     __u8   tha[6];
     __be32 tpa;
 } __attribute__((packed));
+
+/* Port security for ARP: the sender's hardware address is the frame's, and its protocol
+ * address one the port may send from (0.0.0.0, a probe, claims none). */
+static __always_inline int xf_arp_src_ok(struct xdp_md *ctx, struct xf_pkt *p, __u16 tenant,
+                                         __u16 slot)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct xf_arp *arp = data + (p->l3_off & 0x3f);
+    if ((void *)(arp + 1) > data_end || !xf_mac_eq(arp->sha, p->smac))
+        return 0;
+    __u32 addr[4] = {0, 0, bpf_htonl(0xffff), arp->spa};
+    return arp->spa == 0 || xf_src_ok(tenant, slot, p->smac, addr);
+}
+
+/* Port security for neighbour discovery: the source address (the unspecified address
+ * only for solicitations: duplicate-address detection), an advertisement's target (the
+ * address it speaks for), and a first source/target link-layer address option, which
+ * must be the frame's MAC. */
+static __always_inline int xf_nd_src_ok(struct xdp_md *ctx, struct xf_pkt *p, __u16 tenant,
+                                        __u16 slot)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    __u8 type = p->icmp_type;
+    int unspec = !(p->src[0] | p->src[1] | p->src[2] | p->src[3]);
+    if (unspec ? (type != NDISC_NEIGHBOUR_SOLICITATION && type != NDISC_ROUTER_SOLICITATION)
+               : !xf_src_ok(tenant, slot, p->smac, p->src))
+        return 0;
+    if (p->l4_off > XF_MAX_IPV6_EXT_BYTES)
+        return 0;
+    __u32 off = p->l4_off;
+    XF_BOUND(off, 0xfff);
+    if (type != NDISC_NEIGHBOUR_SOLICITATION && type != NDISC_NEIGHBOUR_ADVERTISEMENT)
+        return 1;
+    struct nd_msg *m = data + off;
+    if ((void *)(m + 1) > data_end)
+        return 1;                   /* no target: nothing more to check */
+    if (type == NDISC_NEIGHBOUR_ADVERTISEMENT &&
+        !xf_src_ok(tenant, slot, p->smac, (__u32 *)&m->target))
+        return 0;
+    struct xf_nd_lladdr {
+        struct nd_opt_hdr hdr;
+        __u8 addr[ETH_ALEN];
+    } *o = (void *)(m + 1);
+    if ((void *)(o + 1) > data_end || o->hdr.nd_opt_len != 1 ||
+        (o->hdr.nd_opt_type != ND_OPT_SOURCE_LL_ADDR && o->hdr.nd_opt_type != ND_OPT_TARGET_LL_ADDR))
+        return 1;
+    return xf_mac_eq(o->addr, p->smac);
+}
 
 /* Returns XDP_TX with the reply written in place, or -1 when not answered. */
 static __always_inline int xf_arp_reply(struct xdp_md *ctx, struct xf_pkt *p,

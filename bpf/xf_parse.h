@@ -6,7 +6,8 @@
  * It returns 0 and fills *p, or an XF_R_PARSE_* reason when the packet does not parse.
  * Addresses are copied in network order (IPv4 mapped into ::ffff:0:0/96); ports, ids and
  * lengths are converted to host order. A later fragment has no L4 header: p->frag says so
- * and the ports are left 0 for the fragment table to fill. */
+ * and the ports are left 0 for the fragment table to fill. p->vlan_depth counts the tags
+ * seen, also when the packet then fails to parse. */
 #pragma once
 
 /* Fragment fields. IPv4 frag_off (host order after bpf_ntohs):
@@ -37,6 +38,7 @@ struct xf_pkt {
     __u32 src[4];
     __u32 dst[4];
     __u32 frag_id;
+    __u32 icmp_mtu;        /* frag needed / packet too big: the MTU it reports */
     __u16 l3_off;          /* offset of the ARP / IP header */
     __u16 l4_off;          /* offset of the L4 header (when present) */
     __u16 sport;           /* host order; ICMP echo: the id */
@@ -50,6 +52,9 @@ struct xf_pkt {
     __u8  frag;            /* XF_FRAG_* */
     __u8  icmp_type;
     __u8  icmp_code;
+    __u8  smac[ETH_ALEN];  /* the frame's source MAC */
+    __u8  frag_proto;      /* the protocol a fragment header names (IPv4: the protocol) */
+    __u8  pad;
 };
 
 static __always_inline int xf_is_vlan(__be16 proto)
@@ -105,6 +110,10 @@ static __always_inline int xf_parse_l4(struct xf_pkt *p, void *l4, void *l3_end,
         /* Echo request/reply carry an id: the flow is (addresses, id). */
         if (xf_is_icmp_echo(p->proto, ih->type))
             p->sport = bpf_ntohs(ih->un.echo.id);
+        if (p->proto == IPPROTO_ICMP)
+            p->icmp_mtu = bpf_ntohs(ih->un.frag.mtu);
+        else
+            p->icmp_mtu = bpf_ntohl(((struct icmp6hdr *)ih)->icmp6_mtu);
     }
     return 0;
 }
@@ -185,6 +194,7 @@ static __always_inline int xf_parse_ipv4(struct xf_pkt *p, void *data, void *cur
     void *l3_end = cur + tot;
     p->family = 4;
     p->proto = iph->protocol;
+    p->frag_proto = iph->protocol;
     p->ttl = iph->ttl;
     p->src[0] = 0; p->src[1] = 0; p->src[2] = bpf_htonl(0xffff); p->src[3] = iph->saddr;
     p->dst[0] = 0; p->dst[1] = 0; p->dst[2] = bpf_htonl(0xffff); p->dst[3] = iph->daddr;
@@ -249,6 +259,7 @@ static __always_inline int xf_parse_ipv6(struct xf_pkt *p, void *data, void *cur
             struct frag_hdr *fh = (void *)eh;
             __u16 fo = bpf_ntohs(fh->frag_off);
             p->frag_id = bpf_ntohl(fh->identification);
+            p->frag_proto = fh->nexthdr;
             if (fo & IP6_OFFSET)
                 p->frag = XF_FRAG_LATER;
             else if (fo & IP6_MF)
@@ -259,6 +270,14 @@ static __always_inline int xf_parse_ipv6(struct xf_pkt *p, void *data, void *cur
         off += len;
         if (off > end_off)
             return XF_R_PARSE_EXT;
+        /* What follows a later fragment's header is the middle of the datagram, not the
+         * header its next-header field names. */
+        if (p->frag == XF_FRAG_LATER)
+            break;
+    }
+    if (p->frag == XF_FRAG_LATER) {
+        p->proto = nh;
+        return 0;
     }
     if (xf_is_ipv6_ext(nh))
         return XF_R_PARSE_EXT;
@@ -282,17 +301,18 @@ static __always_inline int xf_parse(struct xdp_md *ctx, struct xf_pkt *p)
     if (cur > data_end)
         return XF_R_PARSE_ETH;
     __be16 proto = eth->h_proto;
+    __builtin_memcpy(p->smac, eth->h_source, ETH_ALEN);
 
 #pragma unroll
     for (int i = 0; i < XF_MAX_VLAN_DEPTH; i++) {
         if (!xf_is_vlan(proto))
             break;
+        p->vlan_depth++;            /* counted before its bounds check: tagged all the same */
         struct xf_vlan_hdr *vh = cur;
         if ((void *)(vh + 1) > data_end)
             return XF_R_PARSE_VLAN;
         proto = vh->proto;
         cur = vh + 1;
-        p->vlan_depth++;
     }
     if (xf_is_vlan(proto))
         return XF_R_PARSE_VLAN;

@@ -17,7 +17,7 @@ struct xf_flow_key {
     __u16 dport;
 };
 
-/* Flow entry: the flattened result of the whole pipeline, plus counters. 64 bytes. */
+/* Flow entry: the flattened result of the whole pipeline, plus counters. 72 bytes. */
 struct xf_flow {
     __u64 packets;
     __u64 bytes;
@@ -34,13 +34,15 @@ struct xf_flow {
     __u16 in_port;         /* port slot its packets arrive on */
     __u8  reason;          /* XF_R_* of the classification that made it */
     __u8  tcp_flags;       /* OR of TCP flags seen */
+    __u8  in_mac[6];       /* source MAC its packets carry (checked on ports with security) */
+    __u16 pad;
 };
 
 /* Port: keyed by ifindex. */
 struct xf_port {
     __u16 tenant;          /* 0: not a tenant port */
     __u16 slot;            /* stable small number: counters, rule in_port */
-    __u32 flags;
+    __u32 flags;           /* XF_PORT_* */
     __u8  mac[6];          /* source of proxy ARP/ND replies and of routed frames */
     __u16 pad;
 };
@@ -140,7 +142,9 @@ struct xf_rule_stat {
     __u64 last_hit_ns;     /* bpf_ktime_get_coarse_ns() */
 };
 
-/* Later fragments carry no L4 header: the first fragment leaves its ports here. */
+/* Later fragments carry no L4 header: the first fragment leaves its ports here. Keyed on
+ * the protocol the fragment header names (IPv6: its next header), which every fragment
+ * of a datagram carries alike. */
 struct xf_frag_key {
     __u16 tenant;
     __u8  proto;
@@ -153,6 +157,18 @@ struct xf_frag_key {
 struct xf_frag {
     __u16 sport;
     __u16 dport;
+    __u8  proto;           /* the L4 protocol (IPv6: after any headers behind the fragment header) */
+    __u8  pad[3];
+};
+
+/* Port security beyond the port's endpoints (LPM): prefixlen counts the bits of slot and
+ * MAC (64), then address bits. An allowed prefix (and the link-local prefix) is one entry
+ * per MAC of the port's endpoints. */
+struct xf_src_key {
+    __u32 prefixlen;
+    __u16 slot;
+    __u8  mac[6];
+    __u32 addr[4];
 };
 
 /* Layout fingerprint of the pinned maps, written by the agent (agent/datapath.py). */

@@ -96,6 +96,9 @@ def _add_args(parser: argparse.ArgumentParser, cmd: commands.Command) -> None:
         kw: Dict[str, Any] = {"help": a.help}
         if a.kind == "flag":
             kw["action"] = "store_true"
+        elif a.kind == "list":
+            kw["action"] = "append"
+            kw["metavar"] = a.metavar
         else:
             kw["metavar"] = a.metavar
             if a.kind in ("int", "float"):
@@ -248,7 +251,7 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 
 LIST_COLUMNS = {
     "tenants": ("name", "id", "vni", "default"),
-    "ports": ("name", "tenant"),
+    "ports": ("name", "tenant", "port_security", "allow_vlan", "allow"),
     "endpoints": ("tenant", "ip", "port", "mac"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",

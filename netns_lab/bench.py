@@ -414,6 +414,13 @@ def _port_mac(tenant_idx: int, n: int) -> str:
     return f"02:aa:00:00:{tenant_idx:02x}:{n:02x}"
 
 
+def _sender_mac(pre: str) -> str:
+    """The MAC the sending VM of a tenant uses: its output port's. A test run repeats the
+    program on one buffer and a redirect writes the output port's MAC as the source, so
+    under port security every iteration must still carry the sender's MAC."""
+    return _port_mac(list(_PREFIX.values()).index(pre) + 1, 2)
+
+
 def _src32_rules(tenant: str, count: int, first_id: int) -> List[dict]:
     """`count` allow rules of one mask (udp, src /32): SRC_IP first, then 10.64.0.0 + i."""
     from agent import model
@@ -438,7 +445,11 @@ def _state_for(tenants: Sequence[str]):
         st.ports += [model.Port(name=f"{pre}1", tenant=t), model.Port(name=f"{pre}2", tenant=t)]
         st.endpoints += [
             model.Endpoint(tenant=t, ip=ipaddress.ip_address(SRC_IP), port=f"{pre}1",
-                           mac=VM_MAC[SRC_IP]),
+                           mac=_sender_mac(pre)),
+            # The miss cases send from OTHER_IP, the sending VM's second address: port
+            # security passes them on to the classifier, the path measured.
+            model.Endpoint(tenant=t, ip=ipaddress.ip_address(OTHER_IP), port=f"{pre}1",
+                           mac=_sender_mac(pre)),
             model.Endpoint(tenant=t, ip=ipaddress.ip_address(DST_IP), port=f"{pre}2",
                            mac=VM_MAC[DST_IP])]
         if t == "base":
@@ -572,7 +583,7 @@ def run_datapath_bench(repeat: int = 1_000_000, rounds: int = 3, call_size: int 
                     f"built and programmed in {time.monotonic() - t0:.1f}s")
 
             def pkt(src_ip: str, pre: str) -> bytes:
-                return udp_packet(VM_MAC[SRC_IP], links[f"{pre}1"].mac, src_ip, DST_IP,
+                return udp_packet(_sender_mac(pre), links[f"{pre}1"].mac, src_ip, DST_IP,
                                   SPORT, DPORT)
 
             cases: List[Case] = []

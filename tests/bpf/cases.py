@@ -21,7 +21,8 @@ from .conftest import PORT_MAC, SLOT, VM_MAC
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 0, 1, 2, 3, 4
 ACTION_OF = {"drop": XDP_DROP, "pass": XDP_PASS, "tx": XDP_TX, "redirect": XDP_REDIRECT}
 # Reasons under which the packet was classified (rule hits are counted).
-CLASSIFIED = {"rule_allow", "rule_deny", "rule_pass", "no_route", "route_kernel", "route_drop"}
+CLASSIFIED = {"rule_allow", "rule_deny", "rule_pass", "no_route", "route_kernel", "route_drop",
+              "local"}
 
 BLUE, RED = 10, 30
 BCAST = "ff:ff:ff:ff:ff:ff"
@@ -45,6 +46,17 @@ class Sync:
 
 
 @dataclass
+class Evict:
+    """A flow entry removed between packets (as an eviction or a failed insert leaves it)."""
+    tenant: int
+    proto: int
+    src: str
+    sport: int
+    dst: str
+    dport: int
+
+
+@dataclass
 class Case:
     desc: str
     state: dict
@@ -53,7 +65,7 @@ class Case:
     counters: Dict[Tuple[str, str, str], int]     # (port, verdict, reason) -> packets
     port: str = "p1"
     out: Optional[bytes] = None                    # None: the input, untouched
-    pre: Sequence[Union[Send, Sync]] = ()
+    pre: Sequence[Union[Send, Sync, Evict]] = ()
     addrs: Optional[dict] = None
     out_port: Optional[str] = None                 # redirect target (trace out_ifindex)
     rule: Optional[int] = None                     # rule that decided (or made the flow)
@@ -90,11 +102,14 @@ def rule(id, action="allow", priority=100, tenant="blue", **match):
     return dict(id=id, tenant=tenant, priority=priority, action=action, **match)
 
 
-def blue(rules=(), default="drop", routes=(), endpoints=(), ports=()):
-    """Tenant blue (id 10): VMs 10.0.0.1 / fd00::1 behind p1, 10.0.0.2 / fd00::2 behind p2."""
+def blue(rules=(), default="drop", routes=(), endpoints=(), ports=(), opts=None):
+    """Tenant blue (id 10): VMs 10.0.0.1 / fd00::1 behind p1, 10.0.0.2 / fd00::2 behind p2.
+    opts: port name -> its other fields (allow, port_security, allow_vlan)."""
+    opts = opts or {}
     return {
         "tenants": [{"name": "blue", "id": BLUE, "default": default}],
-        "ports": [{"name": p, "tenant": "blue"} for p in ("p1", "p2") + tuple(ports)],
+        "ports": [{"name": p, "tenant": "blue", **opts.get(p, {})}
+                  for p in ("p1", "p2") + tuple(ports)],
         "endpoints": [ep("blue", "10.0.0.1", "p1"), ep("blue", "10.0.0.2", "p2"),
                       ep("blue", "fd00::1", "p1"), ep("blue", "fd00::2", "p2")] + list(endpoints),
         "routes": list(routes),
@@ -103,12 +118,18 @@ def blue(rules=(), default="drop", routes=(), endpoints=(), ports=()):
 
 
 ALLOW_ALL = blue([rule(1, priority=10)])
+# Ports that take VLAN tags (an access port drops tagged frames, reason vlan).
+TAGS = {"p1": {"allow_vlan": True}, "p2": {"allow_vlan": True}}
+ALLOW_ALL_TAGS = blue([rule(1, priority=10)], opts=TAGS)
 PASS_DEFAULT = blue([], default="pass")
+PASS_DEFAULT_TAGS = blue([], default="pass", opts=TAGS)
 NO_RULES = blue([])
 LOCAL_ADDRS = {"p1": ("10.0.0.254", "fd00::fe")}
 
-# Tenants blue (p1, p2) and red (p3, p4) with the same addresses and VM MACs.
+# Tenants blue (p1, p2) and red (p3, p4) with the same addresses and VM MACs: red's VMs
+# send with the MACs of blue's (RED_MAC).
 SHADOW_MAC = "02:00:00:00:00:07"
+RED_MAC = {"p3": VM_MAC["p1"], "p4": VM_MAC["p2"]}
 TWO_TENANTS = {
     "tenants": [{"name": "blue", "id": BLUE}, {"name": "red", "id": RED}],
     "ports": [{"name": "p1", "tenant": "blue"}, {"name": "p2", "tenant": "blue"},
@@ -136,6 +157,7 @@ ROUTES = blue([rule(1, priority=10)], routes=[
 ARP_STATE = blue([rule(1, priority=10)],
                  endpoints=[ep("blue", "10.0.0.3", "p1", "02:00:00:00:00:03")],
                  routes=[{"tenant": "blue", "prefix": "10.1.0.0/16", "via": "10.0.0.2"}])
+ARP_STATE_TAGS = dict(ARP_STATE, ports=blue(opts=TAGS)["ports"])
 
 FRAGS = blue([rule(1, proto="udp", dport=5000),
               rule(2, action="deny", priority=50, proto="udp", dport=6000)])
@@ -148,7 +170,7 @@ GEN2_DENY = blue([rule(2, action="deny", proto="udp", dport=5000)])
 # --- packets ----------------------------------------------------------------------------
 
 def eth(port="p1", dst=None, src=None):
-    return Ether(src=src or VM_MAC[port], dst=dst or PORT_MAC[port])
+    return Ether(src=src or RED_MAC.get(port) or VM_MAC[port], dst=dst or PORT_MAC[port])
 
 
 def v4(src="10.0.0.1", dst="10.0.0.2", ttl=64, **kw):
@@ -190,12 +212,12 @@ def routed(pkt, out_port, dmac=None) -> bytes:
 
 
 def arp_req(spa, tpa, port="p1", op=1, sha=None):
-    sha = sha or VM_MAC[port]
+    sha = sha or RED_MAC.get(port) or VM_MAC[port]
     return Ether(src=sha, dst=BCAST) / ARP(op=op, hwsrc=sha, psrc=spa, pdst=tpa)
 
 
 def arp_answer(spa, tpa, port="p1", asker=None) -> bytes:
-    asker = asker or VM_MAC[port]
+    asker = asker or RED_MAC.get(port) or VM_MAC[port]
     return raw(Ether(dst=asker, src=PORT_MAC[port]) /
                ARP(op=2, hwsrc=PORT_MAC[port], psrc=tpa, hwdst=asker, pdst=spa))
 
@@ -320,15 +342,15 @@ def build() -> List[Case]:
         fwd("ipv4 with options (ihl 9)", A,
             eth() / v4(options=[IPOption_RR(routers=["0.0.0.0"] * 3)]) /
             UDP(sport=4000, dport=5000) / b"opts"),
-        fwd("one 802.1q tag kept on redirect", A,
+        fwd("one 802.1q tag kept on redirect", ALLOW_ALL_TAGS,
             eth() / Dot1Q(vlan=100) / v4() / UDP(sport=4000, dport=5000) / b"tag1"),
-        fwd("802.1ad outer and 802.1q inner tags kept on redirect", A,
+        fwd("802.1ad outer and 802.1q inner tags kept on redirect", ALLOW_ALL_TAGS,
             eth() / Dot1AD(vlan=200) / Dot1Q(vlan=100) / v4() / UDP(sport=4000, dport=5000) /
             b"tag2"),
-        stays("three vlan tags", A,
+        stays("three vlan tags", ALLOW_ALL_TAGS,
               eth() / Dot1AD(vlan=3) / Dot1Q(vlan=2) / Dot1Q(vlan=1) / v4() / UDP() / b"t3",
               "drop", "parse_vlan"),
-        stays("three vlan tags in a pass-default tenant", PASS_DEFAULT,
+        stays("three vlan tags in a pass-default tenant", PASS_DEFAULT_TAGS,
               eth() / Dot1AD(vlan=3) / Dot1Q(vlan=2) / Dot1Q(vlan=1) / v4() / UDP() / b"t3",
               "pass", "parse_vlan"),
         fwd("ipv6 tcp", A, eth() / v6() / TCP(sport=4000, dport=80, flags="S")),
@@ -396,7 +418,8 @@ def build() -> List[Case]:
     ]
     pfx = blue([rule(3, priority=150, src="10.0.0.1/32"),
                 rule(4, "deny", 100, src="10.0.0.0/16"),
-                rule(5, priority=50, src="10.0.0.0/8")])
+                rule(5, priority=50, src="10.0.0.0/8")],
+               opts={"p1": {"allow": ["10.0.0.0/8"]}})    # sources beyond p1's endpoint
     C += [
         fwd("prefixes: /32 allow at 150 over /16 deny", pfx, udp4(), rule=3),
         stays("prefixes: /16 deny at 100 over /8 allow", pfx, udp4(src="10.0.0.5"),
@@ -451,7 +474,7 @@ def build() -> List[Case]:
         stays("arp request for a route-covered address", ARP_STATE,
               arp_req("10.0.0.1", "10.1.2.3"), "tx", "arp_reply",
               out=arp_answer("10.0.0.1", "10.1.2.3")),
-        stays("arp request inside a vlan tag", ARP_STATE,
+        stays("arp request inside a vlan tag", ARP_STATE_TAGS,
               Ether(src=VM_MAC["p1"], dst=BCAST) / Dot1Q(vlan=5) /
               ARP(op=1, hwsrc=VM_MAC["p1"], psrc="10.0.0.1", pdst="10.0.0.2"), "tx", "arp_reply",
               out=raw(Ether(dst=VM_MAC["p1"], src=PORT_MAC["p1"]) / Dot1Q(vlan=5) /
@@ -482,7 +505,8 @@ def build() -> List[Case]:
         stays("neighbour solicitation for a route-covered address", ROUTES,
               solicit("fd01::9"), "tx", "nd_reply", out=advert("fd01::9"),
               check=check_advert("fd01::9")),
-        stays("neighbour solicitation inside a vlan tag", A, solicit("fd00::2", vlan=7),
+        stays("neighbour solicitation inside a vlan tag", ALLOW_ALL_TAGS,
+              solicit("fd00::2", vlan=7),
               "tx", "nd_reply", out=advert("fd00::2", vlan=7),
               check=check_advert("fd00::2", vlan=7)),
         stays("neighbour solicitation behind an extension header", A,
@@ -535,7 +559,8 @@ def build() -> List[Case]:
             check=flow_check(BLUE, 17, "10.0.0.1", 4000, "10.0.0.2", 5000, packets=2,
                              nbytes=2 * len(udp4()))),
         stays("a flow allowed by an in_port rule is not used from another port",
-              blue([rule(1, in_port="p1")], ports=("p5",)), udp4(port="p5"),
+              blue([rule(1, in_port="p1")], ports=("p5",),
+                   opts={"p5": {"port_security": False}}), udp4(port="p5"),
               "drop", "default", port="p5", pre=[Send(udp4(), action=XDP_REDIRECT)]),
     ]
 
@@ -688,7 +713,7 @@ def build() -> List[Case]:
               dst=PORT_MAC["p1"], type=0x0800), "drop", "parse_ipv4"),
         stays("14-byte frame of ethertype ipv6", A, Ether(src=VM_MAC["p1"],
               dst=PORT_MAC["p1"], type=0x86dd), "drop", "parse_ipv6"),
-        stays("vlan tag truncated", A, Ether(src=VM_MAC["p1"], dst=PORT_MAC["p1"],
+        stays("vlan tag truncated", ALLOW_ALL_TAGS, Ether(src=VM_MAC["p1"], dst=PORT_MAC["p1"],
               type=0x8100) / b"\x00\x05", "drop", "parse_vlan"),
         stays("malformed in a pass-default tenant", PASS_DEFAULT,
               eth() / IP(src="10.0.0.1", dst="10.0.0.2", ihl=4) / (b"x" * 20),
@@ -706,7 +731,8 @@ def build() -> List[Case]:
         stays("to an ipv6 address of the node", A, udp6(dst="fd00::fe"), "pass", "local",
               addrs=LOCAL_ADDRS),
         stays("to an address of the node, denied by no rule", NO_RULES, udp4(dst="10.0.0.254"),
-              "pass", "local", addrs=LOCAL_ADDRS),
+              "drop", "default", addrs=LOCAL_ADDRS,
+              check=no_flow(BLUE, 17, "10.0.0.1", 4000, "10.0.0.254", 5000)),
         stays("limited broadcast", A, udp4(dst="255.255.255.255"), "drop", "multicast"),
         stays("ipv4 multicast", A, udp4(dst="224.0.0.5"), "drop", "multicast"),
         stays("ipv6 multicast", A, udp6(dst="ff02::1"), "drop", "multicast"),
@@ -732,7 +758,193 @@ def build() -> List[Case]:
         stays("allowed, no route", R, udp4(dst="10.9.9.9"), "drop", "no_route", rule=1,
               check=no_flow(BLUE, 17, "10.0.0.1", 4000, "10.9.9.9", 5000)),
     ]
+
+    C += boundary_cases()
     return C
+
+
+# --- issue 7: the tenant boundary -------------------------------------------------------
+
+SPOOF_MAC = "02:00:00:00:00:99"
+# Blue allows UDP 5000; red allows TCP 80 and denies the rest of TCP (the issue's node).
+ISSUE7 = dict(TWO_TENANTS, rules=[rule(1, proto="udp", dport=5000),
+                                  rule(2, tenant="red", proto="tcp", dport=80),
+                                  rule(3, tenant="red", action="deny", priority=50,
+                                       proto="tcp")])
+ALLOWED_PAIRS = blue([rule(1, priority=10)], opts={"p1": {"allow": ["10.0.0.64/26"]}})
+NO_SECURITY = blue([rule(1, priority=10)], opts={"p1": {"port_security": False}})
+LOCAL_RULES = blue([rule(1, proto="udp", dport=5000),
+                    rule(2, "deny", 200, dst="10.0.0.254/32", proto="tcp")])
+# GEN1 with a port p5 that has no port security (a VM that may send from anywhere).
+P5_OPEN = {"p5": {"port_security": False}}
+GEN1_P5 = blue([rule(1, proto="udp", dport=5000)], ports=("p5",), opts=P5_OPEN)
+GEN1_PLUS_P5 = blue([rule(1, proto="udp", dport=5000), rule(9, proto="tcp", dport=443)],
+                    ports=("p5",), opts=P5_OPEN)
+
+
+def frags6_behind_options(dport=5000, ident=0xbeef, port="p1"):
+    """An IPv6 datagram whose fragmentable part starts with a destination options header:
+    the fragment headers of all its fragments name it (60), not UDP."""
+    body = raw(Ether() / IPv6(src="fd00::1", dst="fd00::2") /
+               IPv6ExtHdrDestOpt(nh=17) / UDP(sport=4000, dport=dport) / (b"C" * 64))[54:]
+    first = eth(port) / v6(nh=44) / IPv6ExtHdrFragment(nh=60, offset=0, m=1, id=ident) / \
+        Raw(body[:40])
+    later = eth(port) / v6(nh=44) / IPv6ExtHdrFragment(nh=60, offset=5, m=0, id=ident) / \
+        Raw(body[40:])
+    return first, later
+
+
+def boundary_cases() -> List[Case]:
+    C: List[Case] = []
+    G = GEN1
+    # Port security: the source MAC and address must be an endpoint's of the port.
+    C += [
+        stays("spoof: another vm's address as source", ISSUE7, udp4(src="10.0.0.2"),
+              "drop", "spoof"),
+        stays("spoof: an address of another port as source (10.0.0.7)", ISSUE7,
+              udp4(src="10.0.0.7"), "drop", "spoof"),
+        stays("spoof: the vm's address with another mac", G,
+              Ether(src=SPOOF_MAC, dst=PORT_MAC["p1"]) / v4() / UDP(sport=4000, dport=5000),
+              "drop", "spoof"),
+        stays("spoof: a flow's packet with another mac is judged again", G,
+              Ether(src=SPOOF_MAC, dst=PORT_MAC["p1"]) / v4() / UDP(sport=4000, dport=5000) /
+              (b"x" * 18), "drop", "spoof", pre=[Send(udp4(), action=XDP_REDIRECT)],
+              check=flow_check(BLUE, 17, "10.0.0.1", 4000, "10.0.0.2", 5000, packets=1)),
+        stays("spoof: ipv6 source of another vm", blue([rule(1, priority=10)]),
+              udp6(src="fd00::2"), "drop", "spoof"),
+        stays("spoof: multicast from another vm's address", PASS_DEFAULT,
+              udp4(src="10.0.0.2", dst="224.0.0.5"), "drop", "spoof"),
+        fwd("allowed prefix: a source in the port's allowed prefixes", ALLOWED_PAIRS,
+            udp4(src="10.0.0.70")),
+        stays("allowed prefix: only with the mac of one of the port's endpoints",
+              ALLOWED_PAIRS, Ether(src=SPOOF_MAC, dst=PORT_MAC["p1"]) /
+              v4(src="10.0.0.70") / UDP(sport=4000, dport=5000), "drop", "spoof"),
+        stays("allowed prefix: a source beyond it", ALLOWED_PAIRS, udp4(src="10.0.0.130"),
+              "drop", "spoof"),
+        stays("allowed prefix removed: its flows are judged again", ALLOWED_PAIRS,
+              udp4(src="10.0.0.70"), "drop", "spoof",
+              counters={("p1", "none", "flow_stale"): 1},
+              pre=[Send(udp4(src="10.0.0.70"), action=XDP_REDIRECT), Sync(ALLOW_ALL)]),
+        fwd("no port security: any source address and mac", NO_SECURITY,
+            Ether(src=SPOOF_MAC, dst=PORT_MAC["p1"]) / v4(src="10.0.0.7") /
+            UDP(sport=4000, dport=5000)),
+        stays("spoof: arp with another vm's sender address", ARP_STATE,
+              arp_req("10.0.0.2", "10.1.2.3"), "drop", "spoof"),
+        stays("spoof: arp whose sender mac is not the frame's", ARP_STATE,
+              Ether(src=VM_MAC["p1"], dst=BCAST) /
+              ARP(op=1, hwsrc=SPOOF_MAC, psrc="10.0.0.1", pdst="10.0.0.2"), "drop", "spoof"),
+        stays("spoof: gratuitous arp for another vm's address", ARP_STATE,
+              arp_req("10.0.0.2", "10.0.0.2"), "drop", "spoof"),
+        stays("spoof: neighbour solicitation from another vm's address", ALLOW_ALL,
+              solicit("fd00::2", src="fd00::2"), "drop", "spoof"),
+        stays("spoof: neighbour solicitation whose link-layer option is not the frame's",
+              ALLOW_ALL, Ether(src=VM_MAC["p1"], dst="33:33:ff:00:00:02") /
+              IPv6(src="fd00::1", dst="ff02::1:ff00:2", hlim=255) /
+              ICMPv6ND_NS(tgt="fd00::2") / ICMPv6NDOptSrcLLAddr(lladdr=SPOOF_MAC),
+              "drop", "spoof"),
+        stays("spoof: neighbour advertisement for another vm's address", ALLOW_ALL,
+              eth(dst="33:33:00:00:00:01") / v6(dst="ff02::1", hlim=255) /
+              ICMPv6ND_NA(tgt="fd00::2", O=1) / ICMPv6NDOptDstLLAddr(lladdr=VM_MAC["p1"]),
+              "drop", "spoof"),
+        stays("neighbour solicitation from the vm's link-local address", ALLOW_ALL,
+              solicit("fd00::2", src="fe80::1"), "tx", "nd_reply",
+              out=advert("fd00::2", solicitor="fe80::1"),
+              check=check_advert("fd00::2", solicitor="fe80::1")),
+        stays("spoof: icmp error about a flow with a forged outer source", G,
+              eth("p2") / v4("10.0.0.9", "10.0.0.1") / ICMP(type=3, code=3) /
+              IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=4000, dport=5000),
+              "drop", "spoof", port="p2", pre=[Send(udp4(), action=XDP_REDIRECT)]),
+    ]
+    # Policy before the TTL punt: only what the rules allow reaches the kernel.
+    C += [
+        stays("ttl 1 from red, tcp/22, red denies tcp", ISSUE7,
+              tcp4(dport=22, port="p3", ttl=1), "drop", "rule_deny", port="p3", rule=3),
+        stays("ttl 1 that no rule allows", NO_RULES, udp4(ttl=1), "drop", "default"),
+        stays("ttl 1 to the node's address, no rule", NO_RULES,
+              udp4(dst="10.0.0.254", ttl=1), "drop", "default", addrs=LOCAL_ADDRS),
+        stays("ttl 1 allowed: to the kernel, not cached", G, udp4(ttl=1), "pass", "ttl",
+              check=no_flow(BLUE, 17, "10.0.0.1", 4000, "10.0.0.2", 5000)),
+        stays("ttl 1 of an allowed flow's later packet", G, udp4(ttl=1), "pass", "ttl",
+              pre=[Send(udp4(), action=XDP_REDIRECT)],
+              check=flow_check(BLUE, 17, "10.0.0.1", 4000, "10.0.0.2", 5000, packets=1)),
+    ]
+    # The node's own addresses: the rules first.
+    C += [
+        stays("to the node's address, allowed by a rule", LOCAL_RULES,
+              udp4(dst="10.0.0.254"), "pass", "local", rule=1, addrs=LOCAL_ADDRS),
+        stays("to the node's address, denied by a rule", LOCAL_RULES,
+              tcp4(dst="10.0.0.254", dport=22), "drop", "rule_deny", rule=2,
+              addrs=LOCAL_ADDRS,
+              check=no_flow(BLUE, 6, "10.0.0.1", 4000, "10.0.0.254", 22)),
+    ]
+    # VLAN tags on access ports.
+    C += [
+        stays("802.1q tagged frame from an access port", ISSUE7,
+              eth() / Dot1Q(vlan=100) / v4() / UDP(sport=4000, dport=5000) / b"tag",
+              "drop", "vlan"),
+        stays("802.1q tagged frame from an access port, pass-default tenant", PASS_DEFAULT,
+              eth() / Dot1Q(vlan=100) / v4() / UDP(sport=4000, dport=5000) / b"tag",
+              "drop", "vlan"),
+        stays("three vlan tags from an access port", A_,
+              eth() / Dot1AD(vlan=3) / Dot1Q(vlan=2) / Dot1Q(vlan=1) / v4() / UDP() / b"t3",
+              "drop", "vlan"),
+        stays("truncated vlan tag from an access port", A_,
+              Ether(src=VM_MAC["p1"], dst=PORT_MAC["p1"], type=0x8100) / b"\x00\x05",
+              "drop", "vlan"),
+        stays("arp inside a vlan tag from an access port", ARP_STATE,
+              Ether(src=VM_MAC["p1"], dst=BCAST) / Dot1Q(vlan=5) /
+              ARP(op=1, hwsrc=VM_MAC["p1"], psrc="10.0.0.1", pdst="10.0.0.2"), "drop", "vlan"),
+    ]
+    # ICMP related: addressed to the flow's sender; no MTU below the minimum.
+    C += [
+        stays("icmp error about a flow, addressed to another than its sender", G,
+              eth("p2") / v4("10.0.0.2", "10.0.0.9") / ICMP(type=3, code=3) /
+              IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=4000, dport=5000),
+              "drop", "default", port="p2", pre=[Send(udp4(), action=XDP_REDIRECT)]),
+        stays("icmpv6 packet too big below 1280", blue([rule(1, proto="udp", dport=5000,
+                                                            dst="fd00::/64")]),
+              eth("p2") / v6("fd00::2", "fd00::1") / ICMPv6PacketTooBig(mtu=1200) /
+              IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=4000, dport=5000),
+              "drop", "icmp_mtu", port="p2", pre=[Send(udp6(), action=XDP_REDIRECT)]),
+        stays("icmp frag needed below 68", G,
+              eth("p2") / v4("10.0.0.2", "10.0.0.1") / ICMP(type=3, code=4, nexthopmtu=60) /
+              IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=4000, dport=5000),
+              "drop", "icmp_mtu", port="p2", pre=[Send(udp4(), action=XDP_REDIRECT)]),
+        fwd("icmp frag needed at 68 is related", G,
+            eth("p2") / v4("10.0.0.2", "10.0.0.1") / ICMP(type=3, code=4, nexthopmtu=68) /
+            IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=4000, dport=5000),
+            out_port="p1", port="p2", reason="related", rule=1,
+            pre=[Send(udp4(), action=XDP_REDIRECT)]),
+    ]
+    # Reply entries.
+    reply = udp4(5000, 4000, port="p2", src="10.0.0.2", dst="10.0.0.1")
+    C += [
+        stays("stale reply arriving on another port is judged on its own", GEN1_P5,
+              udp4(5000, 4000, port="p5", src="10.0.0.2", dst="10.0.0.1"), "drop",
+              "default", port="p5", counters={("p5", "none", "flow_stale"): 1},
+              pre=[Send(udp4(), action=XDP_REDIRECT), Sync(GEN1_PLUS_P5)]),
+        fwd("reply whose entry is missing re-creates it from the forward entry", G, reply,
+            out_port="p1", port="p2", reason="rule_allow", rule=1,
+            pre=[Send(udp4(), action=XDP_REDIRECT),
+                 Evict(BLUE, 17, "10.0.0.2", 5000, "10.0.0.1", 4000),
+                 Send(udp4(), action=XDP_REDIRECT)],
+            check=all_of(
+                flow_check(BLUE, 17, "10.0.0.2", 5000, "10.0.0.1", 4000, packets=1,
+                           flags=abi.FLOW_REVERSE),
+                flow_check(BLUE, 17, "10.0.0.1", 4000, "10.0.0.2", 5000, packets=2,
+                           flags_clear=abi.FLOW_REVERSE))),
+    ]
+    # IPv6 fragments behind a destination options header share one key.
+    f6o = frags6_behind_options()
+    C += [
+        fwd("ipv6 first fragment with options behind the fragment header", FRAGS, f6o[0]),
+        fwd("ipv6 later fragment with options behind the fragment header follows its first",
+            FRAGS, f6o[1], reason="flow", pre=[Send(f6o[0], action=XDP_REDIRECT)]),
+    ]
+    return C
+
+
+A_ = ALLOW_ALL
 
 
 CASES = build()

@@ -146,17 +146,57 @@ class Bench:
     def flows(self) -> List[Tuple[abi.FlowKey, abi.Flow]]:
         return list(self.dp.flows())
 
-    def flow(self, tenant: int, proto: int, src: str, sport: int, dst: str, dport: int):
-        """The flow entry of one direction, or None."""
+    def _find(self, tenant: int, proto: int, src: str, sport: int, dst: str, dport: int):
         import ipaddress
         for k, f in self.dp.flows():
             if (k.tenant, k.proto, k.sport, k.dport) == (tenant, proto, sport, dport) and \
                     abi.get_addr(k.src) == ipaddress.ip_address(src) and \
                     abi.get_addr(k.dst) == ipaddress.ip_address(dst):
-                return f
-        return None
+                return k, f
+        return None, None
+
+    def flow(self, tenant: int, proto: int, src: str, sport: int, dst: str, dport: int):
+        """The flow entry of one direction, or None."""
+        return self._find(tenant, proto, src, sport, dst, dport)[1]
+
+    def evict(self, tenant: int, proto: int, src: str, sport: int, dst: str, dport: int) -> bool:
+        """Remove one direction's flow entry, as an eviction would."""
+        k, _ = self._find(tenant, proto, src, sport, dst, dport)
+        return k is not None and self.dp.maps["xf_flows"].delete_many([bytes(k)]) == 1
 
 
 @pytest.fixture
 def bench(dp, in_node):
     return Bench(in_node, dp)
+
+
+@pytest.fixture
+def node_controller(dp, in_node, tmp_path):
+    """The real Controller over the session datapath, with the node namespace's
+    interfaces as its links (it attaches to the ports it is given), a fresh store; its
+    ports detached and the datapath emptied afterwards, as the bench expects it."""
+    from agent import config
+    from agent.control import Controller
+    from agent.links import Links
+    from agent.store import Store
+
+    keys = {"flow_table_size": "XF_FLOW_TABLE_SIZE", "max_rule_entries": "XF_MAX_RULE_ENTRIES",
+            "max_endpoints": "XF_MAX_ENDPOINTS", "max_routes": "XF_MAX_ROUTES",
+            "max_ports": "XF_MAX_PORTS"}
+    cfg = config.parse("[datapath]\n" + "".join(f"{k} = {SMALL_SIZES[d]}\n"
+                                                 for k, d in keys.items()))
+    assert cfg.datapath_defines() == dp.defines
+    store = Store.open(str(tmp_path / "state.db"))
+    links = Links()
+    dp.flush_flows()
+    try:
+        yield Controller(cfg, store, dp, links)
+    finally:
+        for name in PORTS:
+            link = links.get(name)
+            if link is not None:
+                links.detach(link)
+        links.close()
+        dp.sync(compiler.Image())
+        dp.flush_flows()
+        store.close()

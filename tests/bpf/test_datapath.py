@@ -11,7 +11,8 @@ from scapy.all import Ether, Padding, raw
 from agent import abi, compiler, model
 
 from . import cases
-from .cases import CASES, CLASSIFIED, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, Sync
+from .cases import (CASES, CLASSIFIED, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, Evict,
+                    Sync)
 from .conftest import SLOT
 
 pytestmark = pytest.mark.bpf
@@ -35,6 +36,9 @@ def prepare(bench, case):
     for step in case.pre:
         if isinstance(step, Sync):
             bench.sync(step.state, step.addrs)
+        elif isinstance(step, Evict):
+            assert bench.evict(step.tenant, step.proto, step.src, step.sport, step.dst,
+                               step.dport), f"pre-step {step}: no such flow"
         else:
             rc, _ = bench.run(raw(step.pkt), step.port)
             if step.action is not None:

@@ -8,7 +8,7 @@ import pytest
 
 from scapy.all import raw
 
-from agent import abi, config, model
+from agent import abi, config
 from agent.control import Controller
 from agent.flows import now_coarse_ns
 from agent.store import Store

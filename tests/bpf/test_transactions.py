@@ -165,3 +165,63 @@ def test_a_resize_builds_beside_the_running_program_and_commits_all_or_nothing(i
     finally:
         old.close()
         old.unpin()
+
+
+class _Watched:
+    """A map whose every write is followed by a check of what a packet would meet."""
+
+    def __init__(self, m, check):
+        self._m, self._check = m, check
+
+    def __getattr__(self, name):
+        attr = getattr(self._m, name)
+        if name not in ("put", "update_many", "delete", "delete_many"):
+            return attr
+
+        def write(*a, **kw):
+            out = attr(*a, **kw)
+            self._check(f"{self._m.name}.{name}")
+            return out
+        return write
+
+
+def test_no_packet_meets_a_port_without_tenant_or_our_program_without_its_port(
+        node_controller, in_node):
+    """Adding a tenant with its port, and removing them, through the real controller on
+    the node's p1: after every single map write, a packet from p1 (traced through the
+    real program) never finds a port whose tenant the datapath does not know, and never
+    finds our program attached to p1 without p1's port entry. Either would hand the VM's
+    traffic to the kernel (reasons no_tenant / no_port) where the tenant says drop."""
+    from .cases import udp4
+    from .conftest import VM_MAC
+    from scapy.all import raw
+
+    c = node_controller
+    dp = c.dp
+    pkt = raw(udp4())
+    seen = []
+
+    def check(write):
+        rc, _, rec = dp.trace(pkt, in_node.ifindex["p1"])
+        reason = abi.REASONS.get(rec.reason, "")
+        attached = (c.links.get("p1").xdp_prog_id or 0) == c.prog_id()
+        seen.append((write, reason, attached))
+        assert reason != "no_tenant", f"after {write}: a port whose tenant is unknown"
+        assert not (attached and reason == "no_port"), \
+            f"after {write}: our program on p1 without p1's port entry"
+
+    real = dict(dp.maps)
+    dp.load_trace()
+    try:
+        for name in ("xf_port_index", "xf_ports", "xf_tenants", "xf_endpoints", "xf_rules",
+                     "xf_masks"):
+            dp.maps[name] = _Watched(real[name], check)
+        c.apply({"tenants": [{"name": "blue", "id": 10, "default": "drop"}],
+                 "ports": [{"name": "p1", "tenant": "blue"}],
+                 "endpoints": [{"tenant": "blue", "ip": "10.0.0.1", "port": "p1",
+                                "mac": VM_MAC["p1"]}]}, dry_run=False)
+        assert ("default" in {r for _, r, _ in seen}) and c.port_rows()[0]["attached"]
+        c.apply({}, dry_run=False)
+        assert seen[-1][1:] == ("no_port", False)
+    finally:
+        dp.maps.update(real)

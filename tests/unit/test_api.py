@@ -12,8 +12,7 @@ import time
 import pytest
 
 from agent import model
-from agent.api import (ApiClient, ApiError, ApiServer, Peer, groups_from_status, is_admin,
-                       peer_credentials)
+from agent.api import ApiClient, ApiError, ApiServer, Peer, is_admin, peer_credentials
 from test_commands import FakeController, populated
 
 pytestmark = pytest.mark.unit
@@ -236,7 +235,8 @@ def test_client_unreachable_names_the_path(tmp_path):
 def test_so_peercred_is_the_real_peer():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
-        assert peer_credentials(a) == Peer(os.getpid(), os.getuid(), os.getgid())
+        assert peer_credentials(a) == Peer(os.getpid(), os.getuid(), os.getgid(),
+                                           frozenset(os.getgroups()))
 
 
 def test_production_path_uses_so_peercred(sock_path):
@@ -249,13 +249,12 @@ def test_production_path_uses_so_peercred(sock_path):
     srv.peercred = lambda s: seen.append(real(s)) or seen[-1]
     with srv:
         ApiClient(sock_path).call("tenant add", {"name": "red", "id": 20})
-    assert seen == [Peer(os.getpid(), os.getuid(), os.getgid())]
+    assert seen == [Peer(os.getpid(), os.getuid(), os.getgid(), frozenset(os.getgroups()))]
 
 
 def test_non_admin_is_denied_mutating_commands(sock_path):
     ctl = populated()
-    with ApiServer(ctl, sock_path, admin_group="xdpflow", peercred=lambda s: NOBODY,
-                   groups_of=lambda p: {p.gid}):
+    with ApiServer(ctl, sock_path, admin_group="xdpflow", peercred=lambda s: NOBODY):
         c = ApiClient(sock_path)
         for cmd, args in (("tenant add", {"name": "red", "id": 20}),
                           ("rule del", {"id": 1}),
@@ -278,22 +277,33 @@ def test_admin_check():
     assert is_admin(Peer(1, 0, 0), None)                       # root, always
     assert not is_admin(NOBODY, None)                          # no admin group: root only
     assert not is_admin(NOBODY, NO_GROUP)                      # unknown group admits no one
-    assert not is_admin(NOBODY, primary.gr_name, lambda p: {p.gid})
-    assert is_admin(Peer(1, 4242, primary.gr_gid), primary.gr_name, lambda p: {p.gid})
-    assert is_admin(NOBODY, primary.gr_name, lambda p: {p.gid, primary.gr_gid})  # supplementary
+    assert not is_admin(NOBODY, primary.gr_name)
+    assert is_admin(Peer(1, 4242, primary.gr_gid), primary.gr_name)
+    assert is_admin(Peer(1, 4242, 4242, frozenset({primary.gr_gid})), primary.gr_name)  # supplementary
 
 
-def test_supplementary_groups_from_proc_status(tmp_path):
-    assert groups_from_status("Name:\tx\nGroups:\t4 24 27 1000 \nNSpgid:\t1\n") == {4, 24, 27,
-                                                                                   1000}
-    assert groups_from_status("Groups:\n") == set()
-    from agent.api import peer_groups
-    (tmp_path / "77").mkdir()
-    (tmp_path / "77" / "status").write_text("Uid:\t4242\nGroups:\t5000 5001\n")
-    assert peer_groups(Peer(77, 4242, 4242), proc=str(tmp_path)) == {4242, 5000, 5001}
-    # this process, from the real /proc
-    assert set(os.getgroups()) | {os.getgid()} <= peer_groups(
-        Peer(os.getpid(), os.getuid(), os.getgid()))
+def test_reading_commands_never_hold_the_changes_lock(sock_path):
+    """A client's read (a long flow dump, a big dry run) runs without the lock that
+    forwarding changes, flow aging and the watchdog's loop take: the lock stays free."""
+    ctl = populated()
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_dump(tenant, limit):
+        inside.set()
+        release.wait(10)
+        return []
+    ctl.flow_dump = slow_dump
+    lock = threading.RLock()
+    with ApiServer(ctl, sock_path, lock=lock):
+        t = threading.Thread(target=lambda: ApiClient(sock_path).call("flow dump"))
+        t.start()
+        try:
+            assert inside.wait(5)
+            assert lock.acquire(timeout=1), "a reading client holds the changes lock"
+            lock.release()
+        finally:
+            release.set()
+            t.join()
 
 
 def test_handle_without_a_socket():
@@ -329,3 +339,16 @@ def test_connection_cap_refuses_the_extra_client(sock_path):
             except ApiError:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+
+
+def test_the_default_config_keeps_changes_for_root():
+    # The socket's group reads; changing is root's unless an admin group is configured.
+    from agent import config
+    a = config.Config().agent
+    assert a.admin_group == "" and a.socket_group
+    member = Peer(1, 4242, 4242, frozenset({grp.getgrgid(os.getgid()).gr_gid}))
+    assert not is_admin(member, a.admin_group)
+    srv = ApiServer(populated(), "/nonexistent/agent.sock", socket_group=a.socket_group,
+                    admin_group=a.admin_group)
+    assert srv.handle(b'{"command": "tenant add", "args": {"name": "r", "id": 2}}',
+                      member)["error"]["code"] == "denied"

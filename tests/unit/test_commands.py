@@ -8,6 +8,7 @@ import time
 import pytest
 
 from agent import commands, model
+from agent.flows import EVICTION_REASONS
 from agent.commands import COMMANDS, BadArgs, Stream, dispatch
 
 pytestmark = pytest.mark.unit
@@ -43,10 +44,14 @@ class FakeMonitor:
         def adopt(sock, reply):
             def feed():
                 sock.setblocking(True)
-                sock.sendall(reply)
-                for doc in self.lines:
-                    sock.sendall((json.dumps(doc) + "\n").encode())
-                sock.close()
+                try:
+                    sock.sendall(reply)
+                    for doc in self.lines:
+                        sock.sendall((json.dumps(doc) + "\n").encode())
+                except OSError:
+                    pass             # the client left (--count reached)
+                finally:
+                    sock.close()
             threading.Thread(target=feed, daemon=True).start()
         return Stream({"filter": {"type": args.get("type") or "all"}, "rate_limit": 1000},
                       adopt)
@@ -59,19 +64,22 @@ FRAME_HEX = ("020000000006020000000005080045000028000100004006" "66c40a0000050a0
 
 class FakeController:
     """The controller's interface over a model.State, so adds, deletes and applies behave
-    as the model says (duplicates and dangling references are refused)."""
+    as the model says (duplicates and dangling references are refused). Every reply has
+    the real Controller's shape and words (tests/bpf/test_contract.py checks it)."""
 
     def __init__(self):
         self.state = model.State()
         self.calls = []
         self.monitor = FakeMonitor()
         self.flows = [
-            {"tenant": "blue", "proto": "tcp", "src": "10.0.0.5", "sport": 40000,
-             "dst": "10.0.0.6", "dport": 22, "verdict": "redirect", "out_port": "veth-vm2",
-             "rule": 1, "packets": 10, "bytes": 1200, "idle_s": 1.5, "flags": ["est"]},
-            {"tenant": "red", "proto": "udp", "src": "10.0.0.5", "sport": 53,
-             "dst": "10.0.0.9", "dport": 5353, "verdict": "drop", "out_port": None,
-             "rule": None, "packets": 1, "bytes": 80, "idle_s": 3.0, "flags": []},
+            {"tenant": "blue", "proto": "tcp", "src": "10.0.0.5", "dst": "10.0.0.6",
+             "sport": 40000, "dport": 22, "verdict": "redirect", "in_port": "veth-vm1",
+             "out_port": "veth-vm2", "rule": 1, "packets": 10, "bytes": 1200,
+             "idle_s": 1.5, "age_s": 9.0, "flags": ""},
+            {"tenant": "red", "proto": "udp", "src": "10.0.0.9", "dst": "10.0.0.5",
+             "sport": 5353, "dport": 53, "verdict": "redirect", "in_port": "veth-vm3",
+             "out_port": "veth-vm4", "rule": 7, "packets": 1, "bytes": 80,
+             "idle_s": 3.0, "age_s": 3.0, "flags": "reply"},
         ]
         self.fail = None          # an exception status() raises, to test "internal"
         self.slow = 0.0           # seconds each call takes, to test serialization
@@ -90,15 +98,31 @@ class FakeController:
         self._enter("status")
         if self.fail:
             raise self.fail
-        return {"version": "test", "uptime_s": 12, "ports_attached": len(self.state.ports),
-                "flows": {"entries": len(self.flows), "capacity": 65536}}
+        return {"version": "test", "pid": 4242, "uptime_s": 12.0,
+                "config": "/etc/xdpflow/agent.toml", "pin_dir": "/sys/fs/bpf/xdpflow",
+                "program_id": 77,
+                "maps": [{"map": "xf_flows", "action": "reuse", "detail": ""}],
+                "tenants": [{"name": t.name, "id": t.id, "generation": 1,
+                             "rules": sum(1 for r in self.state.rules if r.tenant == t.name),
+                             "endpoints": sum(1 for e in self.state.endpoints
+                                              if e.tenant == t.name)}
+                            for t in self.state.sorted("tenants")],
+                "ports": [{"name": p.name, "tenant": p.tenant, "attached": True,
+                           "ifindex": 7, "mode": "native", "note": ""}
+                          for p in self.state.sorted("ports")],
+                "flows": len(self.flows), "flow_capacity": 65536,
+                "rules": len(self.state.rules)}
 
     def list(self, kind, tenant=None):
         self._enter("list", kind, tenant)
         objs = self.state.sorted(kind)
-        if tenant is not None and kind != "tenants":
-            objs = [o for o in objs if o.tenant == tenant]
-        return [o.to_dict() for o in objs]
+        if tenant is not None:
+            objs = [o for o in objs if (o.name if kind == "tenants" else o.tenant) == tenant]
+        out = [o.to_dict() for o in objs]
+        if kind == "rules":
+            for d in out:
+                d["hits"] = 0
+        return out
 
     def add(self, kind, obj):
         self._enter("add", kind, obj)
@@ -133,11 +157,14 @@ class FakeController:
     def stats(self):
         self._enter("stats")
         return {"counters": [
-            {"tenant": "blue", "port": "veth-vm1", "verdict": "redirect", "reason": "flow-hit",
+            {"tenant": "blue", "port": "veth-vm1", "verdict": "redirect", "reason": "flow",
              "packets": 1000, "bytes": 64000},
-            {"tenant": "blue", "port": "veth-vm1", "verdict": "drop", "reason": "no-rule",
+            {"tenant": "blue", "port": "veth-vm1", "verdict": "drop", "reason": "default",
              "packets": 3, "bytes": 180}],
-            "flows": {"entries": len(self.flows), "insert_failed": 0}}
+            "flows": {"total": len(self.flows), "capacity": 65536,
+                      "by_tenant": {"blue": 1, "red": 1}, "insert_failures": 0},
+            "evictions": {r: 0 for r in EVICTION_REASONS},
+            "rule_hits": {"1": 1000}}
 
     def add_rule_stats(self, rules):
         self._enter("add_rule_stats")
@@ -151,9 +178,10 @@ class FakeController:
 
     def trace(self, port, packet):
         self._enter("trace", port, packet)
-        return {"verdict": "redirect", "tenant": "blue", "rule": 1, "out_port": "veth-vm2",
-                "flow_hit": False, "reason": "rule", "packet_in": packet.hex(),
-                "packet_out": packet.hex()}
+        return {"port": port, "action": "redirect", "verdict": "redirect",
+                "reason": "rule_allow", "tenant": "blue", "rule": 1, "out_port": "veth-vm2",
+                "out_ifindex": 8, "flow_hit": False, "stale_flow": False,
+                "packet_in": packet.hex(), "packet_out": packet.hex(), "modified": False}
 
 
 def populated():
@@ -180,7 +208,6 @@ def test_every_command_has_help_examples_and_a_call(name):
     assert callable(cmd.run)
     for a in cmd.args:
         assert a.help
-        assert a.kind in ("str", "int", "float", "flag", "object")
         assert a.wire or a.cli
 
 

@@ -27,7 +27,7 @@ def _error(tmp_path, text) -> ConfigError:
 DEFAULTS = {
     "agent": {"socket": "/run/xdpflow/agent.sock", "state_dir": "/var/lib/xdpflow",
               "bpffs": "/sys/fs/bpf/xdpflow", "socket_group": "xdpflow",
-              "admin_group": "xdpflow", "teardown_on_exit": False, "log_level": "info",
+              "admin_group": "", "teardown_on_exit": False, "log_level": "info",
               "request_timeout": 5.0, "max_request_bytes": 4194304},
     "metrics": {"listen": "127.0.0.1:9477"},
     "datapath": {"flow_table_size": 1000000, "max_rule_entries": 262144, "max_masks": 32,
@@ -140,7 +140,8 @@ def test_wrong_type(tmp_path, text, key, line, words):
     ("agent.socket", '"run/agent.sock"', "not an absolute path"),
     ("agent.socket", '"/' + "x" * 107 + '"', "unix socket path"),
     ("agent.socket_group", '"xdp flow"', "not a group name"),
-    ("agent.admin_group", '""', "not a group name"),
+    ("agent.admin_group", '"-x"', "not a group name"),
+    ("agent.admin_group", "1", "expected a string"),
     ("datapath.flow_table_size", "1023", "out of range 1024..16777216"),
     ("datapath.max_rule_entries", "4194305", "out of range 16..4194304"),
     ("datapath.max_masks", "65", "out of range 1..64"),

@@ -55,3 +55,21 @@ def test_a_state_with_more_ports_than_slots_is_refused_before_commit(tmp_path):
             c.apply(STATE, dry_run=True)
     finally:
         store.close()
+
+
+def test_a_dry_run_is_bounded_by_what_the_datapath_holds(tmp_path):
+    # Port ranges become prefixes: 1024-65535 is 6 entries per rule. A client's dry run of
+    # a state bigger than the datapath holds is refused as soon as it passes
+    # datapath.max_rule_entries, instead of building all of it.
+    cfg = config.parse("[datapath]\nmax_rule_entries = 100\n")
+    store = Store.open(str(tmp_path / "state.db"))
+    wide = [{"id": i, "tenant": "blue", "priority": 10, "action": "allow", "proto": "tcp",
+             "dport": "1024-65535", "dst": f"10.0.{i}.0/24"}
+            for i in range(1, 200)]
+    try:
+        c = Controller(cfg, store, datapath=None, links=None)
+        with pytest.raises(model.Conflict, match="max_rule_entries"):
+            c.apply({"tenants": STATE["tenants"], "rules": wide}, dry_run=True)
+        assert c.apply({"tenants": STATE["tenants"], "rules": wide[:1]}, dry_run=True)
+    finally:
+        store.close()
