@@ -367,6 +367,7 @@ class RingBuffer:
             err = ct.get_errno()
             os.close(self.fd)
             raise BpfError(err, f"ring buffer: {os.strerror(err)}")
+        self._epoll_fd = _lib.ring_buffer__epoll_fd(self._rb)
 
     def _record(self, _ctx, data, size) -> int:
         try:
@@ -377,7 +378,7 @@ class RingBuffer:
         return 0
 
     def fileno(self) -> int:
-        return _lib.ring_buffer__epoll_fd(self._rb)
+        return self._epoll_fd
 
     def consume(self) -> int:
         """Hand every waiting record to on_record; returns how many there were."""

@@ -154,6 +154,7 @@ class Controller:
         """A rebuilt datapath (new sizes): program it from the stored state and move every
         port onto its program (one atomic replace each). The caller closes the old one."""
         self.dp, self.cfg = dp, cfg
+        self.monitor.use(dp)
         self.sweeper.use(cfg, dp)
         self._prog_id = 0
         self.attached = {}

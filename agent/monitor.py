@@ -187,6 +187,15 @@ class Monitor:
                 self._thread.start()
         self._wake()
 
+    def use(self, dp) -> None:
+        """A rebuilt datapath, before its program is attached: it gets the listeners'
+        switch and filter now, so no packet between the swap and this thread's next round
+        goes unreported (its events wait in the new ring)."""
+        if self._thread is None:
+            return
+        dp.monitor_maps()[1].put(bytes(ct.c_uint32(0)), self._cfg_bytes())
+        self._wake()
+
     def stats(self) -> Dict[str, int]:
         """Datapath sent/lost counts (this build's, summed over CPUs), client losses and
         the number of listeners."""
@@ -217,19 +226,19 @@ class Monitor:
     def _bind(self) -> None:
         """Read the ring of the datapath the controller has now (a rebuild replaces it)."""
         dp = self.c.dp
-        if dp is self._dp:
-            return
         if self._cfg_map is not None:       # the old build stops making events
             self._clients_cfg_off()
         self._unbind()
         ring_fd, cfg_map, cpu_map = dp.monitor_maps()
-        from .bpfsys import RawMap, RingBuffer
+        from .bpfsys import RawMap, RingBuffer, prog_info_id as bpfsys_prog_id
         self._cfg_map = RawMap(os.dup(cfg_map.fd), "xf_mon", owned=True)
         self._cpu_map = RawMap(os.dup(cpu_map.fd), "xf_mon_cpu", owned=True)
         self._ring = RingBuffer(ring_fd, self._on_record)
         self._dp = dp
         self._written = None
         self._write_cfg()
+        log.info("monitor: reading the events of program %d (%d listening)",
+                 bpfsys_prog_id(dp.prog_fd), len(self._clients))
 
     def _clients_cfg_off(self) -> None:
         try:
@@ -248,12 +257,15 @@ class Monitor:
     def _write_cfg(self) -> None:
         if self._cfg_map is None:
             return
-        filt = datapath_filter([cl.filter for cl in self._clients])
-        cfg = abi.MonCfg(**filt, **bucket(self.c.cfg.monitor.rate_limit))
-        raw = bytes(cfg)
+        raw = self._cfg_bytes()
         if raw != self._written:
             self._cfg_map.put(bytes(ct.c_uint32(0)), raw)
             self._written = raw
+
+    def _cfg_bytes(self) -> bytes:
+        """The datapath's switch and filter for the listeners there are now."""
+        filt = datapath_filter([cl.filter for cl in list(self._clients)])
+        return bytes(abi.MonCfg(**filt, **bucket(self.c.cfg.monitor.rate_limit)))
 
     def _datapath_counts(self) -> Dict[str, int]:
         m = self._cpu_map
@@ -286,46 +298,52 @@ class Monitor:
         try:
             while not self._stop.is_set():
                 try:
-                    self._bind()
+                    if self.c.dp is not self._dp:     # (re)built: read the new one's ring
+                        if ring_key is not None:
+                            sel.unregister(self._ring)
+                            ring_key = None
+                        self._bind()
+                        ring_key = sel.register(self._ring, selectors.EVENT_READ, "ring")
+                    next_tick = self._serve(sel, next_tick)
                 except Exception:
-                    log.exception("monitor: cannot read the datapath's events")
+                    log.exception("monitor: serving events failed")
                     time.sleep(TICK)
-                    continue
-                if ring_key is None or ring_key.fileobj is not self._ring:
-                    if ring_key is not None:
-                        sel.unregister(ring_key.fileobj)
-                    ring_key = sel.register(self._ring, selectors.EVENT_READ, "ring")
-                with self._lock:
-                    new, self._new = self._new, []
-                base = self._datapath_counts()
-                for cl in new:
-                    cl.base = base
-                    self._clients.append(cl)
-                    sel.register(cl.sock, selectors.EVENT_READ, cl)
-                if new:
-                    self._write_cfg()
-                    for cl in new:
-                        self._flush(sel, cl)      # their replies: they are subscribed
-                self._mono_to_wall = time.time() - time.monotonic()
-                for key, mask in sel.select(max(0.0, next_tick - time.monotonic())):
-                    if key.data == "wake":
-                        try:
-                            while self._wake_r.recv(4096):
-                                pass
-                        except BlockingIOError:
-                            pass
-                    elif key.data == "ring":
-                        self._ring.consume()
-                    elif mask & selectors.EVENT_READ:
-                        self._hear(sel, key.data)
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + TICK
-                    self._tick()
-                for cl in list(self._clients):
-                    self._flush(sel, cl)
         finally:
             sel.close()
+
+    def _serve(self, sel, next_tick: float) -> float:
+        """One round: new clients, events and client sockets, the tick. Returns when the
+        next tick is due."""
+        with self._lock:
+            new, self._new = self._new, []
+        base = self._datapath_counts()
+        for cl in new:
+            cl.base = base
+            self._clients.append(cl)
+            sel.register(cl.sock, selectors.EVENT_READ, cl)
+        if new:
+            self._write_cfg()
+            for cl in new:
+                self._flush(sel, cl)      # their replies: they are subscribed
+        self._mono_to_wall = time.time() - time.monotonic()
+        for key, mask in sel.select(max(0.0, next_tick - time.monotonic())):
+            if key.data == "wake":
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif key.data == "ring":
+                self._ring.consume()
+            elif mask & selectors.EVENT_READ:
+                self._hear(sel, key.data)
+        now = time.monotonic()
+        if now >= next_tick:
+            next_tick = now + TICK
+            self._tick()
+        for cl in list(self._clients):
+            self._flush(sel, cl)
+        return next_tick
 
     def _hear(self, sel, cl: _Client) -> None:
         """A client sends nothing after its request: data or EOF means it is leaving."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -220,3 +221,27 @@ def test_the_lab_finds_the_events_of_one_packet_by_what_it_carries(net):
 def describe(ev):
     from agent.monitor import describe_packet
     return describe_packet(ev["packet"])
+
+
+def test_a_monitor_keeps_streaming_across_a_datapath_rebuild(net):
+    """Last in the module: SIGHUP with a new flow-table size replaces the program (and its
+    ring); a monitor already listening gets the new program's events."""
+    vm1, vm2 = net.vm("blue", 1), net.vm("blue", 2)
+    before = net.ok("status")["program_id"]
+    mon = Monitor(net, "--type", "drop", "--reason", "rule_deny", "--count", "1",
+                  "--duration", "60")
+    try:
+        text = net.config.read_text()
+        assert "flow_table_size = 65536" in text
+        net.config.write_text(text.replace("flow_table_size = 65536",
+                                           "flow_table_size = 131072"))
+        net.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while net.ok("status")["program_id"] == before:
+            assert time.monotonic() < deadline, "the program was not replaced"
+            time.sleep(0.2)
+        exchange(vm1, "tcp", vm2.ip, 5202, "x", timeout=0.5)
+        (ev,), err = mon.finish(timeout=60)
+    finally:
+        mon.kill()
+    assert (ev["reason"], ev["rule"], ev["dport"]) == ("rule_deny", 4, 5202)
