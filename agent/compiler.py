@@ -222,7 +222,8 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
             continue
         t = tenants[p.tenant]
         flags = (abi.PORT_SECURITY if p.port_security else 0) | \
-            (abi.PORT_VLAN if p.allow_vlan else 0)
+            (abi.PORT_VLAN if p.allow_vlan else 0) | \
+            (abi.PORT_TENANT_DROP if t.default != "pass" else 0)
         v = abi.Port(tenant=t.id, slot=link.slot, flags=flags)
         ct.memmove(v.mac, abi.mac_bytes(link.mac), 6)
         img.ports[bytes(ct.c_uint32(link.ifindex))] = bytes(v)

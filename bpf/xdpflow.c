@@ -305,8 +305,9 @@ static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
     c->slot = port->slot;
     __u32 tid = c->tenant;
     struct xf_tenant *t = xf_tenants.lookup(&tid);
-    if (!t || t->generation == 0)
-        return xf_decide(c, XF_V_PASS, XF_R_NO_TENANT);
+    if (!t || t->generation == 0)   /* fail closed where the tenant's default is drop */
+        return xf_decide(c, (port->flags & XF_PORT_TENANT_DROP) ? XF_V_DROP : XF_V_PASS,
+                         XF_R_NO_TENANT);
     c->gen = t->generation;
     c->port_flags = port->flags;
     c->v.verdict = t->default_verdict == XF_V_PASS ? XF_V_PASS : XF_V_DROP;

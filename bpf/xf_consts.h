@@ -89,6 +89,8 @@
 /* Port flags. */
 #define XF_PORT_SECURITY 0x01  /* sources checked: the MAC and address of an endpoint of the port */
 #define XF_PORT_VLAN 0x02      /* VLAN-tagged frames accepted */
+#define XF_PORT_TENANT_DROP 0x04  /* its tenant's default is drop: so is a packet that finds
+                                   * no tenant entry (fail closed) */
 
 /* Endpoint flags. */
 #define XF_EP_LOCAL 0x01       /* an address of the node itself: hand to the kernel */

@@ -1,5 +1,9 @@
 """xdpflow-lab: the lab's command line (console script `xdpflow-lab`, netns_lab.cli:main).
 
+    xdpflow-lab up [--lab FILE] [--prefix P]           build the lab, start the agent, leave it up
+    xdpflow-lab down [--lab FILE] [--prefix P]         remove all it made (also after a killed up)
+    xdpflow-lab compare [--lab FILE] [--prefix P] [--scenario S ...] [--exclude S ...]
+                        [--variant iptables|nftables ...] [--json FILE]
     xdpflow-lab bench datapath [--json FILE] [--png FILE] [--repeat N] [--rounds R]
     xdpflow-lab demo [DEMO OPTIONS ...]
 
@@ -129,9 +133,173 @@ def _run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if rc is None else int(rc)
 
 
-# Top-level commands: name -> add its subparser. `compare` (both paths, packet by packet)
-# and others are added here.
+# -- up / down / compare (netns_lab/topology.py, netns_lab/compare.py) ---------------------
+
+def _lab_args(p: argparse.ArgumentParser) -> None:
+    from netns_lab.labfile import DEMO_LAB
+    p.add_argument("--lab", metavar="FILE", default=DEMO_LAB,
+                   help="the lab file: the `xdpflowctl apply` schema plus [lab] and [[vms]] "
+                        "(default: the demo lab)")
+    p.add_argument("--prefix", metavar="P",
+                   help="name prefix of everything the lab makes (default: [lab] prefix)")
+
+
+def _lab_for(args: argparse.Namespace, what: str):
+    """The lab file, checked first (bad input: exit 2 naming what is wrong, nothing
+    changed), then root; None after printing why not."""
+    from netns_lab import labfile
+    try:
+        spec = labfile.load(args.lab, prefix=args.prefix)
+    except labfile.LabFileError as e:
+        print(f"xdpflow-lab: {e}", file=sys.stderr)
+        return None
+    err = _need_root(what)
+    if err:
+        print(f"xdpflow-lab: {err}", file=sys.stderr)
+        return None
+    return spec
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _add_up(sub) -> None:
+    p = sub.add_parser("up", help="build the lab (every path) and leave it running",
+                       description="Build the VMs on the offloaded path (the agent, "
+                                   "configured with `xdpflowctl apply`) and on both kernel "
+                                   "variants, and leave them up; `down` removes them.")
+    _lab_args(p)
+    p.set_defaults(func=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    spec = _lab_for(args, "up")
+    if spec is None:
+        return EXIT_USAGE
+    from netns_lab import topology
+    _terminate_cleanly()
+    try:
+        topo = topology.Topology(spec, say=_say).up(detach=True)
+    except topology.LabError as e:
+        print(f"xdpflow-lab: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(reach_text(topo))
+    return EXIT_OK
+
+
+def reach_text(topo) -> str:
+    """How to reach an up lab (printed by `up` and `demo --keep`)."""
+    from netns_lab import render
+    spec = topo.spec
+    lines = [f"lab {spec.prefix} is up ({spec.source}); namespaces:"]
+    for path in topo.paths:
+        vms = ", ".join(topo.vm_ns(path, vm) for vm in spec.vms)
+        lines.append(f"  {path:9} VMs: {vms}")
+        if path == "offload":
+            lines.append(f"  {'':9} node: {render.ns_name(spec.prefix, path, 'node')}")
+        else:
+            lines.append(f"  {'':9} routers: " + ", ".join(
+                render.router_ns(spec.prefix, path, t) for t in render.all_tenants(spec)))
+    vm = spec.vms[0]
+    other = next((v for v in spec.vms[1:] if v.tenant == vm.tenant), vm)
+    lines += [
+        "try:",
+        f"  ip netns exec {topo.vm_ns('offload', vm)} ping -c 2 {other.ip}",
+    ]
+    if topo.lab is not None:
+        lines += [
+            f"  xdpflowctl --socket {topo.lab.socket} flow dump",
+            f"  nsenter --net=/run/netns/{topo.lab.node} curl -s "
+            f"http://127.0.0.1:{topo.lab.metrics_port}/metrics | grep ^xdpflow_packets",
+        ]
+    if "iptables" in topo.paths:
+        lines.append(f"  ip netns exec {render.router_ns(spec.prefix, 'iptables', vm.tenant)} "
+                     f"iptables -L -v -n")
+    lines += [f"  xdpflow-lab compare --lab {spec.source} --prefix {spec.prefix}",
+              f"  xdpflow-lab down --prefix {spec.prefix}      # removes all of it"]
+    return "\n".join(lines)
+
+
+def _add_down(sub) -> None:
+    p = sub.add_parser("down", help="remove every namespace, interface, process and pin of "
+                                    "a lab (also after a killed `up`)")
+    _lab_args(p)
+    p.set_defaults(func=_run_down)
+
+
+def _run_down(args: argparse.Namespace) -> int:
+    # Needs only the prefix: a lab file that no longer loads must not keep a lab up.
+    if args.prefix is None:
+        spec = _lab_for(args, "down")
+        if spec is None:
+            return EXIT_USAGE
+        args.prefix = spec.prefix
+    from netns_lab import labfile, topology
+    err = labfile.check_prefix(args.prefix) or _need_root("down")
+    if err:
+        print(f"xdpflow-lab: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    topology.down(args.prefix, say=print)
+    return EXIT_OK
+
+
+def _add_compare(sub) -> None:
+    from netns_lab import render
+    p = sub.add_parser("compare", help="send every scenario through the offloaded path and "
+                                       "the kernel path; compare what every VM receives",
+                       description="Uses the lab if it is up, or builds it for the run and "
+                                   "removes it after. Exit 1 on any mismatch.")
+    _lab_args(p)
+    p.add_argument("--scenario", metavar="S", action="append",
+                   help="only this scenario (repeatable; default: all shipped ones)")
+    p.add_argument("--exclude", metavar="S", action="append", help="leave this scenario out")
+    p.add_argument("--variant", choices=render.VARIANTS, action="append",
+                   help="kernel variant(s) to compare with (default: both)")
+    p.add_argument("--json", metavar="FILE", help="also write the comparison as JSON")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from netns_lab import compare, render, scenarios, topology
+    try:
+        chosen = scenarios.load(args.scenario, args.exclude)
+    except ValueError as e:
+        print(f"xdpflow-lab: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    spec = _lab_for(args, "compare")
+    if spec is None:
+        return EXIT_USAGE
+    variants = args.variant or list(render.VARIANTS)
+    _terminate_cleanly()
+    try:
+        doc = run_compare(spec, chosen, variants)
+    except (topology.LabError, compare.ScenarioError) as e:
+        print(f"xdpflow-lab: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(compare.format_table(doc))
+    if args.json:
+        compare.write_json(doc, args.json)
+        print(f"wrote {args.json}")
+    return EXIT_FAILED if doc["total"]["mismatches"] else EXIT_OK
+
+
+def run_compare(spec, chosen, variants, say: Callable[[str], None] = _say):
+    """Compare on the lab if it is up, else on one built for the run (and removed)."""
+    from netns_lab import compare, topology
+    if topology.Topology.is_up(spec.prefix):
+        say(f"using lab {spec.prefix}, which is up")
+        return compare.compare(topology.Topology.attach(spec), chosen, variants, say)
+    say(f"building lab {spec.prefix} for this run")
+    with topology.Topology(spec, ["offload"] + list(variants), say=say).up() as topo:
+        return compare.compare(topo, chosen, variants, say)
+
+
+# Top-level commands: name -> add its subparser.
 COMMANDS: Dict[str, Callable] = {
+    "up": _add_up,
+    "down": _add_down,
+    "compare": _add_compare,
     "bench": _add_bench,
     "demo": _add_demo,
 }

@@ -72,6 +72,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return jsonlib.dumps(str(v))
 
 
@@ -97,11 +99,18 @@ class Lab:
     """One node namespace, VM namespaces behind veths, a temp dir, a pin dir, a config
     file, and at most one running agent."""
 
-    def __init__(self, prefix: str = "xfl"):
+    def __init__(self, prefix: str = "xfl", node: Optional[str] = None,
+                 workdir: Optional[Path] = None, pin_dir: Optional[str] = None):
+        """By default every name is `prefix` + a unique tail; a lab built from a file
+        (netns_lab/topology.py) passes its own node namespace, work dir and pin dir."""
         self.prefix = prefix
         self.ns = Namespaces()
-        self.dir = Path(tempfile.mkdtemp(prefix=prefix + "-"))
-        self.pin_dir = f"/sys/fs/bpf/xdpflow-lab-{unique(prefix, 30)}"
+        if workdir is not None:
+            self.dir = Path(workdir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.dir = Path(tempfile.mkdtemp(prefix=prefix + "-"))
+        self.pin_dir = pin_dir or f"/sys/fs/bpf/xdpflow-lab-{unique(prefix, 30)}"
         self.socket = str(self.dir / "run" / "agent.sock")
         self.state_dir = str(self.dir / "state")
         self.config = self.dir / "agent.toml"
@@ -112,11 +121,11 @@ class Lab:
         self.proc: Optional[subprocess.Popen] = None
         self.groups: List[str] = []
         self.agent_starts = 0
-        self.node = self._ns("n")
+        self.node = self._ns("n") if node is None else self._ns(node, exact=True)
 
     # -- topology -------------------------------------------------------------------------
-    def _ns(self, kind: str) -> str:
-        name = self.ns.add(self.prefix + kind)
+    def _ns(self, kind: str, exact: bool = False) -> str:
+        name = self.ns.add(kind if exact else self.prefix + kind, exact=exact)
         CREATED_NAMESPACES.append(name)
         return name
 
@@ -176,7 +185,9 @@ class Lab:
 
     # -- the agent ----------------------------------------------------------------------------
     def start_agent(self, env: Optional[Dict[str, str]] = None, wait: bool = True,
-                    timeout: float = 60.0) -> subprocess.Popen:
+                    timeout: float = 60.0, detach: bool = False) -> subprocess.Popen:
+        """Start the agent in the node namespace; `detach` puts it in its own session, so
+        it outlives this process (`xdpflow-lab up`) and a Ctrl-C here does not reach it."""
         assert self.proc is None or self.proc.poll() is not None, "an agent is running"
         if not self.config.exists():
             self.write_config()
@@ -193,7 +204,8 @@ class Lab:
             self.proc = subprocess.Popen(
                 ["nsenter", f"--net=/run/netns/{self.node}", AGENT, "--config",
                  str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
+                start_new_session=detach)
         if wait:
             self.wait_ready(timeout)
         return self.proc

@@ -42,8 +42,10 @@ class Namespaces:
     def __init__(self):
         self.names: List[str] = []
 
-    def add(self, prefix: str = "xf") -> str:
-        name = unique(prefix, maxlen=30)
+    def add(self, prefix: str = "xf", exact: bool = False) -> str:
+        """A new namespace named prefix + a unique tail, or exactly `prefix` (a lab built
+        from a file, whose names `down` finds again by the lab's prefix)."""
+        name = prefix if exact else unique(prefix, maxlen=30)
         ip("netns", "add", name)
         self.names.append(name)
         ip("link", "set", "lo", "up", ns=name)

@@ -236,3 +236,53 @@ class Stream:
     def __exit__(self, *exc):
         self.tx.kill()
         self.rx.kill()
+
+
+# Receives one TCP connection to the end and prints its length and SHA-256.
+SINK = r'''
+import hashlib, json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(1)
+s.settimeout(float(sys.argv[2]))
+print("ready", flush=True)
+c, _ = s.accept()
+c.settimeout(float(sys.argv[2]))
+h, n = hashlib.sha256(), 0
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    h.update(b)
+    n += len(b)
+print(json.dumps({"bytes": n, "sha256": h.hexdigest()}), flush=True)
+'''
+
+# Sends N pseudo-random bytes (seeded: the same on every path) and prints what it sent.
+SOURCE = r'''
+import hashlib, json, random, socket, sys, time
+dst, port, n, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+data = random.Random(9).randbytes(n)
+t0 = time.monotonic()
+c = socket.create_connection((dst, port), timeout=timeout)
+c.sendall(data)
+c.shutdown(socket.SHUT_WR)
+c.recv(1)
+c.close()
+print(json.dumps({"bytes": n, "sha256": hashlib.sha256(data).hexdigest(),
+                  "seconds": round(time.monotonic() - t0, 3)}))
+'''
+
+
+def tcp_transfer(src_ns: str, dst_ns: str, dst_ip: str, port: int, nbytes: int,
+                 timeout: float = 60) -> Dict[str, Any]:
+    """A real TCP connection from one VM namespace to another carrying `nbytes`;
+    {"sent": {bytes, sha256, seconds}, "received": {bytes, sha256}}."""
+    with _Proc(_in_ns(dst_ns, SINK, port, timeout), "tcp sink") as sink:
+        p = run(_script(SOURCE, dst_ip, port, nbytes, timeout), ns=src_ns, check=False,
+                timeout=timeout + 10)
+        if p.returncode != 0:
+            raise AssertionError(f"tcp source failed: {p.stderr.strip()}")
+        return {"sent": json.loads(p.stdout.strip().splitlines()[-1]),
+                "received": sink.finish(timeout)}

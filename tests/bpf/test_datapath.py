@@ -232,11 +232,15 @@ def test_random_frames_never_abort(bench):
 
 # --- single-purpose tests ------------------------------------------------------------------
 
-def test_port_of_an_unconfigured_tenant_is_no_tenant(bench, lab):
+@pytest.mark.parametrize("default, rc, verdict", [("drop", XDP_DROP, "drop"),
+                                                    ("pass", XDP_PASS, "pass")])
+def test_port_of_an_unconfigured_tenant_is_no_tenant(bench, lab, default, rc, verdict):
     """A port whose tenant has no generation (an image with the port but not its tenant,
-    as a crash between writes could leave the maps) hands everything to the kernel."""
+    as a crash between writes could leave the maps) fails closed where the tenant's
+    default is drop (the port entry carries it), and goes to the kernel where it is pass;
+    counted as no_tenant either way."""
     state = dict(cases.ALLOW_ALL)
-    state["tenants"] = state["tenants"] + [{"name": "green", "id": 77}]
+    state["tenants"] = state["tenants"] + [{"name": "green", "id": 77, "default": default}]
     state["ports"] = state["ports"] + [{"name": "p5", "tenant": "green"}]
     bench.apply(cases.ALLOW_ALL)
     img = compiler.compile_state(model.State.from_dict(state), bench.links())
@@ -244,9 +248,9 @@ def test_port_of_an_unconfigured_tenant_is_no_tenant(bench, lab):
     bench.dp.sync(img)
     pkt = raw(cases.udp4(port="p5"))
     before = bench.snapshot()
-    rc, out = bench.run(pkt, "p5")
-    assert (rc, out) == (XDP_PASS, pkt)
-    assert bench.snapshot() - before == {(SLOT["p5"], "pass", "no_tenant"): (1, len(pkt))}
+    got, out = bench.run(pkt, "p5")
+    assert (got, out) == (rc, pkt)
+    assert bench.snapshot() - before == {(SLOT["p5"], verdict, "no_tenant"): (1, len(pkt))}
 
 
 def _csum(words: bytes) -> int:

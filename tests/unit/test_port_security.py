@@ -80,7 +80,9 @@ def test_compiler_port_flags_and_sources():
     img = compiler.compile_state(state(allow=["10.0.0.64/26"], allow_vlan=True), links())
     flags = {abi.Port.from_buffer_copy(v).slot: abi.Port.from_buffer_copy(v).flags
              for v in img.ports.values()}
-    assert flags == {3: abi.PORT_SECURITY | abi.PORT_VLAN, 4: 0}
+    # blue's default is drop: every port of it carries that, to fail closed (no_tenant)
+    drop = abi.PORT_TENANT_DROP
+    assert flags == {3: abi.PORT_SECURITY | abi.PORT_VLAN | drop, 4: drop}
     mac = "02:00:00:00:00:01"
     # vm1's allowed prefix and link-local with its endpoints' MAC (the endpoints themselves
     # are checked in the endpoint map); nothing for vm2 (no port security).
@@ -90,7 +92,8 @@ def test_compiler_port_flags_and_sources():
 def test_compiler_no_port_security_no_sources():
     img = compiler.compile_state(state(port_security=False), links())
     assert img.port_src == {}
-    assert {abi.Port.from_buffer_copy(v).flags for v in img.ports.values()} == {0}
+    assert {abi.Port.from_buffer_copy(v).flags for v in img.ports.values()} == \
+        {abi.PORT_TENANT_DROP}
 
 
 def test_store_migrates_a_version_1_database(tmp_path):

@@ -1,0 +1,246 @@
+"""A lab built from a lab file (netns_lab/labfile.py): every VM once per path, behind
+- `offload`: a node namespace whose VM-facing veths are the agent's ports; the agent runs
+  as a process there and is configured with `xdpflowctl apply` from the lab file's state;
+- `iptables` / `nftables`: a router namespace per tenant rendered by netns_lab/render.py.
+
+Every name starts with the lab's prefix (namespaces PREFIX-TAG-..., pins
+/sys/fs/bpf/PREFIX-lab, files under /run/xdpflow-lab/PREFIX), so `down(prefix)` removes
+everything a lab made, also after an `up` that was killed half-way. Interfaces live only
+inside the lab's namespaces and go with them."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from . import render
+from .lab import Lab, toml_tables
+from .labfile import VM, VM_IFNAME, LabSpec
+from .netns import run
+
+RUN_ROOT = Path("/run/xdpflow-lab")
+
+
+class LabError(RuntimeError):
+    """The lab cannot be built or found; the message says what to do."""
+
+
+def rundir(prefix: str) -> Path:
+    return RUN_ROOT / prefix
+
+
+def pin_dir(prefix: str) -> str:
+    return f"/sys/fs/bpf/{prefix}-lab"
+
+
+def namespaces_of(prefix: str) -> List[str]:
+    out = run(["ip", "netns", "list"]).stdout
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if n.startswith(prefix + "-")]
+
+
+def down(prefix: str, say: Callable[[str], None] = lambda s: None) -> Dict[str, int]:
+    """Remove everything lab `prefix` made: the processes it started inside its
+    namespaces (found by id, through the namespaces), the namespaces (and with them every
+    interface and attached program), the pins and the run directory."""
+    names = namespaces_of(prefix)
+    killed = 0
+    for ns in names:
+        pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, ValueError):
+                pass
+    for ns in names:
+        run(["ip", "netns", "del", ns], check=False)
+    pins = pin_dir(prefix)
+    had_pins = os.path.exists(pins)
+    shutil.rmtree(pins, ignore_errors=True)
+    shutil.rmtree(rundir(prefix), ignore_errors=True)
+    say(f"lab {prefix}: removed {len(names)} namespaces, {killed} processes"
+        + (", the pin directory" if had_pins else ""))
+    return {"namespaces": len(names), "processes": killed, "pins": int(had_pins)}
+
+
+def _sysctl(ns: str, pairs: Sequence) -> None:
+    if pairs:
+        run(["sysctl", "-q", "-w", *[f"{k}={v}" for k, v in pairs]], ns=ns)
+
+
+def _ip_batch(ns: str, lines: Sequence[str]) -> None:
+    if lines:
+        run(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n")
+
+
+class Topology:
+    """The lab's namespaces on the chosen paths, and for `offload` the running agent."""
+
+    def __init__(self, spec: LabSpec, paths: Sequence[str] = render.PATHS,
+                 say: Callable[[str], None] = lambda s: None):
+        unknown = set(paths) - set(render.PATHS)
+        if unknown:
+            raise LabError(f"unknown path(s) {', '.join(sorted(unknown))} "
+                           f"(known: {', '.join(render.PATHS)})")
+        self.spec = spec
+        self.prefix = spec.prefix
+        self.paths = [p for p in render.PATHS if p in paths]
+        self.say = say
+        self.dir = rundir(self.prefix)
+        self.lab: Optional[Lab] = None
+
+    # -- names ------------------------------------------------------------------------------
+    def vm_ns(self, path: str, vm: VM) -> str:
+        return render.ns_name(self.prefix, path, vm.name)
+
+    def side_ns(self, path: str, vm: VM) -> str:
+        """Where the VM's port lives on this path: the node, or its tenant's router."""
+        return (render.ns_name(self.prefix, path, "node") if path == "offload"
+                else render.router_ns(self.prefix, path, vm.tenant))
+
+    # -- up ----------------------------------------------------------------------------------
+    def up(self, detach: bool = False) -> "Topology":
+        """Build every path; on any failure remove what was made and raise."""
+        if namespaces_of(self.prefix):
+            raise LabError(f"lab {self.prefix} is already up (or a killed run left it "
+                           f"behind): run `xdpflow-lab down --prefix {self.prefix}` first")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for path in self.paths:
+                t0 = time.monotonic()
+                self._build_path(path)
+                self.say(f"  {path}: {len(self.spec.vms)} VMs built "
+                         f"({time.monotonic() - t0:.1f}s)")
+            if "offload" in self.paths:
+                self._start_agent(detach)
+            time.sleep(0.3)        # the kernels' start-up chatter (MLD reports) is over
+            self._write_state()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build_path(self, path: str) -> None:
+        spec = self.spec
+        if path == "offload":
+            node = render.ns_name(self.prefix, path, "node")
+            self.lab = Lab(prefix=self.prefix, node=node, workdir=self.dir / "agent",
+                           pin_dir=pin_dir(self.prefix))
+            # The node forwards nothing itself: what the datapath passes to it ends there.
+            _sysctl(node, list(render.QUIET_SYSCTLS) + [("net.ipv4.ip_forward", "0"),
+                                                        ("net.ipv6.conf.all.forwarding", "0")])
+            sides = [render.NsSetup(node)]
+        else:
+            sides = render.kernel_setups(spec, path)
+            for s in sides:
+                run(["ip", "netns", "add", s.name])
+                _ip_batch(s.name, ["link set lo up"])
+                _sysctl(s.name, s.sysctls)
+        for vm in spec.vms:
+            vs = render.vm_setup(spec, vm, path)
+            side = self.side_ns(path, vm)
+            run(["ip", "netns", "add", vs.name])
+            _sysctl(vs.name, vs.sysctls)
+            _ip_batch(vs.name, [
+                "link set lo up",
+                f"link add {VM_IFNAME} address {vm.mac} type veth peer name {vm.port} "
+                f"address {vm.port_mac} netns {side}",
+                f"link set {VM_IFNAME} up"] + vs.ip_batch)
+            _ip_batch(side, [f"link set {vm.port} up"])
+            # Finished checksums in what the VM sends, on every path: bytes compare.
+            run(["ethtool", "-K", VM_IFNAME, "tx", "off"], ns=vs.name)
+        for s in sides:
+            _sysctl(s.name, s.late_sysctls)
+            _ip_batch(s.name, s.ip_batch)
+            for argv, text in s.firewall:
+                run(argv, ns=s.name, input=text)
+
+    def _start_agent(self, detach: bool) -> None:
+        lab = self.lab
+        lab.write_config()
+        t0 = time.monotonic()
+        self.say("  offload: starting the agent (builds the datapath with BCC) ...")
+        lab.start_agent(detach=detach)
+        state_file = self.dir / "state.toml"
+        state_file.write_text(toml_tables("", self.spec.apply_dict()))
+        r = lab.ctl("apply", str(state_file))
+        if r.code != 0:
+            raise LabError(f"xdpflowctl apply {state_file} failed: {r.stderr.strip()}; agent "
+                           f"log (end):\n{lab.log_text()[-4000:]}")
+        deadline = time.monotonic() + 30
+        while True:
+            ports = lab.ok("status")["ports"]
+            missing = [p["name"] for p in ports if not p.get("attached")]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"the agent did not attach to {', '.join(missing)}; "
+                               f"log:\n{lab.log_text()}")
+            time.sleep(0.1)
+        self.say(f"  offload: agent pid {lab.proc.pid} attached to {len(ports)} ports, "
+                 f"configured with `xdpflowctl apply` ({time.monotonic() - t0:.1f}s)")
+
+    def _write_state(self) -> None:
+        lab = self.lab
+        doc = {"prefix": self.prefix, "lab_file": os.path.abspath(self.spec.source),
+               "paths": self.paths}
+        if lab is not None:
+            doc.update(agent_pid=lab.proc.pid, socket=lab.socket,
+                       metrics_port=lab.metrics_port, node=lab.node, config=str(lab.config))
+        (self.dir / "lab.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+    # -- an up lab ------------------------------------------------------------------------------
+    @classmethod
+    def attach(cls, spec: LabSpec, say: Callable[[str], None] = lambda s: None) -> "Topology":
+        """The lab `up` built and left running (for `compare` and `demo --keep`)."""
+        try:
+            doc = json.loads((rundir(spec.prefix) / "lab.json").read_text())
+        except (OSError, ValueError):
+            raise LabError(f"lab {spec.prefix} is not up") from None
+        topo = cls(spec, doc["paths"], say)
+        if "socket" in doc:
+            lab = Lab.__new__(Lab)     # the agent's handles only; up owns its namespaces
+            lab.socket, lab.metrics_port, lab.node = doc["socket"], doc["metrics_port"], doc["node"]
+            lab.proc = None
+            lab.log_path = Path(doc["config"]).parent / "agent.log"
+            topo.lab = lab
+        return topo
+
+    @staticmethod
+    def is_up(prefix: str) -> bool:
+        return (rundir(prefix) / "lab.json").exists() and bool(namespaces_of(prefix))
+
+    def agent_pid(self) -> Optional[int]:
+        if self.lab is None:
+            return None
+        if self.lab.proc is not None:
+            return self.lab.proc.pid
+        try:
+            return json.loads((self.dir / "lab.json").read_text()).get("agent_pid")
+        except (OSError, ValueError):
+            return None
+
+    # -- the end -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.lab is not None and getattr(self.lab, "proc", None) is not None:
+            p = self.lab.proc
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+        down(self.prefix)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
