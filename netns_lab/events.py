@@ -13,18 +13,21 @@ the recording missed, so a comparison can tell "no event" from "event lost"."""
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from agent.api import ApiClient, ApiError
 
 
-def events_for(events: List[Dict[str, Any]], needle: bytes) -> List[Dict[str, Any]]:
-    """The events whose packet bytes contain `needle`, each with its addresses, protocol
-    and ports decoded."""
+def events_for(events: List[Dict[str, Any]], needle: bytes,
+               frames: Sequence[bytes] = ()) -> List[Dict[str, Any]]:
+    """The events whose packet bytes contain `needle` or are the start of one of `frames`
+    as sent (a packet whose needle lies beyond the bytes an event carries, dropped or
+    passed untouched), each with its addresses, protocol and ports decoded."""
     from agent.monitor import describe_packet
     out = []
     for ev in events:
-        if needle in bytes.fromhex(ev.get("packet", "")):
+        data = bytes.fromhex(ev.get("packet", ""))
+        if (needle and needle in data) or any(data and f.startswith(data) for f in frames):
             out.append({**ev, **describe_packet(ev["packet"])})
     return out
 
@@ -66,8 +69,8 @@ class EventRecorder:
             self.stream.close()
         return self.events
 
-    def events_for(self, needle: bytes) -> List[Dict[str, Any]]:
-        return events_for(self.events, needle)
+    def events_for(self, needle: bytes, frames: Sequence[bytes] = ()) -> List[Dict[str, Any]]:
+        return events_for(self.events, needle, frames)
 
     def __enter__(self) -> "EventRecorder":
         return self
