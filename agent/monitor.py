@@ -394,28 +394,32 @@ class Monitor:
 
 def describe_packet(hexstr: str, decode: bool = False) -> Dict[str, Any]:
     """Addresses, protocol and ports of an event's packet bytes, by Scapy; with `decode`
-    also Scapy's one-line summary of the layers. Fields Scapy cannot find are left out."""
+    also Scapy's one-line summary of the layers. What Scapy cannot find (the bytes are cut
+    at abi.EVENT_BYTES, the packet may be malformed) is left out; it never raises."""
     from scapy.layers.inet import ICMP, IP, TCP, UDP
     from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import ARP, Ether
     out: Dict[str, Any] = {}
     try:
         pkt = Ether(bytes.fromhex(hexstr))
-    except Exception:
-        return out
-    ip = pkt.getlayer(IP) or pkt.getlayer(IPv6)
-    if ip is not None:
-        out["src"], out["dst"] = ip.src, ip.dst
-        out["proto"] = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}.get(
-            ip.proto if ip.version == 4 else ip.nh, ip.proto if ip.version == 4 else ip.nh)
+        if pkt.haslayer(IP):
+            out.update(src=pkt[IP].src, dst=pkt[IP].dst, proto=pkt[IP].proto)
+        elif pkt.haslayer(IPv6):
+            out.update(src=pkt[IPv6].src, dst=pkt[IPv6].dst, proto=pkt[IPv6].nh)
+        elif pkt.haslayer(ARP):
+            out.update(proto="arp", src=pkt[ARP].psrc, dst=pkt[ARP].pdst)
+        if isinstance(out.get("proto"), int):
+            out["proto"] = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}.get(
+                out["proto"], out["proto"])
         for l4 in (TCP, UDP):
-            if pkt.haslayer(l4):
+            if pkt.haslayer(l4):        # (past IPv6 extension headers too)
+                out["proto"] = l4.__name__.lower()
                 out["sport"], out["dport"] = pkt[l4].sport, pkt[l4].dport
+                break
         if pkt.haslayer(ICMP):
             out["icmp_type"], out["icmp_code"] = pkt[ICMP].type, pkt[ICMP].code
-    elif pkt.haslayer(ARP):
-        out["proto"] = "arp"
-        out["src"], out["dst"] = pkt[ARP].psrc, pkt[ARP].pdst
-    if decode:
-        out["decoded"] = pkt.summary()
+        if decode:
+            out["decoded"] = pkt.summary()
+    except Exception:      # a decoding nicety: the hex stays the answer
+        pass
     return out

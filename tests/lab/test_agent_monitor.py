@@ -115,36 +115,16 @@ def test_a_million_denied_packets_give_events_at_the_cap_and_count_the_rest(net)
     from scapy.layers.l2 import Ether
     pkt = bytes(Ether(src=vm1.mac, dst=vm1.port_mac) /
                 IP(src=vm1.ip, dst=vm2.ip) / TCP(sport=41000, dport=5202, flags="S"))
-    prog_id = net.ok("status")["program_id"]
     lost0 = _lost(net, "rate_cap") + _lost(net, "ring_full")
     mon = Monitor(net, "--type", "drop", "--reason", "rule_deny", "--duration", "10")
-    flood = {}
-
-    def run_flood():
-        fd = bpfsys.prog_fd_by_id(prog_id)
-        # One CPU (the rate is per CPU, and a long test run may move between CPUs at its
-        # resched points); this thread only.
-        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
-        try:
-            with entered(net.node):
-                import socket
-                ifindex = socket.if_nametoindex(vm1.port)
-                t0 = time.monotonic()
-                flood["rc"], _, flood["ns"] = bpfsys.test_run(fd, pkt, ifindex=ifindex,
-                                                              repeat=1_000_000)
-                flood["seconds"] = time.monotonic() - t0
-        finally:
-            os.close(fd)
-
     try:
-        t = threading.Thread(target=run_flood)
-        t.start()
+        flood = _flood(net, vm1, pkt, 1_000_000)
         # The agent answers while the flood runs.
         t0 = time.monotonic()
         status = net.ctl("status", timeout=10)
         answered = time.monotonic() - t0
-        t.join(60)
-        assert not t.is_alive()
+        flood["thread"].join(60)
+        assert not flood["thread"].is_alive()
         events, err = mon.finish()
     finally:
         mon.kill()
@@ -163,6 +143,56 @@ def test_a_million_denied_packets_give_events_at_the_cap_and_count_the_rest(net)
                   err)
     assert m, err
     assert len(ours) + sum(int(x) for x in m.groups()) == 1_000_000, (len(ours), err)
+    assert net.ctl("status", timeout=5).code == 0
+
+
+def _flood(lab, vm, pkt: bytes, repeat: int) -> dict:
+    """BPF_PROG_TEST_RUN of the agent's program, `repeat` times on one CPU, in a thread
+    (so the caller can talk to the agent meanwhile); returns the thread and its result."""
+    prog_id = lab.ok("status")["program_id"]
+    out: dict = {}
+
+    def run():
+        fd = bpfsys.prog_fd_by_id(prog_id)
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+        try:
+            with entered(lab.node):
+                import socket
+                t0 = time.monotonic()
+                out["rc"], _, _ = bpfsys.test_run(fd, pkt, ifindex=socket.if_nametoindex(
+                    vm.port), repeat=repeat)
+                out["seconds"] = time.monotonic() - t0
+        finally:
+            os.close(fd)
+    out["thread"] = threading.Thread(target=run)
+    out["thread"].start()
+    return out
+
+
+def test_a_client_that_reads_nothing_loses_events_and_never_blocks_the_agent(net):
+    from agent.api import ApiClient
+    vm1, vm2 = net.vm("blue", 1), net.vm("blue", 2)
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    pkt = bytes(Ether(src=vm1.mac, dst=vm1.port_mac) /
+                IP(src=vm1.ip, dst=vm2.ip) / TCP(sport=41001, dport=5202, flags="S"))
+    client0 = _lost(net, "client")
+    stuck = ApiClient(net.socket).stream("monitor", {"type": "drop"})   # never read
+    try:
+        flood = _flood(net, vm1, pkt, 3_000_000)
+        slowest = 0.0
+        while flood["thread"].is_alive():
+            t0 = time.monotonic()
+            assert net.ctl("status", timeout=10).code == 0
+            slowest = max(slowest, time.monotonic() - t0)
+        flood["thread"].join()
+        assert slowest < 5, slowest
+    finally:
+        stuck.close()
+    deadline = time.monotonic() + 10          # counted when the agent sees it leave
+    while _lost(net, "client") == client0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _lost(net, "client") > client0
     assert net.ctl("status", timeout=5).code == 0
 
 

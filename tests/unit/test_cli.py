@@ -492,3 +492,19 @@ def test_lab_events_for_finds_a_packet_by_its_bytes():
     (got,) = events_for([other, ev], bytes.fromhex("0a0000050a000006"))   # src, dst
     assert (got["reason"], got["src"], got["dport"]) == ("rule_deny", "10.0.0.5", 22)
     assert events_for([other, ev], b"absent") == []
+
+
+def test_describe_packet_never_raises_and_finds_l4_past_extension_headers():
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
+    from scapy.layers.l2 import Ether
+    from agent.monitor import describe_packet
+    v6 = Ether() / IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrHopByHop() / UDP(
+        sport=1, dport=2)
+    assert describe_packet(bytes(v6).hex()) == {"src": "fd00::1", "dst": "fd00::2",
+                                                "proto": "udp", "sport": 1, "dport": 2}
+    # An ICMP error: the quoted packet's ports are not the packet's.
+    err = Ether() / IP(src="1.1.1.1", dst="2.2.2.2") / ICMP(type=3) / IP() / UDP()
+    got = describe_packet(bytes(err).hex())
+    assert got["proto"] == "icmp" and got["icmp_type"] == 3 and "sport" not in got
+    assert describe_packet("zz") == {} and describe_packet(bytes(v6)[:20].hex()) == {}
