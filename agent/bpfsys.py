@@ -112,7 +112,12 @@ class ProgInfo(ct.Structure):
                 ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
                 ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
                 ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
-                ("name", ct.c_char * 16), ("rest", ct.c_uint8 * 160)]
+                ("name", ct.c_char * 16),
+                # ifindex .. prog_tags (struct bpf_prog_info, offsets 80..191)
+                ("_skip", ct.c_uint8 * 112),
+                # counted only while BPF statistics are enabled (agent/bpfstats.py)
+                ("run_time_ns", ct.c_uint64), ("run_cnt", ct.c_uint64),
+                ("rest", ct.c_uint8 * 32)]
 
 
 def prog_info(fd: int) -> ProgInfo:

@@ -182,6 +182,9 @@ class AgentSettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     listen: str = _setting("127.0.0.1:9477", _listen)  # "" disables the exporter
+    # The kernel's run time and run count of the XDP program (agent/bpfstats.py): opt-in,
+    # since counting costs every BPF program on the node two clock reads per run.
+    bpf_stats: bool = _setting(False, _bool)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import VERSION, abi, compiler, model
 from .flows import flow_dict, now_coarse_ns
@@ -51,6 +51,7 @@ class Controller:
         self.state = store.load()
         self.started_at = time.time()
         self.last_reconcile_seconds = 0.0
+        self.last_apply_seconds = 0.0     # the last change that reached store and maps
         self.reconcile_errors = 0
         self.evictions = Evictions(store)
         self.sweeper = Sweeper(cfg, datapath, self.evictions)
@@ -59,6 +60,7 @@ class Controller:
         self._prog_id = 0
         self.monitor = Monitor(self)            # `monitor`'s event streams
         self.rates = FlowRates()                # `top`'s samples
+        self.bpf_stats = None   # agent.bpfstats.BpfStats, set by the daemon
 
     # -- building the datapath image -----------------------------------------------------
     def _live_links(self, state: model.State) -> Dict[str, Link]:
@@ -184,6 +186,7 @@ class Controller:
 
     def _commit(self, new: model.State) -> Dict[str, Any]:
         """Store and datapath both get `new`, or neither does."""
+        t0 = time.monotonic()
         new.validate()
         old = self.state
         old_slots = self.store.port_slots()
@@ -204,6 +207,7 @@ class Controller:
                 self.reconcile_errors += 1
             raise
         self.state = new
+        self.last_apply_seconds = time.monotonic() - t0
         return summary
 
     # -- the API's commands ---------------------------------------------------------------
@@ -221,7 +225,24 @@ class Controller:
             "ports": self.port_rows(),
             "flows": flows, "flow_capacity": self.cfg.datapath.flow_table_size,
             "rules": len(self.state.rules),
+            "bpf_stats": self._bpf_stats().describe(),
         }
+
+    def _bpf_stats(self):
+        if self.bpf_stats is None:
+            from .bpfstats import BpfStats
+            self.bpf_stats = BpfStats(False)
+        return self.bpf_stats
+
+    def map_pressure(self) -> Dict[str, Tuple[int, int]]:
+        return self.dp.map_pressure(sum(self.sweeper.flow_counts.values()))
+
+    def datapath_runs(self) -> Dict[str, int]:
+        """The kernel's run time and count of the XDP program; {} while not enabled."""
+        if not self._bpf_stats().enabled or self.dp.prog_fd < 0:
+            return {}
+        from .bpfstats import run_stats
+        return run_stats(self.dp.prog_fd)
 
     def tenant_rows(self) -> List[Dict[str, Any]]:
         st = self.state
@@ -244,6 +265,7 @@ class Controller:
         sw = self.sweeper
         return {"version": VERSION, "started_at": self.started_at,
                 "last_reconcile_seconds": self.last_reconcile_seconds,
+                "last_apply_seconds": self.last_apply_seconds,
                 "reconcile_errors": self.reconcile_errors, "sweeps": sw.sweeps,
                 "sweep_seconds_total": sw.seconds_total}
 
@@ -259,9 +281,10 @@ class Controller:
                 items = [o for o in items if o.tenant == tenant]
         out = [o.to_dict() for o in items]
         if kind == "rules":
-            hits = self.dp.rule_hits()
+            hits, counts = self.dp.rule_hits(), self.dp.rule_counters()
             for d in out:
                 d["hits"] = hits.get(d["id"], 0)
+                d["packets"], d["bytes"] = counts.get(d["id"], (0, 0))
         return out
 
     def add(self, kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
@@ -336,12 +359,12 @@ class Controller:
         return {"by": by, "sampled": sampled, "flows": flows}
 
     def add_rule_stats(self, rules: List[Dict[str, Any]]) -> None:
-        """Each rule's hits and the wall-clock time of its last one (None: never hit)."""
+        """The wall-clock time of each rule's last hit, a flow set up or a packet judged
+        (None: never)."""
         stats = self.dp.rule_stats()
         now, wall = now_coarse_ns(), time.time()
         for d in rules:
             hits, last = stats.get(d["id"], (0, 0))
-            d["hits"] = hits
             d["last_hit"] = round(wall - (now - last) / 1e9, 3) if hits else None
 
     def flow_flush(self, tenant: Optional[str] = None) -> int:
@@ -386,7 +409,17 @@ class Controller:
             "flows": self.flow_summary(rows),
             "evictions": self.evictions.as_dict(),
             "rule_hits": {str(k): v for k, v in sorted(self.dp.rule_hits().items())},
+            "rule_counters": {str(k): {"packets": p, "bytes": b}
+                              for k, (p, b) in sorted(self.dp.rule_counters().items())},
+            "port_tx": self.port_tx_rows(),
         }
+
+    def port_tx_rows(self) -> List[Dict[str, Any]]:
+        """What each port transmitted on redirect (per VM, its receive)."""
+        _, slots, port_tenant = self._names()
+        tx = self.dp.port_tx(set(slots))
+        return [{"tenant": port_tenant.get(port, ""), "port": port, "packets": p, "bytes": b}
+                for slot, (p, b) in sorted(tx.items()) for port in [slots[slot]]]
 
     @_locked
     def trace(self, port: str, packet: bytes) -> Dict[str, Any]:

@@ -72,6 +72,7 @@ class Agent:
         self.controller = Controller(self.cfg, self.store, self.dp, self.links,
                                      pass_fd=self._pass_fd, config_path=self.config_path,
                                      lock=self.lock)
+        self._use_bpf_stats(self.cfg.metrics.bpf_stats)
         with self.lock:
             if self.store.get_meta("seeded") is None:
                 if any(getattr(self.cfg.state, k) for k in model.KINDS):
@@ -117,6 +118,17 @@ class Agent:
             return
         self.metrics = serve(DatapathCollector(AgentSource(self.controller)), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
+
+    def _use_bpf_stats(self, wanted: bool):
+        """Kernel BPF statistics on or off as [metrics] bpf_stats says (start, reload)."""
+        from .bpfstats import BpfStats
+        old = self.controller.bpf_stats
+        if old is not None and old.wanted == wanted:
+            return
+        with self.lock:
+            self.controller.bpf_stats = BpfStats(wanted)
+        if old is not None:
+            old.close()
 
     def _mark_links_dirty(self, why: str = "link"):
         """From the watcher's thread: every port is reconciled by the loop, whatever the
@@ -220,6 +232,7 @@ class Agent:
                 self.api.stop()
                 self._start_api()
         if new.metrics != old.metrics:
+            self._use_bpf_stats(new.metrics.bpf_stats)
             if self.metrics:
                 self.metrics.shutdown()
                 self.metrics = None

@@ -12,8 +12,11 @@ The source provides:
   evictions()    -> {reason: count}
   tenants()      -> [{name, id, generation, rules, endpoints}]
   ports()        -> [{name, tenant, attached, ifindex, mode}]
-  agent_info()   -> {version, started_at, last_reconcile_seconds, reconcile_errors,
-                     sweeps, sweep_seconds_total}
+  agent_info()   -> {version, started_at, last_reconcile_seconds, last_apply_seconds,
+                     reconcile_errors, sweeps, sweep_seconds_total}
+  map_pressure() -> {map: (entries in use, capacity)}   (every map the config sizes)
+  datapath_runs() -> {run_time_ns, run_count} of the XDP program, or {} when the kernel's
+                     BPF statistics are off ([metrics] bpf_stats)
   monitor()      -> {listeners, sent, rate_cap, ring_full, client}
 """
 from __future__ import annotations
@@ -73,12 +76,28 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
      "When the agent started, in seconds since the Unix epoch.", ()),
     ("xdpflow_reconcile_duration_seconds", "gauge",
      "How long the last reconcile of desired state into the datapath took.", ()),
+    ("xdpflow_apply_duration_seconds", "gauge",
+     "How long the last change (add, del, apply) took to reach the store and the "
+     "datapath.", ()),
     ("xdpflow_reconcile_errors", "counter",
      "Reconciles of desired state into the datapath that failed.", ()),
     ("xdpflow_sweeps", "counter",
      "Flow-aging sweeps over the flow table.", ()),
     ("xdpflow_sweep_duration_seconds", "counter",
      "Time spent in flow-aging sweeps.", ()),
+    ("xdpflow_map_entries", "gauge",
+     "Entries in use in a datapath map whose size the configuration sets (ports: both "
+     "port maps).", ("map",)),
+    ("xdpflow_map_capacity", "gauge",
+     "Maximum entries of a datapath map whose size the configuration sets.", ("map",)),
+    ("xdpflow_map_fill_ratio", "gauge",
+     "Fraction of a datapath map in use (entries / capacity).", ("map",)),
+    # Only while the kernel's BPF statistics are on ([metrics] bpf_stats): ns per packet
+    # is rate(run_time) / rate(runs).
+    ("xdpflow_datapath_run_time_seconds", "counter",
+     "Time the kernel spent running the XDP datapath program (BPF statistics).", ()),
+    ("xdpflow_datapath_runs", "counter",
+     "Runs of the XDP datapath program, one per packet (BPF statistics).", ()),
     ("xdpflow_monitor_listeners", "gauge",
      "Monitor clients (xdpflowctl monitor) listening now.", ()),
     ("xdpflow_monitor_events", "counter",
@@ -134,6 +153,8 @@ class DatapathCollector:
             ("tenants", self._fill_tenants),
             ("ports", self._fill_ports),
             ("agent_info", self._fill_agent_info),
+            ("map_pressure", self._fill_map_pressure),
+            ("datapath_runs", self._fill_datapath_runs),
             ("monitor", self._fill_monitor),
         ):
             # Fill into scratch families and merge only on success, so a part that fails
@@ -208,10 +229,25 @@ class DatapathCollector:
         f["xdpflow_agent_start_time_seconds"].add_metric([], float(info["started_at"]))
         f["xdpflow_reconcile_duration_seconds"].add_metric(
             [], float(info["last_reconcile_seconds"]))
+        f["xdpflow_apply_duration_seconds"].add_metric([], float(info["last_apply_seconds"]))
         f["xdpflow_reconcile_errors"].add_metric([], int(info["reconcile_errors"]))
         f["xdpflow_sweeps"].add_metric([], int(info["sweeps"]))
         f["xdpflow_sweep_duration_seconds"].add_metric(
             [], float(info["sweep_seconds_total"]))
+
+    def _fill_map_pressure(self, f: Dict[str, Metric]) -> None:
+        for name, (used, capacity) in sorted(self._source.map_pressure().items()):
+            f["xdpflow_map_entries"].add_metric([name], int(used))
+            f["xdpflow_map_capacity"].add_metric([name], int(capacity))
+            f["xdpflow_map_fill_ratio"].add_metric(
+                [name], used / capacity if capacity > 0 else 0.0)
+
+    def _fill_datapath_runs(self, f: Dict[str, Metric]) -> None:
+        runs = self._source.datapath_runs()
+        if runs:
+            f["xdpflow_datapath_run_time_seconds"].add_metric(
+                [], int(runs["run_time_ns"]) / 1e9)
+            f["xdpflow_datapath_runs"].add_metric([], int(runs["run_count"]))
 
 
 class MetricsServer:
@@ -278,6 +314,14 @@ class AgentSource:
     def agent_info(self):
         with self.c.lock:
             return self.c.agent_info()
+
+    def map_pressure(self):
+        with self.c.lock:
+            return self.c.map_pressure()
+
+    def datapath_runs(self):
+        with self.c.lock:
+            return self.c.datapath_runs()
 
     def monitor(self):
         # The monitor's own counters and maps: no controller lock needed.

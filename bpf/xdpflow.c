@@ -47,6 +47,7 @@ struct xf_verdict {
     __u32 rule_id;
     __u32 out_ifindex;
     __u16 out_port;
+    __u16 rule_stat;           /* the deciding rule's counter slot, 0: none */
     __u8  verdict;
     __u8  reason;
     __u8  flow_hit;
@@ -71,6 +72,7 @@ struct xf_ctx {
 struct xf_match {
     __u32 rank;
     __u32 rule_id;
+    __u16 stat;                /* its counter slot */
     __u8  action;              /* XF_A_*; 0: no rule matched */
 };
 
@@ -146,17 +148,22 @@ static __always_inline int xf_tenant_knows(__u16 tenant, __u16 in_port, __u32 *a
 
 /* --- count ----------------------------------------------------------------------- */
 
+/* One per-CPU counter row: no atomics needed. */
+static __always_inline void xf_count_row(struct xf_counter *row, __u64 bytes)
+{
+    if (row) {
+        row->packets++;
+        row->bytes += bytes;
+    }
+}
+
 static __always_inline void xf_count(__u16 port, __u8 verdict, __u8 reason, __u64 bytes)
 {
 #ifndef XF_TRACE
     /* A per-CPU array row per (port slot, verdict, reason): an array lookup costs a
      * fraction of a hash lookup on every packet. The agent knows each slot's tenant. */
     __u32 idx = ((__u32)port * XF_V_MAX + (verdict & 7)) * XF_R_ROWS + (reason & (XF_R_ROWS - 1));
-    struct xf_counter *c = xf_stats.lookup(&idx);
-    if (c) {
-        c->packets++;      /* per-CPU: no atomics needed */
-        c->bytes += bytes;
-    }
+    xf_count_row(xf_stats.lookup(&idx), bytes);
 #endif
 }
 
@@ -236,6 +243,18 @@ static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_ctx *c,
 static __always_inline int xf_finish(struct xdp_md *ctx, struct xf_ctx *c, int action)
 {
     xf_count(c->slot, c->v.verdict, c->v.reason, c->len);
+#ifndef XF_TRACE
+    /* As iptables -L -v counts: each packet a rule decided, flow-table hits included
+     * (replies are the connection's, not the rule's). */
+    if (c->v.rule_stat) {
+        __u32 rs = c->v.rule_stat;
+        xf_count_row(xf_rule_stats.lookup(&rs), c->len);
+    }
+    if (c->v.verdict == XF_V_REDIRECT) {
+        __u32 out = c->v.out_port;
+        xf_count_row(xf_port_tx.lookup(&out), c->len);
+    }
+#endif
 #if !defined(XF_TRACE) && !defined(XF_NO_MONITOR)   /* the latter: a benchmark's baseline */
     /* With no listener, this read is all the monitor costs. */
     __u32 mzero = 0;
@@ -573,6 +592,8 @@ static __always_inline int xf_is_hit(struct xf_ctx *c, struct xf_flow *f)
 static __always_inline int xf_stage_hit(struct xdp_md *ctx, struct xf_ctx *c,
                                         struct xf_flow *f, int related)
 {
+    if (!related && !(f->flags & XF_FLOW_REVERSE))
+        c->v.rule_stat = f->rule_stat;
     /* Allowed, but its TTL expires here: the kernel sends time-exceeded. */
     if (f->verdict == XF_V_REDIRECT && c->p.ttl <= 1)
         return xf_decide(c, XF_V_PASS, XF_R_TTL);
@@ -647,6 +668,7 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
 {
     best->rank = 0;
     best->rule_id = 0;
+    best->stat = 0;
     best->action = 0;
     struct xf_mask_key mk = {};
     mk.tenant = tenant;
@@ -688,6 +710,7 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
         if (r && r->rank > best->rank) {
             best->rank = r->rank;
             best->rule_id = r->rule_id;
+            best->stat = r->stat;
             best->action = r->action;
         }
     }
@@ -776,6 +799,8 @@ static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f
     if (!j->r.action)
         return xf_default(c, XF_R_DEFAULT);
     c->v.rule_id = j->r.rule_id;
+    if (!j->as_reply)
+        c->v.rule_stat = j->r.stat;
     xf_count_rule(j->r.rule_id);
     if (j->r.action == XF_A_DENY)
         return xf_decide(c, XF_V_DROP, XF_R_RULE_DENY);
@@ -810,6 +835,7 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
                                             struct xf_scratch *sc, struct xf_judgement *j)
 {
     sc->nf.rule_id = j->r.rule_id;
+    sc->nf.rule_stat = j->r.stat;
     sc->nf.in_port = j->in_port;
     if (j->r.action == XF_A_PASS) {
         sc->nf.verdict = XF_V_PASS;

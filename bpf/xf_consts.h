@@ -22,6 +22,7 @@
 #define XF_MAX_IPV6_EXT_BYTES 2048   /* ... and where the L4 header must start by then */
 #define XF_FRAG_TABLE_SIZE 8192      /* first fragments remembered for their later fragments */
 #define XF_MAX_RULE_IDS 262144       /* rules whose classification hits are counted */
+#define XF_RULE_STATS 65536          /* per-rule packet/byte counter slots (0 unused) */
 #define XF_MASK_SETS 8192            /* (tenant, generation) mask sets: configured tenants x 2 */
 #define XF_PORT_SRC_ENTRIES (2 * XF_MAX_ENDPOINTS)  /* port security: endpoints + allowed prefixes */
 #define XF_IPV4_MIN_MTU 68           /* RFC 791 */

@@ -27,6 +27,11 @@ BPF_TABLE_PINNED("lpm_trie", struct xf_route_key, struct xf_route, xf_routes, XF
 /* Packet counters per CPU, a row per (port slot, verdict, reason); events (insert
  * failures, stale flows) count under verdict NONE. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct xf_counter, xf_stats, XF_MAX_PORTS * XF_V_MAX * XF_R_ROWS, XF_PIN(xf_stats));
+/* Packets and bytes per rule (its slot, assigned by the agent; a flow entry carries it so
+ * flow-table hits count too), per CPU. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct xf_counter, xf_rule_stats, XF_RULE_STATS, XF_PIN(xf_rule_stats));
+/* Packets and bytes each port transmitted on redirect (by its slot), per CPU. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct xf_counter, xf_port_tx, XF_MAX_PORTS, XF_PIN(xf_port_tx));
 /* Classifications per rule id and when the last one was, per CPU. */
 BPF_TABLE_PINNED("percpu_hash", __u32, struct xf_rule_stat, xf_rule_hits, XF_MAX_RULE_IDS, XF_PIN(xf_rule_hits));
 /* Ports of first fragments, for the later fragments of the same datagram. */

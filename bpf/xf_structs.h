@@ -35,7 +35,7 @@ struct xf_flow {
     __u8  reason;          /* XF_R_* of the classification that made it */
     __u8  tcp_flags;       /* OR of TCP flags seen */
     __u8  in_mac[6];       /* source MAC its packets carry (checked on ports with security) */
-    __u16 pad;
+    __u16 rule_stat;       /* the rule's counter slot (xf_rule_stats), 0: none / a reply */
 };
 
 /* Port: keyed by ifindex. */
@@ -100,7 +100,8 @@ struct xf_rule {
     __u32 rank;            /* unique, higher wins: priority, then lower rule id */
     __u32 rule_id;
     __u8  action;          /* XF_A_* */
-    __u8  pad[3];
+    __u8  pad;
+    __u16 stat;            /* the rule's counter slot (xf_rule_stats), 0: not counted */
 };
 
 struct xf_ep_key {

@@ -255,12 +255,14 @@ LIST_COLUMNS = {
     "endpoints": ("tenant", "ip", "port", "mac"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
-              "icmp_type", "icmp_code", "in_port", "comment"),
+              "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "comment"),
 }
 FLOW_COLUMNS = ("tenant", "proto", "src", "sport", "dst", "dport", "verdict", "out_port",
                 "rule", "packets", "bytes", "idle_s", "flags")
 COUNTER_COLUMNS = ("tenant", "port", "verdict", "reason", "packets", "bytes")
-NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport")
+PORT_TX_COLUMNS = ("tenant", "port", "packets", "bytes")
+NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport",
+           "hits")
 
 # Match fields that print "any" rather than "-" when unset.
 _ANY_FIELDS = ("src", "dst", "proto", "sport", "dport")
@@ -324,14 +326,16 @@ def _clock(t: Optional[float]) -> str:
 
 
 def _rule_stats_table(rows: List[Dict[str, Any]]) -> str:
-    """Rules with HITS and LAST_HIT; rules that never matched say NEVER and are named
-    again below the table (candidates for removal, or a match that is not what was
+    """Rules with their counters and LAST_HIT; rules that never matched say NEVER and are
+    named again below the table (candidates for removal, or a match that is not what was
     meant)."""
     rows = [{**r, "last_hit": _clock(r.get("last_hit")), "hits": r.get("hits", 0)}
             for r in rows]
-    cols = LIST_COLUMNS["rules"][:4] + ("hits", "last_hit") + LIST_COLUMNS["rules"][4:]
-    out = format_table(rows, cols, NUMERIC + ("hits",))
-    never = [str(r["id"]) for r in rows if not r["hits"]]
+    counters = ("hits", "packets", "bytes")
+    cols = LIST_COLUMNS["rules"][:4] + counters + ("last_hit",) + tuple(
+        c for c in LIST_COLUMNS["rules"][4:] if c not in counters)
+    out = format_table(rows, cols, NUMERIC + counters)
+    never = [str(r["id"]) for r in rows if not r["hits"] and not r.get("packets")]
     if never:
         out += (f"\n{len(never)} rule{'s' if len(never) != 1 else ''} never matched: "
                 + ", ".join(never))
@@ -391,6 +395,10 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
         result = dict(result or {})
         counters = result.pop("counters", [])
         out = [format_table(counters, COUNTER_COLUMNS, NUMERIC) if counters else "no counters"]
+        tx = result.pop("port_tx", [])
+        if tx:
+            out += ["", "transmitted on redirect, per port:",
+                    format_table(tx, PORT_TX_COLUMNS, NUMERIC)]
         if result:
             out += [""] + _format_mapping(result)
         return "\n".join(out)

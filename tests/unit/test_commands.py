@@ -111,7 +111,8 @@ class FakeController:
                            "ifindex": 7, "mode": "native", "note": ""}
                           for p in self.state.sorted("ports")],
                 "flows": len(self.flows), "flow_capacity": 65536,
-                "rules": len(self.state.rules)}
+                "rules": len(self.state.rules),
+                "bpf_stats": {"enabled": False, "how": "off ([metrics] bpf_stats = false)"}}
 
     def list(self, kind, tenant=None):
         self._enter("list", kind, tenant)
@@ -121,7 +122,7 @@ class FakeController:
         out = [o.to_dict() for o in objs]
         if kind == "rules":
             for d in out:
-                d["hits"] = 0
+                d.update(hits=0, packets=0, bytes=0)
         return out
 
     def add(self, kind, obj):
@@ -164,7 +165,10 @@ class FakeController:
             "flows": {"total": len(self.flows), "capacity": 65536,
                       "by_tenant": {"blue": 1, "red": 1}, "insert_failures": 0},
             "evictions": {r: 0 for r in EVICTION_REASONS},
-            "rule_hits": {"1": 1000}}
+            "rule_hits": {"1": 1000},
+            "rule_counters": {"1": {"packets": 1200, "bytes": 76800}},
+            "port_tx": [{"tenant": "blue", "port": "veth-vm2", "packets": 1000,
+                         "bytes": 64000}]}
 
     def add_rule_stats(self, rules):
         self._enter("add_rule_stats")

@@ -64,7 +64,15 @@ class FakeSource:
     def agent_info(self):
         self._call("agent_info")
         return dict(version="0.1.0", started_at=1700000000.5, last_reconcile_seconds=0.25,
-                    reconcile_errors=2, sweeps=40, sweep_seconds_total=1.5)
+                    last_apply_seconds=0.125, reconcile_errors=2, sweeps=40, sweep_seconds_total=1.5)
+
+    def map_pressure(self):
+        self._call("map_pressure")
+        return {"xf_flows": (250, 1000), "xf_rules": (5, 4096)}
+
+    def datapath_runs(self):
+        self._call("datapath_runs")
+        return {"run_time_ns": 2_500_000_000, "run_count": 100_000_000}
 
 
     def monitor(self):
@@ -146,9 +154,15 @@ def test_scrape_matches_the_source(server):
     assert value(got, "xdpflow_agent_info", version="0.1.0") == 1
     assert value(got, "xdpflow_agent_start_time_seconds") == 1700000000.5
     assert value(got, "xdpflow_reconcile_duration_seconds") == 0.25
+    assert value(got, "xdpflow_apply_duration_seconds") == 0.125
     assert value(got, "xdpflow_reconcile_errors_total") == 2
     assert value(got, "xdpflow_sweeps_total") == 40
     assert value(got, "xdpflow_sweep_duration_seconds_total") == 1.5
+    assert value(got, "xdpflow_map_entries", map="xf_rules") == 5
+    assert value(got, "xdpflow_map_capacity", map="xf_rules") == 4096
+    assert value(got, "xdpflow_map_fill_ratio", map="xf_flows") == 0.25
+    assert value(got, "xdpflow_datapath_run_time_seconds_total") == 2.5
+    assert value(got, "xdpflow_datapath_runs_total") == 100_000_000
     assert value(got, "xdpflow_monitor_listeners") == 1
     assert value(got, "xdpflow_monitor_events_total") == 900
     assert value(got, "xdpflow_monitor_events_lost_total", reason="rate_cap") == 99100
@@ -163,7 +177,7 @@ def test_scrape_matches_the_source(server):
 def test_every_family_has_help_and_the_prefix(server):
     body = scrape("127.0.0.1", server.port)
     ours = [f for f in text_string_to_metric_families(body) if not f.name.startswith("process_")]
-    assert len(ours) == 22
+    assert len(ours) == 28
     for family in ours:
         assert family.name.startswith("xdpflow_")
         assert family.documentation and family.documentation != family.name
@@ -183,7 +197,7 @@ def test_values_are_read_at_scrape_time(server, source):
     scrape("127.0.0.1", server.port)
     before = source.calls
     scrape("127.0.0.1", server.port)
-    assert source.calls == before + 7
+    assert source.calls == before + 9
 
 
 def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
@@ -207,7 +221,7 @@ def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
 def test_wholly_broken_source_still_answers():
     srv = serve(DatapathCollector(RaisingSource()), "127.0.0.1", 0)
     try:
-        for expected_errors in (7, 14):
+        for expected_errors in (9, 18):
             body = scrape("127.0.0.1", srv.port)
             got = samples(body)
             assert value(got, "xdpflow_up") == 0

@@ -1,0 +1,19 @@
+"""Fixtures of the unit tier."""
+import os
+import shutil
+
+import pytest
+
+
+@pytest.fixture
+def tool():
+    """tool(NAME, PACKAGE) -> the path of a command the test runs. Absent, the test is
+    skipped on a developer's machine; in CI (`bash setup.sh test`, which installs PACKAGE)
+    an absent tool is a failure, never a skip."""
+    def find(name: str, package: str) -> str:
+        found = shutil.which(name)
+        if found is None:
+            assert not os.environ.get("CI"), f"{name} is missing in CI (setup.sh installs {package})"
+            pytest.skip(f"{name} not installed (bash setup.sh installs package {package})")
+        return found
+    return find
