@@ -452,14 +452,15 @@ class ApiServer:
     def authorize(self, cmd: commands.Command, args: Any, peer: Optional[Peer]) -> None:
         """Raise PermissionError if `peer` may not run `cmd` with `args`. Reading is for
         anyone who can reach the socket (its mode and group decide who that is)."""
-        if not cmd.changes_state(args):
+        if not cmd.needs_admin(args):
             return
         if peer is not None and is_admin(peer, self.admin_group):
             return
         who = "unknown peer" if peer is None else f"uid {peer.uid}"
         need = (f"root or membership in group {self.admin_group!r}" if self.admin_group
                 else "root")
-        raise PermissionError(f"permission denied: {cmd.name!r} changes state and needs {need} "
+        what = "changes state" if cmd.changes_state(args) else "shows tenants' packets"
+        raise PermissionError(f"permission denied: {cmd.name!r} {what} and needs {need} "
                               f"({who})")
 
     def handle(self, data: bytes, peer: Optional[Peer]) -> Any:

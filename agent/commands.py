@@ -73,6 +73,9 @@ class Command:
     exclusive: Tuple[Tuple[Tuple[str, ...], bool], ...] = ()
     description: str = ""
     stream: bool = False       # the reply is followed by a stream of lines (a Stream)
+    # Shows tenants' packet bytes (monitor): changes nothing, yet only root or the admin
+    # group may run it, as only root may run tcpdump on the node.
+    sees_packets: bool = False
 
     def changes_state(self, args: Dict[str, Any]) -> bool:
         # A dry run shows what would change and changes nothing, so anyone who may read
@@ -80,6 +83,9 @@ class Command:
         if self.name == "apply" and isinstance(args, dict) and args.get("dry_run") is True:
             return False
         return self.mutating
+
+    def needs_admin(self, args: Dict[str, Any]) -> bool:
+        return self.changes_state(args) or self.sees_packets
 
     def wire_args(self) -> List[Arg]:
         return [a for a in self.args if a.wire]
@@ -490,7 +496,9 @@ _cmd("monitor", False, "stream what the datapath does to packets, live (drops, p
      description="Events come from the datapath's ring buffer, at most monitor.rate_limit "
                  "a second per CPU for all monitors together; events lost to that cap, to a "
                  "full ring or to a slow reader are counted and shown. Each event: time, "
-                 "tenant, port, verdict, reason, rule, addresses, protocol, ports, length.",
+                 "tenant, port, verdict, reason, rule, addresses, protocol, ports, length. "
+                 "It shows tenants' packets: root or the admin group only.",
+     sees_packets=True,
      args=(_TENANT_FILTER,
            Arg("port", "only packets that came in on this port", flags=("--port",),
                metavar="IFNAME"),
