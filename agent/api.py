@@ -104,9 +104,10 @@ def _encode(doc: Dict[str, Any]) -> bytes:
 
 class _Conn:
     """One client connection as the server loop sees it."""
-    __slots__ = ("sock", "peer", "buf", "out", "deadline", "state")
+    __slots__ = ("sock", "peer", "buf", "out", "deadline", "state", "stream")
 
     def __init__(self, sock: socket.socket, peer: Optional[Peer], deadline: float):
+        self.stream: Optional[commands.Stream] = None   # a streaming command's hand-over
         self.sock = sock
         self.peer = peer
         self.buf = bytearray()
@@ -337,7 +338,9 @@ class ApiServer:
                 c = self._done.get_nowait()
             except queue.Empty:
                 return
-            if c.sock.fileno() in self._conns:
+            if c.sock.fileno() in self._conns and c.stream is not None:
+                self._hand_over(c)
+            elif c.sock.fileno() in self._conns:
                 c.state = "writing"
                 c.deadline = time.monotonic() + self.request_timeout
                 self._sel.register(c.sock, selectors.EVENT_WRITE, c)
@@ -392,6 +395,17 @@ class ApiServer:
         if not c.out:
             self._close(c)
 
+    def _hand_over(self, c: _Conn) -> None:
+        """A streaming command was accepted: the connection leaves this loop for the
+        streamer, which writes the reply and then the stream (so the client never sees
+        the reply before it is subscribed)."""
+        del self._conns[c.sock.fileno()]
+        try:
+            c.stream.adopt(c.sock, c.out)
+        except Exception:
+            self.log.exception("control API: cannot start a stream")
+            c.sock.close()
+
     @staticmethod
     def _try_send(sock: socket.socket, doc: Dict[str, Any]) -> None:
         try:
@@ -430,7 +444,10 @@ class ApiServer:
             if c is None:
                 return
             try:
-                c.out = _encode(self.handle(bytes(c.buf), c.peer))
+                reply = self.handle(bytes(c.buf), c.peer)
+                if isinstance(reply, commands.Stream):
+                    c.stream, reply = reply, reply_ok(reply.head)
+                c.out = _encode(reply)
             except Exception:  # a result JSON cannot carry: a bug in the controller
                 self.log.exception("control API: cannot encode the reply")
                 c.out = _encode(reply_error(INTERNAL, "the reply could not be encoded "
@@ -441,35 +458,38 @@ class ApiServer:
     def authorize(self, cmd: commands.Command, args: Any, peer: Optional[Peer]) -> None:
         """Raise PermissionError if `peer` may not run `cmd` with `args`. Reading is for
         anyone who can reach the socket (its mode and group decide who that is)."""
-        if not cmd.changes_state(args):
+        if not cmd.needs_admin(args):
             return
         if peer is not None and is_admin(peer, self.admin_group):
             return
         who = "unknown peer" if peer is None else f"uid {peer.uid}"
         need = (f"root or membership in group {self.admin_group!r}" if self.admin_group
                 else "root")
-        raise PermissionError(f"permission denied: {cmd.name!r} changes state and needs {need} "
+        what = "changes state" if cmd.changes_state(args) else "shows tenants' packets"
+        raise PermissionError(f"permission denied: {cmd.name!r} {what} and needs {need} "
                               f"({who})")
 
-    def handle(self, data: bytes, peer: Optional[Peer]) -> Dict[str, Any]:
-        """One request's bytes -> the reply document; counted, timed, and audited when it
-        asks for a change."""
+    def handle(self, data: bytes, peer: Optional[Peer]) -> Any:
+        """One request's bytes -> the reply document (or, for a streaming command that
+        was accepted, its commands.Stream); counted, timed, and audited when it asks for a
+        change."""
         t0 = time.monotonic()
         seen: Dict[str, Any] = {}
         reply = self._reply(data, peer, seen)
         cmd = commands.get(seen["name"]) if "name" in seen else None
         args = seen.get("args")
         label = cmd.name if cmd else "unknown"
-        result = "ok" if reply["ok"] else reply["error"]["code"]
+        stream = isinstance(reply, commands.Stream)
+        result = "ok" if stream or reply["ok"] else reply["error"]["code"]
         if self.timings is not None:
             self.timings.observe("api", time.monotonic() - t0, label)
             self.timings.count("api", label, result)
-        if cmd is not None and cmd.changes_state(args):
+        if cmd is not None and not stream and cmd.changes_state(args):
             audit_log.info("%s: %s: %s", describe_peer(peer), describe_request(cmd, args),
                            describe_result(cmd, reply))
         return reply
 
-    def _reply(self, data: bytes, peer: Optional[Peer], seen: Dict[str, Any]) -> Dict[str, Any]:
+    def _reply(self, data: bytes, peer: Optional[Peer], seen: Dict[str, Any]) -> Any:
         """The reply; `seen` gets the request's command name and args once parsed."""
         try:
             req = json.loads(data.decode("utf-8"))
@@ -494,7 +514,8 @@ class ApiServer:
         held = self.lock if cmd.changes_state(args) else contextlib.nullcontext()
         try:
             with held:
-                return reply_ok(commands.dispatch(self.controller, name, args))
+                result = commands.dispatch(self.controller, name, args)
+            return result if isinstance(result, commands.Stream) else reply_ok(result)
         except commands.BadArgs as e:
             return reply_error(BAD_REQUEST, str(e))
         except model.Conflict as e:
@@ -570,38 +591,67 @@ class ApiClient:
         self.max_reply_bytes = max_reply_bytes
 
     def call(self, command: str, args: Optional[Dict[str, Any]] = None) -> Any:
+        s = self._request(command, args)
+        try:
+            return self._result(self._line(s, bytearray()))
+        finally:
+            s.close()
+
+    def stream(self, command: str, args: Optional[Dict[str, Any]] = None) -> "ApiStream":
+        """Start a streaming command: its reply's result is `.head`, then `.next()` gives
+        each line that follows."""
+        s = self._request(command, args)
+        buf = bytearray()
+        try:
+            head = self._result(self._line(s, buf))
+        except BaseException:
+            s.close()
+            raise
+        return ApiStream(self, s, head, buf)
+
+    def _request(self, command: str, args: Optional[Dict[str, Any]]) -> socket.socket:
         request = (json.dumps({"command": command, "args": args or {}}) + "\n").encode()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
-            try:
-                s.connect(self.path)
-            except OSError as e:
-                raise ApiError("unreachable", f"cannot reach the agent at {self.path}: "
-                                              f"{e.strerror or e}") from None
-            try:
-                try:
-                    s.sendall(request)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the agent may answer (busy, too large) before reading it all
-                buf = bytearray()
-                while b"\n" not in buf:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    if len(buf) > self.max_reply_bytes:
-                        raise ApiError(INTERNAL, "reply too large")
-            except socket.timeout:
-                raise ApiError("unreachable", f"the agent at {self.path} did not answer "
-                                              f"within {self.timeout:g}s") from None
-            except OSError as e:
-                raise ApiError("unreachable", f"connection to the agent at {self.path} "
-                                              f"failed: {e.strerror or e}") from None
-        finally:
+            s.connect(self.path)
+        except OSError as e:
             s.close()
+            raise ApiError("unreachable", f"cannot reach the agent at {self.path}: "
+                                          f"{e.strerror or e}") from None
         try:
-            reply = json.loads(bytes(buf).decode("utf-8"))
+            s.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the agent may answer (busy, too large) before reading it all
+        except OSError as e:
+            s.close()
+            raise ApiError("unreachable", f"connection to the agent at {self.path} "
+                                          f"failed: {e.strerror or e}") from None
+        return s
+
+    def _line(self, s: socket.socket, buf: bytearray) -> bytes:
+        """One line from the socket (without its newline); what follows stays in buf."""
+        try:
+            while b"\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > self.max_reply_bytes:
+                    raise ApiError(INTERNAL, "reply too large")
+        except socket.timeout:
+            raise ApiError("unreachable", f"the agent at {self.path} did not answer "
+                                          f"within {s.gettimeout():g}s") from None
+        except OSError as e:
+            raise ApiError("unreachable", f"connection to the agent at {self.path} "
+                                          f"failed: {e.strerror or e}") from None
+        line, _, rest = bytes(buf).partition(b"\n")
+        buf[:] = rest
+        return line
+
+    def _result(self, line: bytes) -> Any:
+        try:
+            reply = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise ApiError(INTERNAL, f"the agent at {self.path} sent no valid reply") from None
         if not isinstance(reply, dict) or "ok" not in reply:
@@ -610,3 +660,40 @@ class ApiClient:
             return reply.get("result")
         err = reply.get("error") or {}
         raise ApiError(str(err.get("code", INTERNAL)), str(err.get("message", "")))
+
+
+class ApiStream:
+    """The lines of a streaming command after its reply (see ApiClient.stream)."""
+
+    def __init__(self, client: ApiClient, sock: socket.socket, head: Any, buf: bytearray):
+        self.client = client
+        self.sock = sock
+        self.head = head
+        self._buf = buf
+
+    def next(self, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """The next line as a dict; None when `timeout` seconds pass without one. Raises
+        ApiError("unreachable") when the agent ends the stream."""
+        if b"\n" not in self._buf:
+            self.sock.settimeout(timeout)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                return None
+            except OSError as e:
+                raise ApiError("unreachable", f"stream from the agent failed: "
+                                              f"{e.strerror or e}") from None
+            if not chunk:
+                raise ApiError("unreachable", "the agent ended the stream")
+            self._buf += chunk
+            if b"\n" not in self._buf:
+                return None
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf[:] = rest
+        try:
+            return json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(INTERNAL, "the agent sent a line that is not JSON") from None
+
+    def close(self) -> None:
+        self.sock.close()

@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from agent import model
 
 
-_JSON_TYPE = {"str": "string", "int": "integer", "flag": "boolean", "object": "object",
-              "list": "array of strings"}
+_JSON_TYPE = {"str": "string", "int": "integer", "float": "number", "flag": "boolean",
+              "object": "object", "list": "array of strings"}
 
 
 class BadArgs(Exception):
@@ -30,8 +30,8 @@ class Arg:
     """One argument of a command.
 
     `flags` empty means positional. `kind` is the JSON type on the wire: "str", "int",
-    "flag" (a boolean switch), "object" (a JSON table), "list" (strings; a repeatable flag). `wire=False` arguments exist only in
-    the CLI, which turns them into wire arguments before sending (a TOML file becomes
+    "float", "flag" (a boolean switch), "object" (a JSON table), "list" (strings; a
+    repeatable flag). `wire=False` arguments exist only in the CLI, which turns them into wire arguments before sending (a TOML file becomes
     `state`, a Scapy expression becomes `hex`); `cli=False` ones exist only on the wire."""
     name: str
     help: str
@@ -50,6 +50,15 @@ class Arg:
 
 
 @dataclass(frozen=True)
+class Stream:
+    """What a streaming command's call returns: `head`, the result of its one reply, and
+    `adopt(sock, reply_line)`, which takes the connection over: it writes the reply line
+    once it is ready to stream, then one JSON object per line until either side closes."""
+    head: Any
+    adopt: Callable[[Any, bytes], None]
+
+
+@dataclass(frozen=True)
 class Command:
     """One command: `name` as typed ("rule add"), whether it changes state (then only root
     or the admin group may run it), a one-line help, examples for the CLI's epilog, its
@@ -63,6 +72,10 @@ class Command:
     args: Tuple[Arg, ...] = ()
     exclusive: Tuple[Tuple[Tuple[str, ...], bool], ...] = ()
     description: str = ""
+    stream: bool = False       # the reply is followed by a stream of lines (a Stream)
+    # Shows tenants' packet bytes (monitor): changes nothing, yet only root or the admin
+    # group may run it, as only root may run tcpdump on the node.
+    sees_packets: bool = False
 
     def changes_state(self, args: Dict[str, Any]) -> bool:
         # A dry run shows what would change and changes nothing, so anyone who may read
@@ -70,6 +83,9 @@ class Command:
         if self.name == "apply" and isinstance(args, dict) and args.get("dry_run") is True:
             return False
         return self.mutating
+
+    def needs_admin(self, args: Dict[str, Any]) -> bool:
+        return self.changes_state(args) or self.sees_packets
 
     def wire_args(self) -> List[Arg]:
         return [a for a in self.args if a.wire]
@@ -98,6 +114,7 @@ class Command:
                 # model.parse_int names the field when it is text or out of range; only
                 # the JSON type is checked here.
                 "int": lambda x: isinstance(x, (int, str)) and not isinstance(x, bool),
+                "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
                 "flag": lambda x: isinstance(x, bool),
                 "object": lambda x: isinstance(x, dict),
                 "list": lambda x: isinstance(x, list) and all(isinstance(i, str) for i in x),
@@ -444,9 +461,21 @@ _cmd("rule del", True, "delete a security rule by id",
      "  xdpflowctl rule del 12",
      _delete("rules", _rule_ident),
      args=(Arg("id", "the rule's id", kind="int", metavar="ID", required=True),))
+def _rule_list(c, args):
+    rules = c.list("rules", args.get("tenant"))
+    if args.get("stats"):
+        c.add_rule_stats(rules)
+    return rules
+
+
 _cmd("rule list", False, "list security rules",
-     "  xdpflowctl rule list --tenant blue",
-     _list("rules"), args=(_TENANT_FILTER,))
+     "  xdpflowctl rule list --tenant blue\n  xdpflowctl rule list --stats",
+     _rule_list,
+     description="--stats adds each rule's hits (flows and denied packets it decided) and "
+                 "the time of its last hit; rules that never matched are marked.",
+     args=(_TENANT_FILTER,
+           Arg("stats", "show hits and the last hit time per rule", flags=("--stats",),
+               kind="flag")))
 
 # -- the whole state --
 _cmd("apply", True, "apply a desired state (TOML) atomically and show the difference; "
@@ -516,6 +545,54 @@ _cmd("trace", False, "run one packet through the loaded datapath without sending
            Arg("scapy", "the packet as a Scapy expression", flags=("--scapy",),
                metavar="EXPR", wire=False)),
      exclusive=((("hex", "scapy"), True),))
+
+
+_cmd("monitor", False, "stream what the datapath does to packets, live (drops, passes, "
+                      "redirects), with their rule and reason",
+     "  xdpflowctl monitor --type drop\n"
+     "  xdpflowctl monitor --tenant blue --port veth-vm1 --decode\n"
+     "  xdpflowctl --json monitor --type drop --count 1 --duration 5",
+     lambda c, a: c.monitor.open(a),
+     description="Events come from the datapath's ring buffer, at most monitor.rate_limit "
+                 "a second per CPU for all monitors together; events lost to that cap, to a "
+                 "full ring or to a slow reader are counted and shown. Each event: time, "
+                 "tenant, port, verdict, reason, rule, addresses, protocol, ports, length. "
+                 "It shows tenants' packets: root or the admin group only.",
+     sees_packets=True,
+     args=(_TENANT_FILTER,
+           Arg("port", "only packets that came in on this port", flags=("--port",),
+               metavar="IFNAME"),
+           Arg("type", "which verdicts (default all)", flags=("--type",),
+               choices=("drop", "pass", "redirect", "all")),
+           Arg("reason", "only this reason (rule_deny, default, no_route, ...)",
+               flags=("--reason",), metavar="R"),
+           Arg("decode", "also show the packet's first bytes decoded by Scapy",
+               flags=("--decode",), kind="flag", wire=False),
+           Arg("count", "stop after N events", flags=("--count",), kind="int", metavar="N",
+               wire=False),
+           Arg("duration", "stop after S seconds", flags=("--duration",), kind="float",
+               metavar="S", wire=False)),
+     stream=True)
+
+_cmd("top", False, "the busiest flows by rate, from the flow table's counters",
+     "  xdpflowctl top\n  xdpflowctl top --tenant blue --by bps --interval 2\n"
+     "  xdpflowctl --json top --once",
+     lambda c, a: c.top(a.get("tenant"), a["by"],
+                        model.parse_int(a["limit"], "top: limit", 1, 1000)),
+     description="Refreshed in place every --interval seconds (like ovs-dpctl-top) until "
+                 "interrupted; --once prints one sample. Rates are the change of each "
+                 "flow's counters between samples (the first sample: since the flow "
+                 "began). Each sample reads at most 65,536 flows of a big table, going "
+                 "on where the last sample stopped, plus the busiest flows found so far.",
+     args=(_TENANT_FILTER,
+           Arg("by", "order by packets (pps) or bytes (bps) a second", flags=("--by",),
+               choices=("pps", "bps"), default="pps"),
+           Arg("limit", "how many flows (default 20)", flags=("--limit",), kind="int",
+               default=20, metavar="N"),
+           Arg("interval", "seconds between refreshes (default 1)", flags=("--interval",),
+               kind="float", default=1.0, metavar="S", wire=False),
+           Arg("once", "print one sample and exit", flags=("--once",), kind="flag",
+               wire=False)))
 
 
 def get(name: str) -> Optional[Command]:

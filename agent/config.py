@@ -215,8 +215,15 @@ class AgingSettings:
     high_watermark: float = _setting(0.9, _number(0.1, 1.0))
 
 
+@dataclass(frozen=True)
+class MonitorSettings:
+    # Events a second, per CPU, the datapath may send to `xdpflowctl monitor` listeners.
+    rate_limit: int = _setting(1000, _int(1, 1000000))
+
+
 _SECTIONS = {"agent": AgentSettings, "metrics": MetricsSettings,
-             "datapath": DatapathSettings, "aging": AgingSettings}
+             "datapath": DatapathSettings, "aging": AgingSettings,
+             "monitor": MonitorSettings}
 
 
 @dataclass(frozen=True)
@@ -225,6 +232,7 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     datapath: DatapathSettings = field(default_factory=DatapathSettings)
     aging: AgingSettings = field(default_factory=AgingSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
     state: State = field(default_factory=State)  # declarative initial state, may be empty
     # Where it came from, for messages; two configs with the same settings are equal.
     source: str = field(default="<default>", compare=False)

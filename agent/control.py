@@ -21,7 +21,9 @@ from . import VERSION, abi, compiler, model
 from .commands import MAX_FLOW_DUMP
 from .flows import flow_dict, now_coarse_ns
 from .links import Link, LinkError, Links
+from .monitor import Monitor
 from .sweeper import Evictions, Sweeper
+from .top import FlowRates
 
 log = logging.getLogger("xdpflow.control")
 
@@ -64,6 +66,8 @@ class Controller:
         self.timings = None
         last = store.get_meta("last_change")
         self.last_change = float(last) if last else 0.0
+        self.monitor = Monitor(self)            # `monitor`'s event streams
+        self.rates = FlowRates()                # `top`'s samples
         self.bpf_stats = None   # agent.bpfstats.BpfStats, set by the daemon
 
     # -- building the datapath image -----------------------------------------------------
@@ -160,6 +164,7 @@ class Controller:
         """A rebuilt datapath (new sizes): program it from the stored state and move every
         port onto its program (one atomic replace each). The caller closes the old one."""
         self.dp, self.cfg = dp, cfg
+        self.monitor.use(dp)
         self.sweeper.use(cfg, dp)
         self._prog_id = 0
         self.attached = {}
@@ -409,6 +414,28 @@ class Controller:
 
         # Only `limit` rows are ever held, whatever the table's size.
         return heapq.nsmallest(limit, matching(), key=flow_order)
+
+    def top(self, tenant: Optional[str], by: str, limit: int) -> Dict[str, Any]:
+        tenants, slots, _ = self._names()
+        tid = self._tenant_id(tenant) if tenant else None
+        now = now_coarse_ns()
+        rows, sampled = self.rates.sample(self.dp.maps["xf_flows"], now, tid, by, limit)
+        flows = []
+        for kb, fb, pps, bps in rows:
+            k, f = abi.FlowKey.from_buffer_copy(kb), abi.Flow.from_buffer_copy(fb)
+            d = flow_dict(k, f, tenants, slots, now, self.dp.generation(k.tenant))
+            d.update(pps=round(pps, 1), bps=round(bps * 8, 1))
+            flows.append(d)
+        return {"by": by, "sampled": sampled, "flows": flows}
+
+    def add_rule_stats(self, rules: List[Dict[str, Any]]) -> None:
+        """The wall-clock time of each rule's last hit, a flow set up or a packet judged
+        (None: never)."""
+        stats = self.dp.rule_stats()
+        now, wall = now_coarse_ns(), time.time()
+        for d in rules:
+            hits, last = stats.get(d["id"], (0, 0))
+            d["last_hit"] = round(wall - (now - last) / 1e9, 3) if hits else None
 
     def flow_flush(self, tenant: Optional[str] = None) -> int:
         tid = self._tenant_id(tenant) if tenant else None

@@ -305,6 +305,8 @@ class Agent:
                     log.exception("stopping %s", part)
         if self.metrics:
             self.metrics.shutdown()
+        if self.controller:
+            self.controller.monitor.close()     # the datapath left running makes no events
         with self.lock:
             if self.cfg.agent.teardown_on_exit:
                 teardown(self.cfg, self.links, self.controller.state)

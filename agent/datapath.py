@@ -534,16 +534,28 @@ class Datapath:
         tx = self.maps["xf_port_tx"]
         tx.update_many([(bytes(ct.c_uint32(slot)), bytes(tx.vsize))])
 
-    def rule_hits(self) -> Dict[int, int]:
-        """Classifications (flows set up, packets judged) per rule in the datapath."""
+    def rule_stats(self) -> Dict[int, Tuple[int, int]]:
+        """Rule id -> (classifications it decided: flows set up, packets judged; and the
+        coarse-clock ns of the last one), for the rules in the datapath."""
         m = self.maps["xf_rule_hits"]
         out = {}
         for k, v in m.items():
             rid = ct.c_uint32.from_buffer_copy(k).value
             if rid in self._rule_slots:
-                out[rid] = sum(ct.c_uint64.from_buffer_copy(c).value for c in m.per_cpu(v))
+                cpus = [abi.RuleStat.from_buffer_copy(c) for c in m.per_cpu(v)]
+                out[rid] = (sum(c.hits for c in cpus), max(c.last_hit_ns for c in cpus))
         return out
 
+    def rule_hits(self) -> Dict[int, int]:
+        """Classifications (flows set up, packets judged) per rule in the datapath."""
+        return {rid: hits for rid, (hits, _) in self.rule_stats().items()}
+
+    def monitor_maps(self) -> Tuple[int, RawMap, RawMap]:
+        """The monitor's ring buffer fd, its switch-and-filter map and per-CPU counters
+        (maps of this build, not pinned)."""
+        return (self.bpf[b"xf_events"].get_fd(),
+                RawMap(self.bpf[b"xf_mon"].get_fd(), "xf_mon"),
+                RawMap(self.bpf[b"xf_mon_cpu"].get_fd(), "xf_mon_cpu"))
     def _counter_rows(self, name: str, wanted: Set[int]) -> Dict[int, Tuple[int, int]]:
         """(packets, bytes) summed over CPUs of the wanted rows of a per-CPU counter array."""
         m = self.maps[name]

@@ -18,6 +18,7 @@ The source provides:
   map_pressure() -> {map: (entries in use, capacity)}   (every map the config sizes)
   datapath_runs() -> {run_time_ns, run_count} of the XDP program, or {} when the kernel's
                      BPF statistics are off ([metrics] bpf_stats)
+  monitor()      -> {listeners, sent, rate_cap, ring_full, client}
 
 Every configured tenant and port has its series from the first scrape, at 0 until traffic
 comes (`xdpflow_flows`, `xdpflow_port_packets_total` / `_bytes_total` per verdict), so
@@ -129,6 +130,14 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
      "Time the kernel spent running the XDP datapath program (BPF statistics).", ()),
     ("xdpflow_datapath_runs", "counter",
      "Runs of the XDP datapath program, one per packet (BPF statistics).", ()),
+    ("xdpflow_monitor_listeners", "gauge",
+     "Monitor clients (xdpflowctl monitor) listening now.", ()),
+    ("xdpflow_monitor_events", "counter",
+     "Events the datapath sent to monitor listeners.", ()),
+    ("xdpflow_monitor_events_lost", "counter",
+     "Monitor events lost, by reason: rate_cap (the per-CPU monitor.rate_limit), "
+     "ring_full (the ring buffer had no room), client (a listener that did not read in "
+     "time).", ("reason",)),
     ("xdpflow_scrape_errors", "counter",
      "Reads of the datapath that failed while serving a scrape.", ()),
     ("xdpflow_up", "gauge",
@@ -221,6 +230,7 @@ class DatapathCollector:
             ("agent_info", self._fill_agent_info),
             ("map_pressure", self._fill_map_pressure),
             ("datapath_runs", self._fill_datapath_runs),
+            ("monitor", self._fill_monitor),
             ("timings", self._fill_timings),
         ):
             # Fill into scratch families and merge only on success, so a part that fails
@@ -292,6 +302,13 @@ class DatapathCollector:
                 labels = [_label(port["tenant"]), _label(port["name"]), verdict]
                 f["xdpflow_port_packets"].add_metric(labels, 0)
                 f["xdpflow_port_bytes"].add_metric(labels, 0)
+
+    def _fill_monitor(self, f: Dict[str, Metric]) -> None:
+        m = self._source.monitor()
+        f["xdpflow_monitor_listeners"].add_metric([], int(m["listeners"]))
+        f["xdpflow_monitor_events"].add_metric([], int(m["sent"]))
+        for reason in ("rate_cap", "ring_full", "client"):
+            f["xdpflow_monitor_events_lost"].add_metric([reason], int(m[reason]))
 
     def _fill_agent_info(self, f: Dict[str, Metric]) -> None:
         info = self._source.agent_info()
@@ -420,3 +437,7 @@ class AgentSource:
     def datapath_runs(self):
         with self.c.lock:
             return self.c.datapath_runs()
+
+    def monitor(self):
+        # The monitor's own counters and maps: no controller lock needed.
+        return self.c.monitor.stats()

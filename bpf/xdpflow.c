@@ -170,18 +170,77 @@ static __always_inline void xf_count(__u16 port, __u8 verdict, __u8 reason, __u6
 static __always_inline void xf_count_rule(__u32 rule_id)
 {
 #ifndef XF_TRACE
-    __u64 *hits = xf_rule_hits.lookup(&rule_id);
-    if (hits) {
-        *hits += 1;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    struct xf_rule_stat *rs = xf_rule_hits.lookup(&rule_id);
+    if (rs) {
+        rs->hits += 1;
+        rs->last_hit_ns = now;
     } else {
-        __u64 one = 1;
+        struct xf_rule_stat one = {.hits = 1, .last_hit_ns = now};
         xf_rule_hits.update(&rule_id, &one);
     }
 #endif
 }
 
-/* Count the packet and return its XDP action. Every exit goes through here. */
-static __always_inline int xf_finish(struct xf_ctx *c, int action)
+#ifndef XF_TRACE
+/* A monitor event for a packet some listener may want, paid for from this CPU's token
+ * bucket: a flood costs at most the configured rate of events; the rest only counts. The
+ * bucket runs on the coarse clock (cheap on every packet); an event that is sent reads
+ * the fine one for its timestamp. */
+static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_ctx *c,
+                                       struct xf_mon_cfg *mc)
+{
+    struct xf_verdict *v = &c->v;
+    if (!(mc->verdicts & (1u << (v->verdict & 31))) || !(mc->reasons & (1u << (v->reason & 31))))
+        return;
+    if ((mc->tenant && mc->tenant != c->tenant) || (mc->port && mc->port != c->slot))
+        return;
+    __u32 zero = 0;
+    struct xf_mon_cpu *mb = xf_mon_cpu.lookup(&zero);
+    if (!mb)
+        return;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    __u64 credit = mb->credit_ns + (now - mb->last_ns);
+    if (credit > mc->burst_ns)
+        credit = mc->burst_ns;
+    mb->last_ns = now;
+    if (credit < mc->cost_ns) {
+        mb->credit_ns = credit;
+        mb->lost_rate++;
+        return;
+    }
+    mb->credit_ns = credit - mc->cost_ns;
+    struct xf_event *e = xf_events.ringbuf_reserve(sizeof(struct xf_event));
+    if (!e) {
+        mb->lost_ring++;
+        return;
+    }
+    e->ts_ns = bpf_ktime_get_ns();
+    e->rule_id = v->rule_id;
+    e->len = c->len;
+    e->out_ifindex = v->out_ifindex;
+    e->tenant = c->tenant;
+    e->port = c->slot;
+    e->out_port = v->out_port;
+    e->verdict = v->verdict;
+    e->reason = v->reason;
+    e->flow_hit = v->flow_hit;
+    e->pad = 0;
+    /* 1..XF_EVENT_BYTES by arithmetic the verifier follows (XF_EVENT_BYTES is a power
+     * of two; frames are never empty): clang turns range checks into tests on a copy. */
+    __u64 n = c->len < XF_EVENT_BYTES ? c->len : XF_EVENT_BYTES;
+    n = ((n - 1) & (XF_EVENT_BYTES - 1)) + 1;
+    if (bpf_xdp_load_bytes(ctx, 0, e->data, n))
+        n = 0;
+    e->cap_len = n;
+    xf_events.ringbuf_submit(e, 0);
+    mb->sent++;
+}
+#endif
+
+/* Count the packet, tell a listening monitor, and return its XDP action. Every exit goes
+ * through here. */
+static __always_inline int xf_finish(struct xdp_md *ctx, struct xf_ctx *c, int action)
 {
     xf_count(c->slot, c->v.verdict, c->v.reason, c->len);
 #ifndef XF_TRACE
@@ -195,6 +254,13 @@ static __always_inline int xf_finish(struct xf_ctx *c, int action)
         __u32 out = c->v.out_port;
         xf_count_row(xf_port_tx.lookup(&out), c->len);
     }
+#endif
+#if !defined(XF_TRACE) && !defined(XF_NO_MONITOR)   /* the latter: a benchmark's baseline */
+    /* With no listener, this read is all the monitor costs. */
+    __u32 mzero = 0;
+    struct xf_mon_cfg *mc = xf_mon.lookup(&mzero);
+    if (mc && mc->listeners)
+        xf_monitor(ctx, c, mc);
 #endif
 #ifdef XF_TRACE
     __u32 zero = 0;
@@ -832,22 +898,22 @@ int xdpflow_port(struct xdp_md *ctx)
     if (rc == XF_NEXT)
         rc = xf_stage_boundary(ctx, &c, port);
     if (rc != XF_NEXT)
-        return xf_finish(&c, rc);
+        return xf_finish(ctx, &c, rc);
 
     int related = 0;
     struct xf_flow *f = xf_stage_flow(ctx, &c, &related);
     if (xf_is_hit(&c, f))
-        return xf_finish(&c, xf_stage_hit(ctx, &c, f, related));
+        return xf_finish(ctx, &c, xf_stage_hit(ctx, &c, f, related));
 
     /* The slow path's working set lives in a per-CPU scratch row: on the stack it would
      * not fit the verifier's 512 bytes next to the parser's and the classifier's. */
     __u32 zero = 0;
     struct xf_scratch *sc = xf_scratch.lookup(&zero);
     if (!sc)
-        return xf_finish(&c, xf_default(&c, XF_R_DEFAULT));
+        return xf_finish(ctx, &c, xf_default(&c, XF_R_DEFAULT));
     struct xf_judgement j = {};
     rc = xf_stage_classify(&c, f, sc, &j);
     if (rc == XF_NEXT)
         rc = xf_stage_install(ctx, &c, sc, &j);
-    return xf_finish(&c, rc);
+    return xf_finish(ctx, &c, rc);
 }

@@ -27,6 +27,8 @@
 #define XF_PORT_SRC_ENTRIES (2 * XF_MAX_ENDPOINTS)  /* port security: endpoints + allowed prefixes */
 #define XF_IPV4_MIN_MTU 68           /* RFC 791 */
 #define XF_IPV6_MIN_MTU 1280         /* RFC 8200 5 */
+#define XF_EVENT_BYTES 128           /* packet bytes a monitor event carries */
+#define XF_EVENT_RING_PAGES 64       /* monitor ring buffer: 256 KiB, about 1,500 events */
 
 /* Verdicts: what the datapath did with a packet (XF_V_NONE marks event counters). */
 #define XF_V_NONE 0

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import textwrap
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from agent import VERSION, commands, model
@@ -108,8 +109,8 @@ def _add_args(parser: argparse.ArgumentParser, cmd: commands.Command) -> None:
             kw["metavar"] = a.metavar
         else:
             kw["metavar"] = a.metavar
-            if a.kind == "int":
-                kw["type"] = int
+            if a.kind in ("int", "float"):
+                kw["type"] = int if a.kind == "int" else float
             if a.choices:
                 kw["choices"] = a.choices
                 kw.pop("metavar")
@@ -508,6 +509,40 @@ def _kept_lines(d: Dict[str, Any]) -> Tuple[List[str], int]:
     return lines, total
 
 
+def _clock(t: Optional[float]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "NEVER"
+
+
+def _rule_stats_table(rows: List[Dict[str, Any]]) -> str:
+    """Rules with their counters and LAST_HIT; rules that never matched say NEVER and are
+    named again below the table (candidates for removal, or a match that is not what was
+    meant)."""
+    rows = [{**r, "last_hit": _clock(r.get("last_hit")), "hits": r.get("hits", 0)}
+            for r in rows]
+    counters = ("hits", "packets", "bytes")
+    cols = LIST_COLUMNS["rules"][:4] + counters + ("last_hit",) + tuple(
+        c for c in LIST_COLUMNS["rules"][4:] if c not in counters)
+    out = format_table(rows, cols, NUMERIC + counters)
+    never = [str(r["id"]) for r in rows if not r["hits"] and not r.get("packets")]
+    if never:
+        out += (f"\n{len(never)} rule{'s' if len(never) != 1 else ''} never matched: "
+                + ", ".join(never))
+    return out
+
+
+TOP_COLUMNS = ("tenant", "proto", "src", "sport", "dst", "dport", "verdict", "in_port",
+               "out_port", "rule", "pps", "bps", "packets", "bytes")
+
+
+def render_top(result: Dict[str, Any]) -> str:
+    rows = list(result.get("flows") or [])
+    head = (f"busiest flows by {result.get('by')} ({result.get('sampled', 0)} flows "
+            f"sampled) at {time.strftime('%H:%M:%S')}")
+    if not rows:
+        return head + "\nno flows"
+    return head + "\n" + format_table(rows, TOP_COLUMNS, NUMERIC + ("pps", "bps"))
+
+
 def render(name: str, result: Any, args: Dict[str, Any]) -> str:
     noun, _, verb = name.partition(" ")
     kind = noun + "s"
@@ -520,6 +555,8 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             rows.sort(key=lambda r: (str(r.get("tenant")), -int(r.get("priority") or 0),
                                      int(r.get("id") or 0)))
             rows = [{**r, **{k: r.get(k) or "any" for k in _ANY_FIELDS}} for r in rows]
+            if args.get("stats"):
+                return _rule_stats_table(rows)
         # A port's attach state is left out when no row carries it (an older agent's reply).
         columns = [c for c in LIST_COLUMNS[kind]
                    if c not in _PORT_STATE_COLUMNS or any(c in r for r in rows)]
@@ -572,6 +609,8 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
         if result:
             out += [""] + _format_mapping(result)
         return "\n".join(out)
+    if name == "top":
+        return render_top(result or {})
     if name == "trace":
         r = result or {}
         lines = []
@@ -595,6 +634,104 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+
+def check_repeat_options(ns: argparse.Namespace) -> None:
+    for name, lo in (("count", 1), ("duration", 0), ("interval", 0)):
+        v = getattr(ns, name, None)
+        if v is not None and (v < lo or (lo == 0 and v <= 0)):
+            raise UsageError(f"--{name}: {v:g} must be {'at least 1' if lo else 'above 0'}")
+
+
+EVENT_FIELDS = ("time", "tenant", "port", "verdict", "reason", "rule", "proto", "src",
+                "sport", "dst", "dport", "icmp_type", "icmp_code", "len", "out_port",
+                "flow_hit", "decoded", "packet")
+
+
+def event_line(ev: Dict[str, Any]) -> str:
+    """One event as text: when, where, what, why, then the packet."""
+    t = ev.get("time") or 0
+    stamp = time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1e6) % 1000000:06d}"
+    src, dst = ev.get("src", "?"), ev.get("dst", "?")
+    if "sport" in ev:
+        src, dst = f"{src}:{ev['sport']}", f"{dst}:{ev['dport']}"
+    what = f"{ev.get('proto', 'non-ip')} {src} -> {dst}"
+    if "icmp_type" in ev:
+        what += f" type={ev['icmp_type']} code={ev['icmp_code']}"
+    line = (f"{stamp} {ev.get('tenant') or '-'} {ev.get('port') or '-'} {ev['verdict']} "
+            f"{ev['reason']}" + (f" rule={ev['rule']}" if ev.get("rule") else "")
+            + f" {what} len={ev.get('len')}"
+            + (f" -> {ev['out_port']}" if ev.get("out_port") else ""))
+    if ev.get("decoded"):
+        line += "\n    " + ev["decoded"]
+    return line
+
+
+def run_monitor(ns: argparse.Namespace, args: Dict[str, Any]) -> int:
+    """Stream events until --count events, --duration seconds, or Ctrl-C; lost counts go
+    to stderr, so stdout stays one event per line."""
+    from agent.monitor import describe_packet
+    describe_packet("")           # Scapy's import (a second or more) before the clock starts
+    try:
+        st = ApiClient(ns.socket, timeout=ns.timeout).stream("monitor", args)
+    except ApiError as e:
+        return _fail(e.code, e.message, ns.json)
+    head = st.head or {}
+    print(f"monitoring {head.get('filter')} at most {head.get('rate_limit')} events/s "
+          "per CPU; Ctrl-C to stop", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + ns.duration if ns.duration else None
+    seen, lost, rc = 0, {}, EXIT_OK
+    try:
+        while ns.count is None or seen < ns.count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            msg = st.next(left)
+            if not msg:
+                continue
+            if "lost" in msg:
+                lost = msg["lost"]
+                if not ns.json:
+                    print(f"monitor: lost so far: {_lost_text(lost)}", file=sys.stderr)
+                continue
+            ev = msg.get("event") or {}
+            ev.update(describe_packet(ev.get("packet", ""), ns.decode))
+            ev = {k: ev[k] for k in EVENT_FIELDS if k in ev}
+            print(json.dumps(ev) if ns.json else event_line(ev), flush=True)
+            seen += 1
+    except KeyboardInterrupt:
+        pass
+    except ApiError as e:
+        rc = _fail(e.code, e.message, False)
+    finally:
+        st.close()
+    print(f"monitor: {seen} event{'s' if seen != 1 else ''}"
+          + (f"; lost: {_lost_text(lost)}" if lost else ""), file=sys.stderr)
+    return rc
+
+
+def _lost_text(lost: Dict[str, int]) -> str:
+    return (f"{lost.get('rate_cap', 0)} to the rate limit, {lost.get('ring_full', 0)} to a "
+            f"full ring, {lost.get('client', 0)} not read in time by this monitor")
+
+
+def run_top(ns: argparse.Namespace, args: Dict[str, Any]) -> int:
+    """Refresh in place every --interval seconds until Ctrl-C (--json: one document a
+    line)."""
+    client = ApiClient(ns.socket, timeout=ns.timeout)
+    try:
+        while True:
+            try:
+                result = client.call("top", args)
+            except ApiError as e:
+                return _fail(e.code, e.message, ns.json)
+            if ns.json:
+                print(json.dumps(result), flush=True)
+            else:
+                print("\x1b[H\x1b[2J" + render_top(result), flush=True)
+            time.sleep(ns.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
 
 def _fail(code: str, message: str, as_json: bool) -> int:
     if as_json:
@@ -642,8 +779,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = commands.get(ns._command)
     try:
         args = wire_args(cmd, ns)
+        check_repeat_options(ns)
     except UsageError as e:
         return _fail("usage", str(e), ns.json)
+    if cmd.stream:
+        return run_monitor(ns, args)
+    if cmd.name == "top" and not ns.once:
+        return run_top(ns, args)
     client = ApiClient(ns.socket, timeout=ns.timeout)
     if cmd.name == "trace":
         _announce_trace_build(client, quiet=ns.json)

@@ -75,6 +75,11 @@ class FakeSource:
         return {"run_time_ns": 2_500_000_000, "run_count": 100_000_000}
 
 
+    def monitor(self):
+        self._call("monitor")
+        return dict(listeners=1, sent=900, rate_cap=99100, ring_full=3, client=5)
+
+
 class RaisingSource:
     """Every read fails, as when the BPF maps are gone."""
 
@@ -158,6 +163,11 @@ def test_scrape_matches_the_source(server):
     assert value(got, "xdpflow_map_fill_ratio", map="xf_flows") == 0.25
     assert value(got, "xdpflow_datapath_run_time_seconds_total") == 2.5
     assert value(got, "xdpflow_datapath_runs_total") == 100_000_000
+    assert value(got, "xdpflow_monitor_listeners") == 1
+    assert value(got, "xdpflow_monitor_events_total") == 900
+    assert value(got, "xdpflow_monitor_events_lost_total", reason="rate_cap") == 99100
+    assert value(got, "xdpflow_monitor_events_lost_total", reason="ring_full") == 3
+    assert value(got, "xdpflow_monitor_events_lost_total", reason="client") == 5
     assert value(got, "xdpflow_scrape_errors_total") == 0
     assert value(got, "xdpflow_up") == 1
     # The agent's registry also carries the process collector.
@@ -187,7 +197,7 @@ def test_values_are_read_at_scrape_time(server, source):
     scrape("127.0.0.1", server.port)
     before = source.calls
     scrape("127.0.0.1", server.port)
-    assert source.calls == before + 8
+    assert source.calls == before + 9
 
 
 def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
@@ -211,7 +221,7 @@ def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
 def test_wholly_broken_source_still_answers():
     srv = serve(DatapathCollector(RaisingSource()), "127.0.0.1", 0)
     try:
-        for expected_errors in (8, 16):
+        for expected_errors in (9, 18):
             body = scrape("127.0.0.1", srv.port)
             got = samples(body)
             assert value(got, "xdpflow_up") == 0

@@ -342,3 +342,14 @@ def test_the_speed_frame_is_60_bytes_from_the_vm_to_its_gateway(spec):
                            "0x02", "0x00", "0x00", "0x00", "0x00", "0x01"]
     assert tokens[26:34] == ["10", "0", "0", "1", "10", "0", "0", "2"]
     assert tokens[35] == "drnd(1)" and tokens[36:38] == ["0x1b", "0x61"]   # dport 7009
+
+
+def test_a_mismatch_carries_the_datapath_events_of_its_send():
+    a = _result([])
+    a.events = [{"port": "blue1", "verdict": "drop", "reason": "rule_deny", "rule": 990,
+                 "out_port": ""}]
+    per = compare.compare_results([a], [_result([("b", b"1")])])
+    (m,) = per["s"]["mismatches"]
+    assert m["offload_events"] == a.events
+    assert compare._events_brief(m["offload_events"]) == "blue1 drop rule_deny rule 990"
+    assert compare._events_brief([]) == "no monitor event"
