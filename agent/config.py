@@ -185,6 +185,9 @@ class MetricsSettings:
     # The kernel's run time and run count of the XDP program (agent/bpfstats.py): opt-in,
     # since counting costs every BPF program on the node two clock reads per run.
     bpf_stats: bool = _setting(False, _bool)
+    # Per-rule packets and bytes as metrics (xdpflow_rule_packets_total, ..._bytes_total):
+    # a series per rule, so opt-in; `xdpflowctl rule list` shows them either way.
+    rule_counters: bool = _setting(False, _bool)
 
 
 @dataclass(frozen=True)

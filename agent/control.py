@@ -495,6 +495,12 @@ class Controller:
             out["rule_hits"] = {k: v for k, v in out["rule_hits"].items() if k in ids}
         return out
 
+    def rule_counter_rows(self) -> List[Dict[str, Any]]:
+        """Packets and bytes per configured rule (0 until it matches), with its tenant."""
+        counts = self.dp.rule_counters()
+        return [{"tenant": r.tenant, "rule": r.id, "packets": counts.get(r.id, (0, 0))[0],
+                 "bytes": counts.get(r.id, (0, 0))[1]} for r in self.state.rules]
+
     def port_tx_rows(self) -> List[Dict[str, Any]]:
         """What each port transmitted on redirect (per VM, its receive)."""
         _, slots, port_tenant = self._names()

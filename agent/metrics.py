@@ -19,6 +19,10 @@ The source provides:
   datapath_runs() -> {run_time_ns, run_count} of the XDP program, or {} when the kernel's
                      BPF statistics are off ([metrics] bpf_stats)
   monitor()      -> {listeners, sent, rate_cap, ring_full, client}
+  port_tx()      -> [{tenant, port, packets, bytes}]   what each port transmitted on redirect
+                     (its VM received), every configured port
+  rule_counters() -> [{tenant, rule, packets, bytes}], or [] unless [metrics] rule_counters
+                     is on (a series per rule: opt-in, as `iptables -L -v` on demand)
 
 Every configured tenant and port has its series from the first scrape, at 0 until traffic
 comes (`xdpflow_flows`, `xdpflow_port_packets_total` / `_bytes_total` per verdict), so
@@ -89,6 +93,20 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
     ("xdpflow_port_bytes", "counter",
      "Bytes that came in on a port, by verdict; every configured port, 0 until used.",
      _PORT_TRAFFIC),
+    ("xdpflow_port_tx_packets", "counter",
+     "Packets the datapath redirected out of a port (what its VM received); every "
+     "configured port, 0 until used.", ("tenant", "port")),
+    ("xdpflow_port_tx_bytes", "counter",
+     "Bytes the datapath redirected out of a port (what its VM received).",
+     ("tenant", "port")),
+    # Opt-in ([metrics] rule_counters): one series per rule is a cardinality an operator
+    # chooses, not a default.
+    ("xdpflow_rule_packets", "counter",
+     "Packets a security rule matched (flow-table hits included, replies not), by tenant "
+     "and rule id.", ("tenant", "rule")),
+    ("xdpflow_rule_bytes", "counter",
+     "Bytes of the packets a security rule matched, by tenant and rule id.",
+     ("tenant", "rule")),
     # Exported as xdpflow_agent_info{version="...",...} 1; the labels come with the value.
     ("xdpflow_agent", "info",
      "The running agent: version, program id, kernel release, config file SHA-256.", ()),
@@ -231,6 +249,8 @@ class DatapathCollector:
             ("map_pressure", self._fill_map_pressure),
             ("datapath_runs", self._fill_datapath_runs),
             ("monitor", self._fill_monitor),
+            ("port_tx", self._fill_port_tx),
+            ("rule_counters", self._fill_rule_counters),
             ("timings", self._fill_timings),
         ):
             # Fill into scratch families and merge only on success, so a part that fails
@@ -309,6 +329,18 @@ class DatapathCollector:
         f["xdpflow_monitor_events"].add_metric([], int(m["sent"]))
         for reason in ("rate_cap", "ring_full", "client"):
             f["xdpflow_monitor_events_lost"].add_metric([reason], int(m[reason]))
+
+    def _fill_port_tx(self, f: Dict[str, Metric]) -> None:
+        for row in self._source.port_tx():
+            labels = [_label(row["tenant"]), _label(row["port"])]
+            f["xdpflow_port_tx_packets"].add_metric(labels, int(row["packets"]))
+            f["xdpflow_port_tx_bytes"].add_metric(labels, int(row["bytes"]))
+
+    def _fill_rule_counters(self, f: Dict[str, Metric]) -> None:
+        for row in self._source.rule_counters():
+            labels = [_label(row["tenant"]), _label(row["rule"])]
+            f["xdpflow_rule_packets"].add_metric(labels, int(row["packets"]))
+            f["xdpflow_rule_bytes"].add_metric(labels, int(row["bytes"]))
 
     def _fill_agent_info(self, f: Dict[str, Metric]) -> None:
         info = self._source.agent_info()
@@ -437,6 +469,16 @@ class AgentSource:
     def datapath_runs(self):
         with self.c.lock:
             return self.c.datapath_runs()
+
+    def port_tx(self):
+        with self.c.lock:
+            return self.c.port_tx_rows()
+
+    def rule_counters(self):
+        if not self.c.cfg.metrics.rule_counters:
+            return []
+        with self.c.lock:
+            return self.c.rule_counter_rows()
 
     def monitor(self):
         # The monitor's own counters and maps: no controller lock needed.

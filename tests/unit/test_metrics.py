@@ -79,6 +79,15 @@ class FakeSource:
         self._call("monitor")
         return dict(listeners=1, sent=900, rate_cap=99100, ring_full=3, client=5)
 
+    def port_tx(self):
+        self._call("port_tx")
+        return [dict(tenant="blue", port="veth-vm1", packets=40, bytes=3200),
+                dict(tenant="red", port="veth-vm2", packets=0, bytes=0)]
+
+    def rule_counters(self):
+        self._call("rule_counters")
+        return [dict(tenant="blue", rule=3, packets=1200, bytes=96000)]
+
 
 class RaisingSource:
     """Every read fails, as when the BPF maps are gone."""
@@ -168,6 +177,10 @@ def test_scrape_matches_the_source(server):
     assert value(got, "xdpflow_monitor_events_lost_total", reason="rate_cap") == 99100
     assert value(got, "xdpflow_monitor_events_lost_total", reason="ring_full") == 3
     assert value(got, "xdpflow_monitor_events_lost_total", reason="client") == 5
+    assert value(got, "xdpflow_port_tx_packets_total", tenant="blue", port="veth-vm1") == 40
+    assert value(got, "xdpflow_port_tx_bytes_total", tenant="red", port="veth-vm2") == 0
+    assert value(got, "xdpflow_rule_packets_total", tenant="blue", rule="3") == 1200
+    assert value(got, "xdpflow_rule_bytes_total", tenant="blue", rule="3") == 96000
     assert value(got, "xdpflow_scrape_errors_total") == 0
     assert value(got, "xdpflow_up") == 1
     # The agent's registry also carries the process collector.
@@ -197,7 +210,7 @@ def test_values_are_read_at_scrape_time(server, source):
     scrape("127.0.0.1", server.port)
     before = source.calls
     scrape("127.0.0.1", server.port)
-    assert source.calls == before + 9
+    assert source.calls == before + 11
 
 
 def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
@@ -221,7 +234,7 @@ def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
 def test_wholly_broken_source_still_answers():
     srv = serve(DatapathCollector(RaisingSource()), "127.0.0.1", 0)
     try:
-        for expected_errors in (9, 18):
+        for expected_errors in (11, 22):
             body = scrape("127.0.0.1", srv.port)
             got = samples(body)
             assert value(got, "xdpflow_up") == 0
