@@ -61,6 +61,9 @@ def stats_row(index: int):
     return slot, verdict, reason
 FRAG_TABLE_SIZE = 8192
 MAX_RULE_IDS = 262144
+RULE_STATS = 65536       # per-rule counter slots; slot 0 counts nothing
+EVENT_BYTES = 128          # packet bytes a monitor event carries
+EVENT_RING_PAGES = 64
 
 CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_V_NONE": V_NONE, "XF_V_DROP": V_DROP, "XF_V_PASS": V_PASS,
@@ -70,10 +73,11 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_FLOW_REVERSE": FLOW_REVERSE, "XF_FLOW_CLOSING": FLOW_CLOSING,
     "XF_EP_LOCAL": EP_LOCAL, "XF_MAX_TENANTS": MAX_TENANTS, "XF_PORT_INDEX": PORT_INDEX, "XF_MASK_SETS": MASK_SETS,
     "XF_V_MAX": V_MAX, "XF_R_ROWS": R_ROWS, "XF_FRAG_TABLE_SIZE": FRAG_TABLE_SIZE,
-    "XF_MAX_RULE_IDS": MAX_RULE_IDS, "XF_R_MAX": R_MAX,
+    "XF_MAX_RULE_IDS": MAX_RULE_IDS, "XF_R_MAX": R_MAX, "XF_RULE_STATS": RULE_STATS,
     "XF_PORT_SECURITY": PORT_SECURITY, "XF_PORT_VLAN": PORT_VLAN,
     "XF_PORT_TENANT_DROP": PORT_TENANT_DROP,
     "XF_IPV4_MIN_MTU": IPV4_MIN_MTU, "XF_IPV6_MIN_MTU": IPV6_MIN_MTU,
+    "XF_EVENT_BYTES": EVENT_BYTES, "XF_EVENT_RING_PAGES": EVENT_RING_PAGES,
 }
 CONSTANTS.update({"XF_R_" + name.upper(): rid for rid, name in REASONS.items()})
 
@@ -93,7 +97,7 @@ class Flow(ct.Structure):
                 ("generation", u32), ("rule_id", u32), ("out_ifindex", u32),
                 ("out_port", u16), ("verdict", u8), ("flags", u8), ("dmac", Mac),
                 ("smac", Mac), ("in_port", u16), ("reason", u8), ("tcp_flags", u8),
-                ("in_mac", Mac), ("pad", u16)]
+                ("in_mac", Mac), ("rule_stat", u16)]
 
 
 class Port(ct.Structure):
@@ -135,7 +139,7 @@ class RuleKey(ct.Structure):
 
 
 class Rule(ct.Structure):
-    _fields_ = [("rank", u32), ("rule_id", u32), ("action", u8), ("pad", u8 * 3)]
+    _fields_ = [("rank", u32), ("rule_id", u32), ("action", u8), ("pad", u8), ("stat", u16)]
 
 
 class EpKey(ct.Structure):
@@ -157,6 +161,10 @@ class Route(ct.Structure):
 
 class Counter(ct.Structure):
     _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+class RuleStat(ct.Structure):
+    _fields_ = [("hits", u64), ("last_hit_ns", u64)]
 
 
 class FragKey(ct.Structure):
@@ -182,6 +190,23 @@ class Trace(ct.Structure):
                 ("stale", u8), ("pad", u32)]
 
 
+class MonCfg(ct.Structure):
+    _fields_ = [("listeners", u32), ("verdicts", u32), ("reasons", u32), ("tenant", u16),
+                ("port", u16), ("cost_ns", u64), ("burst_ns", u64)]
+
+
+class MonCpu(ct.Structure):
+    _fields_ = [("last_ns", u64), ("credit_ns", u64), ("sent", u64), ("lost_rate", u64),
+                ("lost_ring", u64)]
+
+
+class Event(ct.Structure):
+    _fields_ = [("ts_ns", u64), ("rule_id", u32), ("len", u32), ("out_ifindex", u32),
+                ("tenant", u16), ("port", u16), ("out_port", u16), ("cap_len", u16),
+                ("verdict", u8), ("reason", u8), ("flow_hit", u8), ("pad", u8),
+                ("data", u8 * EVENT_BYTES)]
+
+
 # --- maps: name -> (BPF map type, key type, value type, size setting) -----------------
 
 HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LPM_TRIE = 1, 2, 5, 6, 9, 11
@@ -196,7 +221,9 @@ MAPS = {
     "xf_routes": (LPM_TRIE, RouteKey, Route, "XF_MAX_ROUTES"),
     "xf_port_src": (LPM_TRIE, SrcKey, u32, "XF_PORT_SRC_ENTRIES"),
     "xf_stats": (PERCPU_ARRAY, u32, Counter, "XF_STATS_ROWS"),
-    "xf_rule_hits": (PERCPU_HASH, u32, u64, MAX_RULE_IDS),
+    "xf_rule_hits": (PERCPU_HASH, u32, RuleStat, MAX_RULE_IDS),
+    "xf_rule_stats": (PERCPU_ARRAY, u32, Counter, RULE_STATS),
+    "xf_port_tx": (PERCPU_ARRAY, u32, Counter, "XF_MAX_PORTS"),
     "xf_frags": (LRU_HASH, FragKey, Frag, FRAG_TABLE_SIZE),
     "xf_meta": (ARRAY, u32, Meta, 1),
 }

@@ -17,6 +17,7 @@ import grp
 import json
 import logging
 import os
+import pwd
 import queue
 import selectors
 import socket
@@ -30,6 +31,10 @@ from typing import Any, Callable, Dict, FrozenSet, Optional
 from agent import commands, model
 
 DEFAULT_SOCKET = "/run/xdpflow/agent.sock"
+
+# One line per attempted change (who, what, result), under its own name so it can be
+# routed or kept apart from the rest of the log.
+audit_log = logging.getLogger("xdpflow.audit")
 
 # Codes on the wire; the CLI maps them to exit codes.
 INVALID, REFUSED, DENIED, BAD_REQUEST, INTERNAL = (
@@ -99,9 +104,10 @@ def _encode(doc: Dict[str, Any]) -> bytes:
 
 class _Conn:
     """One client connection as the server loop sees it."""
-    __slots__ = ("sock", "peer", "buf", "out", "deadline", "state")
+    __slots__ = ("sock", "peer", "buf", "out", "deadline", "state", "stream")
 
     def __init__(self, sock: socket.socket, peer: Optional[Peer], deadline: float):
+        self.stream: Optional[commands.Stream] = None   # a streaming command's hand-over
         self.sock = sock
         self.peer = peer
         self.buf = bytearray()
@@ -131,7 +137,7 @@ class ApiServer:
                  max_request_bytes: int = 4 * 2**20, request_timeout: float = 5.0,
                  logger: Optional[logging.Logger] = None, lock=None,
                  peercred: Callable[[socket.socket], Peer] = peer_credentials,
-                 max_connections: int = 128):
+                 max_connections: int = 128, timings=None):
         self.controller = controller
         self.path = path
         self.socket_group = socket_group
@@ -142,6 +148,7 @@ class ApiServer:
         self.lock = lock or threading.Lock()
         self.peercred = peercred
         self.max_connections = max_connections
+        self.timings = timings     # agent.metrics.Timings: request counts and latency
         self._listen: Optional[socket.socket] = None
         self._ino: Optional[int] = None
         self._sel: Optional[selectors.BaseSelector] = None
@@ -331,7 +338,9 @@ class ApiServer:
                 c = self._done.get_nowait()
             except queue.Empty:
                 return
-            if c.sock.fileno() in self._conns:
+            if c.sock.fileno() in self._conns and c.stream is not None:
+                self._hand_over(c)
+            elif c.sock.fileno() in self._conns:
                 c.state = "writing"
                 c.deadline = time.monotonic() + self.request_timeout
                 self._sel.register(c.sock, selectors.EVENT_WRITE, c)
@@ -386,6 +395,17 @@ class ApiServer:
         if not c.out:
             self._close(c)
 
+    def _hand_over(self, c: _Conn) -> None:
+        """A streaming command was accepted: the connection leaves this loop for the
+        streamer, which writes the reply and then the stream (so the client never sees
+        the reply before it is subscribed)."""
+        del self._conns[c.sock.fileno()]
+        try:
+            c.stream.adopt(c.sock, c.out)
+        except Exception:
+            self.log.exception("control API: cannot start a stream")
+            c.sock.close()
+
     @staticmethod
     def _try_send(sock: socket.socket, doc: Dict[str, Any]) -> None:
         try:
@@ -424,7 +444,10 @@ class ApiServer:
             if c is None:
                 return
             try:
-                c.out = _encode(self.handle(bytes(c.buf), c.peer))
+                reply = self.handle(bytes(c.buf), c.peer)
+                if isinstance(reply, commands.Stream):
+                    c.stream, reply = reply, reply_ok(reply.head)
+                c.out = _encode(reply)
             except Exception:  # a result JSON cannot carry: a bug in the controller
                 self.log.exception("control API: cannot encode the reply")
                 c.out = _encode(reply_error(INTERNAL, "the reply could not be encoded "
@@ -435,18 +458,39 @@ class ApiServer:
     def authorize(self, cmd: commands.Command, args: Any, peer: Optional[Peer]) -> None:
         """Raise PermissionError if `peer` may not run `cmd` with `args`. Reading is for
         anyone who can reach the socket (its mode and group decide who that is)."""
-        if not cmd.changes_state(args):
+        if not cmd.needs_admin(args):
             return
         if peer is not None and is_admin(peer, self.admin_group):
             return
         who = "unknown peer" if peer is None else f"uid {peer.uid}"
         need = (f"root or membership in group {self.admin_group!r}" if self.admin_group
                 else "root")
-        raise PermissionError(f"permission denied: {cmd.name!r} changes state and needs {need} "
+        what = "changes state" if cmd.changes_state(args) else "shows tenants' packets"
+        raise PermissionError(f"permission denied: {cmd.name!r} {what} and needs {need} "
                               f"({who})")
 
-    def handle(self, data: bytes, peer: Optional[Peer]) -> Dict[str, Any]:
-        """One request's bytes -> the reply document."""
+    def handle(self, data: bytes, peer: Optional[Peer]) -> Any:
+        """One request's bytes -> the reply document (or, for a streaming command that
+        was accepted, its commands.Stream); counted, timed, and audited when it asks for a
+        change."""
+        t0 = time.monotonic()
+        seen: Dict[str, Any] = {}
+        reply = self._reply(data, peer, seen)
+        cmd = commands.get(seen["name"]) if "name" in seen else None
+        args = seen.get("args")
+        label = cmd.name if cmd else "unknown"
+        stream = isinstance(reply, commands.Stream)
+        result = "ok" if stream or reply["ok"] else reply["error"]["code"]
+        if self.timings is not None:
+            self.timings.observe("api", time.monotonic() - t0, label)
+            self.timings.count("api", label, result)
+        if cmd is not None and not stream and cmd.changes_state(args):
+            audit_log.info("%s: %s: %s", describe_peer(peer), describe_request(cmd, args),
+                           describe_result(cmd, reply))
+        return reply
+
+    def _reply(self, data: bytes, peer: Optional[Peer], seen: Dict[str, Any]) -> Any:
+        """The reply; `seen` gets the request's command name and args once parsed."""
         try:
             req = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
@@ -457,19 +501,21 @@ class ApiServer:
         if extra:
             return reply_error(BAD_REQUEST, f"unknown request field(s) {', '.join(sorted(extra))}")
         name, args = req["command"], req.get("args")
+        seen.update(name=name, args=args)
         cmd = commands.get(name)
         if cmd is None:
             return reply_error(BAD_REQUEST, f"unknown command {name!r}")
         try:
             self.authorize(cmd, args, peer)
         except PermissionError as e:
-            self.log.warning("control API: denied %s to %s", name, peer)
+            self.log.warning("control API: denied %s to %s", name, describe_peer(peer))
             return reply_error(DENIED, str(e))
         # Changes hold the lock throughout; reading commands lock only their snapshot.
         held = self.lock if cmd.changes_state(args) else contextlib.nullcontext()
         try:
             with held:
-                return reply_ok(commands.dispatch(self.controller, name, args))
+                result = commands.dispatch(self.controller, name, args)
+            return result if isinstance(result, commands.Stream) else reply_ok(result)
         except commands.BadArgs as e:
             return reply_error(BAD_REQUEST, str(e))
         except model.Conflict as e:
@@ -482,6 +528,48 @@ class ApiServer:
             self.log.exception("control API: %s failed", name)
             return reply_error(INTERNAL, f"{name} failed: {type(e).__name__} (see the "
                                          "agent's log)")
+
+
+def describe_peer(peer: Optional[Peer]) -> str:
+    """"uid 1000 (alice) pid 4242" for the audit log."""
+    if peer is None:
+        return "unknown peer"
+    try:
+        user = pwd.getpwuid(peer.uid).pw_name
+    except KeyError:
+        user = "?"
+    return f"uid {peer.uid} ({user}) pid {peer.pid}"
+
+
+def describe_request(cmd: commands.Command, args: Any) -> str:
+    """The command and its arguments as typed, in one line ("rule add tenant=blue ...");
+    an apply's state is summarized by what it holds."""
+    if not isinstance(args, dict):
+        return cmd.name
+    parts = [cmd.name]
+    for k, v in args.items():
+        if k == "state" and isinstance(v, dict):
+            held = ", ".join(f"{len(x)} {kind}" for kind, x in v.items()
+                             if isinstance(x, list) and x)
+            parts.append(f"state=({held or 'empty'})")
+        elif v is True:
+            parts.append(f"--{k.replace('_', '-')}")
+        elif v not in (None, False):
+            parts.append(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    return " ".join(parts)
+
+
+def describe_result(cmd: commands.Command, reply: Dict[str, Any]) -> str:
+    if not reply.get("ok"):
+        err = reply.get("error") or {}
+        return f"{err.get('code')}: {err.get('message')}"
+    if cmd.name == "apply" and isinstance(reply.get("result"), dict):
+        n = model.count_changes(reply["result"])
+        return f"ok, {n} change{'' if n == 1 else 's'}"
+    result = reply.get("result")
+    if cmd.name == "port add" and isinstance(result, dict) and result.get("state") == "failed":
+        return f"ok, but attaching failed: {result.get('note')}"
+    return "ok"
 
 
 class ApiError(Exception):
@@ -503,38 +591,67 @@ class ApiClient:
         self.max_reply_bytes = max_reply_bytes
 
     def call(self, command: str, args: Optional[Dict[str, Any]] = None) -> Any:
+        s = self._request(command, args)
+        try:
+            return self._result(self._line(s, bytearray()))
+        finally:
+            s.close()
+
+    def stream(self, command: str, args: Optional[Dict[str, Any]] = None) -> "ApiStream":
+        """Start a streaming command: its reply's result is `.head`, then `.next()` gives
+        each line that follows."""
+        s = self._request(command, args)
+        buf = bytearray()
+        try:
+            head = self._result(self._line(s, buf))
+        except BaseException:
+            s.close()
+            raise
+        return ApiStream(self, s, head, buf)
+
+    def _request(self, command: str, args: Optional[Dict[str, Any]]) -> socket.socket:
         request = (json.dumps({"command": command, "args": args or {}}) + "\n").encode()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         try:
-            try:
-                s.connect(self.path)
-            except OSError as e:
-                raise ApiError("unreachable", f"cannot reach the agent at {self.path}: "
-                                              f"{e.strerror or e}") from None
-            try:
-                try:
-                    s.sendall(request)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the agent may answer (busy, too large) before reading it all
-                buf = bytearray()
-                while b"\n" not in buf:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-                    if len(buf) > self.max_reply_bytes:
-                        raise ApiError(INTERNAL, "reply too large")
-            except socket.timeout:
-                raise ApiError("unreachable", f"the agent at {self.path} did not answer "
-                                              f"within {self.timeout:g}s") from None
-            except OSError as e:
-                raise ApiError("unreachable", f"connection to the agent at {self.path} "
-                                              f"failed: {e.strerror or e}") from None
-        finally:
+            s.connect(self.path)
+        except OSError as e:
             s.close()
+            raise ApiError("unreachable", f"cannot reach the agent at {self.path}: "
+                                          f"{e.strerror or e}") from None
         try:
-            reply = json.loads(bytes(buf).decode("utf-8"))
+            s.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the agent may answer (busy, too large) before reading it all
+        except OSError as e:
+            s.close()
+            raise ApiError("unreachable", f"connection to the agent at {self.path} "
+                                          f"failed: {e.strerror or e}") from None
+        return s
+
+    def _line(self, s: socket.socket, buf: bytearray) -> bytes:
+        """One line from the socket (without its newline); what follows stays in buf."""
+        try:
+            while b"\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > self.max_reply_bytes:
+                    raise ApiError(INTERNAL, "reply too large")
+        except socket.timeout:
+            raise ApiError("unreachable", f"the agent at {self.path} did not answer "
+                                          f"within {s.gettimeout():g}s") from None
+        except OSError as e:
+            raise ApiError("unreachable", f"connection to the agent at {self.path} "
+                                          f"failed: {e.strerror or e}") from None
+        line, _, rest = bytes(buf).partition(b"\n")
+        buf[:] = rest
+        return line
+
+    def _result(self, line: bytes) -> Any:
+        try:
+            reply = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise ApiError(INTERNAL, f"the agent at {self.path} sent no valid reply") from None
         if not isinstance(reply, dict) or "ok" not in reply:
@@ -543,3 +660,40 @@ class ApiClient:
             return reply.get("result")
         err = reply.get("error") or {}
         raise ApiError(str(err.get("code", INTERNAL)), str(err.get("message", "")))
+
+
+class ApiStream:
+    """The lines of a streaming command after its reply (see ApiClient.stream)."""
+
+    def __init__(self, client: ApiClient, sock: socket.socket, head: Any, buf: bytearray):
+        self.client = client
+        self.sock = sock
+        self.head = head
+        self._buf = buf
+
+    def next(self, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """The next line as a dict; None when `timeout` seconds pass without one. Raises
+        ApiError("unreachable") when the agent ends the stream."""
+        if b"\n" not in self._buf:
+            self.sock.settimeout(timeout)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                return None
+            except OSError as e:
+                raise ApiError("unreachable", f"stream from the agent failed: "
+                                              f"{e.strerror or e}") from None
+            if not chunk:
+                raise ApiError("unreachable", "the agent ended the stream")
+            self._buf += chunk
+            if b"\n" not in self._buf:
+                return None
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf[:] = rest
+        try:
+            return json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(INTERNAL, "the agent sent a line that is not JSON") from None
+
+    def close(self) -> None:
+        self.sock.close()

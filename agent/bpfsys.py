@@ -346,3 +346,51 @@ class RawMap:
 
     def count(self) -> int:
         return sum(1 for _ in self.items())
+
+
+# -- ring buffers ---------------------------------------------------------------------------
+_RingCallback = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+_lib.ring_buffer__new.argtypes = [ct.c_int, _RingCallback, ct.c_void_p, ct.c_void_p]
+_lib.ring_buffer__new.restype = ct.c_void_p
+_lib.ring_buffer__consume.argtypes = [ct.c_void_p]
+_lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+_lib.ring_buffer__free.argtypes = [ct.c_void_p]
+
+
+class RingBuffer:
+    """A BPF ring buffer map read with libbpf: `fileno()` turns readable when records are
+    waiting (for a selector), `consume()` hands each record's bytes to `on_record`. The map
+    fd is duplicated, so whoever loaded the map may close theirs."""
+
+    def __init__(self, map_fd: int, on_record):
+        self.fd = os.dup(map_fd)
+        self._on_record = on_record
+        # Kept referenced: libbpf calls it for as long as the ring lives.
+        self._cb = _RingCallback(self._record)
+        self._rb = _lib.ring_buffer__new(self.fd, self._cb, None, None)
+        if not self._rb:
+            err = ct.get_errno()
+            os.close(self.fd)
+            raise BpfError(err, f"ring buffer: {os.strerror(err)}")
+        self._epoll_fd = _lib.ring_buffer__epoll_fd(self._rb)
+
+    def _record(self, _ctx, data, size) -> int:
+        try:
+            self._on_record(ct.string_at(data, size))
+        except Exception:   # an exception cannot cross libbpf's C frames
+            import logging
+            logging.getLogger("xdpflow.bpfsys").exception("ring buffer record handler")
+        return 0
+
+    def fileno(self) -> int:
+        return self._epoll_fd
+
+    def consume(self) -> int:
+        """Hand every waiting record to on_record; returns how many there were."""
+        return _check(_lib.ring_buffer__consume(self._rb), "ring buffer consume")
+
+    def close(self) -> None:
+        if self._rb:
+            _lib.ring_buffer__free(self._rb)
+            self._rb = None
+            os.close(self.fd)

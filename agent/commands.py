@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from agent import model
 
 
-_JSON_TYPE = {"str": "string", "int": "integer", "flag": "boolean", "object": "object",
-              "list": "array of strings"}
+_JSON_TYPE = {"str": "string", "int": "integer", "float": "number", "flag": "boolean",
+              "object": "object", "list": "array of strings"}
 
 
 class BadArgs(Exception):
@@ -30,8 +30,8 @@ class Arg:
     """One argument of a command.
 
     `flags` empty means positional. `kind` is the JSON type on the wire: "str", "int",
-    "flag" (a boolean switch), "object" (a JSON table), "list" (strings; a repeatable flag). `wire=False` arguments exist only in
-    the CLI, which turns them into wire arguments before sending (a TOML file becomes
+    "float", "flag" (a boolean switch), "object" (a JSON table), "list" (strings; a
+    repeatable flag). `wire=False` arguments exist only in the CLI, which turns them into wire arguments before sending (a TOML file becomes
     `state`, a Scapy expression becomes `hex`); `cli=False` ones exist only on the wire."""
     name: str
     help: str
@@ -50,6 +50,15 @@ class Arg:
 
 
 @dataclass(frozen=True)
+class Stream:
+    """What a streaming command's call returns: `head`, the result of its one reply, and
+    `adopt(sock, reply_line)`, which takes the connection over: it writes the reply line
+    once it is ready to stream, then one JSON object per line until either side closes."""
+    head: Any
+    adopt: Callable[[Any, bytes], None]
+
+
+@dataclass(frozen=True)
 class Command:
     """One command: `name` as typed ("rule add"), whether it changes state (then only root
     or the admin group may run it), a one-line help, examples for the CLI's epilog, its
@@ -63,6 +72,10 @@ class Command:
     args: Tuple[Arg, ...] = ()
     exclusive: Tuple[Tuple[Tuple[str, ...], bool], ...] = ()
     description: str = ""
+    stream: bool = False       # the reply is followed by a stream of lines (a Stream)
+    # Shows tenants' packet bytes (monitor): changes nothing, yet only root or the admin
+    # group may run it, as only root may run tcpdump on the node.
+    sees_packets: bool = False
 
     def changes_state(self, args: Dict[str, Any]) -> bool:
         # A dry run shows what would change and changes nothing, so anyone who may read
@@ -70,6 +83,9 @@ class Command:
         if self.name == "apply" and isinstance(args, dict) and args.get("dry_run") is True:
             return False
         return self.mutating
+
+    def needs_admin(self, args: Dict[str, Any]) -> bool:
+        return self.changes_state(args) or self.sees_packets
 
     def wire_args(self) -> List[Arg]:
         return [a for a in self.args if a.wire]
@@ -95,9 +111,10 @@ class Command:
                 continue
             ok = {
                 "str": lambda x: isinstance(x, str),
-                # model.parse_int turns digit strings into ints and names the field when it
-                # is out of range; only the JSON type is checked here.
+                # model.parse_int names the field when it is text or out of range; only
+                # the JSON type is checked here.
                 "int": lambda x: isinstance(x, (int, str)) and not isinstance(x, bool),
+                "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
                 "flag": lambda x: isinstance(x, bool),
                 "object": lambda x: isinstance(x, dict),
                 "list": lambda x: isinstance(x, list) and all(isinstance(i, str) for i in x),
@@ -181,6 +198,12 @@ def _delete(kind: str, ident_of):
     return run
 
 
+def _tenant_del(c, args):
+    ident = _tenant_ident(args)
+    gone = c.delete("tenants", ident, cascade=bool(args.get("cascade")))
+    return {"deleted": "tenant", "identity": ident, "cascaded": gone or {}}
+
+
 def _route_add(c, args):
     obj = _only(args, "tenant", "prefix")
     if args.get("via") is not None:
@@ -207,21 +230,47 @@ RULE_FIELDS = ("id", "tenant", "priority", "action", "src", "dst", "proto", "spo
 
 def _rule_add(c, args):
     obj = _only(args, *RULE_FIELDS)
-    if "id" not in obj:
-        # Rule ids are global across tenants (identity is the id alone), so the free one is
-        # searched among all rules. The API server holds the controller lock around the whole
-        # dispatch, so nothing can take this id between the list and the add.
-        obj["id"] = next_rule_id(c.list("rules", None))
-    return c.add("rules", obj)
+    if "id" in obj:
+        return c.add("rules", obj)
+    # Rule ids are global across tenants (identity is the id alone), so the free one is
+    # searched among all rules. The API server holds the controller lock around the whole
+    # dispatch, so nothing can take this id between the list and the add.
+    obj["id"] = next_rule_id(c.list("rules", None))
+    try:
+        return c.add("rules", obj)
+    except model.Invalid as e:
+        # The user gave no id: an error about "rule 3" would name one they never saw.
+        picked = f"rule {obj['id']}"
+        if not e.where.startswith(picked):
+            raise
+        raise type(e)("new rule" + e.where[len(picked):], e.message) from None
 
 
 def _apply(c, args):
-    return c.apply(args["state"], bool(args.get("dry_run")))
+    return c.apply(args["state"], bool(args.get("dry_run")), prune=bool(args.get("prune")))
+
+
+# What one `flow dump` may return: a client pages with --tenant/--limit, and a reply of a
+# million flows would be hundreds of megabytes of JSON built by the agent.
+MAX_FLOW_DUMP = 100_000
 
 
 def _flow_dump(c, args):
     limit = model.parse_int(args.get("limit"), "flow dump: limit", 1, 10_000_000)
-    return c.flow_dump(args.get("tenant"), limit)
+    filters = {}
+    if args.get("port") is not None:
+        filters["port"] = model.parse_ifname(args["port"], "flow dump: port")
+    if args.get("proto") is not None:
+        filters["proto"] = model.parse_protocol(args["proto"], "flow dump: proto")
+    if args.get("ip") is not None:
+        filters["ip"] = model.parse_ip(args["ip"], "flow dump: ip")
+    return c.flow_dump(args.get("tenant"), limit, **filters)
+
+
+def _stats(c, args):
+    if args.get("tenant") is None:
+        return c.stats()
+    return c.stats(tenant=model.parse_name(args["tenant"], "stats: tenant"))
 
 
 def _flow_flush(c, args):
@@ -286,11 +335,13 @@ _cmd("tenant add", True, "add a tenant (a VPC; its id is in every datapath key)"
            Arg("default", "verdict for traffic no rule allows: drop (the cloud default) "
                           "or pass to the kernel", flags=("--default",),
                choices=model.VERDICTS)))
-_cmd("tenant del", True, "delete a tenant (refused while ports, endpoints, routes or rules "
-                         "still refer to it)",
-     "  xdpflowctl tenant del blue",
-     _delete("tenants", _tenant_ident),
-     args=(Arg("name", "the tenant's name", metavar="NAME", required=True),))
+_cmd("tenant del", True, "delete a tenant (refused, naming them, while ports, endpoints, "
+                         "routes or rules still belong to it, unless --cascade)",
+     "  xdpflowctl tenant del blue\n  xdpflowctl tenant del blue --cascade",
+     _tenant_del,
+     args=(Arg("name", "the tenant's name", metavar="NAME", required=True),
+           Arg("cascade", "also delete its ports, endpoints, routes and rules",
+               flags=("--cascade",), kind="flag")))
 _cmd("tenant list", False, "list tenants",
      "  xdpflowctl tenant list",
      _list("tenants", by_tenant=False))
@@ -302,6 +353,10 @@ _cmd("port add", True, "put a node interface (a VM's veth or tap) in a tenant; w
      "  xdpflowctl port add veth-vm2 --tenant blue --allow 10.0.0.64/26 --allow-vlan\n"
      "  xdpflowctl port add veth-fw --tenant blue --no-port-security",
      _port_add,
+     description="Prints what happened: attached (in native or generic mode), waiting for "
+                 "the interface (it does not exist yet; attached when it appears), or "
+                 "attaching failed and why. A failed attach exits 1; the port stays "
+                 "configured (fix the cause, or delete the port).",
      args=(Arg("name", "interface name", metavar="IFNAME", required=True),
            _tenant_opt(True),
            Arg("allow", "also accept sources in this prefix, with the MAC of one of the "
@@ -315,7 +370,7 @@ _cmd("port del", True, "take an interface out of its tenant",
      "  xdpflowctl port del veth-vm1",
      _delete("ports", _port_ident),
      args=(Arg("name", "interface name", metavar="IFNAME", required=True),))
-_cmd("port list", False, "list ports",
+_cmd("port list", False, "list ports: whether attached, in which mode, and why not",
      "  xdpflowctl port list\n  xdpflowctl port list --tenant blue",
      _list("ports"), args=(_TENANT_FILTER,))
 
@@ -406,31 +461,62 @@ _cmd("rule del", True, "delete a security rule by id",
      "  xdpflowctl rule del 12",
      _delete("rules", _rule_ident),
      args=(Arg("id", "the rule's id", kind="int", metavar="ID", required=True),))
+def _rule_list(c, args):
+    rules = c.list("rules", args.get("tenant"))
+    if args.get("stats"):
+        c.add_rule_stats(rules)
+    return rules
+
+
 _cmd("rule list", False, "list security rules",
-     "  xdpflowctl rule list --tenant blue",
-     _list("rules"), args=(_TENANT_FILTER,))
+     "  xdpflowctl rule list --tenant blue\n  xdpflowctl rule list --stats",
+     _rule_list,
+     description="--stats adds each rule's hits (flows and denied packets it decided) and "
+                 "the time of its last hit; rules that never matched are marked.",
+     args=(_TENANT_FILTER,
+           Arg("stats", "show hits and the last hit time per rule", flags=("--stats",),
+               kind="flag")))
 
 # -- the whole state --
-_cmd("apply", True, "make a whole desired state (TOML) the agent's, atomically, and show "
-                    "the difference",
-     "  xdpflowctl apply node.toml --dry-run\n  xdpflowctl apply node.toml",
+_cmd("apply", True, "apply a desired state (TOML) atomically and show the difference; "
+                    "with --prune it is the whole state",
+     "  xdpflowctl apply node.toml --dry-run\n  xdpflowctl apply node.toml\n"
+     "  xdpflowctl apply whole-node.toml --prune --dry-run",
      _apply,
      description="FILE is TOML with arrays of tables [[tenants]], [[ports]], [[endpoints]], "
-                 "[[routes]], [[rules]], the fields as the add commands name them. Everything "
-                 "not in FILE is removed. Either all of it is applied or none.",
+                 "[[routes]], [[rules]]; their fields are the add commands' arguments, named "
+                 "as the flags are without the dashes (--icmp-type is icmp_type; a route's "
+                 "--kernel/--drop are kernel = true / drop = true, or action = \"kernel\"). "
+                 "Numbers are TOML numbers (id = 10, not \"10\"). Objects in FILE are added "
+                 "or changed; objects not in FILE are kept (the diff lists them with '=') "
+                 "unless --prune, which makes FILE the whole state and removes them. Either "
+                 "all of it is applied or none; errors name the file's line.",
      args=(Arg("file", "desired state, TOML ('-' for stdin)", metavar="FILE", required=True,
                wire=False),
            Arg("state", "desired state as tenants/ports/endpoints/routes/rules lists",
                kind="object", required=True, cli=False),
            Arg("dry_run", "show what would change, change nothing", flags=("--dry-run", "-n"),
-               kind="flag")))
+               kind="flag"),
+           Arg("prune", "FILE is the whole state: remove objects it does not name",
+               flags=("--prune",), kind="flag")))
 
 # -- flows --
-_cmd("flow dump", False, "show flow table entries",
-     "  xdpflowctl flow dump\n  xdpflowctl flow dump --tenant blue --limit 20",
+_cmd("flow dump", False, "show flow table entries, sorted, filtered by tenant, port, "
+                        "protocol or address",
+     "  xdpflowctl flow dump\n  xdpflowctl flow dump --tenant blue --limit 20\n"
+     "  xdpflowctl flow dump --port veth-vm1 --proto icmp --ip 10.0.0.5",
      _flow_dump,
+     description="Rows are sorted by tenant, protocol, source, source port, destination, "
+                 "destination port. ICMP flows show type, code and id instead of ports. "
+                 "When more flows match than --limit, the table says so.",
      args=(_TENANT_FILTER,
-           Arg("limit", "at most this many flows (default 1000)", flags=("--limit",),
+           Arg("port", "only flows in or out of this port", flags=("--port",),
+               metavar="IFNAME"),
+           Arg("proto", "only this protocol: tcp, udp, icmp, icmpv6 or a number",
+               flags=("--proto",), metavar="PROTO"),
+           Arg("ip", "only flows from or to this address", flags=("--ip",), metavar="IP"),
+           Arg("limit", f"at most this many flows (default 1000, at most {MAX_FLOW_DUMP})",
+               flags=("--limit",),
                kind="int", default=1000, metavar="N")))
 _cmd("flow flush", True, "empty the flow table (a pure cache: the next packets are "
                          "classified again)",
@@ -438,17 +524,20 @@ _cmd("flow flush", True, "empty the flow table (a pure cache: the next packets a
      _flow_flush, args=(_TENANT_FILTER,))
 
 _cmd("stats", False, "show counters per tenant, port, verdict and reason, and flow table use",
-     "  xdpflowctl stats\n  xdpflowctl --json stats",
-     lambda c, a: c.stats())
+     "  xdpflowctl stats\n  xdpflowctl stats --tenant blue\n  xdpflowctl --json stats",
+     _stats, args=(_tenant_opt(False, "only this tenant's counters, flows and rule hits"),))
 
 _cmd("trace", False, "run one packet through the loaded datapath without sending it",
      "  xdpflowctl trace --port veth-vm1 --hex 020000000005020000000006080045...\n"
      "  xdpflowctl trace --port veth-vm1 --scapy "
      "\"Ether(src='02:00:00:00:00:05')/IP(src='10.0.0.5', dst='10.0.0.6')/TCP(dport=22)\"",
      _trace,
-     description="Prints the verdict, tenant, matched rule, output port, whether the flow "
-                 "table hit, the reason, and the output packet. --scapy evaluates a Scapy "
-                 "expression with only Scapy's layers in scope (no builtins).",
+     description="Prints the verdict, tenant, matched rule, the route or endpoint the "
+                 "destination resolved to, output port, whether the flow table hit, the "
+                 "reason, and the output packet (none when dropped). --scapy evaluates a "
+                 "Scapy expression with only Scapy's layers in scope (no builtins) and says "
+                 "which fields it filled with defaults. The first trace builds the trace "
+                 "program, which takes a few seconds; later ones reuse it.",
      args=(Arg("port", "the ingress port the packet arrives on", flags=("--port",),
                required=True, metavar="IFNAME"),
            Arg("hex", "the packet as hex bytes, from the Ethernet header on", flags=("--hex",),
@@ -456,6 +545,54 @@ _cmd("trace", False, "run one packet through the loaded datapath without sending
            Arg("scapy", "the packet as a Scapy expression", flags=("--scapy",),
                metavar="EXPR", wire=False)),
      exclusive=((("hex", "scapy"), True),))
+
+
+_cmd("monitor", False, "stream what the datapath does to packets, live (drops, passes, "
+                      "redirects), with their rule and reason",
+     "  xdpflowctl monitor --type drop\n"
+     "  xdpflowctl monitor --tenant blue --port veth-vm1 --decode\n"
+     "  xdpflowctl --json monitor --type drop --count 1 --duration 5",
+     lambda c, a: c.monitor.open(a),
+     description="Events come from the datapath's ring buffer, at most monitor.rate_limit "
+                 "a second per CPU for all monitors together; events lost to that cap, to a "
+                 "full ring or to a slow reader are counted and shown. Each event: time, "
+                 "tenant, port, verdict, reason, rule, addresses, protocol, ports, length. "
+                 "It shows tenants' packets: root or the admin group only.",
+     sees_packets=True,
+     args=(_TENANT_FILTER,
+           Arg("port", "only packets that came in on this port", flags=("--port",),
+               metavar="IFNAME"),
+           Arg("type", "which verdicts (default all)", flags=("--type",),
+               choices=("drop", "pass", "redirect", "all")),
+           Arg("reason", "only this reason (rule_deny, default, no_route, ...)",
+               flags=("--reason",), metavar="R"),
+           Arg("decode", "also show the packet's first bytes decoded by Scapy",
+               flags=("--decode",), kind="flag", wire=False),
+           Arg("count", "stop after N events", flags=("--count",), kind="int", metavar="N",
+               wire=False),
+           Arg("duration", "stop after S seconds", flags=("--duration",), kind="float",
+               metavar="S", wire=False)),
+     stream=True)
+
+_cmd("top", False, "the busiest flows by rate, from the flow table's counters",
+     "  xdpflowctl top\n  xdpflowctl top --tenant blue --by bps --interval 2\n"
+     "  xdpflowctl --json top --once",
+     lambda c, a: c.top(a.get("tenant"), a["by"],
+                        model.parse_int(a["limit"], "top: limit", 1, 1000)),
+     description="Refreshed in place every --interval seconds (like ovs-dpctl-top) until "
+                 "interrupted; --once prints one sample. Rates are the change of each "
+                 "flow's counters between samples (the first sample: since the flow "
+                 "began). Each sample reads at most 65,536 flows of a big table, going "
+                 "on where the last sample stopped, plus the busiest flows found so far.",
+     args=(_TENANT_FILTER,
+           Arg("by", "order by packets (pps) or bytes (bps) a second", flags=("--by",),
+               choices=("pps", "bps"), default="pps"),
+           Arg("limit", "how many flows (default 20)", flags=("--limit",), kind="int",
+               default=20, metavar="N"),
+           Arg("interval", "seconds between refreshes (default 1)", flags=("--interval",),
+               kind="float", default=1.0, metavar="S", wire=False),
+           Arg("once", "print one sample and exit", flags=("--once",), kind="flag",
+               wire=False)))
 
 
 def get(name: str) -> Optional[Command]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from . import abi, model
 
@@ -74,13 +74,41 @@ class Classifier:
             m.sport, m.dport, m.proto, m.in_port, m.max_rank = sp, dp, proto, inp, rank
         return ms
 
-    def rule_items(self, tenant_id: int, generation: int) -> Iterable[Tuple[bytes, bytes]]:
+    def rule_ids(self) -> Set[int]:
+        return {rid for _, rid, _ in self.entries.values()}
+
+    def rule_items(self, tenant_id: int, generation: int,
+                   stat_of: Optional[Dict[int, int]] = None) -> Iterable[Tuple[bytes, bytes]]:
+        """Classifier entries; stat_of: rule id -> its counter slot (the map layer's)."""
+        stat_of = stat_of or {}
         for (idx, proto, inp, src, dst, sp, dp), (rank, rid, action) in self.entries.items():
             k = abi.RuleKey(generation=generation, tenant=tenant_id, mask_idx=idx, proto=proto,
                             in_port=inp, sport=sp, dport=dp)
             abi.set_addr(k.src, src)
             abi.set_addr(k.dst, dst)
-            yield bytes(k), bytes(abi.Rule(rank=rank, rule_id=rid, action=action))
+            yield bytes(k), bytes(abi.Rule(rank=rank, rule_id=rid, action=action,
+                                           stat=stat_of.get(rid, 0)))
+
+
+def assign_stat_slots(rule_ids: Iterable[int], have: Dict[int, int],
+                      capacity: int = abi.RULE_STATS) -> Tuple[Dict[int, int], List[int]]:
+    """Counter slots for rules: those in `have` keep theirs, new ids get the smallest free
+    ones (1 .. capacity - 1; beyond that 0, not counted). Returns (id -> slot, the slots
+    newly assigned), which start from zero: a rule id given again counts afresh."""
+    ids = set(rule_ids)
+    out = {rid: slot for rid, slot in have.items() if rid in ids and slot}
+    used = set(out.values())
+    fresh, slot = [], 1
+    for rid in sorted(ids - set(out)):
+        while slot in used:
+            slot += 1
+        if slot >= capacity:
+            out[rid] = 0
+            continue
+        out[rid] = slot
+        used.add(slot)
+        fresh.append(slot)
+    return out, fresh
 
 
 def rank_rules(rules: Sequence[model.Rule]) -> Dict[int, int]:

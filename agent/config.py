@@ -185,6 +185,9 @@ class MetricsSettings:
     # The kernel's run time and run count of the XDP program (agent/bpfstats.py): opt-in,
     # since counting costs every BPF program on the node two clock reads per run.
     bpf_stats: bool = _setting(False, _bool)
+    # Per-rule packets and bytes as metrics (xdpflow_rule_packets_total, ..._bytes_total):
+    # a series per rule, so opt-in; `xdpflowctl rule list` shows them either way.
+    rule_counters: bool = _setting(False, _bool)
 
 
 @dataclass(frozen=True)
@@ -215,8 +218,15 @@ class AgingSettings:
     high_watermark: float = _setting(0.9, _number(0.1, 1.0))
 
 
+@dataclass(frozen=True)
+class MonitorSettings:
+    # Events a second, per CPU, the datapath may send to `xdpflowctl monitor` listeners.
+    rate_limit: int = _setting(1000, _int(1, 1000000))
+
+
 _SECTIONS = {"agent": AgentSettings, "metrics": MetricsSettings,
-             "datapath": DatapathSettings, "aging": AgingSettings}
+             "datapath": DatapathSettings, "aging": AgingSettings,
+             "monitor": MonitorSettings}
 
 
 @dataclass(frozen=True)
@@ -225,6 +235,7 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     datapath: DatapathSettings = field(default_factory=DatapathSettings)
     aging: AgingSettings = field(default_factory=AgingSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
     state: State = field(default_factory=State)  # declarative initial state, may be empty
     # Where it came from, for messages; two configs with the same settings are equal.
     source: str = field(default="<default>", compare=False)

@@ -7,22 +7,25 @@ counted."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import heapq
+import ipaddress
 import logging
 import os
+import platform
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import VERSION, abi, compiler, model
+from .commands import MAX_FLOW_DUMP
 from .flows import flow_dict, now_coarse_ns
 from .links import Link, LinkError, Links
+from .monitor import Monitor
 from .sweeper import Evictions, Sweeper
+from .top import FlowRates
 
 log = logging.getLogger("xdpflow.control")
-
-# What one `flow dump` may return: a client pages with --tenant/--limit, and a reply of a
-# million flows would be hundreds of megabytes of JSON built by the agent.
-MAX_FLOW_DUMP = 100_000
 
 
 def _locked(fn: Callable) -> Callable:
@@ -46,6 +49,8 @@ class Controller:
         self.links = links
         self.pass_fd = pass_fd
         self.config_path = config_path
+        # Of the config as loaded (the daemon sets it again on reload).
+        self.config_sha256 = file_sha256(config_path) if config_path else ""
         self.state = store.load()
         self.started_at = time.time()
         self.last_reconcile_seconds = 0.0
@@ -56,6 +61,13 @@ class Controller:
         self.attached: Dict[str, Link] = {}     # port name -> link with our program
         self.port_notes: Dict[str, str] = {}    # port name -> why it is not attached
         self._prog_id = 0
+        # Histograms of reconcile and change durations (agent.metrics.Timings); the daemon
+        # shares one with the API server, tests may leave it out.
+        self.timings = None
+        last = store.get_meta("last_change")
+        self.last_change = float(last) if last else 0.0
+        self.monitor = Monitor(self)            # `monitor`'s event streams
+        self.rates = FlowRates()                # `top`'s samples
         self.bpf_stats = None   # agent.bpfstats.BpfStats, set by the daemon
 
     # -- building the datapath image -----------------------------------------------------
@@ -152,6 +164,7 @@ class Controller:
         """A rebuilt datapath (new sizes): program it from the stored state and move every
         port onto its program (one atomic replace each). The caller closes the old one."""
         self.dp, self.cfg = dp, cfg
+        self.monitor.use(dp)
         self.sweeper.use(cfg, dp)
         self._prog_id = 0
         self.attached = {}
@@ -174,9 +187,11 @@ class Controller:
             raise
         finally:
             self.last_reconcile_seconds = time.monotonic() - t0
+        if self.timings is not None:
+            self.timings.observe("reconcile", self.last_reconcile_seconds)
         if summary.get("flipped") or reason == "start":
             log.info("reconciled (%s) in %.3fs: %s", reason or "request",
-                     self.last_reconcile_seconds, summary)
+                     self.last_reconcile_seconds, describe_summary(summary))
         return summary
 
     def _commit(self, new: model.State) -> Dict[str, Any]:
@@ -203,6 +218,10 @@ class Controller:
             raise
         self.state = new
         self.last_apply_seconds = time.monotonic() - t0
+        self.last_change = time.time()
+        self.store.set_meta("last_change", repr(self.last_change))
+        if self.timings is not None:
+            self.timings.observe("apply", self.last_apply_seconds)
         return summary
 
     # -- the API's commands ---------------------------------------------------------------
@@ -221,6 +240,7 @@ class Controller:
             "flows": flows, "flow_capacity": self.cfg.datapath.flow_table_size,
             "rules": len(self.state.rules),
             "bpf_stats": self._bpf_stats().describe(),
+            "trace_program": "built" if self.dp.trace_fd >= 0 else "not built",
         }
 
     def _bpf_stats(self):
@@ -238,6 +258,22 @@ class Controller:
             return {}
         from .bpfstats import run_stats
         return run_stats(self.dp.prog_fd)
+
+    def port_status(self, name: str) -> Dict[str, Any]:
+        """What became of a configured port: attached (and how), waiting for its interface,
+        or failed (and why)."""
+        link = self.attached.get(name)
+        note = self.port_notes.get(name, "")
+        if link is not None:
+            state = "attached"
+        elif note == "interface missing":
+            state, note = "waiting", "no such interface yet; attached when it appears"
+        else:
+            state = "failed"
+            note = note[len(name) + 2:] if note.startswith(name + ": ") else note
+        return {"attached": link is not None, "state": state,
+                "mode": (link.xdp_mode or self.cfg.datapath.xdp_mode) if link else "",
+                "ifindex": link.ifindex if link else 0, "note": note}
 
     def tenant_rows(self) -> List[Dict[str, Any]]:
         st = self.state
@@ -262,7 +298,9 @@ class Controller:
                 "last_reconcile_seconds": self.last_reconcile_seconds,
                 "last_apply_seconds": self.last_apply_seconds,
                 "reconcile_errors": self.reconcile_errors, "sweeps": sw.sweeps,
-                "sweep_seconds_total": sw.seconds_total}
+                "sweep_seconds_total": sw.seconds_total,
+                "program_id": self.prog_id(), "kernel": platform.release(),
+                "config_sha256": self.config_sha256, "last_change": self.last_change}
 
     @_locked
     def list(self, kind: str, tenant: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -275,10 +313,14 @@ class Controller:
             else:
                 items = [o for o in items if o.tenant == tenant]
         out = [o.to_dict() for o in items]
+        if kind == "ports":
+            for d in out:
+                d.update(self.port_status(d["name"]))   # after the fields the model has
         if kind == "rules":
-            hits = self.dp.rule_hits()
+            hits, counts = self.dp.rule_hits(), self.dp.rule_counters()
             for d in out:
                 d["hits"] = hits.get(d["id"], 0)
+                d["packets"], d["bytes"] = counts.get(d["id"], (0, 0))
         return out
 
     def add(self, kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
@@ -287,29 +329,49 @@ class Controller:
             raise model.Invalid("add", f"unknown kind {kind!r}")
         item = typ.from_dict(obj)
         self._commit(self.state.with_added(kind, item))
-        return item.to_dict()
+        out = item.to_dict()
+        if kind == "ports":
+            out.update(self.port_status(item.name))
+        return out
 
-    def delete(self, kind: str, ident) -> None:
+    def delete(self, kind: str, ident, cascade: bool = False) -> Dict[str, int]:
+        """Delete one object; returns what a cascade took with it ({kind: count})."""
         if kind not in model.KINDS:
             raise model.Invalid("delete", f"unknown kind {kind!r}")
+        if kind == "tenants":
+            name = tuple(ident)[0]
+            gone = self.state.users_of_tenant(name) if cascade else {}
+            self._commit(self.state.without_tenant(name, cascade))
+            return gone
         self._commit(self.state.with_removed(kind, tuple(ident)))
+        return {}
 
-    def apply(self, state: Dict[str, Any], dry_run: bool) -> Dict[str, Any]:
-        """A whole desired state, as a diff. A dry run holds the lock only to take the
-        current state and slots; parsing, compiling (bounded by the datapath's sizes) and
-        diffing a client's big state happen outside it."""
-        new = model.State.from_dict(state)
+    def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False) -> Dict[str, Any]:
+        """A desired state, as a diff. With `prune` it is the whole state (objects it does
+        not name are removed); without, objects it does not name are kept and listed under
+        "keep". A dry run holds the lock only to take the current state and slots; parsing,
+        compiling (bounded by the datapath's sizes) and diffing a client's big state happen
+        outside it."""
+        given = model.State.from_dict(state)
+        kept = None if prune else given
+        with self.lock:
+            cur = self.state
+        new = given if prune else cur.merged(given)
         new.validate()
         with self.lock:
-            cur, slots = self.state, self.planned_slots(new)
+            slots = self.planned_slots(new)
         # Compile before anything is written: a state the datapath cannot hold (too many
         # masks, entries or ports) is refused whole.
         self._compile(new, slots, {})
         if dry_run:
-            return model.diff(cur, new)
+            return model.diff(cur, new, kept=kept)
         with self.lock:
-            d = model.diff(self.state, new)
-            if any(v for k in d.values() for v in k.values()):
+            if not prune and self.state is not cur:
+                # Changed meanwhile: keep what the file does not name as it is now.
+                new = self.state.merged(given)
+                new.validate()
+            d = model.diff(self.state, new, kept=kept)
+            if model.count_changes(d):
                 self._commit(new)
         return d
 
@@ -319,25 +381,61 @@ class Controller:
         port_tenant = {p.name: p.tenant for p in self.state.ports}
         return tenants, slots, port_tenant
 
-    def flow_dump(self, tenant: Optional[str] = None, limit: int = 1000) -> List[Dict[str, Any]]:
-        """Up to `limit` flows (at most MAX_FLOW_DUMP), read from the map outside the lock."""
+    def flow_dump(self, tenant: Optional[str] = None, limit: int = 1000,
+                  port: Optional[str] = None, proto: Optional[int] = None,
+                  ip=None) -> List[Dict[str, Any]]:
+        """The first `limit` (at most MAX_FLOW_DUMP) flows, sorted (tenant, protocol,
+        addresses, ports), of those that match every filter given: tenant, port (in or
+        out), protocol number, address (source or destination). Read outside the lock."""
         if limit > MAX_FLOW_DUMP:
             raise model.Invalid("flow dump: limit", f"{limit} is more than one reply holds "
                                 f"(at most {MAX_FLOW_DUMP}; use --tenant to narrow it)")
         with self.lock:
             tenants, slots, _ = self._names()
             tid = self._tenant_id(tenant) if tenant else None
+            if port is not None and not any(p.name == port for p in self.state.ports):
+                raise model.Conflict(f"port {port}", "is not a configured port")
             dp = self.dp
             gens = {t: dp.generation(t) for t in tenants}
         now = now_coarse_ns()
-        out = []
-        for k, f in dp.flows():
-            if tid is not None and k.tenant != tid:
-                continue
-            out.append(flow_dict(k, f, tenants, slots, now, gens.get(k.tenant, 0)))
-            if limit and len(out) >= limit:
-                break
-        return out
+
+        def matching():
+            for k, f in dp.flows():
+                if tid is not None and k.tenant != tid:
+                    continue
+                if proto is not None and k.proto != proto:
+                    continue
+                d = flow_dict(k, f, tenants, slots, now, gens.get(k.tenant, 0))
+                if port is not None and port not in (d["in_port"], d["out_port"]):
+                    continue
+                if ip is not None and str(ip) not in (d["src"], d["dst"]):
+                    continue
+                yield d
+
+        # Only `limit` rows are ever held, whatever the table's size.
+        return heapq.nsmallest(limit, matching(), key=flow_order)
+
+    def top(self, tenant: Optional[str], by: str, limit: int) -> Dict[str, Any]:
+        tenants, slots, _ = self._names()
+        tid = self._tenant_id(tenant) if tenant else None
+        now = now_coarse_ns()
+        rows, sampled = self.rates.sample(self.dp.maps["xf_flows"], now, tid, by, limit)
+        flows = []
+        for kb, fb, pps, bps in rows:
+            k, f = abi.FlowKey.from_buffer_copy(kb), abi.Flow.from_buffer_copy(fb)
+            d = flow_dict(k, f, tenants, slots, now, self.dp.generation(k.tenant))
+            d.update(pps=round(pps, 1), bps=round(bps * 8, 1))
+            flows.append(d)
+        return {"by": by, "sampled": sampled, "flows": flows}
+
+    def add_rule_stats(self, rules: List[Dict[str, Any]]) -> None:
+        """The wall-clock time of each rule's last hit, a flow set up or a packet judged
+        (None: never)."""
+        stats = self.dp.rule_stats()
+        now, wall = now_coarse_ns(), time.time()
+        for d in rules:
+            hits, last = stats.get(d["id"], (0, 0))
+            d["last_hit"] = round(wall - (now - last) / 1e9, 3) if hits else None
 
     def flow_flush(self, tenant: Optional[str] = None) -> int:
         tid = self._tenant_id(tenant) if tenant else None
@@ -374,14 +472,41 @@ class Controller:
                                        if r["reason"] == "insert_failed")}
 
     @_locked
-    def stats(self) -> Dict[str, Any]:
+    def stats(self, tenant: Optional[str] = None) -> Dict[str, Any]:
         rows = self.counter_rows()
-        return {
+        out = {
             "counters": rows,
             "flows": self.flow_summary(rows),
             "evictions": self.evictions.as_dict(),
             "rule_hits": {str(k): v for k, v in sorted(self.dp.rule_hits().items())},
+            "rule_counters": {str(k): {"packets": p, "bytes": b}
+                              for k, (p, b) in sorted(self.dp.rule_counters().items())},
+            "port_tx": self.port_tx_rows(),
         }
+        if tenant is not None:
+            # Counters, flows and rule hits of one tenant; evictions are node-wide.
+            self._tenant_id(tenant)
+            ids = {str(r.id) for r in self.state.rules if r.tenant == tenant}
+            out["counters"] = [r for r in rows if r["tenant"] == tenant]
+            fl = out["flows"]
+            fl["by_tenant"] = {t: n for t, n in fl["by_tenant"].items() if t == tenant}
+            fl["insert_failures"] = sum(r["packets"] for r in out["counters"]
+                                        if r["reason"] == "insert_failed")
+            out["rule_hits"] = {k: v for k, v in out["rule_hits"].items() if k in ids}
+        return out
+
+    def rule_counter_rows(self) -> List[Dict[str, Any]]:
+        """Packets and bytes per configured rule (0 until it matches), with its tenant."""
+        counts = self.dp.rule_counters()
+        return [{"tenant": r.tenant, "rule": r.id, "packets": counts.get(r.id, (0, 0))[0],
+                 "bytes": counts.get(r.id, (0, 0))[1]} for r in self.state.rules]
+
+    def port_tx_rows(self) -> List[Dict[str, Any]]:
+        """What each port transmitted on redirect (per VM, its receive)."""
+        _, slots, port_tenant = self._names()
+        tx = self.dp.port_tx(set(slots))
+        return [{"tenant": port_tenant.get(port, ""), "port": port, "packets": p, "bytes": b}
+                for slot, (p, b) in sorted(tx.items()) for port in [slots[slot]]]
 
     @_locked
     def trace(self, port: str, packet: bytes) -> Dict[str, Any]:
@@ -394,9 +519,16 @@ class Controller:
             raise model.Invalid("packet", f"{len(packet)} bytes is shorter than an Ethernet "
                                           "header (14)")
         tenants, slots, _ = self._names()
+        building = self.dp.trace_fd < 0
+        t0 = time.monotonic()
         rc, out, rec = self.dp.trace(packet, link.ifindex)
         actions = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
+        tenant = tenants.get(rec.tenant, "") if rec.tenant else ""
         return {
+            # The first trace builds the trace program (seconds); later ones reuse it.
+            "built_trace_program": building,
+            "seconds": round(time.monotonic() - t0, 3),
+            "route": route_for(self.state, tenant, packet) if rec.reason in _ROUTED else None,
             "port": port, "action": actions.get(rc, str(rc)),
             "verdict": abi.VERDICTS.get(rec.verdict, str(rec.verdict)),
             "reason": abi.REASONS.get(rec.reason, str(rec.reason)),
@@ -406,6 +538,79 @@ class Controller:
             "out_ifindex": rec.out_ifindex,
             "flow_hit": bool(rec.flow_hit), "stale_flow": bool(rec.stale),
             "packet_in": packet.hex(),
-            "packet_out": out.hex() if rc in (3, 4) else packet.hex(),
+            # A dropped packet goes nowhere; a passed one goes to the kernel unchanged.
+            "packet_out": out.hex() if rc in (3, 4) else packet.hex() if rc == 2 else None,
             "modified": rc in (3, 4) and out != packet,
         }
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file ("" if it cannot be read): which config a node runs,
+    comparable across nodes."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return ""
+
+
+def describe_summary(summary: Dict[str, Any]) -> str:
+    """A datapath sync summary for the log: "flipped=blue,red written=12" (no braces)."""
+    def text(v):
+        if isinstance(v, dict):
+            return ",".join(f"{k}:{text(x)}" for k, x in v.items()) or "-"
+        if isinstance(v, (list, tuple, set)):
+            return ",".join(str(x) for x in v) or "-"
+        return str(v)
+    return " ".join(f"{k}={text(v)}" for k, v in summary.items()) or "nothing to do"
+
+
+def flow_order(d: Dict[str, Any]):
+    return (d["tenant"], d["proto"], _addr_order(d["src"]), d["sport"], _addr_order(d["dst"]),
+            d["dport"])
+
+
+def _addr_order(text: str):
+    a = ipaddress.ip_address(text)
+    return (a.version, int(a))
+
+
+# Trace reasons that mean the route lookup decided (a route, or an endpoint as next hop).
+_ROUTED = {abi.REASON_IDS[r] for r in ("rule_allow", "flow", "route_kernel", "route_drop",
+                                       "no_route")}
+
+
+def packet_dst(packet: bytes):
+    """The destination address of an Ethernet frame (up to 2 VLAN tags), or None."""
+    off, etype = 12, int.from_bytes(packet[12:14], "big")
+    for _ in range(2):
+        if etype not in (0x8100, 0x88A8):
+            break
+        off += 4
+        etype = int.from_bytes(packet[off:off + 2], "big")
+    l3 = off + 2
+    if etype == 0x0800 and len(packet) >= l3 + 20:
+        return ipaddress.ip_address(packet[l3 + 16:l3 + 20])
+    if etype == 0x86DD and len(packet) >= l3 + 40:
+        return ipaddress.ip_address(packet[l3 + 24:l3 + 40])
+    return None
+
+
+def route_for(state: model.State, tenant: str, packet: bytes) -> Optional[str]:
+    """Which of the tenant's endpoints or routes the datapath's longest-prefix lookup
+    picks for the packet's destination, in words."""
+    dst = packet_dst(packet)
+    if dst is None or not tenant:
+        return None
+    for e in state.endpoints:
+        if e.tenant == tenant and e.ip == dst:
+            return f"endpoint {e.ip} on port {e.port}"
+    best = None
+    for r in state.routes:
+        if r.tenant == tenant and r.prefix.version == dst.version and dst in r.prefix:
+            if best is None or r.prefix.prefixlen > best.prefix.prefixlen:
+                best = r
+    if best is None:
+        return f"no route to {dst}"
+    how = f"via {best.via}" if best.action == "via" else best.action
+    return f"route {best.prefix} {how}"

@@ -32,7 +32,12 @@ def parse_args(argv):
     p.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.add_argument("--teardown", action="store_true",
-                   help="detach from every port, remove the pinned maps, and exit")
+                   help="detach from every port, remove the pinned maps, and exit; refused, "
+                        "changing nothing, when a configured port's interface cannot be "
+                        "found (run it in the agent's network namespace)")
+    p.add_argument("--force", action="store_true",
+                   help="with --teardown: go ahead although some ports' interfaces cannot "
+                        "be found (they are gone for good)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                    help="override [agent] log_level")
     p.add_argument("--version", action="version", version=f"xdpflow-agent {VERSION}")
@@ -48,6 +53,8 @@ class Agent:
         self.store = self.dp = self.links = self.controller = None
         self.api = self.metrics = self.watcher = None
         self._pass_bpf = None
+        from .metrics import Timings
+        self.timings = Timings()   # shared by the controller and the API server
         self._links_dirty = threading.Event()
         self._links_lost = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -73,10 +80,11 @@ class Agent:
                                      pass_fd=self._pass_fd, config_path=self.config_path,
                                      lock=self.lock)
         self._use_bpf_stats(self.cfg.metrics.bpf_stats)
+        self.controller.timings = self.timings
         with self.lock:
             if self.store.get_meta("seeded") is None:
                 if any(getattr(self.cfg.state, k) for k in model.KINDS):
-                    self.controller.apply(self.cfg.state.to_dict(), dry_run=False)
+                    self.controller.apply(self.cfg.state.to_dict(), dry_run=False, prune=True)
                     log.info("initial state from %s applied", self.config_path)
                 self.store.set_meta("seeded", "1")
             self.controller.reconcile("start")
@@ -107,7 +115,8 @@ class Agent:
         a = self.cfg.agent
         self.api = ApiServer(self.controller, a.socket, socket_group=a.socket_group,
                              admin_group=a.admin_group, max_request_bytes=a.max_request_bytes,
-                             request_timeout=a.request_timeout, lock=self.lock)
+                             request_timeout=a.request_timeout, lock=self.lock,
+                             timings=self.timings)
         self.api.start()
         log.info("control API on %s", a.socket)
 
@@ -116,7 +125,8 @@ class Agent:
         addr = self.cfg.metrics_address()
         if addr is None:
             return
-        self.metrics = serve(DatapathCollector(AgentSource(self.controller)), *addr)
+        self.metrics = serve(DatapathCollector(AgentSource(self.controller),
+                                               self.timings), *addr)
         log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
 
     def _use_bpf_stats(self, wanted: bool):
@@ -193,7 +203,7 @@ class Agent:
         with self.lock:
             done = self.controller.sweeper.sweep()
         if done:
-            log.debug("sweep evicted %s", done)
+            log.debug("sweep evicted %s", ", ".join(f"{n} {why}" for why, n in done.items()))
 
     def _reconcile_links(self):
         why = "link events lost" if self._links_lost.is_set() else "link change"
@@ -223,6 +233,8 @@ class Agent:
                     return
             self.cfg = new
             self.controller.use_config(new)
+            from .control import file_sha256
+            self.controller.config_sha256 = file_sha256(self.config_path)
             if new.state.to_dict() != old.state.to_dict():
                 self._apply_state_change(old.state, new.state)
         if new.agent != old.agent:
@@ -253,7 +265,12 @@ class Agent:
                 obj = typ.from_dict(o)
                 items[model.identity(kind, obj)] = obj
             setattr(target, kind, list(items.values()))
-        self.controller.apply(target.to_dict(), dry_run=False)
+        from .api import audit_log
+        # The target is the whole state: what the config no longer names goes.
+        d = self.controller.apply(target.to_dict(), dry_run=False, prune=True)
+        n = model.count_changes(d)
+        audit_log.info("SIGHUP: reload of %s's [state]: ok, %d change%s", self.config_path,
+                       n, "" if n == 1 else "s")
 
     def _rebuild_datapath(self, new_cfg):
         """Map sizes changed: build the new program beside the running one (all-new
@@ -288,20 +305,37 @@ class Agent:
                     log.exception("stopping %s", part)
         if self.metrics:
             self.metrics.shutdown()
+        if self.controller:
+            self.controller.monitor.close()     # the datapath left running makes no events
         with self.lock:
             if self.cfg.agent.teardown_on_exit:
                 teardown(self.cfg, self.links, self.controller.state)
             else:
                 log.info("leaving the datapath attached and its maps pinned: traffic keeps "
                          "flowing; the next agent adopts them")
+        if self.links:
+            # pyroute2 runs an asyncio loop under its socket: left open, its tasks are
+            # destroyed pending at exit and asyncio logs an ERROR on every stop.
+            self.links.close()
         if self.store:
             self.store.close()
         return 0
 
 
-def teardown(cfg, links=None, state=None) -> None:
+class TeardownRefused(Exception):
+    pass
+
+
+def missing_ports(links, state) -> list:
+    """The configured ports whose interfaces this network namespace does not have."""
+    return [p.name for p in state.ports if links.get(p.name) is None]
+
+
+def teardown(cfg, links=None, state=None, force: bool = True) -> None:
     """Detach from every configured port (and our pass program from veth peers), then
-    remove the pinned maps."""
+    remove the pinned maps. Without `force`, first make sure every configured port is
+    found: from another network namespace the ports are invisible, and removing the pins
+    would leave the programs attached with no agent able to adopt them."""
     from .datapath import Datapath
     from .links import Links
     from .store import Store
@@ -311,6 +345,15 @@ def teardown(cfg, links=None, state=None) -> None:
         path = os.path.join(cfg.agent.state_dir, "state.db")
         state = Store.open(path).load() if os.path.exists(path) else model.State()
     try:
+        missing = [] if force else missing_ports(links, state)
+        if missing:
+            ns = os.readlink("/proc/self/ns/net")
+            raise TeardownRefused(
+                f"refusing to tear down: port{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)} not found in this network namespace ({ns}); nothing "
+                "was changed. Run it where the agent runs (e.g. nsenter --net=/run/netns/NS "
+                "xdpflow-agent --config ... --teardown), or add --force if those interfaces "
+                "are gone for good")
         for p in state.ports:
             link = links.get(p.name)
             if link is None:
@@ -344,7 +387,11 @@ def main(argv=None) -> int:
         print("xdpflow-agent: needs root (BPF, netlink, bpffs)", file=sys.stderr)
         return 1
     if args.teardown:
-        teardown(cfg)
+        try:
+            teardown(cfg, force=args.force)
+        except TeardownRefused as e:
+            print(f"xdpflow-agent: {e}", file=sys.stderr)
+            return 1
         return 0
     agent = Agent(cfg, args.config)
     try:

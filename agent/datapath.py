@@ -105,6 +105,7 @@ class Datapath:
         self._gens: Dict[int, int] = {}                       # tenant id -> generation
         self._rules: Dict[Tuple[int, int], Dict[bytes, bytes]] = {}   # (tid, gen) -> entries
         self._masks: Dict[Tuple[int, int], bytes] = {}
+        self._rule_slots: Dict[int, int] = {}                 # rule id -> counter slot
         self._tenant_vals: Dict[int, bytes] = {}
         self._gen_floor: Dict[int, int] = {}   # generations to go on from (see load)
 
@@ -316,10 +317,12 @@ class Datapath:
                 tid = ct.c_uint32.from_buffer_copy(k).value
                 self._gens[tid] = t.generation
                 self._tenant_vals[tid] = v
-        self._rules = {}
+        self._rules, self._rule_slots = {}, {}
         for k, v in self.maps["xf_rules"].items():
             rk = abi.RuleKey.from_buffer_copy(k)
             self._rules.setdefault((rk.tenant, rk.generation), {})[k] = v
+            r = abi.Rule.from_buffer_copy(v)
+            self._rule_slots[r.rule_id] = r.stat
         self._masks = {}
         for k, v in self.maps["xf_masks"].items():
             mk = abi.MaskKey.from_buffer_copy(k)
@@ -353,6 +356,7 @@ class Datapath:
         changed."""
         changed_tenants: Set[int] = set()
         summary: Dict[str, object] = {}
+        self._assign_rule_slots(img)
         flipped = []
         created = {tid for tid in img.tenants if tid not in self._gens}
         for tid in sorted(created):
@@ -393,7 +397,7 @@ class Datapath:
 
         for tid, t in sorted(img.tenants.items()):
             gen = self._gens.get(tid, 0)
-            cls_items = dict(t.classifier.rule_items(tid, gen)) if gen else None
+            cls_items = dict(t.classifier.rule_items(tid, gen, self._rule_slots)) if gen else None
             mask_val = bytes(t.classifier.mask_set(self.max_masks))
             same_cls = gen and self._rules.get((tid, gen), {}) == cls_items and \
                 self._masks.get((tid, gen)) == mask_val
@@ -430,6 +434,20 @@ class Datapath:
         summary["removed_tenants"] = removed
         return summary
 
+    def _assign_rule_slots(self, img: compiler.Image) -> None:
+        """Counter slots for the image's rules. A rule id new to the datapath (also one
+        used before by a deleted rule) starts from zero: its slot's rows and its hits."""
+        live = set()
+        for t in img.tenants.values():
+            live |= t.classifier.rule_ids()
+        new_ids = live - set(self._rule_slots)
+        self._rule_slots, fresh = compiler.assign_stat_slots(live, self._rule_slots)
+        if fresh:
+            m = self.maps["xf_rule_stats"]
+            m.update_many([(bytes(ct.c_uint32(s)), bytes(m.vsize)) for s in fresh])
+        if new_ids:
+            self.maps["xf_rule_hits"].delete_many([bytes(ct.c_uint32(r)) for r in new_ids])
+
     # One place the grace period is waited for (tests observe the order of map writes).
     wait_for_readers = staticmethod(wait_for_readers)
 
@@ -449,7 +467,7 @@ class Datapath:
             gen = gen + 1 if gen < 0xFFFFFFFF else 1
             if gen not in used:
                 break
-        items = list(t.classifier.rule_items(tid, gen))
+        items = list(t.classifier.rule_items(tid, gen, self._rule_slots))
         self.maps["xf_rules"].update_many(items, previous={})    # a generation not in use
         self._rules[(tid, gen)] = dict(items)
         mk = bytes(abi.MaskKey(tenant=tid, generation=gen))
@@ -513,12 +531,51 @@ class Datapath:
         zero = bytes(m.vsize)
         rows = range(abi.stats_index(slot, 0, 0), abi.stats_index(slot + 1, 0, 0))
         m.update_many([(bytes(ct.c_uint32(i)), zero) for i in rows])
+        tx = self.maps["xf_port_tx"]
+        tx.update_many([(bytes(ct.c_uint32(slot)), bytes(tx.vsize))])
+
+    def rule_stats(self) -> Dict[int, Tuple[int, int]]:
+        """Rule id -> (classifications it decided: flows set up, packets judged; and the
+        coarse-clock ns of the last one), for the rules in the datapath."""
+        m = self.maps["xf_rule_hits"]
+        out = {}
+        for k, v in m.items():
+            rid = ct.c_uint32.from_buffer_copy(k).value
+            if rid in self._rule_slots:
+                cpus = [abi.RuleStat.from_buffer_copy(c) for c in m.per_cpu(v)]
+                out[rid] = (sum(c.hits for c in cpus), max(c.last_hit_ns for c in cpus))
+        return out
 
     def rule_hits(self) -> Dict[int, int]:
-        m = self.maps["xf_rule_hits"]
-        return {ct.c_uint32.from_buffer_copy(k).value:
-                sum(ct.c_uint64.from_buffer_copy(c).value for c in m.per_cpu(v))
-                for k, v in m.items()}
+        """Classifications (flows set up, packets judged) per rule in the datapath."""
+        return {rid: hits for rid, (hits, _) in self.rule_stats().items()}
+
+    def monitor_maps(self) -> Tuple[int, RawMap, RawMap]:
+        """The monitor's ring buffer fd, its switch-and-filter map and per-CPU counters
+        (maps of this build, not pinned)."""
+        return (self.bpf[b"xf_events"].get_fd(),
+                RawMap(self.bpf[b"xf_mon"].get_fd(), "xf_mon"),
+                RawMap(self.bpf[b"xf_mon_cpu"].get_fd(), "xf_mon_cpu"))
+    def _counter_rows(self, name: str, wanted: Set[int]) -> Dict[int, Tuple[int, int]]:
+        """(packets, bytes) summed over CPUs of the wanted rows of a per-CPU counter array."""
+        m = self.maps[name]
+        out = {}
+        for k, v in m.items():
+            idx = ct.c_uint32.from_buffer_copy(k).value
+            if idx in wanted:
+                words = memoryview(v).cast("Q")        # per CPU: packets, bytes
+                out[idx] = (sum(words[0::2]), sum(words[1::2]))
+        return out
+
+    def rule_counters(self) -> Dict[int, Tuple[int, int]]:
+        """rule id -> (packets, bytes) it decided, flow-table hits included."""
+        rows = self._counter_rows("xf_rule_stats", {s for s in self._rule_slots.values() if s})
+        return {rid: rows.get(slot, (0, 0)) for rid, slot in self._rule_slots.items()}
+
+    def port_tx(self, slots: Set[int]) -> Dict[int, Tuple[int, int]]:
+        """port slot -> (packets, bytes) it transmitted on redirect."""
+        rows = self._counter_rows("xf_port_tx", set(slots))
+        return {s: rows.get(s, (0, 0)) for s in slots}
 
     # -- packets ----------------------------------------------------------------------------
     def run(self, packet: bytes, ifindex: int, repeat: int = 1) -> Tuple[int, bytes, int]:

@@ -125,7 +125,8 @@ class Links:
             with self._lock:
                 self.ipr.link("set", index=link.ifindex, xdp={"attrs": attrs})
         except NetlinkError as e:
-            raise LinkError(f"{link.name}: attaching XDP ({mode}) failed: {e}") from None
+            raise LinkError(f"{link.name}: attaching XDP ({mode}) failed: "
+                            f"{os.strerror(e.code)} (errno {e.code})") from None
         finally:
             if old_fd >= 0:
                 os.close(old_fd)

@@ -13,21 +13,33 @@ The source provides:
   tenants()      -> [{name, id, generation, rules, endpoints}]
   ports()        -> [{name, tenant, attached, ifindex, mode}]
   agent_info()   -> {version, started_at, last_reconcile_seconds, last_apply_seconds,
-                     reconcile_errors, sweeps, sweep_seconds_total}
+                     reconcile_errors, sweeps, sweep_seconds_total; optional:
+                     program_id, kernel, config_sha256, last_change}
   map_pressure() -> {map: (entries in use, capacity)}   (every map the config sizes)
   datapath_runs() -> {run_time_ns, run_count} of the XDP program, or {} when the kernel's
                      BPF statistics are off ([metrics] bpf_stats)
+  monitor()      -> {listeners, sent, rate_cap, ring_full, client}
+  port_tx()      -> [{tenant, port, packets, bytes}]   what each port transmitted on redirect
+                     (its VM received), every configured port
+  rule_counters() -> [{tenant, rule, packets, bytes}], or [] unless [metrics] rule_counters
+                     is on (a series per rule: opt-in, as `iptables -L -v` on demand)
+
+Every configured tenant and port has its series from the first scrape, at 0 until traffic
+comes (`xdpflow_flows`, `xdpflow_port_packets_total` / `_bytes_total` per verdict), so
+graphs have no gaps. Durations of reconciles, configuration changes and control-API
+requests are histograms kept by a `Timings` the agent shares with the API server.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Dict, Iterable, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, start_wsgi_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -37,9 +49,16 @@ log = logging.getLogger(__name__)
 
 from agent.flows import EVICTION_REASONS
 
-__all__ = ["DatapathCollector", "MetricsServer", "serve", "AgentSource", "EVICTION_REASONS"]
+__all__ = ["DatapathCollector", "MetricsServer", "serve", "AgentSource", "Timings",
+           "EVICTION_REASONS"]
 
 _TRAFFIC = ("tenant", "port", "verdict", "reason")
+_PORT_TRAFFIC = ("tenant", "port", "verdict")
+# The verdicts every configured port has a series for, 0 until a packet gets one.
+PORT_VERDICTS = ("redirect", "pass", "drop")
+# Seconds; a reconcile of a big state or a first trace build takes seconds.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+           30.0)
 
 # One table of every family: describe() builds from it without touching the source, and
 # collect() fills the same families, so the two cannot disagree.
@@ -68,9 +87,41 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
     ("xdpflow_port_attached", "gauge",
      "1 if the XDP program is attached to the port, else 0; mode is native or generic.",
      ("port", "tenant", "mode")),
-    # Exported as xdpflow_agent_info{version="..."} 1; the label comes with the value.
+    ("xdpflow_port_packets", "counter",
+     "Packets that came in on a port, by verdict; every configured port, 0 until used.",
+     _PORT_TRAFFIC),
+    ("xdpflow_port_bytes", "counter",
+     "Bytes that came in on a port, by verdict; every configured port, 0 until used.",
+     _PORT_TRAFFIC),
+    ("xdpflow_port_tx_packets", "counter",
+     "Packets the datapath redirected out of a port (what its VM received); every "
+     "configured port, 0 until used.", ("tenant", "port")),
+    ("xdpflow_port_tx_bytes", "counter",
+     "Bytes the datapath redirected out of a port (what its VM received).",
+     ("tenant", "port")),
+    # Opt-in ([metrics] rule_counters): one series per rule is a cardinality an operator
+    # chooses, not a default.
+    ("xdpflow_rule_packets", "counter",
+     "Packets a security rule matched (flow-table hits included, replies not), by tenant "
+     "and rule id.", ("tenant", "rule")),
+    ("xdpflow_rule_bytes", "counter",
+     "Bytes of the packets a security rule matched, by tenant and rule id.",
+     ("tenant", "rule")),
+    # Exported as xdpflow_agent_info{version="...",...} 1; the labels come with the value.
     ("xdpflow_agent", "info",
-     "The running agent's version.", ()),
+     "The running agent: version, program id, kernel release, config file SHA-256.", ()),
+    ("xdpflow_last_config_change_timestamp_seconds", "gauge",
+     "When the desired state last changed (a command, apply or reload), Unix seconds; "
+     "0 if never.", ()),
+    ("xdpflow_reconcile_seconds", "histogram",
+     "How long reconciles of desired state into the datapath took.", ()),
+    ("xdpflow_apply_seconds", "histogram",
+     "How long configuration changes (store and datapath) took.", ()),
+    ("xdpflow_api_requests", "counter",
+     "Control-API requests, by command and result (ok, invalid, refused, denied, ...).",
+     ("command", "result")),
+    ("xdpflow_api_request_seconds", "histogram",
+     "How long control-API requests took to serve, by command.", ("command",)),
     ("xdpflow_agent_start_time_seconds", "gauge",
      "When the agent started, in seconds since the Unix epoch.", ()),
     ("xdpflow_reconcile_duration_seconds", "gauge",
@@ -97,6 +148,14 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
      "Time the kernel spent running the XDP datapath program (BPF statistics).", ()),
     ("xdpflow_datapath_runs", "counter",
      "Runs of the XDP datapath program, one per packet (BPF statistics).", ()),
+    ("xdpflow_monitor_listeners", "gauge",
+     "Monitor clients (xdpflowctl monitor) listening now.", ()),
+    ("xdpflow_monitor_events", "counter",
+     "Events the datapath sent to monitor listeners.", ()),
+    ("xdpflow_monitor_events_lost", "counter",
+     "Monitor events lost, by reason: rate_cap (the per-CPU monitor.rate_limit), "
+     "ring_full (the ring buffer had no room), client (a listener that did not read in "
+     "time).", ("reason",)),
     ("xdpflow_scrape_errors", "counter",
      "Reads of the datapath that failed while serving a scrape.", ()),
     ("xdpflow_up", "gauge",
@@ -107,7 +166,49 @@ _KINDS: Dict[str, Callable[..., Metric]] = {
     "counter": CounterMetricFamily,
     "gauge": GaugeMetricFamily,
     "info": InfoMetricFamily,
+    "histogram": HistogramMetricFamily,
 }
+# Families whose samples are summed per label set: zero rows for every configured
+# tenant/port plus the real rows.
+_SUMMED = ("xdpflow_flows", "xdpflow_port_packets", "xdpflow_port_bytes")
+
+
+class Timings:
+    """Histograms and counts the agent records as it works (reconciles, changes, API
+    requests), read by the collector at scrape time. Thread-safe."""
+
+    def __init__(self, buckets: Tuple[float, ...] = BUCKETS):
+        self.buckets = tuple(buckets)
+        self._lock = threading.Lock()
+        self._hist: Dict[Tuple[str, Tuple[str, ...]], list] = {}
+        self._counts: Dict[Tuple[str, Tuple[str, ...]], int] = {}
+
+    def observe(self, name: str, seconds: float, *labels: str) -> None:
+        with self._lock:
+            h = self._hist.setdefault((name, labels), [[0] * len(self.buckets), 0.0, 0])
+            for i, le in enumerate(self.buckets):
+                if seconds <= le:
+                    h[0][i] += 1
+            h[1] += seconds
+            h[2] += 1
+
+    def count(self, name: str, *labels: str) -> None:
+        with self._lock:
+            self._counts[(name, labels)] = self._counts.get((name, labels), 0) + 1
+
+    def histograms(self, name: str) -> List[Tuple[Tuple[str, ...], List[Tuple[str, int]], float]]:
+        """[(labels, [(le, cumulative count)...,("+Inf", n)], sum)] of histogram `name`."""
+        with self._lock:
+            out = []
+            for (n, labels), (counts, total, num) in sorted(self._hist.items()):
+                if n == name:
+                    buckets = [(repr(le), c) for le, c in zip(self.buckets, counts)]
+                    out.append((labels, buckets + [("+Inf", num)], total))
+            return out
+
+    def counts(self, name: str) -> List[Tuple[Tuple[str, ...], int]]:
+        with self._lock:
+            return [(labels, v) for (n, labels), v in sorted(self._counts.items()) if n == name]
 
 
 def _empty_families() -> Dict[str, Metric]:
@@ -124,8 +225,9 @@ def _label(value: Any) -> str:
 class DatapathCollector:
     """A prometheus_client custom collector over a datapath `source` (see module doc)."""
 
-    def __init__(self, source: Any):
+    def __init__(self, source: Any, timings: Optional[Timings] = None):
         self._source = source
+        self._timings = timings
         self._lock = threading.Lock()
         # Counted here, not in the source: it must survive the source being broken.
         self._scrape_errors = 0
@@ -146,6 +248,10 @@ class DatapathCollector:
             ("agent_info", self._fill_agent_info),
             ("map_pressure", self._fill_map_pressure),
             ("datapath_runs", self._fill_datapath_runs),
+            ("monitor", self._fill_monitor),
+            ("port_tx", self._fill_port_tx),
+            ("rule_counters", self._fill_rule_counters),
+            ("timings", self._fill_timings),
         ):
             # Fill into scratch families and merge only on success, so a part that fails
             # halfway exports nothing rather than a misleading subset.
@@ -163,6 +269,8 @@ class DatapathCollector:
         with self._lock:
             self._scrape_errors += failed
             errors = self._scrape_errors
+        for name in _SUMMED:
+            families[name].samples[:] = _summed(families[name].samples)
         families["xdpflow_scrape_errors"].add_metric([], errors)
         families["xdpflow_up"].add_metric([], 0 if failed else 1)
         # Families with no samples (e.g. no tenants yet) are still yielded: the exposition
@@ -174,6 +282,10 @@ class DatapathCollector:
             labels = [_label(row[k]) for k in _TRAFFIC]
             f["xdpflow_packets"].add_metric(labels, int(row["packets"]))
             f["xdpflow_bytes"].add_metric(labels, int(row["bytes"]))
+            if row["port"]:
+                labels = [_label(row[k]) for k in _PORT_TRAFFIC]
+                f["xdpflow_port_packets"].add_metric(labels, int(row["packets"]))
+                f["xdpflow_port_bytes"].add_metric(labels, int(row["bytes"]))
 
     def _fill_flow_summary(self, f: Dict[str, Metric]) -> None:
         summary = self._source.flow_summary()
@@ -200,15 +312,42 @@ class DatapathCollector:
             f["xdpflow_tenant_generation"].add_metric(name, int(tenant["generation"]))
             f["xdpflow_rules"].add_metric(name, int(tenant["rules"]))
             f["xdpflow_endpoints"].add_metric(name, int(tenant["endpoints"]))
+            f["xdpflow_flows"].add_metric(name, 0)
 
     def _fill_ports(self, f: Dict[str, Metric]) -> None:
         for port in self._source.ports():
             labels = [_label(port["name"]), _label(port["tenant"]), _label(port.get("mode"))]
             f["xdpflow_port_attached"].add_metric(labels, 1 if port["attached"] else 0)
+            for verdict in PORT_VERDICTS:
+                labels = [_label(port["tenant"]), _label(port["name"]), verdict]
+                f["xdpflow_port_packets"].add_metric(labels, 0)
+                f["xdpflow_port_bytes"].add_metric(labels, 0)
+
+    def _fill_monitor(self, f: Dict[str, Metric]) -> None:
+        m = self._source.monitor()
+        f["xdpflow_monitor_listeners"].add_metric([], int(m["listeners"]))
+        f["xdpflow_monitor_events"].add_metric([], int(m["sent"]))
+        for reason in ("rate_cap", "ring_full", "client"):
+            f["xdpflow_monitor_events_lost"].add_metric([reason], int(m[reason]))
+
+    def _fill_port_tx(self, f: Dict[str, Metric]) -> None:
+        for row in self._source.port_tx():
+            labels = [_label(row["tenant"]), _label(row["port"])]
+            f["xdpflow_port_tx_packets"].add_metric(labels, int(row["packets"]))
+            f["xdpflow_port_tx_bytes"].add_metric(labels, int(row["bytes"]))
+
+    def _fill_rule_counters(self, f: Dict[str, Metric]) -> None:
+        for row in self._source.rule_counters():
+            labels = [_label(row["tenant"]), _label(row["rule"])]
+            f["xdpflow_rule_packets"].add_metric(labels, int(row["packets"]))
+            f["xdpflow_rule_bytes"].add_metric(labels, int(row["bytes"]))
 
     def _fill_agent_info(self, f: Dict[str, Metric]) -> None:
         info = self._source.agent_info()
-        f["xdpflow_agent"].add_metric([], {"version": _label(info["version"])})
+        f["xdpflow_agent"].add_metric([], {k: _label(info.get(k)) for k in (
+            "version", "program_id", "kernel", "config_sha256") if k in info})
+        f["xdpflow_last_config_change_timestamp_seconds"].add_metric(
+            [], float(info.get("last_change") or 0))
         f["xdpflow_agent_start_time_seconds"].add_metric([], float(info["started_at"]))
         f["xdpflow_reconcile_duration_seconds"].add_metric(
             [], float(info["last_reconcile_seconds"]))
@@ -231,6 +370,31 @@ class DatapathCollector:
             f["xdpflow_datapath_run_time_seconds"].add_metric(
                 [], int(runs["run_time_ns"]) / 1e9)
             f["xdpflow_datapath_runs"].add_metric([], int(runs["run_count"]))
+
+
+    def _fill_timings(self, f: Dict[str, Metric]) -> None:
+        t = self._timings or Timings()
+        for key, family in (("reconcile", "xdpflow_reconcile_seconds"),
+                            ("apply", "xdpflow_apply_seconds"),
+                            ("api", "xdpflow_api_request_seconds")):
+            hists = t.histograms(key)
+            if not hists and key != "api":
+                # Never happened yet: an empty histogram, so the series exists from the start.
+                hists = [((), [(repr(le), 0) for le in t.buckets] + [("+Inf", 0)], 0.0)]
+            for labels, buckets, total in hists:
+                f[family].add_metric(list(labels), buckets, total)
+        for labels, n in t.counts("api"):
+            f["xdpflow_api_requests"].add_metric(list(labels), n)
+
+
+def _summed(samples: List[Any]) -> List[Any]:
+    """One sample per (name, labels), the values added up, in first-seen order."""
+    out: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], Any] = {}
+    for smp in samples:
+        key = (smp.name, tuple(sorted(smp.labels.items())))
+        prev = out.get(key)
+        out[key] = smp if prev is None else prev._replace(value=prev.value + smp.value)
+    return list(out.values())
 
 
 class MetricsServer:
@@ -305,3 +469,17 @@ class AgentSource:
     def datapath_runs(self):
         with self.c.lock:
             return self.c.datapath_runs()
+
+    def port_tx(self):
+        with self.c.lock:
+            return self.c.port_tx_rows()
+
+    def rule_counters(self):
+        if not self.c.cfg.metrics.rule_counters:
+            return []
+        with self.c.lock:
+            return self.c.rule_counter_rows()
+
+    def monitor(self):
+        # The monitor's own counters and maps: no controller lock needed.
+        return self.c.monitor.stats()

@@ -66,11 +66,12 @@ def parse_ifname(value: Any, where: str) -> str:
 
 
 def parse_int(value: Any, where: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool):
-        raise Invalid(where, f"{value!r} is not an integer")
+    # Strict on purpose: TOML and JSON have real numbers, so "10" where 10 belongs is a
+    # mistake worth naming (the CLI turns what is typed into numbers before sending).
     if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        value = int(value)
-    if not isinstance(value, int):
+        raise Invalid(where, f"{value!r} is text where a number belongs (write {value.strip()} "
+                             "without quotes)")
+    if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid(where, f"{value!r} is not an integer")
     if not lo <= value <= hi:
         raise Invalid(where, f"{value} is out of range {lo}..{hi}")
@@ -142,7 +143,12 @@ def parse_protocol(value: Any, where: str) -> int:
         return 0
     if isinstance(value, str) and value.lower() in PROTOCOLS:
         return PROTOCOLS[value.lower()]
-    return parse_int(value, where, 0, 255)
+    if isinstance(value, str) and re.fullmatch(r"\d+", value.strip()):
+        value = int(value)      # "--proto 47" is typed text; a protocol number is meant
+    if isinstance(value, int) and not isinstance(value, bool):
+        return parse_int(value, where, 0, 255)
+    raise Invalid(where, f"{value!r} is not a protocol (tcp, udp, icmp, icmpv6, or a "
+                         "number 0..255)")
 
 
 def _check_keys(d: Any, where: str, allowed: Iterable[str], required: Iterable[str] = ()):
@@ -278,12 +284,16 @@ class Route:
     via: Optional[IPAddr] = None
 
     FIELDS = ("tenant", "prefix", "action", "via")
+    # The CLI's switches `--kernel` and `--drop`, written `kernel = true` / `drop = true`
+    # in an apply file: the same names as the flags, another spelling of `action`.
+    SWITCHES = ("kernel", "drop")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Route":
         where = (f"route {d.get('tenant', '?')}/{d.get('prefix', '?')}"
                  if isinstance(d, dict) else "route")
-        _check_keys(d, where, cls.FIELDS, ("tenant", "prefix"))
+        _check_keys(d, where, cls.FIELDS + cls.SWITCHES, ("tenant", "prefix"))
+        d = cls._switches_as_action(d, where)
         prefix = d["prefix"]
         if prefix == "default":
             prefix = "0.0.0.0/0"
@@ -308,6 +318,25 @@ class Route:
             raise Invalid(f"{where}: via", f"action {action!r} takes no next hop")
         return cls(tenant=parse_name(d["tenant"], f"{where}: tenant"), prefix=pfx,
                    action=action, via=via)
+
+    @classmethod
+    def _switches_as_action(cls, d: Dict[str, Any], where: str) -> Dict[str, Any]:
+        on = []
+        for name in cls.SWITCHES:
+            v = d.get(name)
+            if v is not None and not isinstance(v, bool):
+                raise Invalid(f"{where}: {name}", f"{v!r} is not true or false")
+            if v:
+                on.append(name)
+        given = on + (["via"] if d.get("via") is not None else [])
+        if len(given) > 1:
+            raise Invalid(where, f"{' and '.join(given)} exclude each other (one next hop)")
+        if on and d.get("action") not in (None, on[0]):
+            raise Invalid(where, f"{on[0]} = true and action {d['action']!r} disagree")
+        d = {k: v for k, v in d.items() if k not in cls.SWITCHES}
+        if on:
+            d["action"] = on[0]
+        return d
 
     def to_dict(self) -> Dict[str, Any]:
         return {"tenant": self.tenant, "prefix": str(self.prefix), "action": self.action,
@@ -509,6 +538,42 @@ class State:
                     raise Conflict(where, f"in_port: port {r.in_port} belongs to tenant "
                                          f"{ports[r.in_port].tenant}")
 
+    def users_of_tenant(self, name: str) -> Dict[str, int]:
+        """How many objects of each kind belong to tenant `name` (kinds with none left out)."""
+        out = {}
+        for kind in KINDS:
+            if kind != "tenants":
+                n = sum(1 for o in getattr(self, kind) if o.tenant == name)
+                if n:
+                    out[kind] = n
+        return out
+
+    def without_tenant(self, name: str, cascade: bool = False) -> "State":
+        """The state without tenant `name`; with `cascade`, without everything of it too.
+        Without it, a tenant still in use is refused naming what uses it."""
+        if self.tenant(name) is None:
+            raise Conflict(f"tenant {name}", "does not exist")
+        users = self.users_of_tenant(name)
+        if users and not cascade:
+            raise Conflict(f"tenant {name}", f"still has {count_phrase(users)}; delete those "
+                                             "first, or delete with --cascade")
+        st = self.copy()
+        for kind in KINDS:
+            key = (lambda o: o.name) if kind == "tenants" else (lambda o: o.tenant)
+            setattr(st, kind, [o for o in getattr(st, kind) if key(o) != name])
+        st.validate()
+        return st
+
+    def merged(self, other: "State") -> "State":
+        """This state with every object of `other` added or replacing the one of the same
+        identity; objects `other` does not mention are kept (apply without --prune)."""
+        st = State()
+        for kind in KINDS:
+            items = {identity(kind, o): o for o in getattr(self, kind)}
+            items.update((identity(kind, o), o) for o in getattr(other, kind))
+            setattr(st, kind, list(items.values()))
+        return st
+
     # -- changes: each returns a new State and leaves this one as it was ------------------
     def with_added(self, kind: str, obj) -> "State":
         st = self.copy()
@@ -534,22 +599,41 @@ class State:
         return st
 
 
+def count_phrase(counts: Dict[str, int]) -> str:
+    """{"ports": 1, "rules": 2} -> "1 port, 2 rules"."""
+    return ", ".join(f"{n} {kind if n != 1 else kind[:-1]}" for kind, n in counts.items())
+
+
+def count_changes(d: Dict[str, Dict[str, list]]) -> int:
+    """How many objects a diff adds, removes or changes (kept ones are no change)."""
+    return sum(len(v) for part in d.values() if isinstance(part, dict)
+               for k, v in part.items() if k != "keep")
+
+
 def _ident_order(ident: Tuple):
     return tuple((0, x, "") if isinstance(x, int) else (1, 0, str(x)) for x in ident)
 
 
-def diff(old: State, new: State) -> Dict[str, Dict[str, list]]:
-    """What `apply` would change: per kind, added / removed / changed identities."""
+def diff(old: State, new: State, kept: Optional[State] = None) -> Dict[str, Dict[str, list]]:
+    """What `apply` would change: per kind, added / removed / changed identities. With
+    `kept` (the file's own state, when apply does not prune), objects of `old` the file
+    does not mention are listed under "keep": they stay, and the diff says so."""
     out = {}
     for kind in KINDS:
+        if kept is not None:
+            named = {identity(kind, o) for o in getattr(kept, kind)}
+            out.setdefault(kind, {})["keep"] = [
+                o.to_dict() for o in sorted(getattr(old, kind),
+                                            key=lambda o: _ident_order(identity(kind, o)))
+                if identity(kind, o) not in named]
         a = {identity(kind, o): o for o in getattr(old, kind)}
         b = {identity(kind, o): o for o in getattr(new, kind)}
-        out[kind] = {
+        out.setdefault(kind, {}).update({
             "add": [b[k].to_dict() for k in sorted(b.keys() - a.keys(), key=_ident_order)],
             "remove": [a[k].to_dict() for k in sorted(a.keys() - b.keys(), key=_ident_order)],
             "change": [{"from": a[k].to_dict(), "to": b[k].to_dict()}
                        for k in sorted(a.keys() & b.keys(), key=_ident_order) if a[k] != b[k]],
-        }
+        })
     return out
 
 

@@ -47,6 +47,7 @@ struct xf_verdict {
     __u32 rule_id;
     __u32 out_ifindex;
     __u16 out_port;
+    __u16 rule_stat;           /* the deciding rule's counter slot, 0: none */
     __u8  verdict;
     __u8  reason;
     __u8  flow_hit;
@@ -71,6 +72,7 @@ struct xf_ctx {
 struct xf_match {
     __u32 rank;
     __u32 rule_id;
+    __u16 stat;                /* its counter slot */
     __u8  action;              /* XF_A_*; 0: no rule matched */
 };
 
@@ -146,37 +148,120 @@ static __always_inline int xf_tenant_knows(__u16 tenant, __u16 in_port, __u32 *a
 
 /* --- count ----------------------------------------------------------------------- */
 
+/* One per-CPU counter row: no atomics needed. */
+static __always_inline void xf_count_row(struct xf_counter *row, __u64 bytes)
+{
+    if (row) {
+        row->packets++;
+        row->bytes += bytes;
+    }
+}
+
 static __always_inline void xf_count(__u16 port, __u8 verdict, __u8 reason, __u64 bytes)
 {
 #ifndef XF_TRACE
     /* A per-CPU array row per (port slot, verdict, reason): an array lookup costs a
      * fraction of a hash lookup on every packet. The agent knows each slot's tenant. */
     __u32 idx = ((__u32)port * XF_V_MAX + (verdict & 7)) * XF_R_ROWS + (reason & (XF_R_ROWS - 1));
-    struct xf_counter *c = xf_stats.lookup(&idx);
-    if (c) {
-        c->packets++;      /* per-CPU: no atomics needed */
-        c->bytes += bytes;
-    }
+    xf_count_row(xf_stats.lookup(&idx), bytes);
 #endif
 }
 
 static __always_inline void xf_count_rule(__u32 rule_id)
 {
 #ifndef XF_TRACE
-    __u64 *hits = xf_rule_hits.lookup(&rule_id);
-    if (hits) {
-        *hits += 1;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    struct xf_rule_stat *rs = xf_rule_hits.lookup(&rule_id);
+    if (rs) {
+        rs->hits += 1;
+        rs->last_hit_ns = now;
     } else {
-        __u64 one = 1;
+        struct xf_rule_stat one = {.hits = 1, .last_hit_ns = now};
         xf_rule_hits.update(&rule_id, &one);
     }
 #endif
 }
 
-/* Count the packet and return its XDP action. Every exit goes through here. */
-static __always_inline int xf_finish(struct xf_ctx *c, int action)
+#ifndef XF_TRACE
+/* A monitor event for a packet some listener may want, paid for from this CPU's token
+ * bucket: a flood costs at most the configured rate of events; the rest only counts. The
+ * bucket runs on the coarse clock (cheap on every packet); an event that is sent reads
+ * the fine one for its timestamp. */
+static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_ctx *c,
+                                       struct xf_mon_cfg *mc)
+{
+    struct xf_verdict *v = &c->v;
+    if (!(mc->verdicts & (1u << (v->verdict & 31))) || !(mc->reasons & (1u << (v->reason & 31))))
+        return;
+    if ((mc->tenant && mc->tenant != c->tenant) || (mc->port && mc->port != c->slot))
+        return;
+    __u32 zero = 0;
+    struct xf_mon_cpu *mb = xf_mon_cpu.lookup(&zero);
+    if (!mb)
+        return;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    __u64 credit = mb->credit_ns + (now - mb->last_ns);
+    if (credit > mc->burst_ns)
+        credit = mc->burst_ns;
+    mb->last_ns = now;
+    if (credit < mc->cost_ns) {
+        mb->credit_ns = credit;
+        mb->lost_rate++;
+        return;
+    }
+    mb->credit_ns = credit - mc->cost_ns;
+    struct xf_event *e = xf_events.ringbuf_reserve(sizeof(struct xf_event));
+    if (!e) {
+        mb->lost_ring++;
+        return;
+    }
+    e->ts_ns = bpf_ktime_get_ns();
+    e->rule_id = v->rule_id;
+    e->len = c->len;
+    e->out_ifindex = v->out_ifindex;
+    e->tenant = c->tenant;
+    e->port = c->slot;
+    e->out_port = v->out_port;
+    e->verdict = v->verdict;
+    e->reason = v->reason;
+    e->flow_hit = v->flow_hit;
+    e->pad = 0;
+    /* 1..XF_EVENT_BYTES by arithmetic the verifier follows (XF_EVENT_BYTES is a power
+     * of two; frames are never empty): clang turns range checks into tests on a copy. */
+    __u64 n = c->len < XF_EVENT_BYTES ? c->len : XF_EVENT_BYTES;
+    n = ((n - 1) & (XF_EVENT_BYTES - 1)) + 1;
+    if (bpf_xdp_load_bytes(ctx, 0, e->data, n))
+        n = 0;
+    e->cap_len = n;
+    xf_events.ringbuf_submit(e, 0);
+    mb->sent++;
+}
+#endif
+
+/* Count the packet, tell a listening monitor, and return its XDP action. Every exit goes
+ * through here. */
+static __always_inline int xf_finish(struct xdp_md *ctx, struct xf_ctx *c, int action)
 {
     xf_count(c->slot, c->v.verdict, c->v.reason, c->len);
+#ifndef XF_TRACE
+    /* As iptables -L -v counts: each packet a rule decided, flow-table hits included
+     * (replies are the connection's, not the rule's). */
+    if (c->v.rule_stat) {
+        __u32 rs = c->v.rule_stat;
+        xf_count_row(xf_rule_stats.lookup(&rs), c->len);
+    }
+    if (c->v.verdict == XF_V_REDIRECT) {
+        __u32 out = c->v.out_port;
+        xf_count_row(xf_port_tx.lookup(&out), c->len);
+    }
+#endif
+#if !defined(XF_TRACE) && !defined(XF_NO_MONITOR)   /* the latter: a benchmark's baseline */
+    /* With no listener, this read is all the monitor costs. */
+    __u32 mzero = 0;
+    struct xf_mon_cfg *mc = xf_mon.lookup(&mzero);
+    if (mc && mc->listeners)
+        xf_monitor(ctx, c, mc);
+#endif
 #ifdef XF_TRACE
     __u32 zero = 0;
     struct xf_trace *t = xf_trace_rec.lookup(&zero);
@@ -507,6 +592,8 @@ static __always_inline int xf_is_hit(struct xf_ctx *c, struct xf_flow *f)
 static __always_inline int xf_stage_hit(struct xdp_md *ctx, struct xf_ctx *c,
                                         struct xf_flow *f, int related)
 {
+    if (!related && !(f->flags & XF_FLOW_REVERSE))
+        c->v.rule_stat = f->rule_stat;
     /* Allowed, but its TTL expires here: the kernel sends time-exceeded. */
     if (f->verdict == XF_V_REDIRECT && c->p.ttl <= 1)
         return xf_decide(c, XF_V_PASS, XF_R_TTL);
@@ -581,6 +668,7 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
 {
     best->rank = 0;
     best->rule_id = 0;
+    best->stat = 0;
     best->action = 0;
     struct xf_mask_key mk = {};
     mk.tenant = tenant;
@@ -622,6 +710,7 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
         if (r && r->rank > best->rank) {
             best->rank = r->rank;
             best->rule_id = r->rule_id;
+            best->stat = r->stat;
             best->action = r->action;
         }
     }
@@ -710,6 +799,8 @@ static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f
     if (!j->r.action)
         return xf_default(c, XF_R_DEFAULT);
     c->v.rule_id = j->r.rule_id;
+    if (!j->as_reply)
+        c->v.rule_stat = j->r.stat;
     xf_count_rule(j->r.rule_id);
     if (j->r.action == XF_A_DENY)
         return xf_decide(c, XF_V_DROP, XF_R_RULE_DENY);
@@ -744,6 +835,7 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
                                             struct xf_scratch *sc, struct xf_judgement *j)
 {
     sc->nf.rule_id = j->r.rule_id;
+    sc->nf.rule_stat = j->r.stat;
     sc->nf.in_port = j->in_port;
     if (j->r.action == XF_A_PASS) {
         sc->nf.verdict = XF_V_PASS;
@@ -806,22 +898,22 @@ int xdpflow_port(struct xdp_md *ctx)
     if (rc == XF_NEXT)
         rc = xf_stage_boundary(ctx, &c, port);
     if (rc != XF_NEXT)
-        return xf_finish(&c, rc);
+        return xf_finish(ctx, &c, rc);
 
     int related = 0;
     struct xf_flow *f = xf_stage_flow(ctx, &c, &related);
     if (xf_is_hit(&c, f))
-        return xf_finish(&c, xf_stage_hit(ctx, &c, f, related));
+        return xf_finish(ctx, &c, xf_stage_hit(ctx, &c, f, related));
 
     /* The slow path's working set lives in a per-CPU scratch row: on the stack it would
      * not fit the verifier's 512 bytes next to the parser's and the classifier's. */
     __u32 zero = 0;
     struct xf_scratch *sc = xf_scratch.lookup(&zero);
     if (!sc)
-        return xf_finish(&c, xf_default(&c, XF_R_DEFAULT));
+        return xf_finish(ctx, &c, xf_default(&c, XF_R_DEFAULT));
     struct xf_judgement j = {};
     rc = xf_stage_classify(&c, f, sc, &j);
     if (rc == XF_NEXT)
         rc = xf_stage_install(ctx, &c, sc, &j);
-    return xf_finish(&c, rc);
+    return xf_finish(ctx, &c, rc);
 }

@@ -22,10 +22,13 @@
 #define XF_MAX_IPV6_EXT_BYTES 2048   /* ... and where the L4 header must start by then */
 #define XF_FRAG_TABLE_SIZE 8192      /* first fragments remembered for their later fragments */
 #define XF_MAX_RULE_IDS 262144       /* rules whose classification hits are counted */
+#define XF_RULE_STATS 65536          /* per-rule packet/byte counter slots (0 unused) */
 #define XF_MASK_SETS 8192            /* (tenant, generation) mask sets: configured tenants x 2 */
 #define XF_PORT_SRC_ENTRIES (2 * XF_MAX_ENDPOINTS)  /* port security: endpoints + allowed prefixes */
 #define XF_IPV4_MIN_MTU 68           /* RFC 791 */
 #define XF_IPV6_MIN_MTU 1280         /* RFC 8200 5 */
+#define XF_EVENT_BYTES 128           /* packet bytes a monitor event carries */
+#define XF_EVENT_RING_PAGES 64       /* monitor ring buffer: 256 KiB, about 1,500 events */
 
 /* Verdicts: what the datapath did with a packet (XF_V_NONE marks event counters). */
 #define XF_V_NONE 0

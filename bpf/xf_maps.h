@@ -27,8 +27,13 @@ BPF_TABLE_PINNED("lpm_trie", struct xf_route_key, struct xf_route, xf_routes, XF
 /* Packet counters per CPU, a row per (port slot, verdict, reason); events (insert
  * failures, stale flows) count under verdict NONE. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct xf_counter, xf_stats, XF_MAX_PORTS * XF_V_MAX * XF_R_ROWS, XF_PIN(xf_stats));
-/* Classifications per rule id, per CPU. */
-BPF_TABLE_PINNED("percpu_hash", __u32, __u64, xf_rule_hits, XF_MAX_RULE_IDS, XF_PIN(xf_rule_hits));
+/* Packets and bytes per rule (its slot, assigned by the agent; a flow entry carries it so
+ * flow-table hits count too), per CPU. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct xf_counter, xf_rule_stats, XF_RULE_STATS, XF_PIN(xf_rule_stats));
+/* Packets and bytes each port transmitted on redirect (by its slot), per CPU. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct xf_counter, xf_port_tx, XF_MAX_PORTS, XF_PIN(xf_port_tx));
+/* Classifications per rule id and when the last one was, per CPU. */
+BPF_TABLE_PINNED("percpu_hash", __u32, struct xf_rule_stat, xf_rule_hits, XF_MAX_RULE_IDS, XF_PIN(xf_rule_hits));
 /* Ports of first fragments, for the later fragments of the same datagram. */
 BPF_TABLE_PINNED("lru_hash", struct xf_frag_key, struct xf_frag, xf_frags, XF_FRAG_TABLE_SIZE, XF_PIN(xf_frags));
 /* Layout fingerprint of the maps above, written by the agent. */
@@ -36,6 +41,15 @@ BPF_TABLE_PINNED("array", __u32, struct xf_meta, xf_meta, 1, XF_PIN(xf_meta));
 
 /* The slow path's working set (flows and keys being built), per CPU, not pinned. */
 BPF_PERCPU_ARRAY(xf_scratch, struct xf_scratch, 1);
+
+#ifndef XF_TRACE
+/* The monitor (`xdpflowctl monitor`), not pinned: each build has its own, and the agent
+ * reads the ring of the program it loaded. The switch and filter; a per-CPU token bucket
+ * and sent/lost counts; the events. */
+BPF_ARRAY(xf_mon, struct xf_mon_cfg, 1);
+BPF_PERCPU_ARRAY(xf_mon_cpu, struct xf_mon_cpu, 1);
+BPF_RINGBUF_OUTPUT(xf_events, XF_EVENT_RING_PAGES);
+#endif
 
 #ifdef XF_TRACE
 /* What the last traced packet did, per CPU (trace build only, not pinned). */

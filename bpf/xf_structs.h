@@ -35,7 +35,7 @@ struct xf_flow {
     __u8  reason;          /* XF_R_* of the classification that made it */
     __u8  tcp_flags;       /* OR of TCP flags seen */
     __u8  in_mac[6];       /* source MAC its packets carry (checked on ports with security) */
-    __u16 pad;
+    __u16 rule_stat;       /* the rule's counter slot (xf_rule_stats), 0: none / a reply */
 };
 
 /* Port: keyed by ifindex. */
@@ -100,7 +100,8 @@ struct xf_rule {
     __u32 rank;            /* unique, higher wins: priority, then lower rule id */
     __u32 rule_id;
     __u8  action;          /* XF_A_* */
-    __u8  pad[3];
+    __u8  pad;
+    __u16 stat;            /* the rule's counter slot (xf_rule_stats), 0: not counted */
 };
 
 struct xf_ep_key {
@@ -134,6 +135,12 @@ struct xf_route {
 struct xf_counter {
     __u64 packets;
     __u64 bytes;
+};
+
+/* Per rule id, per CPU: classifications it decided and the time of the last one. */
+struct xf_rule_stat {
+    __u64 hits;
+    __u64 last_hit_ns;     /* bpf_ktime_get_coarse_ns() */
 };
 
 /* Later fragments carry no L4 header: the first fragment leaves its ports here. Keyed on
@@ -191,4 +198,44 @@ struct xf_trace {
     __u8  flow_hit;
     __u8  stale;
     __u32 pad;
+};
+
+/* The monitor's switch and datapath-side filter (one entry, written by the agent). With
+ * no listener the datapath reads `listeners` and nothing else. The filter is the union of
+ * every listener's: each listener's exact filter is applied by the agent. */
+struct xf_mon_cfg {
+    __u32 listeners;       /* 0: nobody is listening, no event is built */
+    __u32 verdicts;        /* bit per XF_V_*: verdicts some listener wants */
+    __u32 reasons;         /* bit per XF_R_*: reasons some listener wants */
+    __u16 tenant;          /* 0: any */
+    __u16 port;            /* port slot, 0: any */
+    __u64 cost_ns;         /* bucket credit one event costs: 1e9 / events per second */
+    __u64 burst_ns;        /* bucket depth (one second of events) */
+};
+
+/* Per CPU: the monitor's token bucket and what it sent and lost. */
+struct xf_mon_cpu {
+    __u64 last_ns;         /* bpf_ktime_get_ns() of the last refill */
+    __u64 credit_ns;
+    __u64 sent;            /* events put on the ring */
+    __u64 lost_rate;       /* events the rate cap refused */
+    __u64 lost_ring;       /* events the ring had no room for */
+};
+
+/* One monitor event: what the datapath decided and the packet's first bytes (for a
+ * redirect, as sent: MACs rewritten, TTL decremented). */
+struct xf_event {
+    __u64 ts_ns;           /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+    __u32 rule_id;
+    __u32 len;             /* the packet's length */
+    __u32 out_ifindex;
+    __u16 tenant;
+    __u16 port;            /* ingress port slot */
+    __u16 out_port;
+    __u16 cap_len;         /* bytes of data[] filled */
+    __u8  verdict;
+    __u8  reason;
+    __u8  flow_hit;
+    __u8  pad;
+    __u8  data[XF_EVENT_BYTES];
 };

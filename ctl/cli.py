@@ -2,8 +2,9 @@
 and help come from the agent's command table), sends it over the control socket and prints
 the answer as text or, with --json, as exactly one JSON document.
 
-Exit status: 0 done; 1 the agent refused, denied, failed, or cannot be reached; 2 bad usage
-or input (argument errors, invalid values, unreadable or malformed files, bad Scapy).
+Exit status: 0 done; 1 the agent refused (the node's state is at odds with the request),
+denied, failed (a port whose attach failed included), or cannot be reached; 2 bad usage or
+input (argument errors, invalid values, unreadable or malformed files, bad Scapy).
 """
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import textwrap
-from typing import Any, Dict, List, Optional, Sequence
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from agent import commands, model
+from agent import VERSION, commands, model
 from agent.api import DEFAULT_SOCKET, ApiClient, ApiError
+from agent.commands import MAX_FLOW_DUMP
+from agent.config import _Lines as TomlLines
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 # Which side is wrong decides the status: the input (2) or the agent's state or itself (1).
@@ -36,7 +41,10 @@ class _Parser(argparse.ArgumentParser):
     # argparse prints and exits on its own; raising lets main() keep --json's promise of
     # one JSON document on stdout.
     def error(self, message):
-        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
+        # main() puts "xdpflowctl: " in front; the command's own words follow once.
+        where = self.prog.partition(" ")[2]
+        raise UsageError(f"{where + ': ' if where else ''}{message}\n"
+                         f"{self.format_usage().rstrip()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long to wait for the agent (default 30)")
+    p.add_argument("--version", action="version", version=f"xdpflowctl {VERSION}")
     top = p.add_subparsers(dest="_noun", metavar="COMMAND", required=True)
     nouns: Dict[str, Any] = {}
     for cmd in commands.COMMANDS.values():
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _leaf_kw(cmd: commands.Command) -> Dict[str, Any]:
-    text = cmd.help + "." + ("\n\n" + textwrap.fill(cmd.description, 78)
+    text = textwrap.fill(cmd.help + ".", 78) + ("\n\n" + textwrap.fill(cmd.description, 78)
                              if cmd.description else "")
     return dict(description=text,
                 epilog="examples:\n" + cmd.examples,
@@ -100,8 +109,8 @@ def _add_args(parser: argparse.ArgumentParser, cmd: commands.Command) -> None:
             kw["metavar"] = a.metavar
         else:
             kw["metavar"] = a.metavar
-            if a.kind == "int":
-                kw["type"] = int
+            if a.kind in ("int", "float"):
+                kw["type"] = int if a.kind == "int" else float
             if a.choices:
                 kw["choices"] = a.choices
                 kw.pop("metavar")
@@ -133,22 +142,94 @@ def leaf_commands(parser: argparse.ArgumentParser) -> List[str]:
 # ---------------------------------------------------------------------------------------
 # Turning CLI-only arguments into wire arguments.
 
+class StateFile:
+    """An apply file's text and data, to name the line of what an error is about."""
+
+    def __init__(self, path: str, text: str, data: Dict[str, Any]):
+        self.path = path if path != "-" else "<stdin>"
+        self.data = data
+        self.lines = TomlLines(text)
+
+    def where(self, kind: str, i: int, field: str = "") -> str:
+        line = self.lines.find(f"{kind}[{i}]" + (f".{field}" if field else ""))
+        return f"{self.path}:{line}" if line else self.path
+
+    def check(self) -> None:
+        """What the file alone shows wrong: a bad value, an object given twice. (What it
+        is at odds with on the node, the agent says; locate() finds its line.)"""
+        for name in self.data:
+            if name not in model.KINDS:
+                line = self.lines.find(name)
+                raise UsageError(f"{self.path}{f':{line}' if line else ''}: unknown table "
+                                 f"{name!r} (known: {', '.join(model.KINDS)})")
+        for kind, typ in model.KINDS.items():
+            items = self.data.get(kind) or []
+            if not isinstance(items, list):
+                raise UsageError(f"{self.path}: {kind} must be an array of tables [[{kind}]]")
+            seen: Dict[Any, int] = {}
+            for i, item in enumerate(items):
+                try:
+                    obj = typ.from_dict(item)
+                except model.Invalid as e:
+                    field = e.where.partition(": ")[2] if ": " in e.where else ""
+                    unknown = re.match(r"unknown field '([^']+)'", e.message)
+                    field = unknown.group(1) if unknown else field
+                    raise UsageError(f"{self.where(kind, i, field)}: {e}") from None
+                ident = model.identity(kind, obj)
+                if ident in seen:
+                    raise UsageError(f"{self.where(kind, i)}: {_ident_text(kind, ident)}: "
+                                     f"given twice (first at line "
+                                     f"{self.lines.find(f'{kind}[{seen[ident]}]')})")
+                seen[ident] = i
+
+    def locate(self, message: str) -> Optional[str]:
+        """The file position of the object an agent error names ("rule 7: ...")."""
+        for kind, typ in model.KINDS.items():
+            for i, item in enumerate(self.data.get(kind) or []):
+                try:
+                    ident = _ident_text(kind, model.identity(kind, typ.from_dict(item)))
+                except model.Invalid:
+                    continue
+                if message.startswith(ident + ":") or message.startswith(ident + " "):
+                    return self.where(kind, i)
+        return None
+
+
+def _ident_text(kind: str, ident) -> str:
+    """How the model names an object in its errors: "rule 7", "route blue/10.0.0.0/8"."""
+    return f"{kind[:-1]} {'/'.join(str(x) for x in ident)}"
+
+
 def load_state_file(path: str) -> Dict[str, Any]:
-    """A TOML desired-state file -> the dict model.State.from_dict takes."""
+    """A TOML desired-state file -> the dict model.State.from_dict takes (syntax checked;
+    the lab reads its files with it too)."""
+    return _read_state_file(path)[1]
+
+
+def check_state_file(path: str) -> StateFile:
+    """A TOML desired-state file, read and checked object by object (what apply sends)."""
+    text, data = _read_state_file(path)
+    f = StateFile(path, text, data)
+    f.check()
+    return f
+
+
+def _read_state_file(path: str) -> Tuple[str, Dict[str, Any]]:
     try:
         import tomllib
     except ModuleNotFoundError:      # Python < 3.11 (pyproject pulls tomli in there)
         import tomli as tomllib  # type: ignore[no-redef]
     try:
         if path == "-":
-            text = sys.stdin.buffer.read()
+            raw = sys.stdin.buffer.read()
         else:
             with open(path, "rb") as f:
-                text = f.read()
+                raw = f.read()
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        data = tomllib.loads(text.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
@@ -158,7 +239,7 @@ def load_state_file(path: str) -> Dict[str, Any]:
         json.dumps(data)
     except (TypeError, ValueError):
         raise UsageError(f"{path}: dates and times are not accepted in a state file") from None
-    return data
+    return text, data
 
 
 def scapy_namespace() -> Dict[str, Any]:
@@ -175,10 +256,25 @@ def scapy_namespace() -> Dict[str, Any]:
     return ns
 
 
+# The fields a trace depends on; when the expression leaves one unset, Scapy's default is
+# used and reported (an all-zero source MAC or 127.0.0.1 explains many a surprising verdict).
+DEFAULTED_FIELDS = {
+    "Ether": ("dst", "src"), "IP": ("src", "dst", "ttl"), "IPv6": ("src", "dst", "hlim"),
+    "TCP": ("sport", "dport", "flags"), "UDP": ("sport", "dport"),
+    "ICMP": ("type", "code", "id"), "ICMPv6EchoRequest": ("id",),
+}
+
+
 def scapy_packet(expr: str) -> bytes:
+    """The packet's bytes (see scapy_packet_defaults)."""
+    return scapy_packet_defaults(expr)[0]
+
+
+def scapy_packet_defaults(expr: str) -> Tuple[bytes, List[str]]:
     """Evaluate a Scapy expression with only the layers in scope (no builtins: it is a
     packet description, not a program; this is hygiene, not a sandbox, since it runs with
-    the caller's own rights) and return its bytes, Ethernet header first."""
+    the caller's own rights); return its bytes, Ethernet header first, and which fields
+    Scapy filled with defaults ("Ether.src=00:00:00:00:00:00")."""
     ns = scapy_namespace()
     from scapy.config import conf
     from scapy.layers.l2 import Neighbor
@@ -190,7 +286,8 @@ def scapy_packet(expr: str) -> bytes:
     if not isinstance(pkt, Packet):
         raise UsageError(f"--scapy: the expression gives a {type(pkt).__name__}, "
                          "not a packet")
-    if not isinstance(pkt, ns["Ether"]):
+    added_ether = not isinstance(pkt, ns["Ether"])
+    if added_ether:
         pkt = ns["Ether"]() / pkt  # XDP sees frames; a bare IP packet gets a default header
     # Left to itself Scapy fills an unset Ether dst by ARPing for it on the node's network:
     # trace must send nothing, so with no resolvers an unset dst becomes broadcast.
@@ -199,12 +296,30 @@ def scapy_packet(expr: str) -> bytes:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        return bytes(pkt)
+        raw = bytes(pkt)
     except Exception as e:
         raise UsageError(f"--scapy: cannot build the packet: {type(e).__name__}: {e}") from None
     finally:
         conf.neighbor = saved
         quiet.setLevel(level)
+    return raw, _defaults_used(pkt, ns["Ether"](raw), added_ether)
+
+
+def _defaults_used(given, built, added_ether: bool) -> List[str]:
+    out = ["Ether header added"] if added_ether else []
+    mine, theirs = given, built
+    while mine is not None and theirs is not None and type(mine) is type(theirs):
+        for name in DEFAULTED_FIELDS.get(type(mine).__name__, ()):
+            if name not in mine.fields:
+                out.append(f"{type(mine).__name__}.{name}={_field_text(theirs, name)}")
+        mine = mine.payload if mine.payload else None
+        theirs = theirs.payload if theirs.payload else None
+    return out
+
+
+def _field_text(layer, name: str) -> str:
+    v = layer.getfieldval(name)
+    return str(v) if name != "flags" else str(layer.get_field(name).i2repr(layer, v))
 
 
 def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
@@ -216,9 +331,20 @@ def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
             if v is not None and v is not False:
                 args[a.name] = v
     if cmd.name == "apply":
-        args["state"] = load_state_file(ns.file)
+        ns.state_file = check_state_file(ns.file)   # kept to locate the agent's errors
+        args["state"] = ns.state_file.data
     elif cmd.name == "trace" and ns.scapy is not None:
-        args["hex"] = scapy_packet(ns.scapy).hex()
+        raw, defaults = scapy_packet_defaults(ns.scapy)
+        args["hex"] = raw.hex()
+        if defaults:
+            print("--scapy filled in defaults: " + ", ".join(defaults), file=sys.stderr)
+    elif cmd.name == "flow dump":
+        try:
+            model.parse_int(ns.limit, "flow dump: limit", 1, MAX_FLOW_DUMP)
+        except model.Invalid as e:
+            raise UsageError(str(e)) from None
+        # One more than shown, to know whether --limit cut (within what one reply holds).
+        args["limit"] = min(ns.limit + 1, MAX_FLOW_DUMP)
     return args
 
 
@@ -250,16 +376,20 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 
 LIST_COLUMNS = {
     "tenants": ("name", "id", "vni", "default"),
-    "ports": ("name", "tenant", "port_security", "allow_vlan", "allow"),
+    "ports": ("name", "tenant", "attached", "mode", "port_security", "allow_vlan", "allow",
+              "note"),
     "endpoints": ("tenant", "ip", "port", "mac"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
-              "icmp_type", "icmp_code", "in_port", "comment"),
+              "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "comment"),
 }
-FLOW_COLUMNS = ("tenant", "proto", "src", "sport", "dst", "dport", "verdict", "out_port",
-                "rule", "packets", "bytes", "idle_s", "flags")
+_PORT_STATE_COLUMNS = ("attached", "mode", "note")
+FLOW_COLUMNS = ("tenant", "in_port", "proto", "src", "sport", "dst", "dport", "verdict",
+                "out_port", "rule", "packets", "bytes", "idle_s", "flags")
 COUNTER_COLUMNS = ("tenant", "port", "verdict", "reason", "packets", "bytes")
-NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport")
+PORT_TX_COLUMNS = ("tenant", "port", "packets", "bytes")
+NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport",
+           "hits")
 
 # Match fields that print "any" rather than "-" when unset.
 _ANY_FIELDS = ("src", "dst", "proto", "sport", "dport")
@@ -292,30 +422,125 @@ def format_diff(d: Dict[str, Any]) -> List[str]:
 
 
 def _format_mapping(d: Any, indent: str = "") -> List[str]:
+    """Nested mappings as indented "key: value" lines, lists of mappings as tables: what
+    people read, never a Python structure."""
     lines = []
     if not isinstance(d, dict):
         return [indent + _cell(d)]
     for k, v in d.items():
+        label = str(k)
+        label = (label[:-2] + " (s)" if label.endswith("_s") else label).replace("_", " ")
         if isinstance(v, dict):
-            lines.append(f"{indent}{k}:")
+            lines.append(f"{indent}{label}:" + ("" if v else " none"))
             lines.extend(_format_mapping(v, indent + "  "))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            columns = list(dict.fromkeys(c for x in v for c in x))
+            lines.append(f"{indent}{label}:")
+            lines.extend(indent + "  " + ln for ln in format_table(v, columns, NUMERIC
+                                                                   + ("ifindex",)).splitlines())
         else:
-            lines.append(f"{indent}{k}: {_cell(v)}")
+            lines.append(f"{indent}{label}: {_cell(v) if v != [] else 'none'}")
     return lines
 
 
-def _packet_text(hexstr: Optional[str]) -> List[str]:
-    if not hexstr:
-        return ["output packet: none"]
-    lines = ["output packet:"]
+def _packet_text(hexstr: Optional[str], title: str = "output packet:") -> List[str]:
+    lines = [title]
     try:
+        from scapy.config import conf
         ns = scapy_namespace()
         pkt = ns["Ether"](bytes.fromhex(hexstr))
-        lines += ["  " + ln for ln in pkt.show(dump=True).splitlines()]
+        # Ports as numbers (22, not "ssh"): what rules and flow dumps show.
+        ports = (ns["TCP"].sport, ns["TCP"].dport, ns["UDP"].sport, ns["UDP"].dport)
+        added = [f for f in ports if f not in conf.noenum]
+        conf.noenum.add(*added)
+        try:
+            lines += ["  " + ln for ln in pkt.show(dump=True).splitlines()]
+        finally:
+            if added:
+                conf.noenum.remove(*added)
     except Exception:  # scapy is a nicety here; the hex below is the answer
         pass
     lines.append("  hex: " + hexstr)
     return lines
+
+
+_PORT_STATES = {"attached": "attached ({mode})",
+                "waiting": "waiting for the interface ({note})",
+                "failed": "attaching failed: {note}"}
+
+
+def _port_added(r: Dict[str, Any]) -> str:
+    head = f"port {r.get('name')} in tenant {r.get('tenant')}"
+    state = r.get("state")
+    if state not in _PORT_STATES:
+        return "added " + head
+    what = _PORT_STATES[state].format(mode=r.get("mode") or "?", note=r.get("note") or "?")
+    if state == "failed":
+        return (f"added {head}, but {what}. The port stays configured: fix the cause, "
+                f"or remove it with: xdpflowctl port del {r.get('name')}")
+    return f"added {head}: {what}"
+
+
+def _flow_rows(rows: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Tuple[str, ...]]:
+    """ICMP flows show type/code/id in an ICMP column instead of ports."""
+    out = []
+    for r in rows:
+        if "icmp_type" in r:
+            r = {**r, "sport": None, "dport": None,
+                 "icmp": f"type {r['icmp_type']} code {r['icmp_code']} id {r['icmp_id']}"}
+        out.append(r)
+    cols = FLOW_COLUMNS
+    if any("icmp" in r for r in out):
+        i = cols.index("dport") + 1
+        cols = cols[:i] + ("icmp",) + cols[i:]
+    return out, cols
+
+
+def _kept_lines(d: Dict[str, Any]) -> Tuple[List[str], int]:
+    lines, total = [], 0
+    for kind in model.KINDS:
+        kept = (d.get(kind) or {}).get("keep") or []
+        total += len(kept)
+        if kept:
+            names = [_describe(kind, o).split(" (")[0] for o in kept]
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8
+                                           else "")
+            lines.append(f"= kept, not in the file: {shown}")
+    return lines, total
+
+
+def _clock(t: Optional[float]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "NEVER"
+
+
+def _rule_stats_table(rows: List[Dict[str, Any]]) -> str:
+    """Rules with their counters and LAST_HIT; rules that never matched say NEVER and are
+    named again below the table (candidates for removal, or a match that is not what was
+    meant)."""
+    rows = [{**r, "last_hit": _clock(r.get("last_hit")), "hits": r.get("hits", 0)}
+            for r in rows]
+    counters = ("hits", "packets", "bytes")
+    cols = LIST_COLUMNS["rules"][:4] + counters + ("last_hit",) + tuple(
+        c for c in LIST_COLUMNS["rules"][4:] if c not in counters)
+    out = format_table(rows, cols, NUMERIC + counters)
+    never = [str(r["id"]) for r in rows if not r["hits"] and not r.get("packets")]
+    if never:
+        out += (f"\n{len(never)} rule{'s' if len(never) != 1 else ''} never matched: "
+                + ", ".join(never))
+    return out
+
+
+TOP_COLUMNS = ("tenant", "proto", "src", "sport", "dst", "dport", "verdict", "in_port",
+               "out_port", "rule", "pps", "bps", "packets", "bytes")
+
+
+def render_top(result: Dict[str, Any]) -> str:
+    rows = list(result.get("flows") or [])
+    head = (f"busiest flows by {result.get('by')} ({result.get('sampled', 0)} flows "
+            f"sampled) at {time.strftime('%H:%M:%S')}")
+    if not rows:
+        return head + "\nno flows"
+    return head + "\n" + format_table(rows, TOP_COLUMNS, NUMERIC + ("pps", "bps"))
 
 
 def render(name: str, result: Any, args: Dict[str, Any]) -> str:
@@ -330,25 +555,46 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             rows.sort(key=lambda r: (str(r.get("tenant")), -int(r.get("priority") or 0),
                                      int(r.get("id") or 0)))
             rows = [{**r, **{k: r.get(k) or "any" for k in _ANY_FIELDS}} for r in rows]
-        return format_table(rows, LIST_COLUMNS[kind], NUMERIC)
+            if args.get("stats"):
+                return _rule_stats_table(rows)
+        # A port's attach state is left out when no row carries it (an older agent's reply).
+        columns = [c for c in LIST_COLUMNS[kind]
+                   if c not in _PORT_STATE_COLUMNS or any(c in r for r in rows)]
+        return format_table(rows, columns, NUMERIC)
+    if name == "port add":
+        return _port_added(result or {})
     if verb == "add":
         return "added " + _describe(kind, result or {})
     if verb == "del":
         ident = "/".join(str(x) for x in (result or {}).get("identity", []))
-        return f"deleted {noun} {ident}"
+        gone = (result or {}).get("cascaded") or {}
+        return f"deleted {noun} {ident}" + (f" and its {model.count_phrase(gone)}"
+                                            if gone else "")
     if name == "apply":
         lines = format_diff(result or {})
         n = len(lines)
+        kept, n_kept = _kept_lines(result or {})
+        lines += kept
+        s = "s" if n != 1 else ""
         if args.get("dry_run"):
-            lines.append("dry run: nothing changed" + ("" if n else " (and nothing would)"))
+            lines.append(f"dry run: would apply {n} change{s}" if n else "dry run: no changes")
         else:
-            lines.append(f"applied {n} change{'s' if n != 1 else ''}" if n else "no changes")
+            lines.append(f"applied {n} change{s}" if n else "no changes")
+        if n_kept:
+            lines[-1] += (f"; kept {n_kept} object{'s' if n_kept != 1 else ''} not in the file "
+                          "(--prune removes them)")
         return "\n".join(lines)
     if name == "flow dump":
         rows = list(result or [])
+        limit = args.get("limit", 0) - 1
+        cut = limit > 0 and len(rows) > limit
         if not rows:
             return "no flows"
-        return format_table(rows, FLOW_COLUMNS, NUMERIC)
+        rows, cols = _flow_rows(rows[:limit] if cut else rows)
+        text = format_table(rows, cols, NUMERIC)
+        if cut:
+            text += f"\n(first {limit} flows shown; more match: raise --limit or filter)"
+        return text
     if name == "flow flush":
         n = (result or {}).get("flushed", 0)
         return f"flushed {n} flow{'s' if n != 1 else ''}"
@@ -356,25 +602,169 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
         result = dict(result or {})
         counters = result.pop("counters", [])
         out = [format_table(counters, COUNTER_COLUMNS, NUMERIC) if counters else "no counters"]
+        tx = result.pop("port_tx", [])
+        if tx:
+            out += ["", "transmitted on redirect, per port:",
+                    format_table(tx, PORT_TX_COLUMNS, NUMERIC)]
         if result:
             out += [""] + _format_mapping(result)
         return "\n".join(out)
+    if name == "top":
+        return render_top(result or {})
     if name == "trace":
         r = result or {}
-        lines = [f"{label:<10} {_cell(r.get(k))}" for label, k in (
+        lines = []
+        if r.get("built_trace_program"):
+            lines.append(f"(built the trace program first: {r.get('seconds', 0):.1f} s; "
+                         "later traces reuse it)")
+        lines += [f"{label:<10} {_cell(r.get(k))}" for label, k in (
             ("verdict:", "verdict"), ("tenant:", "tenant"), ("rule:", "rule"),
-            ("out port:", "out_port"), ("flow hit:", "flow_hit"), ("reason:", "reason"))]
-        return "\n".join(lines + _packet_text(r.get("packet_out")))
+            ("route:", "route"), ("out port:", "out_port"), ("flow hit:", "flow_hit"),
+            ("reason:", "reason"))]
+        out = r.get("packet_out")
+        if r.get("verdict") == "drop" or r.get("action") in ("drop", "aborted") or not out:
+            lines.append("output packet: none (dropped)" if r.get("verdict") == "drop"
+                         else "output packet: none")
+        elif r.get("verdict") == "pass" or r.get("action") == "pass":
+            lines += _packet_text(out, "to the kernel's stack, unchanged:")
+        else:
+            lines += _packet_text(out)
+        return "\n".join(lines)
     return "\n".join(_format_mapping(result))
 
 
 # ---------------------------------------------------------------------------------------
+
+def check_repeat_options(ns: argparse.Namespace) -> None:
+    for name, lo in (("count", 1), ("duration", 0), ("interval", 0)):
+        v = getattr(ns, name, None)
+        if v is not None and (v < lo or (lo == 0 and v <= 0)):
+            raise UsageError(f"--{name}: {v:g} must be {'at least 1' if lo else 'above 0'}")
+
+
+EVENT_FIELDS = ("time", "tenant", "port", "verdict", "reason", "rule", "proto", "src",
+                "sport", "dst", "dport", "icmp_type", "icmp_code", "len", "out_port",
+                "flow_hit", "decoded", "packet")
+
+
+def event_line(ev: Dict[str, Any]) -> str:
+    """One event as text: when, where, what, why, then the packet."""
+    t = ev.get("time") or 0
+    stamp = time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1e6) % 1000000:06d}"
+    src, dst = ev.get("src", "?"), ev.get("dst", "?")
+    if "sport" in ev:
+        src, dst = f"{src}:{ev['sport']}", f"{dst}:{ev['dport']}"
+    what = f"{ev.get('proto', 'non-ip')} {src} -> {dst}"
+    if "icmp_type" in ev:
+        what += f" type={ev['icmp_type']} code={ev['icmp_code']}"
+    line = (f"{stamp} {ev.get('tenant') or '-'} {ev.get('port') or '-'} {ev['verdict']} "
+            f"{ev['reason']}" + (f" rule={ev['rule']}" if ev.get("rule") else "")
+            + f" {what} len={ev.get('len')}"
+            + (f" -> {ev['out_port']}" if ev.get("out_port") else ""))
+    if ev.get("decoded"):
+        line += "\n    " + ev["decoded"]
+    return line
+
+
+def run_monitor(ns: argparse.Namespace, args: Dict[str, Any]) -> int:
+    """Stream events until --count events, --duration seconds, or Ctrl-C; lost counts go
+    to stderr, so stdout stays one event per line."""
+    from agent.monitor import describe_packet
+    describe_packet("")           # Scapy's import (a second or more) before the clock starts
+    try:
+        st = ApiClient(ns.socket, timeout=ns.timeout).stream("monitor", args)
+    except ApiError as e:
+        return _fail(e.code, e.message, ns.json)
+    head = st.head or {}
+    print(f"monitoring {head.get('filter')} at most {head.get('rate_limit')} events/s "
+          "per CPU; Ctrl-C to stop", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + ns.duration if ns.duration else None
+    seen, lost, rc = 0, {}, EXIT_OK
+    try:
+        while ns.count is None or seen < ns.count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            msg = st.next(left)
+            if not msg:
+                continue
+            if "lost" in msg:
+                lost = msg["lost"]
+                if not ns.json:
+                    print(f"monitor: lost so far: {_lost_text(lost)}", file=sys.stderr)
+                continue
+            ev = msg.get("event") or {}
+            ev.update(describe_packet(ev.get("packet", ""), ns.decode))
+            ev = {k: ev[k] for k in EVENT_FIELDS if k in ev}
+            print(json.dumps(ev) if ns.json else event_line(ev), flush=True)
+            seen += 1
+    except KeyboardInterrupt:
+        pass
+    except ApiError as e:
+        rc = _fail(e.code, e.message, False)
+    finally:
+        st.close()
+    print(f"monitor: {seen} event{'s' if seen != 1 else ''}"
+          + (f"; lost: {_lost_text(lost)}" if lost else ""), file=sys.stderr)
+    return rc
+
+
+def _lost_text(lost: Dict[str, int]) -> str:
+    return (f"{lost.get('rate_cap', 0)} to the rate limit, {lost.get('ring_full', 0)} to a "
+            f"full ring, {lost.get('client', 0)} not read in time by this monitor")
+
+
+def run_top(ns: argparse.Namespace, args: Dict[str, Any]) -> int:
+    """Refresh in place every --interval seconds until Ctrl-C (--json: one document a
+    line)."""
+    client = ApiClient(ns.socket, timeout=ns.timeout)
+    try:
+        while True:
+            try:
+                result = client.call("top", args)
+            except ApiError as e:
+                return _fail(e.code, e.message, ns.json)
+            if ns.json:
+                print(json.dumps(result), flush=True)
+            else:
+                print("\x1b[H\x1b[2J" + render_top(result), flush=True)
+            time.sleep(ns.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
 
 def _fail(code: str, message: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"error": {"code": code, "message": message}}))
     print(f"xdpflowctl: {message}", file=sys.stderr)
     return EXIT_USAGE if code in USAGE_CODES else EXIT_REFUSED
+
+
+def _unreachable_hint(message: str, path: str, from_env: bool) -> str:
+    where = "from XDPFLOW_SOCKET" if from_env else (
+        "the default" if path == DEFAULT_SOCKET else "from --socket")
+    first = ("  the socket is there but not yours: reading needs its group ([agent] "
+             "socket_group), changes need root or admin_group" if "ermission denied" in message
+             else "  is the agent running? (systemctl status xdpflow-agent)")
+    return (f"{message}\n{first}\n  the socket path is {where}; another one is chosen with "
+            "--socket PATH or XDPFLOW_SOCKET")
+
+
+TRACE_BUILD_TIMEOUT = 180.0
+
+
+def _announce_trace_build(client: ApiClient, quiet: bool) -> None:
+    """The first trace builds the trace program (seconds, more on a busy node): say so
+    before waiting, and wait long enough for it."""
+    try:
+        st = client.call("status", {})
+    except ApiError:
+        return
+    if isinstance(st, dict) and st.get("trace_program") == "not built":
+        client.timeout = max(client.timeout, TRACE_BUILD_TIMEOUT)
+        if not quiet:
+            print("building the trace program first (takes a few seconds; later traces "
+                  "reuse it)...", file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -389,18 +779,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = commands.get(ns._command)
     try:
         args = wire_args(cmd, ns)
+        check_repeat_options(ns)
     except UsageError as e:
         return _fail("usage", str(e), ns.json)
+    if cmd.stream:
+        return run_monitor(ns, args)
+    if cmd.name == "top" and not ns.once:
+        return run_top(ns, args)
+    client = ApiClient(ns.socket, timeout=ns.timeout)
+    if cmd.name == "trace":
+        _announce_trace_build(client, quiet=ns.json)
     try:
-        result = ApiClient(ns.socket, timeout=ns.timeout).call(cmd.name, args)
+        result = client.call(cmd.name, args)
     except ApiError as e:
-        return _fail(e.code, e.message, ns.json)
+        message = e.message
+        if e.code == "unreachable":
+            message = _unreachable_hint(message, ns.socket,
+                                        ns.socket == os.environ.get("XDPFLOW_SOCKET"))
+        elif cmd.name == "apply":
+            where = ns.state_file.locate(message)
+            message = f"{where}: {message}" if where else message
+        return _fail(e.code, message, ns.json)
     if ns.json:
+        if cmd.name == "flow dump" and isinstance(result, list) and len(result) > ns.limit:
+            result = result[:ns.limit]
+            print(f"xdpflowctl: first {ns.limit} flows shown; more match", file=sys.stderr)
         print(json.dumps(result, indent=2))
     else:
         text = render(cmd.name, result, args)
         if text:
             print(text)
+    if cmd.name == "port add" and isinstance(result, dict) and result.get("state") == "failed":
+        if ns.json:
+            print(f"xdpflowctl: {_port_added(result)}", file=sys.stderr)
+        return EXIT_REFUSED
     return EXIT_OK
 
 

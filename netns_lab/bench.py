@@ -69,6 +69,15 @@ CASES: Dict[str, str] = {
                               f"{RULES_SMALL} rules (/32 src, 1 mask), none matching",
     "miss_classify_rules_100000": f"datapath, miss classified every packet, tenant with "
                                   f"{RULES_LARGE:,} rules (/32 src, 1 mask), none matching",
+    "hit_redirect_no_hook": "hit_redirect on a build without the monitor hook "
+                            "(-DXF_NO_MONITOR): the datapath before `monitor`",
+    "hit_redirect_monitor_on": "hit_redirect with a monitor listening to every packet "
+                               "(filter passes all; events capped at 1,000/s per CPU, the "
+                               "ring read between calls)",
+    "miss_classify_1mask_no_hook": "miss_classify_1mask (denied: default drop) on the build "
+                                   "without the monitor hook",
+    "miss_classify_1mask_monitor_on": "miss_classify_1mask with a monitor listening to "
+                                      "every packet (capped at 1,000/s per CPU)",
 }
 REQUIRED_CASES = tuple(CASES)
 
@@ -79,6 +88,14 @@ RATIO_GOALS: Tuple[Tuple[str, str, str, float], ...] = (
      "hit_redirect_rules_100000", "hit_redirect_rules_10", 1.25),
     ("miss_classify_rules_100000/miss_classify_rules_10",
      "miss_classify_rules_100000", "miss_classify_rules_10", 1.25),
+    # The monitor's cost: no listener (one flag read), and a listener taking everything.
+    ("hit_redirect/hit_redirect_no_hook", "hit_redirect", "hit_redirect_no_hook", 1.1),
+    ("hit_redirect_monitor_on/hit_redirect_no_hook",
+     "hit_redirect_monitor_on", "hit_redirect_no_hook", 1.3),
+    ("miss_classify_1mask/miss_classify_1mask_no_hook",
+     "miss_classify_1mask", "miss_classify_1mask_no_hook", 1.1),
+    ("miss_classify_1mask_monitor_on/miss_classify_1mask_no_hook",
+     "miss_classify_1mask_monitor_on", "miss_classify_1mask_no_hook", 1.3),
 )
 
 
@@ -346,6 +363,9 @@ class Case:
     sent: int = 0
     counted_from: int = 0
     samples: List[float] = field(default_factory=list)
+    # The datapath's monitor switch (a RawMap), the value this case runs under, and the
+    # ring to read after each call (a monitor that listens reads its events).
+    monitor: Optional[Tuple[object, bytes, object]] = None
 
 
 def _counter(row: Tuple[object, int, int, int]) -> int:
@@ -362,8 +382,13 @@ def measure(case: Case, total: int, call_size: int = CALL_SIZE) -> float:
     Every call's verdict is checked."""
     from agent import bpfsys
     calls = []
+    if case.monitor is not None:
+        switch, value, _ = case.monitor
+        switch.put(bytes(4), value)
     for n in split_calls(total, call_size):
         rc, _, ns = bpfsys.test_run(case.prog_fd, case.packet, case.ifindex, n)
+        if case.monitor is not None:
+            case.monitor[2].consume()
         if rc != case.expect:
             raise BenchError(f"{case.name}: a call of {n} ended with "
                              f"{XDP_NAMES.get(rc, rc)}, expected {XDP_NAMES[case.expect]}: "
@@ -530,16 +555,19 @@ def run_datapath_bench(repeat: int = 1_000_000, rounds: int = 3, call_size: int 
             flows.update_many([(k, bytes(8)) for k in keys])
             log(f"bench.c loaded, {BENCH_ENTRIES:,} entries in {time.monotonic() - t0:.1f}s")
 
-            # --- datapaths: "small" (base, masks16, rules10), "large" (rules100k) ---
+            # --- datapaths: "small" (base, masks16, rules10), "large" (rules100k), and
+            # "nohook" (base, built without the monitor hook: the baseline of its cost) ---
             dps = {}
-            for dpname in ("small", "large"):
+            for dpname in ("small", "large", "nohook"):
                 t0 = time.monotonic()
-                dp = Datapath(f"/sys/fs/bpf/{tag}-{dpname}", defines)
+                dp = Datapath(f"/sys/fs/bpf/{tag}-{dpname}",
+                              dict(defines, XF_NO_MONITOR=1) if dpname == "nohook" else defines)
                 stack.callback(dp.unpin)
                 stack.callback(dp.close)
                 dp.unpin()
                 dp.load()
-                tenants = [t for t, (_, d) in _TENANTS.items() if d == dpname]
+                tenants = ["base"] if dpname == "nohook" else \
+                    [t for t, (_, d) in _TENANTS.items() if d == dpname]
                 st = _state_for(tenants)
                 dp_links = {n: l for n, l in links.items()
                             if any(n.startswith(_PREFIX[t]) for t in tenants)}
@@ -571,9 +599,16 @@ def run_datapath_bench(repeat: int = 1_000_000, rounds: int = 3, call_size: int 
                 ("hit_redirect_rules_100000", "rules100k", SRC_IP, True),
                 ("miss_classify_rules_10", "rules10", OTHER_IP, False),
                 ("miss_classify_rules_100000", "rules100k", OTHER_IP, False),
+                ("hit_redirect_no_hook", "base", SRC_IP, True),
+                ("hit_redirect_monitor_on", "base", SRC_IP, True),
+                ("miss_classify_1mask_no_hook", "base", OTHER_IP, False),
+                ("miss_classify_1mask_monitor_on", "base", OTHER_IP, False),
             ]
+            from agent.monitor import bucket, datapath_filter, Filter
+            listening = bytes(abi.MonCfg(**datapath_filter([Filter()]), **bucket(1000)))
+            rings: Dict[int, object] = {}       # one reader per datapath (by id)
             for name, t, src, hit in layout:
-                dp = dps[_TENANTS[t][1]]
+                dp = dps["nohook" if name.endswith("_no_hook") else _TENANTS[t][1]]
                 pre = _PREFIX[t]
                 link = links[f"{pre}1"]
                 p = pkt(src, pre)
@@ -589,17 +624,30 @@ def run_datapath_bench(repeat: int = 1_000_000, rounds: int = 3, call_size: int 
                     row = (dp.maps["xf_stats"], link.slot, abi.V_DROP, abi.REASON_IDS["default"])
                     expect = XDP_DROP
                 case = Case(name, dp.prog_fd, p, link.ifindex, expect, row)
-                case.counted_from = _counter(row)
+                if not name.endswith("_no_hook"):
+                    # Every case on a datapath with the hook sets its switch: off, or on.
+                    ring_fd, switch, _ = dp.monitor_maps()
+                    if id(dp) not in rings:
+                        rings[id(dp)] = bpfsys.RingBuffer(ring_fd, lambda data: None)
+                    ring = rings[id(dp)]
+                    on = name.endswith("_monitor_on")
+                    case.monitor = (switch, listening if on else bytes(abi.MonCfg()), ring)
                 cases.append(case)
+            for c in cases:       # after every first packet (a hit may share a row)
+                if c.counter is not None:
+                    c.counted_from = _counter(c.counter)
 
             # --- attach every program (native XDP) to a spare veth of the node ---
             # A test run of a program that is not attached anywhere adds it to the kernel's
             # XDP dispatcher before the run and removes it after (an image rebuild: ~18 ms
             # per call, and colder caches in the timed loop); attached, as in production,
             # the dispatcher is left alone and a call of 250 costs microseconds.
+            for ring in rings.values():
+                stack.callback(ring.close)
             progs = {"bare_pass": pass_fd, "bare_lookup": lookup_fd,
                      "datapath_small": dps["small"].prog_fd,
-                     "datapath_large": dps["large"].prog_fd}
+                     "datapath_large": dps["large"].prog_fd,
+                     "datapath_nohook": dps["nohook"].prog_fd}
             stack.enter_context(_attached(node, vm, nss, progs))
 
             # --- measure: warm-up, then rounds of every case in turn ---
@@ -616,20 +664,37 @@ def run_datapath_bench(repeat: int = 1_000_000, rounds: int = 3, call_size: int 
                 log(f"round {r + 1}/{rounds} in {time.monotonic() - t0:.1f}s: " +
                     ", ".join(f"{c.name} {c.samples[-1]:.1f}" for c in cases))
 
-            # --- the datapath counted every packet on the intended path ---
+            # --- the datapath counted every packet on the intended path (cases that
+            # differ only in the monitor's switch share a counter row) ---
             extra: Dict[str, Dict[str, object]] = {}
+            sharing: Dict[tuple, List[Case]] = {}
+            for c in cases:
+                if c.counter is not None:
+                    sharing.setdefault((id(c.counter[0]),) + c.counter[1:], []).append(c)
             for c in cases:
                 info: Dict[str, object] = {"verdict": XDP_NAMES[c.expect], "verdict_ok": True,
                                            "packets": c.sent}
                 if c.counter is not None:
-                    got = _counter(c.counter) - c.counted_from
-                    if got != c.sent:
+                    group = sharing[(id(c.counter[0]),) + c.counter[1:]]
+                    got = _counter(c.counter) - min(g.counted_from for g in group)
+                    sent = sum(g.sent for g in group)
+                    if got != sent:
                         raise BenchError(
                             f"{c.name}: the datapath counted {got} packets as "
                             f"{abi.VERDICTS[c.counter[2]]}/{abi.REASONS[c.counter[3]]}, "
-                            f"{c.sent} were sent: some took another path")
+                            f"{sent} were sent: some took another path")
                     info["counter"] = f"{abi.VERDICTS[c.counter[2]]}/{abi.REASONS[c.counter[3]]}"
                     info["counter_ok"] = True
+                if c.name.endswith("_monitor_on"):
+                    # The listener was really on: events made, the rest lost to the cap.
+                    mon = dps["small"].monitor_maps()[2]
+                    raw = mon.get(bytes(4))
+                    rows = [abi.MonCpu.from_buffer_copy(x) for x in mon.per_cpu(raw)]
+                    sent, capped = sum(r.sent for r in rows), sum(r.lost_rate for r in rows)
+                    if not sent or not capped:
+                        raise BenchError(f"{c.name}: the monitor sent {sent} events and "
+                                         f"capped {capped}: it was not listening")
+                    info["monitor_events"], info["monitor_capped"] = sent, capped
                 extra[c.name] = info
 
     machine = machine_info()

@@ -206,6 +206,7 @@ class SendResult:
     send: Send
     frames: List[bytes]
     outcome: List[Frame] = field(default_factory=list)
+    events: List[Dict[str, Any]] = field(default_factory=list)   # the datapath's (offload)
 
 
 def run_path(spec: LabSpec, vm_namespaces: Dict[str, str], scenarios: List[Scenario],
@@ -291,7 +292,8 @@ def compare_results(offload: List[SendResult], kernel: List[SendResult]
         sc["per_send"].append(row)
         entry = {"index": a.index, "from": a.send.src, "what": a.send.what,
                  "packet": a.send.frames, "frames": [f.hex() for f in a.frames],
-                 "offload": describe(a.outcome), "kernel": describe(b.outcome)}
+                 "offload": describe(a.outcome), "kernel": describe(b.outcome),
+                 "offload_events": a.events}
         if exp is None and same:
             sc["matches"] += 1
             row["result"] = "match"
@@ -379,7 +381,8 @@ def format_table(doc: Dict[str, Any]) -> str:
                 out.append(f"\nMISMATCH {v} / {name} #{m['index']} from {m['from']}: "
                            f"{m['what'] or m['packet']}\n  packet:  {m['packet']}\n"
                            f"  why:     {m['why']}\n"
-                           f"  offload: {_brief(m['offload'])}\n  {v}: {_brief(m['kernel'])}")
+                           f"  offload: {_brief(m['offload'])}\n  {v}: {_brief(m['kernel'])}"
+                           f"\n  datapath: {_events_brief(m.get('offload_events') or [])}")
     exp = sorted({(name, e["index"], e["reason"]) for v in variants
                   for name, s in doc["variants"][v]["scenarios"].items() for e in s["expected"]})
     if exp:
@@ -394,6 +397,15 @@ def format_table(doc: Dict[str, Any]) -> str:
                f"{len(variants)} kernel variant(s): {t['matches']} match, "
                f"{t['mismatches']} mismatch, {t['expected_differences']} expected differences")
     return "\n".join(out)
+
+
+def _events_brief(events: List[Dict[str, Any]]) -> str:
+    """What the offloaded datapath said it did with the send's frames (monitor events)."""
+    if not events:
+        return "no monitor event"
+    return "; ".join(f"{e['port']} {e['verdict']} {e['reason']}"
+                     + (f" rule {e['rule']}" if e.get("rule") else "")
+                     + (f" -> {e['out_port']}" if e.get("out_port") else "") for e in events)
 
 
 def _brief(frames: List[Dict[str, str]]) -> str:
@@ -416,10 +428,34 @@ def compare(topo, scenarios: List[Scenario], variants: Sequence[str] = render.VA
     Topology, and compare."""
     results: Dict[str, List[SendResult]] = {}
     background: Dict[str, int] = {}
+    monitor: Dict[str, Any] = {}
     for path in ["offload"] + [v for v in render.VARIANTS if v in variants]:
         t0 = time.monotonic()
         nss = {vm.name: topo.vm_ns(path, vm) for vm in topo.spec.vms}
-        results[path], background[path] = run_path(
-            topo.spec, nss, scenarios, lambda s, p=path: progress(f"  {p}: {s}"))
+        rec = _recorder(topo, monitor) if path == "offload" else None
+        try:
+            results[path], background[path] = run_path(
+                topo.spec, nss, scenarios, lambda s, p=path: progress(f"  {p}: {s}"))
+        finally:
+            if rec is not None:
+                rec.stop()
+                monitor.update(events=len(rec.events), lost=rec.lost, error=rec.error)
+        if rec is not None:
+            for r in results[path]:
+                r.events = rec.events_for(nonce(r.scenario, r.index), r.frames)
         progress(f"  {path}: {len(results[path])} sends in {time.monotonic() - t0:.1f}s")
-    return report(topo.spec, scenarios, results, background)
+    doc = report(topo.spec, scenarios, results, background)
+    doc["monitor"] = monitor
+    return doc
+
+
+def _recorder(topo, monitor: Dict[str, Any]):
+    """The offloaded path's monitor events while it runs (netns_lab.events); a compare
+    without them (an agent that cannot stream) says why and goes on."""
+    from agent.api import ApiError
+    from .events import EventRecorder
+    try:
+        return EventRecorder(topo.lab.socket)
+    except ApiError as e:
+        monitor["error"] = e.message
+        return None

@@ -313,9 +313,10 @@ class Lab:
             errors.append(e)
         try:
             if self.config.exists() and self.node in self.ns.names:
-                # In the node namespace, where the ports are.
+                # In the node namespace, where the ports are; --force: a test may have
+                # removed a port's interface, and everything goes anyway.
                 p = run(["nsenter", f"--net=/run/netns/{self.node}", AGENT, "--config",
-                         str(self.config), "--teardown"], check=False, timeout=60)
+                         str(self.config), "--teardown", "--force"], check=False, timeout=60)
                 if p.returncode != 0:
                     print(f"teardown exited {p.returncode}: {p.stdout}{p.stderr}")
         except Exception as e:

@@ -175,7 +175,7 @@ class Topology:
         lab.start_agent(detach=detach)
         state_file = self.dir / "state.toml"
         state_file.write_text(toml_tables("", self.spec.apply_dict()))
-        r = lab.ctl("apply", str(state_file))
+        r = lab.ctl("apply", str(state_file), "--prune")   # the lab file is the whole state
         if r.code != 0:
             raise LabError(f"xdpflowctl apply {state_file} failed: {r.stderr.strip()}; agent "
                            f"log (end):\n{lab.log_text()[-4000:]}")

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.bpf
 
 # Dicts keyed by data (tenant names, rule ids), not by field names: only their values'
 # shapes are compared.
-DATA_KEYED = {"by_tenant", "rule_hits"}
+DATA_KEYED = {"by_tenant", "rule_hits", "rule_counters"}
 WORDS = {
     "verdict": set(abi.VERDICTS.values()),
     "reason": set(abi.REASONS.values()),

@@ -104,18 +104,19 @@ def test_apply_dry_run_changes_nothing_then_apply_does(node):
     st = with_rule(id=3, tenant="red", priority=20, proto="icmp", action="allow",
                    comment="new")
     st["rules"] = [r for r in st["rules"] if r["id"] != 2]          # and one removed
-    r = apply_file(node, "next.toml", st, "--dry-run")
+    # The file is the whole state: --prune removes what it does not name (rule 2).
+    r = apply_file(node, "next.toml", st, "--dry-run", "--prune")
     assert r.code == 0, r
     assert [x["id"] for x in r.data["rules"]["add"]] == [3], r.data
     assert [x["id"] for x in r.data["rules"]["remove"]] == [2], r.data
     assert rules(node) == before
-    text = apply_file(node, "next.toml", st, "--dry-run", json=False)
+    text = apply_file(node, "next.toml", st, "--dry-run", "--prune", json=False)
     assert text.code == 0, text
     assert "+ rule 3" in text.stdout and "- rule 2" in text.stdout, text.stdout
-    assert "dry run: nothing changed" in text.stdout, text.stdout
+    assert text.stdout.rstrip().endswith("dry run: would apply 2 changes"), text.stdout
     assert rules(node) == before
     # Now for real.
-    r = apply_file(node, "next.toml", st)
+    r = apply_file(node, "next.toml", st, "--prune")
     assert r.code == 0, r
     after = rules(node)
     assert sorted(x["id"] for x in after) == [1, 3]
@@ -123,7 +124,7 @@ def test_apply_dry_run_changes_nothing_then_apply_does(node):
     assert (new["tenant"], new["priority"], new["proto"], new["action"], new["comment"]) == \
         ("red", 20, "icmp", "allow", "new")
     # The same file again: nothing to do.
-    again = apply_file(node, "next.toml", st)
+    again = apply_file(node, "next.toml", st, "--prune")
     assert again.code == 0 and not any(v for k in again.data.values() for v in k.values())
 
 

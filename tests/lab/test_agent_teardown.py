@@ -47,3 +47,40 @@ def test_teardown_on_exit_detaches_when_the_agent_stops(lab):
     assert lab.stop_agent(signal.SIGTERM) == 0
     assert not lab.xdp_prog(vm1.port)
     assert not os.path.exists(lab.pin_dir)
+
+
+def test_teardown_from_another_namespace_refuses_and_changes_nothing(lab):
+    # Issue 16: from the host namespace the ports are invisible; removing the pins there
+    # stranded the programs on the ports with no agent able to adopt them.
+    vm1, vm2 = prepared(lab)
+    lab.stop_agent(signal.SIGTERM)
+    prog = lab.xdp_prog(vm1.port)["id"]
+    p = subprocess.run([AGENT, "--config", str(lab.config), "--teardown"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert vm1.port in p.stderr and vm2.port in p.stderr and "nothing was changed" in p.stderr
+    assert os.path.isdir(lab.pin_dir), "no pin removed"
+    assert lab.xdp_prog(vm1.port)["id"] == prog
+    # A new agent adopts what is there; a teardown where the ports are then works.
+    lab.start_agent()
+    assert lab.xdp_prog(vm1.port)
+    lab.stop_agent(signal.SIGTERM)
+    p = subprocess.run(["nsenter", f"--net=/run/netns/{lab.node}", AGENT, "--config",
+                        str(lab.config), "--teardown"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert not lab.xdp_prog(vm1.port) and not os.path.exists(lab.pin_dir)
+
+
+def test_teardown_force_goes_ahead_without_a_port(lab):
+    vm1, vm2 = prepared(lab)
+    lab.stop_agent(signal.SIGTERM)
+    ip("link", "del", vm2.port, ns=lab.node)             # that VM is gone for good
+    cmd = ["nsenter", f"--net=/run/netns/{lab.node}", AGENT, "--config", str(lab.config),
+           "--teardown"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and vm2.port in p.stderr and vm1.port not in p.stderr
+    assert lab.xdp_prog(vm1.port) and os.path.isdir(lab.pin_dir)
+    p = subprocess.run(cmd + ["--force"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert not lab.xdp_prog(vm1.port) and not os.path.exists(lab.pin_dir)

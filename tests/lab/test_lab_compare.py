@@ -122,8 +122,14 @@ def test_a_rule_present_in_one_path_only_is_reported_and_exits_1(up_lab, tmp_pat
         for m in bad:
             assert m["offload"] == [] and any(f["vm"] == "blue2" for f in m["kernel"])
             assert "nobody" in m["why"] and m["frames"]
+            # What the offloaded datapath said it did with that packet (its monitor).
+            evs = m["offload_events"]
+            assert evs and all((e["verdict"], e["reason"], e["rule"], e["dport"]) ==
+                               ("drop", "rule_deny", 990, 7100) for e in evs), evs
     assert doc["total"]["mismatches"] == 8      # 4 udp/7100 sends x 2 variants
     assert "MISMATCH iptables / same_tenant" in p.stdout
+    assert "datapath: " in p.stdout and "drop rule_deny rule 990" in p.stdout
+    assert doc["monitor"]["events"] > 0 and not doc["monitor"]["error"]
 
 
 def test_a_rule_present_in_one_kernel_variant_only_is_reported_for_it(up_lab, tmp_path):

@@ -267,7 +267,8 @@ def test_non_admin_is_denied_mutating_commands(sock_path):
         # reading is for anyone who reaches the socket, and so is a dry run
         assert c.call("tenant list")[0]["name"] == "blue"
         assert c.call("stats")["counters"]
-        assert c.call("apply", {"state": {}, "dry_run": True})["tenants"]["remove"]
+        assert c.call("apply", {"state": {}, "dry_run": True,
+                                   "prune": True})["tenants"]["remove"]
     assert [x[0] for x in ctl.calls] == ["list", "stats", "apply"]   # nothing else reached it
     assert ctl.state.tenant("red") is None
 
@@ -352,3 +353,13 @@ def test_the_default_config_keeps_changes_for_root():
                     admin_group=a.admin_group)
     assert srv.handle(b'{"command": "tenant add", "args": {"name": "r", "id": 2}}',
                       member)["error"]["code"] == "denied"
+
+
+def test_monitor_shows_packets_so_it_is_for_admins_only():
+    # monitor changes nothing, but it streams tenants' packet bytes: like tcpdump on the
+    # node, it is root's (or the admin group's), not every reader's.
+    member = Peer(1, 4242, 4242, frozenset({grp.getgrgid(os.getgid()).gr_gid}))
+    srv = ApiServer(populated(), "/nonexistent/agent.sock", admin_group="")
+    assert "result" in srv.handle(b'{"command": "status"}', member)
+    err = srv.handle(b'{"command": "monitor", "args": {}}', member)["error"]
+    assert err["code"] == "denied" and "packets" in err["message"]

@@ -19,7 +19,9 @@ def fake_rounds(scale=1.0):
     base = {"bare_pass": 5, "bare_lookup": 24, "hit_redirect": 50, "miss_classify_1mask": 150,
             "miss_classify_16masks": 600, "hit_redirect_rules_10": 50,
             "hit_redirect_rules_100000": 55, "miss_classify_rules_10": 150,
-            "miss_classify_rules_100000": 200}
+            "miss_classify_rules_100000": 200, "hit_redirect_no_hook": 48,
+            "hit_redirect_monitor_on": 55, "miss_classify_1mask_no_hook": 145,
+            "miss_classify_1mask_monitor_on": 160}
     return {k: [v * scale, v * scale * 1.1, v * scale * 0.9] for k, v in base.items()}
 
 
@@ -86,6 +88,10 @@ def test_ratios_against_goals():
     assert r["hit_redirect_rules_100000/hit_redirect_rules_10"]["met"] is False   # 1.4
     assert r["miss_classify_rules_100000/miss_classify_rules_10"]["met"] is True  # 1.25, at goal
     assert r["hit_redirect/bare_lookup"]["goal_max"] == 2.5
+    mon = bench.compute_ratios({"hit_redirect": 50, "hit_redirect_no_hook": 48,
+                                "hit_redirect_monitor_on": 66})
+    assert mon["hit_redirect/hit_redirect_no_hook"]["met"] is True            # 1.04 <= 1.1
+    assert mon["hit_redirect_monitor_on/hit_redirect_no_hook"]["met"] is False  # 1.375
     # missing cases: no ratio rather than a crash
     assert bench.compute_ratios({"bare_lookup": 24}) == {}
 

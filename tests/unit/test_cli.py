@@ -194,7 +194,7 @@ def test_apply_dry_run_then_real(run, agent, tmp_path):
     rc, out, _ = run("apply", str(f), "--dry-run")
     assert rc == 0
     assert "+ tenant blue (id=10 default=drop)" in out
-    assert "+ rule 7 (" in out and out.rstrip().endswith("dry run: nothing changed")
+    assert "+ rule 7 (" in out and out.rstrip().endswith("dry run: would apply 6 changes")
     assert ctl.state.tenants == []
     rc, out, _ = run("apply", str(f))
     assert rc == 0 and out.rstrip().endswith("applied 6 changes")
@@ -203,11 +203,11 @@ def test_apply_dry_run_then_real(run, agent, tmp_path):
     rc, out, _ = run("apply", str(f), "-n")
     assert "~ tenant red: vni: 5020 -> 5021" in out
     f.write_text('[[tenants]]\nname = "blue"\nid = 10\n')
-    rc, out, _ = run("apply", str(f))
+    rc, out, _ = run("apply", str(f), "--prune")
     assert "- rule 7" in out and "- tenant red" in out
-    rc, out, _ = run("--json", "apply", str(f))
+    rc, out, _ = run("--json", "apply", str(f), "--prune")
     assert json.loads(out)["tenants"] == {"add": [], "remove": [], "change": []}
-    rc, out, _ = run("apply", str(f))
+    rc, out, _ = run("apply", str(f), "--prune")
     assert out.strip() == "no changes"
 
 
@@ -220,7 +220,7 @@ def test_apply_from_stdin(run, agent, monkeypatch):
 
 def test_flows_stats_status(run):
     rc, out, _ = run("flow", "dump")
-    assert rc == 0 and out.splitlines()[0].split()[:3] == ["TENANT", "PROTO", "SRC"]
+    assert rc == 0 and out.splitlines()[0].split()[:4] == ["TENANT", "IN_PORT", "PROTO", "SRC"]
     assert len(out.splitlines()) == 3
     rc, out, _ = run("--json", "flow", "dump", "--tenant", "blue", "--limit", "5")
     assert [f["tenant"] for f in json.loads(out)] == ["blue"]
@@ -228,7 +228,7 @@ def test_flows_stats_status(run):
     assert run("flow", "flush")[1] == "flushed 1 flow\n"
     assert run("flow", "dump")[1] == "no flows\n"
     rc, out, _ = run("stats")
-    assert rc == 0 and "default" in out and "insert_failures: 0" in out
+    assert rc == 0 and "default" in out and "insert failures: 0" in out
     assert out.splitlines()[0].split() == ["TENANT", "PORT", "VERDICT", "REASON", "PACKETS",
                                            "BYTES"]
     rc, out, _ = run("status")
@@ -392,6 +392,7 @@ JSON_EVERYWHERE = [
     ["port", "del", "veth-vm9"],
     ["tenant", "del", "green"],
     ["flow", "flush"],
+    ["top", "--once"], ["rule", "list", "--stats"],
     ["tenant", "del", "green"],                  # refused now
     ["tenant", "add", "x"],                      # usage
 ]
@@ -410,10 +411,100 @@ def test_json_is_always_one_document(run, tmp_path):
         if rc == 0 and argv[-1] in ("list", "dump", "status", "stats"):
             rc2, out2, _ = run(*argv, "--json")
             assert rc2 == 0 and json.loads(out2) == json.loads(out)
-    assert seen >= CONTRACT
+    # monitor streams one object per line (tests below).
+    assert seen >= CONTRACT - {"monitor"}
 
 
 def test_render_tables_align():
     text = cli.format_table([{"a": "x", "n": 5}, {"a": "longer", "n": 12345}], ("a", "n"),
                             right=("n",))
     assert text.splitlines() == ["A           N", "x           5", "longer  12345"]
+
+
+# -- monitor, top, rule stats ----------------------------------------------------------------
+
+def test_monitor_json_is_one_event_a_line_and_lost_counts_go_to_stderr(run, agent):
+    ctl, _ = agent
+    rc, out, err = run("--json", "monitor", "--type", "drop", "--tenant", "blue",
+                      "--count", "2")
+    assert rc == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["reason"] for e in events] == ["rule_deny", "default"]
+    first = events[0]
+    assert (first["tenant"], first["port"], first["verdict"], first["rule"]) == \
+        ("blue", "veth-vm1", "drop", 3)
+    # Decoded from the packet bytes by Scapy, on the client's side.
+    assert (first["proto"], first["src"], first["sport"], first["dst"], first["dport"]) == \
+        ("tcp", "10.0.0.5", 40000, "10.0.0.6", 22)
+    assert "decoded" not in first
+    assert "7 to the rate limit" in err and "2 events" in err
+    assert ctl.monitor.opened == [{"tenant": "blue", "port": None, "type": "drop",
+                                   "reason": None}]
+
+
+def test_monitor_count_stops_early_and_decode_adds_scapy_summary(run):
+    rc, out, err = run("monitor", "--count", "1", "--decode")
+    assert rc == 0
+    lines = out.splitlines()
+    assert "blue veth-vm1 drop rule_deny rule=3 tcp 10.0.0.5:40000 -> 10.0.0.6:22" in lines[0]
+    assert lines[1].strip().startswith("Ether / IP / TCP 10.0.0.5:40000 > 10.0.0.6")
+    assert len(lines) == 2
+
+
+def test_monitor_refusal_and_bad_options(run):
+    rc, out, err = run("--json", "monitor", "--tenant", "nosuch")
+    assert rc == 1 and json.loads(out)["error"]["code"] == "refused"
+    for bad in (["--count", "0"], ["--duration", "0"], ["--type", "bogus"]):
+        rc, out, err = run("--json", "monitor", *bad)
+        assert rc == 2 and json.loads(out)["error"]["code"] == "usage", bad
+
+
+def test_rule_list_stats_marks_rules_that_never_matched(run):
+    setup_blue(run)
+    for prio in ("10", "20"):
+        assert run("rule", "add", "--tenant", "blue", "--priority", prio,
+                   "--action", "allow")[0] == 0
+    rc, out, _ = run("rule", "list", "--stats")
+    assert rc == 0
+    head, *rows, footer = out.splitlines()
+    assert "HITS" in head and "LAST_HIT" in head
+    never = [r for r in rows if "NEVER" in r]
+    assert len(never) == 1 and never[0].split()[0] == "2"
+    assert footer == "1 rule never matched: 2"
+    rc, out, _ = run("--json", "rule", "list", "--stats")
+    assert {r["id"]: r["hits"] for r in json.loads(out)} == {1: 5, 2: 0}
+
+
+def test_top_once_prints_the_busiest_flows(run, agent):
+    ctl, _ = agent
+    rc, out, _ = run("top", "--once", "--by", "bps", "--limit", "1")
+    assert rc == 0
+    assert out.startswith("busiest flows by bps")
+    assert "PPS" in out and "10.0.0.6" in out and "10.0.0.9" not in out
+    assert ("top", None, "bps", 1) in ctl.calls
+
+
+def test_lab_events_for_finds_a_packet_by_its_bytes():
+    from netns_lab.events import events_for
+    from test_commands import FRAME_HEX
+    ev = {"verdict": "drop", "reason": "rule_deny", "packet": FRAME_HEX}
+    other = {"verdict": "pass", "reason": "local", "packet": "00" * 60}
+    (got,) = events_for([other, ev], bytes.fromhex("0a0000050a000006"))   # src, dst
+    assert (got["reason"], got["src"], got["dport"]) == ("rule_deny", "10.0.0.5", 22)
+    assert events_for([other, ev], b"absent") == []
+
+
+def test_describe_packet_never_raises_and_finds_l4_past_extension_headers():
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
+    from scapy.layers.l2 import Ether
+    from agent.monitor import describe_packet
+    v6 = Ether() / IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrHopByHop() / UDP(
+        sport=1, dport=2)
+    assert describe_packet(bytes(v6).hex()) == {"src": "fd00::1", "dst": "fd00::2",
+                                                "proto": "udp", "sport": 1, "dport": 2}
+    # An ICMP error: the quoted packet's ports are not the packet's.
+    err = Ether() / IP(src="1.1.1.1", dst="2.2.2.2") / ICMP(type=3) / IP() / UDP()
+    got = describe_packet(bytes(err).hex())
+    assert got["proto"] == "icmp" and got["icmp_type"] == 3 and "sport" not in got
+    assert describe_packet("zz") == {} and describe_packet(bytes(v6)[:20].hex()) == {}

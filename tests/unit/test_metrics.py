@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import EVICTION_REASONS, DatapathCollector, serve
+from agent.metrics import _FAMILIES, EVICTION_REASONS, DatapathCollector, serve
 
 pytestmark = pytest.mark.unit
 
@@ -73,6 +73,20 @@ class FakeSource:
     def datapath_runs(self):
         self._call("datapath_runs")
         return {"run_time_ns": 2_500_000_000, "run_count": 100_000_000}
+
+
+    def monitor(self):
+        self._call("monitor")
+        return dict(listeners=1, sent=900, rate_cap=99100, ring_full=3, client=5)
+
+    def port_tx(self):
+        self._call("port_tx")
+        return [dict(tenant="blue", port="veth-vm1", packets=40, bytes=3200),
+                dict(tenant="red", port="veth-vm2", packets=0, bytes=0)]
+
+    def rule_counters(self):
+        self._call("rule_counters")
+        return [dict(tenant="blue", rule=3, packets=1200, bytes=96000)]
 
 
 class RaisingSource:
@@ -158,6 +172,15 @@ def test_scrape_matches_the_source(server):
     assert value(got, "xdpflow_map_fill_ratio", map="xf_flows") == 0.25
     assert value(got, "xdpflow_datapath_run_time_seconds_total") == 2.5
     assert value(got, "xdpflow_datapath_runs_total") == 100_000_000
+    assert value(got, "xdpflow_monitor_listeners") == 1
+    assert value(got, "xdpflow_monitor_events_total") == 900
+    assert value(got, "xdpflow_monitor_events_lost_total", reason="rate_cap") == 99100
+    assert value(got, "xdpflow_monitor_events_lost_total", reason="ring_full") == 3
+    assert value(got, "xdpflow_monitor_events_lost_total", reason="client") == 5
+    assert value(got, "xdpflow_port_tx_packets_total", tenant="blue", port="veth-vm1") == 40
+    assert value(got, "xdpflow_port_tx_bytes_total", tenant="red", port="veth-vm2") == 0
+    assert value(got, "xdpflow_rule_packets_total", tenant="blue", rule="3") == 1200
+    assert value(got, "xdpflow_rule_bytes_total", tenant="blue", rule="3") == 96000
     assert value(got, "xdpflow_scrape_errors_total") == 0
     assert value(got, "xdpflow_up") == 1
     # The agent's registry also carries the process collector.
@@ -167,7 +190,7 @@ def test_scrape_matches_the_source(server):
 def test_every_family_has_help_and_the_prefix(server):
     body = scrape("127.0.0.1", server.port)
     ours = [f for f in text_string_to_metric_families(body) if not f.name.startswith("process_")]
-    assert len(ours) == 25
+    assert len(ours) == len(_FAMILIES)
     for family in ours:
         assert family.name.startswith("xdpflow_")
         assert family.documentation and family.documentation != family.name
@@ -187,7 +210,7 @@ def test_values_are_read_at_scrape_time(server, source):
     scrape("127.0.0.1", server.port)
     before = source.calls
     scrape("127.0.0.1", server.port)
-    assert source.calls == before + 8
+    assert source.calls == before + 11
 
 
 def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
@@ -211,7 +234,7 @@ def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
 def test_wholly_broken_source_still_answers():
     srv = serve(DatapathCollector(RaisingSource()), "127.0.0.1", 0)
     try:
-        for expected_errors in (8, 16):
+        for expected_errors in (11, 22):
             body = scrape("127.0.0.1", srv.port)
             got = samples(body)
             assert value(got, "xdpflow_up") == 0

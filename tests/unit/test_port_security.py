@@ -142,3 +142,12 @@ def test_port_list_shows_the_new_columns():
     assert head.split() == ["NAME", "TENANT", "PORT_SECURITY", "ALLOW_VLAN", "ALLOW"]
     assert first.split() == ["vm1", "blue", "yes", "yes", "10.0.0.64/26"]
     assert second.split() == ["vm2", "blue", "yes", "no", "-"]
+
+
+def test_rule_list_shows_hits_packets_bytes():
+    rows = [{"id": 1, "tenant": "blue", "priority": 100, "action": "allow", "hits": 2,
+             "packets": 30, "bytes": 4200}]
+    head, row = cli.render("rule list", rows, {}).splitlines()
+    cols = head.split()
+    assert cols[-4:] == ["HITS", "PACKETS", "BYTES", "COMMENT"]
+    assert row.split()[-4:] == ["2", "30", "4200", "-"]

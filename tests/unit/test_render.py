@@ -371,3 +371,14 @@ def test_nft_sets_is_opt_in(spec):
     assert render.nftables(spec, t, "drop") == render.nftables(spec, t, "drop", False)
     assert render.router_setup(spec, t, "nftables").firewall == \
         render.router_setup(spec, t, "nftables", nft_sets=False).firewall
+
+
+def test_a_mismatch_carries_the_datapath_events_of_its_send():
+    a = _result([])
+    a.events = [{"port": "blue1", "verdict": "drop", "reason": "rule_deny", "rule": 990,
+                 "out_port": ""}]
+    per = compare.compare_results([a], [_result([("b", b"1")])])
+    (m,) = per["s"]["mismatches"]
+    assert m["offload_events"] == a.events
+    assert compare._events_brief(m["offload_events"]) == "blue1 drop rule_deny rule 990"
+    assert compare._events_brief([]) == "no monitor event"
