@@ -46,7 +46,7 @@ MAX_TENANTS = 65536
 PORT_INDEX = 16384       # ifindexes below this are looked up in xf_port_index (an array)
 MASK_SETS = 8192
 V_MAX = 5
-R_ROWS = 32
+R_ROWS = 64
 
 
 def stats_index(slot: int, verdict: int, reason: int) -> int:
@@ -191,8 +191,8 @@ class Trace(ct.Structure):
 
 
 class MonCfg(ct.Structure):
-    _fields_ = [("listeners", u32), ("verdicts", u32), ("reasons", u32), ("tenant", u16),
-                ("port", u16), ("cost_ns", u64), ("burst_ns", u64)]
+    _fields_ = [("listeners", u32), ("verdicts", u32), ("reasons", u64), ("tenant", u16),
+                ("port", u16), ("pad", u32), ("cost_ns", u64), ("burst_ns", u64)]
 
 
 class MonCpu(ct.Structure):
@@ -261,6 +261,8 @@ def layout_hash(name: str, defines: Dict[str, int]) -> int:
     if v is None:
         v = mask_set_type(defines.get("XF_MAX_MASKS", DEFAULT_MAX_MASKS))
     text = f"{ABI_VERSION}|{name}|{mtype}|{_describe(k)}|{_describe(v)}"
+    if name == "xf_stats":      # a row's meaning depends on the reasons per (port, verdict)
+        text += f"|rows/{R_ROWS}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 

@@ -191,7 +191,7 @@ static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_ctx *c,
                                        struct xf_mon_cfg *mc)
 {
     struct xf_verdict *v = &c->v;
-    if (!(mc->verdicts & (1u << (v->verdict & 31))) || !(mc->reasons & (1u << (v->reason & 31))))
+    if (!(mc->verdicts & (1u << (v->verdict & 31))) || !(mc->reasons & (1ull << (v->reason & (XF_R_ROWS - 1)))))
         return;
     if ((mc->tenant && mc->tenant != c->tenant) || (mc->port && mc->port != c->slot))
         return;

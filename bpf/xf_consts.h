@@ -71,7 +71,7 @@
 #define XF_R_VLAN 30           /* a VLAN-tagged frame from a port not configured for tags */
 #define XF_R_ICMP_MTU 31       /* packet too big / frag needed below the IPv4/IPv6 minimum MTU */
 #define XF_R_MAX 32
-#define XF_R_ROWS 32           /* reasons per (port, verdict) in the counter array */
+#define XF_R_ROWS 64           /* reasons per (port, verdict) in the counter array */
 
 /* Rule actions (classifier entries). */
 #define XF_A_ALLOW 1

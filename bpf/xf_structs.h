@@ -206,9 +206,10 @@ struct xf_trace {
 struct xf_mon_cfg {
     __u32 listeners;       /* 0: nobody is listening, no event is built */
     __u32 verdicts;        /* bit per XF_V_*: verdicts some listener wants */
-    __u32 reasons;         /* bit per XF_R_*: reasons some listener wants */
+    __u64 reasons;         /* bit per XF_R_*: reasons some listener wants */
     __u16 tenant;          /* 0: any */
     __u16 port;            /* port slot, 0: any */
+    __u32 pad;
     __u64 cost_ns;         /* bucket credit one event costs: 1e9 / events per second */
     __u64 burst_ns;        /* bucket depth (one second of events) */
 };
