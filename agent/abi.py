@@ -27,12 +27,12 @@ REASONS = {
     16: "multicast", 17: "no_port", 18: "no_tenant", 19: "parse_eth", 20: "parse_vlan",
     21: "parse_ipv4", 22: "parse_ipv6", 23: "parse_ext", 24: "parse_l4", 25: "frag",
     26: "insert_failed", 27: "flow_stale", 28: "related", 29: "spoof", 30: "vlan",
-    31: "icmp_mtu",
+    31: "icmp_mtu", 48: "flow_quota",
 }
 REASON_IDS = {v: k for k, v in REASONS.items()}
-R_MAX = 32
+R_MAX = 49
 # Reasons that count events rather than packets (their verdict is "none").
-EVENT_REASONS = ("insert_failed", "flow_stale")
+EVENT_REASONS = ("insert_failed", "flow_stale", "flow_quota")
 
 A_ALLOW, A_DENY, A_PASS = 1, 2, 3
 RULE_ACTIONS = {"allow": A_ALLOW, "deny": A_DENY, "pass": A_PASS}
@@ -106,7 +106,8 @@ class Port(ct.Structure):
 
 class Tenant(ct.Structure):
     _fields_ = [("generation", u32), ("default_verdict", u8), ("pad", u8), ("flags", u16),
-                ("vni", u32), ("pad2", u32)]
+                ("vni", u32), ("pad2", u32),
+                ("max_flows", u32), ("flows", u32)]   # the flow quota (appended)
 
 
 class Mask(ct.Structure):

@@ -325,8 +325,9 @@ _cmd("status", False, "show the agent's state: version, uptime, ports attached, 
 # -- tenants --
 _cmd("tenant add", True, "add a tenant (a VPC; its id is in every datapath key)",
      "  xdpflowctl tenant add blue --id 10\n"
-     "  xdpflowctl tenant add red --id 20 --vni 5020 --default pass",
-     _add("tenants", "name", "id", "vni", "default"),
+     "  xdpflowctl tenant add red --id 20 --vni 5020 --default pass\n"
+     "  xdpflowctl tenant add green --id 30 --max-flows 100000",
+     _add("tenants", "name", "id", "vni", "default", "max_flows"),
      args=(Arg("name", "the tenant's name", metavar="NAME", required=True),
            Arg("id", f"tenant id, 1..{model.MAX_TENANT_ID}", flags=("--id",), kind="int",
                required=True, metavar="ID"),
@@ -334,7 +335,11 @@ _cmd("tenant add", True, "add a tenant (a VPC; its id is in every datapath key)"
                kind="int", metavar="VNI"),
            Arg("default", "verdict for traffic no rule allows: drop (the cloud default) "
                           "or pass to the kernel", flags=("--default",),
-               choices=model.VERDICTS)))
+               choices=model.VERDICTS),
+           Arg("max_flows", "flow-table entries it may hold (a flow and its reply are two); "
+                            "over it, new flows are judged but not cached. 0: no quota; "
+                            "default: the config's [flows] max_per_tenant",
+               flags=("--max-flows",), kind="int", metavar="N")))
 _cmd("tenant del", True, "delete a tenant (refused, naming them, while ports, endpoints, "
                          "routes or rules still belong to it, unless --cascade)",
      "  xdpflowctl tenant del blue\n  xdpflowctl tenant del blue --cascade",

@@ -197,6 +197,7 @@ class TenantImage:
     default_verdict: int
     vni: int
     classifier: Classifier
+    max_flows: int = 0          # the flow quota in force (0: none)
 
 
 # IPv6 link-local sources (fe80::/64): a VM's own, tied to its MAC by the MAC check.
@@ -232,12 +233,14 @@ def port_sources(state: model.State, links: Dict[str, PortLink]) -> Dict[bytes, 
 def compile_state(state: model.State, links: Dict[str, PortLink],
                   max_masks: int = abi.DEFAULT_MAX_MASKS,
                   slots: Optional[Dict[str, int]] = None,
-                  max_entries: Optional[int] = None) -> Image:
+                  max_entries: Optional[int] = None,
+                  max_flows: int = 0) -> Image:
     """The whole image. Ports without a live interface (not in `links`) are left out, and
     so are endpoints behind them: nothing can be sent there yet. Rules name ports by
     `slots` (the store's, every configured port), so an in_port rule compiles whether or
     not its port's interface exists; without `slots`, the live links' slots. With
-    `max_entries`, the classifier entries of all tenants together are bounded."""
+    `max_entries`, the classifier entries of all tenants together are bounded. A tenant
+    without its own flow quota gets `max_flows` (the config's [flows] max_per_tenant)."""
     state.validate()
     img = Image()
     tenants = {t.name: t for t in state.tenants}
@@ -298,5 +301,6 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         img.tenants[t.id] = TenantImage(
             id=t.id, name=t.name,
             default_verdict=abi.V_PASS if t.default == "pass" else abi.V_DROP,
-            vni=t.vni or 0, classifier=cls)
+            vni=t.vni or 0, classifier=cls,
+            max_flows=max_flows if t.max_flows is None else t.max_flows)
     return img

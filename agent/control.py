@@ -94,7 +94,8 @@ class Controller:
                                            slots[p.name], live[p.name].addrs)
                  for p in state.ports if p.name in live}
         return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots,
-                                      max_entries=self.cfg.datapath.max_rule_entries)
+                                      max_entries=self.cfg.datapath.max_rule_entries,
+                                      max_flows=self.cfg.flows.max_per_tenant)
 
     def planned_slots(self, state: model.State) -> Dict[str, int]:
         """The slots `state`'s ports would get: kept ones from the store, the smallest free

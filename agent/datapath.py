@@ -316,7 +316,8 @@ class Datapath:
             if t.generation:
                 tid = ct.c_uint32.from_buffer_copy(k).value
                 self._gens[tid] = t.generation
-                self._tenant_vals[tid] = v
+                t.flows = 0
+                self._tenant_vals[tid] = bytes(t)
         self._rules, self._rule_slots = {}, {}
         for k, v in self.maps["xf_rules"].items():
             rk = abi.RuleKey.from_buffer_copy(k)
@@ -404,11 +405,9 @@ class Datapath:
             if tid not in created and (not same_cls or tid in changed_tenants):
                 gen = self._flip(tid, t, mask_val)
                 flipped.append(t.name)
-            tval = bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict,
-                                    vni=t.vni))
+            tval = _tenant_value(gen, t)
             if self._tenant_vals.get(tid) != tval:
-                self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)
-                self._tenant_vals[tid] = tval
+                self._put_tenant(tid, tval)
         removed = [tid for tid in self._gens if tid not in img.tenants]
         for tid in removed:
             self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), bytes(abi.Tenant()))
@@ -473,11 +472,46 @@ class Datapath:
         mk = bytes(abi.MaskKey(tenant=tid, generation=gen))
         self.maps["xf_masks"].put(mk, mask_val)
         self._masks[(tid, gen)] = mask_val
-        tval = bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict, vni=t.vni))
-        self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)     # the flip
-        self._tenant_vals[tid] = tval
+        self._put_tenant(tid, _tenant_value(gen, t))     # the flip
         self._gens[tid] = gen
         return gen
+
+    def _put_tenant(self, tid: int, tval: bytes) -> None:
+        """Write a tenant entry, keeping its flow count: the one field the datapath writes
+        (an insert made between this read and write is lost to the count until the
+        sweeper re-bases it)."""
+        key = bytes(ct.c_uint32(tid))
+        t = abi.Tenant.from_buffer_copy(tval)
+        cur = self.maps["xf_tenants"].get(key)
+        if cur is not None:
+            t.flows = abi.Tenant.from_buffer_copy(cur).flows
+        self.maps["xf_tenants"].put(key, bytes(t))
+        self._tenant_vals[tid] = tval
+
+    def tenant_flow_counts(self) -> Dict[int, int]:
+        """Each configured tenant's flow count as the datapath keeps it (for its quota)."""
+        out = {}
+        for tid in self._gens:
+            v = self.maps["xf_tenants"].get(bytes(ct.c_uint32(tid)))
+            if v is not None:
+                out[tid] = abi.Tenant.from_buffer_copy(v).flows
+        return out
+
+    def rebase_flow_counts(self, counted: Dict[int, int], before: Dict[int, int]) -> None:
+        """After a sweep: each tenant's flow count is what the sweep found it holding
+        (`counted`, after evictions), plus what the datapath added since the sweep began
+        (its count now minus `before`). Entries made during the sweep and also seen by it
+        count twice until the next sweep: the quota errs strict, never lenient for long."""
+        for tid, was in before.items():
+            key = bytes(ct.c_uint32(tid))
+            cur = self.maps["xf_tenants"].get(key)
+            if cur is None:
+                continue
+            t = abi.Tenant.from_buffer_copy(cur)
+            if not t.generation:
+                continue
+            t.flows = counted.get(tid, 0) + max(0, t.flows - was)
+            self.maps["xf_tenants"].put(key, bytes(t))
 
     def _drop_other_generations(self, tid: int, keep: Optional[int]):
         for key in [k for k in self._rules if k[0] == tid and k[1] != keep]:
@@ -492,14 +526,23 @@ class Datapath:
             yield abi.FlowKey.from_buffer_copy(k), abi.Flow.from_buffer_copy(v)
 
     def flush_flows(self, tenant_id: Optional[int] = None) -> int:
+        before = self.tenant_flow_counts()
+        if tenant_id is not None:
+            before = {t: n for t, n in before.items() if t == tenant_id}
         keys = [k for k, _ in self.maps["xf_flows"].items()
                 if tenant_id is None or flow_head(k)[0] == tenant_id]
-        return self.delete_flows(keys)
+        n = self.delete_flows(keys)
+        self.rebase_flow_counts({}, before)     # the flushed tenants hold nothing now
+        return n
 
-    def flow_entries(self) -> Dict[bytes, bytes]:
-        """The raw flow table (key bytes -> entry bytes): the sweeper reads a million of
-        these per interval and unpacks only what it needs (flow_head, flow_age)."""
-        return dict(self.maps["xf_flows"].items())
+    def flow_items(self) -> Iterator[Tuple[bytes, bytes]]:
+        """The raw flow table (key bytes, entry bytes), read in batches: the sweeper reads a
+        million of these per sweep, a slice at a time, and unpacks only what it needs
+        (flow_head, flow_age)."""
+        return self.maps["xf_flows"].items()
+
+    def flow_entry(self, key: bytes) -> Optional[bytes]:
+        return self.maps["xf_flows"].get(key)
 
     def delete_flows(self, keys: List[bytes]) -> int:
         return self.maps["xf_flows"].delete_many(keys)
@@ -592,3 +635,9 @@ class Datapath:
         records = [abi.Trace.from_buffer_copy(v) for v in rec.per_cpu(rec.get(zero))]
         written = [t for t in records if t.verdict or t.reason]
         return rc, out, written[0] if written else abi.Trace()
+
+
+def _tenant_value(gen: int, t: compiler.TenantImage) -> bytes:
+    """A tenant entry as the agent writes it (its flow count is the datapath's)."""
+    return bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict, vni=t.vni,
+                            max_flows=t.max_flows))

@@ -17,6 +17,7 @@ IPNet = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 MAX_TENANT_ID = 65535
 MAX_VNI = (1 << 24) - 1
+MAX_FLOW_QUOTA = (1 << 32) - 1   # a u32 in the tenant entry
 MAX_PRIORITY = 65535
 MAX_RULE_ID = (1 << 31) - 1
 IFNAMSIZ = 15
@@ -182,8 +183,11 @@ class Tenant:
     id: int
     vni: Optional[int] = None
     default: str = "drop"
+    # Flow-table entries it may hold (a flow and its reply are two); over it, its new
+    # flows are judged but not cached. None: the config's [flows] max_per_tenant; 0: none.
+    max_flows: Optional[int] = None
 
-    FIELDS = ("name", "id", "vni", "default")
+    FIELDS = ("name", "id", "vni", "default", "max_flows")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Tenant":
@@ -194,10 +198,13 @@ class Tenant:
             id=parse_int(d["id"], f"{where}: id", 1, MAX_TENANT_ID),
             vni=None if d.get("vni") is None else parse_int(d["vni"], f"{where}: vni", 1, MAX_VNI),
             default=parse_choice(d.get("default", "drop"), f"{where}: default", VERDICTS),
+            max_flows=None if d.get("max_flows") is None else
+            parse_int(d["max_flows"], f"{where}: max_flows", 0, MAX_FLOW_QUOTA),
         )
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "id": self.id, "vni": self.vni, "default": self.default}
+        return {"name": self.name, "id": self.id, "vni": self.vni, "default": self.default,
+                "max_flows": self.max_flows}
 
 
 def parse_bool(value: Any, where: str) -> bool:

@@ -17,7 +17,7 @@ from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class StoreError(Exception):
@@ -88,8 +88,13 @@ ALTER TABLE ports ADD COLUMN port_security INTEGER NOT NULL DEFAULT 1 CHECK (por
 ALTER TABLE ports ADD COLUMN allow_vlan INTEGER NOT NULL DEFAULT 0 CHECK (allow_vlan IN (0, 1));
 """
 
+# Version 3: per-tenant flow quotas. NULL: the config's [flows] max_per_tenant.
+_TENANTS_V3 = """
+ALTER TABLE tenants ADD COLUMN max_flows INTEGER CHECK (max_flows >= 0);
+"""
+
 # MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
-MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2}
+MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _TENANTS_V3}
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,8 +136,8 @@ def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
 
 
 _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] = {
-    "tenants": (("name",), ("id", "vni", "default_verdict"),
-                lambda t: (t.name, t.id, t.vni, t.default), _tenant_dict),
+    "tenants": (("name",), ("id", "vni", "default_verdict", "max_flows"),
+                lambda t: (t.name, t.id, t.vni, t.default, t.max_flows), _tenant_dict),
     "ports": (("name",), ("tenant", "allow", "port_security", "allow_vlan"), _port_row,
               _port_dict),
     "endpoints": (("tenant", "ip"), ("port", "mac"),

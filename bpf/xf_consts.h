@@ -70,7 +70,9 @@
 #define XF_R_SPOOF 29          /* source MAC/address not the port's (port security) */
 #define XF_R_VLAN 30           /* a VLAN-tagged frame from a port not configured for tags */
 #define XF_R_ICMP_MTU 31       /* packet too big / frag needed below the IPv4/IPv6 minimum MTU */
-#define XF_R_MAX 32
+/* 32..47 belong to other work (overlay, NAT, rate limits). */
+#define XF_R_FLOW_QUOTA 48     /* event: the tenant is at its flow quota: judged, not cached */
+#define XF_R_MAX 49
 #define XF_R_ROWS 64           /* reasons per (port, verdict) in the counter array */
 
 /* Rule actions (classifier entries). */

@@ -55,6 +55,11 @@ struct xf_tenant {
     __u16 flags;
     __u32 vni;
     __u32 pad2;
+    /* Flow quota (appended; see xf_stage_install). The agent writes max_flows and keeps
+     * `flows` when it rewrites the entry; the datapath adds 1 (atomically) per entry it
+     * creates for the tenant and the sweeper re-bases it on what the table holds. */
+    __u32 max_flows;       /* entries the tenant may hold; 0: no quota */
+    __u32 flows;           /* entries it holds (approximate between sweeps) */
 };
 
 /* One mask of a tenant's tuple space. Masks are sorted by max_rank, highest first, so the

@@ -375,7 +375,7 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 
 
 LIST_COLUMNS = {
-    "tenants": ("name", "id", "vni", "default"),
+    "tenants": ("name", "id", "vni", "default", "max_flows"),
     "ports": ("name", "tenant", "attached", "mode", "port_security", "allow_vlan", "allow",
               "note"),
     "endpoints": ("tenant", "ip", "port", "mac"),

@@ -84,6 +84,10 @@ SUITES: Dict[str, Suite] = {
     "churn": Suite("rules per second applied under traffic; packets judged by neither set",
                    _lazy("bench_traffic", "run_churn"), _lazy("bench_traffic", "churn_table"),
                    _lazy("bench_traffic", "churn_plots")),
+    "flood": Suite("one tenant offers twice the flow table in new flows beside a steady "
+                   "one: hash + sweeper (with and without a quota) against an LRU hash",
+                   _lazy("bench_flood", "run_flood"), _lazy("bench_flood", "flood_table"),
+                   _lazy("bench_flood", "flood_plots")),
     "memory": Suite("kernel map memory per flow and per rule, the agent's RSS",
                     _lazy("bench_memory", "run_memory"), _lazy("bench_memory", "memory_table"),
                     _lazy("bench_memory", "memory_plots")),

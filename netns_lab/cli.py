@@ -148,6 +148,7 @@ BENCH_TARGETS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
     "restart": _bench_suite("restart"),
     "churn": _bench_suite("churn"),
     "memory": _bench_suite("memory"),
+    "flood": _bench_suite("flood"),
     "all": _bench_suite("all"),
 }
 
