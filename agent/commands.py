@@ -264,6 +264,8 @@ def _flow_dump(c, args):
         filters["proto"] = model.parse_protocol(args["proto"], "flow dump: proto")
     if args.get("ip") is not None:
         filters["ip"] = model.parse_ip(args["ip"], "flow dump: ip")
+    if args.get("cursor") is not None:
+        filters["cursor"] = args["cursor"]
     return c.flow_dump(args.get("tenant"), limit, **filters)
 
 
@@ -509,11 +511,15 @@ _cmd("apply", True, "apply a desired state (TOML) atomically and show the differ
 _cmd("flow dump", False, "show flow table entries, sorted, filtered by tenant, port, "
                         "protocol or address",
      "  xdpflowctl flow dump\n  xdpflowctl flow dump --tenant blue --limit 20\n"
-     "  xdpflowctl flow dump --port veth-vm1 --proto icmp --ip 10.0.0.5",
+     "  xdpflowctl flow dump --port veth-vm1 --proto icmp --ip 10.0.0.5\n"
+     "  xdpflowctl --json flow dump --cursor start --limit 10000",
      _flow_dump,
      description="Rows are sorted by tenant, protocol, source, source port, destination, "
                  "destination port. ICMP flows show type, code and id instead of ports. "
-                 "When more flows match than --limit, the table says so.",
+                 "When more flows match than --limit, the table says so. --cursor pages "
+                 "through a table of any size: start with --cursor start, go on with each "
+                 "page's next cursor (JSON: {\"flows\": [...], \"next_cursor\": ...}, "
+                 "null after the last page).",
      args=(_TENANT_FILTER,
            Arg("port", "only flows in or out of this port", flags=("--port",),
                metavar="IFNAME"),
@@ -522,7 +528,9 @@ _cmd("flow dump", False, "show flow table entries, sorted, filtered by tenant, p
            Arg("ip", "only flows from or to this address", flags=("--ip",), metavar="IP"),
            Arg("limit", f"at most this many flows (default 1000, at most {MAX_FLOW_DUMP})",
                flags=("--limit",),
-               kind="int", default=1000, metavar="N")))
+               kind="int", default=1000, metavar="N"),
+           Arg("cursor", "page: 'start', or the next cursor a page ended with",
+               flags=("--cursor",), metavar="CURSOR")))
 _cmd("flow flush", True, "empty the flow table (a pure cache: the next packets are "
                          "classified again)",
      "  xdpflowctl flow flush\n  xdpflowctl flow flush --tenant blue",

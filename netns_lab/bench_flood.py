@@ -73,10 +73,12 @@ def _rows(dp, slot: int) -> Dict[str, int]:
 
 
 def flood(dp, ifindex: Dict[str, int], slots: Dict[str, int], sweep: Callable[[], Dict],
-          capacity: int, macs, offered_factor: int = 2) -> Dict[str, object]:
+          capacity: int, macs, offered_factor: int = 2,
+          steady_period: int = 0) -> Dict[str, object]:
     """Blue's steady flows are set up and measured quiet; red then offers
     `offered_factor` x `capacity` new flows (every 16th a denied udp one), blue sending
-    one packet per flow every capacity/4 of red's, the sweeper running as often. The
+    one packet per flow every `steady_period` of red's (default capacity/4: half the
+    table's entries turn over in between), the sweeper running every capacity/4. The
     table is assumed empty and the state programmed."""
     blue, red_tcp, red_udp = _frames(*macs)
     p1, p3 = ifindex["p1"], ifindex["p3"]
@@ -96,14 +98,16 @@ def flood(dp, ifindex: Dict[str, int], slots: Dict[str, int], sweep: Callable[[]
     b0, r0 = _rows(dp, slots["p1"]), _rows(dp, slots["p3"])
     offered = offered_factor * capacity
     every = max(1, capacity // 4)
+    steady_period = steady_period or every
     during: List[int] = []
     sweeps, sweep_s, t0 = 0, 0.0, time.monotonic()
     for i in range(offered):
         denied = i % 16 == 15
         rc, _, _ = dp.run(_red_flow(red_udp if denied else red_tcp, i), p3)
         wrong += rc != (XDP_DROP if denied else XDP_REDIRECT)
-        if i % every == every - 1:
+        if i % steady_period == steady_period - 1:
             during += blue_round()
+        if i % every == every - 1:
             s0 = time.monotonic()
             sweep()
             sweep_s += time.monotonic() - s0
@@ -119,7 +123,8 @@ def flood(dp, ifindex: Dict[str, int], slots: Dict[str, int], sweep: Callable[[]
         entries[k.tenant] = entries.get(k.tenant, 0) + 1
     blue_pkts = len(during)
     return {
-        "capacity": capacity, "offered_flows": offered, "sweeps": sweeps,
+        "capacity": capacity, "offered_flows": offered, "steady_period": steady_period,
+        "sweeps": sweeps,
         "flood_seconds": round(flood_s, 2), "sweep_seconds": round(sweep_s, 2),
         "wrong_verdicts": wrong,
         "blue_packets": blue_pkts,
@@ -142,8 +147,10 @@ def _median(xs: List[int]) -> float:
 
 PORTS = ("p1", "p2", "p3", "p4")
 # Variants: the table as built (hash + sweeper) with and without a quota on red, and the
-# LRU hash the issue asks to weigh (no quota: an LRU evicts by itself).
+# LRU hash the issue asks to weigh (no quota: an LRU evicts by itself); each with blue
+# busy (a packet per flow every quarter table of red's new flows) and quiet (every table).
 VARIANTS = (("hash+quota", False, True), ("hash", False, False), ("lru_hash", True, False))
+CADENCES = (("busy", 4), ("quiet", 1))
 
 
 def run_flood(quick: bool, say) -> Dict[str, object]:
@@ -188,11 +195,15 @@ def run_flood(quick: bool, say) -> Dict[str, object]:
                         state = flood_state(vm_mac, capacity // 2 if quota else None)
                         d.sync(compiler.compile_state(model.State.from_dict(state), links))
                         sweeper = Sweeper(cfg, d, Evictions(store))
-                        r = flood(d, ifindex, slots, sweeper.sweep, capacity,
-                                  (port_mac, vm_mac))
-                        r["evictions"] = sweeper.evictions.as_dict()
-                        doc["variants"][name] = r
-                        say("  " + ", ".join(f"{k} {v}" for k, v in r.items()))
+                        for cadence, per_table in CADENCES:
+                            d.flush_flows()
+                            ev0 = sweeper.evictions.as_dict()
+                            r = flood(d, ifindex, slots, sweeper.sweep, capacity,
+                                      (port_mac, vm_mac), steady_period=capacity // per_table)
+                            r["evictions"] = {k: n - ev0[k] for k, n in
+                                              sweeper.evictions.as_dict().items()}
+                            doc["variants"][f"{name} {cadence}"] = r
+                            say("  " + ", ".join(f"{k} {v}" for k, v in r.items()))
                     finally:
                         store.close()
                         d.close()
@@ -227,11 +238,11 @@ def flood_table(doc: Dict[str, object]) -> str:
     names = list(doc["variants"])
     lines = [f"flood: {2 * doc['capacity']:,} new flows from red into a "
              f"{doc['capacity']:,}-entry table; blue steady ({STEADY_FLOWS} flows)",
-             f"{'':22}" + "".join(f"{n:>14}" for n in names)]
+             f"{'':22}" + "".join(f"{n:>18}" for n in names)]
     for label, key in FLOOD_COLUMNS:
-        lines.append(f"{label:22}" + "".join(f"{doc['variants'][n][key]:>14}" for n in names))
+        lines.append(f"{label:22}" + "".join(f"{doc['variants'][n][key]:>18}" for n in names))
     lines.append(f"{'evicted (table_full)':22}" + "".join(
-        f"{doc['variants'][n]['evictions']['table_full']:>14}" for n in names))
+        f"{doc['variants'][n]['evictions']['table_full']:>18}" for n in names))
     return "\n".join(lines)
 
 
