@@ -56,7 +56,7 @@ class Sweeper:
     table is. Memory is bounded by a slice, the evictions of one slice and, over the high
     watermark, the entries chosen to go: never the whole table."""
 
-    slice_entries = 8192
+    slice_entries = 4096
     # Between slices: long enough for a waiting API request to take the lock (a lock
     # let go and taken straight back is not offered to the waiter), 0.1 s a million flows.
     pause = 0.001
@@ -68,6 +68,7 @@ class Sweeper:
         self.flow_counts: Dict[int, int] = {}      # tenant id -> entries, as of the last sweep
         self.sweeps = 0
         self.slices = 0                             # slices of every sweep so far
+        self.longest_hold = 0.0                     # seconds the lock was held for a slice
         self.last_seconds = 0.0
         self.seconds_total = 0.0
 
@@ -87,11 +88,13 @@ class Sweeper:
         it = iter(items)
         while True:
             with lock:
+                t0 = time.monotonic()
                 part = list(itertools.islice(it, self.slice_entries))
                 if not part:
                     return
                 self.slices += 1
                 yield part
+                self.longest_hold = max(self.longest_hold, time.monotonic() - t0)
             time.sleep(self.pause)
 
     def sweep(self, lock=None) -> Dict[str, int]:
