@@ -56,7 +56,7 @@ class Sweeper:
     table is. Memory is bounded by a slice, the evictions of one slice and, over the high
     watermark, the entries chosen to go: never the whole table."""
 
-    slice_entries = 4096
+    slice_entries = 2048
     # Between slices: long enough for a waiting API request to take the lock (a lock
     # let go and taken straight back is not offered to the waiter), 0.1 s a million flows.
     pause = 0.001
@@ -110,7 +110,6 @@ class Sweeper:
             before = dp.tenant_flow_counts()
         now = now_coarse_ns()
         limit_ns, other_ns, closed_ns = self._limits()
-        soonest = min(closed_ns, other_ns, *limit_ns.values())
         live_tenant: Dict[int, bool] = {}
         counts: Dict[int, int] = {}
         done: Dict[str, int] = {}
@@ -128,8 +127,14 @@ class Sweeper:
                 if live is None:
                     live = live_tenant[tenant] = dp.generation(tenant) != 0
                 last, _, flags = flow_age(fb)
-                if live and now - last <= soonest:
-                    counts[tenant] = counts.get(tenant, 0) + 1     # busy: no pair to read
+                idle = now - last
+                # Within its own timeout the pair cannot make it expire (the pair's last
+                # packet is as late or later) unless the pair closed a TCP connection
+                # this entry has not seen close: only then is the pair worth a read.
+                if live and idle <= (closed_ns if flags & abi.FLOW_CLOSING else
+                                     limit_ns.get(proto, other_ns)) and \
+                        (proto != 6 or flags & abi.FLOW_CLOSING or idle <= closed_ns):
+                    counts[tenant] = counts.get(tenant, 0) + 1
                     continue
                 group = [kb]
                 rkb = reverse_flow_key(kb)
