@@ -142,7 +142,7 @@ def test_a_flood_of_new_flows_leaves_the_steady_tenant_cached(flood_dp, in_node,
     fills and the sweeper takes the excess from the biggest holder: red."""
     bench = Bench(in_node, flood_dp)
     bench.apply(bench_flood.flood_state(VM_MAC, red_quota=quota))
-    cfg = config.parse(f"[datapath]\nflow_table_size = {CAPACITY}\n[aging]\nhigh_watermark = 0.9\n")
+    cfg = config.parse(f"[datapath]\nflow_table_size = {CAPACITY}\n" + bench_flood.AGING)
     store = Store.open(str(tmp_path / "state.db"))
     try:
         sweeper = Sweeper(cfg, flood_dp, Evictions(store))
