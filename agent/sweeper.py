@@ -68,7 +68,7 @@ class Sweeper:
         self.flow_counts: Dict[int, int] = {}      # tenant id -> entries, as of the last sweep
         self.sweeps = 0
         self.slices = 0                             # slices of every sweep so far
-        self.longest_hold = 0.0                     # seconds the lock was held for a slice
+        self.longest_hold = 0.0     # the last sweep's longest hold of the lock (a slice), s
         self.last_seconds = 0.0
         self.seconds_total = 0.0
 
@@ -105,6 +105,7 @@ class Sweeper:
         `lock`, it is held a slice at a time. Returns the evictions by reason."""
         lock = lock if lock is not None else contextlib.nullcontext()
         t0 = time.monotonic()
+        self.longest_hold = 0.0
         with lock:
             dp = self.dp
             before = dp.tenant_flow_counts()
