@@ -36,13 +36,18 @@ class Evictions:
             if k in self.counts and v.isdigit():
                 self.counts[k] = int(v)
 
-    def add(self, reason: str, n: int) -> None:
+    def add(self, reason: str, n: int, save: bool = True) -> None:
+        """Count `n` evictions; `save=False` leaves them for save() (a sweep saves once:
+        a store write is a synchronous commit, far dearer than a slice)."""
         if reason not in self.counts:
             raise ValueError(f"unknown eviction reason {reason!r}")
         if n:
             self.counts[reason] += n
-            self.store.set_meta(self.META_KEY,
-                                ",".join(f"{k}={v}" for k, v in self.counts.items()))
+            if save:
+                self.save()
+
+    def save(self) -> None:
+        self.store.set_meta(self.META_KEY, ",".join(f"{k}={v}" for k, v in self.counts.items()))
 
     def as_dict(self) -> Dict[str, int]:
         return dict(self.counts)
@@ -158,6 +163,8 @@ class Sweeper:
             self._delete(dp, evict, done)           # still within the slice's lock
         self._over_watermark(lock, dp, counts, done)
         with lock:
+            if done:
+                self.evictions.save()
             if dp is self.dp:
                 dp.rebase_flow_counts(counts, before)
         self.flow_counts = {t: n for t, n in counts.items() if n}
@@ -170,7 +177,7 @@ class Sweeper:
         for reason, keys in evict.items():
             if keys:
                 n = dp.delete_flows(keys)
-                self.evictions.add(reason, n)
+                self.evictions.add(reason, n, save=False)
                 done[reason] = done.get(reason, 0) + n
 
     def _over_watermark(self, lock, dp, counts: Dict[int, int], done: Dict[str, int]) -> None:

@@ -28,10 +28,10 @@ MiB = 1 << 20
 
 
 def flow_keys(n: int, tenant: int):
-    """n/2 UDP flows of `tenant` and their reply keys: n entries."""
+    """n/2 TCP flows of `tenant` and their reply keys: n entries."""
     out = []
     for i in range(n // 2):
-        k = abi.FlowKey(tenant=tenant, proto=17, sport=1024 + i % 60000, dport=53)
+        k = abi.FlowKey(tenant=tenant, proto=6, sport=1024 + i % 60000, dport=80)
         abi.set_addr(k.src, bytes(12) + (0x0A000000 + i // 60000).to_bytes(4, "big"))
         abi.set_addr(k.dst, bytes(12) + bytes([10, 255, 0, 1]))
         kb = bytes(k)
@@ -43,14 +43,15 @@ def flow_keys(n: int, tenant: int):
 def full(tmp_path_factory):
     cfg = config.parse(f"[datapath]\nflow_table_size = {FLOWS}\nmax_rule_entries = 1024\n"
                        "max_endpoints = 64\nmax_routes = 64\nmax_ports = 16\n"
-                       "[aging]\nhigh_watermark = 1.0\n")
+                       "[aging]\nhigh_watermark = 1.0\ntcp_established = 86400\n")
     store = Store.open(str(tmp_path_factory.mktemp("scale") / "state.db"))
     try:
         with loaded(cfg.datapath_defines()) as dp:
             c = Controller(cfg, store, dp, links=None)
             c.apply({"tenants": [{"name": "blue", "id": 10}]}, dry_run=False)
-            # Idle 30 s: past the shortest timeout, within udp's 60: every entry is read
-            # with its pair and none is evicted (the heaviest sweep that changes nothing).
+            # TCP idle 30 s: past the closed timeout (10 s), within the established one:
+            # every entry is read with its pair (a FIN there would make it expire) and
+            # none is evicted (the heaviest sweep that changes nothing).
             last = now_coarse_ns() - 30 * 1_000_000_000
             assert last > 0
             value = bytes(abi.Flow(generation=dp.generation(10), verdict=abi.V_REDIRECT,
