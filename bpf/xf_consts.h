@@ -70,7 +70,9 @@
 #define XF_R_SPOOF 29          /* source MAC/address not the port's (port security) */
 #define XF_R_VLAN 30           /* a VLAN-tagged frame from a port not configured for tags */
 #define XF_R_ICMP_MTU 31       /* packet too big / frag needed below the IPv4/IPv6 minimum MTU */
-#define XF_R_MAX 32
+/* 32-39: the overlay (uplink ports, VXLAN) */
+#define XF_R_UPLINK_OTHER 32   /* arrived on an uplink, not for the datapath: the kernel's */
+#define XF_R_MAX 33
 #define XF_R_ROWS 64           /* reasons per (port, verdict) in the counter array */
 
 /* Rule actions (classifier entries). */
@@ -92,6 +94,7 @@
 #define XF_PORT_VLAN 0x02      /* VLAN-tagged frames accepted */
 #define XF_PORT_TENANT_DROP 0x04  /* its tenant's default is drop: so is a packet that finds
                                    * no tenant entry (fail closed) */
+#define XF_PORT_UPLINK 0x08    /* faces the underlay/external network; belongs to no tenant */
 
 /* Endpoint flags. */
 #define XF_EP_LOCAL 0x01       /* an address of the node itself: hand to the kernel */

@@ -377,13 +377,14 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 LIST_COLUMNS = {
     "tenants": ("name", "id", "vni", "default"),
     "ports": ("name", "tenant", "attached", "mode", "port_security", "allow_vlan", "allow",
-              "note"),
+              "local_ip", "note"),
     "endpoints": ("tenant", "ip", "port", "mac"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
               "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "comment"),
 }
 _PORT_STATE_COLUMNS = ("attached", "mode", "note")
+_UPLINK_COLUMNS = ("local_ip",)     # shown when some port is an uplink
 FLOW_COLUMNS = ("tenant", "in_port", "proto", "src", "sport", "dst", "dport", "verdict",
                 "out_port", "rule", "packets", "bytes", "idle_s", "flags")
 COUNTER_COLUMNS = ("tenant", "port", "verdict", "reason", "packets", "bytes")
@@ -559,7 +560,8 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
                 return _rule_stats_table(rows)
         # A port's attach state is left out when no row carries it (an older agent's reply).
         columns = [c for c in LIST_COLUMNS[kind]
-                   if c not in _PORT_STATE_COLUMNS or any(c in r for r in rows)]
+                   if c not in _PORT_STATE_COLUMNS + _UPLINK_COLUMNS
+                   or any(c in r for r in rows)]
         return format_table(rows, columns, NUMERIC)
     if name == "port add":
         return _port_added(result or {})
