@@ -1,15 +1,19 @@
 """Two nodes joined by an underlay link, an agent on each (its own socket, state and
 pins), VMs of two tenants with the same addresses on both nodes and different VNIs:
 traffic between nodes goes over VXLAN in the datapath (encap on one node, decap on the
-other), tenants stay apart, rules apply on both ends, and a remote endpoint can move."""
+other), tenants stay apart, rules apply on both ends, and a remote endpoint can move.
+
+The same two nodes on the kernel path (a router namespace per tenant and node, a Linux
+vxlan device in it with FDB entries for the remote endpoints, iptables at the
+destination) get the same probes; what each VM gets must be the same on both paths."""
 from __future__ import annotations
 
 import time
 
 import pytest
 
-from netns_lab.lab import VM_MAC, Lab
-from netns_lab.netns import ip, run
+from netns_lab.lab import VM, VM_MAC, Lab
+from netns_lab.netns import Namespaces, ip, run, unique
 from netns_lab.traffic import exchange, ping, tcp_transfer, Server
 
 pytestmark = pytest.mark.lab
@@ -107,6 +111,128 @@ def nodes():
 
 def vm(nodes, tenant, i):
     return nodes.node[HOME[i]].vm(tenant, i)
+
+
+class KernelNodes:
+    """The kernel path of the same two nodes: per node a namespace with the underlay
+    end, per tenant and node a router namespace holding the VM's port and the tenant's
+    vxlan device (made in the node's namespace, so its UDP socket is the node's, then
+    moved in), routes and permanent neighbours for every endpoint (a remote one's: the
+    other router's vxlan MAC), an FDB entry per remote router. Routed at both ends, as the datapath does (TTL down by one per node)."""
+
+    def __init__(self):
+        self.ns = Namespaces()
+        self.vms = {}
+        self.routers = {}
+
+    def _ns(self, stem):
+        return self.ns.add(unique("xfok" + stem, 14), exact=True)
+
+    def build(self):
+        node = {n: self._ns(n) for n in HOME.values()}
+        self.ns.veth(UL["a"], node["a"], UL["b"], node["b"])
+        for n in node:
+            ip("addr", "add", f"{VTEP[n]}/24", "dev", UL[n], ns=node[n])
+        for tenant in ("blue", "red"):
+            for i, n in HOME.items():
+                r = self.routers[(tenant, n)] = self._ns("r")
+                v = self._ns("v")
+                port, port_mac = f"p{i}", f"02:aa:00:00:{TID[tenant]:02x}:{i:02x}"
+                self.ns.veth(port, r, "eth0", v, a_mac=port_mac, b_mac=VM_MAC[i])
+                self.vms[(tenant, i)] = VM(tenant, i, v, port, f"10.0.0.{i}", VM_MAC[i],
+                                           port_mac)
+                j = 3 - i                         # the other VM, on the other node
+                run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], ns=r)
+                for cmd in (f"addr add 10.0.0.{i}/24 dev eth0", f"link set eth0 mtu {VM_MTU}",
+                            f"neigh replace 10.0.0.{j} lladdr {port_mac} dev eth0 "
+                            "nud permanent"):
+                    ip(*cmd.split(), ns=v)
+                vx, other = f"vx{tenant}", "b" if n == "a" else "a"
+                # Routed, so the inner frame goes to the other router's vxlan MAC.
+                vx_mac = {m: f"02:cc:00:00:{TID[tenant]:02x}:0{ord(m) - 96}" for m in "ab"}
+                ip("link", "add", vx, "address", vx_mac[n], "type", "vxlan", "id",
+                   str(VNI[tenant]), "local", VTEP[n], "dstport", "4789", "nolearning",
+                   ns=node[n])
+                ip("link", "set", vx, "netns", r, ns=node[n])
+                for cmd in (f"link set {vx} mtu {VM_MTU} up",
+                            f"route add 10.0.0.{i}/32 dev {port}",
+                            f"neigh replace 10.0.0.{i} lladdr {VM_MAC[i]} dev {port} "
+                            "nud permanent",
+                            f"route add 10.0.0.{j}/32 dev {vx}",
+                            f"neigh replace 10.0.0.{j} lladdr {vx_mac[other]} dev {vx} "
+                            "nud permanent"):
+                    ip(*cmd.split(), ns=r)
+                run(["bridge", "fdb", "append", vx_mac[other], "dev", vx, "dst", VTEP[other],
+                     "self", "permanent"], ns=r)
+
+    def destination_rule(self, on: bool):
+        """As the offload test's rules of node b: blue TCP 5001 from 10.0.0.1 only."""
+        r = self.routers[("blue", "b")]
+        run(["iptables", "-F", "FORWARD"], ns=r)
+        run(["iptables", "-P", "FORWARD", "DROP" if on else "ACCEPT"], ns=r)
+        if on:
+            run(["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate",
+                 "ESTABLISHED,RELATED", "-j", "ACCEPT"], ns=r)
+            run(["iptables", "-A", "FORWARD", "-o", "p2", "-s", "10.0.0.1", "-p", "tcp",
+                 "--dport", "5001", "-j", "ACCEPT"], ns=r)
+            run(["iptables", "-A", "FORWARD", "-o", "vxblue", "-j", "ACCEPT"], ns=r)
+
+    def close(self):
+        self.ns.close()
+
+
+@pytest.fixture(scope="module")
+def kernel_nodes():
+    import os
+    if os.geteuid() != 0:
+        pytest.skip("the lab tier needs root")
+    k = KernelNodes()
+    try:
+        k.build()
+        yield k
+    finally:
+        k.close()
+
+
+def probes(vm_of, set_rule):
+    """What each VM gets for the same probes: pings across nodes in both tenants, a UDP
+    exchange per tenant to the same address (who answers), a 10 MB TCP transfer, and a
+    ping refused at the destination by its rules."""
+    out = {}
+    for tenant in ("blue", "red"):
+        out[f"ping {tenant} 1->2"] = ping(vm_of(tenant, 1), "10.0.0.2", count=2)
+        out[f"ping {tenant} 2->1"] = ping(vm_of(tenant, 2), "10.0.0.1", count=2)
+    with Server(vm_of("blue", 2), "udp", 7000) as b, Server(vm_of("red", 2), "udp", 7000) as r:
+        for tenant in ("blue", "red"):
+            got = exchange(vm_of(tenant, 1), "udp", "10.0.0.2", 7000, f"to-{tenant}")
+            out[f"udp {tenant} answered by"] = got.get("reply", "").split(":")[0] \
+                if got["ok"] else None
+    set_rule(True)
+    try:
+        r = tcp_transfer(vm_of("blue", 1).name, vm_of("blue", 2).name, "10.0.0.2", 5001,
+                         10_000_000)
+        out["tcp 10 MB"] = (r["received"]["bytes"], r["received"]["sha256"] ==
+                            r["sent"]["sha256"])
+        out["seconds"] = r["sent"]["seconds"]
+        out["ping blue 1->2 under the rule"] = ping(vm_of("blue", 1), "10.0.0.2", count=1)
+    finally:
+        set_rule(False)
+    return out
+
+
+def test_both_paths_agree(nodes, kernel_nodes):
+    rules_b = [{"id": 1, "tenant": "blue", "priority": 10, "action": "allow",
+                "src": "10.0.0.1/32", "proto": "tcp", "dport": "5001"},
+               {"id": 2, "tenant": "red", "priority": 10, "action": "allow"}]
+    offload = probes(lambda t, i: vm(nodes, t, i),
+                     lambda on: nodes.apply("b", **({"rules": rules_b} if on else {})))
+    kernel = probes(lambda t, i: kernel_nodes.vms[(t, i)], kernel_nodes.destination_rule)
+    print(f"10 MB TCP across the overlay: offload {offload.pop('seconds')} s, "
+          f"kernel {kernel.pop('seconds')} s")
+    assert offload == kernel
+    assert offload["tcp 10 MB"] == (10_000_000, True)
+    assert offload["udp blue answered by"] != offload["udp red answered by"]
+    assert not offload["ping blue 1->2 under the rule"]
 
 
 def test_cross_node_ping_in_each_tenant(nodes):
