@@ -293,7 +293,7 @@ class Controller:
             out.append({"name": p.name, "tenant": p.tenant or "", "attached": link is not None,
                         "ifindex": link.ifindex if link else 0,
                         "mode": self.cfg.datapath.xdp_mode if link else "",
-                        "note": self.port_notes.get(p.name, "")})
+                        "note": self.port_notes.get(p.name, ""), "uplink": p.uplink})
         return out
 
     def agent_info(self) -> Dict[str, Any]:

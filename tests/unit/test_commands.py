@@ -107,8 +107,8 @@ class FakeController:
                              "endpoints": sum(1 for e in self.state.endpoints
                                               if e.tenant == t.name)}
                             for t in self.state.sorted("tenants")],
-                "ports": [{"name": p.name, "tenant": p.tenant, "attached": True,
-                           "ifindex": 7, "mode": "native", "note": ""}
+                "ports": [{"name": p.name, "tenant": p.tenant or "", "attached": True,
+                           "ifindex": 7, "mode": "native", "note": "", "uplink": p.uplink}
                           for p in self.state.sorted("ports")],
                 "flows": len(self.flows), "flow_capacity": 65536,
                 "rules": len(self.state.rules), "trace_program": "built",
