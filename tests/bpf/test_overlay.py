@@ -16,8 +16,8 @@ from scapy.layers.vxlan import VXLAN
 from agent import abi
 
 from . import cases
-from .cases import (BLUE, XDP_PASS, XDP_REDIRECT, Case, Send, all_of, flow_check,
-                    routed, rule, stays, tcp4, udp4)
+from .cases import (BLUE, XDP_PASS, XDP_REDIRECT, Case, Send, arp_answer, arp_req,
+                    flow_check, routed, rule, stays, tcp4, udp4)
 from .conftest import PORT_MAC
 from .test_datapath import run_case, trace_case
 
@@ -87,11 +87,12 @@ def to_remote(**kw):
     return udp4(dst=REMOTE_IP, **kw)
 
 
-def encap_case(desc, pkt, reason="rule_allow", sport=4000, dport=5000, **kw):
+def encap_case(desc, pkt, reason="rule_allow", sport=4000, dport=5000, route_dst=REMOTE_IP,
+               **kw):
     inner = routed(pkt, UPLINK, dmac=REMOTE_MAC)
     counters = {("p1", "redirect", reason): 1, **kw.pop("counters", {})}
     return Case(desc, kw.pop("state", overlay()), pkt, XDP_REDIRECT, counters,
-                out=encapped(inner, sport_of("10.0.0.1", sport, REMOTE_IP, dport)),
+                out=encapped(inner, sport_of("10.0.0.1", sport, route_dst, dport)),
                 out_port=UPLINK, rule=1, **kw)
 
 
@@ -144,6 +145,12 @@ def build() -> List[Case]:
         stays("encap: too big on a flow hit goes to the kernel too", overlay(),
               big(MTU - 35), "pass", "mtu_kernel",
               pre=[Send(big(MTU - 36), action=XDP_REDIRECT)]),
+        stays("encap: ARP for a remote endpoint is answered by the local proxy", overlay(),
+              arp_req("10.0.0.1", REMOTE_IP), "tx", "arp_reply",
+              out=arp_answer("10.0.0.1", REMOTE_IP)),
+        encap_case("encap: a route via a remote endpoint", udp4(dst="10.9.1.1"),
+                   state=overlay(routes=[{"tenant": "blue", "prefix": "10.9.0.0/16",
+                                          "via": REMOTE_IP}]), route_dst="10.9.1.1"),
         # -- decap
         decap_case("decap: VXLAN from a known VTEP is its VNI tenant's traffic",
                    vxlan(from_remote())),

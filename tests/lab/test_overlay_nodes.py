@@ -318,3 +318,24 @@ def test_a_remote_endpoint_moves_to_the_other_node(nodes):
         nodes.apply("b")
         del nodes.a.vms[("blue", 3)]
         nodes.apply("a")
+
+
+def test_trace_through_decap(nodes):
+    """`trace --port UPLINK`: a VXLAN packet is followed through decap to the VM port,
+    and the route named is the inner destination's."""
+    from scapy.all import IP, UDP, Ether, raw
+    from scapy.layers.vxlan import VXLAN
+    frame = Ether(dst="02:ee:00:00:00:02", src="02:ee:00:00:00:01") / \
+        IP(src=VTEP["a"], dst=VTEP["b"]) / UDP(sport=50000, dport=4789) / \
+        VXLAN(vni=VNI["blue"]) / Ether(src=VM_MAC[1], dst="02:aa:00:00:00:02") / \
+        IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000, dport=2000)
+    t = nodes.b.ok("trace", "--port", UL["b"], "--hex", raw(frame).hex())
+    assert (t["verdict"], t["tenant"], t["decapsulated"], t["out_port"]) == \
+        ("redirect", "blue", True, vm(nodes, "blue", 2).port), t
+    assert t["route"] == f"endpoint 10.0.0.2 on port {vm(nodes, 'blue', 2).port}"
+    out = Ether(bytes.fromhex(t["packet_out"]))
+    assert out.dst == VM_MAC[2] and out[IP].ttl == 63 and UDP in out
+    # From a VTEP of no blue endpoint: dropped before decap, nothing decapsulated.
+    frame[IP].src = "192.0.2.99"
+    t = nodes.b.ok("trace", "--port", UL["b"], "--hex", raw(frame).hex())
+    assert (t["verdict"], t["reason"], t["decapsulated"]) == ("drop", "vtep_unknown", False)
