@@ -293,7 +293,9 @@ class Controller:
             out.append({"name": p.name, "tenant": p.tenant or "", "attached": link is not None,
                         "ifindex": link.ifindex if link else 0,
                         "mode": self.cfg.datapath.xdp_mode if link else "",
-                        "note": self.port_notes.get(p.name, ""), "uplink": p.uplink})
+                        "note": self.port_notes.get(p.name, "")})
+            if p.uplink:        # a tenant port's row is as it was before uplinks
+                out[-1]["uplink"] = True
         return out
 
     def agent_info(self) -> Dict[str, Any]:

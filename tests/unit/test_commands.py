@@ -108,7 +108,7 @@ class FakeController:
                                               if e.tenant == t.name)}
                             for t in self.state.sorted("tenants")],
                 "ports": [{"name": p.name, "tenant": p.tenant or "", "attached": True,
-                           "ifindex": 7, "mode": "native", "note": "", "uplink": p.uplink}
+                           "ifindex": 7, "mode": "native", "note": ""}
                           for p in self.state.sorted("ports")],
                 "flows": len(self.flows), "flow_capacity": 65536,
                 "rules": len(self.state.rules), "trace_program": "built",
