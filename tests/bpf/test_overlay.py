@@ -10,14 +10,14 @@ import ipaddress
 from typing import List
 
 import pytest
-from scapy.all import ARP, IP, UDP, Ether, fragment, raw
+from scapy.all import ARP, IP, UDP, Ether, IPv6, fragment, raw
 from scapy.layers.vxlan import VXLAN
 
 from agent import abi
 
 from . import cases
 from .cases import (BLUE, XDP_PASS, XDP_REDIRECT, Case, Send, arp_answer, arp_req,
-                    flow_check, routed, rule, stays, tcp4, udp4)
+                    flow_check, routed, rule, stays, tcp4, udp4, udp6)
 from .conftest import PORT_MAC
 from .test_datapath import run_case, trace_case
 
@@ -28,6 +28,7 @@ LOCAL_VTEP, REMOTE_VTEP, OTHER_VTEP = "192.0.2.1", "192.0.2.2", "192.0.2.3"
 UNDERLAY_MAC = "02:ee:00:00:00:02"     # the remote VTEP's MAC, as the node resolved it
 REMOTE_IP, REMOTE_MAC = "10.0.1.7", "02:00:00:00:01:07"
 FAR_IP = "10.0.1.9"                    # a remote endpoint behind OTHER_VTEP
+REMOTE_IP6 = "fd00:1::7"               # the remote VM's IPv6 address (IPv4 underlay)
 VNI = 5010
 MTU = 1500
 
@@ -40,7 +41,8 @@ def overlay(rules=None, **kw) -> dict:
     st["ports"].append({"name": UPLINK, "uplink": True, "local_ip": LOCAL_VTEP})
     st["endpoints"] += [
         {"tenant": "blue", "ip": REMOTE_IP, "vtep": REMOTE_VTEP, "mac": REMOTE_MAC},
-        {"tenant": "blue", "ip": FAR_IP, "vtep": OTHER_VTEP, "mac": "02:00:00:00:01:09"}]
+        {"tenant": "blue", "ip": FAR_IP, "vtep": OTHER_VTEP, "mac": "02:00:00:00:01:09"},
+        {"tenant": "blue", "ip": REMOTE_IP6, "vtep": REMOTE_VTEP, "mac": REMOTE_MAC}]
     return st
 
 
@@ -151,12 +153,20 @@ def build() -> List[Case]:
         encap_case("encap: a route via a remote endpoint", udp4(dst="10.9.1.1"),
                    state=overlay(routes=[{"tenant": "blue", "prefix": "10.9.0.0/16",
                                           "via": REMOTE_IP}]), route_dst="10.9.1.1"),
+        Case("encap: IPv6 inside, IPv4 underlay", overlay(), udp6(dst=REMOTE_IP6),
+             XDP_REDIRECT, {("p1", "redirect", "rule_allow"): 1}, out_port=UPLINK, rule=1,
+             out=encapped(routed(udp6(dst=REMOTE_IP6), UPLINK, dmac=REMOTE_MAC),
+                          sport_of("fd00::1", 4000, REMOTE_IP6, 5000))),
         # -- decap
         decap_case("decap: VXLAN from a known VTEP is its VNI tenant's traffic",
                    vxlan(from_remote())),
         decap_case("decap: the reply of an encapsulated flow is a flow hit",
                    vxlan(from_remote(sport=5000, dport=4000)), reason="flow",
                    pre=fwd_then),
+        decap_case("decap: IPv6 inside",
+                   vxlan(Ether(src=REMOTE_MAC, dst=PORT_MAC[UPLINK]) /
+                         IPv6(src=REMOTE_IP6, dst="fd00::1", hlim=64) /
+                         UDP(sport=6000, dport=4000) / (b"6" * 8))),
         uplink_stays("decap: rules apply at the destination node too",
                      vxlan(from_remote()), "drop", "rule_deny", rule=2,
                      state=overlay([rule(1, priority=10), rule(2, "deny", priority=20,
