@@ -329,7 +329,7 @@ def test_trace_through_decap(nodes):
         IP(src=VTEP["a"], dst=VTEP["b"]) / UDP(sport=50000, dport=4789) / \
         VXLAN(vni=VNI["blue"]) / Ether(src=VM_MAC[1], dst="02:aa:00:00:00:02") / \
         IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000, dport=2000)
-    t = nodes.b.ok("trace", "--port", UL["b"], "--hex", raw(frame).hex())
+    t = nodes.b.ok("trace", "--port", UL["b"], "--hex", raw(frame).hex(), timeout=180)
     assert (t["verdict"], t["tenant"], t["decapsulated"], t["out_port"]) == \
         ("redirect", "blue", True, vm(nodes, "blue", 2).port), t
     assert t["route"] == f"endpoint 10.0.0.2 on port {vm(nodes, 'blue', 2).port}"
@@ -339,3 +339,39 @@ def test_trace_through_decap(nodes):
     frame[IP].src = "192.0.2.99"
     t = nodes.b.ok("trace", "--port", UL["b"], "--hex", raw(frame).hex())
     assert (t["verdict"], t["reason"], t["decapsulated"]) == ("drop", "vtep_unknown", False)
+
+
+def test_the_underlay_neighbour_is_kept_current(nodes):
+    """The agent follows the VTEP's underlay MAC through neighbour events: a changed entry
+    changes the outer destination of the next encapsulated packet (the tenant's flows go
+    stale with the endpoint entry, so no flow keeps the old MAC)."""
+    from scapy.all import IP, UDP, Ether, raw
+    from scapy.layers.vxlan import VXLAN
+    a = nodes.a
+    pkt = Ether(src=VM_MAC[1], dst=vm(nodes, "blue", 1).port_mac) / \
+        IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000, dport=2000)
+
+    def outer_dst():
+        # The first trace builds the trace program: seconds, more on a loaded machine.
+        t = a.ok("trace", "--port", vm(nodes, "blue", 1).port, "--hex", raw(pkt).hex(),
+                 timeout=180)
+        assert t["verdict"] == "redirect" and t["out_port"] == UL["a"], t
+        out = Ether(bytes.fromhex(t["packet_out"]))
+        assert VXLAN in out and out[IP].dst == VTEP["b"]
+        return out.dst
+
+    assert outer_dst() == "02:ee:00:00:00:02"
+    ip("neigh", "replace", VTEP["b"], "lladdr", "02:ee:00:00:00:99", "dev", UL["a"],
+       "nud", "permanent", ns=a.node)
+    try:
+        deadline = time.monotonic() + 20
+        while outer_dst() != "02:ee:00:00:00:99" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert outer_dst() == "02:ee:00:00:00:99"
+    finally:
+        ip("neigh", "replace", VTEP["b"], "lladdr", "02:ee:00:00:00:02", "dev", UL["a"],
+           "nud", "reachable", ns=a.node)
+    deadline = time.monotonic() + 20
+    while outer_dst() != "02:ee:00:00:00:02" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ping(vm(nodes, "blue", 1), "10.0.0.2", count=2)
