@@ -100,8 +100,14 @@ class Prober:
                 40000 + random.randrange(64)]
 
     def run_once(self, dport: int, sport: int) -> int:
-        prog = self.lab.xdp_prog("bvm1")["id"]
-        fd = bpfsys.prog_fd_by_id(prog)
+        for _ in range(50):
+            try:
+                fd = bpfsys.prog_fd_by_id(self.lab.xdp_prog("bvm1")["id"])
+                break
+            except bpfsys.BpfError:     # replaced (a restarted agent) since we looked
+                time.sleep(0.05)
+        else:
+            raise AssertionError("no program on bvm1 to probe")
         try:
             with entered(self.lab.node):
                 import socket
@@ -149,7 +155,16 @@ def apply(lab, name, rules, *extra):
 def kill_and_restart(lab):
     lab.proc.send_signal(signal.SIGKILL)
     lab.proc.wait(10)
-    lab.start_agent(timeout=300)      # a BCC compile on a busy shared machine: up to a minute
+    # A BCC compile on a busy shared machine takes up to a minute, and a `status` while
+    # it starts may outlast the CLI's 5 s: ask again.
+    lab.start_agent(wait=False)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            lab.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except subprocess.TimeoutExpired:
+            assert time.monotonic() < deadline, "the agent did not answer after a restart"
 
 
 def stored_ids(lab):
