@@ -61,7 +61,7 @@ class Sweeper:
     table is. Memory is bounded by a slice, the evictions of one slice and, over the high
     watermark, the entries chosen to go: never the whole table."""
 
-    slice_entries = 2048
+    slice_entries = 512
     # Between slices: long enough for a waiting API request to take the lock (a lock
     # let go and taken straight back is not offered to the waiter), 0.1 s a million flows.
     pause = 0.001
