@@ -495,6 +495,12 @@ class ApiServer:
             req = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             return reply_error(BAD_REQUEST, f"request is not JSON: {e}")
+        except RecursionError:
+            # json recurses per nested array or object: a request of thousands of "["
+            # ended here as RecursionError, logged as a traceback and answered "internal"
+            # (found by the hostile-client tests, issue 14).
+            return reply_error(BAD_REQUEST, "request is not JSON we take: arrays or objects "
+                                            "nested too deeply")
         if not isinstance(req, dict) or not isinstance(req.get("command"), str):
             return reply_error(BAD_REQUEST, 'request must be {"command": NAME, "args": {...}}')
         extra = set(req) - {"command", "args"}
