@@ -19,7 +19,7 @@ import time
 import pytest
 
 from netns_lab.lab import VM_IP
-from netns_lab.traffic import _in_ns, _Proc
+from netns_lab.traffic import RECEIVER, _in_ns, _Proc
 
 pytestmark = pytest.mark.lab
 
@@ -56,30 +56,6 @@ while True:
     n += 1
 print(json.dumps(sent), flush=True)
 '''
-
-# Counts the payloads it receives by their text up to the sequence number; at EOF (and a
-# moment's drain) prints {"TENANT:NONCE:PHASE": count}.
-RECEIVER = r'''
-import json, select, socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-got, closing = {}, None
-while True:
-    timeout = None if closing is None else max(0.0, closing - time.monotonic())
-    r, _, _ = select.select([s] + ([sys.stdin] if closing is None else []), [], [], timeout)
-    if not r:
-        break
-    if sys.stdin in r and not sys.stdin.readline():
-        closing = time.monotonic() + 0.5
-    if s in r:
-        data, _ = s.recvfrom(4096)
-        key = data.decode(errors="replace").rsplit(":", 1)[0]
-        got[key] = got.get(key, 0) + 1
-print(json.dumps(got), flush=True)
-'''
-
 
 def state():
     tenants = [{"name": t, "id": tid} for t, tid in TENANTS.items()]
@@ -161,7 +137,7 @@ def test_no_tenant_ever_receives_anothers_traffic(node):
         phase("restart", restart)
         phase("after-restart")
         sent = [s.finish() for s in senders]
-        received = [(t, dst, port, p.finish()) for t, dst, port, p in procs]
+        received = [(t, dst, port, p.finish()["tagged"]) for t, dst, port, p in procs]
     finally:
         for s in senders:
             s.kill()

@@ -14,8 +14,6 @@ from fuzzing import VALUES, apply_states, fuzz_settings, mutated, names_a_field,
 from hypothesis import given, strategies as st
 
 from agent import config, model
-from agent.control import Controller
-from agent.store import Store
 
 pytestmark = pytest.mark.unit
 
@@ -81,15 +79,6 @@ def test_a_generated_object_is_accepted_or_refused_naming_the_field(case):
         model.KINDS[kind].from_dict(obj)
     except model.Invalid as e:
         assert names_a_field(e, kind, touched), f"{kind} {obj}: {e}"
-
-
-@pytest.fixture
-def ctl(tmp_path):
-    store = Store.open(str(tmp_path / "state.db"))
-    try:
-        yield Controller(config.Config(), store, datapath=None, links=None)
-    finally:
-        store.close()
 
 
 @FUZZ
