@@ -28,9 +28,10 @@ REASONS = {
     21: "parse_ipv4", 22: "parse_ipv6", 23: "parse_ext", 24: "parse_l4", 25: "frag",
     26: "insert_failed", 27: "flow_stale", 28: "related", 29: "spoof", 30: "vlan",
     31: "icmp_mtu",
+    40: "ratelimit",
 }
 REASON_IDS = {v: k for k, v in REASONS.items()}
-R_MAX = 32
+R_MAX = 41
 # Reasons that count events rather than packets (their verdict is "none").
 EVENT_REASONS = ("insert_failed", "flow_stale")
 
@@ -64,6 +65,9 @@ MAX_RULE_IDS = 262144
 RULE_STATS = 65536       # per-rule counter slots; slot 0 counts nothing
 EVENT_BYTES = 128          # packet bytes a monitor event carries
 EVENT_RING_PAGES = 64
+MAX_POLICERS = 16384     # tenants and rules with a rate limit, together
+POLICER_RULE = 0x80000000  # a rule's xf_policers key: rule id | this; a tenant's: its id
+POL_BYTES = 0x01
 
 CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_V_NONE": V_NONE, "XF_V_DROP": V_DROP, "XF_V_PASS": V_PASS,
@@ -78,6 +82,8 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_PORT_TENANT_DROP": PORT_TENANT_DROP,
     "XF_IPV4_MIN_MTU": IPV4_MIN_MTU, "XF_IPV6_MIN_MTU": IPV6_MIN_MTU,
     "XF_EVENT_BYTES": EVENT_BYTES, "XF_EVENT_RING_PAGES": EVENT_RING_PAGES,
+    "XF_MAX_POLICERS": MAX_POLICERS, "XF_POLICER_RULE": POLICER_RULE,
+    "XF_POL_BYTES": POL_BYTES,
 }
 CONSTANTS.update({"XF_R_" + name.upper(): rid for rid, name in REASONS.items()})
 
@@ -97,7 +103,9 @@ class Flow(ct.Structure):
                 ("generation", u32), ("rule_id", u32), ("out_ifindex", u32),
                 ("out_port", u16), ("verdict", u8), ("flags", u8), ("dmac", Mac),
                 ("smac", Mac), ("in_port", u16), ("reason", u8), ("tcp_flags", u8),
-                ("in_mac", Mac), ("rule_stat", u16)]
+                ("in_mac", Mac), ("rule_stat", u16),
+                # rate limits (issue 11)
+                ("policer", u32), ("pad_rl", u32)]
 
 
 class Port(ct.Structure):
@@ -106,7 +114,9 @@ class Port(ct.Structure):
 
 class Tenant(ct.Structure):
     _fields_ = [("generation", u32), ("default_verdict", u8), ("pad", u8), ("flags", u16),
-                ("vni", u32), ("pad2", u32)]
+                ("vni", u32), ("pad2", u32),
+                # rate limits (issue 11)
+                ("policer", u32), ("pad_rl", u32)]
 
 
 class Mask(ct.Structure):
@@ -139,7 +149,14 @@ class RuleKey(ct.Structure):
 
 
 class Rule(ct.Structure):
-    _fields_ = [("rank", u32), ("rule_id", u32), ("action", u8), ("pad", u8), ("stat", u16)]
+    _fields_ = [("rank", u32), ("rule_id", u32), ("action", u8), ("pad", u8), ("stat", u16),
+                # rate limits (issue 11)
+                ("policer", u32)]
+
+
+class Policer(ct.Structure):
+    _fields_ = [("tat_ns", u64), ("cost", u64), ("burst_ns", u64), ("dropped", u64),
+                ("flags", u32), ("pad", u32)]
 
 
 class EpKey(ct.Structure):
@@ -187,7 +204,10 @@ class Meta(ct.Structure):
 class Trace(ct.Structure):
     _fields_ = [("tenant", u32), ("rule_id", u32), ("out_ifindex", u32), ("out_port", u16),
                 ("in_port", u16), ("verdict", u8), ("reason", u8), ("flow_hit", u8),
-                ("stale", u8), ("pad", u32)]
+                ("stale", u8), ("pad", u32),
+                # rate limits (issue 11): [0] the rule's bucket, [1] the tenant's
+                ("pol_key", u32 * 2), ("pol_credit_ns", u64 * 2), ("pol_cost_ns", u64 * 2),
+                ("pol_ok", u8 * 2), ("pad_rl", u8 * 6)]
 
 
 class MonCfg(ct.Structure):
@@ -226,6 +246,7 @@ MAPS = {
     "xf_port_tx": (PERCPU_ARRAY, u32, Counter, "XF_MAX_PORTS"),
     "xf_frags": (LRU_HASH, FragKey, Frag, FRAG_TABLE_SIZE),
     "xf_meta": (ARRAY, u32, Meta, 1),
+    "xf_policers": (HASH, u32, Policer, MAX_POLICERS),
 }
 
 

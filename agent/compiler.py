@@ -63,6 +63,7 @@ class Classifier:
     masks: List[Tuple[MaskTuple, int]] = field(default_factory=list)   # (mask, max_rank)
     entries: Dict[Tuple, Tuple[int, int, int]] = field(default_factory=dict)
     # entry key: (mask_idx, proto, in_port, src, dst, sport, dport) -> (rank, rule_id, action)
+    policed: Set[int] = field(default_factory=set)    # ids of rules with a rate limit
 
     def mask_set(self, max_masks: int):
         ms = abi.mask_set_type(max_masks)()
@@ -87,7 +88,33 @@ class Classifier:
             abi.set_addr(k.src, src)
             abi.set_addr(k.dst, dst)
             yield bytes(k), bytes(abi.Rule(rank=rank, rule_id=rid, action=action,
-                                           stat=stat_of.get(rid, 0)))
+                                           stat=stat_of.get(rid, 0),
+                                           policer=rule_policer(rid) if rid in self.policed
+                                           else 0))
+
+
+def rule_policer(rule_id: int) -> int:
+    """The xf_policers key of a rule's rate limit (a tenant's is its id)."""
+    return rule_id | abi.POLICER_RULE
+
+
+def policer_value(rate: str, burst: Optional[int]) -> bytes:
+    """A bucket for a rate limit (model.parse_rate), full. Packets cost 1e9 / rate ns;
+    bytes 8e9 / rate ns, kept with 16 fraction bits (100mbit: 80 ns a byte; 400gbit
+    still 1,311 / 65,536 ns)."""
+    unit, n = model.rate_value(rate)
+    b = model.burst_of(rate, burst)
+    if unit == "pps":
+        cost = max(1, round(1e9 / n))
+        return bytes(abi.Policer(cost=cost, burst_ns=b * cost))
+    cost = max(1, round(8e9 * 65536 / n))
+    return bytes(abi.Policer(cost=cost, burst_ns=(b * cost) >> 16, flags=abi.POL_BYTES))
+
+
+def policer_config(value: bytes) -> Tuple[int, int, int]:
+    """What the agent sets in a bucket (the rest is the datapath's state)."""
+    p = abi.Policer.from_buffer_copy(value)
+    return p.cost, p.burst_ns, p.flags
 
 
 def assign_stat_slots(rule_ids: Iterable[int], have: Dict[int, int],
@@ -172,7 +199,7 @@ def compile_rules(tenant: str, rules: Sequence[model.Rule], slots: Dict[str, int
             f"(datapath.max_masks). Share prefix lengths or port ranges between rules.")
     masks = sorted(((m, max(v[0] for v in ents.values())) for m, ents in by_mask.items()),
                    key=lambda mr: (-mr[1], mr[0]))
-    cls = Classifier(masks=masks)
+    cls = Classifier(masks=masks, policed={r.id for r in rules if r.rate is not None})
     for idx, (m, _) in enumerate(masks):
         for (proto, inp, src, dst, sp, dp), v in by_mask[m].items():
             cls.entries[(idx, proto, inp, src, dst, sp, dp)] = v
@@ -188,6 +215,7 @@ class Image:
     endpoints: Dict[bytes, bytes] = field(default_factory=dict)
     routes: Dict[bytes, bytes] = field(default_factory=dict)
     tenants: Dict[int, "TenantImage"] = field(default_factory=dict)
+    policers: Dict[bytes, bytes] = field(default_factory=dict)     # rate limits, full
 
 
 @dataclass
@@ -197,6 +225,12 @@ class TenantImage:
     default_verdict: int
     vni: int
     classifier: Classifier
+    policer: int = 0            # its rate limit's xf_policers key, 0: none
+
+    def entry(self, generation: int) -> bytes:
+        """Its xf_tenants value under a generation."""
+        return bytes(abi.Tenant(generation=generation, default_verdict=self.default_verdict,
+                                vni=self.vni, policer=self.policer))
 
 
 # IPv6 link-local sources (fe80::/64): a VM's own, tied to its MAC by the MAC check.
@@ -298,5 +332,10 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         img.tenants[t.id] = TenantImage(
             id=t.id, name=t.name,
             default_verdict=abi.V_PASS if t.default == "pass" else abi.V_DROP,
-            vni=t.vni or 0, classifier=cls)
+            vni=t.vni or 0, classifier=cls, policer=t.id if t.rate is not None else 0)
+        if t.rate is not None:
+            img.policers[bytes(ct.c_uint32(t.id))] = policer_value(t.rate, t.burst)
+    for r in state.rules:
+        if r.rate is not None:
+            img.policers[bytes(ct.c_uint32(rule_policer(r.id)))] = policer_value(r.rate, r.burst)
     return img

@@ -541,7 +541,36 @@ class Controller:
             # A dropped packet goes nowhere; a passed one goes to the kernel unchanged.
             "packet_out": out.hex() if rc in (3, 4) else packet.hex() if rc == 2 else None,
             "modified": rc in (3, 4) and out != packet,
+            "rate_limits": trace_buckets(self.state, rec, len(packet)),
         }
+
+
+def trace_buckets(state: model.State, rec, length: int) -> List[Dict[str, Any]]:
+    """The rate limits a traced packet met (the rule's, then the tenant's): which bucket,
+    its rate and burst, the tokens it held before the packet (packets, or bytes for a bit
+    rate), what the packet costs, and whether it conformed."""
+    out = []
+    for i in range(2):
+        key = rec.pol_key[i]
+        if not key:
+            continue
+        if key & abi.POLICER_RULE:
+            rid = key & ~abi.POLICER_RULE
+            obj = next((r for r in state.rules if r.id == rid), None)
+            name = f"rule {rid}"
+        else:
+            obj = next((t for t in state.tenants if t.id == key), None)
+            name = f"tenant {obj.name if obj else key}"
+        if obj is None or obj.rate is None:
+            continue
+        unit, _ = model.rate_value(obj.rate)
+        units = 1 if unit == "pps" else length
+        cost_ns = rec.pol_cost_ns[i]
+        tokens = rec.pol_credit_ns[i] * units // cost_ns if cost_ns else None
+        out.append({"bucket": name, "rate": obj.rate, "burst": model.burst_of(obj.rate, obj.burst),
+                    "unit": "packets" if unit == "pps" else "bytes", "tokens": tokens,
+                    "cost": units, "conformed": bool(rec.pol_ok[i])})
+    return out
 
 
 def file_sha256(path: str) -> str:

@@ -26,7 +26,7 @@ MAP_ORDER = list(abi.MAPS)
 # Maps whose contents the agent can always rebuild from its store; the rest (flows,
 # counters) are state the datapath made and are migrated when only their size changed.
 REBUILT_FROM_STORE = {"xf_port_index", "xf_ports", "xf_tenants", "xf_masks", "xf_rules", "xf_endpoints",
-                      "xf_routes", "xf_port_src", "xf_meta"}
+                      "xf_routes", "xf_port_src", "xf_meta", "xf_policers"}
 # The sizes' one home is the config's [datapath] defaults; bpf/xf_consts.h has none.
 DEFAULT_DEFINES = Config().datapath_defines()
 
@@ -310,6 +310,7 @@ class Datapath:
                         for n in ("xf_ports", "xf_port_src", "xf_endpoints", "xf_routes")}
         self._mirror["xf_port_index"] = {k: v for k, v in self.maps["xf_port_index"].items()
                                          if abi.Port.from_buffer_copy(v).slot}
+        self._policers = dict(self.maps["xf_policers"].items())
         self._gens, self._tenant_vals = {}, {}
         for k, v in self.maps["xf_tenants"].items():
             t = abi.Tenant.from_buffer_copy(v)
@@ -356,6 +357,7 @@ class Datapath:
         changed."""
         changed_tenants: Set[int] = set()
         summary: Dict[str, object] = {}
+        gone_policers = self._sync_policers(img, summary)
         self._assign_rule_slots(img)
         flipped = []
         created = {tid for tid in img.tenants if tid not in self._gens}
@@ -404,8 +406,7 @@ class Datapath:
             if tid not in created and (not same_cls or tid in changed_tenants):
                 gen = self._flip(tid, t, mask_val)
                 flipped.append(t.name)
-            tval = bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict,
-                                    vni=t.vni))
+            tval = t.entry(gen)
             if self._tenant_vals.get(tid) != tval:
                 self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)
                 self._tenant_vals[tid] = tval
@@ -430,9 +431,33 @@ class Datapath:
         for tid, _ in list(self._rules) + list(self._masks):
             if tid not in self._gens:
                 self._drop_other_generations(tid, None)
+        # Rate limits go once nothing names them (a missing bucket is no limit).
+        if gone_policers:
+            self.maps["xf_policers"].delete_many(gone_policers)
+            for k in gone_policers:
+                del self._policers[k]
+        summary["xf_policers"]["removed"] = len(gone_policers)
         summary["flipped"] = flipped
         summary["removed_tenants"] = removed
         return summary
+
+    def _sync_policers(self, img: compiler.Image, summary: Dict[str, object]) -> List[bytes]:
+        """Write the rate limits that are new or changed (before any tenant or rule names
+        them; a changed one starts full), and return the keys to remove at the end.
+        Unchanged buckets are left alone: their state is the datapath's."""
+        have = self._policers
+        put = [(k, v) for k, v in img.policers.items()
+               if k not in have or compiler.policer_config(have[k]) != compiler.policer_config(v)]
+        if put:
+            self.maps["xf_policers"].update_many(put, previous=have)
+            have.update(put)
+        summary["xf_policers"] = {"written": len(put)}
+        return [k for k in have if k not in img.policers]
+
+    def policers(self) -> Dict[int, abi.Policer]:
+        """xf_policers key -> its bucket as the datapath holds it now."""
+        return {ct.c_uint32.from_buffer_copy(k).value: abi.Policer.from_buffer_copy(v)
+                for k, v in self.maps["xf_policers"].items()}
 
     def _assign_rule_slots(self, img: compiler.Image) -> None:
         """Counter slots for the image's rules. A rule id new to the datapath (also one
@@ -473,7 +498,7 @@ class Datapath:
         mk = bytes(abi.MaskKey(tenant=tid, generation=gen))
         self.maps["xf_masks"].put(mk, mask_val)
         self._masks[(tid, gen)] = mask_val
-        tval = bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict, vni=t.vni))
+        tval = t.entry(gen)
         self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)     # the flip
         self._tenant_vals[tid] = tval
         self._gens[tid] = gen

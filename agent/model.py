@@ -151,6 +151,65 @@ def parse_protocol(value: Any, where: str) -> int:
                          "number 0..255)")
 
 
+# Rate limits: packets per second, or bits per second with a decimal (tc-style) prefix.
+_RATE_RE = re.compile(r"^(\d+)(pps|bit|kbit|mbit|gbit)$")
+_RATE_SCALE = {"pps": 1, "bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+MAX_PPS = 10**9
+MAX_BPS = 400 * 10**9
+MAX_BURST = (1 << 32) - 1
+
+
+def parse_rate(value: Any, where: str) -> Optional[str]:
+    """'10000pps', '100mbit' (also bit, kbit, gbit) or None -> the same text, checked."""
+    if value is None:
+        return None
+    m = _RATE_RE.match(value) if isinstance(value, str) else None
+    if not m:
+        raise Invalid(where, f"{value!r} is not a rate (N followed by pps, bit, kbit, mbit "
+                             "or gbit, e.g. 10000pps or 100mbit)")
+    n = int(m.group(1)) * _RATE_SCALE[m.group(2)]
+    hi = MAX_PPS if m.group(2) == "pps" else MAX_BPS
+    if not 1 <= n <= hi:
+        raise Invalid(where, f"{value!r} is out of range (1 .. {hi} "
+                             f"{'packets' if hi == MAX_PPS else 'bits'} per second)")
+    return value
+
+
+def rate_value(rate: str) -> Tuple[str, int]:
+    """('pps', packets per second) or ('bps', bits per second) of a checked rate."""
+    m = _RATE_RE.match(rate)
+    n = int(m.group(1)) * _RATE_SCALE[m.group(2)]
+    return ("pps", n) if m.group(2) == "pps" else ("bps", n)
+
+
+def burst_of(rate: str, burst: Optional[int]) -> int:
+    """The burst in the rate's units (packets for pps, bytes for bit rates): as given, or
+    a tenth of a second's worth (at least one packet, or one 1500-byte frame)."""
+    if burst is not None:
+        return burst
+    unit, n = rate_value(rate)
+    return max(1, n // 10) if unit == "pps" else max(1500, n // 80)
+
+
+def parse_limit(d: Dict[str, Any], where: str) -> Tuple[Optional[str], Optional[int]]:
+    """The (rate, burst) fields of a tenant or rule; a burst needs a rate."""
+    rate = parse_rate(d.get("rate"), f"{where}: rate")
+    burst = d.get("burst")
+    if burst is not None:
+        if rate is None:
+            raise Invalid(f"{where}: burst", "needs a rate")
+        burst = parse_int(burst, f"{where}: burst", 1, MAX_BURST)
+    return rate, burst
+
+
+def limit_dict(obj) -> Dict[str, Any]:
+    """The rate/burst fields of a tenant's or rule's dict: left out when it has no limit,
+    so what objects without one print is as it always was."""
+    if obj.rate is None:
+        return {}
+    return {"rate": obj.rate, "burst": obj.burst}
+
+
 def _check_keys(d: Any, where: str, allowed: Iterable[str], required: Iterable[str] = ()):
     if not isinstance(d, dict):
         raise Invalid(where, f"expected a table of fields, got {type(d).__name__}")
@@ -182,22 +241,27 @@ class Tenant:
     id: int
     vni: Optional[int] = None
     default: str = "drop"
+    rate: Optional[str] = None       # rate limit of all its traffic (parse_rate)
+    burst: Optional[int] = None      # packets (pps) or bytes (bit rates); None: burst_of
 
-    FIELDS = ("name", "id", "vni", "default")
+    FIELDS = ("name", "id", "vni", "default", "rate", "burst")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Tenant":
         where = f"tenant {d.get('name', '?')}" if isinstance(d, dict) else "tenant"
         _check_keys(d, where, cls.FIELDS, ("name", "id"))
+        rate, burst = parse_limit(d, where)
         return cls(
             name=parse_name(d["name"], f"{where}: name"),
             id=parse_int(d["id"], f"{where}: id", 1, MAX_TENANT_ID),
             vni=None if d.get("vni") is None else parse_int(d["vni"], f"{where}: vni", 1, MAX_VNI),
             default=parse_choice(d.get("default", "drop"), f"{where}: default", VERDICTS),
+            rate=rate, burst=burst,
         )
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "id": self.id, "vni": self.vni, "default": self.default}
+        return {"name": self.name, "id": self.id, "vni": self.vni, "default": self.default,
+                **limit_dict(self)}
 
 
 def parse_bool(value: Any, where: str) -> bool:
@@ -360,9 +424,11 @@ class Rule:
     icmp_code: Optional[int] = None
     in_port: Optional[str] = None
     comment: str = ""
+    rate: Optional[str] = None       # rate limit of the flows it allows (forward direction)
+    burst: Optional[int] = None
 
     FIELDS = ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
-              "icmp_type", "icmp_code", "in_port", "comment")
+              "icmp_type", "icmp_code", "in_port", "comment", "rate", "burst")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Rule":
@@ -397,6 +463,10 @@ class Rule:
         comment = "" if comment is None else comment
         if not isinstance(comment, str) or len(comment) > 256:
             raise Invalid(f"{where}: comment", "must be text of at most 256 characters")
+        rate, burst = parse_limit(d, where)
+        if rate is not None and d.get("action") != "allow":
+            raise Invalid(f"{where}: rate", "a rate limit needs action allow (it limits "
+                                            "what the rule lets through)")
         return cls(
             id=parse_int(d["id"], f"{where}: id", 1, MAX_RULE_ID),
             tenant=parse_name(d["tenant"], f"{where}: tenant"),
@@ -405,7 +475,7 @@ class Rule:
             src=src, dst=dst, proto=proto, sport=sport, dport=dport,
             icmp_type=icmp_type, icmp_code=icmp_code,
             in_port=None if d.get("in_port") is None else parse_ifname(d["in_port"], f"{where}: in_port"),
-            comment=comment,
+            comment=comment, rate=rate, burst=burst,
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -415,13 +485,13 @@ class Rule:
             "proto": PROTOCOL_NAMES.get(self.proto, self.proto) if self.proto else None,
             "sport": _fmt_range(self.sport), "dport": _fmt_range(self.dport),
             "icmp_type": self.icmp_type, "icmp_code": self.icmp_code,
-            "in_port": self.in_port, "comment": self.comment,
+            "in_port": self.in_port, "comment": self.comment, **limit_dict(self),
         }
 
     def same_match(self, other: "Rule") -> bool:
         a, b = self.to_dict(), other.to_dict()
-        for k in ("id", "priority", "action", "comment"):
-            a.pop(k), b.pop(k)
+        for k in ("id", "priority", "action", "comment", "rate", "burst"):
+            a.pop(k, None), b.pop(k, None)
         return a == b
 
 

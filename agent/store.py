@@ -17,7 +17,7 @@ from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class StoreError(Exception):
@@ -88,8 +88,16 @@ ALTER TABLE ports ADD COLUMN port_security INTEGER NOT NULL DEFAULT 1 CHECK (por
 ALTER TABLE ports ADD COLUMN allow_vlan INTEGER NOT NULL DEFAULT 0 CHECK (allow_vlan IN (0, 1));
 """
 
+# Version 3: rate limits of tenants and rules (NULL: none).
+_RATE_LIMITS_V3 = """
+ALTER TABLE tenants ADD COLUMN rate TEXT;      -- e.g. '10000pps', '100mbit'
+ALTER TABLE tenants ADD COLUMN burst INTEGER;  -- packets or bytes; NULL: the default
+ALTER TABLE rules ADD COLUMN rate TEXT;
+ALTER TABLE rules ADD COLUMN burst INTEGER;
+"""
+
 # MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
-MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2}
+MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _RATE_LIMITS_V3}
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,7 +108,7 @@ MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2}
 def _rule_row(r) -> Tuple:
     return (r.id, r.tenant, r.priority, r.action, prefix_str(r.src), prefix_str(r.dst),
             r.proto, r.sport[0], r.sport[1], r.dport[0], r.dport[1], r.icmp_type,
-            r.icmp_code, r.in_port, r.comment)
+            r.icmp_code, r.in_port, r.comment, r.rate, r.burst)
 
 
 def _rule_dict(row: sqlite3.Row) -> Dict[str, Any]:
@@ -131,8 +139,8 @@ def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
 
 
 _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] = {
-    "tenants": (("name",), ("id", "vni", "default_verdict"),
-                lambda t: (t.name, t.id, t.vni, t.default), _tenant_dict),
+    "tenants": (("name",), ("id", "vni", "default_verdict", "rate", "burst"),
+                lambda t: (t.name, t.id, t.vni, t.default, t.rate, t.burst), _tenant_dict),
     "ports": (("name",), ("tenant", "allow", "port_security", "allow_vlan"), _port_row,
               _port_dict),
     "endpoints": (("tenant", "ip"), ("port", "mac"),
@@ -142,7 +150,7 @@ _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] 
                           None if r.via is None else str(r.via)), dict),
     "rules": (("id",), ("tenant", "priority", "action", "src", "dst", "proto", "sport_lo",
                         "sport_hi", "dport_lo", "dport_hi", "icmp_type", "icmp_code",
-                        "in_port", "comment"), _rule_row, _rule_dict),
+                        "in_port", "comment", "rate", "burst"), _rule_row, _rule_dict),
 }
 
 # Which tables hold references to which: a change to a child, or a delete from a parent,

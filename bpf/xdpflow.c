@@ -13,6 +13,8 @@
  *   install  the reverse (stateful allow), then the flow
  *   act      drop | pass | redirect with MAC rewrite and TTL decrement; what the rules
  *            allow but whose TTL expires goes to the kernel
+ *   police   before a packet is passed or redirected: the rate limits of the rule that
+ *            allowed its flow and of its tenant (xf_police.h)
  *   count    per-CPU rows per (port, verdict, reason); every exit goes through it
  *
  * A stage returns XF_NEXT to hand the packet on, or the XDP action it decided (having
@@ -41,6 +43,7 @@
 #include "xf_maps.h"
 #include "xf_csum.h"
 #include "xf_parse.h"
+#include "xf_police.h"
 /* Map accesses stay in this file: BCC rewrites map calls in the main file only. */
 
 struct xf_verdict {
@@ -65,6 +68,7 @@ struct xf_ctx {
     __u16 slot;                /* the ingress port's slot */
     __u32 port_flags;          /* XF_PORT_* */
     int dflt;                  /* the XDP action of the tenant's default verdict */
+    __u32 tenant_policer;      /* the tenant's xf_policers key, 0: no rate limit */
 };
 
 /* The best rule found for a packet. Kept as scalars, not a map pointer: far fewer
@@ -74,6 +78,7 @@ struct xf_match {
     __u32 rule_id;
     __u16 stat;                /* its counter slot */
     __u8  action;              /* XF_A_*; 0: no rule matched */
+    __u32 policer;             /* its xf_policers key, 0: no rate limit */
 };
 
 /* The slow path's judgement of a miss. */
@@ -328,6 +333,7 @@ static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
         return xf_decide(c, (port->flags & XF_PORT_TENANT_DROP) ? XF_V_DROP : XF_V_PASS,
                          XF_R_NO_TENANT);
     c->gen = t->generation;
+    c->tenant_policer = t->policer;
     c->port_flags = port->flags;
     c->v.verdict = t->default_verdict == XF_V_PASS ? XF_V_PASS : XF_V_DROP;
     c->dflt = xf_verdict_action(c->v.verdict);
@@ -489,12 +495,52 @@ static __always_inline int xf_act(struct xdp_md *ctx, struct xf_pkt *p, struct x
     return bpf_redirect(f->out_ifindex, 0);
 }
 
-/* Record a flow's result as the packet's verdict, then act on it. */
+/* --- police ------------------------------------------------------------------------- */
+
+/* One rate limit (slot 0: the rule's, 1: the tenant's): 1 when the packet conforms or
+ * there is no such limit. The trace build looks without charging and records what it
+ * saw. The fine clock: the coarse one moves in jiffies, longer than a small burst. */
+static __always_inline int xf_police_one(struct xf_ctx *c, __u32 key, int i)
+{
+    if (!key)
+        return 1;
+    struct xf_policer *pl = xf_policers.lookup(&key);
+    if (!pl)
+        return 1;
+    __u64 now = bpf_ktime_get_ns();
+    __u64 cost = xf_police_cost(pl, c->len);
+#ifdef XF_TRACE
+    __u64 credit = xf_police_credit(pl, now);
+    int ok = cost <= credit;
+    __u32 zero = 0;
+    struct xf_trace *t = xf_trace_rec.lookup(&zero);
+    if (t && i >= 0 && i < 2) {
+        t->pol_key[i] = key;
+        t->pol_credit_ns[i] = credit;
+        t->pol_cost_ns[i] = cost;
+        t->pol_ok[i] = ok;
+    }
+    return ok;
+#else
+    return xf_police_charge(pl, cost, now);
+#endif
+}
+
+/* The rule's limit first, then the tenant's: a packet the rule refuses costs the tenant
+ * nothing. */
+static __always_inline int xf_stage_police(struct xf_ctx *c, __u32 rule_policer)
+{
+    return xf_police_one(c, rule_policer, 0) && xf_police_one(c, c->tenant_policer, 1);
+}
+
+/* Record a flow's result as the packet's verdict, police it, then act on it. */
 static __always_inline int xf_act_flow(struct xdp_md *ctx, struct xf_ctx *c,
                                        struct xf_flow *f, __u8 reason)
 {
     c->v.verdict = f->verdict;
     c->v.reason = reason;
+    if (f->verdict != XF_V_DROP && !xf_stage_police(c, f->policer))
+        return xf_decide(c, XF_V_DROP, XF_R_RATELIMIT);
     c->v.out_ifindex = f->out_ifindex;
     c->v.out_port = f->out_port;
     return xf_act(ctx, &c->p, f);
@@ -670,6 +716,7 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
     best->rule_id = 0;
     best->stat = 0;
     best->action = 0;
+    best->policer = 0;
     struct xf_mask_key mk = {};
     mk.tenant = tenant;
     mk.generation = gen;
@@ -712,6 +759,7 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
             best->rule_id = r->rule_id;
             best->stat = r->stat;
             best->action = r->action;
+            best->policer = r->policer;
         }
     }
     return best->action;
@@ -836,6 +884,7 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
 {
     sc->nf.rule_id = j->r.rule_id;
     sc->nf.rule_stat = j->r.stat;
+    sc->nf.policer = j->r.policer;    /* the forward direction is the rule's; a reply not */
     sc->nf.in_port = j->in_port;
     if (j->r.action == XF_A_PASS) {
         sc->nf.verdict = XF_V_PASS;

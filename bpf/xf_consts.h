@@ -29,6 +29,9 @@
 #define XF_IPV6_MIN_MTU 1280         /* RFC 8200 5 */
 #define XF_EVENT_BYTES 128           /* packet bytes a monitor event carries */
 #define XF_EVENT_RING_PAGES 64       /* monitor ring buffer: 256 KiB, about 1,500 events */
+#define XF_MAX_POLICERS 16384        /* tenants and rules with a rate limit, together */
+#define XF_POLICER_RULE 0x80000000   /* xf_policers key of a rule's limit: rule id | this;
+                                      * a tenant's is its id */
 
 /* Verdicts: what the datapath did with a packet (XF_V_NONE marks event counters). */
 #define XF_V_NONE 0
@@ -70,7 +73,9 @@
 #define XF_R_SPOOF 29          /* source MAC/address not the port's (port security) */
 #define XF_R_VLAN 30           /* a VLAN-tagged frame from a port not configured for tags */
 #define XF_R_ICMP_MTU 31       /* packet too big / frag needed below the IPv4/IPv6 minimum MTU */
-#define XF_R_MAX 32
+/* 32-39: overlay; 40-47: NAT and rate limits; 48-51: quotas. */
+#define XF_R_RATELIMIT 40      /* over a tenant's or rule's rate limit (xf_policers) */
+#define XF_R_MAX 41
 #define XF_R_ROWS 64           /* reasons per (port, verdict) in the counter array */
 
 /* Rule actions (classifier entries). */
@@ -92,6 +97,9 @@
 #define XF_PORT_VLAN 0x02      /* VLAN-tagged frames accepted */
 #define XF_PORT_TENANT_DROP 0x04  /* its tenant's default is drop: so is a packet that finds
                                    * no tenant entry (fail closed) */
+
+/* Policer flags. */
+#define XF_POL_BYTES 0x01      /* a bit rate: cost is per byte; else per packet */
 
 /* Endpoint flags. */
 #define XF_EP_LOCAL 0x01       /* an address of the node itself: hand to the kernel */

@@ -36,6 +36,9 @@ struct xf_flow {
     __u8  tcp_flags;       /* OR of TCP flags seen */
     __u8  in_mac[6];       /* source MAC its packets carry (checked on ports with security) */
     __u16 rule_stat;       /* the rule's counter slot (xf_rule_stats), 0: none / a reply */
+    /* --- rate limits (issue 11) --- */
+    __u32 policer;         /* the allowing rule's xf_policers key, 0: none / a reply */
+    __u32 pad_rl;
 };
 
 /* Port: keyed by ifindex. */
@@ -55,6 +58,9 @@ struct xf_tenant {
     __u16 flags;
     __u32 vni;
     __u32 pad2;
+    /* --- rate limits (issue 11) --- */
+    __u32 policer;         /* xf_policers key of its rate limit (its id), 0: none */
+    __u32 pad_rl;
 };
 
 /* One mask of a tenant's tuple space. Masks are sorted by max_rank, highest first, so the
@@ -102,6 +108,8 @@ struct xf_rule {
     __u8  action;          /* XF_A_* */
     __u8  pad;
     __u16 stat;            /* the rule's counter slot (xf_rule_stats), 0: not counted */
+    /* --- rate limits (issue 11) --- */
+    __u32 policer;         /* xf_policers key of its rate limit, 0: none */
 };
 
 struct xf_ep_key {
@@ -135,6 +143,20 @@ struct xf_route {
 struct xf_counter {
     __u64 packets;
     __u64 bytes;
+};
+
+/* A rate limit (token bucket) as GCRA, the virtual-scheduling form of a token bucket:
+ * tat_ns is when the bucket would be full again. A packet costs `cost`; it conforms when
+ * max(tat, now) + cost <= now + burst_ns. One entry is shared by every CPU and updated
+ * with atomic adds, so the limit holds for the node whatever CPU a packet arrives on
+ * (per-CPU buckets each pass their share and drift when traffic is spread unevenly). */
+struct xf_policer {
+    __u64 tat_ns;          /* bpf_ktime_get_ns() scale; 0: a full bucket */
+    __u64 cost;            /* ns per packet, or (XF_POL_BYTES) ns per byte << 16 */
+    __u64 burst_ns;        /* how far tat may run ahead of now */
+    __u64 dropped;         /* packets refused */
+    __u32 flags;           /* XF_POL_* */
+    __u32 pad;
 };
 
 /* Per rule id, per CPU: classifications it decided and the time of the last one. */
@@ -198,6 +220,12 @@ struct xf_trace {
     __u8  flow_hit;
     __u8  stale;
     __u32 pad;
+    /* --- rate limits (issue 11): the rule's bucket [0] and the tenant's [1] --- */
+    __u32 pol_key[2];      /* xf_policers key checked, 0: none */
+    __u64 pol_credit_ns[2];   /* credit the bucket held before this packet */
+    __u64 pol_cost_ns[2];     /* what this packet costs */
+    __u8  pol_ok[2];       /* 1: it conformed */
+    __u8  pad_rl[6];
 };
 
 /* The monitor's switch and datapath-side filter (one entry, written by the agent). With

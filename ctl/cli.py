@@ -375,20 +375,22 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 
 
 LIST_COLUMNS = {
-    "tenants": ("name", "id", "vni", "default"),
+    "tenants": ("name", "id", "vni", "default", "rate", "burst"),
     "ports": ("name", "tenant", "attached", "mode", "port_security", "allow_vlan", "allow",
               "note"),
     "endpoints": ("tenant", "ip", "port", "mac"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
-              "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "comment"),
+              "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "rate",
+              "burst", "comment"),
 }
 _PORT_STATE_COLUMNS = ("attached", "mode", "note")
+_LIMIT_COLUMNS = ("rate", "burst")      # shown when some row has a rate limit
 FLOW_COLUMNS = ("tenant", "in_port", "proto", "src", "sport", "dst", "dport", "verdict",
                 "out_port", "rule", "packets", "bytes", "idle_s", "flags")
 COUNTER_COLUMNS = ("tenant", "port", "verdict", "reason", "packets", "bytes")
 PORT_TX_COLUMNS = ("tenant", "port", "packets", "bytes")
-NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport",
+NUMERIC = ("id", "vni", "burst", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport",
            "hits")
 
 # Match fields that print "any" rather than "-" when unset.
@@ -557,9 +559,10 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             rows = [{**r, **{k: r.get(k) or "any" for k in _ANY_FIELDS}} for r in rows]
             if args.get("stats"):
                 return _rule_stats_table(rows)
-        # A port's attach state is left out when no row carries it (an older agent's reply).
+        # A port's attach state is left out when no row carries it (an older agent's
+        # reply), rate limits when nothing has one.
         columns = [c for c in LIST_COLUMNS[kind]
-                   if c not in _PORT_STATE_COLUMNS or any(c in r for r in rows)]
+                   if c not in _PORT_STATE_COLUMNS + _LIMIT_COLUMNS or any(c in r for r in rows)]
         return format_table(rows, columns, NUMERIC)
     if name == "port add":
         return _port_added(result or {})
@@ -621,6 +624,10 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             ("verdict:", "verdict"), ("tenant:", "tenant"), ("rule:", "rule"),
             ("route:", "route"), ("out port:", "out_port"), ("flow hit:", "flow_hit"),
             ("reason:", "reason"))]
+        for b in r.get("rate_limits") or []:
+            lines.append(f"{'limit:':<10} {b['bucket']} {b['rate']} burst {b['burst']}: "
+                         f"{b['tokens']} {b['unit']} in the bucket, this packet "
+                         f"{b['cost']}: {'conforms' if b['conformed'] else 'over the limit'}")
         out = r.get("packet_out")
         if r.get("verdict") == "drop" or r.get("action") in ("drop", "aborted") or not out:
             lines.append("output packet: none (dropped)" if r.get("verdict") == "drop"

@@ -131,6 +131,15 @@ class Bench:
         self.dp.flush_flows()
         frags = self.dp.maps["xf_frags"]
         frags.delete_many(list(frags.keys()))
+        # Rate limits start full (a sync leaves an unchanged bucket as it is).
+        pols = self.dp.maps["xf_policers"]
+        full = []
+        for k, v in pols.items():
+            p = abi.Policer.from_buffer_copy(v)
+            p.tat_ns = p.dropped = 0
+            full.append((k, bytes(p)))
+        if full:
+            pols.update_many(full)
 
     def run(self, pkt: bytes, port: str) -> Tuple[int, bytes]:
         rc, out, _ = self.dp.run(bytes(pkt), self.lab.ifindex[port])
