@@ -533,13 +533,14 @@ static __always_inline int xf_stage_police(struct xf_ctx *c, __u32 rule_policer)
     return xf_police_one(c, rule_policer, 0) && xf_police_one(c, c->tenant_policer, 1);
 }
 
-/* Record a flow's result as the packet's verdict, police it, then act on it. */
+/* Record a flow's result as the packet's verdict, police it (rule_policer: the limit of
+ * the rule it is charged to, 0: none), then act on it. */
 static __always_inline int xf_act_flow(struct xdp_md *ctx, struct xf_ctx *c,
-                                       struct xf_flow *f, __u8 reason)
+                                       struct xf_flow *f, __u8 reason, __u32 rule_policer)
 {
     c->v.verdict = f->verdict;
     c->v.reason = reason;
-    if (f->verdict != XF_V_DROP && !xf_stage_police(c, f->policer))
+    if (f->verdict != XF_V_DROP && !xf_stage_police(c, rule_policer))
         return xf_decide(c, XF_V_DROP, XF_R_RATELIMIT);
     c->v.out_ifindex = f->out_ifindex;
     c->v.out_port = f->out_port;
@@ -655,7 +656,9 @@ static __always_inline int xf_stage_hit(struct xdp_md *ctx, struct xf_ctx *c,
             f->flags |= XF_FLOW_CLOSING;
     }
 #endif
-    return xf_act_flow(ctx, c, f, related ? XF_R_RELATED : XF_R_FLOW);
+    /* An ICMP error about a flow is the connection's, not what its rule allowed: only the
+     * tenant's limit applies to it. */
+    return xf_act_flow(ctx, c, f, related ? XF_R_RELATED : XF_R_FLOW, related ? 0 : f->policer);
 }
 
 /* --- route ------------------------------------------------------------------------- */
@@ -927,8 +930,8 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
     if (j->as_reply && !have_rev)
         return xf_decide(c, XF_V_DROP, XF_R_NO_ROUTE);
     if (j->as_reply)
-        return xf_act_flow(ctx, c, &sc->rf, XF_R_RULE_ALLOW);
-    return xf_act_flow(ctx, c, &sc->nf, sc->nf.reason);
+        return xf_act_flow(ctx, c, &sc->rf, XF_R_RULE_ALLOW, sc->rf.policer);
+    return xf_act_flow(ctx, c, &sc->nf, sc->nf.reason, sc->nf.policer);
 }
 
 /* --- the pipeline -------------------------------------------------------------------- */

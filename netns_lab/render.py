@@ -237,8 +237,8 @@ def iptables_rule(rule: Rule, family: int, chain: str) -> Optional[str]:
 # rule that allowed its flow (the flow's own direction: the first rule in the datapath's
 # order its original direction matches) and then to its tenant's; denied traffic costs
 # nothing. The kernel path does the same in a chain before conntrack's shortcut, so
-# established packets are charged too: replies go straight to the tenant's limit, an
-# original-direction packet walks the rules in order and the first match decides (an
+# established packets are charged too: replies and related ICMP errors go straight to the
+# tenant's limit, an original-direction packet walks the rules in order and the first match decides (an
 # allow: its own limit, then the tenant's; a deny or pass: nothing). iptables uses
 # hashlimit with one bucket (no --hashlimit-mode), nftables `limit rate over`.
 # Their buckets are token buckets like the datapath's GCRA: `burst` packets (or bytes)
@@ -271,7 +271,8 @@ def iptables_limits(spec: LabSpec, tenant: str, family: int) -> Tuple[List[str],
         return [], []
     t = spec.state.tenant(tenant)
     rl, rt = f"xf-rl-{tenant}"[:28], f"xf-rlt-{tenant}"[:28]
-    out = [f"-A FORWARD -j {rl}", f"-A {rl} -m conntrack --ctdir REPLY -g {rt}"]
+    out = [f"-A FORWARD -j {rl}", f"-A {rl} -m conntrack --ctdir REPLY -g {rt}",
+           f"-A {rl} -m conntrack --ctstate RELATED -g {rt}"]
     for rule in rule_order(spec.state, tenant):
         if family not in rule_families(rule):
             continue
@@ -437,7 +438,8 @@ def nft_limits(spec: LabSpec, tenant: str) -> Tuple[List[str], List[str]]:
         return [], []
     t = spec.state.tenant(tenant)
     rl, rt = f"rl_{tenant}", f"rlt_{tenant}"
-    objs, lines = [], [f"  chain {rl} {{", f"    ct direction reply goto {rt}"]
+    objs, lines = [], [f"  chain {rl} {{", f"    ct direction reply goto {rt}",
+                       f"    ct state related goto {rt}"]
     for rule in rule_order(spec.state, tenant):
         if rule.rate is not None:
             objs.append(_nft_limit(f"rule{rule.id}", rule.rate, rule.burst))

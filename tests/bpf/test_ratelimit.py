@@ -62,6 +62,21 @@ def test_replies_are_not_charged_to_the_rule(bench):
     assert send(bench, cases.udp4(), 1) == [XDP_DROP]
 
 
+def test_icmp_errors_about_a_flow_are_not_charged_to_its_rule(bench):
+    """An error the allowed side's kernel sends about a reply (port unreachable) takes
+    the forward entry's path: it is the connection's, so only the tenant's limit counts."""
+    from scapy.all import ICMP, IP, UDP
+    bench.apply(limited(cases.GEN1, rules={1: {"rate": SLOW, "burst": 1}}))
+    assert send(bench, cases.udp4(), 2) == [XDP_REDIRECT, XDP_DROP]
+    reply = cases.udp4(sport=5000, dport=4000, port="p2", src="10.0.0.2", dst="10.0.0.1")
+    assert send(bench, reply, 1, port="p2") == [XDP_REDIRECT]
+    err = (cases.eth() / cases.v4() / ICMP(type=3, code=3) /
+           IP(src="10.0.0.2", dst="10.0.0.1") / UDP(sport=5000, dport=4000))
+    before = bench.snapshot()
+    assert send(bench, err, 3) == [XDP_REDIRECT] * 3
+    assert (SLOT["p1"], "redirect", "related") in bench.snapshot() - before
+
+
 def test_rule_limit_leaves_other_rules_alone(bench):
     bench.apply(limited(cases.GEN1_PLUS, rules={1: {"rate": SLOW, "burst": 1}}))
     assert send(bench, cases.udp4(), 3) == [XDP_REDIRECT, XDP_DROP, XDP_DROP]

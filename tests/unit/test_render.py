@@ -397,7 +397,8 @@ def test_rate_limits_are_charged_before_conntrack_in_the_datapath_order(spec):
     text = render.iptables(spec, "blue", 4, "drop")
     rl = [l for l in text.splitlines() if l.startswith("-A xf-rl-blue ")]
     assert rl[0] == "-A xf-rl-blue -m conntrack --ctdir REPLY -g xf-rlt-blue"
-    assert rl[1].endswith("-d 10.0.0.3/32 -j RETURN")           # rule 8, a deny
+    assert rl[1] == "-A xf-rl-blue -m conntrack --ctstate RELATED -g xf-rlt-blue"
+    assert rl[2].endswith("-d 10.0.0.3/32 -j RETURN")           # rule 8, a deny
     limit = next(i for i, l in enumerate(rl) if "xf4-r10" in l)
     assert rl[limit] == ("-A xf-rl-blue -p udp --dport 7700 -m hashlimit --hashlimit-above "
                          "1/second --hashlimit-burst 3 --hashlimit-name xf4-r10 -m comment "
