@@ -28,6 +28,9 @@ REASONS = {
     21: "parse_ipv4", 22: "parse_ipv6", 23: "parse_ext", 24: "parse_l4", 25: "frag",
     26: "insert_failed", 27: "flow_stale", 28: "related", 29: "spoof", 30: "vlan",
     31: "icmp_mtu",
+    # 32-39: the overlay (uplink ports, VXLAN)
+    32: "uplink_other",
+    # 40-47: NAT and rate limits
     40: "ratelimit",
 }
 REASON_IDS = {v: k for k, v in REASONS.items()}
@@ -42,6 +45,7 @@ ROUTE_ACTIONS = {"via": RT_VIA, "kernel": RT_KERNEL, "drop": RT_DROP}
 FLOW_REVERSE, FLOW_CLOSING = 0x01, 0x02
 EP_LOCAL = 0x01
 PORT_SECURITY, PORT_VLAN, PORT_TENANT_DROP = 0x01, 0x02, 0x04
+PORT_UPLINK = 0x08
 IPV4_MIN_MTU, IPV6_MIN_MTU = 68, 1280
 MAX_TENANTS = 65536
 PORT_INDEX = 16384       # ifindexes below this are looked up in xf_port_index (an array)
@@ -79,7 +83,7 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_V_MAX": V_MAX, "XF_R_ROWS": R_ROWS, "XF_FRAG_TABLE_SIZE": FRAG_TABLE_SIZE,
     "XF_MAX_RULE_IDS": MAX_RULE_IDS, "XF_R_MAX": R_MAX, "XF_RULE_STATS": RULE_STATS,
     "XF_PORT_SECURITY": PORT_SECURITY, "XF_PORT_VLAN": PORT_VLAN,
-    "XF_PORT_TENANT_DROP": PORT_TENANT_DROP,
+    "XF_PORT_TENANT_DROP": PORT_TENANT_DROP, "XF_PORT_UPLINK": PORT_UPLINK,
     "XF_IPV4_MIN_MTU": IPV4_MIN_MTU, "XF_IPV6_MIN_MTU": IPV6_MIN_MTU,
     "XF_EVENT_BYTES": EVENT_BYTES, "XF_EVENT_RING_PAGES": EVENT_RING_PAGES,
     "XF_MAX_POLICERS": MAX_POLICERS, "XF_POLICER_RULE": POLICER_RULE,
@@ -109,7 +113,9 @@ class Flow(ct.Structure):
 
 
 class Port(ct.Structure):
-    _fields_ = [("tenant", u16), ("slot", u16), ("flags", u32), ("mac", Mac), ("pad", u16)]
+    _fields_ = [("tenant", u16), ("slot", u16), ("flags", u32), ("mac", Mac), ("pad", u16),
+                # uplink ports (PORT_UPLINK)
+                ("local_ip", Addr)]
 
 
 class Tenant(ct.Structure):

@@ -157,8 +157,13 @@ def _add(kind: str, *fields: str):
 
 
 def _port_add(c, args):
-    obj = _only(args, "name", "tenant", "allow", "allow_vlan")
-    obj["port_security"] = not args.get("no_port_security")
+    obj = _only(args, "name", "tenant", "allow", "allow_vlan", "local_ip")
+    if args.get("uplink"):
+        obj["uplink"] = True
+    # An uplink has no port security to switch; --no-port-security on one is named as
+    # wrong by the model rather than dropped.
+    if not args.get("uplink") or args.get("no_port_security"):
+        obj["port_security"] = not args.get("no_port_security")
     return c.add("ports", obj)
 
 
@@ -359,24 +364,31 @@ _cmd("tenant list", False, "list tenants",
 
 # -- ports --
 _cmd("port add", True, "put a node interface (a VM's veth or tap) in a tenant; what it sends "
-     "must come from the MAC and address of one of its endpoints (port security)",
+     "must come from the MAC and address of one of its endpoints (port security). Or, with "
+     "--uplink, make it the node's port to the underlay/external network",
      "  xdpflowctl port add veth-vm1 --tenant blue\n"
      "  xdpflowctl port add veth-vm2 --tenant blue --allow 10.0.0.64/26 --allow-vlan\n"
-     "  xdpflowctl port add veth-fw --tenant blue --no-port-security",
+     "  xdpflowctl port add veth-fw --tenant blue --no-port-security\n"
+     "  xdpflowctl port add eth1 --uplink --local-ip 192.0.2.1",
      _port_add,
      description="Prints what happened: attached (in native or generic mode), waiting for "
                  "the interface (it does not exist yet; attached when it appears), or "
                  "attaching failed and why. A failed attach exits 1; the port stays "
                  "configured (fix the cause, or delete the port).",
      args=(Arg("name", "interface name", metavar="IFNAME", required=True),
-           _tenant_opt(True),
+           _tenant_opt(False),
            Arg("allow", "also accept sources in this prefix, with the MAC of one of the "
                "port's endpoints (allowed address pairs; repeatable)", flags=("--allow",),
                kind="list", metavar="PREFIX"),
            Arg("no_port_security", "accept any source MAC and address from this port",
                flags=("--no-port-security",), kind="flag"),
            Arg("allow_vlan", "accept VLAN-tagged frames from this port (dropped otherwise)",
-               flags=("--allow-vlan",), kind="flag")))
+               flags=("--allow-vlan",), kind="flag"),
+           Arg("uplink", "the port faces the underlay/external network and belongs to no "
+               "tenant (needs --local-ip)", flags=("--uplink",), kind="flag"),
+           Arg("local_ip", "the node's address on the uplink (its VTEP address)",
+               flags=("--local-ip",), metavar="IP")),
+     exclusive=((("tenant", "uplink"), True),))
 _cmd("port del", True, "take an interface out of its tenant",
      "  xdpflowctl port del veth-vm1",
      _delete("ports", _port_ident),

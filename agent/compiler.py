@@ -282,6 +282,12 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         link = links.get(p.name)
         if link is None:
             continue
+        if p.uplink:
+            v = abi.Port(tenant=0, slot=link.slot, flags=abi.PORT_UPLINK)
+            ct.memmove(v.mac, abi.mac_bytes(link.mac), 6)
+            abi.set_addr(v.local_ip, p.local_ip)
+            img.ports[bytes(ct.c_uint32(link.ifindex))] = bytes(v)
+            continue
         t = tenants[p.tenant]
         flags = (abi.PORT_SECURITY if p.port_security else 0) | \
             (abi.PORT_VLAN if p.allow_vlan else 0) | \

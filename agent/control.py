@@ -286,7 +286,7 @@ class Controller:
         out = []
         for p in self.state.sorted("ports"):
             link = self.attached.get(p.name)
-            out.append({"name": p.name, "tenant": p.tenant, "attached": link is not None,
+            out.append({"name": p.name, "tenant": p.tenant or "", "attached": link is not None,
                         "ifindex": link.ifindex if link else 0,
                         "mode": self.cfg.datapath.xdp_mode if link else "",
                         "note": self.port_notes.get(p.name, "")})
@@ -378,7 +378,7 @@ class Controller:
     def _names(self):
         tenants = {t.id: t.name for t in self.state.tenants}
         slots = {slot: name for name, slot in self.store.port_slots().items()}
-        port_tenant = {p.name: p.tenant for p in self.state.ports}
+        port_tenant = {p.name: p.tenant or "" for p in self.state.ports}   # "": an uplink
         return tenants, slots, port_tenant
 
     def flow_dump(self, tenant: Optional[str] = None, limit: int = 1000,

@@ -17,7 +17,7 @@ from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class StoreError(Exception):
@@ -88,8 +88,32 @@ ALTER TABLE ports ADD COLUMN port_security INTEGER NOT NULL DEFAULT 1 CHECK (por
 ALTER TABLE ports ADD COLUMN allow_vlan INTEGER NOT NULL DEFAULT 0 CHECK (allow_vlan IN (0, 1));
 """
 
-# Version 3: rate limits of tenants and rules (NULL: none).
-_RATE_LIMITS_V3 = """
+# Version 3: uplink ports (no tenant; the node's local address on the underlay). SQLite
+# cannot drop NOT NULL from a column, so the table is rebuilt. Its rows leave and come back
+# in one transaction: the deferred references of endpoints and rules to them are counted
+# broken at the DROP and mended by the INSERT, before COMMIT looks.
+_PORTS_V3 = """
+CREATE TEMP TABLE ports_v2 AS SELECT * FROM ports;
+DROP TABLE ports;
+CREATE TABLE ports (
+    name          TEXT PRIMARY KEY,
+    tenant        TEXT REFERENCES tenants(name) DEFERRABLE INITIALLY DEFERRED, -- NULL: uplink
+    slot          INTEGER NOT NULL UNIQUE CHECK (slot BETWEEN 1 AND 65535),
+    allow         TEXT NOT NULL DEFAULT '',  -- prefixes, space-separated
+    port_security INTEGER NOT NULL DEFAULT 1 CHECK (port_security IN (0, 1)),
+    allow_vlan    INTEGER NOT NULL DEFAULT 0 CHECK (allow_vlan IN (0, 1)),
+    uplink        INTEGER NOT NULL DEFAULT 0 CHECK (uplink IN (0, 1)),
+    local_ip      TEXT,                      -- canonical address text; uplinks only
+    CHECK ((uplink = 1) = (tenant IS NULL) AND (uplink = 1) = (local_ip IS NOT NULL))
+);
+INSERT INTO ports (name, tenant, slot, allow, port_security, allow_vlan)
+    SELECT name, tenant, slot, allow, port_security, allow_vlan FROM ports_v2;
+DROP TABLE ports_v2;
+CREATE INDEX ports_tenant ON ports(tenant);
+"""
+
+# Version 4: rate limits of tenants and rules (NULL: none).
+_RATE_LIMITS_V4 = """
 ALTER TABLE tenants ADD COLUMN rate TEXT;      -- e.g. '10000pps', '100mbit'
 ALTER TABLE tenants ADD COLUMN burst INTEGER;  -- packets or bytes; NULL: the default
 ALTER TABLE rules ADD COLUMN rate TEXT;
@@ -97,7 +121,7 @@ ALTER TABLE rules ADD COLUMN burst INTEGER;
 """
 
 # MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
-MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _RATE_LIMITS_V3}
+MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _PORTS_V3, 3: _RATE_LIMITS_V4}
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,7 +145,7 @@ def _rule_dict(row: sqlite3.Row) -> Dict[str, Any]:
 
 def _port_row(p) -> Tuple:
     return (p.name, p.tenant, " ".join(str(a) for a in p.allow), int(p.port_security),
-            int(p.allow_vlan))
+            int(p.allow_vlan), int(p.uplink), None if p.local_ip is None else str(p.local_ip))
 
 
 def _port_dict(row: sqlite3.Row) -> Dict[str, Any]:
@@ -129,6 +153,10 @@ def _port_dict(row: sqlite3.Row) -> Dict[str, Any]:
     d["allow"] = d["allow"].split()
     d["port_security"] = bool(d["port_security"])
     d["allow_vlan"] = bool(d["allow_vlan"])
+    d["uplink"] = bool(d["uplink"])
+    if d["uplink"]:     # an uplink's tenant-port columns hold their defaults
+        for k in ("allow", "port_security", "allow_vlan", "tenant"):
+            d.pop(k)
     return d
 
 
@@ -141,7 +169,8 @@ def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
 _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] = {
     "tenants": (("name",), ("id", "vni", "default_verdict", "rate", "burst"),
                 lambda t: (t.name, t.id, t.vni, t.default, t.rate, t.burst), _tenant_dict),
-    "ports": (("name",), ("tenant", "allow", "port_security", "allow_vlan"), _port_row,
+    "ports": (("name",), ("tenant", "allow", "port_security", "allow_vlan", "uplink",
+                          "local_ip"), _port_row,
               _port_dict),
     "endpoints": (("tenant", "ip"), ("port", "mac"),
                   lambda e: (e.tenant, str(e.ip), e.port, e.mac), dict),

@@ -327,6 +327,10 @@ static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
     }
     c->tenant = port->tenant;
     c->slot = port->slot;
+    /* An uplink belongs to no tenant: what arrives there and is not the datapath's is
+     * the node's own traffic. */
+    if (port->flags & XF_PORT_UPLINK)
+        return xf_decide(c, XF_V_PASS, XF_R_UPLINK_OTHER);
     __u32 tid = c->tenant;
     struct xf_tenant *t = xf_tenants.lookup(&tid);
     if (!t || t->generation == 0)   /* fail closed where the tenant's default is drop */

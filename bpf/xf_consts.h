@@ -73,7 +73,9 @@
 #define XF_R_SPOOF 29          /* source MAC/address not the port's (port security) */
 #define XF_R_VLAN 30           /* a VLAN-tagged frame from a port not configured for tags */
 #define XF_R_ICMP_MTU 31       /* packet too big / frag needed below the IPv4/IPv6 minimum MTU */
-/* 32-39: overlay; 40-47: NAT and rate limits; 48-51: quotas. */
+/* 32-39: the overlay (uplink ports, VXLAN) */
+#define XF_R_UPLINK_OTHER 32   /* arrived on an uplink, not for the datapath: the kernel's */
+/* 40-47: NAT and rate limits; 48-51: quotas */
 #define XF_R_RATELIMIT 40      /* over a tenant's or rule's rate limit (xf_policers) */
 #define XF_R_MAX 41
 #define XF_R_ROWS 64           /* reasons per (port, verdict) in the counter array */
@@ -97,6 +99,7 @@
 #define XF_PORT_VLAN 0x02      /* VLAN-tagged frames accepted */
 #define XF_PORT_TENANT_DROP 0x04  /* its tenant's default is drop: so is a packet that finds
                                    * no tenant entry (fail closed) */
+#define XF_PORT_UPLINK 0x08    /* faces the underlay/external network; belongs to no tenant */
 
 /* Policer flags. */
 #define XF_POL_BYTES 0x01      /* a bit rate: cost is per byte; else per packet */

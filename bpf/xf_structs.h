@@ -48,6 +48,8 @@ struct xf_port {
     __u32 flags;           /* XF_PORT_* */
     __u8  mac[6];          /* source of proxy ARP/ND replies and of routed frames */
     __u16 pad;
+    /* Uplink ports (XF_PORT_UPLINK). */
+    __u32 local_ip[4];     /* the node's address on it (VTEP, source of what it sends) */
 };
 
 /* Tenant: an array indexed by tenant id. */

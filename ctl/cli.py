@@ -377,7 +377,7 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 LIST_COLUMNS = {
     "tenants": ("name", "id", "vni", "default", "rate", "burst"),
     "ports": ("name", "tenant", "attached", "mode", "port_security", "allow_vlan", "allow",
-              "note"),
+              "local_ip", "note"),
     "endpoints": ("tenant", "ip", "port", "mac"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
@@ -385,6 +385,7 @@ LIST_COLUMNS = {
               "burst", "comment"),
 }
 _PORT_STATE_COLUMNS = ("attached", "mode", "note")
+_UPLINK_COLUMNS = ("local_ip",)     # shown when some port is an uplink
 _LIMIT_COLUMNS = ("rate", "burst")      # shown when some row has a rate limit
 FLOW_COLUMNS = ("tenant", "in_port", "proto", "src", "sport", "dst", "dport", "verdict",
                 "out_port", "rule", "packets", "bytes", "idle_s", "flags")
@@ -560,9 +561,10 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             if args.get("stats"):
                 return _rule_stats_table(rows)
         # A port's attach state is left out when no row carries it (an older agent's
-        # reply), rate limits when nothing has one.
+        # reply), an uplink's address when no port is one, rate limits when nothing has one.
         columns = [c for c in LIST_COLUMNS[kind]
-                   if c not in _PORT_STATE_COLUMNS + _LIMIT_COLUMNS or any(c in r for r in rows)]
+                   if c not in _PORT_STATE_COLUMNS + _UPLINK_COLUMNS + _LIMIT_COLUMNS
+                   or any(c in r for r in rows)]
         return format_table(rows, columns, NUMERIC)
     if name == "port add":
         return _port_added(result or {})
