@@ -84,6 +84,11 @@ SUITES: Dict[str, Suite] = {
     "churn": Suite("rules per second applied under traffic; packets judged by neither set",
                    _lazy("bench_traffic", "run_churn"), _lazy("bench_traffic", "churn_table"),
                    _lazy("bench_traffic", "churn_plots")),
+    "ratelimit": Suite("rate limits under twice the load: delivered rate against the "
+                       "limit, pps and bps, one and two CPUs",
+                       _lazy("bench_ratelimit", "run_ratelimit"),
+                       _lazy("bench_ratelimit", "ratelimit_table"),
+                       _lazy("bench_ratelimit", "ratelimit_plots")),
     "memory": Suite("kernel map memory per flow and per rule, the agent's RSS",
                     _lazy("bench_memory", "run_memory"), _lazy("bench_memory", "memory_table"),
                     _lazy("bench_memory", "memory_plots")),

@@ -148,6 +148,7 @@ BENCH_TARGETS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
     "restart": _bench_suite("restart"),
     "churn": _bench_suite("churn"),
     "memory": _bench_suite("memory"),
+    "ratelimit": _bench_suite("ratelimit"),
     "all": _bench_suite("all"),
 }
 

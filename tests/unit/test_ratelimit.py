@@ -122,3 +122,20 @@ def test_trace_text_shows_the_bucket():
          "cost": 1, "conformed": False}]}, {})
     assert "limit:     rule 7 5pps burst 2: 0 packets in the bucket, this packet 1: over " \
            "the limit" in text
+
+
+def test_bench_limit_is_half_the_offered_load_in_frames():
+    from netns_lab import bench_ratelimit as br
+    assert br.limit_for("pps", 5241.7) == ("2620pps", 2620)
+    # 2,620 frames/s of 60 bytes = 1,257.6 kbit/s: 1257kbit allows 2,618 frames/s.
+    assert br.limit_for("bit", 5241.7) == ("1257kbit", 2618)
+
+
+def test_bench_table_reports_against_the_limit():
+    from netns_lab import bench_ratelimit as br
+    from netns_lab import benchlib
+    c = {"case": "pps", "rate": "2716pps", "limit_pps": 2716, "offered_pps": 5241,
+         "delivered_pps": 2686, "delivered_over_limit": 0.989}
+    doc = {"cases": [c], "goals": [benchlib.goal_entry("pps", 0.011, "<=", 0.1)]}
+    text = br.ratelimit_table(doc)
+    assert "2716pps" in text and "0.989" in text and "met" in text
