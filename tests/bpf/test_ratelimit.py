@@ -206,3 +206,37 @@ def test_two_cpus_share_one_bucket(bench):
     print(f"two CPUs, {rate} pps limit: passed {passed} in {elapsed:.3f} s = "
           f"{passed / elapsed:.0f} pps ({passed / (rate * elapsed + burst):.3f} of the bound)")
 
+
+
+def test_agent_end_to_end_limits_metrics_by_tenant_and_trace(node_controller, in_node):
+    """Through the command table: limits given as the CLI sends them, drops counted by
+    tenant in the metrics, and trace naming each bucket with its tokens."""
+    from agent import commands
+    from .test_contract import FRAME, STATE
+    from .test_counters import _scrape, _value
+
+    c = node_controller
+    for name, args in STATE:
+        if name == "rule add":
+            args = dict(args, rate="5pps", burst=2)
+        if name == "tenant add":
+            args = dict(args, rate="8000bit", burst=3000)
+        commands.dispatch(c, name, args)
+    assert [t.get("rate") for t in c.list("tenants")] == ["8000bit"]
+    frame = bytes.fromhex(FRAME)
+    tr = commands.dispatch(c, "trace", {"port": "p1", "hex": FRAME})
+    rule = c.list("rules")[0]["id"]
+    assert tr["rate_limits"] == [
+        {"bucket": f"rule {rule}", "rate": "5pps", "burst": 2, "unit": "packets",
+         "tokens": 2, "cost": 1, "conformed": True},
+        {"bucket": "tenant blue", "rate": "8000bit", "burst": 3000, "unit": "bytes",
+         "tokens": 3000, "cost": len(frame), "conformed": True}]
+    got = [c.dp.run(frame, in_node.ifindex["p1"])[0] for _ in range(5)]
+    assert got == [XDP_REDIRECT] * 2 + [XDP_DROP] * 3
+    fams = _scrape(c)
+    assert _value(fams["xdpflow_packets"], tenant="blue", verdict="drop",
+                  reason="ratelimit") == 3
+    tr = commands.dispatch(c, "trace", {"port": "p1", "hex": FRAME})
+    assert (tr["verdict"], tr["reason"]) == ("drop", "ratelimit")
+    assert tr["rate_limits"][0]["tokens"] == 0 and not tr["rate_limits"][0]["conformed"]
+    assert len(tr["rate_limits"]) == 1          # the rule refused it: the tenant not asked
