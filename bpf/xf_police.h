@@ -28,15 +28,20 @@ static __always_inline __u64 xf_police_credit(struct xf_policer *pl, __u64 now)
 /* Charge a packet costing `cost` ns: 1 when it conforms, 0 when it is over the limit. */
 static __always_inline int xf_police_charge(struct xf_policer *pl, __u64 cost, __u64 now)
 {
+    /* Bigger than the whole bucket: it never fits. */
+    if (cost > pl->burst_ns)
+        goto refuse;
     __u64 tat = pl->tat_ns;
-    /* Idle: the schedule restarts from now (a full bucket). Only one CPU's restart wins;
-     * the loser's charge lands on the winner's. */
-    if ((__s64)(tat - now) < 0)
-        __sync_val_compare_and_swap(&pl->tat_ns, tat, now);
+    /* Idle (a full bucket): the schedule restarts from now with this packet, one atomic.
+     * When another CPU changed tat meanwhile, charge as below: tat is then recent. */
+    if ((__s64)(tat - now) < 0 &&
+        __sync_val_compare_and_swap(&pl->tat_ns, tat, now + cost) == tat)
+        return 1;
     __u64 before = __sync_fetch_and_add(&pl->tat_ns, cost);
     if ((__s64)(before + cost - now) <= (__s64)pl->burst_ns)
         return 1;
     __sync_fetch_and_sub(&pl->tat_ns, cost);
+refuse:
     __sync_fetch_and_add(&pl->dropped, 1);
     return 0;
 }
