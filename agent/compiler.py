@@ -344,4 +344,7 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
     for r in state.rules:
         if r.rate is not None:
             img.policers[bytes(ct.c_uint32(rule_policer(r.id)))] = policer_value(r.rate, r.burst)
+    if len(img.policers) > abi.MAX_POLICERS:
+        raise CompileError("rate limits", f"{len(img.policers)} tenants and rules have one; "
+                                          f"the datapath holds {abi.MAX_POLICERS}")
     return img

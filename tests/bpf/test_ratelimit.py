@@ -240,3 +240,9 @@ def test_agent_end_to_end_limits_metrics_by_tenant_and_trace(node_controller, in
     assert (tr["verdict"], tr["reason"]) == ("drop", "ratelimit")
     assert tr["rate_limits"][0]["tokens"] == 0 and not tr["rate_limits"][0]["conformed"]
     assert len(tr["rate_limits"]) == 1          # the rule refused it: the tenant not asked
+
+
+def test_ipv6_flows_share_their_tenants_bucket_with_ipv4(bench):
+    bench.apply(limited(cases.GEN1, tenant={"blue": {"rate": SLOW, "burst": 2}}))
+    assert send(bench, cases.udp6(), 1) + send(bench, cases.udp4(), 1) + \
+        send(bench, cases.udp6(), 1) == [XDP_REDIRECT, XDP_REDIRECT, XDP_DROP]

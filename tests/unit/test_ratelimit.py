@@ -139,3 +139,14 @@ def test_bench_table_reports_against_the_limit():
     doc = {"cases": [c], "goals": [benchlib.goal_entry("pps", 0.011, "<=", 0.1)]}
     text = br.ratelimit_table(doc)
     assert "2716pps" in text and "0.989" in text and "met" in text
+
+
+def test_more_limits_than_the_datapath_holds_are_refused_naming_it(monkeypatch):
+    monkeypatch.setattr(abi, "MAX_POLICERS", 2)
+    st = model.State.from_dict({
+        "tenants": [{"name": "blue", "id": 10, "rate": "5pps"}],
+        "rules": [{"id": i, "tenant": "blue", "priority": 1, "action": "allow",
+                   "rate": "5pps", "dport": i, "proto": "tcp"} for i in (1, 2)]})
+    with pytest.raises(compiler.CompileError, match="rate limits: 3 tenants and rules have "
+                                                    "one; the datapath holds 2"):
+        compiler.compile_state(st, {})
