@@ -350,7 +350,7 @@ _cmd("tenant add", True, "add a tenant (a VPC; its id is in every datapath key)"
                kind="int", metavar="VNI"),
            Arg("default", "verdict for traffic no rule allows: drop (the cloud default) "
                           "or pass to the kernel", flags=("--default",),
-               choices=model.VERDICTS)) + _limit_args("all its traffic"))
+               choices=model.VERDICTS)) + _limit_args("all it lets through (what its rules allow, and their replies)"))
 _cmd("tenant del", True, "delete a tenant (refused, naming them, while ports, endpoints, "
                          "routes or rules still belong to it, unless --cascade)",
      "  xdpflowctl tenant del blue\n  xdpflowctl tenant del blue --cascade",

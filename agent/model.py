@@ -241,7 +241,7 @@ class Tenant:
     id: int
     vni: Optional[int] = None
     default: str = "drop"
-    rate: Optional[str] = None       # rate limit of all its traffic (parse_rate)
+    rate: Optional[str] = None       # rate limit of what its rules let through (parse_rate)
     burst: Optional[int] = None      # packets (pps) or bytes (bit rates); None: burst_of
 
     FIELDS = ("name", "id", "vni", "default", "rate", "burst")
