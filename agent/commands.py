@@ -398,16 +398,21 @@ _cmd("port list", False, "list ports: whether attached, in which mode, and why n
      _list("ports"), args=(_TENANT_FILTER,))
 
 # -- endpoints --
-_cmd("endpoint add", True, "say where a tenant address lives: behind a local port, with "
-                           "its MAC",
+_cmd("endpoint add", True, "say where a tenant address lives: behind a local port, or "
+                           "behind another node's VTEP (over VXLAN), with its MAC",
      "  xdpflowctl endpoint add --tenant blue 10.0.0.5 --port veth-vm1 "
-     "--mac 02:00:00:00:00:05",
-     _add("endpoints", "tenant", "ip", "port", "mac"),
+     "--mac 02:00:00:00:00:05\n"
+     "  xdpflowctl endpoint add --tenant blue 10.0.1.7 --vtep 192.0.2.2 "
+     "--mac 02:00:00:00:01:07",
+     _add("endpoints", "tenant", "ip", "port", "mac", "vtep"),
      args=(_tenant_opt(True),
            Arg("ip", "the endpoint's address (IPv4 or IPv6)", metavar="IP", required=True),
-           Arg("port", "the local port it lives behind", flags=("--port",), required=True,
+           Arg("port", "the local port it lives behind", flags=("--port",),
                metavar="IFNAME"),
-           Arg("mac", "its MAC address", flags=("--mac",), required=True, metavar="MAC")))
+           Arg("vtep", "the remote node's VTEP address it lives behind (the tenant needs "
+               "a VNI, the node an uplink)", flags=("--vtep",), metavar="IP"),
+           Arg("mac", "its MAC address", flags=("--mac",), required=True, metavar="MAC")),
+     exclusive=((("port", "vtep"), True),))
 _cmd("endpoint del", True, "forget a tenant address",
      "  xdpflowctl endpoint del --tenant blue 10.0.0.5",
      _delete("endpoints", _endpoint_ident),

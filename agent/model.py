@@ -352,26 +352,41 @@ class Port:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """(tenant, IP) -> the local port it lives behind and its MAC."""
+    """(tenant, IP) -> where it lives: behind a local port, or behind a remote node's VTEP
+    (`vtep`, reached over VXLAN with the tenant's VNI through the uplink); and its MAC."""
     tenant: str
     ip: IPAddr
-    port: str
+    port: Optional[str]
     mac: str
+    vtep: Optional[IPAddr] = None
 
-    FIELDS = ("tenant", "ip", "port", "mac")
+    FIELDS = ("tenant", "ip", "port", "mac", "vtep")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Endpoint":
         where = (f"endpoint {d.get('tenant', '?')}/{d.get('ip', '?')}"
                  if isinstance(d, dict) else "endpoint")
-        _check_keys(d, where, cls.FIELDS, cls.FIELDS)
+        _check_keys(d, where, cls.FIELDS, ("tenant", "ip", "mac"))
+        if (d.get("port") is None) == (d.get("vtep") is None):
+            raise Invalid(where, "needs one of 'port' (a local port) or 'vtep' (a remote "
+                                 "node's VTEP address)")
+        vtep = None
+        if d.get("vtep") is not None:
+            vtep = parse_ip(d["vtep"], f"{where}: vtep")
+            # The datapath's underlay is IPv4 (outer IPv4/UDP/VXLAN).
+            if vtep.version != 4 or vtep.is_multicast or vtep.is_unspecified or \
+                    vtep.is_loopback:
+                raise Invalid(f"{where}: vtep", f"{vtep} is not a unicast IPv4 address")
         return cls(tenant=parse_name(d["tenant"], f"{where}: tenant"),
                    ip=parse_ip(d["ip"], f"{where}: ip"),
-                   port=parse_ifname(d["port"], f"{where}: port"),
-                   mac=parse_mac(d["mac"], f"{where}: mac"))
+                   port=None if vtep else parse_ifname(d["port"], f"{where}: port"),
+                   mac=parse_mac(d["mac"], f"{where}: mac"), vtep=vtep)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"tenant": self.tenant, "ip": str(self.ip), "port": self.port, "mac": self.mac}
+        d = {"tenant": self.tenant, "ip": str(self.ip), "port": self.port, "mac": self.mac}
+        if self.vtep is not None:      # a local endpoint's fields are unchanged by remotes
+            d["vtep"] = str(self.vtep)
+        return d
 
 
 @dataclass(frozen=True)
@@ -617,6 +632,12 @@ class State:
             where = f"endpoint {e.tenant}/{e.ip}"
             if e.tenant not in names:
                 raise Conflict(where, f"unknown tenant {e.tenant!r}")
+            if e.vtep is not None:
+                self._check_remote(e, where, names[e.tenant], local_ips)
+                if (e.tenant, e.ip) in eps:
+                    raise Conflict(where, "defined twice")
+                eps[(e.tenant, e.ip)] = e
+                continue
             if e.port not in ports:
                 raise Conflict(where, f"unknown port {e.port!r}")
             if ports[e.port].uplink:
@@ -653,6 +674,22 @@ class State:
                 if ports[r.in_port].tenant != r.tenant:
                     raise Conflict(where, f"in_port: port {r.in_port} belongs to tenant "
                                          f"{ports[r.in_port].tenant}")
+
+    def uplink(self) -> Optional[Port]:
+        """The uplink remote endpoints are reached through (the first, by name)."""
+        ups = [p for p in self.sorted("ports") if p.uplink and p.local_ip.version == 4]
+        return ups[0] if ups else None
+
+    def _check_remote(self, e: Endpoint, where: str, tenant: Tenant, local_ips) -> None:
+        if tenant.vni is None:
+            raise Conflict(where, f"tenant {tenant.name} has no VNI (tenant add --vni) to "
+                                  "reach a remote endpoint with")
+        if self.uplink() is None:
+            raise Conflict(where, "a remote endpoint needs an uplink port with an IPv4 "
+                                  "local_ip (port add IFNAME --uplink --local-ip IP)")
+        if e.vtep in local_ips:
+            raise Conflict(f"{where}: vtep", f"{e.vtep} is this node's own (uplink "
+                                             f"{local_ips[e.vtep]})")
 
     def users_of_tenant(self, name: str) -> Dict[str, int]:
         """How many objects of each kind belong to tenant `name` (kinds with none left out)."""

@@ -17,7 +17,7 @@ from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class StoreError(Exception):
@@ -112,8 +112,26 @@ DROP TABLE ports_v2;
 CREATE INDEX ports_tenant ON ports(tenant);
 """
 
-# Version 4: rate limits of tenants and rules (NULL: none).
-_RATE_LIMITS_V4 = """
+# Version 4: remote endpoints (behind a VTEP, no local port). Rebuilt as version 3 was.
+_ENDPOINTS_V4 = """
+CREATE TEMP TABLE endpoints_v3 AS SELECT * FROM endpoints;
+DROP TABLE endpoints;
+CREATE TABLE endpoints (
+    tenant TEXT NOT NULL REFERENCES tenants(name) DEFERRABLE INITIALLY DEFERRED,
+    ip     TEXT NOT NULL,                   -- canonical address text
+    port   TEXT REFERENCES ports(name) DEFERRABLE INITIALLY DEFERRED,  -- NULL: remote
+    mac    TEXT NOT NULL,                   -- lower case xx:xx:xx:xx:xx:xx
+    vtep   TEXT,                            -- a remote endpoint's VTEP address
+    PRIMARY KEY (tenant, ip),
+    CHECK ((port IS NULL) = (vtep IS NOT NULL))
+);
+INSERT INTO endpoints (tenant, ip, port, mac) SELECT tenant, ip, port, mac FROM endpoints_v3;
+DROP TABLE endpoints_v3;
+CREATE INDEX endpoints_port ON endpoints(port);
+"""
+
+# Version 5: rate limits of tenants and rules (NULL: none).
+_RATE_LIMITS_V5 = """
 ALTER TABLE tenants ADD COLUMN rate TEXT;      -- e.g. '10000pps', '100mbit'
 ALTER TABLE tenants ADD COLUMN burst INTEGER;  -- packets or bytes; NULL: the default
 ALTER TABLE rules ADD COLUMN rate TEXT;
@@ -121,7 +139,7 @@ ALTER TABLE rules ADD COLUMN burst INTEGER;
 """
 
 # MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
-MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _PORTS_V3, 3: _RATE_LIMITS_V4}
+MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _PORTS_V3, 3: _ENDPOINTS_V4, 4: _RATE_LIMITS_V5}
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,6 +178,10 @@ def _port_dict(row: sqlite3.Row) -> Dict[str, Any]:
     return d
 
 
+def _endpoint_dict(row: sqlite3.Row) -> Dict[str, Any]:
+    return {k: v for k, v in dict(row).items() if v is not None or k not in ("port", "vtep")}
+
+
 def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
     d = dict(row)
     d["default"] = d.pop("default_verdict")
@@ -172,8 +194,9 @@ _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] 
     "ports": (("name",), ("tenant", "allow", "port_security", "allow_vlan", "uplink",
                           "local_ip"), _port_row,
               _port_dict),
-    "endpoints": (("tenant", "ip"), ("port", "mac"),
-                  lambda e: (e.tenant, str(e.ip), e.port, e.mac), dict),
+    "endpoints": (("tenant", "ip"), ("port", "mac", "vtep"),
+                  lambda e: (e.tenant, str(e.ip), e.port, e.mac,
+                             None if e.vtep is None else str(e.vtep)), _endpoint_dict),
     "routes": (("tenant", "prefix"), ("action", "via"),
                lambda r: (r.tenant, str(r.prefix), r.action,
                           None if r.via is None else str(r.via)), dict),

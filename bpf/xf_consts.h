@@ -32,6 +32,8 @@
 #define XF_MAX_POLICERS 16384        /* tenants and rules with a rate limit, together */
 #define XF_POLICER_RULE 0x80000000   /* xf_policers key of a rule's limit: rule id | this;
                                       * a tenant's is its id */
+#define XF_ENCAP_LEN 50              /* VXLAN's outer Ethernet, IPv4, UDP and VXLAN headers */
+#define XF_VNI_ENTRIES 65536         /* decap's (VNI) and (VNI, VTEP) entries */
 
 /* Verdicts: what the datapath did with a packet (XF_V_NONE marks event counters). */
 #define XF_V_NONE 0
@@ -75,6 +77,11 @@
 #define XF_R_ICMP_MTU 31       /* packet too big / frag needed below the IPv4/IPv6 minimum MTU */
 /* 32-39: the overlay (uplink ports, VXLAN) */
 #define XF_R_UPLINK_OTHER 32   /* arrived on an uplink, not for the datapath: the kernel's */
+#define XF_R_VNI_UNKNOWN 33    /* VXLAN with a VNI no tenant has: dropped */
+#define XF_R_VTEP_UNKNOWN 34   /* VXLAN from a VTEP with none of the VNI tenant's endpoints */
+#define XF_R_MTU_KERNEL 35     /* too big for the uplink once encapsulated: the kernel's */
+#define XF_R_PARSE_VXLAN 36    /* VXLAN to the node, truncated or lying: dropped */
+#define XF_R_NO_NEIGH 37       /* the underlay neighbour of a VTEP is not resolved yet */
 /* 40-47: NAT and rate limits; 48-51: quotas */
 #define XF_R_RATELIMIT 40      /* over a tenant's or rule's rate limit (xf_policers) */
 #define XF_R_MAX 41
@@ -93,6 +100,8 @@
 /* Flow flags. */
 #define XF_FLOW_REVERSE 0x01   /* installed as the reply direction of an allowed flow */
 #define XF_FLOW_CLOSING 0x02   /* TCP FIN or RST seen: aged with the short timeout */
+#define XF_FLOW_ENCAP 0x04     /* sent over VXLAN to a remote VTEP */
+#define XF_FLOW_POLICED 0x08   /* its rule has a rate limit (xf_policers: rule id | XF_POLICER_RULE) */
 
 /* Port flags. */
 #define XF_PORT_SECURITY 0x01  /* sources checked: the MAC and address of an endpoint of the port */
@@ -106,6 +115,7 @@
 
 /* Endpoint flags. */
 #define XF_EP_LOCAL 0x01       /* an address of the node itself: hand to the kernel */
+#define XF_EP_REMOTE 0x02      /* behind a remote VTEP (VXLAN over the uplink) */
 
 /* Fragment state of a packet. */
 #define XF_FRAG_NONE 0

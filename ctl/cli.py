@@ -378,14 +378,14 @@ LIST_COLUMNS = {
     "tenants": ("name", "id", "vni", "default", "rate", "burst"),
     "ports": ("name", "tenant", "attached", "mode", "port_security", "allow_vlan", "allow",
               "local_ip", "note"),
-    "endpoints": ("tenant", "ip", "port", "mac"),
+    "endpoints": ("tenant", "ip", "port", "mac", "vtep"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
               "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "rate",
               "burst", "comment"),
 }
 _PORT_STATE_COLUMNS = ("attached", "mode", "note")
-_UPLINK_COLUMNS = ("local_ip",)     # shown when some port is an uplink
+_OVERLAY_COLUMNS = ("local_ip", "vtep")   # shown when some port/endpoint has one
 _LIMIT_COLUMNS = ("rate", "burst")      # shown when some row has a rate limit
 FLOW_COLUMNS = ("tenant", "in_port", "proto", "src", "sport", "dst", "dport", "verdict",
                 "out_port", "rule", "packets", "bytes", "idle_s", "flags")
@@ -563,7 +563,7 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
         # A port's attach state is left out when no row carries it (an older agent's
         # reply), an uplink's address when no port is one, rate limits when nothing has one.
         columns = [c for c in LIST_COLUMNS[kind]
-                   if c not in _PORT_STATE_COLUMNS + _UPLINK_COLUMNS + _LIMIT_COLUMNS
+                   if c not in _PORT_STATE_COLUMNS + _OVERLAY_COLUMNS + _LIMIT_COLUMNS
                    or any(c in r for r in rows)]
         return format_table(rows, columns, NUMERIC)
     if name == "port add":
@@ -630,6 +630,8 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             lines.append(f"{'limit:':<10} {b['bucket']} {b['rate']} burst {b['burst']}: "
                          f"{b['tokens']} {b['unit']} in the bucket, this packet "
                          f"{b['cost']}: {'conforms' if b['conformed'] else 'over the limit'}")
+        if r.get("decapsulated"):
+            lines.insert(1, f"{'overlay:':<10} decapsulated (VXLAN), judged as the tenant's")
         out = r.get("packet_out")
         if r.get("verdict") == "drop" or r.get("action") in ("drop", "aborted") or not out:
             lines.append("output packet: none (dropped)" if r.get("verdict") == "drop"

@@ -30,7 +30,10 @@ def _state() -> State:
             {"tenant": "blue", "ip": "10.0.0.5", "port": "vm1", "mac": "02:00:00:00:00:05"},
             {"tenant": "blue", "ip": "2001:db8::5", "port": "vm2", "mac": "02:AA:00:00:00:06"},
             # Overlapping address in another tenant.
-            {"tenant": "red", "ip": "10.0.0.5", "port": "vm3", "mac": "02:00:00:00:01:05"}],
+            {"tenant": "red", "ip": "10.0.0.5", "port": "vm3", "mac": "02:00:00:00:01:05"},
+            # Behind another node's VTEP.
+            {"tenant": "blue", "ip": "10.0.1.7", "vtep": "192.0.2.2",
+             "mac": "02:00:00:00:01:07"}],
         "routes": [
             {"tenant": "blue", "prefix": "default", "via": "10.0.0.5"},
             {"tenant": "blue", "prefix": "2001:db8:1::/48", "via": "2001:db8::5"},
@@ -475,7 +478,7 @@ def test_version_2_database_is_migrated_keeping_ports_slots_and_references(tmp_p
                "0, 65535, 'vm1')")
     db.close()
     with Store.open(path) as store:
-        assert store.get_meta("schema_version") == "4"
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
         assert store.port_slots() == {"vm1": 7}
         st = store.load()
         p, = st.ports

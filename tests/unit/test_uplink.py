@@ -133,3 +133,92 @@ def test_apply_file_with_an_uplink(run, agent, tmp_path):  # noqa: F811
     f.write_text('[[ports]]\nname = "eth1"\nuplink = true\n')
     rc, _, err = run("apply", str(f))
     assert rc == 2 and "needs 'local_ip'" in err and ctl.state.ports == [uplink()]
+
+
+# -- remote endpoints (behind another node's VTEP) ---------------------------------------
+
+def remote(**kw):
+    return {"tenant": "blue", "ip": "10.0.1.7", "vtep": "192.0.2.2",
+            "mac": "02:00:00:00:01:07", **kw}
+
+
+def test_remote_endpoint_round_trips():
+    e = model.Endpoint.from_dict(remote())
+    assert (e.port, str(e.vtep)) == (None, "192.0.2.2")
+    assert e.to_dict() == {"tenant": "blue", "ip": "10.0.1.7", "port": None,
+                           "mac": "02:00:00:00:01:07", "vtep": "192.0.2.2"}
+    assert model.Endpoint.from_dict(e.to_dict()) == e
+    state(endpoints=[remote()]).validate()
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"port": "vm1"}, "needs one of 'port'"),
+    ({"vtep": None}, "needs one of 'port'"),
+    ({"vtep": "2001:db8::2"}, "not a unicast IPv4"),
+    ({"vtep": "239.1.1.1"}, "not a unicast IPv4"),
+    ({"vtep": "nope"}, "not an IP address"),
+])
+def test_bad_remote_endpoints_are_named(kw, words):
+    with pytest.raises(model.Invalid) as e:
+        model.Endpoint.from_dict(remote(**kw))
+    assert words in str(e.value)
+
+
+def test_remote_endpoint_needs_a_vni_an_uplink_and_a_foreign_vtep():
+    st = state(endpoints=[remote()])
+    st.tenants = [model.replace(st.tenants[0], vni=None)]
+    with pytest.raises(model.Conflict, match="has no VNI"):
+        st.validate()
+    st = state(endpoints=[remote()])
+    st.ports = [p for p in st.ports if not p.uplink]
+    with pytest.raises(model.Conflict, match="needs an uplink port"):
+        st.validate()
+    with pytest.raises(model.Conflict, match="192.0.2.1 is this node's own"):
+        state(endpoints=[remote(vtep="192.0.2.1")]).validate()
+    # A route may point at a remote endpoint.
+    state(endpoints=[remote()],
+          routes=[{"tenant": "blue", "prefix": "10.9.0.0/16", "via": "10.0.1.7"}]).validate()
+
+
+def test_compiler_remote_endpoint_and_decap_entries():
+    links = {"vm1": compiler.PortLink("vm1", 5, "02:aa:00:00:00:01", 3),
+             "eth1": compiler.PortLink("eth1", 7, "02:aa:00:00:00:07", 4, mtu=9000)}
+    st = state(endpoints=[remote()])
+    img = compiler.compile_state(st, links, neighbours={"192.0.2.2": "02:ee:00:00:00:02"})
+    k = abi.EpKey(tenant=10)
+    abi.set_addr(k.addr, model.parse_ip("10.0.1.7", "t"))
+    v = abi.Endpoint.from_buffer_copy(img.endpoints[bytes(k)])
+    assert (v.ifindex, v.port, v.flags, v.vni) == (7, 4, abi.EP_REMOTE, 5010)
+    assert bytes(abi.u32(v.vtep)) == bytes([192, 0, 2, 2])       # network order
+    assert (abi.mac_str(v.mac), abi.mac_str(v.port_mac), abi.mac_str(v.vtep_mac)) == \
+        ("02:00:00:00:01:07", "02:aa:00:00:00:07", "02:ee:00:00:00:02")
+    assert abi.Port.from_buffer_copy(img.ports[bytes(abi.u32(7))]).mtu == 9000
+    vtep = int.from_bytes(bytes([192, 0, 2, 2]), "little")
+    assert {(abi.VniKey.from_buffer_copy(k).vni, abi.VniKey.from_buffer_copy(k).vtep):
+            abi.u32.from_buffer_copy(v).value for k, v in img.vnis.items()} == \
+        {(5010, 0): 10, (5010, vtep): 10}
+    # Unresolved: a zero MAC (the datapath hands such packets to the kernel).
+    img = compiler.compile_state(st, links)
+    assert bytes(abi.Endpoint.from_buffer_copy(img.endpoints[bytes(k)]).vtep_mac) == bytes(6)
+    # No uplink interface: no remote entries, and nothing points at a missing port.
+    img = compiler.compile_state(st, {"vm1": links["vm1"]})
+    assert bytes(k) not in img.endpoints
+
+
+def test_cli_endpoint_add_remote(run, agent):  # noqa: F811
+    ctl, _ = agent
+    for argv in (["tenant", "add", "blue", "--id", "10", "--vni", "5010"],
+                 ["port", "add", "eth1", "--uplink", "--local-ip", "192.0.2.1"],
+                 ["endpoint", "add", "--tenant", "blue", "10.0.1.7", "--vtep", "192.0.2.2",
+                  "--mac", "02:00:00:00:01:07"]):
+        assert run(*argv)[0] == 0, argv
+    rc, out, _ = run("endpoint", "list")
+    head, row = out.splitlines()
+    assert dict(zip(head.split(), row.split()))["VTEP"] == "192.0.2.2"
+    rc, _, err = run("endpoint", "add", "--tenant", "blue", "10.0.1.8", "--vtep", "192.0.2.2",
+                     "--port", "eth1", "--mac", "02:00:00:00:01:08")
+    assert rc == 2 and "--port: not allowed with argument --vtep" in err
+    rc, _, err = run("endpoint", "add", "--tenant", "blue", "10.0.1.8",
+                     "--mac", "02:00:00:00:01:08")
+    assert rc == 2 and "--port" in err and "--vtep" in err
+    assert len(ctl.state.endpoints) == 1
