@@ -22,6 +22,7 @@ from .commands import MAX_FLOW_DUMP
 from .flows import flow_dict, now_coarse_ns
 from .links import Link, LinkError, Links
 from .monitor import Monitor
+from .store import changes as store_changes
 from .sweeper import Evictions, Sweeper
 from .top import FlowRates
 
@@ -86,15 +87,23 @@ class Controller:
                                      f"max_ports={self.cfg.datapath.max_ports}")
 
     def _compile(self, state: model.State, slots: Dict[str, int],
-                 live: Dict[str, Link]) -> compiler.Image:
+                 live: Dict[str, Link], keep: Tuple[str, ...] = ()) -> compiler.Image:
         """The image for `state`: rules name ports by their stored slots (every configured
-        port), forwarding entries exist only for ports whose interface is here now."""
+        port), forwarding entries exist only for ports whose interface is here now.
+        Tenants in `keep` have the rules the datapath holds: their classifier is taken
+        from it, not compiled again."""
         self._check_slots(state, slots)
         links = {p.name: compiler.PortLink(p.name, live[p.name].ifindex, live[p.name].mac,
                                            slots[p.name], live[p.name].addrs)
                  for p in state.ports if p.name in live}
+        held = {}
+        for t in state.tenants:
+            cls = self.dp.classifier(t.id) if t.name in keep else None
+            if cls is not None:
+                held[t.name] = cls
         return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots,
-                                      max_entries=self.cfg.datapath.max_rule_entries)
+                                      max_entries=self.cfg.datapath.max_rule_entries,
+                                      classifiers=held)
 
     def planned_slots(self, state: model.State) -> Dict[str, int]:
         """The slots `state`'s ports would get: kept ones from the store, the smallest free
@@ -110,9 +119,10 @@ class Controller:
                 used.add(nxt)
         return out
 
-    def _program(self, state: model.State, slots: Dict[str, int]) -> Dict[str, Any]:
+    def _program(self, state: model.State, slots: Dict[str, int],
+                 keep: Tuple[str, ...] = ()) -> Dict[str, Any]:
         live = self._live_links(state)
-        img = self._compile(state, slots, live)
+        img = self._compile(state, slots, live, keep)
         # Off a removed port before its entry goes: our program never runs on an
         # interface it has no port for (it would hand the VM's traffic to the kernel).
         self._detach_removed(state)
@@ -194,20 +204,31 @@ class Controller:
                      self.last_reconcile_seconds, describe_summary(summary))
         return summary
 
-    def _commit(self, new: model.State) -> Dict[str, Any]:
-        """Store and datapath both get `new`, or neither does."""
+    def _commit(self, new: model.State, checked: bool = False) -> Dict[str, Any]:
+        """Store and datapath both get `new`, or neither does. `checked`: `new` was
+        validated as it was made (one rule's change, checked on its own).
+
+        Order, so that the store and the maps agree after a crash at any point: the
+        store's transaction is opened and written (not committed), the maps are changed,
+        then the transaction commits. A crash before the commit leaves the old state
+        stored and the maps partly or wholly changed: the next agent's start-up reconcile
+        compiles the stored state and rewrites whatever differs (a tenant whose
+        classifier differs in any entry gets it whole under a new generation). A crash
+        after the commit leaves both new. The store is the truth; the maps follow it."""
         t0 = time.monotonic()
-        new.validate()
+        if not checked:
+            new.validate()
         old = self.state
         old_slots = self.store.port_slots()
+        changes = store_changes(old, new)
         try:
             with self.store.transaction() as tx:
-                tx.write(old, new)
+                tx.write_changes(changes)
                 slots = self.store.port_slots()
                 for name, slot in slots.items():
                     if old_slots.get(name) != slot:
                         self.dp.clear_counters(slot)   # a reused slot starts from zero
-                summary = self._program(new, slots)
+                summary = self._program_change(old, new, slots, changes)
         except Exception:
             # The store rolled back; put the maps back as the old state wants them.
             try:
@@ -223,6 +244,30 @@ class Controller:
         if self.timings is not None:
             self.timings.observe("apply", self.last_apply_seconds)
         return summary
+
+    def _program_change(self, old: model.State, new: model.State, slots: Dict[str, int],
+                        changes: Dict[str, Tuple[list, list, list]]) -> Dict[str, Any]:
+        """Program the datapath for a change from `old` to `new`, touching what it
+        affects: one rule (added, removed or replaced) is written in place under the
+        tenant's classifier generation; anything else compiles the whole image but
+        takes the classifier of every tenant whose rules did not change from the
+        datapath, so only tenants with changed rules get a new classifier generation
+        (written whole, then flipped to: a whole-state apply's atomicity), and tenants
+        whose endpoints, routes or ports changed a new flow generation."""
+        added, removed, changed = changes.get("rules", ([], [], []))
+        by_id = old.rule_index()
+        before = removed + [by_id[r.id] for r in changed]
+        after = added + changed
+        touched = {r.tenant for r in before + after}
+        if set(changes) == {"rules"} and len(added) + len(removed) + len(changed) == 1:
+            (tenant,) = touched
+            try:
+                return self.dp.change_rules(new.tenant(tenant).id, before, after, slots,
+                                            tenant)
+            except LookupError:
+                pass            # not held by this process: the whole image below
+        keep = tuple(t.name for t in new.tenants if t.name not in touched)
+        return self._program(new, slots, keep)
 
     # -- the API's commands ---------------------------------------------------------------
     @_locked
@@ -328,7 +373,7 @@ class Controller:
         if typ is None:
             raise model.Invalid("add", f"unknown kind {kind!r}")
         item = typ.from_dict(obj)
-        self._commit(self.state.with_added(kind, item))
+        self._commit(self.state.with_added(kind, item), checked=kind == "rules")
         out = item.to_dict()
         if kind == "ports":
             out.update(self.port_status(item.name))
@@ -343,7 +388,7 @@ class Controller:
             gone = self.state.users_of_tenant(name) if cascade else {}
             self._commit(self.state.without_tenant(name, cascade))
             return gone
-        self._commit(self.state.with_removed(kind, tuple(ident)))
+        self._commit(self.state.with_removed(kind, tuple(ident)), checked=kind == "rules")
         return {}
 
     def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False) -> Dict[str, Any]:

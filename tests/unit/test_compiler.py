@@ -127,26 +127,7 @@ def search(cls: compiler.Classifier, proto, src, dst, sport, dport, in_port):
 
 def reference(rules, proto, src_ip, dst_ip, sport, dport, in_port_name):
     """Plain reading of the rules: the highest priority, then the lowest id, that matches."""
-    matching = []
-    for r in rules:
-        if r.proto and r.proto != proto:
-            continue
-        if r.src != model.ANY and (src_ip.version != r.src.version or src_ip not in r.src):
-            continue
-        if r.dst != model.ANY and (dst_ip.version != r.dst.version or dst_ip not in r.dst):
-            continue
-        if r.proto in (6, 17):
-            if not (r.sport[0] <= sport <= r.sport[1] and r.dport[0] <= dport <= r.dport[1]):
-                continue
-        if r.proto in (1, 58) and r.icmp_type is not None:
-            if dport >> 8 != r.icmp_type or (r.icmp_code is not None and dport & 0xFF != r.icmp_code):
-                continue
-        if r.in_port is not None and r.in_port != in_port_name:
-            continue
-        matching.append(r)
-    if not matching:
-        return None
-    return min(matching, key=lambda r: (-r.priority, r.id))
+    return model.matching_rule(rules, proto, src_ip, dst_ip, sport, dport, in_port_name)
 
 
 def random_rules(rng, n):
