@@ -204,9 +204,12 @@ class Controller:
                      self.last_reconcile_seconds, describe_summary(summary))
         return summary
 
-    def _commit(self, new: model.State, checked: bool = False) -> Dict[str, Any]:
-        """Store and datapath both get `new`, or neither does. `checked`: `new` was
-        validated as it was made (one rule's change, checked on its own).
+    def _commit(self, new: model.State,
+                changes: Optional[Dict[str, Tuple[list, list, list]]] = None) -> Dict[str, Any]:
+        """Store and datapath both get `new`, or neither does. `changes`: what differs
+        from the current state ({kind: (added, removed, changed)}), given by a caller
+        that made `new` by one checked change (one rule); otherwise `new` is validated
+        and diffed whole.
 
         Order, so that the store and the maps agree after a crash at any point: the
         store's transaction is opened and written (not committed), the maps are changed,
@@ -216,11 +219,11 @@ class Controller:
         classifier differs in any entry gets it whole under a new generation). A crash
         after the commit leaves both new. The store is the truth; the maps follow it."""
         t0 = time.monotonic()
-        if not checked:
-            new.validate()
         old = self.state
+        if changes is None:
+            new.validate()
+            changes = store_changes(old, new)
         old_slots = self.store.port_slots()
-        changes = store_changes(old, new)
         try:
             with self.store.transaction() as tx:
                 tx.write_changes(changes)
@@ -373,7 +376,9 @@ class Controller:
         if typ is None:
             raise model.Invalid("add", f"unknown kind {kind!r}")
         item = typ.from_dict(obj)
-        self._commit(self.state.with_added(kind, item), checked=kind == "rules")
+        new = self.state.with_added(kind, item)
+        # One rule: checked on its own as it was added, and its change known.
+        self._commit(new, {"rules": ([item], [], [])} if kind == "rules" else None)
         out = item.to_dict()
         if kind == "ports":
             out.update(self.port_status(item.name))
@@ -388,7 +393,10 @@ class Controller:
             gone = self.state.users_of_tenant(name) if cascade else {}
             self._commit(self.state.without_tenant(name, cascade))
             return gone
-        self._commit(self.state.with_removed(kind, tuple(ident)), checked=kind == "rules")
+        ident = tuple(ident)
+        new = self.state.with_removed(kind, ident)
+        gone = self.state.rule_index().get(ident[0]) if kind == "rules" else None
+        self._commit(new, None if gone is None else {"rules": ([], [gone], [])})
         return {}
 
     def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False) -> Dict[str, Any]:
