@@ -95,9 +95,10 @@ def rule_entries(r: model.Rule, slots: Dict[str, int]) -> List[Tuple[MaskTuple, 
         dports = range_to_prefixes(*r.dport) if r.dport != (0, 65535) else [(0, 0)]
     else:
         sports = dports = [(0, 0)]
-    msrc, mdst = _and(src, srcm), _and(dst, dstm)
+    # A prefix's address has no host bits (the model refuses them): it is its own
+    # masked value.
     return [((srcm, dstm, spm, dpm, protom, inpm),
-             (proto & protom, inp & inpm, msrc, mdst, sp & spm, dp & dpm))
+             (proto & protom, inp & inpm, src, dst, sp & spm, dp & dpm))
             for sp, spm in sports for dp, dpm in dports]
 
 

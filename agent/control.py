@@ -87,16 +87,18 @@ class Controller:
                                      f"max_ports={self.cfg.datapath.max_ports}")
 
     def _compile(self, state: model.State, slots: Dict[str, int],
-                 live: Dict[str, Link], keep: Tuple[str, ...] = ()) -> compiler.Image:
+                 live: Dict[str, Link], keep: Tuple[str, ...] = (),
+                 compiled: Optional[Dict[str, compiler.Classifier]] = None) -> compiler.Image:
         """The image for `state`: rules name ports by their stored slots (every configured
         port), forwarding entries exist only for ports whose interface is here now.
         Tenants in `keep` have the rules the datapath holds: their classifier is taken
-        from it, not compiled again."""
+        from it, not compiled again; `compiled` has classifiers of `state` compiled
+        before (apply's check outside the lock), taken as they are."""
         self._check_slots(state, slots)
         links = {p.name: compiler.PortLink(p.name, live[p.name].ifindex, live[p.name].mac,
                                            slots[p.name], live[p.name].addrs)
                  for p in state.ports if p.name in live}
-        held = {}
+        held = dict(compiled or {})
         for t in state.tenants:
             cls = self.dp.classifier(t.id) if t.name in keep else None
             if cls is not None:
@@ -120,9 +122,10 @@ class Controller:
         return out
 
     def _program(self, state: model.State, slots: Dict[str, int],
-                 keep: Tuple[str, ...] = ()) -> Dict[str, Any]:
+                 keep: Tuple[str, ...] = (),
+                 compiled: Optional[Dict[str, compiler.Classifier]] = None) -> Dict[str, Any]:
         live = self._live_links(state)
-        img = self._compile(state, slots, live, keep)
+        img = self._compile(state, slots, live, keep, compiled)
         # Off a removed port before its entry goes: our program never runs on an
         # interface it has no port for (it would hand the VM's traffic to the kernel).
         self._detach_removed(state)
@@ -205,7 +208,8 @@ class Controller:
         return summary
 
     def _commit(self, new: model.State,
-                changes: Optional[Dict[str, Tuple[list, list, list]]] = None) -> Dict[str, Any]:
+                changes: Optional[Dict[str, Tuple[list, list, list]]] = None,
+                compiled: Optional[Dict[str, compiler.Classifier]] = None) -> Dict[str, Any]:
         """Store and datapath both get `new`, or neither does. `changes`: what differs
         from the current state ({kind: (added, removed, changed)}), given by a caller
         that made `new` by one checked change (one rule); otherwise `new` is validated
@@ -231,7 +235,7 @@ class Controller:
                 for name, slot in slots.items():
                     if old_slots.get(name) != slot:
                         self.dp.clear_counters(slot)   # a reused slot starts from zero
-                summary = self._program_change(old, new, slots, changes)
+                summary = self._program_change(old, new, slots, changes, compiled)
         except Exception:
             # The store rolled back; put the maps back as the old state wants them.
             try:
@@ -249,7 +253,9 @@ class Controller:
         return summary
 
     def _program_change(self, old: model.State, new: model.State, slots: Dict[str, int],
-                        changes: Dict[str, Tuple[list, list, list]]) -> Dict[str, Any]:
+                        changes: Dict[str, Tuple[list, list, list]],
+                        compiled: Optional[Dict[str, compiler.Classifier]] = None
+                        ) -> Dict[str, Any]:
         """Program the datapath for a change from `old` to `new`, touching what it
         affects: one rule (added, removed or replaced) is written in place under the
         tenant's classifier generation; anything else compiles the whole image but
@@ -270,7 +276,7 @@ class Controller:
             except LookupError:
                 pass            # not held by this process: the whole image below
         keep = tuple(t.name for t in new.tenants if t.name not in touched)
-        return self._program(new, slots, keep)
+        return self._program(new, slots, keep, compiled)
 
     # -- the API's commands ---------------------------------------------------------------
     @_locked
@@ -415,17 +421,21 @@ class Controller:
             slots = self.planned_slots(new)
         # Compile before anything is written: a state the datapath cannot hold (too many
         # masks, entries or ports) is refused whole.
-        self._compile(new, slots, {})
+        img = self._compile(new, slots, {})
         if dry_run:
             return model.diff(cur, new, kept=kept)
         with self.lock:
-            if not prune and self.state is not cur:
+            compiled = None
+            if self.state is cur:
+                # What was compiled is what gets written: compiled once.
+                compiled = {t.name: img.tenants[t.id].classifier for t in new.tenants}
+            elif not prune:
                 # Changed meanwhile: keep what the file does not name as it is now.
                 new = self.state.merged(given)
                 new.validate()
             d = model.diff(self.state, new, kept=kept)
             if model.count_changes(d):
-                self._commit(new)
+                self._commit(new, compiled=compiled)
         return d
 
     def _names(self):

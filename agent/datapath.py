@@ -554,9 +554,15 @@ class Datapath:
     def _zero_rule_counters(self, fresh_slots: List[int], new_ids: Set[int]) -> None:
         if fresh_slots:
             m = self.maps["xf_rule_stats"]
-            m.update_many([(bytes(ct.c_uint32(s)), bytes(m.vsize)) for s in fresh_slots])
+            zero = bytes(m.vsize)
+            # previous={}: a failed write puts zeros back, which is what is being written.
+            m.update_many([(bytes(ct.c_uint32(s)), zero) for s in fresh_slots], previous={})
         if new_ids:
-            self.maps["xf_rule_hits"].delete_many([bytes(ct.c_uint32(r)) for r in new_ids])
+            # Only ids with hits have an entry: a delete of each new id would be a syscall
+            # per rule of a 100,000-rule apply.
+            hits = self.maps["xf_rule_hits"]
+            gone = [k for k in hits.keys() if ct.c_uint32.from_buffer_copy(k).value in new_ids]
+            hits.delete_many(gone)
 
     # One place the grace period is waited for (tests observe the order of map writes).
     wait_for_readers = staticmethod(wait_for_readers)

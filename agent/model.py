@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -31,6 +32,7 @@ ANY = ipaddress.ip_network("::/0")   # "any address", of either family, in rules
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[^\s/:]{1,15}$")
+_V4_PREFIX = re.compile(r"^(\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})/(\d{1,2})$")
 _MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 
 
@@ -100,6 +102,18 @@ def parse_prefix(value: Any, where: str) -> IPNet:
         return ANY
     if not isinstance(value, str):
         raise Invalid(where, f"{value!r} is not a prefix")
+    v4 = _V4_PREFIX.match(value)
+    if v4:
+        # The common case, at twice ipaddress's string parsing speed (a 100,000-rule
+        # state parses 200,000 prefixes): inet_pton is as strict as ipaddress (decimal
+        # octets, no leading zeros); what it refuses takes the general path.
+        try:
+            n = int.from_bytes(socket.inet_pton(socket.AF_INET, v4.group(1)), "big")
+            plen = int(v4.group(2))
+            if plen <= 32:
+                return ipaddress.IPv4Network((n, plen))
+        except (OSError, ValueError):
+            pass
     try:
         return ipaddress.ip_network(value, strict=True)
     except ValueError as e:
