@@ -9,11 +9,12 @@ CODE is "invalid" (a bad value), "refused" (at odds with the current state), "de
 (the peer may not run the command), "bad-request" (not JSON, unknown command, arguments that
 do not fit) or "internal" (a bug or a kernel failure; the traceback goes to the log only).
 
-Large requests (a whole state of 100,000 rules is about 12 MB of JSON) go compressed:
+Large requests go compressed (a whole state of 100,000 rules is about 10 MB of JSON,
+1.1 MB compressed):
     -> {"command": "apply", "args_zlib": BASE64(ZLIB(JSON(args)))}\n
 which the client does above COMPRESS_ABOVE bytes. Compression, not a larger limit or a
 stream: every connection may hold up to `max_request_bytes` while its request arrives
-(up to max_connections of them), so the limit stays small (4 MiB: about 400,000 such
+(up to max_connections of them), so the limit stays small (4 MiB: about 350,000 such
 rules compressed), and the one expansion happens in the worker that runs the commands one
 at a time, bounded by INFLATE_FACTOR x the limit. Past either bound the error names it.
 """

@@ -538,7 +538,7 @@ class Datapath:
         it keeps its slot and counts on)."""
         for rid in removed - added:
             self._rule_slots.pop(rid, None)
-        new_ids = added - set(self._rule_slots)
+        new_ids = {rid for rid in added if rid not in self._rule_slots}
         if new_ids:
             used = set(self._rule_slots.values())
             fresh, slot = [], 1
