@@ -275,7 +275,11 @@ class Controller:
                                             tenant)
             except LookupError:
                 pass            # not held by this process: the whole image below
-        keep = tuple(t.name for t in new.tenants if t.name not in touched)
+        # The datapath holds `old`'s classifiers: a tenant new to `old` (or given another
+        # id) is compiled, whatever a datapath programmed by someone else may hold.
+        was = {t.name: t.id for t in old.tenants}
+        keep = tuple(t.name for t in new.tenants
+                     if t.name not in touched and was.get(t.name) == t.id)
         return self._program(new, slots, keep, compiled)
 
     # -- the API's commands ---------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import hashlib
+import heapq
 import logging
 import os
 import shutil
@@ -110,6 +111,7 @@ class Datapath:
         self._rules: Dict[Tuple[int, int], Dict[bytes, bytes]] = {}   # (tid, gen) -> entries
         self._masks: Dict[Tuple[int, int], bytes] = {}
         self._rule_slots: Dict[int, int] = {}                 # rule id -> counter slot
+        self._pool: Optional[Tuple[List[int], List[int]]] = None   # see _slot_pool
         self._tenant_vals: Dict[int, bytes] = {}
         self._gen_floor: Dict[int, int] = {}   # generations to go on from (see load)
 
@@ -323,7 +325,7 @@ class Datapath:
                 self._gens[tid] = t.generation
                 self._cls_gens[tid] = t.cls_generation or t.generation
                 self._tenant_vals[tid] = v
-        self._rules, self._rule_slots = {}, {}
+        self._rules, self._rule_slots, self._pool = {}, {}, None
         for k, v in self.maps["xf_rules"].items():
             rk = abi.RuleKey.from_buffer_copy(k)
             self._rules.setdefault((rk.tenant, rk.generation), {})[k] = v
@@ -531,25 +533,39 @@ class Datapath:
             live |= t.classifier.rule_ids()
         new_ids = live - set(self._rule_slots)
         self._rule_slots, fresh = compiler.assign_stat_slots(live, self._rule_slots)
+        self._pool = None
         self._zero_rule_counters(fresh, new_ids)
 
     def _change_rule_slots(self, removed: Set[int], added: Set[int]) -> None:
         """Counter slots after removing and adding rule ids (one id in both: replaced,
         it keeps its slot and counts on)."""
+        free, top = self._slot_pool()
         for rid in removed - added:
-            self._rule_slots.pop(rid, None)
+            slot = self._rule_slots.pop(rid, 0)
+            if slot:
+                heapq.heappush(free, slot)
         new_ids = {rid for rid in added if rid not in self._rule_slots}
+        fresh = []
+        for rid in sorted(new_ids):
+            # The smallest free slot, as assign_stat_slots gives them; none left: 0.
+            slot = heapq.heappop(free) if free else top[0]
+            if slot == top[0]:
+                top[0] += 1
+            self._rule_slots[rid] = slot if slot < abi.RULE_STATS else 0
+            if slot < abi.RULE_STATS:
+                fresh.append(slot)
         if new_ids:
-            used = set(self._rule_slots.values())
-            fresh, slot = [], 1
-            for rid in sorted(new_ids):
-                while slot in used:
-                    slot += 1
-                self._rule_slots[rid] = slot if slot < abi.RULE_STATS else 0
-                if slot < abi.RULE_STATS:
-                    used.add(slot)
-                    fresh.append(slot)
             self._zero_rule_counters(fresh, new_ids)
+
+    def _slot_pool(self) -> Tuple[List[int], List[int]]:
+        """(free counter slots below the highest in use, as a heap; [the next one above]),
+        built once from the slots in use and kept by one-rule changes (a whole sync's
+        assignment starts it again)."""
+        if self._pool is None:
+            used = set(self._rule_slots.values())
+            top = max(used, default=0) + 1
+            self._pool = ([s for s in range(1, top) if s not in used], [top])
+        return self._pool
 
     def _zero_rule_counters(self, fresh_slots: List[int], new_ids: Set[int]) -> None:
         if fresh_slots:
