@@ -460,7 +460,7 @@ class Datapath:
             ms = abi.mask_set_type(self.max_masks).from_buffer_copy(pinned)
             idx = {(bytes(m.src), bytes(m.dst), m.sport, m.dport, m.proto, m.in_port): m.key_idx
                    for m in ms.masks[:min(ms.count, self.max_masks)]}
-            if set(idx) == set(cls.key_idx):
+            if set(idx) == set(cls.key_idx) and len(set(idx.values())) == len(idx):
                 cls.key_idx = idx
         if self._masks.get((tid, gen)) != bytes(cls.mask_set(self.max_masks)):
             return False
