@@ -264,7 +264,7 @@ class Controller:
         (written whole, then flipped to: a whole-state apply's atomicity), and tenants
         whose endpoints, routes or ports changed a new flow generation."""
         added, removed, changed = changes.get("rules", ([], [], []))
-        by_id = old.rule_index()
+        by_id = old.rule_index() if changed else {}
         before = removed + [by_id[r.id] for r in changed]
         after = added + changed
         touched = {r.tenant for r in before + after}
@@ -404,8 +404,8 @@ class Controller:
             self._commit(self.state.without_tenant(name, cascade))
             return gone
         ident = tuple(ident)
-        new = self.state.with_removed(kind, ident)
         gone = self.state.rule_index().get(ident[0]) if kind == "rules" else None
+        new = self.state.with_removed(kind, ident)
         self._commit(new, None if gone is None else {"rules": ([], [gone], [])})
         return {}
 

@@ -567,17 +567,24 @@ class State:
         if r.id in index:
             raise Conflict(f"rule {r.id}", "already exists")
         _check_rule(r, {t.name for t in self.tenants}, {p.name: p for p in self.ports})
-        return self._with_rules(self.rules + [r], {**index, r.id: r})
+        index = self._hand_over_index()
+        index[r.id] = r
+        return self._with_rules(self.rules + [r], index)
 
     def _with_rule_removed(self, rid: int) -> "State":
-        index = self.rule_index()
-        r = index.get(rid)
+        r = self.rule_index().get(rid)
         if r is None:
             raise Conflict(f"rule {rid}", "does not exist")
         pos = list(map(id, self.rules)).index(id(r))     # by identity, at C speed
-        rest = dict(index)
-        del rest[rid]
-        return self._with_rules(self.rules[:pos] + self.rules[pos + 1:], rest)
+        index = self._hand_over_index()
+        del index[rid]
+        return self._with_rules(self.rules[:pos] + self.rules[pos + 1:], index)
+
+    def _hand_over_index(self) -> Dict[int, "Rule"]:
+        """This state's rule index, given up to the state made from it (the usual next
+        state: a copy of 100,000 entries would cost more than the change); asked again,
+        this state builds its own anew."""
+        return self.__dict__.pop("_rule_index")[2]
 
     def users_of_tenant(self, name: str) -> Dict[str, int]:
         """How many objects of each kind belong to tenant `name` (kinds with none left out)."""
