@@ -508,7 +508,7 @@ class ApiServer:
         """The reply; `seen` gets the request's command name and args once parsed."""
         try:
             req = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:   # [[[[... nests past the stack
+        except (UnicodeDecodeError, ValueError) as e:
             return reply_error(BAD_REQUEST, f"request is not JSON: {e}")
         except RecursionError:
             # json recurses per nested array or object: a request of thousands of "["
