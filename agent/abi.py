@@ -126,14 +126,14 @@ class Port(ct.Structure):
 
 class Tenant(ct.Structure):
     _fields_ = [("generation", u32), ("default_verdict", u8), ("pad", u8), ("flags", u16),
-                ("vni", u32), ("pad2", u32),
+                ("vni", u32), ("cls_generation", u32),
                 # rate limits (issue 11)
                 ("policer", u32), ("pad_rl", u32)]
 
 
 class Mask(ct.Structure):
     _fields_ = [("src", Addr), ("dst", Addr), ("sport", u16), ("dport", u16), ("proto", u8),
-                ("pad", u8), ("in_port", u16), ("max_rank", u32)]
+                ("key_idx", u8), ("in_port", u16), ("max_rank", u64)]
 
 
 class MaskKey(ct.Structure):
@@ -161,9 +161,9 @@ class RuleKey(ct.Structure):
 
 
 class Rule(ct.Structure):
-    _fields_ = [("rank", u32), ("rule_id", u32), ("action", u8), ("pad", u8), ("stat", u16),
+    _fields_ = [("rank", u64), ("rule_id", u32), ("action", u8), ("pad", u8), ("stat", u16),
                 # rate limits (issue 11)
-                ("policer", u32)]
+                ("policer", u32), ("pad_rl", u32)]
 
 
 class Policer(ct.Structure):

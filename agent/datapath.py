@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import hashlib
+import heapq
 import logging
 import os
 import shutil
@@ -103,9 +104,14 @@ class Datapath:
         # What the configuration maps hold (read once at load, then kept in step).
         self._mirror: Dict[str, Dict[bytes, bytes]] = {}
         self._gens: Dict[int, int] = {}                       # tenant id -> generation
+        self._cls_gens: Dict[int, int] = {}                   # tenant id -> classifier's
+        # The classifier each tenant's current cls generation holds, as the compiler keeps
+        # it (one rule changes it in place); None until this process wrote it.
+        self._cls: Dict[int, compiler.Classifier] = {}
         self._rules: Dict[Tuple[int, int], Dict[bytes, bytes]] = {}   # (tid, gen) -> entries
         self._masks: Dict[Tuple[int, int], bytes] = {}
         self._rule_slots: Dict[int, int] = {}                 # rule id -> counter slot
+        self._pool: Optional[Tuple[List[int], List[int]]] = None   # see _slot_pool
         self._tenant_vals: Dict[int, bytes] = {}
         self._gen_floor: Dict[int, int] = {}   # generations to go on from (see load)
 
@@ -242,8 +248,9 @@ class Datapath:
         try:
             out = {}
             for k, v in m.items():
-                gen = abi.Tenant.from_buffer_copy(v).generation
-                if gen:
+                t = abi.Tenant.from_buffer_copy(v)
+                gen = max(t.generation, t.cls_generation)
+                if t.generation:
                     out[ct.c_uint32.from_buffer_copy(k).value] = gen
             return out
         finally:
@@ -312,14 +319,15 @@ class Datapath:
         self._mirror["xf_port_index"] = {k: v for k, v in self.maps["xf_port_index"].items()
                                          if abi.Port.from_buffer_copy(v).slot}
         self._policers = dict(self.maps["xf_policers"].items())
-        self._gens, self._tenant_vals = {}, {}
+        self._gens, self._cls_gens, self._tenant_vals, self._cls = {}, {}, {}, {}
         for k, v in self.maps["xf_tenants"].items():
             t = abi.Tenant.from_buffer_copy(v)
             if t.generation:
                 tid = ct.c_uint32.from_buffer_copy(k).value
                 self._gens[tid] = t.generation
+                self._cls_gens[tid] = t.cls_generation or t.generation
                 self._tenant_vals[tid] = v
-        self._rules, self._rule_slots = {}, {}
+        self._rules, self._rule_slots, self._pool = {}, {}, None
         for k, v in self.maps["xf_rules"].items():
             rk = abi.RuleKey.from_buffer_copy(k)
             self._rules.setdefault((rk.tenant, rk.generation), {})[k] = v
@@ -332,6 +340,10 @@ class Datapath:
 
     def generation(self, tenant_id: int) -> int:
         return self._gens.get(tenant_id, 0)
+
+    def classifier(self, tenant_id: int) -> Optional[compiler.Classifier]:
+        """The classifier the tenant's maps hold, if this process wrote it (else None)."""
+        return self._cls.get(tenant_id)
 
     def map_pressure(self, flows: int) -> Dict[str, Tuple[int, int]]:
         """(entries in use, capacity) of every map whose size the configuration sets.
@@ -352,20 +364,20 @@ class Datapath:
     def sync(self, img: compiler.Image, flush_removed: bool = True) -> Dict[str, object]:
         """Make the configuration maps hold `img`. New tenants first (classifier and
         tenant entry), so no port or endpoint ever names a tenant the datapath does not
-        know; then forwarding entries; then each changed tenant's classifier under a new
-        generation, one update of the tenant entry flipping it, and the old generation
+        know; then forwarding entries; then each tenant whose classifier changed gets it
+        under a new generation (written whole, then flipped to), and each tenant whose
+        forwarding changed a new generation of its flows; the old classifier generation
         removed; removed tenants last, after every entry naming them. Returns what
         changed."""
         changed_tenants: Set[int] = set()
         summary: Dict[str, object] = {}
         gone_policers = self._sync_policers(img, summary)
         self._assign_rule_slots(img)
-        flipped = []
+        flipped, bumped = [], []
         created = {tid for tid in img.tenants if tid not in self._gens}
         for tid in sorted(created):
-            t = img.tenants[tid]
-            self._flip(tid, t, bytes(t.classifier.mask_set(self.max_masks)))
-            flipped.append(t.name)
+            self._flip(tid, img.tenants[tid])
+            flipped.append(img.tenants[tid].name)
         indexed = {k: v for k, v in img.ports.items()
                    if ct.c_uint32.from_buffer_copy(k).value < abi.PORT_INDEX}
         hashed = {k: v for k, v in img.ports.items() if k not in indexed}
@@ -399,31 +411,32 @@ class Datapath:
             summary[name] = {"written": len(put), "removed": len(gone)}
 
         for tid, t in sorted(img.tenants.items()):
-            gen = self._gens.get(tid, 0)
-            cls_items = dict(t.classifier.rule_items(tid, gen, self._rule_slots)) if gen else None
-            mask_val = bytes(t.classifier.mask_set(self.max_masks))
-            same_cls = gen and self._rules.get((tid, gen), {}) == cls_items and \
-                self._masks.get((tid, gen)) == mask_val
-            if tid not in created and (not same_cls or tid in changed_tenants):
-                gen = self._flip(tid, t, mask_val)
+            if tid in created:
+                continue
+            if not self._holds(tid, t.classifier):
+                self._flip(tid, t)
                 flipped.append(t.name)
-            tval = t.entry(gen)
-            if self._tenant_vals.get(tid) != tval:
-                self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)
-                self._tenant_vals[tid] = tval
+                continue
+            self._write_tenant(tid, default_verdict=t.default_verdict, vni=t.vni,
+                               policer=t.policer)
+            if tid in changed_tenants:
+                self._bump(tid)
+                bumped.append(t.name)
         removed = [tid for tid in self._gens if tid not in img.tenants]
         for tid in removed:
             self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), bytes(abi.Tenant()))
             self._tenant_vals.pop(tid, None)
-            del self._gens[tid]
+            self._cls.pop(tid, None)
+            del self._gens[tid], self._cls_gens[tid]
         # The old generations go only once no packet can still be classifying against
         # them (a packet that read the generation number before the flip): removed under
         # it, a packet would see half a rule set.
-        old = [k for k in list(self._rules) + list(self._masks) if self._gens.get(k[0]) != k[1]]
+        old = [k for k in list(self._rules) + list(self._masks)
+               if self._cls_gens.get(k[0]) != k[1]]
         if old:
             summary["grace"] = self.wait_for_readers()
         for tid in img.tenants:
-            self._drop_other_generations(tid, self._gens[tid])
+            self._drop_other_generations(tid, self._cls_gens[tid])
         for tid in removed:
             self._drop_other_generations(tid, None)
             if flush_removed:
@@ -439,6 +452,7 @@ class Datapath:
                 del self._policers[k]
         summary["xf_policers"]["removed"] = len(gone_policers)
         summary["flipped"] = flipped
+        summary["bumped"] = bumped
         summary["removed_tenants"] = removed
         return summary
 
@@ -460,6 +474,85 @@ class Datapath:
         return {ct.c_uint32.from_buffer_copy(k).value: abi.Policer.from_buffer_copy(v)
                 for k, v in self.maps["xf_policers"].items()}
 
+    def _holds(self, tid: int, cls: compiler.Classifier) -> bool:
+        """Whether the tenant's current classifier generation holds `cls` (the same
+        object this process wrote, or the same bytes). A classifier compiled from scratch
+        numbers its masks in search order; one changed rule by rule keeps each mask's
+        number: `cls` takes the pinned set's numbers when both have the same masks, so an
+        agent that restarts after one-rule changes finds its maps as they should be."""
+        if self._cls.get(tid) is cls:
+            return True
+        gen = self._cls_gens[tid]
+        pinned = self._masks.get((tid, gen))
+        if pinned is not None:
+            ms = abi.mask_set_type(self.max_masks).from_buffer_copy(pinned)
+            idx = {(bytes(m.src), bytes(m.dst), m.sport, m.dport, m.proto, m.in_port): m.key_idx
+                   for m in ms.masks[:min(ms.count, self.max_masks)]}
+            if set(idx) == set(cls.key_idx) and len(set(idx.values())) == len(idx):
+                cls.key_idx = idx
+        if self._masks.get((tid, gen)) != bytes(cls.mask_set(self.max_masks)):
+            return False
+        if self._rules.get((tid, gen), {}) != dict(cls.rule_items(tid, gen, self._rule_slots)):
+            return False
+        self._cls[tid] = cls
+        return True
+
+    def change_rules(self, tid: int, removed: List, added: List, slots: Dict[str, int],
+                     tenant: str = "") -> Dict[str, object]:
+        """One tenant's rules changed in place, under its current classifier generation,
+        touching only the entries of those rules: for a change of one rule (added,
+        removed, or replaced) every packet sees the old rule or the new one, never a mix
+        (a packet matches at most one entry of a rule, and the entries are written before
+        the old ones go). Order, each step safe on its own for a packet in flight: new
+        and changed entries; the mask set, replaced in one update; entries no longer
+        wanted; then the tenant's flow generation, so flows judged under the old rules
+        are misses from then on. Raises LookupError when this process does not hold the
+        tenant's classifier (the caller syncs the whole image instead); after any other
+        error the caller syncs the old image back, which sees what was written."""
+        cls = self._cls.get(tid)
+        if cls is None:
+            raise LookupError(f"tenant {tid}: classifier not held")
+        gen = self._cls_gens[tid]
+        old_idx = dict(cls.key_idx)
+        mirror = self._rules.setdefault((tid, gen), {})
+        del self._cls[tid]              # until the change is written whole
+        touched = []
+        cls.reserved = set(old_idx.values())    # no mask takes the number of one leaving
+        try:
+            for r in removed:
+                touched += cls.remove_rule(r, slots)
+            for r in added:
+                touched += cls.add_rule(r, slots)
+        finally:
+            cls.reserved = set()
+        compiler.check_masks(tenant or f"id {tid}", cls, self.max_masks)
+        self._change_rule_slots({r.id for r in removed}, {r.id for r in added})
+        put: Dict[bytes, bytes] = {}
+        gone: List[bytes] = []
+        for mask, key in dict.fromkeys(touched):
+            kb, vb = cls.entry_item(mask, key, tid, gen, self._rule_slots)
+            if vb is not None and mask in cls.key_idx and mirror.get(kb) != vb:
+                put[kb] = vb
+            if mask in old_idx:
+                ob = cls.key_bytes(old_idx[mask], key, tid, gen)
+                if ob in mirror and (vb is None or ob != kb):
+                    gone.append(ob)
+        mask_val = bytes(cls.mask_set(self.max_masks))
+        if put:
+            self.maps["xf_rules"].update_many(list(put.items()), previous=mirror)
+            mirror.update(put)
+        if mask_val != self._masks.get((tid, gen)):
+            self.maps["xf_masks"].put(bytes(abi.MaskKey(tenant=tid, generation=gen)), mask_val)
+            self._masks[(tid, gen)] = mask_val
+        if gone:
+            self.maps["xf_rules"].delete_many(gone)
+            for k in gone:
+                del mirror[k]
+        self._bump(tid)
+        self._cls[tid] = cls
+        return {"xf_rules": {"written": len(put), "removed": len(gone)},
+                "masks": len(cls.by_mask), "bumped": [tid]}
+
     def _assign_rule_slots(self, img: compiler.Image) -> None:
         """Counter slots for the image's rules. A rule id new to the datapath (also one
         used before by a deleted rule) starts from zero: its slot's rows and its hits."""
@@ -468,11 +561,52 @@ class Datapath:
             live |= t.classifier.rule_ids()
         new_ids = live - set(self._rule_slots)
         self._rule_slots, fresh = compiler.assign_stat_slots(live, self._rule_slots)
-        if fresh:
-            m = self.maps["xf_rule_stats"]
-            m.update_many([(bytes(ct.c_uint32(s)), bytes(m.vsize)) for s in fresh])
+        self._pool = None
+        self._zero_rule_counters(fresh, new_ids)
+
+    def _change_rule_slots(self, removed: Set[int], added: Set[int]) -> None:
+        """Counter slots after removing and adding rule ids (one id in both: replaced,
+        it keeps its slot and counts on)."""
+        free, top = self._slot_pool()
+        for rid in removed - added:
+            slot = self._rule_slots.pop(rid, 0)
+            if slot:
+                heapq.heappush(free, slot)
+        new_ids = {rid for rid in added if rid not in self._rule_slots}
+        fresh = []
+        for rid in sorted(new_ids):
+            # The smallest free slot, as assign_stat_slots gives them; none left: 0.
+            slot = heapq.heappop(free) if free else top[0]
+            if slot == top[0]:
+                top[0] += 1
+            self._rule_slots[rid] = slot if slot < abi.RULE_STATS else 0
+            if slot < abi.RULE_STATS:
+                fresh.append(slot)
         if new_ids:
-            self.maps["xf_rule_hits"].delete_many([bytes(ct.c_uint32(r)) for r in new_ids])
+            self._zero_rule_counters(fresh, new_ids)
+
+    def _slot_pool(self) -> Tuple[List[int], List[int]]:
+        """(free counter slots below the highest in use, as a heap; [the next one above]),
+        built once from the slots in use and kept by one-rule changes (a whole sync's
+        assignment starts it again)."""
+        if self._pool is None:
+            used = set(self._rule_slots.values())
+            top = max(used, default=0) + 1
+            self._pool = ([s for s in range(1, top) if s not in used], [top])
+        return self._pool
+
+    def _zero_rule_counters(self, fresh_slots: List[int], new_ids: Set[int]) -> None:
+        if fresh_slots:
+            m = self.maps["xf_rule_stats"]
+            zero = bytes(m.vsize)
+            # previous={}: a failed write puts zeros back, which is what is being written.
+            m.update_many([(bytes(ct.c_uint32(s)), zero) for s in fresh_slots], previous={})
+        if new_ids:
+            # Only ids with hits have an entry: a delete of each new id would be a syscall
+            # per rule of a 100,000-rule apply.
+            hits = self.maps["xf_rule_hits"]
+            gone = [k for k in hits.keys() if ct.c_uint32.from_buffer_copy(k).value in new_ids]
+            hits.delete_many(gone)
 
     # One place the grace period is waited for (tests observe the order of map writes).
     wait_for_readers = staticmethod(wait_for_readers)
@@ -488,23 +622,58 @@ class Datapath:
             return ct.c_uint32.from_buffer_copy(value).value
         return abi.RouteKey.from_buffer_copy(key).tenant
 
-    def _flip(self, tid: int, t: compiler.TenantImage, mask_val: bytes) -> int:
+    def _write_tenant(self, tid: int, **fields) -> None:
+        """Change fields of a tenant's entry, one field per map update. The tenant array's
+        update is a copy a packet may read half of: with one field changing per update,
+        any half is the old or the new entry. Callers order the fields so each step is
+        safe (a new classifier generation before the flow generation that trusts it)."""
+        cur = abi.Tenant.from_buffer_copy(self._tenant_vals.get(tid, bytes(abi.Tenant())))
+        for name, value in fields.items():
+            if getattr(cur, name) == value:
+                continue
+            setattr(cur, name, value)
+            val = bytes(cur)
+            self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), val)
+            self._tenant_vals[tid] = val
+
+    def _next_generation(self, tid: int) -> int:
         used = {g for (x, g) in list(self._rules) + list(self._masks) if x == tid}
         gen = self._gens.get(tid) or self._gen_floor.get(tid, 0)
         while True:
             gen = gen + 1 if gen < 0xFFFFFFFF else 1
             if gen not in used:
-                break
+                return gen
+
+    def _bump(self, tid: int) -> None:
+        """A new flow generation: the tenant's flows are misses from now on."""
+        gen = self._next_generation(tid)
+        self._write_tenant(tid, generation=gen)
+        self._gens[tid] = gen
+
+    def _flip(self, tid: int, t: compiler.TenantImage) -> int:
+        """The tenant's classifier written whole under a new generation, then the tenant
+        entry pointed at it: first its classifier generation (flows judged meanwhile are
+        of the old flow generation), then its flow generation. A new tenant's entry is
+        written at once (nothing reads half of an entry that was not there)."""
+        gen = self._next_generation(tid)
         items = list(t.classifier.rule_items(tid, gen, self._rule_slots))
         self.maps["xf_rules"].update_many(items, previous={})    # a generation not in use
         self._rules[(tid, gen)] = dict(items)
         mk = bytes(abi.MaskKey(tenant=tid, generation=gen))
+        mask_val = bytes(t.classifier.mask_set(self.max_masks))
         self.maps["xf_masks"].put(mk, mask_val)
         self._masks[(tid, gen)] = mask_val
-        tval = t.entry(gen)
-        self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)     # the flip
-        self._tenant_vals[tid] = tval
-        self._gens[tid] = gen
+        if tid not in self._gens:
+            tval = bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict,
+                                    vni=t.vni, cls_generation=gen,
+                                    policer=t.policer))
+            self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)
+            self._tenant_vals[tid] = tval
+        else:
+            self._write_tenant(tid, default_verdict=t.default_verdict, vni=t.vni,
+                               policer=t.policer, cls_generation=gen, generation=gen)
+        self._gens[tid] = self._cls_gens[tid] = gen
+        self._cls[tid] = t.classifier
         return gen
 
     def _drop_other_generations(self, tid: int, keep: Optional[int]):

@@ -64,7 +64,8 @@ struct xf_ctx {
     struct xf_flow_key fk;     /* the packet's flow key */
     struct xf_verdict v;
     __u64 len;
-    __u32 gen;                 /* the tenant's current generation */
+    __u32 gen;                 /* the tenant's current generation (of its flows) */
+    __u32 cls_gen;             /* the generation its classifier is keyed by */
     __u16 tenant;
     __u16 slot;                /* the ingress port's slot */
     __u32 port_flags;          /* XF_PORT_* */
@@ -76,7 +77,7 @@ struct xf_ctx {
 /* The best rule found for a packet. Kept as scalars, not a map pointer: far fewer
  * verifier states. */
 struct xf_match {
-    __u32 rank;
+    __u64 rank;
     __u32 rule_id;
     __u16 stat;                /* its counter slot */
     __u8  action;              /* XF_A_*; 0: no rule matched */
@@ -422,6 +423,7 @@ static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
                          XF_R_NO_TENANT);
     c->gen = t->generation;
     c->tenant_policer = t->policer;
+    c->cls_gen = t->cls_generation ? t->cls_generation : t->generation;
     c->port_flags = port->flags;
     c->v.verdict = t->default_verdict == XF_V_PASS ? XF_V_PASS : XF_V_DROP;
     c->dflt = xf_verdict_action(c->v.verdict);
@@ -878,7 +880,7 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
         struct xf_mask *m = &ms->masks[idx];
         if (best->rank > m->max_rank)
             break;
-        k.mask_idx = idx;
+        k.mask_idx = m->key_idx;
         k.proto = fk->proto & m->proto;
         k.in_port = in_port & m->in_port;
         k.src[0] = fk->src[0] & m->src[0];
@@ -972,7 +974,7 @@ static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f
         sc->nf.last_seen_ns = now;
         /* The node's own addresses too: the rules judge them before the kernel sees them. */
         j->reason = xf_route(&sc->ck, &sc->nf);
-        xf_classify(c->tenant, c->gen, &sc->ck, j->in_port, &j->r);
+        xf_classify(c->tenant, c->cls_gen, &sc->ck, j->in_port, &j->r);
         if (!j->as_reply || (j->r.action == XF_A_ALLOW && sc->nf.verdict == XF_V_REDIRECT))
             break;
         /* The forward direction is no longer allowed and forwarded: the packet is new

@@ -60,12 +60,17 @@ struct xf_port {
 
 /* Tenant: an array indexed by tenant id. */
 struct xf_tenant {
-    __u32 generation;      /* current classifier generation; 0: tenant not configured */
+    __u32 generation;      /* flows made under another one are stale; 0: not configured */
     __u8  default_verdict; /* XF_V_DROP or XF_V_PASS */
     __u8  pad;
     __u16 flags;
     __u32 vni;
-    __u32 pad2;
+    __u32 cls_generation;  /* the generation its masks and classifier entries are keyed
+                            * by (0: the same as generation). A one-rule change rewrites
+                            * entries in place and bumps only `generation`; a whole-state
+                            * apply writes a new cls_generation, then a new generation.
+                            * The agent changes one field per update (the array's update
+                            * is a copy a packet may read half of). */
     /* --- rate limits (issue 11) --- */
     __u32 policer;         /* xf_policers key of its rate limit (its id), 0: none */
     __u32 pad_rl;
@@ -79,9 +84,10 @@ struct xf_mask {
     __u16 sport;
     __u16 dport;
     __u8  proto;           /* 0 or 0xff */
-    __u8  pad;
+    __u8  key_idx;         /* the mask_idx its entries are keyed by: a mask keeps it when
+                            * the order changes, so a one-rule change rewrites no entry */
     __u16 in_port;         /* 0 or 0xffff */
-    __u32 max_rank;
+    __u64 max_rank;
 };
 
 struct xf_mask_key {
@@ -111,13 +117,15 @@ struct xf_rule_key {
 };
 
 struct xf_rule {
-    __u32 rank;            /* unique, higher wins: priority, then lower rule id */
+    __u64 rank;            /* unique, higher wins: priority << 32 | ~rule id (a function of
+                            * the rule alone: adding a rule changes no other's) */
     __u32 rule_id;
     __u8  action;          /* XF_A_* */
     __u8  pad;
     __u16 stat;            /* the rule's counter slot (xf_rule_stats), 0: not counted */
     /* --- rate limits (issue 11) --- */
     __u32 policer;         /* xf_policers key of its rate limit, 0: none */
+    __u32 pad_rl;
 };
 
 struct xf_ep_key {

@@ -9,6 +9,7 @@ input (argument errors, invalid values, unreadable or malformed files, bad Scapy
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -148,7 +149,12 @@ class StateFile:
     def __init__(self, path: str, text: str, data: Dict[str, Any]):
         self.path = path if path != "-" else "<stdin>"
         self.data = data
-        self.lines = TomlLines(text)
+        self._text = text
+
+    @functools.cached_property
+    def lines(self) -> TomlLines:
+        """Indexed when an error needs a line (a 100,000-rule file takes seconds)."""
+        return TomlLines(self._text)
 
     def where(self, kind: str, i: int, field: str = "") -> str:
         line = self.lines.find(f"{kind}[{i}]" + (f".{field}" if field else ""))

@@ -394,3 +394,32 @@ def test_markdown_lists_every_goal_and_plot():
     assert "| memory | bytes per flow | 187.00 | <= 128 | **missed** by 1.46x |" in md
     assert "![memory](benchmarks/memory.png)" in md and "MEM TABLE" in md
     assert "*Method:* fdinfo" in md and "FAILED in this run: RuntimeError: no" in md
+
+
+def test_bench_control_states_goals_and_table():
+    """`bench control`'s pure part: 4 rule shapes are 4 masks of distinct entries, the
+    goals are reported against the largest size (not measured when it failed), and the
+    table shows every figure."""
+    from agent import compiler, model
+    from netns_lab import bench_control as bc
+    st = model.State.from_dict(bc.state(bc.shaped_rules(400)))
+    cls = compiler.compile_rules(bc.TENANT, st.rules, {}, 32)
+    assert len(cls.masks) == 4 and cls.size == 400
+    doc = {"apply": [{"rules": 1000, "ok": True, "seconds": 0.5, "rules_per_s": 2000.0,
+                      "dry_run_seconds": 0.3},
+                     {"rules": 100000, "ok": False, "error": "request larger than 4194304"}],
+           "single": [{"beside": 1000, "add_e2e_ms": 200.0, "add_agent_ms": 3.0,
+                       "del_e2e_ms": 190.0, "del_agent_ms": 1.0}],
+           "restart": {"rules": 1000, "warm_ready_s": 0.8, "cold_ready_s": 7.0},
+           "agent_rss_mib": {"started_empty": 240.0},
+           "masks": [{"masks": n, "best_in_top_mask_ns": 100.0 + n, "no_match_ns": 50.0 * n}
+                     for n in bc.MASK_COUNTS]}
+    doc["goals"] = bc.goals(doc)
+    by = {g["name"]: g for g in doc["goals"]}
+    assert by["apply of 100,000 rules, rules/s end to end"]["met"] is None
+    assert by["warm restart to ready (s)"]["met"] is True
+    assert by["miss, best match in the top mask: 16 masks / 1 mask"]["value"] == round(116 / 101, 3)
+    text = bc.control_table(doc)
+    assert "100,000 rules: FAILED request larger" in text and "warm 0.8 s" in text
+    assert bc.metric_value("# x\nxdpflow_apply_duration_seconds 0.0125\n",
+                           "xdpflow_apply_duration_seconds") == 0.0125

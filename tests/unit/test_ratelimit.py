@@ -78,7 +78,6 @@ def test_compiled_buckets():
                                                                   "burst": 100})
     img = compiler.compile_state(st, {})
     assert img.tenants[10].policer == 10
-    assert abi.Tenant.from_buffer_copy(img.tenants[10].entry(3)).policer == 10
     pol = {ct.c_uint32.from_buffer_copy(k).value: abi.Policer.from_buffer_copy(v)
            for k, v in img.policers.items()}
     t, r = pol[10], pol[7 | abi.POLICER_RULE]

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from agent.model import Port, Rule, State, Tenant, replace
+from agent.model import Port, Route, Rule, State, Tenant, replace
 from agent.store import SCHEMA_VERSION, Store, StoreError
 
 pytestmark = pytest.mark.unit
@@ -271,6 +271,30 @@ def test_dangling_reference_is_refused_before_commit(tmp_path):
             with store.transaction() as tx:
                 tx.write(st, bad)
                 after_write.append(True)  # must not be reached: the caller would program BPF
+        assert after_write == []
+        assert store.load().to_dict() == st.to_dict()
+
+
+@pytest.mark.parametrize("kind,obj,parent", [
+    ("rules", Rule.from_dict({"id": 77, "tenant": "ghost", "priority": 1, "action": "allow"}),
+     "tenants"),
+    ("rules", Rule.from_dict({"id": 78, "tenant": "blue", "priority": 1, "action": "allow",
+                              "in_port": "vm9"}), "ports"),
+    ("routes", Route.from_dict({"tenant": "blue", "prefix": "10.9.0.0/16",
+                                "via": "10.0.0.99"}), "endpoints"),
+])
+def test_a_few_rows_referring_to_nothing_are_refused_before_commit(tmp_path, kind, obj,
+                                                                   parent):
+    """A small change is checked row by row (not by a scan of the table): a row whose
+    reference names no row is still refused before the caller programs anything."""
+    st = _state()
+    with _open(tmp_path) as store:
+        _put(store, State(), st)
+        after_write = []
+        with pytest.raises(StoreError, match=f"refers to a missing row of table {parent}"):
+            with store.transaction() as tx:
+                tx.write_changes({kind: ([obj], [], [])})
+                after_write.append(True)
         assert after_write == []
         assert store.load().to_dict() == st.to_dict()
 
