@@ -132,6 +132,21 @@ def prog_info_id(fd: int) -> int:
     return prog_info(fd).id
 
 
+def prog_map_ids(fd: int) -> List[int]:
+    """The ids of the maps a loaded program uses (how an adopted program's unpinned maps,
+    such as the monitor's ring, are found again)."""
+    n = prog_info(fd).nr_map_ids
+    ids = (ct.c_uint32 * max(n, 1))()
+    info = ProgInfo(nr_map_ids=n, map_ids=ct.addressof(ids))
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "program map ids")
+    return list(ids[:min(n, info.nr_map_ids)])
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _check(_lib.bpf_map_get_fd_by_id(map_id), f"map id {map_id}")
+
+
 def prog_name_by_id(prog_id: int) -> str:
     fd = prog_fd_by_id(prog_id)
     try:

@@ -105,10 +105,9 @@ class Agent:
                           "rebuild": "rebuilding"}[action], ", ".join(by[action]))
 
     def _load_pass_program(self) -> int:
-        from bcc import BPF
-        from .datapath import BPF_DIR
-        self._pass_bpf = BPF(src_file=str(BPF_DIR / "xf_pass.c").encode())
-        return self._pass_bpf.load_func(b"xf_pass", BPF.XDP).fd
+        from .datapath import pass_program
+        fd, self._pass_bpf = pass_program(self.dp.pin_dir, adopt=self.dp.how == "adopted")
+        return fd
 
     def _start_api(self):
         from .api import ApiServer

@@ -79,6 +79,36 @@ def fs_type(path: str) -> str:
 
 
 _STAGED = "-staged"     # suffix of the staging dir of a build beside the live pins (bpffs allows no dots)
+# The loaded programs, pinned beside their maps: a warm start adopts them (BCC's Python
+# cannot load a compiled object, so not compiling means taking the loaded program).
+PROG_PIN = "xf_prog"
+PASS_PIN = "xf_pass"
+# The program's own maps (not pinned: the monitor's), found again by id when adopted.
+UNPINNED = ("xf_mon", "xf_mon_cpu", "xf_events")
+
+
+def source_files() -> List[Path]:
+    """What the datapath programs are compiled from (their build id hashes these)."""
+    return sorted(BPF_DIR.glob("xf_*.h")) + [BPF_DIR / "xdpflow.c", BPF_DIR / "xf_pass.c"]
+
+
+def pass_program(pin_dir: str, adopt: bool) -> Tuple[int, object]:
+    """The pass-through program for veth peers: the pinned one when `adopt` (a warm start:
+    the same build id covers its source), else compiled and pinned. Returns (fd, the BCC
+    object that owns the fd, or None when the fd is the caller's to close)."""
+    path = f"{pin_dir}/{PASS_PIN}"
+    if adopt and os.path.exists(path):
+        fd = bpfsys.obj_get(path)
+        if bpfsys.prog_info(fd).name == PASS_PIN.encode():
+            return fd, None
+        os.close(fd)
+    from bcc import BPF
+    b = BPF(src_file=str(BPF_DIR / "xf_pass.c").encode())
+    fd = b.load_func(PASS_PIN.encode(), BPF.XDP).fd
+    if os.path.exists(path):
+        os.unlink(path)
+    bpfsys.obj_pin(fd, path)
+    return fd, b
 
 
 @dataclass
@@ -98,6 +128,10 @@ class Datapath:
         self.trace_bpf = None
         self.prog_fd = -1
         self.trace_fd = -1
+        self.how = ""              # compiled | adopted (the pinned program, no compile)
+        self.load_seconds = 0.0
+        self._own_maps: Dict[str, int] = {}     # UNPINNED name -> fd
+        self._adopted_fds: List[int] = []       # fds this object closes (not BCC's)
         self.maps: Dict[str, RawMap] = {}
         self.pin_report: List[PinStatus] = []
         # What the configuration maps hold (read once at load, then kept in step).
@@ -118,6 +152,21 @@ class Datapath:
         # Extra -D flags for a different build of the same source (upgrade tests, debugging).
         flags += os.environ.get("XDPFLOW_CFLAGS", "").split()
         return flags
+
+    def build_id(self) -> int:
+        """What a loaded program was built from: the sources, the compile flags (sizes
+        included) and the kernel. Equal ids: the pinned program is what a compile would
+        make, so a starting agent adopts it. The pin dir is left out (a build made beside
+        the live pins is the same build once they are moved in place)."""
+        h = hashlib.sha256()
+        h.update(f"{abi.ABI_VERSION}|{os.uname().release}|"
+                 f"{os.path.realpath(f'/lib/modules/{os.uname().release}/build')}".encode())
+        for f in source_files():
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        for flag in self.cflags():
+            if not flag.startswith("-DXF_PIN_DIR="):
+                h.update(flag.encode() + b"\0")
+        return int.from_bytes(h.digest()[:8], "little") or 1
 
     def check_pins(self) -> List[PinStatus]:
         """What loading would do with each pinned map: reuse it, create it, migrate its
@@ -153,6 +202,11 @@ class Datapath:
         return int.from_bytes(h.digest()[:8], "little")
 
     def _meta_layout(self) -> Optional[int]:
+        meta = self._meta()
+        return meta.layout_hash if meta else None
+
+    def _meta(self) -> Optional[abi.Meta]:
+        """The pinned meta, if it is one of this ABI (else None: its pins are rebuilt)."""
         path = f"{self.pin_dir}/xf_meta"
         if not os.path.exists(path):
             return None
@@ -164,12 +218,76 @@ class Datapath:
             meta = abi.Meta.from_buffer_copy(raw) if raw else None
             if not meta or meta.abi_version != abi.ABI_VERSION:
                 return None
-            return meta.layout_hash
+            return meta
         finally:
             m.close()
 
-    def load(self, beside: bool = False) -> List[PinStatus]:
-        """Compile and load the program, reusing, migrating or rebuilding pinned maps.
+    def _write_meta(self, build_id: int) -> None:
+        meta = abi.Meta(abi_version=abi.ABI_VERSION, layout_hash=self._combined_layout(),
+                        build_id=build_id)
+        self.maps["xf_meta"].put(bytes(ct.c_uint32(0)), bytes(meta))
+
+    def _adopt(self, report: List[PinStatus]) -> bool:
+        """A warm start: every map reused and the pinned program built from what this
+        agent would compile (the meta's build id). Takes the pinned program and its maps,
+        compiling nothing. False (having changed nothing) when it cannot."""
+        if any(st.action != "reuse" for st in report):
+            return False
+        meta = self._meta()
+        path = f"{self.pin_dir}/{PROG_PIN}"
+        if meta is None or meta.build_id != self.build_id() or not os.path.exists(path):
+            return False
+        t0 = time.monotonic()
+        fd, maps, own = -1, {}, {}
+        try:
+            fd = bpfsys.obj_get(path)
+            maps = {name: RawMap.pinned(f"{self.pin_dir}/{name}") for name in MAP_ORDER}
+            if bpfsys.prog_info(fd).name != PROGRAM.encode():
+                raise ValueError(f"{path} is not an {PROGRAM} program")
+            for map_id in bpfsys.prog_map_ids(fd):
+                mfd = bpfsys.map_fd_by_id(map_id)
+                name = bpfsys.map_info(mfd).name.decode()
+                if name in UNPINNED and name not in own:
+                    own[name] = mfd
+                    continue
+                os.close(mfd)
+                if name in maps and maps[name].id != map_id:
+                    raise ValueError(f"its {name} is not the pinned one")
+            if set(own) != set(UNPINNED):
+                raise ValueError(f"its maps {sorted(set(UNPINNED) - set(own))} not found")
+        except (OSError, ValueError) as e:
+            log.warning("pinned program %s not adopted (compiling instead): %s", path, e)
+            for f in [fd, *own.values()]:
+                if f >= 0:
+                    os.close(f)
+            for m in maps.values():
+                m.close()
+            return False
+        self.prog_fd, self.maps, self._own_maps = fd, maps, own
+        self._adopted_fds = [fd, *own.values()]
+        self._read_mirror()
+        self.how, self.load_seconds = "adopted", time.monotonic() - t0
+        log.info("datapath adopted: pinned program id %d (build %016x) and its maps, "
+                 "nothing compiled, in %.3fs", bpfsys.prog_info_id(fd), meta.build_id,
+                 self.load_seconds)
+        return True
+
+    def _pin_program(self, build_id: Optional[int]) -> None:
+        """Pin the compiled program beside its maps. The meta names no build while the pin
+        changes (a crash in between leaves nothing adoptable), then this one's, unless
+        build_id is None (a build beside the live pins: its commit names it)."""
+        self._write_meta(0)
+        path = f"{self.pin_dir}/{PROG_PIN}"
+        if os.path.exists(path):
+            os.unlink(path)
+        bpfsys.obj_pin(self.prog_fd, path)
+        if build_id is not None:
+            self._write_meta(build_id)
+
+    def load(self, beside: bool = False, adopt: bool = True) -> List[PinStatus]:
+        """Compile and load the program, reusing, migrating or rebuilding pinned maps; or,
+        with `adopt` when every map is reused and the pinned program has this build id,
+        take the pinned program as it is (a warm start, see _adopt: `how` says which).
 
         beside=True is for a reload that resizes maps while a program runs on the ports:
         the build goes to a staging dir next to the live pins and touches neither them nor
@@ -188,6 +306,9 @@ class Datapath:
         # A staging dir left by a reload that died before its commit: the live pins win.
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         report = self.check_pins()
+        if adopt and not beside and self._adopt(report):
+            self.pin_report = report
+            return report
         live = self.pin_dir
         if beside:
             os.makedirs(self.staging_dir)
@@ -218,7 +339,9 @@ class Datapath:
         t0 = time.monotonic()
         self.bpf = BPF(src_file=str(BPF_DIR / "xdpflow.c").encode(), cflags=self.cflags())
         self.prog_fd = self.bpf.load_func(PROGRAM.encode(), BPF.XDP).fd
-        log.info("datapath compiled and loaded in %.2fs", time.monotonic() - t0)
+        self.how, self.load_seconds = "compiled", time.monotonic() - t0
+        log.info("datapath compiled and loaded in %.2fs", self.load_seconds)
+        self._own_maps = {name: self.bpf[name.encode()].get_fd() for name in UNPINNED}
         self.maps = {name: RawMap.pinned(f"{self.pin_dir}/{name}") for name in MAP_ORDER}
         for name, items in saved.items():
             m = self.maps[name]
@@ -228,8 +351,7 @@ class Datapath:
                 if st.name == name:
                     st.detail += f"; {len(keep)} entries copied" + (
                         f", {len(items) - len(keep)} did not fit" if len(items) > len(keep) else "")
-        meta = abi.Meta(abi_version=abi.ABI_VERSION, layout_hash=self._combined_layout())
-        self.maps["xf_meta"].put(bytes(ct.c_uint32(0)), bytes(meta))
+        self._pin_program(None if beside else self.build_id())
         self._read_mirror()
         self.pin_report = report
         return report
@@ -268,10 +390,11 @@ class Datapath:
         if not self.pin_dir.endswith(_STAGED):
             return
         live = self.pin_dir[:-len(_STAGED)]
-        for name in MAP_ORDER:
+        for name in MAP_ORDER + [PROG_PIN]:
             os.rename(f"{self.pin_dir}/{name}", f"{live}/{name}")
         os.rmdir(self.pin_dir)
         self.pin_dir = live
+        self._write_meta(self.build_id())
 
     def discard_staged(self) -> None:
         """Forget a build made beside the live pins (close() it too)."""
@@ -295,6 +418,9 @@ class Datapath:
         for b in (self.bpf, self.trace_bpf):
             if b is not None:
                 b.cleanup()
+        for fd in self._adopted_fds:
+            os.close(fd)
+        self._adopted_fds, self._own_maps = [], {}
         self.bpf = self.trace_bpf = None
         self.prog_fd = self.trace_fd = -1
 
@@ -552,10 +678,9 @@ class Datapath:
 
     def monitor_maps(self) -> Tuple[int, RawMap, RawMap]:
         """The monitor's ring buffer fd, its switch-and-filter map and per-CPU counters
-        (maps of this build, not pinned)."""
-        return (self.bpf[b"xf_events"].get_fd(),
-                RawMap(self.bpf[b"xf_mon"].get_fd(), "xf_mon"),
-                RawMap(self.bpf[b"xf_mon_cpu"].get_fd(), "xf_mon_cpu"))
+        (maps of the loaded program, not pinned)."""
+        return (self._own_maps["xf_events"], RawMap(self._own_maps["xf_mon"], "xf_mon"),
+                RawMap(self._own_maps["xf_mon_cpu"], "xf_mon_cpu"))
     def _counter_rows(self, name: str, wanted: Set[int]) -> Dict[int, Tuple[int, int]]:
         """(packets, bytes) summed over CPUs of the wanted rows of a per-CPU counter array."""
         m = self.maps[name]
