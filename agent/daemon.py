@@ -52,7 +52,6 @@ class Agent:
         self.signals = []
         self.store = self.dp = self.links = self.controller = None
         self.api = self.metrics = self.watcher = None
-        self._pass_bpf = None
         from .metrics import Timings
         self.timings = Timings()   # shared by the controller and the API server
         self._links_dirty = threading.Event()
@@ -106,8 +105,7 @@ class Agent:
 
     def _load_pass_program(self) -> int:
         from .datapath import pass_program
-        fd, self._pass_bpf = pass_program(self.dp.pin_dir, adopt=self.dp.how == "adopted")
-        return fd
+        return pass_program(self.dp.pin_dir, adopt=self.dp.how == "adopted")
 
     def _start_api(self):
         from .api import ApiServer

@@ -92,23 +92,46 @@ def source_files() -> List[Path]:
     return sorted(BPF_DIR.glob("xf_*.h")) + [BPF_DIR / "xdpflow.c", BPF_DIR / "xf_pass.c"]
 
 
-def pass_program(pin_dir: str, adopt: bool) -> Tuple[int, object]:
-    """The pass-through program for veth peers: the pinned one when `adopt` (a warm start:
-    the same build id covers its source), else compiled and pinned. Returns (fd, the BCC
-    object that owns the fd, or None when the fd is the caller's to close)."""
+def compile_program(src: str, func: str, cflags: List[str] = (),
+                    maps: Tuple[str, ...] = ()) -> Tuple[int, Dict[str, int]]:
+    """Compile and load one XDP program with BCC. Returns its fd and those of the named
+    maps, all the caller's: BCC's module (LLVM's state of the compile) is freed at once
+    and the heap it used handed back to the system (about 100 MiB resident otherwise)."""
+    # Imported only to compile: the unit tier never needs bcc, and an agent that adopts
+    # never maps LLVM (tens of MiB resident).
+    from bcc import BPF
+    b = BPF(src_file=str(BPF_DIR / src).encode(), cflags=list(cflags))
+    try:
+        fd = os.dup(b.load_func(func.encode(), BPF.XDP).fd)
+        own = {name: os.dup(b[name.encode()].get_fd()) for name in maps}
+    finally:
+        b.cleanup()
+    trim_heap()
+    return fd, own
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc; elsewhere nothing)."""
+    libc = ct.CDLL(None)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def pass_program(pin_dir: str, adopt: bool) -> int:
+    """The pass-through program for veth peers (the caller's fd): the pinned one when
+    `adopt` (a warm start: the same build id covers its source), else compiled and
+    pinned."""
     path = f"{pin_dir}/{PASS_PIN}"
     if adopt and os.path.exists(path):
         fd = bpfsys.obj_get(path)
         if bpfsys.prog_info(fd).name == PASS_PIN.encode():
-            return fd, None
+            return fd
         os.close(fd)
-    from bcc import BPF
-    b = BPF(src_file=str(BPF_DIR / "xf_pass.c").encode())
-    fd = b.load_func(PASS_PIN.encode(), BPF.XDP).fd
+    fd, _ = compile_program("xf_pass.c", PASS_PIN)
     if os.path.exists(path):
         os.unlink(path)
     bpfsys.obj_pin(fd, path)
-    return fd, b
+    return fd
 
 
 @dataclass
@@ -124,14 +147,13 @@ class Datapath:
         self.defines = dict(DEFAULT_DEFINES)
         self.defines.update(defines or {})
         self.max_masks = self.defines["XF_MAX_MASKS"]
-        self.bpf = None
-        self.trace_bpf = None
         self.prog_fd = -1
         self.trace_fd = -1
         self.how = ""              # compiled | adopted (the pinned program, no compile)
         self.load_seconds = 0.0
         self._own_maps: Dict[str, int] = {}     # UNPINNED name -> fd
-        self._adopted_fds: List[int] = []       # fds this object closes (not BCC's)
+        self._trace_rec = -1                    # the trace build's record map
+        self._fds: List[int] = []               # every fd above, closed by close()
         self.maps: Dict[str, RawMap] = {}
         self.pin_report: List[PinStatus] = []
         # What the configuration maps hold (read once at load, then kept in step).
@@ -264,7 +286,7 @@ class Datapath:
                 m.close()
             return False
         self.prog_fd, self.maps, self._own_maps = fd, maps, own
-        self._adopted_fds = [fd, *own.values()]
+        self._fds = [fd, *own.values()]
         self._read_mirror()
         self.how, self.load_seconds = "adopted", time.monotonic() - t0
         log.info("datapath adopted: pinned program id %d (build %016x) and its maps, "
@@ -296,8 +318,6 @@ class Datapath:
         so the running program never meets a generation written for the new one. After the
         program swap, `commit_pins()` moves the pins in place; `close()` and
         `discard_staged()` before that leave everything as it was."""
-        from bcc import BPF   # imported here so the unit tier never needs bcc
-
         ensure_bpffs()
         os.makedirs(self.pin_dir, exist_ok=True)
         if fs_type(self.pin_dir) != "bpf":
@@ -337,11 +357,11 @@ class Datapath:
             if st.action == "rebuild" and st.name not in REBUILT_FROM_STORE:
                 st.detail += "; its entries are dropped (flows re-classify, counters restart)"
         t0 = time.monotonic()
-        self.bpf = BPF(src_file=str(BPF_DIR / "xdpflow.c").encode(), cflags=self.cflags())
-        self.prog_fd = self.bpf.load_func(PROGRAM.encode(), BPF.XDP).fd
+        self.prog_fd, self._own_maps = compile_program("xdpflow.c", PROGRAM, self.cflags(),
+                                                       UNPINNED)
+        self._fds = [self.prog_fd, *self._own_maps.values()]
         self.how, self.load_seconds = "compiled", time.monotonic() - t0
         log.info("datapath compiled and loaded in %.2fs", self.load_seconds)
-        self._own_maps = {name: self.bpf[name.encode()].get_fd() for name in UNPINNED}
         self.maps = {name: RawMap.pinned(f"{self.pin_dir}/{name}") for name in MAP_ORDER}
         for name, items in saved.items():
             m = self.maps[name]
@@ -405,24 +425,20 @@ class Datapath:
     def load_trace(self) -> int:
         """The trace build shares the pinned maps; it records instead of counting."""
         if self.trace_fd < 0:
-            from bcc import BPF
-            self.trace_bpf = BPF(src_file=str(BPF_DIR / "xdpflow.c").encode(),
-                                 cflags=self.cflags(trace=True))
-            self.trace_fd = self.trace_bpf.load_func(PROGRAM.encode(), BPF.XDP).fd
+            self.trace_fd, own = compile_program("xdpflow.c", PROGRAM, self.cflags(trace=True),
+                                                 ("xf_trace_rec",))
+            self._trace_rec = own["xf_trace_rec"]
+            self._fds += [self.trace_fd, self._trace_rec]
         return self.trace_fd
 
     def close(self):
         for m in self.maps.values():
             m.close()
         self.maps = {}
-        for b in (self.bpf, self.trace_bpf):
-            if b is not None:
-                b.cleanup()
-        for fd in self._adopted_fds:
+        for fd in self._fds:
             os.close(fd)
-        self._adopted_fds, self._own_maps = [], {}
-        self.bpf = self.trace_bpf = None
-        self.prog_fd = self.trace_fd = -1
+        self._fds, self._own_maps = [], {}
+        self.prog_fd = self.trace_fd = self._trace_rec = -1
 
     def unpin(self):
         """Remove every pin (explicit teardown), and a reload's staging dir."""
@@ -710,7 +726,7 @@ class Datapath:
         """Dry run through the trace build: what the datapath would do, with no flow
         installed and no counter touched."""
         fd = self.load_trace()
-        rec = RawMap(self.trace_bpf[b"xf_trace_rec"].get_fd(), "xf_trace_rec")
+        rec = RawMap(self._trace_rec, "xf_trace_rec")
         zero = bytes(ct.c_uint32(0))
         rec.put(zero, bytes(rec.vsize))
         rc, out, _ = bpfsys.test_run(fd, packet, ifindex=ifindex)
