@@ -106,6 +106,9 @@ def check_adopted(lab, status_before, status_after, how="adopted"):
     assert set(actions.values()) == {"reuse"}, actions
     assert status_after["pid"] != status_before["pid"]
     assert status_after["program"]["how"] == how, status_after["program"]
+    # Whether it compiled or not, the running agent holds no compiler (LLVM, ~80 MiB).
+    with open(f"/proc/{status_after['pid']}/maps") as f:
+        assert not [line for line in f if "libLLVM" in line or "libclang" in line]
     if how == "adopted":
         assert status_after["program_id"] == status_before["program_id"]
         assert "datapath adopted" in lab.log_text().rsplit("===== agent start", 1)[1]
