@@ -150,6 +150,7 @@ class Datapath:
         self.prog_fd = -1
         self.trace_fd = -1
         self.how = ""              # compiled | adopted (the pinned program, no compile)
+        self.build = 0             # the loaded program's build id
         self.load_seconds = 0.0
         self._own_maps: Dict[str, int] = {}     # UNPINNED name -> fd
         self._trace_rec = -1                    # the trace build's record map
@@ -289,6 +290,7 @@ class Datapath:
         self._fds = [fd, *own.values()]
         self._read_mirror()
         self.how, self.load_seconds = "adopted", time.monotonic() - t0
+        self.build = meta.build_id
         log.info("datapath adopted: pinned program id %d (build %016x) and its maps, "
                  "nothing compiled, in %.3fs", bpfsys.prog_info_id(fd), meta.build_id,
                  self.load_seconds)
@@ -361,6 +363,7 @@ class Datapath:
                                                        UNPINNED)
         self._fds = [self.prog_fd, *self._own_maps.values()]
         self.how, self.load_seconds = "compiled", time.monotonic() - t0
+        self.build = self.build_id()
         log.info("datapath compiled and loaded in %.2fs", self.load_seconds)
         self.maps = {name: RawMap.pinned(f"{self.pin_dir}/{name}") for name in MAP_ORDER}
         for name, items in saved.items():
@@ -371,7 +374,7 @@ class Datapath:
                 if st.name == name:
                     st.detail += f"; {len(keep)} entries copied" + (
                         f", {len(items) - len(keep)} did not fit" if len(items) > len(keep) else "")
-        self._pin_program(None if beside else self.build_id())
+        self._pin_program(None if beside else self.build)
         self._read_mirror()
         self.pin_report = report
         return report
@@ -414,7 +417,7 @@ class Datapath:
             os.rename(f"{self.pin_dir}/{name}", f"{live}/{name}")
         os.rmdir(self.pin_dir)
         self.pin_dir = live
-        self._write_meta(self.build_id())
+        self._write_meta(self.build)
 
     def discard_staged(self) -> None:
         """Forget a build made beside the live pins (close() it too)."""
