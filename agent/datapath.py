@@ -453,10 +453,12 @@ class Datapath:
     def _read_mirror(self):
         self._mirror = {n: dict(self.maps[n].items())
                         for n in ("xf_ports", "xf_port_src", "xf_endpoints", "xf_routes")}
-        self._mirror["xf_port_index"] = {k: v for k, v in self.maps["xf_port_index"].items()
+        # Arrays (16,384 port rows, 65,536 tenant rows): their empty rows are passed over.
+        self._mirror["xf_port_index"] = {k: v for k, v in
+                                         self.maps["xf_port_index"].items(skip_zero=True)
                                          if abi.Port.from_buffer_copy(v).slot}
         self._gens, self._tenant_vals = {}, {}
-        for k, v in self.maps["xf_tenants"].items():
+        for k, v in self.maps["xf_tenants"].items(skip_zero=True):
             t = abi.Tenant.from_buffer_copy(v)
             if t.generation:
                 tid = ct.c_uint32.from_buffer_copy(k).value
