@@ -28,9 +28,12 @@ REASONS = {
     21: "parse_ipv4", 22: "parse_ipv6", 23: "parse_ext", 24: "parse_l4", 25: "frag",
     26: "insert_failed", 27: "flow_stale", 28: "related", 29: "spoof", 30: "vlan",
     31: "icmp_mtu",
+    # 32-39: the overlay (uplink ports, VXLAN)
+    32: "uplink_other", 33: "vni_unknown", 34: "vtep_unknown", 35: "mtu_kernel",
+    36: "parse_vxlan", 37: "no_neigh",
 }
 REASON_IDS = {v: k for k, v in REASONS.items()}
-R_MAX = 32
+R_MAX = 38
 # Reasons that count events rather than packets (their verdict is "none").
 EVENT_REASONS = ("insert_failed", "flow_stale")
 
@@ -38,9 +41,13 @@ A_ALLOW, A_DENY, A_PASS = 1, 2, 3
 RULE_ACTIONS = {"allow": A_ALLOW, "deny": A_DENY, "pass": A_PASS}
 RT_VIA, RT_KERNEL, RT_DROP = 1, 2, 3
 ROUTE_ACTIONS = {"via": RT_VIA, "kernel": RT_KERNEL, "drop": RT_DROP}
-FLOW_REVERSE, FLOW_CLOSING = 0x01, 0x02
-EP_LOCAL = 0x01
+FLOW_REVERSE, FLOW_CLOSING, FLOW_ENCAP = 0x01, 0x02, 0x04
+EP_LOCAL, EP_REMOTE = 0x01, 0x02
+ENCAP_LEN = 50           # VXLAN's outer Ethernet, IPv4, UDP, VXLAN headers
+VNI_ENTRIES = 65536
+VXLAN_PORT = 4789
 PORT_SECURITY, PORT_VLAN, PORT_TENANT_DROP = 0x01, 0x02, 0x04
+PORT_UPLINK = 0x08
 IPV4_MIN_MTU, IPV6_MIN_MTU = 68, 1280
 MAX_TENANTS = 65536
 PORT_INDEX = 16384       # ifindexes below this are looked up in xf_port_index (an array)
@@ -71,11 +78,13 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_A_ALLOW": A_ALLOW, "XF_A_DENY": A_DENY, "XF_A_PASS": A_PASS,
     "XF_RT_VIA": RT_VIA, "XF_RT_KERNEL": RT_KERNEL, "XF_RT_DROP": RT_DROP,
     "XF_FLOW_REVERSE": FLOW_REVERSE, "XF_FLOW_CLOSING": FLOW_CLOSING,
+    "XF_FLOW_ENCAP": FLOW_ENCAP, "XF_EP_REMOTE": EP_REMOTE, "XF_ENCAP_LEN": ENCAP_LEN,
+    "XF_VNI_ENTRIES": VNI_ENTRIES,
     "XF_EP_LOCAL": EP_LOCAL, "XF_MAX_TENANTS": MAX_TENANTS, "XF_PORT_INDEX": PORT_INDEX, "XF_MASK_SETS": MASK_SETS,
     "XF_V_MAX": V_MAX, "XF_R_ROWS": R_ROWS, "XF_FRAG_TABLE_SIZE": FRAG_TABLE_SIZE,
     "XF_MAX_RULE_IDS": MAX_RULE_IDS, "XF_R_MAX": R_MAX, "XF_RULE_STATS": RULE_STATS,
     "XF_PORT_SECURITY": PORT_SECURITY, "XF_PORT_VLAN": PORT_VLAN,
-    "XF_PORT_TENANT_DROP": PORT_TENANT_DROP,
+    "XF_PORT_TENANT_DROP": PORT_TENANT_DROP, "XF_PORT_UPLINK": PORT_UPLINK,
     "XF_IPV4_MIN_MTU": IPV4_MIN_MTU, "XF_IPV6_MIN_MTU": IPV6_MIN_MTU,
     "XF_EVENT_BYTES": EVENT_BYTES, "XF_EVENT_RING_PAGES": EVENT_RING_PAGES,
 }
@@ -97,11 +106,15 @@ class Flow(ct.Structure):
                 ("generation", u32), ("rule_id", u32), ("out_ifindex", u32),
                 ("out_port", u16), ("verdict", u8), ("flags", u8), ("dmac", Mac),
                 ("smac", Mac), ("in_port", u16), ("reason", u8), ("tcp_flags", u8),
-                ("in_mac", Mac), ("rule_stat", u16)]
+                ("in_mac", Mac), ("rule_stat", u16),
+                # overlay (VXLAN): network-order addresses, as in the outer header
+                ("vtep", u32), ("vni", u32), ("vtep_mac", Mac), ("encap_sport", u16)]
 
 
 class Port(ct.Structure):
-    _fields_ = [("tenant", u16), ("slot", u16), ("flags", u32), ("mac", Mac), ("pad", u16)]
+    _fields_ = [("tenant", u16), ("slot", u16), ("flags", u32), ("mac", Mac), ("pad", u16),
+                # uplink ports (PORT_UPLINK)
+                ("local_ip", Addr), ("mtu", u32)]
 
 
 class Tenant(ct.Structure):
@@ -148,7 +161,13 @@ class EpKey(ct.Structure):
 
 class Endpoint(ct.Structure):
     _fields_ = [("ifindex", u32), ("port", u16), ("mac", Mac), ("port_mac", Mac),
-                ("flags", u16)]
+                ("flags", u16),
+                # remote endpoints (EP_REMOTE): network-order addresses
+                ("vtep", u32), ("vni", u32), ("vtep_mac", Mac), ("pad_overlay", u16)]
+
+
+class VniKey(ct.Structure):
+    _fields_ = [("vni", u32), ("vtep", u32)]
 
 
 class RouteKey(ct.Structure):
@@ -228,6 +247,7 @@ MAPS = {
     "xf_rule_stats": (PERCPU_ARRAY, u32, Counter, RULE_STATS),
     "xf_port_tx": (PERCPU_ARRAY, u32, Counter, "XF_MAX_PORTS"),
     "xf_frags": (LRU_HASH, FragKey, Frag, FRAG_TABLE_SIZE),
+    "xf_vnis": (HASH, VniKey, u32, VNI_ENTRIES),
     "xf_meta": (ARRAY, u32, Meta, 1),
 }
 

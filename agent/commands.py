@@ -157,8 +157,13 @@ def _add(kind: str, *fields: str):
 
 
 def _port_add(c, args):
-    obj = _only(args, "name", "tenant", "allow", "allow_vlan")
-    obj["port_security"] = not args.get("no_port_security")
+    obj = _only(args, "name", "tenant", "allow", "allow_vlan", "local_ip")
+    if args.get("uplink"):
+        obj["uplink"] = True
+    # An uplink has no port security to switch; --no-port-security on one is named as
+    # wrong by the model rather than dropped.
+    if not args.get("uplink") or args.get("no_port_security"):
+        obj["port_security"] = not args.get("no_port_security")
     return c.add("ports", obj)
 
 
@@ -348,24 +353,31 @@ _cmd("tenant list", False, "list tenants",
 
 # -- ports --
 _cmd("port add", True, "put a node interface (a VM's veth or tap) in a tenant; what it sends "
-     "must come from the MAC and address of one of its endpoints (port security)",
+     "must come from the MAC and address of one of its endpoints (port security). Or, with "
+     "--uplink, make it the node's port to the underlay/external network",
      "  xdpflowctl port add veth-vm1 --tenant blue\n"
      "  xdpflowctl port add veth-vm2 --tenant blue --allow 10.0.0.64/26 --allow-vlan\n"
-     "  xdpflowctl port add veth-fw --tenant blue --no-port-security",
+     "  xdpflowctl port add veth-fw --tenant blue --no-port-security\n"
+     "  xdpflowctl port add eth1 --uplink --local-ip 192.0.2.1",
      _port_add,
      description="Prints what happened: attached (in native or generic mode), waiting for "
                  "the interface (it does not exist yet; attached when it appears), or "
                  "attaching failed and why. A failed attach exits 1; the port stays "
                  "configured (fix the cause, or delete the port).",
      args=(Arg("name", "interface name", metavar="IFNAME", required=True),
-           _tenant_opt(True),
+           _tenant_opt(False),
            Arg("allow", "also accept sources in this prefix, with the MAC of one of the "
                "port's endpoints (allowed address pairs; repeatable)", flags=("--allow",),
                kind="list", metavar="PREFIX"),
            Arg("no_port_security", "accept any source MAC and address from this port",
                flags=("--no-port-security",), kind="flag"),
            Arg("allow_vlan", "accept VLAN-tagged frames from this port (dropped otherwise)",
-               flags=("--allow-vlan",), kind="flag")))
+               flags=("--allow-vlan",), kind="flag"),
+           Arg("uplink", "the port faces the underlay/external network and belongs to no "
+               "tenant (needs --local-ip)", flags=("--uplink",), kind="flag"),
+           Arg("local_ip", "the node's address on the uplink (its VTEP address)",
+               flags=("--local-ip",), metavar="IP")),
+     exclusive=((("tenant", "uplink"), True),))
 _cmd("port del", True, "take an interface out of its tenant",
      "  xdpflowctl port del veth-vm1",
      _delete("ports", _port_ident),
@@ -375,16 +387,21 @@ _cmd("port list", False, "list ports: whether attached, in which mode, and why n
      _list("ports"), args=(_TENANT_FILTER,))
 
 # -- endpoints --
-_cmd("endpoint add", True, "say where a tenant address lives: behind a local port, with "
-                           "its MAC",
+_cmd("endpoint add", True, "say where a tenant address lives: behind a local port, or "
+                           "behind another node's VTEP (over VXLAN), with its MAC",
      "  xdpflowctl endpoint add --tenant blue 10.0.0.5 --port veth-vm1 "
-     "--mac 02:00:00:00:00:05",
-     _add("endpoints", "tenant", "ip", "port", "mac"),
+     "--mac 02:00:00:00:00:05\n"
+     "  xdpflowctl endpoint add --tenant blue 10.0.1.7 --vtep 192.0.2.2 "
+     "--mac 02:00:00:00:01:07",
+     _add("endpoints", "tenant", "ip", "port", "mac", "vtep"),
      args=(_tenant_opt(True),
            Arg("ip", "the endpoint's address (IPv4 or IPv6)", metavar="IP", required=True),
-           Arg("port", "the local port it lives behind", flags=("--port",), required=True,
+           Arg("port", "the local port it lives behind", flags=("--port",),
                metavar="IFNAME"),
-           Arg("mac", "its MAC address", flags=("--mac",), required=True, metavar="MAC")))
+           Arg("vtep", "the remote node's VTEP address it lives behind (the tenant needs "
+               "a VNI, the node an uplink)", flags=("--vtep",), metavar="IP"),
+           Arg("mac", "its MAC address", flags=("--mac",), required=True, metavar="MAC")),
+     exclusive=((("port", "vtep"), True),))
 _cmd("endpoint del", True, "forget a tenant address",
      "  xdpflowctl endpoint del --tenant blue 10.0.0.5",
      _delete("endpoints", _endpoint_ident),

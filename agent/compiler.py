@@ -25,6 +25,7 @@ class PortLink:
     mac: str
     slot: int
     addrs: Tuple[str, ...] = ()   # addresses configured on it: the node's own, in-tenant
+    mtu: int = 1500
 
 
 def range_to_prefixes(lo: int, hi: int, bits: int = 16) -> List[Tuple[int, int]]:
@@ -187,6 +188,7 @@ class Image:
     port_src: Dict[bytes, bytes] = field(default_factory=dict)     # port security
     endpoints: Dict[bytes, bytes] = field(default_factory=dict)
     routes: Dict[bytes, bytes] = field(default_factory=dict)
+    vnis: Dict[bytes, bytes] = field(default_factory=dict)         # decap's checks
     tenants: Dict[int, "TenantImage"] = field(default_factory=dict)
 
 
@@ -229,15 +231,65 @@ def port_sources(state: model.State, links: Dict[str, PortLink]) -> Dict[bytes, 
     return out
 
 
+def _be32(ip) -> int:
+    """An IPv4 address as the datapath's __be32 field holds it (network order in memory)."""
+    return int.from_bytes(ip.packed, "little")
+
+
+def remote_endpoints(state: model.State, links: Dict[str, PortLink],
+                     neighbours: Dict[str, str]) -> Dict[bytes, bytes]:
+    """Remote endpoints: out of the uplink, with the outer headers' addresses, the VNI
+    and the underlay neighbour's MAC (zero while unresolved: the datapath then hands
+    the packet to the kernel, which resolves it). None while the uplink has no link."""
+    up = state.uplink()
+    link = links.get(up.name) if up is not None else None
+    if link is None:
+        return {}
+    vnis = {t.name: (t.id, t.vni) for t in state.tenants}
+    out = {}
+    for e in state.sorted("endpoints"):
+        if e.vtep is None:
+            continue
+        tid, vni = vnis[e.tenant]
+        k = abi.EpKey(tenant=tid)
+        abi.set_addr(k.addr, e.ip)
+        v = abi.Endpoint(ifindex=link.ifindex, port=link.slot, flags=abi.EP_REMOTE,
+                         vtep=_be32(e.vtep), vni=vni)
+        ct.memmove(v.mac, abi.mac_bytes(e.mac), 6)
+        ct.memmove(v.port_mac, abi.mac_bytes(link.mac), 6)
+        nmac = neighbours.get(str(e.vtep))
+        if nmac:
+            ct.memmove(v.vtep_mac, abi.mac_bytes(nmac), 6)
+        out[bytes(k)] = bytes(v)
+    return out
+
+
+def vni_entries(state: model.State) -> Dict[bytes, bytes]:
+    """Decap's checks: (VNI, 0) -> tenant for every tenant with a VNI, and (VNI, VTEP) ->
+    tenant for every VTEP behind which the tenant has a remote endpoint."""
+    out = {}
+    by_name = {t.name: t for t in state.tenants}
+    for t in state.tenants:
+        if t.vni is not None:
+            out[bytes(abi.VniKey(vni=t.vni))] = bytes(ct.c_uint32(t.id))
+    for e in state.endpoints:
+        t = by_name[e.tenant]
+        if e.vtep is not None and t.vni is not None:
+            out[bytes(abi.VniKey(vni=t.vni, vtep=_be32(e.vtep)))] = bytes(ct.c_uint32(t.id))
+    return out
+
+
 def compile_state(state: model.State, links: Dict[str, PortLink],
                   max_masks: int = abi.DEFAULT_MAX_MASKS,
                   slots: Optional[Dict[str, int]] = None,
-                  max_entries: Optional[int] = None) -> Image:
+                  max_entries: Optional[int] = None,
+                  neighbours: Optional[Dict[str, str]] = None) -> Image:
     """The whole image. Ports without a live interface (not in `links`) are left out, and
     so are endpoints behind them: nothing can be sent there yet. Rules name ports by
     `slots` (the store's, every configured port), so an in_port rule compiles whether or
     not its port's interface exists; without `slots`, the live links' slots. With
-    `max_entries`, the classifier entries of all tenants together are bounded."""
+    `max_entries`, the classifier entries of all tenants together are bounded.
+    `neighbours`: VTEP address -> the underlay neighbour's MAC, as the node resolved it."""
     state.validate()
     img = Image()
     tenants = {t.name: t for t in state.tenants}
@@ -247,6 +299,12 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
     for p in state.sorted("ports"):
         link = links.get(p.name)
         if link is None:
+            continue
+        if p.uplink:
+            v = abi.Port(tenant=0, slot=link.slot, flags=abi.PORT_UPLINK, mtu=link.mtu)
+            ct.memmove(v.mac, abi.mac_bytes(link.mac), 6)
+            abi.set_addr(v.local_ip, p.local_ip)
+            img.ports[bytes(ct.c_uint32(link.ifindex))] = bytes(v)
             continue
         t = tenants[p.tenant]
         flags = (abi.PORT_SECURITY if p.port_security else 0) | \
@@ -263,9 +321,11 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
             img.endpoints[bytes(k)] = bytes(abi.Endpoint(ifindex=link.ifindex, port=link.slot,
                                                          flags=abi.EP_LOCAL))
 
+    img.endpoints.update(remote_endpoints(state, links, neighbours or {}))
+    img.vnis = vni_entries(state)
     for e in state.sorted("endpoints"):
         link = links.get(e.port)
-        if link is None:
+        if e.vtep is not None or link is None:
             continue
         t = tenants[e.tenant]
         k = abi.EpKey(tenant=t.id)

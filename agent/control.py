@@ -91,10 +91,14 @@ class Controller:
         port), forwarding entries exist only for ports whose interface is here now."""
         self._check_slots(state, slots)
         links = {p.name: compiler.PortLink(p.name, live[p.name].ifindex, live[p.name].mac,
-                                           slots[p.name], live[p.name].addrs)
+                                           slots[p.name], live[p.name].addrs,
+                                           live[p.name].mtu)
                  for p in state.ports if p.name in live}
+        vteps = {str(e.vtep) for e in state.endpoints if e.vtep is not None}
+        neighbours = self.links.neighbours(vteps) if self.links and vteps else {}
         return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots,
-                                      max_entries=self.cfg.datapath.max_rule_entries)
+                                      max_entries=self.cfg.datapath.max_rule_entries,
+                                      neighbours=neighbours)
 
     def planned_slots(self, state: model.State) -> Dict[str, int]:
         """The slots `state`'s ports would get: kept ones from the store, the smallest free
@@ -289,10 +293,12 @@ class Controller:
         out = []
         for p in self.state.sorted("ports"):
             link = self.attached.get(p.name)
-            out.append({"name": p.name, "tenant": p.tenant, "attached": link is not None,
+            out.append({"name": p.name, "tenant": p.tenant or "", "attached": link is not None,
                         "ifindex": link.ifindex if link else 0,
                         "mode": self.cfg.datapath.xdp_mode if link else "",
                         "note": self.port_notes.get(p.name, "")})
+            if p.uplink:        # a tenant port's row is as it was before uplinks
+                out[-1]["uplink"] = True
         return out
 
     def agent_info(self) -> Dict[str, Any]:
@@ -381,7 +387,7 @@ class Controller:
     def _names(self):
         tenants = {t.id: t.name for t in self.state.tenants}
         slots = {slot: name for name, slot in self.store.port_slots().items()}
-        port_tenant = {p.name: p.tenant for p in self.state.ports}
+        port_tenant = {p.name: p.tenant or "" for p in self.state.ports}   # "": an uplink
         return tenants, slots, port_tenant
 
     def flow_dump(self, tenant: Optional[str] = None, limit: int = 1000,
@@ -527,11 +533,16 @@ class Controller:
         rc, out, rec = self.dp.trace(packet, link.ifindex)
         actions = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
         tenant = tenants.get(rec.tenant, "") if rec.tenant else ""
+        # Through an uplink, a packet with a tenant was decapsulated: its route is the
+        # inner packet's.
+        uplink = any(p.uplink and p.name == port for p in self.state.ports)
+        inner = packet[abi.ENCAP_LEN:] if uplink and tenant else packet
         return {
             # The first trace builds the trace program (seconds); later ones reuse it.
             "built_trace_program": building,
             "seconds": round(time.monotonic() - t0, 3),
-            "route": route_for(self.state, tenant, packet) if rec.reason in _ROUTED else None,
+            "route": route_for(self.state, tenant, inner) if rec.reason in _ROUTED else None,
+            "decapsulated": bool(uplink and tenant),
             "port": port, "action": actions.get(rc, str(rc)),
             "verdict": abi.VERDICTS.get(rec.verdict, str(rec.verdict)),
             "reason": abi.REASONS.get(rec.reason, str(rec.reason)),
@@ -606,6 +617,8 @@ def route_for(state: model.State, tenant: str, packet: bytes) -> Optional[str]:
     if dst is None or not tenant:
         return None
     for e in state.endpoints:
+        if e.tenant == tenant and e.ip == dst and e.vtep is not None:
+            return f"endpoint {e.ip} behind VTEP {e.vtep} (VXLAN)"
         if e.tenant == tenant and e.ip == dst:
             return f"endpoint {e.ip} on port {e.port}"
     best = None

@@ -26,7 +26,7 @@ MAP_ORDER = list(abi.MAPS)
 # Maps whose contents the agent can always rebuild from its store; the rest (flows,
 # counters) are state the datapath made and are migrated when only their size changed.
 REBUILT_FROM_STORE = {"xf_port_index", "xf_ports", "xf_tenants", "xf_masks", "xf_rules", "xf_endpoints",
-                      "xf_routes", "xf_port_src", "xf_meta"}
+                      "xf_routes", "xf_port_src", "xf_vnis", "xf_meta"}
 # The sizes' one home is the config's [datapath] defaults; bpf/xf_consts.h has none.
 DEFAULT_DEFINES = Config().datapath_defines()
 
@@ -452,7 +452,8 @@ class Datapath:
     # -- configuration maps -------------------------------------------------------------
     def _read_mirror(self):
         self._mirror = {n: dict(self.maps[n].items())
-                        for n in ("xf_ports", "xf_port_src", "xf_endpoints", "xf_routes")}
+                        for n in ("xf_ports", "xf_port_src", "xf_endpoints", "xf_routes",
+                                  "xf_vnis")}
         # Arrays (16,384 port rows, 65,536 tenant rows): their empty rows are passed over.
         self._mirror["xf_port_index"] = {k: v for k, v in
                                          self.maps["xf_port_index"].items(skip_zero=True)
@@ -519,7 +520,7 @@ class Datapath:
                                  img.ports) for v in m.values()}
         for name, want in (("xf_port_src", img.port_src), ("xf_port_index", indexed),
                            ("xf_ports", hashed), ("xf_endpoints", img.endpoints),
-                           ("xf_routes", img.routes)):
+                           ("xf_routes", img.routes), ("xf_vnis", img.vnis)):
             have = self._mirror[name]
             put = [(k, v) for k, v in want.items() if have.get(k) != v]
             gone = [k for k in have if k not in want]
@@ -605,6 +606,8 @@ class Datapath:
             return abi.Port.from_buffer_copy(value).tenant
         if name == "xf_endpoints":
             return abi.EpKey.from_buffer_copy(key).tenant
+        if name == "xf_vnis":
+            return ct.c_uint32.from_buffer_copy(value).value
         return abi.RouteKey.from_buffer_copy(key).tenant
 
     def _flip(self, tid: int, t: compiler.TenantImage, mask_val: bytes) -> int:

@@ -29,6 +29,10 @@ OUR_PROGRAMS = ("xdpflow_port", "xf_pass")   # program names (BCC names them aft
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_NEIGH = 0x4
+# Neighbour states whose link-layer address is usable (linux/neighbour.h NUD_*).
+NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80   # REACHABLE STALE DELAY PROBE NOARP PERMANENT
+DISCARD_PORT = 9      # a datagram to it makes the kernel resolve the address (RFC 863)
 
 
 class LinkError(Exception):
@@ -46,6 +50,7 @@ class Link:
     peer_ifindex: int            # veth: the peer's ifindex in its namespace
     peer_netnsid: Optional[int]  # veth: the peer's namespace id as seen from here
     addrs: Tuple[str, ...] = ()
+    mtu: int = 1500
 
 
 def _xdp_state(msg) -> Tuple[int, str]:
@@ -67,7 +72,8 @@ def _link_from_msg(msg, addrs=()) -> Link:
                 mac=(msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00").lower(),
                 kind=kind or "", xdp_prog_id=pid, xdp_mode=mode,
                 peer_ifindex=msg.get_attr("IFLA_LINK") or 0,
-                peer_netnsid=msg.get_attr("IFLA_LINK_NETNSID"), addrs=tuple(addrs))
+                peer_netnsid=msg.get_attr("IFLA_LINK_NETNSID"), addrs=tuple(addrs),
+                mtu=msg.get_attr("IFLA_MTU") or 1500)
 
 
 class Links:
@@ -93,6 +99,45 @@ class Links:
             msg = msgs[0]
             addrs = [a.get_attr("IFA_ADDRESS") for a in self.ipr.get_addr(index=msg["index"])]
         return _link_from_msg(msg, addrs)
+
+    def neighbours(self, addrs) -> Dict[str, str]:
+        """Underlay address (a VTEP) -> the MAC of its next hop, as the kernel resolved it.
+        One not resolved is asked for (a datagram to its discard port makes the kernel
+        resolve it; the event that follows reconciles) and left out meanwhile: the
+        datapath hands its packets to the kernel until it is known."""
+        out = {}
+        for addr in sorted(addrs):
+            mac = self._next_hop_mac(addr)
+            if mac:
+                out[addr] = mac
+            else:
+                self._solicit(addr)
+        return out
+
+    def _next_hop_mac(self, addr: str) -> Optional[str]:
+        with self._lock:
+            try:
+                routes = self.ipr.route("get", dst=addr)
+            except NetlinkError:
+                return None        # no route: nothing to resolve
+            if not routes:
+                return None
+            oif = routes[0].get_attr("RTA_OIF")
+            hop = routes[0].get_attr("RTA_GATEWAY") or addr
+            for n in self.ipr.get_neighbours(ifindex=oif, dst=hop):
+                lladdr = n.get_attr("NDA_LLADDR")
+                if lladdr and n["state"] & NUD_USABLE:
+                    return lladdr.lower()
+        return None
+
+    @staticmethod
+    def _solicit(addr: str) -> None:
+        import socket
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"", (addr, DISCARD_PORT))
+        except OSError as e:
+            log.debug("resolving %s: %s", addr, e)
 
     def all(self) -> Dict[str, Link]:
         with self._lock:
@@ -231,7 +276,8 @@ class LinkWatcher:
     buffer overflowed (ENOBUFS): the caller cannot know what changed and must reconcile
     every port."""
 
-    GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+    # Neighbours too: a VTEP's underlay MAC is part of the overlay's flow entries.
+    GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_NEIGH
 
     def __init__(self, on_change: Callable[[str], None], rcvbuf: int = 1 << 20):
         self.on_change = on_change

@@ -99,6 +99,10 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
     ("xdpflow_port_tx_bytes", "counter",
      "Bytes the datapath redirected out of a port (what its VM received).",
      ("tenant", "port")),
+    ("xdpflow_overlay_packets", "counter",
+     "Packets through the VXLAN overlay, by direction: encap (sent out of an uplink to a "
+     "remote VTEP), decap (arrived over VXLAN from a known VTEP and judged as its "
+     "tenant's). What the overlay refused is in xdpflow_packets by reason.", ("direction",)),
     # Opt-in ([metrics] rule_counters): one series per rule is a cardinality an operator
     # chooses, not a default.
     ("xdpflow_rule_packets", "counter",
@@ -170,6 +174,8 @@ _KINDS: Dict[str, Callable[..., Metric]] = {
 }
 # Families whose samples are summed per label set: zero rows for every configured
 # tenant/port plus the real rows.
+# Reasons of uplink packets that were not decapsulated (the kernel's, or refused).
+NOT_DECAPSULATED = ("uplink_other", "vni_unknown", "vtep_unknown", "parse_vxlan")
 _SUMMED = ("xdpflow_flows", "xdpflow_port_packets", "xdpflow_port_bytes")
 
 
@@ -228,6 +234,7 @@ class DatapathCollector:
     def __init__(self, source: Any, timings: Optional[Timings] = None):
         self._source = source
         self._timings = timings
+        self._uplink_names: Optional[set] = None
         self._lock = threading.Lock()
         # Counted here, not in the source: it must survive the source being broken.
         self._scrape_errors = 0
@@ -238,6 +245,7 @@ class DatapathCollector:
 
     def collect(self) -> Iterator[Metric]:
         families = _empty_families()
+        self._uplink_names = None
         failed = 0
         for part, fill in (
             ("counters", self._fill_counters),
@@ -277,8 +285,17 @@ class DatapathCollector:
         # then carries their HELP and TYPE, which is harmless and documents them.
         yield from families.values()
 
+    def _uplinks(self) -> set:
+        """The uplink ports, read once a scrape (encap and decap are counted on them)."""
+        if self._uplink_names is None:
+            self._uplink_names = {p["name"] for p in self._source.ports() if p.get("uplink")}
+        return self._uplink_names
+
     def _fill_counters(self, f: Dict[str, Metric]) -> None:
+        uplinks, decap = self._uplinks(), 0
         for row in self._source.counters():
+            if row["port"] in uplinks and row["reason"] not in NOT_DECAPSULATED:
+                decap += int(row["packets"])
             labels = [_label(row[k]) for k in _TRAFFIC]
             f["xdpflow_packets"].add_metric(labels, int(row["packets"]))
             f["xdpflow_bytes"].add_metric(labels, int(row["bytes"]))
@@ -286,6 +303,7 @@ class DatapathCollector:
                 labels = [_label(row[k]) for k in _PORT_TRAFFIC]
                 f["xdpflow_port_packets"].add_metric(labels, int(row["packets"]))
                 f["xdpflow_port_bytes"].add_metric(labels, int(row["bytes"]))
+        f["xdpflow_overlay_packets"].add_metric(["decap"], decap)
 
     def _fill_flow_summary(self, f: Dict[str, Metric]) -> None:
         summary = self._source.flow_summary()
@@ -331,10 +349,14 @@ class DatapathCollector:
             f["xdpflow_monitor_events_lost"].add_metric([reason], int(m[reason]))
 
     def _fill_port_tx(self, f: Dict[str, Metric]) -> None:
+        uplinks, encap = self._uplinks(), 0
         for row in self._source.port_tx():
+            if row["port"] in uplinks:
+                encap += int(row["packets"])
             labels = [_label(row["tenant"]), _label(row["port"])]
             f["xdpflow_port_tx_packets"].add_metric(labels, int(row["packets"]))
             f["xdpflow_port_tx_bytes"].add_metric(labels, int(row["bytes"]))
+        f["xdpflow_overlay_packets"].add_metric(["encap"], encap)
 
     def _fill_rule_counters(self, f: Dict[str, Metric]) -> None:
         for row in self._source.rule_counters():

@@ -208,24 +208,37 @@ def parse_bool(value: Any, where: str) -> bool:
 
 @dataclass(frozen=True)
 class Port:
-    """A node interface that belongs to one tenant (a VM's veth or tap).
+    """A node interface: a tenant's (a VM's veth or tap), or an uplink.
 
     Port security (on unless `port_security` is false): what the port sends must come from
     the MAC and address of one of its endpoints, or from an address in `allow` (allowed
     address pairs, with the MAC of one of its endpoints). `allow_vlan`: accept VLAN-tagged
-    frames (dropped otherwise)."""
+    frames (dropped otherwise).
+
+    An uplink (`uplink` true) faces the underlay or external network and belongs to no
+    tenant; `local_ip` is the node's address on it (the VTEP address of the overlay, the
+    source of what the node sends there). Tenant-port settings do not apply to it."""
     name: str
-    tenant: str
+    tenant: Optional[str] = None
     allow: Tuple[IPNet, ...] = ()
     port_security: bool = True
     allow_vlan: bool = False
+    uplink: bool = False
+    local_ip: Optional[IPAddr] = None
 
-    FIELDS = ("name", "tenant", "allow", "port_security", "allow_vlan")
+    FIELDS = ("name", "tenant", "allow", "port_security", "allow_vlan", "uplink", "local_ip")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Port":
         where = f"port {d.get('name', '?')}" if isinstance(d, dict) else "port"
-        _check_keys(d, where, cls.FIELDS, ("name", "tenant"))
+        _check_keys(d, where, cls.FIELDS, ("name",))
+        uplink = parse_bool(d.get("uplink", False), f"{where}: uplink")
+        if uplink:
+            return cls._uplink_from_dict(d, where)
+        if d.get("tenant") is None:
+            raise Invalid(where, "field 'tenant' is required (or 'uplink' with 'local_ip')")
+        if d.get("local_ip") is not None:
+            raise Invalid(f"{where}: local_ip", "only an uplink port has a local address")
         allow = d.get("allow") or []
         if isinstance(allow, str):
             allow = [allow]
@@ -245,33 +258,71 @@ class Port:
                                             f"{where}: port_security"),
                    allow_vlan=parse_bool(d.get("allow_vlan", False), f"{where}: allow_vlan"))
 
+    @classmethod
+    def _uplink_from_dict(cls, d: Dict[str, Any], where: str) -> "Port":
+        # An uplink carries every tenant's traffic (and the node's own): a tenant, or a
+        # VM port's settings, on it would mean something it cannot do.
+        for k in ("tenant", "allow"):
+            if d.get(k):
+                raise Invalid(f"{where}: {k}", "an uplink port belongs to no tenant; "
+                                               f"{k!r} is for tenant ports")
+        if d.get("allow_vlan"):
+            raise Invalid(f"{where}: allow_vlan", "is for tenant ports, not an uplink")
+        if d.get("port_security") is False:
+            raise Invalid(f"{where}: port_security", "is for tenant ports, not an uplink")
+        if d.get("local_ip") is None:
+            raise Invalid(where, "an uplink needs 'local_ip' (the node's address on it)")
+        ip = parse_ip(d["local_ip"], f"{where}: local_ip")
+        if ip.is_multicast or ip.is_unspecified or ip.is_loopback:
+            raise Invalid(f"{where}: local_ip", f"{ip} is not a unicast address")
+        return cls(name=parse_ifname(d["name"], f"{where}: name"), uplink=True, local_ip=ip)
+
     def to_dict(self) -> Dict[str, Any]:
+        # Each kind of port shows its own fields (a tenant port's are unchanged by uplinks).
+        if self.uplink:
+            return {"name": self.name, "tenant": None, "uplink": True,
+                    "local_ip": str(self.local_ip)}
         return {"name": self.name, "tenant": self.tenant, "allow": [str(a) for a in self.allow],
                 "port_security": self.port_security, "allow_vlan": self.allow_vlan}
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """(tenant, IP) -> the local port it lives behind and its MAC."""
+    """(tenant, IP) -> where it lives: behind a local port, or behind a remote node's VTEP
+    (`vtep`, reached over VXLAN with the tenant's VNI through the uplink); and its MAC."""
     tenant: str
     ip: IPAddr
-    port: str
+    port: Optional[str]
     mac: str
+    vtep: Optional[IPAddr] = None
 
-    FIELDS = ("tenant", "ip", "port", "mac")
+    FIELDS = ("tenant", "ip", "port", "mac", "vtep")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Endpoint":
         where = (f"endpoint {d.get('tenant', '?')}/{d.get('ip', '?')}"
                  if isinstance(d, dict) else "endpoint")
-        _check_keys(d, where, cls.FIELDS, cls.FIELDS)
+        _check_keys(d, where, cls.FIELDS, ("tenant", "ip", "mac"))
+        if (d.get("port") is None) == (d.get("vtep") is None):
+            raise Invalid(where, "needs one of 'port' (a local port) or 'vtep' (a remote "
+                                 "node's VTEP address)")
+        vtep = None
+        if d.get("vtep") is not None:
+            vtep = parse_ip(d["vtep"], f"{where}: vtep")
+            # The datapath's underlay is IPv4 (outer IPv4/UDP/VXLAN).
+            if vtep.version != 4 or vtep.is_multicast or vtep.is_unspecified or \
+                    vtep.is_loopback:
+                raise Invalid(f"{where}: vtep", f"{vtep} is not a unicast IPv4 address")
         return cls(tenant=parse_name(d["tenant"], f"{where}: tenant"),
                    ip=parse_ip(d["ip"], f"{where}: ip"),
-                   port=parse_ifname(d["port"], f"{where}: port"),
-                   mac=parse_mac(d["mac"], f"{where}: mac"))
+                   port=None if vtep else parse_ifname(d["port"], f"{where}: port"),
+                   mac=parse_mac(d["mac"], f"{where}: mac"), vtep=vtep)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"tenant": self.tenant, "ip": str(self.ip), "port": self.port, "mac": self.mac}
+        d = {"tenant": self.tenant, "ip": str(self.ip), "port": self.port, "mac": self.mac}
+        if self.vtep is not None:      # a local endpoint's fields are unchanged by remotes
+            d["vtep"] = str(self.vtep)
+        return d
 
 
 @dataclass(frozen=True)
@@ -494,11 +545,16 @@ class State:
             names[t.name], ids[t.id] = t, t.name
             if t.vni is not None:
                 vnis[t.vni] = t.name
-        ports = {}
+        ports, local_ips = {}, {}
         for p in self.ports:
             if p.name in ports:
                 raise Conflict(f"port {p.name}", "defined twice")
-            if p.tenant not in names:
+            if p.uplink and p.local_ip in local_ips:
+                raise Conflict(f"port {p.name}", f"local_ip {p.local_ip} is already uplink "
+                                                 f"{local_ips[p.local_ip]}'s")
+            if p.uplink:
+                local_ips[p.local_ip] = p.name
+            if not p.uplink and p.tenant not in names:
                 raise Conflict(f"port {p.name}", f"unknown tenant {p.tenant!r}")
             ports[p.name] = p
         eps = {}
@@ -506,8 +562,16 @@ class State:
             where = f"endpoint {e.tenant}/{e.ip}"
             if e.tenant not in names:
                 raise Conflict(where, f"unknown tenant {e.tenant!r}")
+            if e.vtep is not None:
+                self._check_remote(e, where, names[e.tenant], local_ips)
+                if (e.tenant, e.ip) in eps:
+                    raise Conflict(where, "defined twice")
+                eps[(e.tenant, e.ip)] = e
+                continue
             if e.port not in ports:
                 raise Conflict(where, f"unknown port {e.port!r}")
+            if ports[e.port].uplink:
+                raise Conflict(where, f"port {e.port} is an uplink, not a tenant's port")
             if ports[e.port].tenant != e.tenant:
                 raise Conflict(where, f"port {e.port} belongs to tenant {ports[e.port].tenant}")
             if (e.tenant, e.ip) in eps:
@@ -534,9 +598,28 @@ class State:
             if r.in_port is not None:
                 if r.in_port not in ports:
                     raise Conflict(where, f"in_port: unknown port {r.in_port!r}")
+                if ports[r.in_port].uplink:
+                    raise Conflict(where, f"in_port: port {r.in_port} is an uplink, not a "
+                                          "tenant's port")
                 if ports[r.in_port].tenant != r.tenant:
                     raise Conflict(where, f"in_port: port {r.in_port} belongs to tenant "
                                          f"{ports[r.in_port].tenant}")
+
+    def uplink(self) -> Optional[Port]:
+        """The uplink remote endpoints are reached through (the first, by name)."""
+        ups = [p for p in self.sorted("ports") if p.uplink and p.local_ip.version == 4]
+        return ups[0] if ups else None
+
+    def _check_remote(self, e: Endpoint, where: str, tenant: Tenant, local_ips) -> None:
+        if tenant.vni is None:
+            raise Conflict(where, f"tenant {tenant.name} has no VNI (tenant add --vni) to "
+                                  "reach a remote endpoint with")
+        if self.uplink() is None:
+            raise Conflict(where, "a remote endpoint needs an uplink port with an IPv4 "
+                                  "local_ip (port add IFNAME --uplink --local-ip IP)")
+        if e.vtep in local_ips:
+            raise Conflict(f"{where}: vtep", f"{e.vtep} is this node's own (uplink "
+                                             f"{local_ips[e.vtep]})")
 
     def users_of_tenant(self, name: str) -> Dict[str, int]:
         """How many objects of each kind belong to tenant `name` (kinds with none left out)."""

@@ -17,7 +17,7 @@ from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 
 class StoreError(Exception):
@@ -88,8 +88,50 @@ ALTER TABLE ports ADD COLUMN port_security INTEGER NOT NULL DEFAULT 1 CHECK (por
 ALTER TABLE ports ADD COLUMN allow_vlan INTEGER NOT NULL DEFAULT 0 CHECK (allow_vlan IN (0, 1));
 """
 
+# Version 3: uplink ports (no tenant; the node's local address on the underlay). SQLite
+# cannot drop NOT NULL from a column, so the table is rebuilt. Its rows leave and come back
+# in one transaction: the deferred references of endpoints and rules to them are counted
+# broken at the DROP and mended by the INSERT, before COMMIT looks.
+_PORTS_V3 = """
+CREATE TEMP TABLE ports_v2 AS SELECT * FROM ports;
+DROP TABLE ports;
+CREATE TABLE ports (
+    name          TEXT PRIMARY KEY,
+    tenant        TEXT REFERENCES tenants(name) DEFERRABLE INITIALLY DEFERRED, -- NULL: uplink
+    slot          INTEGER NOT NULL UNIQUE CHECK (slot BETWEEN 1 AND 65535),
+    allow         TEXT NOT NULL DEFAULT '',  -- prefixes, space-separated
+    port_security INTEGER NOT NULL DEFAULT 1 CHECK (port_security IN (0, 1)),
+    allow_vlan    INTEGER NOT NULL DEFAULT 0 CHECK (allow_vlan IN (0, 1)),
+    uplink        INTEGER NOT NULL DEFAULT 0 CHECK (uplink IN (0, 1)),
+    local_ip      TEXT,                      -- canonical address text; uplinks only
+    CHECK ((uplink = 1) = (tenant IS NULL) AND (uplink = 1) = (local_ip IS NOT NULL))
+);
+INSERT INTO ports (name, tenant, slot, allow, port_security, allow_vlan)
+    SELECT name, tenant, slot, allow, port_security, allow_vlan FROM ports_v2;
+DROP TABLE ports_v2;
+CREATE INDEX ports_tenant ON ports(tenant);
+"""
+
+# Version 4: remote endpoints (behind a VTEP, no local port). Rebuilt as version 3 was.
+_ENDPOINTS_V4 = """
+CREATE TEMP TABLE endpoints_v3 AS SELECT * FROM endpoints;
+DROP TABLE endpoints;
+CREATE TABLE endpoints (
+    tenant TEXT NOT NULL REFERENCES tenants(name) DEFERRABLE INITIALLY DEFERRED,
+    ip     TEXT NOT NULL,                   -- canonical address text
+    port   TEXT REFERENCES ports(name) DEFERRABLE INITIALLY DEFERRED,  -- NULL: remote
+    mac    TEXT NOT NULL,                   -- lower case xx:xx:xx:xx:xx:xx
+    vtep   TEXT,                            -- a remote endpoint's VTEP address
+    PRIMARY KEY (tenant, ip),
+    CHECK ((port IS NULL) = (vtep IS NOT NULL))
+);
+INSERT INTO endpoints (tenant, ip, port, mac) SELECT tenant, ip, port, mac FROM endpoints_v3;
+DROP TABLE endpoints_v3;
+CREATE INDEX endpoints_port ON endpoints(port);
+"""
+
 # MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
-MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2}
+MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _PORTS_V3, 3: _ENDPOINTS_V4}
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,7 +155,7 @@ def _rule_dict(row: sqlite3.Row) -> Dict[str, Any]:
 
 def _port_row(p) -> Tuple:
     return (p.name, p.tenant, " ".join(str(a) for a in p.allow), int(p.port_security),
-            int(p.allow_vlan))
+            int(p.allow_vlan), int(p.uplink), None if p.local_ip is None else str(p.local_ip))
 
 
 def _port_dict(row: sqlite3.Row) -> Dict[str, Any]:
@@ -121,7 +163,15 @@ def _port_dict(row: sqlite3.Row) -> Dict[str, Any]:
     d["allow"] = d["allow"].split()
     d["port_security"] = bool(d["port_security"])
     d["allow_vlan"] = bool(d["allow_vlan"])
+    d["uplink"] = bool(d["uplink"])
+    if d["uplink"]:     # an uplink's tenant-port columns hold their defaults
+        for k in ("allow", "port_security", "allow_vlan", "tenant"):
+            d.pop(k)
     return d
+
+
+def _endpoint_dict(row: sqlite3.Row) -> Dict[str, Any]:
+    return {k: v for k, v in dict(row).items() if v is not None or k not in ("port", "vtep")}
 
 
 def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
@@ -133,10 +183,12 @@ def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
 _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] = {
     "tenants": (("name",), ("id", "vni", "default_verdict"),
                 lambda t: (t.name, t.id, t.vni, t.default), _tenant_dict),
-    "ports": (("name",), ("tenant", "allow", "port_security", "allow_vlan"), _port_row,
+    "ports": (("name",), ("tenant", "allow", "port_security", "allow_vlan", "uplink",
+                          "local_ip"), _port_row,
               _port_dict),
-    "endpoints": (("tenant", "ip"), ("port", "mac"),
-                  lambda e: (e.tenant, str(e.ip), e.port, e.mac), dict),
+    "endpoints": (("tenant", "ip"), ("port", "mac", "vtep"),
+                  lambda e: (e.tenant, str(e.ip), e.port, e.mac,
+                             None if e.vtep is None else str(e.vtep)), _endpoint_dict),
     "routes": (("tenant", "prefix"), ("action", "via"),
                lambda r: (r.tenant, str(r.prefix), r.action,
                           None if r.via is None else str(r.via)), dict),

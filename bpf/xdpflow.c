@@ -41,6 +41,7 @@
 #include "xf_maps.h"
 #include "xf_csum.h"
 #include "xf_parse.h"
+#include "xf_vxlan.h"
 /* Map accesses stay in this file: BCC rewrites map calls in the main file only. */
 
 struct xf_verdict {
@@ -65,6 +66,7 @@ struct xf_ctx {
     __u16 slot;                /* the ingress port's slot */
     __u32 port_flags;          /* XF_PORT_* */
     int dflt;                  /* the XDP action of the tenant's default verdict */
+    __be32 decap_vtep;         /* arrived over VXLAN from this VTEP; 0: not decapsulated */
 };
 
 /* The best rule found for a packet. Kept as scalars, not a map pointer: far fewer
@@ -114,6 +116,23 @@ static __always_inline int xf_src_ok(__u16 tenant, __u16 slot, __u8 *mac, __u32 
 static __always_inline int xf_mac_ok(struct xf_ctx *c, __u8 *mac)
 {
     return !(c->port_flags & XF_PORT_SECURITY) || xf_mac_eq(mac, c->p.smac);
+}
+
+/* ... and one that came over the overlay, from the VTEP the entry recorded. */
+static __always_inline int xf_from_ok(struct xf_ctx *c, __u8 *mac, __be32 vtep)
+{
+    return xf_mac_ok(c, mac) && (!c->decap_vtep || vtep == c->decap_vtep);
+}
+
+/* The overlay's port security: a decapsulated packet's inner source is a remote endpoint
+ * of its tenant behind the VTEP that sent it. */
+static __always_inline int xf_remote_src_ok(struct xf_ctx *c)
+{
+    struct xf_ep_key ek = {};
+    ek.tenant = c->tenant;
+    __builtin_memcpy(ek.addr, c->p.src, 16);
+    struct xf_endpoint *ep = xf_endpoints.lookup(&ek);
+    return ep && (ep->flags & XF_EP_REMOTE) && ep->vtep == c->decap_vtep;
 }
 
 
@@ -240,8 +259,12 @@ static __always_inline void xf_monitor(struct xdp_md *ctx, struct xf_ctx *c,
 
 /* Count the packet, tell a listening monitor, and return its XDP action. Every exit goes
  * through here. */
+static __always_inline int xf_decap_exit(struct xdp_md *ctx, struct xf_ctx *c, int action);
+
 static __always_inline int xf_finish(struct xdp_md *ctx, struct xf_ctx *c, int action)
 {
+    if (c->decap_vtep)
+        action = xf_decap_exit(ctx, c, action);
     xf_count(c->slot, c->v.verdict, c->v.reason, c->len);
 #ifndef XF_TRACE
     /* As iptables -L -v counts: each packet a rule decided, flow-table hits included
@@ -299,20 +322,78 @@ static __always_inline int xf_default(struct xf_ctx *c, __u8 reason)
     return c->dflt;
 }
 
+/* The port of an interface: an array row for small ifindexes, else the hash. */
+static __always_inline struct xf_port *xf_port_of(__u32 ifindex)
+{
+    if (ifindex < XF_PORT_INDEX) {
+        struct xf_port *port = xf_port_index.lookup(&ifindex);
+        return port && port->slot ? port : NULL;    /* slot 0: an empty array row */
+    }
+    return xf_ports.lookup(&ifindex);
+}
+
+/* --- decap (uplink ports) ------------------------------------------------------------ */
+
+/* VXLAN to this node from a VTEP of the VNI's tenant: the outer headers are set aside and
+ * stripped, and the inner packet goes through the pipeline as that tenant's. What is not
+ * VXLAN to this node is the kernel's. */
+static __always_inline int xf_stage_decap(struct xdp_md *ctx, struct xf_ctx *c,
+                                          struct xf_port *port)
+{
+    struct xf_outer o = {};
+    int r = xf_vxlan_parse(ctx, port->local_ip[3], &o);
+    if (r == XF_R_UPLINK_OTHER)
+        return xf_decide(c, XF_V_PASS, r);
+    if (r)
+        return xf_decide(c, XF_V_DROP, r);
+    struct xf_vni_key vk = {};
+    vk.vni = o.vni;
+    __u32 *tid = xf_vnis.lookup(&vk);
+    if (!tid)
+        return xf_decide(c, XF_V_DROP, XF_R_VNI_UNKNOWN);
+    vk.vtep = o.saddr;
+    if (!xf_vnis.lookup(&vk))
+        return xf_decide(c, XF_V_DROP, XF_R_VTEP_UNKNOWN);
+    c->tenant = *tid;
+    __u32 zero = 0;
+    struct xf_outer_save *save = xf_outer.lookup(&zero);
+    if (!save || bpf_xdp_load_bytes(ctx, 0, save->b, XF_ENCAP_LEN))
+        return xf_decide(c, XF_V_DROP, XF_R_PARSE_VXLAN);
+    if (o.trailer && bpf_xdp_adjust_tail(ctx, -(int)(o.trailer & 0xffff)))
+        return xf_decide(c, XF_V_DROP, XF_R_PARSE_VXLAN);
+    if (bpf_xdp_adjust_head(ctx, XF_ENCAP_LEN))
+        return xf_decide(c, XF_V_DROP, XF_R_PARSE_VXLAN);
+    c->decap_vtep = o.saddr;
+    return XF_NEXT;
+}
+
+/* A decapsulated packet leaves as the overlay allows: what is not forwarded gets its
+ * outer headers back (the kernel, and the monitor, see what arrived); nothing is
+ * answered onto the underlay (a neighbour reply would go out bare). */
+static __always_inline int xf_decap_exit(struct xdp_md *ctx, struct xf_ctx *c, int action)
+{
+    if (action == XDP_REDIRECT)
+        return action;
+    if (action == XDP_TX) {
+        c->v.verdict = XF_V_DROP;
+        action = XDP_DROP;
+    }
+    __u32 zero = 0;
+    struct xf_outer_save *save = xf_outer.lookup(&zero);
+    if (!save || bpf_xdp_adjust_head(ctx, -(int)XF_ENCAP_LEN) ||
+        bpf_xdp_store_bytes(ctx, 0, save->b, XF_ENCAP_LEN)) {
+        c->v.verdict = XF_V_DROP;
+        return XDP_DROP;
+    }
+    return action;
+}
+
 /* --- port -------------------------------------------------------------------------- */
 
 static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
                                          struct xf_port **portp)
 {
-    __u32 ifindex = ctx->ingress_ifindex;
-    struct xf_port *port;
-    if (ifindex < XF_PORT_INDEX) {
-        port = xf_port_index.lookup(&ifindex);
-        if (port && !port->slot)
-            port = NULL;            /* an empty array row */
-    } else {
-        port = xf_ports.lookup(&ifindex);
-    }
+    struct xf_port *port = xf_port_of(ctx->ingress_ifindex);
     if (!port) {
         /* A store the compiler must keep: builds with different XF_BUILD_ID values are
          * different programs (upgrade tests replace one with the other). */
@@ -322,6 +403,13 @@ static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
     }
     c->tenant = port->tenant;
     c->slot = port->slot;
+    /* An uplink belongs to no tenant: VXLAN to the node becomes its VNI's tenant's
+     * traffic; the rest is the node's own. */
+    if (port->flags & XF_PORT_UPLINK) {
+        int rc = xf_stage_decap(ctx, c, port);
+        if (rc != XF_NEXT)
+            return rc;
+    }
     __u32 tid = c->tenant;
     struct xf_tenant *t = xf_tenants.lookup(&tid);
     if (!t || t->generation == 0)   /* fail closed where the tenant's default is drop */
@@ -446,6 +534,11 @@ static __always_inline int xf_stage_boundary(struct xdp_md *ctx, struct xf_ctx *
                                              struct xf_port *port)
 {
     int neighbour = xf_is_neighbour(&c->p);
+    /* Each node's proxy answers its own VMs; the overlay carries no neighbour discovery
+     * and no broadcast. */
+    if (c->decap_vtep && (neighbour || xf_is_multicast(&c->p)))
+        return xf_decide(c, XF_V_DROP, !neighbour ? XF_R_MULTICAST :
+                         c->p.family == 0 ? XF_R_ARP_OTHER : XF_R_ND_OTHER);
     if (neighbour || xf_is_multicast(&c->p)) {
         if (!xf_boundary_src_ok(ctx, c))
             return xf_decide(c, XF_V_DROP, XF_R_SPOOF);
@@ -463,7 +556,8 @@ static __always_inline int xf_stage_boundary(struct xdp_md *ctx, struct xf_ctx *
 /* --- act --------------------------------------------------------------------------- */
 
 /* Act on a flow's flattened result. */
-static __always_inline int xf_act(struct xdp_md *ctx, struct xf_pkt *p, struct xf_flow *f)
+static __always_inline int xf_act(struct xdp_md *ctx, struct xf_pkt *p, struct xf_flow *f,
+                                  struct xf_port *uplink)
 {
     if (f->verdict != XF_V_REDIRECT)
         return xf_verdict_action(f->verdict);
@@ -486,6 +580,8 @@ static __always_inline int xf_act(struct xdp_md *ctx, struct xf_pkt *p, struct x
             return XDP_DROP;
         ip6->hop_limit--;
     }
+    if (uplink)
+        return xf_vxlan_encap(ctx, f, uplink, data_end - data);
     return bpf_redirect(f->out_ifindex, 0);
 }
 
@@ -493,11 +589,26 @@ static __always_inline int xf_act(struct xdp_md *ctx, struct xf_pkt *p, struct x
 static __always_inline int xf_act_flow(struct xdp_md *ctx, struct xf_ctx *c,
                                        struct xf_flow *f, __u8 reason)
 {
+    struct xf_port *uplink = NULL;
+    if ((f->flags & XF_FLOW_ENCAP) && f->verdict == XF_V_REDIRECT) {
+        /* The node's address and the MTU are the uplink's (one array row). */
+        uplink = xf_port_of(f->out_ifindex);
+        if (!uplink || !(uplink->flags & XF_PORT_UPLINK)) {
+            c->v.flow_hit = 0;
+            return xf_decide(c, XF_V_DROP, XF_R_NO_ROUTE);
+        }
+        /* Too big for the uplink once encapsulated: the kernel's path (it can fragment
+         * or say so), never a silent drop. */
+        if (c->len + XF_ENCAP_OVERHEAD > uplink->mtu) {
+            c->v.flow_hit = 0;      /* as TTL expiry: the flow's action was not taken */
+            return xf_decide(c, XF_V_PASS, XF_R_MTU_KERNEL);
+        }
+    }
     c->v.verdict = f->verdict;
     c->v.reason = reason;
     c->v.out_ifindex = f->out_ifindex;
     c->v.out_port = f->out_port;
-    return xf_act(ctx, &c->p, f);
+    return xf_act(ctx, &c->p, f, uplink);
 }
 
 /* --- flow -------------------------------------------------------------------------- */
@@ -586,7 +697,8 @@ static __always_inline struct xf_flow *xf_stage_flow(struct xdp_md *ctx, struct 
  * rule), or with another source MAC on a port with port security, is judged again. */
 static __always_inline int xf_is_hit(struct xf_ctx *c, struct xf_flow *f)
 {
-    return f && f->generation == c->gen && f->in_port == c->slot && xf_mac_ok(c, f->in_mac);
+    return f && f->generation == c->gen && f->in_port == c->slot &&
+           xf_from_ok(c, f->in_mac, f->vtep);
 }
 
 static __always_inline int xf_stage_hit(struct xdp_md *ctx, struct xf_ctx *c,
@@ -614,9 +726,12 @@ static __always_inline int xf_stage_hit(struct xdp_md *ctx, struct xf_ctx *c,
 
 /* --- route ------------------------------------------------------------------------- */
 
-/* Where a destination goes: fills *f (verdict, output, MACs) and returns the reason. */
-static __always_inline __u8 xf_route(__u16 tenant, __u32 *dst, struct xf_flow *f)
+/* Where a flow key's destination goes: fills *f (verdict, output, MACs, the overlay's
+ * outer headers) and returns the reason. */
+static __always_inline __u8 xf_route(struct xf_flow_key *k, struct xf_flow *f)
 {
+    __u16 tenant = k->tenant;
+    __u32 *dst = k->dst;
     struct xf_ep_key ek = {};
     ek.tenant = tenant;
     __builtin_memcpy(ek.addr, dst, 16);
@@ -649,6 +764,18 @@ static __always_inline __u8 xf_route(__u16 tenant, __u32 *dst, struct xf_flow *f
     if (ep->flags & XF_EP_LOCAL) {
         f->verdict = XF_V_PASS;
         return XF_R_LOCAL;
+    }
+    if (ep->flags & XF_EP_REMOTE) {
+        if (!(ep->vtep_mac[0] | ep->vtep_mac[1] | ep->vtep_mac[2] | ep->vtep_mac[3] |
+              ep->vtep_mac[4] | ep->vtep_mac[5])) {
+            f->verdict = XF_V_PASS;     /* the agent resolves it; the kernel asks now */
+            return XF_R_NO_NEIGH;
+        }
+        f->flags |= XF_FLOW_ENCAP;
+        f->vtep = ep->vtep;
+        f->vni = ep->vni;
+        __builtin_memcpy(f->vtep_mac, ep->vtep_mac, ETH_ALEN);
+        f->encap_sport = xf_encap_sport(k);
     }
     f->verdict = XF_V_REDIRECT;
     f->out_ifindex = ep->ifindex;
@@ -741,14 +868,14 @@ static __always_inline int xf_reply_of(struct xf_ctx *c, struct xf_flow *f,
         return 0;
     if (f) {
         if (f->generation == c->gen || !(f->flags & XF_FLOW_REVERSE) ||
-            f->in_port != c->slot || !xf_mac_ok(c, f->in_mac))
+            f->in_port != c->slot || !xf_from_ok(c, f->in_mac, f->vtep))
             return 0;
         j->in_port = f->out_port;
         return 1;
     }
     struct xf_flow *fw = xf_flows.lookup(&sc->ck);
     if (!fw || (fw->flags & XF_FLOW_REVERSE) || fw->verdict != XF_V_REDIRECT ||
-        fw->out_port != c->slot || !xf_mac_ok(c, fw->dmac))
+        fw->out_port != c->slot || !xf_from_ok(c, fw->dmac, fw->vtep))
         return 0;
     j->in_port = fw->in_port;
     j->keep_fwd = fw->generation == c->gen;
@@ -778,15 +905,16 @@ static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f
 #pragma nounroll
     for (int attempt = 0; attempt < 2; attempt++) {
         /* On its own, a packet must come from its port's own MAC and addresses. */
-        if (!j->as_reply && (c->port_flags & XF_PORT_SECURITY) &&
-            !xf_src_ok(c->tenant, c->slot, c->p.smac, c->p.src))
+        if (!j->as_reply && (((c->port_flags & XF_PORT_SECURITY) &&
+                               !xf_src_ok(c->tenant, c->slot, c->p.smac, c->p.src)) ||
+                              (c->decap_vtep && !xf_remote_src_ok(c))))
             return xf_decide(c, XF_V_DROP, XF_R_SPOOF);
         __builtin_memset(&sc->nf, 0, sizeof(sc->nf));
         sc->nf.generation = c->gen;
         sc->nf.created_ns = now;
         sc->nf.last_seen_ns = now;
         /* The node's own addresses too: the rules judge them before the kernel sees them. */
-        j->reason = xf_route(c->tenant, sc->ck.dst, &sc->nf);
+        j->reason = xf_route(&sc->ck, &sc->nf);
         xf_classify(c->tenant, c->gen, &sc->ck, j->in_port, &j->r);
         if (!j->as_reply || (j->r.action == XF_A_ALLOW && sc->nf.verdict == XF_V_REDIRECT))
             break;
@@ -828,8 +956,11 @@ static __always_inline int xf_reverse_flow(struct xf_ctx *c, struct xf_scratch *
     sc->rf.flags = XF_FLOW_REVERSE;
     sc->rf.in_port = sc->nf.out_port;
     __builtin_memcpy(sc->rf.in_mac, sc->nf.dmac, ETH_ALEN);   /* replies come from it */
-    int routed = xf_route(c->tenant, sc->rk.dst, &sc->rf) == XF_R_RULE_ALLOW;
+    int routed = xf_route(&sc->rk, &sc->rf) == XF_R_RULE_ALLOW;
     sc->rf.reason = XF_R_RULE_ALLOW;
+    /* Replies of what was sent over the overlay come back from that VTEP. */
+    if (sc->nf.flags & XF_FLOW_ENCAP)
+        sc->rf.vtep = sc->nf.vtep;
     return routed;
 }
 
@@ -844,6 +975,9 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
         sc->nf.out_ifindex = 0;
         sc->nf.out_port = 0;
         j->reason = XF_R_RULE_PASS;
+    } else if (c->decap_vtep && !j->as_reply && (sc->nf.flags & XF_FLOW_ENCAP)) {
+        /* From the overlay back into it: no node is a transit for another. */
+        return xf_decide(c, XF_V_DROP, XF_R_NO_ROUTE);
     } else if (sc->nf.verdict == XF_V_DROP) {
         /* Allowed, but nowhere to go: not cached, so a new endpoint or route takes
          * effect without waiting for the flow to age. */
@@ -854,6 +988,8 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
     if (c->p.ttl <= 1 && sc->nf.verdict == XF_V_REDIRECT)
         return xf_decide(c, XF_V_PASS, XF_R_TTL);
     sc->nf.reason = j->reason;
+    if (c->decap_vtep && !j->as_reply)
+        sc->nf.vtep = c->decap_vtep;    /* its packets must keep coming from that VTEP */
     int have_rev = xf_reverse_flow(c, sc, j);
     /* The MAC the forward direction's packets carry: this one's, or for a reply the
      * forward sender's (where the reply goes). */

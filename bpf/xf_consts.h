@@ -29,6 +29,8 @@
 #define XF_IPV6_MIN_MTU 1280         /* RFC 8200 5 */
 #define XF_EVENT_BYTES 128           /* packet bytes a monitor event carries */
 #define XF_EVENT_RING_PAGES 64       /* monitor ring buffer: 256 KiB, about 1,500 events */
+#define XF_ENCAP_LEN 50              /* VXLAN's outer Ethernet, IPv4, UDP and VXLAN headers */
+#define XF_VNI_ENTRIES 65536         /* decap's (VNI) and (VNI, VTEP) entries */
 
 /* Verdicts: what the datapath did with a packet (XF_V_NONE marks event counters). */
 #define XF_V_NONE 0
@@ -70,7 +72,14 @@
 #define XF_R_SPOOF 29          /* source MAC/address not the port's (port security) */
 #define XF_R_VLAN 30           /* a VLAN-tagged frame from a port not configured for tags */
 #define XF_R_ICMP_MTU 31       /* packet too big / frag needed below the IPv4/IPv6 minimum MTU */
-#define XF_R_MAX 32
+/* 32-39: the overlay (uplink ports, VXLAN) */
+#define XF_R_UPLINK_OTHER 32   /* arrived on an uplink, not for the datapath: the kernel's */
+#define XF_R_VNI_UNKNOWN 33    /* VXLAN with a VNI no tenant has: dropped */
+#define XF_R_VTEP_UNKNOWN 34   /* VXLAN from a VTEP with none of the VNI tenant's endpoints */
+#define XF_R_MTU_KERNEL 35     /* too big for the uplink once encapsulated: the kernel's */
+#define XF_R_PARSE_VXLAN 36    /* VXLAN to the node, truncated or lying: dropped */
+#define XF_R_NO_NEIGH 37       /* the underlay neighbour of a VTEP is not resolved yet */
+#define XF_R_MAX 38
 #define XF_R_ROWS 64           /* reasons per (port, verdict) in the counter array */
 
 /* Rule actions (classifier entries). */
@@ -86,15 +95,18 @@
 /* Flow flags. */
 #define XF_FLOW_REVERSE 0x01   /* installed as the reply direction of an allowed flow */
 #define XF_FLOW_CLOSING 0x02   /* TCP FIN or RST seen: aged with the short timeout */
+#define XF_FLOW_ENCAP 0x04     /* sent over VXLAN to a remote VTEP */
 
 /* Port flags. */
 #define XF_PORT_SECURITY 0x01  /* sources checked: the MAC and address of an endpoint of the port */
 #define XF_PORT_VLAN 0x02      /* VLAN-tagged frames accepted */
 #define XF_PORT_TENANT_DROP 0x04  /* its tenant's default is drop: so is a packet that finds
                                    * no tenant entry (fail closed) */
+#define XF_PORT_UPLINK 0x08    /* faces the underlay/external network; belongs to no tenant */
 
 /* Endpoint flags. */
 #define XF_EP_LOCAL 0x01       /* an address of the node itself: hand to the kernel */
+#define XF_EP_REMOTE 0x02      /* behind a remote VTEP (VXLAN over the uplink) */
 
 /* Fragment state of a packet. */
 #define XF_FRAG_NONE 0

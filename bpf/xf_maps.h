@@ -36,11 +36,16 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct xf_counter, xf_port_tx, XF_MAX_PO
 BPF_TABLE_PINNED("percpu_hash", __u32, struct xf_rule_stat, xf_rule_hits, XF_MAX_RULE_IDS, XF_PIN(xf_rule_hits));
 /* Ports of first fragments, for the later fragments of the same datagram. */
 BPF_TABLE_PINNED("lru_hash", struct xf_frag_key, struct xf_frag, xf_frags, XF_FRAG_TABLE_SIZE, XF_PIN(xf_frags));
+/* Decap: (VNI, 0) -> tenant, (VNI, VTEP) -> tenant for the VTEPs of its remote endpoints. */
+BPF_TABLE_PINNED("hash", struct xf_vni_key, __u32, xf_vnis, XF_VNI_ENTRIES, XF_PIN(xf_vnis));
 /* Layout fingerprint of the maps above, written by the agent. */
 BPF_TABLE_PINNED("array", __u32, struct xf_meta, xf_meta, 1, XF_PIN(xf_meta));
 
 /* The slow path's working set (flows and keys being built), per CPU, not pinned. */
 BPF_PERCPU_ARRAY(xf_scratch, struct xf_scratch, 1);
+/* A decapsulated packet's outer headers, per CPU, not pinned: restored if it goes to the
+ * kernel. */
+BPF_PERCPU_ARRAY(xf_outer, struct xf_outer_save, 1);
 
 #ifndef XF_TRACE
 /* The monitor (`xdpflowctl monitor`), not pinned: each build has its own, and the agent

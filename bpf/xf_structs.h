@@ -36,6 +36,14 @@ struct xf_flow {
     __u8  tcp_flags;       /* OR of TCP flags seen */
     __u8  in_mac[6];       /* source MAC its packets carry (checked on ports with security) */
     __u16 rule_stat;       /* the rule's counter slot (xf_rule_stats), 0: none / a reply */
+    /* Overlay (VXLAN, XF_FLOW_ENCAP): what the outer headers take from the flow (the
+     * node's address and the MTU are the uplink's, out_ifindex's port entry). For an
+     * entry whose packets arrive over the overlay, vtep is the VTEP they must come
+     * from. 16 bytes: key and entry stay within two cache lines. */
+    __be32 vtep;           /* remote VTEP: outer destination, or expected outer source */
+    __u32 vni;
+    __u8  vtep_mac[6];     /* the underlay next hop's MAC (outer destination) */
+    __u16 encap_sport;     /* outer UDP source port: the inner flow's hash */
 };
 
 /* Port: keyed by ifindex. */
@@ -45,6 +53,9 @@ struct xf_port {
     __u32 flags;           /* XF_PORT_* */
     __u8  mac[6];          /* source of proxy ARP/ND replies and of routed frames */
     __u16 pad;
+    /* Uplink ports (XF_PORT_UPLINK). */
+    __u32 local_ip[4];     /* the node's address on it (VTEP, source of what it sends) */
+    __u32 mtu;             /* the interface's MTU (what encapsulation must fit) */
 };
 
 /* Tenant: an array indexed by tenant id. */
@@ -116,6 +127,26 @@ struct xf_endpoint {
     __u8  mac[6];          /* the endpoint's MAC: destination of routed frames */
     __u8  port_mac[6];     /* the output port's MAC: source of routed frames */
     __u16 flags;           /* XF_EP_* */
+    /* A remote endpoint (XF_EP_REMOTE), behind the uplink (ifindex, port, port_mac are
+     * the uplink's) over VXLAN. Addresses in network order. */
+    __be32 vtep;           /* the VTEP it lives behind */
+    __u32 vni;             /* its tenant's */
+    __u8  vtep_mac[6];     /* the underlay neighbour's MAC for vtep; zero: unresolved */
+    __u16 pad_overlay;
+};
+
+/* Decap's checks: (vni, 0) -> the tenant of a VNI; (vni, vtep) -> the same tenant when
+ * the VTEP hosts one of its remote endpoints. */
+struct xf_vni_key {
+    __u32 vni;
+    __be32 vtep;
+};
+
+/* An uplink packet's outer headers, kept while the inner packet is judged: restored when
+ * it goes to the kernel. */
+struct xf_outer_save {
+    __u8 b[XF_ENCAP_LEN];
+    __u8 pad[6];
 };
 
 /* LPM key: prefixlen counts the 32 bits of tenant + pad, then address bits. */

@@ -377,13 +377,14 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 LIST_COLUMNS = {
     "tenants": ("name", "id", "vni", "default"),
     "ports": ("name", "tenant", "attached", "mode", "port_security", "allow_vlan", "allow",
-              "note"),
-    "endpoints": ("tenant", "ip", "port", "mac"),
+              "local_ip", "note"),
+    "endpoints": ("tenant", "ip", "port", "mac", "vtep"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
               "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "comment"),
 }
 _PORT_STATE_COLUMNS = ("attached", "mode", "note")
+_OVERLAY_COLUMNS = ("local_ip", "vtep")   # shown when some port/endpoint has one
 FLOW_COLUMNS = ("tenant", "in_port", "proto", "src", "sport", "dst", "dport", "verdict",
                 "out_port", "rule", "packets", "bytes", "idle_s", "flags")
 COUNTER_COLUMNS = ("tenant", "port", "verdict", "reason", "packets", "bytes")
@@ -559,7 +560,8 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
                 return _rule_stats_table(rows)
         # A port's attach state is left out when no row carries it (an older agent's reply).
         columns = [c for c in LIST_COLUMNS[kind]
-                   if c not in _PORT_STATE_COLUMNS or any(c in r for r in rows)]
+                   if c not in _PORT_STATE_COLUMNS + _OVERLAY_COLUMNS
+                   or any(c in r for r in rows)]
         return format_table(rows, columns, NUMERIC)
     if name == "port add":
         return _port_added(result or {})
@@ -621,6 +623,8 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             ("verdict:", "verdict"), ("tenant:", "tenant"), ("rule:", "rule"),
             ("route:", "route"), ("out port:", "out_port"), ("flow hit:", "flow_hit"),
             ("reason:", "reason"))]
+        if r.get("decapsulated"):
+            lines.insert(1, f"{'overlay:':<10} decapsulated (VXLAN), judged as the tenant's")
         out = r.get("packet_out")
         if r.get("verdict") == "drop" or r.get("action") in ("drop", "aborted") or not out:
             lines.append("output packet: none (dropped)" if r.get("verdict") == "drop"

@@ -131,6 +131,7 @@ class Bench:
     def __init__(self, lab: Lab, dp: Datapath):
         self.lab = lab
         self.dp = dp
+        self.neighbours: Dict[str, str] = {}    # VTEP -> underlay MAC (the overlay's)
 
     def links(self, addrs: Optional[Dict[str, Iterable[str]]] = None) -> Dict[str, compiler.PortLink]:
         addrs = addrs or {}
@@ -139,7 +140,8 @@ class Bench:
                 for p in CONFIGURABLE}
 
     def sync(self, state: dict, addrs: Optional[Dict[str, Iterable[str]]] = None):
-        img = compiler.compile_state(model.State.from_dict(state), self.links(addrs))
+        img = compiler.compile_state(model.State.from_dict(state), self.links(addrs),
+                                     neighbours=self.neighbours)
         return self.dp.sync(img)
 
     def apply(self, state: dict, addrs: Optional[Dict[str, Iterable[str]]] = None):

@@ -64,6 +64,11 @@ def test_table_is_big_enough():
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_case(bench, case):
+    run_case(bench, case)
+
+
+def run_case(bench, case):
+    """One case through the program: action, bytes, counters, rule hits, its check."""
     prepare(bench, case)
     before, hits0 = bench.snapshot(), bench.dp.rule_hits()
     rc, out = bench.run(case.input, case.port)
@@ -84,6 +89,10 @@ def flow_items(bench):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_trace(bench, case):
+    trace_case(bench, case)
+
+
+def trace_case(bench, case):
     """The trace build answers as the program would and writes nothing."""
     prepare(bench, case)
     before, hits0 = bench.snapshot(), bench.dp.rule_hits()

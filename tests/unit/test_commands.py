@@ -107,7 +107,7 @@ class FakeController:
                              "endpoints": sum(1 for e in self.state.endpoints
                                               if e.tenant == t.name)}
                             for t in self.state.sorted("tenants")],
-                "ports": [{"name": p.name, "tenant": p.tenant, "attached": True,
+                "ports": [{"name": p.name, "tenant": p.tenant or "", "attached": True,
                            "ifindex": 7, "mode": "native", "note": ""}
                           for p in self.state.sorted("ports")],
                 "flows": len(self.flows), "flow_capacity": 65536,
@@ -205,6 +205,7 @@ class FakeController:
                 "port": port, "action": "redirect", "verdict": "redirect",
                 "reason": "rule_allow", "tenant": "blue", "rule": 1, "out_port": "veth-vm2",
                 "out_ifindex": 8, "flow_hit": False, "stale_flow": False,
+                "decapsulated": False,
                 "packet_in": packet.hex(), "packet_out": packet.hex(), "modified": False}
 
 

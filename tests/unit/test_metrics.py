@@ -210,7 +210,7 @@ def test_values_are_read_at_scrape_time(server, source):
     scrape("127.0.0.1", server.port)
     before = source.calls
     scrape("127.0.0.1", server.port)
-    assert source.calls == before + 11
+    assert source.calls == before + 12      # ports() twice: its family, the uplinks
 
 
 def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
@@ -297,3 +297,37 @@ def test_shutdown_releases_the_port(source):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
     again = serve(DatapathCollector(source), "127.0.0.1", port)
     again.shutdown()
+
+
+class OverlaySource(FakeSource):
+    """A node with an uplink: what it sent (port_tx) and what arrived on it (counters)."""
+
+    def ports(self):
+        return super().ports() + [dict(name="eth1", tenant="", attached=True, ifindex=9,
+                                       mode="native", uplink=True)]
+
+    def counters(self):
+        return super().counters() + [
+            dict(tenant="", port="eth1", verdict="redirect", reason="flow", packets=40,
+                 bytes=4000),
+            dict(tenant="", port="eth1", verdict="drop", reason="spoof", packets=2, bytes=200),
+            dict(tenant="", port="eth1", verdict="pass", reason="uplink_other", packets=9,
+                 bytes=900),
+            dict(tenant="", port="eth1", verdict="drop", reason="vni_unknown", packets=1,
+                 bytes=100)]
+
+    def port_tx(self):
+        return super().port_tx() + [dict(tenant="", port="eth1", packets=30, bytes=3000)]
+
+
+def test_overlay_encap_and_decap_counts():
+    got = {s.labels["direction"]: s.value
+           for fam in DatapathCollector(OverlaySource()).collect()
+           if fam.name == "xdpflow_overlay_packets" for s in fam.samples}
+    # Decapsulated: judged as a tenant's (forwarded or refused by its rules), not what
+    # went to the kernel or was refused before decap.
+    assert got == {"encap": 30, "decap": 42}
+    got = {s.labels["direction"]: s.value
+           for fam in DatapathCollector(FakeSource()).collect()
+           if fam.name == "xdpflow_overlay_packets" for s in fam.samples}
+    assert got == {"encap": 0, "decap": 0}

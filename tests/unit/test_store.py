@@ -1,5 +1,6 @@
 """The SQLite state store: round-trips, diffs that touch only what changed, rollback,
 crashes, port slots, schema versions and corrupted rows."""
+import ipaddress
 import os
 import signal
 import sqlite3
@@ -23,12 +24,16 @@ def _state() -> State:
         "tenants": [{"name": "blue", "id": 10, "vni": 5010},
                     {"name": "red", "id": 11, "default": "pass"}],
         "ports": [{"name": "vm1", "tenant": "blue"}, {"name": "vm2", "tenant": "blue"},
-                  {"name": "vm3", "tenant": "red"}],
+                  {"name": "vm3", "tenant": "red"},
+                  {"name": "eth1", "uplink": True, "local_ip": "192.0.2.1"}],
         "endpoints": [
             {"tenant": "blue", "ip": "10.0.0.5", "port": "vm1", "mac": "02:00:00:00:00:05"},
             {"tenant": "blue", "ip": "2001:db8::5", "port": "vm2", "mac": "02:AA:00:00:00:06"},
             # Overlapping address in another tenant.
-            {"tenant": "red", "ip": "10.0.0.5", "port": "vm3", "mac": "02:00:00:00:01:05"}],
+            {"tenant": "red", "ip": "10.0.0.5", "port": "vm3", "mac": "02:00:00:00:01:05"},
+            # Behind another node's VTEP.
+            {"tenant": "blue", "ip": "10.0.1.7", "vtep": "192.0.2.2",
+             "mac": "02:00:00:00:01:07"}],
         "routes": [
             {"tenant": "blue", "prefix": "default", "via": "10.0.0.5"},
             {"tenant": "blue", "prefix": "2001:db8:1::/48", "via": "2001:db8::5"},
@@ -449,6 +454,52 @@ def test_corrupted_row_names_table_and_row(tmp_path, table, sql, words):
             store.load()
     msg = str(info.value)
     assert f"table {table}, row " in msg and words in msg
+
+
+def test_version_2_database_is_migrated_keeping_ports_slots_and_references(tmp_path):
+    """A database written before uplinks (schema 2: ports.tenant NOT NULL) is rebuilt to
+    schema 3 with every port, its slot and the rows that refer to it intact."""
+    from agent import store as store_mod
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA foreign_keys=ON")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for n in (0, 1):
+        for stmt in store_mod._statements(store_mod.MIGRATIONS[n]):
+            db.execute(stmt)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    db.execute("INSERT INTO tenants VALUES ('blue', 10, 5010, 'drop')")
+    db.execute("INSERT INTO ports (name, tenant, slot, allow, port_security, allow_vlan) "
+               "VALUES ('vm1', 'blue', 7, '10.0.0.64/26', 0, 1)")
+    db.execute("INSERT INTO endpoints VALUES ('blue', '10.0.0.5', 'vm1', '02:00:00:00:00:05')")
+    db.execute("INSERT INTO rules (id, tenant, priority, action, proto, sport_lo, sport_hi, "
+               "dport_lo, dport_hi, in_port) VALUES (1, 'blue', 1, 'allow', 0, 0, 65535, "
+               "0, 65535, 'vm1')")
+    db.close()
+    with Store.open(path) as store:
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+        assert store.port_slots() == {"vm1": 7}
+        st = store.load()
+        p, = st.ports
+        assert (p.tenant, [str(a) for a in p.allow], p.port_security, p.allow_vlan,
+                p.uplink) == ("blue", ["10.0.0.64/26"], False, True, False)
+        assert [e.port for e in st.endpoints] == ["vm1"] and st.rules[0].in_port == "vm1"
+        up = st.copy()
+        up.ports.append(Port("eth1", uplink=True, local_ip=ipaddress.ip_address("192.0.2.1")))
+        _put(store, st, up)
+    with Store.open(path) as store:
+        assert store.load().sorted("ports") == up.sorted("ports")
+        assert store.port_slots() == {"vm1": 7, "eth1": 1}
+    row = _raw(tmp_path).execute("SELECT tenant, uplink, local_ip FROM ports WHERE name = "
+                                 "'eth1'").fetchone()
+    assert row == (None, 1, "192.0.2.1")
+
+
+def test_uplink_row_without_local_ip_is_refused_by_sql(tmp_path):
+    with _open(tmp_path) as store:
+        _put(store, State(), _state())
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        _raw(tmp_path).execute("UPDATE ports SET local_ip = NULL WHERE name = 'eth1'")
 
 
 def test_corrupted_row_names_its_rowid(tmp_path):
