@@ -495,6 +495,12 @@ class ApiServer:
             req = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             return reply_error(BAD_REQUEST, f"request is not JSON: {e}")
+        except RecursionError:
+            # json recurses per nested array or object: a request of thousands of "["
+            # ended here as RecursionError, logged as a traceback and answered "internal"
+            # (found by the hostile-client tests, issue 14).
+            return reply_error(BAD_REQUEST, "request is not JSON we take: arrays or objects "
+                                            "nested too deeply")
         if not isinstance(req, dict) or not isinstance(req.get("command"), str):
             return reply_error(BAD_REQUEST, 'request must be {"command": NAME, "args": {...}}')
         extra = set(req) - {"command", "args"}
@@ -613,12 +619,27 @@ class ApiClient:
         request = (json.dumps({"command": command, "args": args or {}}) + "\n").encode()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
-        try:
-            s.connect(self.path)
-        except OSError as e:
-            s.close()
-            raise ApiError("unreachable", f"cannot reach the agent at {self.path}: "
-                                          f"{e.strerror or e}") from None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                s.connect(self.path)
+                break
+            except BlockingIOError:
+                # EAGAIN on a unix socket with a timeout: the agent's listen queue is full
+                # (a crowd of clients), so it is busy, not gone. Wait for room as a blocking
+                # connect would; 200 clients at once were told "is the agent running?"
+                # (found by the hostile-client tests, issue 14).
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                s.close()
+                raise ApiError("unreachable", f"the agent at {self.path} is busy: its "
+                                              f"connection queue stayed full for "
+                                              f"{self.timeout:g}s") from None
+            except OSError as e:
+                s.close()
+                raise ApiError("unreachable", f"cannot reach the agent at {self.path}: "
+                                              f"{e.strerror or e}") from None
         try:
             s.sendall(request)
         except (BrokenPipeError, ConnectionResetError):

@@ -385,6 +385,11 @@ def parse(text: str, source: str = "<string>") -> Config:
             line = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
         raise ConfigError(f"TOML syntax: {msg}", lines.key_at.get(line) or None, line,
                           source) from None
+    except RecursionError:
+        # tomllib recurses per nested array or table: thousands of "[" end its parse with
+        # RecursionError, not TOMLDecodeError (found by the fuzz tests, issue 14).
+        raise ConfigError("TOML syntax: arrays or tables nested too deeply",
+                          source=source) from None
 
     known = sorted([*_SECTIONS, "state"])
     for name in doc:

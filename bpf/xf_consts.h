@@ -62,7 +62,7 @@
 #define XF_R_PARSE_ETH 19      /* truncated Ethernet header */
 #define XF_R_PARSE_VLAN 20     /* truncated tag, or more tags than XF_MAX_VLAN_DEPTH */
 #define XF_R_PARSE_IPV4 21     /* truncated, IHL < 5, total length that lies */
-#define XF_R_PARSE_IPV6 22     /* truncated, payload length that lies */
+#define XF_R_PARSE_IPV6 22     /* truncated, payload length that lies, IPv4-mapped address */
 #define XF_R_PARSE_EXT 23      /* IPv6 extension headers truncated or too many */
 #define XF_R_PARSE_L4 24       /* TCP/UDP/ICMP header truncated or lying */
 #define XF_R_FRAG 25           /* later fragment whose first fragment was not seen */

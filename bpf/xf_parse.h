@@ -221,6 +221,12 @@ static __always_inline __u32 xf_ipv6_ext_len(__u8 nh, void *eh)
     return ((__u32)((struct ipv6_opt_hdr *)eh)->hdrlen + 1) * 8;
 }
 
+static __always_inline int xf_ipv6_is_v4mapped(const struct in6_addr *a)
+{
+    return (a->in6_u.u6_addr32[0] | a->in6_u.u6_addr32[1] |
+            (a->in6_u.u6_addr32[2] ^ bpf_htonl(0x0000ffff))) == 0;
+}
+
 static __always_inline int xf_parse_ipv6(struct xf_pkt *p, void *data, void *cur,
                                          void *data_end)
 {
@@ -232,6 +238,12 @@ static __always_inline int xf_parse_ipv6(struct xf_pkt *p, void *data, void *cur
     __u32 plen = bpf_ntohs(ip6->payload_len);
     void *l3_end = (void *)(ip6 + 1) + plen;
     if (plen == 0 || l3_end > data_end)
+        return XF_R_PARSE_IPV6;
+    /* An IPv4-mapped address (::ffff:0:0/96) is how the datapath keys IPv4: an IPv6
+     * packet carrying one would pass as the IPv4 endpoint's (port security, rules,
+     * routes, flows of IPv4). It never belongs on the wire (RFC 4291 2.5.5.2): malformed.
+     * (Found by the packet fuzzer, issue 14.) */
+    if (xf_ipv6_is_v4mapped(&ip6->saddr) || xf_ipv6_is_v4mapped(&ip6->daddr))
         return XF_R_PARSE_IPV6;
     p->family = 6;
     p->ttl = ip6->hop_limit;

@@ -235,6 +235,10 @@ def _read_state_file(path: str) -> Tuple[str, Dict[str, Any]]:
     except tomllib.TOMLDecodeError as e:
         # tomllib's message ends "(at line L, column C)", which is what the user needs.
         raise UsageError(f"{path}: TOML syntax error: {e}") from None
+    except RecursionError:
+        # tomllib recurses per nested array or table: thousands of "[" end its parse with
+        # RecursionError, not TOMLDecodeError (found by the fuzz tests, issue 14).
+        raise UsageError(f"{path}: arrays or tables nested too deeply") from None
     try:
         json.dumps(data)
     except (TypeError, ValueError):

@@ -107,7 +107,8 @@ while True:
 print(json.dumps({"sent": n, "errors": errors}), flush=True)
 '''
 
-# Counts the numbered datagrams it receives until stdin closes (then drains for a moment).
+# Counts the numbered datagrams it receives until stdin closes (then drains for a moment);
+# "TAG:N" ones are counted by TAG ("tagged": the tenant isolation test's nonces).
 RECEIVER = r'''
 import json, select, socket, sys, time
 port = int(sys.argv[1])
@@ -115,7 +116,7 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
 s.bind(("0.0.0.0", port))
 print("ready", flush=True)
-seen, dups, other, closing = set(), 0, 0, None
+seen, dups, other, tagged, closing = set(), 0, 0, {}, None
 while True:
     timeout = None if closing is None else max(0.0, closing - time.monotonic())
     r, _, _ = select.select([s] + ([sys.stdin] if closing is None else []), [], [], timeout)
@@ -129,12 +130,16 @@ while True:
             n = int(data)
             dups += n in seen
             seen.add(n)
+        elif data.rpartition(b":")[2].isdigit():
+            tag = data.rpartition(b":")[0].decode(errors="replace")
+            tagged[tag] = tagged.get(tag, 0) + 1
         else:
             other += 1
 top = max(seen) if seen else -1
 missing = [i for i in range(top + 1) if i not in seen]
 print(json.dumps({"received": len(seen), "max": top, "dups": dups, "other": other,
-                  "missing": missing[:50], "missing_count": len(missing)}), flush=True)
+                  "missing": missing[:50], "missing_count": len(missing),
+                  "tagged": tagged}), flush=True)
 '''
 
 

@@ -4,6 +4,10 @@ import shutil
 
 import pytest
 
+from agent import config
+from agent.control import Controller
+from agent.store import Store
+
 
 @pytest.fixture
 def tool():
@@ -17,3 +21,14 @@ def tool():
             pytest.skip(f"{name} not installed (bash setup.sh installs package {package})")
         return found
     return find
+
+
+@pytest.fixture
+def ctl(tmp_path):
+    """A controller with a fresh store and no datapath or links: a dry run must need
+    neither."""
+    store = Store.open(str(tmp_path / "state.db"))
+    try:
+        yield Controller(config.Config(), store, datapath=None, links=None)
+    finally:
+        store.close()

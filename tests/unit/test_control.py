@@ -18,16 +18,6 @@ STATE = {
 }
 
 
-@pytest.fixture
-def ctl(tmp_path):
-    store = Store.open(str(tmp_path / "state.db"))
-    try:
-        # No datapath and no links: a dry run must need neither.
-        yield Controller(config.Config(), store, datapath=None, links=None)
-    finally:
-        store.close()
-
-
 def test_dry_run_of_an_in_port_rule_whose_interface_is_absent(ctl):
     d = ctl.apply(STATE, dry_run=True)
     assert [r["id"] for r in d["rules"]["add"]] == [1]
