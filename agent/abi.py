@@ -216,7 +216,10 @@ class SrcKey(ct.Structure):
 
 
 class Meta(ct.Structure):
-    _fields_ = [("abi_version", u64), ("layout_hash", u64)]
+    # build_id: what the pinned program (xf_prog) was built from (Datapath.build_id); 0
+    # while no pinned program matches. A meta without it (16 bytes) is an older layout:
+    # its pins are rebuilt (the layout fingerprint covers this struct).
+    _fields_ = [("abi_version", u64), ("layout_hash", u64), ("build_id", u64)]
 
 
 class Trace(ct.Structure):

@@ -297,6 +297,9 @@ class Controller:
             "uptime_s": round(time.time() - self.started_at, 1),
             "config": self.config_path, "pin_dir": self.dp.pin_dir,
             "program_id": self.prog_id(),
+            # adopted: a warm start took the pinned program (nothing compiled)
+            "program": {"how": self.dp.how, "build_id": f"{self.dp.build:016x}",
+                        "load_seconds": round(self.dp.load_seconds, 3)},
             "maps": [{"map": s.name, "action": s.action, "detail": s.detail}
                      for s in self.dp.pin_report],
             "tenants": self.tenant_rows(),

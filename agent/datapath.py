@@ -80,6 +80,59 @@ def fs_type(path: str) -> str:
 
 
 _STAGED = "-staged"     # suffix of the staging dir of a build beside the live pins (bpffs allows no dots)
+# The loaded programs, pinned beside their maps: a warm start adopts them (BCC's Python
+# cannot load a compiled object, so not compiling means taking the loaded program).
+PROG_PIN = "xf_prog"
+PASS_PIN = "xf_pass"
+# The program's own maps (not pinned: the monitor's), found again by id when adopted.
+UNPINNED = ("xf_mon", "xf_mon_cpu", "xf_events")
+
+
+def source_files() -> List[Path]:
+    """What the datapath programs are compiled from (their build id hashes these)."""
+    return sorted(BPF_DIR.glob("xf_*.h")) + [BPF_DIR / "xdpflow.c", BPF_DIR / "xf_pass.c"]
+
+
+def compile_program(src: str, func: str, cflags: List[str] = (),
+                    maps: Tuple[str, ...] = ()) -> Tuple[int, Dict[str, int]]:
+    """Compile and load one XDP program with BCC. Returns its fd and those of the named
+    maps, all the caller's: BCC's module (LLVM's state of the compile) is freed at once
+    and the heap it used handed back to the system (about 100 MiB resident otherwise)."""
+    # Imported only to compile: the unit tier never needs bcc, and an agent that adopts
+    # never maps LLVM (tens of MiB resident).
+    from bcc import BPF
+    b = BPF(src_file=str(BPF_DIR / src).encode(), cflags=list(cflags))
+    try:
+        fd = os.dup(b.load_func(func.encode(), BPF.XDP).fd)
+        own = {name: os.dup(b[name.encode()].get_fd()) for name in maps}
+    finally:
+        b.cleanup()
+    trim_heap()
+    return fd, own
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc; elsewhere nothing)."""
+    libc = ct.CDLL(None)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def pass_program(pin_dir: str, adopt: bool) -> int:
+    """The pass-through program for veth peers (the caller's fd): the pinned one when
+    `adopt` (a warm start: the same build id covers its source), else compiled and
+    pinned."""
+    path = f"{pin_dir}/{PASS_PIN}"
+    if adopt and os.path.exists(path):
+        fd = bpfsys.obj_get(path)
+        if bpfsys.prog_info(fd).name == PASS_PIN.encode():
+            return fd
+        os.close(fd)
+    fd, _ = compile_program("xf_pass.c", PASS_PIN)
+    if os.path.exists(path):
+        os.unlink(path)
+    bpfsys.obj_pin(fd, path)
+    return fd
 
 
 @dataclass
@@ -95,10 +148,14 @@ class Datapath:
         self.defines = dict(DEFAULT_DEFINES)
         self.defines.update(defines or {})
         self.max_masks = self.defines["XF_MAX_MASKS"]
-        self.bpf = None
-        self.trace_bpf = None
         self.prog_fd = -1
         self.trace_fd = -1
+        self.how = ""              # compiled | adopted (the pinned program, no compile)
+        self.build = 0             # the loaded program's build id
+        self.load_seconds = 0.0
+        self._own_maps: Dict[str, int] = {}     # UNPINNED name -> fd
+        self._trace_rec = -1                    # the trace build's record map
+        self._fds: List[int] = []               # every fd above, closed by close()
         self.maps: Dict[str, RawMap] = {}
         self.pin_report: List[PinStatus] = []
         # What the configuration maps hold (read once at load, then kept in step).
@@ -124,6 +181,21 @@ class Datapath:
         # Extra -D flags for a different build of the same source (upgrade tests, debugging).
         flags += os.environ.get("XDPFLOW_CFLAGS", "").split()
         return flags
+
+    def build_id(self) -> int:
+        """What a loaded program was built from: the sources, the compile flags (sizes
+        included) and the kernel. Equal ids: the pinned program is what a compile would
+        make, so a starting agent adopts it. The pin dir is left out (a build made beside
+        the live pins is the same build once they are moved in place)."""
+        h = hashlib.sha256()
+        h.update(f"{abi.ABI_VERSION}|{os.uname().release}|"
+                 f"{os.path.realpath(f'/lib/modules/{os.uname().release}/build')}".encode())
+        for f in source_files():
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        for flag in self.cflags():
+            if not flag.startswith("-DXF_PIN_DIR="):
+                h.update(flag.encode() + b"\0")
+        return int.from_bytes(h.digest()[:8], "little") or 1
 
     def check_pins(self) -> List[PinStatus]:
         """What loading would do with each pinned map: reuse it, create it, migrate its
@@ -159,6 +231,11 @@ class Datapath:
         return int.from_bytes(h.digest()[:8], "little")
 
     def _meta_layout(self) -> Optional[int]:
+        meta = self._meta()
+        return meta.layout_hash if meta else None
+
+    def _meta(self) -> Optional[abi.Meta]:
+        """The pinned meta, if it is one of this ABI (else None: its pins are rebuilt)."""
         path = f"{self.pin_dir}/xf_meta"
         if not os.path.exists(path):
             return None
@@ -170,12 +247,77 @@ class Datapath:
             meta = abi.Meta.from_buffer_copy(raw) if raw else None
             if not meta or meta.abi_version != abi.ABI_VERSION:
                 return None
-            return meta.layout_hash
+            return meta
         finally:
             m.close()
 
-    def load(self, beside: bool = False) -> List[PinStatus]:
-        """Compile and load the program, reusing, migrating or rebuilding pinned maps.
+    def _write_meta(self, build_id: int) -> None:
+        meta = abi.Meta(abi_version=abi.ABI_VERSION, layout_hash=self._combined_layout(),
+                        build_id=build_id)
+        self.maps["xf_meta"].put(bytes(ct.c_uint32(0)), bytes(meta))
+
+    def _adopt(self, report: List[PinStatus]) -> bool:
+        """A warm start: every map reused and the pinned program built from what this
+        agent would compile (the meta's build id). Takes the pinned program and its maps,
+        compiling nothing. False (having changed nothing) when it cannot."""
+        if any(st.action != "reuse" for st in report):
+            return False
+        meta = self._meta()
+        path = f"{self.pin_dir}/{PROG_PIN}"
+        if meta is None or meta.build_id != self.build_id() or not os.path.exists(path):
+            return False
+        t0 = time.monotonic()
+        fd, maps, own = -1, {}, {}
+        try:
+            fd = bpfsys.obj_get(path)
+            maps = {name: RawMap.pinned(f"{self.pin_dir}/{name}") for name in MAP_ORDER}
+            if bpfsys.prog_info(fd).name != PROGRAM.encode():
+                raise ValueError(f"{path} is not an {PROGRAM} program")
+            for map_id in bpfsys.prog_map_ids(fd):
+                mfd = bpfsys.map_fd_by_id(map_id)
+                name = bpfsys.map_info(mfd).name.decode()
+                if name in UNPINNED and name not in own:
+                    own[name] = mfd
+                    continue
+                os.close(mfd)
+                if name in maps and maps[name].id != map_id:
+                    raise ValueError(f"its {name} is not the pinned one")
+            if set(own) != set(UNPINNED):
+                raise ValueError(f"its maps {sorted(set(UNPINNED) - set(own))} not found")
+        except (OSError, ValueError) as e:
+            log.warning("pinned program %s not adopted (compiling instead): %s", path, e)
+            for f in [fd, *own.values()]:
+                if f >= 0:
+                    os.close(f)
+            for m in maps.values():
+                m.close()
+            return False
+        self.prog_fd, self.maps, self._own_maps = fd, maps, own
+        self._fds = [fd, *own.values()]
+        self._read_mirror()
+        self.how, self.load_seconds = "adopted", time.monotonic() - t0
+        self.build = meta.build_id
+        log.info("datapath adopted: pinned program id %d (build %016x) and its maps, "
+                 "nothing compiled, in %.3fs", bpfsys.prog_info_id(fd), meta.build_id,
+                 self.load_seconds)
+        return True
+
+    def _pin_program(self, build_id: Optional[int]) -> None:
+        """Pin the compiled program beside its maps. The meta names no build while the pin
+        changes (a crash in between leaves nothing adoptable), then this one's, unless
+        build_id is None (a build beside the live pins: its commit names it)."""
+        self._write_meta(0)
+        path = f"{self.pin_dir}/{PROG_PIN}"
+        if os.path.exists(path):
+            os.unlink(path)
+        bpfsys.obj_pin(self.prog_fd, path)
+        if build_id is not None:
+            self._write_meta(build_id)
+
+    def load(self, beside: bool = False, adopt: bool = True) -> List[PinStatus]:
+        """Compile and load the program, reusing, migrating or rebuilding pinned maps; or,
+        with `adopt` when every map is reused and the pinned program has this build id,
+        take the pinned program as it is (a warm start, see _adopt: `how` says which).
 
         beside=True is for a reload that resizes maps while a program runs on the ports:
         the build goes to a staging dir next to the live pins and touches neither them nor
@@ -184,8 +326,6 @@ class Datapath:
         so the running program never meets a generation written for the new one. After the
         program swap, `commit_pins()` moves the pins in place; `close()` and
         `discard_staged()` before that leave everything as it was."""
-        from bcc import BPF   # imported here so the unit tier never needs bcc
-
         ensure_bpffs()
         os.makedirs(self.pin_dir, exist_ok=True)
         if fs_type(self.pin_dir) != "bpf":
@@ -194,6 +334,9 @@ class Datapath:
         # A staging dir left by a reload that died before its commit: the live pins win.
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         report = self.check_pins()
+        if adopt and not beside and self._adopt(report):
+            self.pin_report = report
+            return report
         live = self.pin_dir
         if beside:
             os.makedirs(self.staging_dir)
@@ -222,9 +365,12 @@ class Datapath:
             if st.action == "rebuild" and st.name not in REBUILT_FROM_STORE:
                 st.detail += "; its entries are dropped (flows re-classify, counters restart)"
         t0 = time.monotonic()
-        self.bpf = BPF(src_file=str(BPF_DIR / "xdpflow.c").encode(), cflags=self.cflags())
-        self.prog_fd = self.bpf.load_func(PROGRAM.encode(), BPF.XDP).fd
-        log.info("datapath compiled and loaded in %.2fs", time.monotonic() - t0)
+        self.prog_fd, self._own_maps = compile_program("xdpflow.c", PROGRAM, self.cflags(),
+                                                       UNPINNED)
+        self._fds = [self.prog_fd, *self._own_maps.values()]
+        self.how, self.load_seconds = "compiled", time.monotonic() - t0
+        self.build = self.build_id()
+        log.info("datapath compiled and loaded in %.2fs", self.load_seconds)
         self.maps = {name: RawMap.pinned(f"{self.pin_dir}/{name}") for name in MAP_ORDER}
         for name, items in saved.items():
             m = self.maps[name]
@@ -234,8 +380,7 @@ class Datapath:
                 if st.name == name:
                     st.detail += f"; {len(keep)} entries copied" + (
                         f", {len(items) - len(keep)} did not fit" if len(items) > len(keep) else "")
-        meta = abi.Meta(abi_version=abi.ABI_VERSION, layout_hash=self._combined_layout())
-        self.maps["xf_meta"].put(bytes(ct.c_uint32(0)), bytes(meta))
+        self._pin_program(None if beside else self.build)
         self._read_mirror()
         self.pin_report = report
         return report
@@ -275,10 +420,11 @@ class Datapath:
         if not self.pin_dir.endswith(_STAGED):
             return
         live = self.pin_dir[:-len(_STAGED)]
-        for name in MAP_ORDER:
+        for name in MAP_ORDER + [PROG_PIN]:
             os.rename(f"{self.pin_dir}/{name}", f"{live}/{name}")
         os.rmdir(self.pin_dir)
         self.pin_dir = live
+        self._write_meta(self.build)
 
     def discard_staged(self) -> None:
         """Forget a build made beside the live pins (close() it too)."""
@@ -289,21 +435,20 @@ class Datapath:
     def load_trace(self) -> int:
         """The trace build shares the pinned maps; it records instead of counting."""
         if self.trace_fd < 0:
-            from bcc import BPF
-            self.trace_bpf = BPF(src_file=str(BPF_DIR / "xdpflow.c").encode(),
-                                 cflags=self.cflags(trace=True))
-            self.trace_fd = self.trace_bpf.load_func(PROGRAM.encode(), BPF.XDP).fd
+            self.trace_fd, own = compile_program("xdpflow.c", PROGRAM, self.cflags(trace=True),
+                                                 ("xf_trace_rec",))
+            self._trace_rec = own["xf_trace_rec"]
+            self._fds += [self.trace_fd, self._trace_rec]
         return self.trace_fd
 
     def close(self):
         for m in self.maps.values():
             m.close()
         self.maps = {}
-        for b in (self.bpf, self.trace_bpf):
-            if b is not None:
-                b.cleanup()
-        self.bpf = self.trace_bpf = None
-        self.prog_fd = self.trace_fd = -1
+        for fd in self._fds:
+            os.close(fd)
+        self._fds, self._own_maps = [], {}
+        self.prog_fd = self.trace_fd = self._trace_rec = -1
 
     def unpin(self):
         """Remove every pin (explicit teardown), and a reload's staging dir."""
@@ -316,11 +461,13 @@ class Datapath:
         self._mirror = {n: dict(self.maps[n].items())
                         for n in ("xf_ports", "xf_port_src", "xf_endpoints", "xf_routes",
                                   "xf_vnis")}
-        self._mirror["xf_port_index"] = {k: v for k, v in self.maps["xf_port_index"].items()
+        # Arrays (16,384 port rows, 65,536 tenant rows): their empty rows are passed over.
+        self._mirror["xf_port_index"] = {k: v for k, v in
+                                         self.maps["xf_port_index"].items(skip_zero=True)
                                          if abi.Port.from_buffer_copy(v).slot}
         self._policers = dict(self.maps["xf_policers"].items())
         self._gens, self._cls_gens, self._tenant_vals, self._cls = {}, {}, {}, {}
-        for k, v in self.maps["xf_tenants"].items():
+        for k, v in self.maps["xf_tenants"].items(skip_zero=True):
             t = abi.Tenant.from_buffer_copy(v)
             if t.generation:
                 tid = ct.c_uint32.from_buffer_copy(k).value
@@ -749,10 +896,9 @@ class Datapath:
 
     def monitor_maps(self) -> Tuple[int, RawMap, RawMap]:
         """The monitor's ring buffer fd, its switch-and-filter map and per-CPU counters
-        (maps of this build, not pinned)."""
-        return (self.bpf[b"xf_events"].get_fd(),
-                RawMap(self.bpf[b"xf_mon"].get_fd(), "xf_mon"),
-                RawMap(self.bpf[b"xf_mon_cpu"].get_fd(), "xf_mon_cpu"))
+        (maps of the loaded program, not pinned)."""
+        return (self._own_maps["xf_events"], RawMap(self._own_maps["xf_mon"], "xf_mon"),
+                RawMap(self._own_maps["xf_mon_cpu"], "xf_mon_cpu"))
     def _counter_rows(self, name: str, wanted: Set[int]) -> Dict[int, Tuple[int, int]]:
         """(packets, bytes) summed over CPUs of the wanted rows of a per-CPU counter array."""
         m = self.maps[name]
@@ -782,7 +928,7 @@ class Datapath:
         """Dry run through the trace build: what the datapath would do, with no flow
         installed and no counter touched."""
         fd = self.load_trace()
-        rec = RawMap(self.trace_bpf[b"xf_trace_rec"].get_fd(), "xf_trace_rec")
+        rec = RawMap(self._trace_rec, "xf_trace_rec")
         zero = bytes(ct.c_uint32(0))
         rec.put(zero, bytes(rec.vsize))
         rc, out, _ = bpfsys.test_run(fd, packet, ifindex=ifindex)

@@ -878,7 +878,9 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
         if (idx >= count || idx >= XF_MAX_MASKS)
             break;
         struct xf_mask *m = &ms->masks[idx];
-        if (best->rank > m->max_rank)
+        /* Ranks are unique per rule: a mask whose best is the match found (the same rule,
+         * another of its port-range prefixes) or lower cannot beat it, nor can any after. */
+        if (best->rank >= m->max_rank)
             break;
         k.mask_idx = m->key_idx;
         k.proto = fk->proto & m->proto;

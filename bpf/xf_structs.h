@@ -234,6 +234,7 @@ struct xf_src_key {
 struct xf_meta {
     __u64 abi_version;
     __u64 layout_hash;
+    __u64 build_id;        /* of the pinned program, 0 if none matches (agent/datapath.py) */
 };
 
 /* The slow path's working set: the forward and reply flows and keys being built. */

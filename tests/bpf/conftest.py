@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import pytest
 
 from agent import abi, compiler, model
-from agent.datapath import Datapath
+from agent.datapath import BPF_DIR, Datapath
 from netns_lab.netns import Namespaces, entered
 
 # Node-side ports: fixed names inside the namespace, fixed MACs, fixed counter slots.
@@ -91,6 +91,23 @@ def dp():
         pytest.skip("the bpf tier needs root")
     with loaded(SMALL_SIZES) as d:
         yield d
+
+
+@pytest.fixture(scope="session")
+def bcc_build(dp):
+    """BCC's own view of the program (its tables' ctypes, built from the C), normal build
+    (False) and trace build (True), for the layout tests: the datapath keeps only fds, its
+    BCC module is freed after the compile. Compiled here once more, loading no program."""
+    from bcc import BPF
+    builds = {}
+    try:
+        for trace in (False, True):
+            builds[trace] = BPF(src_file=str(BPF_DIR / "xdpflow.c").encode(),
+                                cflags=dp.cflags(trace=trace))
+        yield builds
+    finally:
+        for b in builds.values():
+            b.cleanup()
 
 
 @dataclass

@@ -21,7 +21,10 @@ def fake_rounds(scale=1.0):
             "hit_redirect_rules_100000": 55, "miss_classify_rules_10": 150,
             "miss_classify_rules_100000": 200, "hit_redirect_no_hook": 48,
             "hit_redirect_monitor_on": 55, "miss_classify_1mask_no_hook": 145,
-            "miss_classify_1mask_monitor_on": 160, "bare_pass_1call": 250,
+            "miss_classify_1mask_monitor_on": 160, "miss_classify_4masks": 250,
+            "miss_classify_32masks": 1100, "miss_classify_1mask_best_first": 150,
+            "miss_classify_4masks_best_first": 160, "miss_classify_16masks_best_first": 170,
+            "miss_classify_32masks_best_first": 175, "bare_pass_1call": 250,
             "hit_redirect_1call": 400, "encap_hit": 420, "decap_hit": 480}
     return {k: [v * scale, v * scale * 1.1, v * scale * 0.9] for k, v in base.items()}
 

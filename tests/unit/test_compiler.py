@@ -115,7 +115,7 @@ def search(cls: compiler.Classifier, proto, src, dst, sport, dport, in_port):
     """What bpf/xdpflow.c xf_classify() does, over the compiled classifier."""
     best = None
     for idx, ((srcm, dstm, spm, dpm, protom, inpm), max_rank) in enumerate(cls.masks):
-        if best and best[0] > max_rank:
+        if best and best[0] >= max_rank:
             break
         key = (idx, proto & protom, in_port & inpm, compiler._and(src, srcm),
                compiler._and(dst, dstm), sport & spm, dport & dpm)
