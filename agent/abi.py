@@ -31,6 +31,8 @@ REASONS = {
     # 32-39: the overlay (uplink ports, VXLAN)
     32: "uplink_other", 33: "vni_unknown", 34: "vtep_unknown", 35: "mtu_kernel",
     36: "parse_vxlan", 37: "no_neigh",
+    # 40-47: NAT and rate limits
+    40: "ratelimit",
     48: "flow_quota",       # issue 14: a tenant at its flow quota
 }
 REASON_IDS = {v: k for k, v in REASONS.items()}
@@ -42,7 +44,7 @@ A_ALLOW, A_DENY, A_PASS = 1, 2, 3
 RULE_ACTIONS = {"allow": A_ALLOW, "deny": A_DENY, "pass": A_PASS}
 RT_VIA, RT_KERNEL, RT_DROP = 1, 2, 3
 ROUTE_ACTIONS = {"via": RT_VIA, "kernel": RT_KERNEL, "drop": RT_DROP}
-FLOW_REVERSE, FLOW_CLOSING, FLOW_ENCAP = 0x01, 0x02, 0x04
+FLOW_REVERSE, FLOW_CLOSING, FLOW_ENCAP, FLOW_POLICED = 0x01, 0x02, 0x04, 0x08
 EP_LOCAL, EP_REMOTE = 0x01, 0x02
 ENCAP_LEN = 50           # VXLAN's outer Ethernet, IPv4, UDP, VXLAN headers
 VNI_ENTRIES = 65536
@@ -72,6 +74,9 @@ MAX_RULE_IDS = 262144
 RULE_STATS = 65536       # per-rule counter slots; slot 0 counts nothing
 EVENT_BYTES = 128          # packet bytes a monitor event carries
 EVENT_RING_PAGES = 64
+MAX_POLICERS = 16384     # tenants and rules with a rate limit, together
+POLICER_RULE = 0x80000000  # a rule's xf_policers key: rule id | this; a tenant's: its id
+POL_BYTES = 0x01
 
 CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_V_NONE": V_NONE, "XF_V_DROP": V_DROP, "XF_V_PASS": V_PASS,
@@ -79,7 +84,7 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_A_ALLOW": A_ALLOW, "XF_A_DENY": A_DENY, "XF_A_PASS": A_PASS,
     "XF_RT_VIA": RT_VIA, "XF_RT_KERNEL": RT_KERNEL, "XF_RT_DROP": RT_DROP,
     "XF_FLOW_REVERSE": FLOW_REVERSE, "XF_FLOW_CLOSING": FLOW_CLOSING,
-    "XF_FLOW_ENCAP": FLOW_ENCAP, "XF_EP_REMOTE": EP_REMOTE, "XF_ENCAP_LEN": ENCAP_LEN,
+    "XF_FLOW_ENCAP": FLOW_ENCAP, "XF_FLOW_POLICED": FLOW_POLICED, "XF_EP_REMOTE": EP_REMOTE, "XF_ENCAP_LEN": ENCAP_LEN,
     "XF_VNI_ENTRIES": VNI_ENTRIES,
     "XF_EP_LOCAL": EP_LOCAL, "XF_MAX_TENANTS": MAX_TENANTS, "XF_PORT_INDEX": PORT_INDEX, "XF_MASK_SETS": MASK_SETS,
     "XF_V_MAX": V_MAX, "XF_R_ROWS": R_ROWS, "XF_FRAG_TABLE_SIZE": FRAG_TABLE_SIZE,
@@ -88,6 +93,8 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_PORT_TENANT_DROP": PORT_TENANT_DROP, "XF_PORT_UPLINK": PORT_UPLINK,
     "XF_IPV4_MIN_MTU": IPV4_MIN_MTU, "XF_IPV6_MIN_MTU": IPV6_MIN_MTU,
     "XF_EVENT_BYTES": EVENT_BYTES, "XF_EVENT_RING_PAGES": EVENT_RING_PAGES,
+    "XF_MAX_POLICERS": MAX_POLICERS, "XF_POLICER_RULE": POLICER_RULE,
+    "XF_POL_BYTES": POL_BYTES,
 }
 CONSTANTS.update({"XF_R_" + name.upper(): rid for rid, name in REASONS.items()})
 
@@ -120,13 +127,15 @@ class Port(ct.Structure):
 
 class Tenant(ct.Structure):
     _fields_ = [("generation", u32), ("default_verdict", u8), ("pad", u8), ("flags", u16),
-                ("vni", u32), ("pad2", u32),
+                ("vni", u32), ("cls_generation", u32),
+                # rate limits (issue 11)
+                ("policer", u32), ("pad_rl", u32),
                 ("max_flows", u32), ("flows", u32)]   # the flow quota (appended)
 
 
 class Mask(ct.Structure):
     _fields_ = [("src", Addr), ("dst", Addr), ("sport", u16), ("dport", u16), ("proto", u8),
-                ("pad", u8), ("in_port", u16), ("max_rank", u32)]
+                ("key_idx", u8), ("in_port", u16), ("max_rank", u64)]
 
 
 class MaskKey(ct.Structure):
@@ -154,7 +163,14 @@ class RuleKey(ct.Structure):
 
 
 class Rule(ct.Structure):
-    _fields_ = [("rank", u32), ("rule_id", u32), ("action", u8), ("pad", u8), ("stat", u16)]
+    _fields_ = [("rank", u64), ("rule_id", u32), ("action", u8), ("pad", u8), ("stat", u16),
+                # rate limits (issue 11)
+                ("policer", u32), ("pad_rl", u32)]
+
+
+class Policer(ct.Structure):
+    _fields_ = [("tat_ns", u64), ("cost", u64), ("burst_ns", u64), ("dropped", u64),
+                ("flags", u32), ("pad", u32)]
 
 
 class EpKey(ct.Structure):
@@ -202,13 +218,19 @@ class SrcKey(ct.Structure):
 
 
 class Meta(ct.Structure):
-    _fields_ = [("abi_version", u64), ("layout_hash", u64)]
+    # build_id: what the pinned program (xf_prog) was built from (Datapath.build_id); 0
+    # while no pinned program matches. A meta without it (16 bytes) is an older layout:
+    # its pins are rebuilt (the layout fingerprint covers this struct).
+    _fields_ = [("abi_version", u64), ("layout_hash", u64), ("build_id", u64)]
 
 
 class Trace(ct.Structure):
     _fields_ = [("tenant", u32), ("rule_id", u32), ("out_ifindex", u32), ("out_port", u16),
                 ("in_port", u16), ("verdict", u8), ("reason", u8), ("flow_hit", u8),
-                ("stale", u8), ("pad", u32)]
+                ("stale", u8), ("pad", u32),
+                # rate limits (issue 11): [0] the rule's bucket, [1] the tenant's
+                ("pol_key", u32 * 2), ("pol_credit_ns", u64 * 2), ("pol_cost_ns", u64 * 2),
+                ("pol_ok", u8 * 2), ("pad_rl", u8 * 6)]
 
 
 class MonCfg(ct.Structure):
@@ -248,6 +270,7 @@ MAPS = {
     "xf_frags": (LRU_HASH, FragKey, Frag, FRAG_TABLE_SIZE),
     "xf_vnis": (HASH, VniKey, u32, VNI_ENTRIES),
     "xf_meta": (ARRAY, u32, Meta, 1),
+    "xf_policers": (HASH, u32, Policer, MAX_POLICERS),
 }
 
 

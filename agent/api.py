@@ -8,9 +8,20 @@ Wire format, one request per connection:
 CODE is "invalid" (a bad value), "refused" (at odds with the current state), "denied"
 (the peer may not run the command), "bad-request" (not JSON, unknown command, arguments that
 do not fit) or "internal" (a bug or a kernel failure; the traceback goes to the log only).
+
+Large requests go compressed (a whole state of 100,000 rules is about 10 MB of JSON,
+1.1 MB compressed):
+    -> {"command": "apply", "args_zlib": BASE64(ZLIB(JSON(args)))}\n
+which the client does above COMPRESS_ABOVE bytes. Compression, not a larger limit or a
+stream: every connection may hold up to `max_request_bytes` while its request arrives
+(up to max_connections of them), so the limit stays small (4 MiB: about 350,000 such
+rules compressed), and the one expansion happens in the worker that runs the commands one
+at a time, bounded by INFLATE_FACTOR x the limit. Past either bound the error names it.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import errno
 import grp
@@ -25,12 +36,15 @@ import stat
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, Optional
 
 from agent import commands, model
 
 DEFAULT_SOCKET = "/run/xdpflow/agent.sock"
+COMPRESS_ABOVE = 1 << 20           # bytes of a plain request the client sends compressed
+INFLATE_FACTOR = 64                # compressed args may expand to this x max_request_bytes
 
 # One line per attempted change (who, what, result), under its own name so it can be
 # routed or kept apart from the rest of the log.
@@ -361,7 +375,8 @@ class ApiServer:
             # Answered at once, not at the deadline: the client learns why, and the agent
             # holds no more than the limit (plus one read) per client.
             self._reply_now(c, reply_error(
-                BAD_REQUEST, f"request larger than {self.max_request_bytes} bytes"))
+                BAD_REQUEST, f"request larger than {self.max_request_bytes} bytes (the "
+                             f"agent's [agent] max_request_bytes, after compression)"))
             return
         if nl >= 0:
             del c.buf[nl:]
@@ -503,10 +518,15 @@ class ApiServer:
                                             "nested too deeply")
         if not isinstance(req, dict) or not isinstance(req.get("command"), str):
             return reply_error(BAD_REQUEST, 'request must be {"command": NAME, "args": {...}}')
-        extra = set(req) - {"command", "args"}
+        extra = set(req) - {"command", "args", "args_zlib"}
         if extra:
             return reply_error(BAD_REQUEST, f"unknown request field(s) {', '.join(sorted(extra))}")
         name, args = req["command"], req.get("args")
+        if "args_zlib" in req:
+            try:
+                args = inflate_args(req["args_zlib"], INFLATE_FACTOR * self.max_request_bytes)
+            except ValueError as e:
+                return reply_error(BAD_REQUEST, f"args_zlib: {e}")
         seen.update(name=name, args=args)
         cmd = commands.get(name)
         if cmd is None:
@@ -534,6 +554,34 @@ class ApiServer:
             self.log.exception("control API: %s failed", name)
             return reply_error(INTERNAL, f"{name} failed: {type(e).__name__} (see the "
                                          "agent's log)")
+
+
+def deflate_args(args: Any) -> str:
+    return base64.b64encode(zlib.compress(json.dumps(args, separators=(",", ":")).encode(),
+                                          1)).decode()
+
+
+def inflate_args(text: Any, limit: int) -> Any:
+    """The args of a compressed request; ValueError naming what is wrong (not base64, not
+    zlib, expanding past `limit` bytes, not JSON)."""
+    if not isinstance(text, str):
+        raise ValueError("must be base64 text")
+    try:
+        packed = base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error):
+        raise ValueError("not base64") from None
+    z = zlib.decompressobj()
+    try:
+        raw = z.decompress(packed, limit)
+    except zlib.error as e:
+        raise ValueError(f"not zlib data: {e}") from None
+    if z.unconsumed_tail or not z.eof:
+        raise ValueError(f"expands to more than {limit} bytes ({INFLATE_FACTOR} x the "
+                         f"agent's [agent] max_request_bytes), or is cut short")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"not JSON: {e}") from None
 
 
 def describe_peer(peer: Optional[Peer]) -> str:
@@ -616,7 +664,11 @@ class ApiClient:
         return ApiStream(self, s, head, buf)
 
     def _request(self, command: str, args: Optional[Dict[str, Any]]) -> socket.socket:
-        request = (json.dumps({"command": command, "args": args or {}}) + "\n").encode()
+        request = (json.dumps({"command": command, "args": args or {}},
+                              separators=(",", ":")) + "\n").encode()
+        if len(request) > COMPRESS_ABOVE:
+            request = (json.dumps({"command": command, "args_zlib": deflate_args(args)}) +
+                       "\n").encode()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         deadline = time.monotonic() + self.timeout

@@ -230,7 +230,17 @@ def next_rule_id(rules: List[Dict[str, Any]]) -> int:
 
 
 RULE_FIELDS = ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
-               "icmp_type", "icmp_code", "in_port", "comment")
+               "icmp_type", "icmp_code", "in_port", "comment", "rate", "burst")
+
+
+def _limit_args(what: str) -> Tuple[Arg, Arg]:
+    """--rate and --burst of `tenant add` and `rule add`."""
+    return (Arg("rate", f"rate limit of {what}: N pps, or N bit|kbit|mbit|gbit (10000pps, "
+                        "100mbit); over it packets are dropped (reason ratelimit)",
+                flags=("--rate",), metavar="RATE"),
+            Arg("burst", "bucket depth: packets for a pps rate, bytes for a bit rate "
+                         "(default a tenth of a second's worth)",
+                flags=("--burst",), kind="int", metavar="N"))
 
 
 def _rule_add(c, args):
@@ -333,8 +343,9 @@ _cmd("status", False, "show the agent's state: version, uptime, ports attached, 
 _cmd("tenant add", True, "add a tenant (a VPC; its id is in every datapath key)",
      "  xdpflowctl tenant add blue --id 10\n"
      "  xdpflowctl tenant add red --id 20 --vni 5020 --default pass\n"
-     "  xdpflowctl tenant add green --id 30 --max-flows 100000",
-     _add("tenants", "name", "id", "vni", "default", "max_flows"),
+     "  xdpflowctl tenant add green --id 30 --rate 100mbit --burst 1500000\n"
+     "  xdpflowctl tenant add gray --id 40 --max-flows 100000",
+     _add("tenants", "name", "id", "vni", "default", "rate", "burst", "max_flows"),
      args=(Arg("name", "the tenant's name", metavar="NAME", required=True),
            Arg("id", f"tenant id, 1..{model.MAX_TENANT_ID}", flags=("--id",), kind="int",
                required=True, metavar="ID"),
@@ -346,7 +357,7 @@ _cmd("tenant add", True, "add a tenant (a VPC; its id is in every datapath key)"
            Arg("max_flows", "flow-table entries it may hold (a flow and its reply are two); "
                             "over it, new flows are judged but not cached. 0: no quota; "
                             "default: the config's [flows] max_per_tenant",
-               flags=("--max-flows",), kind="int", metavar="N")))
+               flags=("--max-flows",), kind="int", metavar="N")) + _limit_args("all it lets through (what its rules allow, and their replies)"))
 _cmd("tenant del", True, "delete a tenant (refused, naming them, while ports, endpoints, "
                          "routes or rules still belong to it, unless --cascade)",
      "  xdpflowctl tenant del blue\n  xdpflowctl tenant del blue --cascade",
@@ -451,7 +462,9 @@ _cmd("rule add", True, "add a security rule; the highest priority number wins (a
      "--action allow\n"
      "  xdpflowctl rule add --tenant blue --priority 200 --src 10.0.0.0/24 --proto icmp "
      "--icmp-type 8 --action allow --comment 'ping from the subnet'\n"
-     "  xdpflowctl rule add --tenant blue --priority 10 --id 99 --action deny",
+     "  xdpflowctl rule add --tenant blue --priority 10 --id 99 --action deny\n"
+     "  xdpflowctl rule add --tenant blue --priority 50 --proto udp --dport 53 "
+     "--action allow --rate 10000pps --burst 100",
      _rule_add,
      description="A packet no rule matches gets the tenant's default verdict. The highest "
                  "priority number wins; at equal priority the lower id wins. 'allow' is "
@@ -480,7 +493,8 @@ _cmd("rule add", True, "add a security rule; the highest priority number wins (a
            Arg("action", "allow (stateful), deny, or pass to the kernel",
                flags=("--action", "-a"), required=True, choices=model.RULE_ACTIONS),
            Arg("comment", "free text, up to 256 characters", flags=("--comment",),
-               metavar="TEXT")))
+               metavar="TEXT")) + _limit_args("the flows it allows (what it "
+                                              "matched; their replies are not charged)"))
 _cmd("rule del", True, "delete a security rule by id",
      "  xdpflowctl rule del 12",
      _delete("rules", _rule_ident),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+import struct
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -55,40 +56,213 @@ def _and(a: bytes, m: bytes) -> bytes:
 
 
 MaskTuple = Tuple[bytes, bytes, int, int, int, int]       # src, dst, sport, dport, proto, in_port
+EntryKey = Tuple[int, int, bytes, bytes, int, int]        # proto, in_port, src, dst, sport, dport
+Value = Tuple[int, int, int]                              # rank, rule id, action
 
 
-@dataclass
+# struct xf_rule_key and struct xf_rule with struct's speed (a 100,000-rule state is
+# 100,000 of each); their sizes are checked against the abi's ctypes mirror at import.
+_RULE_KEY = struct.Struct("<IHBBHH16s16sHH")
+_RULE = struct.Struct("<QIBBHI4x")
+assert _RULE_KEY.size == ct.sizeof(abi.RuleKey) and _RULE.size == ct.sizeof(abi.Rule)
+
+
+def rule_rank(r: model.Rule) -> int:
+    """Unique, higher wins: the priority, then the lower id. A function of the rule alone
+    (64 bits in the datapath), so adding or removing a rule changes no other rule's entry."""
+    return (r.priority << 32) | (0xFFFFFFFF - r.id)
+
+
+def rule_entries(r: model.Rule, slots: Dict[str, int]) -> List[Tuple[MaskTuple, EntryKey]]:
+    """The (mask, masked key) pairs a rule is written as: port ranges become prefixes, one
+    entry per (source prefix, destination prefix) pair; a packet matches at most one."""
+    src, srcm = prefix_mask(r.src)
+    dst, dstm = prefix_mask(r.dst)
+    proto, protom = (r.proto, 0xFF) if r.proto else (0, 0)
+    if r.in_port is not None:
+        inp, inpm = slots[r.in_port], FULL16
+    else:
+        inp, inpm = 0, 0
+    if r.proto in (1, 58):
+        sports = [(0, 0)]
+        if r.icmp_type is None:
+            dports = [(0, 0)]
+        elif r.icmp_code is None:
+            dports = [(r.icmp_type << 8, 0xFF00)]
+        else:
+            dports = [((r.icmp_type << 8) | r.icmp_code, FULL16)]
+    elif r.proto in (6, 17):
+        sports = range_to_prefixes(*r.sport) if r.sport != (0, 65535) else [(0, 0)]
+        dports = range_to_prefixes(*r.dport) if r.dport != (0, 65535) else [(0, 0)]
+    else:
+        sports = dports = [(0, 0)]
+    # A prefix's address has no host bits (the model refuses them): it is its own
+    # masked value.
+    return [((srcm, dstm, spm, dpm, protom, inpm),
+             (proto & protom, inp & inpm, src, dst, sp & spm, dp & dpm))
+            for sp, spm in sports for dp, dpm in dports]
+
+
+def order_masks(max_rank: Dict[MaskTuple, int]) -> List[Tuple[MaskTuple, int]]:
+    """The order the datapath searches masks in: highest best rank first (it stops once
+    its best match outranks every mask left). The one place the order is decided."""
+    return sorted(max_rank.items(), key=lambda mr: (-mr[1], mr[0]))
+
+
 class Classifier:
-    """One tenant's tuple space, independent of generation: masks highest-ranked first,
-    and entries keyed by (mask index, masked tuple)."""
-    masks: List[Tuple[MaskTuple, int]] = field(default_factory=list)   # (mask, max_rank)
-    entries: Dict[Tuple, Tuple[int, int, int]] = field(default_factory=dict)
-    # entry key: (mask_idx, proto, in_port, src, dst, sport, dport) -> (rank, rule_id, action)
+    """One tenant's tuple space, independent of generation, kept so that one rule can be
+    added or removed in time proportional to its own entries: per mask, the winning value
+    of each masked key; the values a key's winner hides (rules whose entries coincide:
+    every packet matching one matches the other), so removing the winner brings the next
+    back; each mask's best rank; and the key index each mask's entries are keyed by (kept
+    across reorderings; a from-scratch compile numbers masks in search order)."""
+
+    def __init__(self):
+        self.by_mask: Dict[MaskTuple, Dict[EntryKey, Value]] = {}
+        self.hidden: Dict[Tuple[MaskTuple, EntryKey], List[Value]] = {}
+        self.max_rank: Dict[MaskTuple, int] = {}
+        self.key_idx: Dict[MaskTuple, int] = {}
+        self.size = 0                      # entries (winning keys) in all masks
+        self.reserved: Set[int] = set()    # key indexes a new mask may not take (yet)
+        self.policed: Set[int] = set()     # ids of rules with a rate limit
+
+    # -- changes: each returns the (mask, key) pairs whose winner it changed -----------
+    def add_rule(self, r: model.Rule, slots: Dict[str, int]) -> List[Tuple[MaskTuple, EntryKey]]:
+        value = (rule_rank(r), r.id, abi.RULE_ACTIONS[r.action])
+        if r.rate is not None:
+            self.policed.add(r.id)
+        touched = []
+        for mask, key in rule_entries(r, slots):
+            entries = self.by_mask.get(mask)
+            if entries is None:
+                entries = self.by_mask[mask] = {}
+                self.max_rank[mask] = value[0]
+                used = set(self.key_idx.values()) | self.reserved
+                self.key_idx[mask] = next(i for i in range(len(used) + 1) if i not in used)
+            old = entries.get(key)
+            if old is None:
+                entries[key] = value
+                self.size += 1
+            elif old[0] < value[0]:
+                self.hidden.setdefault((mask, key), []).append(old)
+                entries[key] = value
+            else:
+                self.hidden.setdefault((mask, key), []).append(value)
+                continue
+            if value[0] > self.max_rank[mask]:
+                self.max_rank[mask] = value[0]
+            touched.append((mask, key))
+        return touched
+
+    def remove_rule(self, r: model.Rule, slots: Dict[str, int]) -> List[Tuple[MaskTuple, EntryKey]]:
+        self.policed.discard(r.id)
+        touched = []
+        for mask, key in rule_entries(r, slots):
+            entries = self.by_mask[mask]
+            cur = entries[key]
+            hidden = self.hidden.get((mask, key))
+            if cur[1] != r.id:
+                hidden.remove(next(v for v in hidden if v[1] == r.id))
+                if not hidden:
+                    del self.hidden[(mask, key)]
+                continue
+            touched.append((mask, key))
+            if hidden:
+                hidden.sort()
+                entries[key] = hidden.pop()
+                if not hidden:
+                    del self.hidden[(mask, key)]
+            else:
+                del entries[key]
+                self.size -= 1
+            if not entries:
+                del self.by_mask[mask], self.max_rank[mask], self.key_idx[mask]
+            elif cur[0] == self.max_rank[mask]:
+                self.max_rank[mask] = max(v[0] for v in entries.values())
+        return touched
+
+    def number_masks(self) -> None:
+        """Key indexes in search order (what a from-scratch compile writes)."""
+        self.key_idx = {m: i for i, (m, _) in enumerate(self.masks)}
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def masks(self) -> List[Tuple[MaskTuple, int]]:
+        """(mask, max_rank) in search order."""
+        return order_masks(self.max_rank)
+
+    @property
+    def entries(self) -> Dict[Tuple, Value]:
+        """(key index, proto, in_port, src, dst, sport, dport) -> (rank, rule id, action)."""
+        return {(self.key_idx[m],) + k: v for m, ents in self.by_mask.items()
+                for k, v in ents.items()}
 
     def mask_set(self, max_masks: int):
+        """The xf_mask_set value: the one place a mask set is written."""
         ms = abi.mask_set_type(max_masks)()
-        ms.count = len(self.masks)
+        ms.count = len(self.max_rank)
         for i, ((src, dst, sp, dp, proto, inp), rank) in enumerate(self.masks):
             m = ms.masks[i]
             abi.set_addr(m.src, src)
             abi.set_addr(m.dst, dst)
             m.sport, m.dport, m.proto, m.in_port, m.max_rank = sp, dp, proto, inp, rank
+            m.key_idx = self.key_idx[(src, dst, sp, dp, proto, inp)]
         return ms
 
     def rule_ids(self) -> Set[int]:
-        return {rid for _, rid, _ in self.entries.values()}
+        return {v[1] for ents in self.by_mask.values() for v in ents.values()} | \
+            {v[1] for vs in self.hidden.values() for v in vs}
+
+    def entry_item(self, mask: MaskTuple, key: EntryKey, tenant_id: int, generation: int,
+                   stat_of: Dict[int, int]) -> Tuple[bytes, Optional[bytes]]:
+        """One classifier entry as map bytes; value None when the key holds no rule."""
+        return self.key_bytes(self.key_idx.get(mask, 0), key, tenant_id, generation), \
+            self.value_bytes(self.by_mask.get(mask, {}).get(key), stat_of)
+
+    @staticmethod
+    def key_bytes(idx: int, key: EntryKey, tenant_id: int, generation: int) -> bytes:
+        proto, inp, src, dst, sp, dp = key
+        return _RULE_KEY.pack(generation, tenant_id, idx, proto, inp, 0, src, dst, sp, dp)
+
+    def value_bytes(self, v: Optional[Value], stat_of: Dict[int, int]) -> Optional[bytes]:
+        if v is None:
+            return None
+        return _RULE.pack(v[0], v[1], v[2], 0, stat_of.get(v[1], 0),
+                          rule_policer(v[1]) if v[1] in self.policed else 0)
 
     def rule_items(self, tenant_id: int, generation: int,
                    stat_of: Optional[Dict[int, int]] = None) -> Iterable[Tuple[bytes, bytes]]:
         """Classifier entries; stat_of: rule id -> its counter slot (the map layer's)."""
         stat_of = stat_of or {}
-        for (idx, proto, inp, src, dst, sp, dp), (rank, rid, action) in self.entries.items():
-            k = abi.RuleKey(generation=generation, tenant=tenant_id, mask_idx=idx, proto=proto,
-                            in_port=inp, sport=sp, dport=dp)
-            abi.set_addr(k.src, src)
-            abi.set_addr(k.dst, dst)
-            yield bytes(k), bytes(abi.Rule(rank=rank, rule_id=rid, action=action,
-                                           stat=stat_of.get(rid, 0)))
+        key, value = self.key_bytes, self.value_bytes
+        for mask, ents in self.by_mask.items():
+            idx = self.key_idx[mask]
+            for k, v in ents.items():
+                yield key(idx, k, tenant_id, generation), value(v, stat_of)
+
+
+def rule_policer(rule_id: int) -> int:
+    """The xf_policers key of a rule's rate limit (a tenant's is its id)."""
+    return rule_id | abi.POLICER_RULE
+
+
+def policer_value(rate: str, burst: Optional[int]) -> bytes:
+    """A bucket for a rate limit (model.parse_rate), full. Packets cost 1e9 / rate ns;
+    bytes 8e9 / rate ns, kept with 16 fraction bits (100mbit: 80 ns a byte; 400gbit
+    still 1,311 / 65,536 ns)."""
+    unit, n = model.rate_value(rate)
+    b = model.burst_of(rate, burst)
+    if unit == "pps":
+        cost = max(1, round(1e9 / n))
+        return bytes(abi.Policer(cost=cost, burst_ns=b * cost))
+    cost = max(1, round(8e9 * 65536 / n))
+    return bytes(abi.Policer(cost=cost, burst_ns=(b * cost) >> 16, flags=abi.POL_BYTES))
+
+
+def policer_config(value: bytes) -> Tuple[int, int, int]:
+    """What the agent sets in a bucket (the rest is the datapath's state)."""
+    p = abi.Policer.from_buffer_copy(value)
+    return p.cost, p.burst_ns, p.flags
 
 
 def assign_stat_slots(rule_ids: Iterable[int], have: Dict[int, int],
@@ -114,69 +288,37 @@ def assign_stat_slots(rule_ids: Iterable[int], have: Dict[int, int],
 
 def rank_rules(rules: Sequence[model.Rule]) -> Dict[int, int]:
     """rule id -> rank: unique, higher wins; the highest priority first, then the lower id."""
-    order = sorted(rules, key=lambda r: (-r.priority, r.id))
-    return {r.id: len(order) - i for i, r in enumerate(order)}
+    return {r.id: rule_rank(r) for r in rules}
+
+
+def check_masks(tenant: str, cls: Classifier, max_masks: int) -> None:
+    if len(cls.by_mask) > max_masks:
+        raise CompileError(
+            f"tenant {tenant}",
+            f"its rules need {len(cls.by_mask)} distinct masks (prefix lengths x port-range "
+            f"prefixes x protocol x in_port); the datapath holds {max_masks} per tenant "
+            f"(datapath.max_masks). Share prefix lengths or port ranges between rules.")
+
+
+def entries_error(tenant: str, max_entries: int) -> CompileError:
+    return CompileError(
+        f"tenant {tenant}", f"its rules expand to more than {max_entries} "
+        f"classifier entries (port ranges become prefixes); the datapath "
+        f"holds {max_entries} (datapath.max_rule_entries)")
 
 
 def compile_rules(tenant: str, rules: Sequence[model.Rule], slots: Dict[str, int],
                   max_masks: int, max_entries: Optional[int] = None) -> Classifier:
-    """One tenant's classifier. With `max_entries`, a rule set that expands (port ranges
-    into prefixes) to more entries is refused as soon as it gets there, before the rest
-    is built: an oversized state costs no more than the datapath could hold."""
-    ranks = rank_rules(rules)
-    by_mask: Dict[MaskTuple, Dict[Tuple, Tuple[int, int, int]]] = {}
-    made = 0
+    """One tenant's classifier, from scratch. With `max_entries`, a rule set that expands
+    (port ranges into prefixes) to more entries is refused as soon as it gets there, before
+    the rest is built: an oversized state costs no more than the datapath could hold."""
+    cls = Classifier()
     for r in rules:
-        src, srcm = prefix_mask(r.src)
-        dst, dstm = prefix_mask(r.dst)
-        proto, protom = (r.proto, 0xFF) if r.proto else (0, 0)
-        if r.in_port is not None:
-            inp, inpm = slots[r.in_port], FULL16
-        else:
-            inp, inpm = 0, 0
-        if r.proto in (1, 58):
-            sports = [(0, 0)]
-            if r.icmp_type is None:
-                dports = [(0, 0)]
-            elif r.icmp_code is None:
-                dports = [(r.icmp_type << 8, 0xFF00)]
-            else:
-                dports = [((r.icmp_type << 8) | r.icmp_code, FULL16)]
-        elif r.proto in (6, 17):
-            sports = range_to_prefixes(*r.sport) if r.sport != (0, 65535) else [(0, 0)]
-            dports = range_to_prefixes(*r.dport) if r.dport != (0, 65535) else [(0, 0)]
-        else:
-            sports = dports = [(0, 0)]
-        value = (ranks[r.id], r.id, abi.RULE_ACTIONS[r.action])
-        for sp, spm in sports:
-            for dp, dpm in dports:
-                mask = (srcm, dstm, spm, dpm, protom, inpm)
-                key = (proto & protom, inp & inpm, _and(src, srcm), _and(dst, dstm),
-                       sp & spm, dp & dpm)
-                entries = by_mask.setdefault(mask, {})
-                old = entries.get(key)
-                # Same masked key: every packet matching one matches the other; keep the
-                # one that would win.
-                if old is None or old[0] < value[0]:
-                    entries[key] = value
-                made += old is None
-                if max_entries is not None and made > max_entries:
-                    raise CompileError(
-                        f"tenant {tenant}", f"its rules expand to more than {max_entries} "
-                        f"classifier entries (port ranges become prefixes); the datapath "
-                        f"holds {max_entries} (datapath.max_rule_entries)")
-    if len(by_mask) > max_masks:
-        raise CompileError(
-            f"tenant {tenant}",
-            f"its rules need {len(by_mask)} distinct masks (prefix lengths x port-range "
-            f"prefixes x protocol x in_port); the datapath holds {max_masks} per tenant "
-            f"(datapath.max_masks). Share prefix lengths or port ranges between rules.")
-    masks = sorted(((m, max(v[0] for v in ents.values())) for m, ents in by_mask.items()),
-                   key=lambda mr: (-mr[1], mr[0]))
-    cls = Classifier(masks=masks)
-    for idx, (m, _) in enumerate(masks):
-        for (proto, inp, src, dst, sp, dp), v in by_mask[m].items():
-            cls.entries[(idx, proto, inp, src, dst, sp, dp)] = v
+        cls.add_rule(r, slots)
+        if max_entries is not None and cls.size > max_entries:
+            raise entries_error(tenant, max_entries)
+    check_masks(tenant, cls, max_masks)
+    cls.number_masks()
     return cls
 
 
@@ -190,6 +332,7 @@ class Image:
     routes: Dict[bytes, bytes] = field(default_factory=dict)
     vnis: Dict[bytes, bytes] = field(default_factory=dict)         # decap's checks
     tenants: Dict[int, "TenantImage"] = field(default_factory=dict)
+    policers: Dict[bytes, bytes] = field(default_factory=dict)     # rate limits, full
 
 
 @dataclass
@@ -199,6 +342,7 @@ class TenantImage:
     default_verdict: int
     vni: int
     classifier: Classifier
+    policer: int = 0            # its rate limit's xf_policers key, 0: none
     max_flows: int = 0          # the flow quota in force (0: none)
 
 
@@ -284,6 +428,7 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
                   max_masks: int = abi.DEFAULT_MAX_MASKS,
                   slots: Optional[Dict[str, int]] = None,
                   max_entries: Optional[int] = None,
+                  classifiers: Optional[Dict[str, Classifier]] = None,
                   neighbours: Optional[Dict[str, str]] = None,
                   max_flows: int = 0) -> Image:
     """The whole image. Ports without a live interface (not in `links`) are left out, and
@@ -291,6 +436,7 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
     `slots` (the store's, every configured port), so an in_port rule compiles whether or
     not its port's interface exists; without `slots`, the live links' slots. With
     `max_entries`, the classifier entries of all tenants together are bounded.
+    `classifiers`: tenant name -> a classifier of its current rules, taken as it is.
     `neighbours`: VTEP address -> the underlay neighbour's MAC, as the node resolved it.
     A tenant without its own flow quota gets `max_flows` (the config's [flows]
     max_per_tenant)."""
@@ -355,13 +501,23 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
     for r in state.rules:
         rules_by_tenant[r.tenant].append(r)
     left = max_entries
+    held = classifiers or {}
     for t in state.tenants:
-        cls = compile_rules(t.name, rules_by_tenant[t.name], slots, max_masks, left)
+        cls = held.get(t.name) or compile_rules(t.name, rules_by_tenant[t.name], slots,
+                                                max_masks, left)
         if left is not None:
-            left -= len(cls.entries)
+            left -= cls.size
         img.tenants[t.id] = TenantImage(
             id=t.id, name=t.name,
             default_verdict=abi.V_PASS if t.default == "pass" else abi.V_DROP,
-            vni=t.vni or 0, classifier=cls,
+            vni=t.vni or 0, classifier=cls, policer=t.id if t.rate is not None else 0,
             max_flows=max_flows if t.max_flows is None else t.max_flows)
+        if t.rate is not None:
+            img.policers[bytes(ct.c_uint32(t.id))] = policer_value(t.rate, t.burst)
+    for r in state.rules:
+        if r.rate is not None:
+            img.policers[bytes(ct.c_uint32(rule_policer(r.id)))] = policer_value(r.rate, r.burst)
+    if len(img.policers) > abi.MAX_POLICERS:
+        raise CompileError("rate limits", f"{len(img.policers)} tenants and rules have one; "
+                                          f"the datapath holds {abi.MAX_POLICERS}")
     return img

@@ -22,6 +22,7 @@ from .commands import MAX_FLOW_DUMP
 from .flows import flow_dict, now_coarse_ns
 from .links import Link, LinkError, Links
 from .monitor import Monitor
+from .store import changes as store_changes
 from .sweeper import Evictions, Sweeper
 from .top import FlowRates
 
@@ -86,19 +87,28 @@ class Controller:
                                      f"max_ports={self.cfg.datapath.max_ports}")
 
     def _compile(self, state: model.State, slots: Dict[str, int],
-                 live: Dict[str, Link]) -> compiler.Image:
+                 live: Dict[str, Link], keep: Tuple[str, ...] = (),
+                 compiled: Optional[Dict[str, compiler.Classifier]] = None) -> compiler.Image:
         """The image for `state`: rules name ports by their stored slots (every configured
-        port), forwarding entries exist only for ports whose interface is here now."""
+        port), forwarding entries exist only for ports whose interface is here now.
+        Tenants in `keep` have the rules the datapath holds: their classifier is taken
+        from it, not compiled again; `compiled` has classifiers of `state` compiled
+        before (apply's check outside the lock), taken as they are."""
         self._check_slots(state, slots)
         links = {p.name: compiler.PortLink(p.name, live[p.name].ifindex, live[p.name].mac,
                                            slots[p.name], live[p.name].addrs,
                                            live[p.name].mtu)
                  for p in state.ports if p.name in live}
+        held = dict(compiled or {})
+        for t in state.tenants:
+            cls = self.dp.classifier(t.id) if t.name in keep else None
+            if cls is not None:
+                held[t.name] = cls
         vteps = {str(e.vtep) for e in state.endpoints if e.vtep is not None}
         neighbours = self.links.neighbours(vteps) if self.links and vteps else {}
         return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots,
                                       max_entries=self.cfg.datapath.max_rule_entries,
-                                      neighbours=neighbours,
+                                      classifiers=held, neighbours=neighbours,
                                       max_flows=self.cfg.flows.max_per_tenant)
 
     def planned_slots(self, state: model.State) -> Dict[str, int]:
@@ -115,9 +125,11 @@ class Controller:
                 used.add(nxt)
         return out
 
-    def _program(self, state: model.State, slots: Dict[str, int]) -> Dict[str, Any]:
+    def _program(self, state: model.State, slots: Dict[str, int],
+                 keep: Tuple[str, ...] = (),
+                 compiled: Optional[Dict[str, compiler.Classifier]] = None) -> Dict[str, Any]:
         live = self._live_links(state)
-        img = self._compile(state, slots, live)
+        img = self._compile(state, slots, live, keep, compiled)
         # Off a removed port before its entry goes: our program never runs on an
         # interface it has no port for (it would hand the VM's traffic to the kernel).
         self._detach_removed(state)
@@ -199,20 +211,35 @@ class Controller:
                      self.last_reconcile_seconds, describe_summary(summary))
         return summary
 
-    def _commit(self, new: model.State) -> Dict[str, Any]:
-        """Store and datapath both get `new`, or neither does."""
+    def _commit(self, new: model.State,
+                changes: Optional[Dict[str, Tuple[list, list, list]]] = None,
+                compiled: Optional[Dict[str, compiler.Classifier]] = None) -> Dict[str, Any]:
+        """Store and datapath both get `new`, or neither does. `changes`: what differs
+        from the current state ({kind: (added, removed, changed)}), given by a caller
+        that made `new` by one checked change (one rule); otherwise `new` is validated
+        and diffed whole.
+
+        Order, so that the store and the maps agree after a crash at any point: the
+        store's transaction is opened and written (not committed), the maps are changed,
+        then the transaction commits. A crash before the commit leaves the old state
+        stored and the maps partly or wholly changed: the next agent's start-up reconcile
+        compiles the stored state and rewrites whatever differs (a tenant whose
+        classifier differs in any entry gets it whole under a new generation). A crash
+        after the commit leaves both new. The store is the truth; the maps follow it."""
         t0 = time.monotonic()
-        new.validate()
         old = self.state
+        if changes is None:
+            new.validate()
+            changes = store_changes(old, new)
         old_slots = self.store.port_slots()
         try:
             with self.store.transaction() as tx:
-                tx.write(old, new)
+                tx.write_changes(changes)
                 slots = self.store.port_slots()
                 for name, slot in slots.items():
                     if old_slots.get(name) != slot:
                         self.dp.clear_counters(slot)   # a reused slot starts from zero
-                summary = self._program(new, slots)
+                summary = self._program_change(old, new, slots, changes, compiled)
         except Exception:
             # The store rolled back; put the maps back as the old state wants them.
             try:
@@ -229,6 +256,39 @@ class Controller:
             self.timings.observe("apply", self.last_apply_seconds)
         return summary
 
+    def _program_change(self, old: model.State, new: model.State, slots: Dict[str, int],
+                        changes: Dict[str, Tuple[list, list, list]],
+                        compiled: Optional[Dict[str, compiler.Classifier]] = None
+                        ) -> Dict[str, Any]:
+        """Program the datapath for a change from `old` to `new`, touching what it
+        affects: one rule (added, removed or replaced) is written in place under the
+        tenant's classifier generation; anything else compiles the whole image but
+        takes the classifier of every tenant whose rules did not change from the
+        datapath, so only tenants with changed rules get a new classifier generation
+        (written whole, then flipped to: a whole-state apply's atomicity), and tenants
+        whose endpoints, routes or ports changed a new flow generation."""
+        added, removed, changed = changes.get("rules", ([], [], []))
+        by_id = old.rule_index() if changed else {}
+        before = removed + [by_id[r.id] for r in changed]
+        after = added + changed
+        touched = {r.tenant for r in before + after}
+        # A rate-limited rule also needs its bucket written first: the whole image does
+        # that (xf_policers before the entries that name it).
+        if set(changes) == {"rules"} and len(added) + len(removed) + len(changed) == 1 \
+                and all(r.rate is None for r in before + after):
+            (tenant,) = touched
+            try:
+                return self.dp.change_rules(new.tenant(tenant).id, before, after, slots,
+                                            tenant)
+            except LookupError:
+                pass            # not held by this process: the whole image below
+        # The datapath holds `old`'s classifiers: a tenant new to `old` (or given another
+        # id) is compiled, whatever a datapath programmed by someone else may hold.
+        was = {t.name: t.id for t in old.tenants}
+        keep = tuple(t.name for t in new.tenants
+                     if t.name not in touched and was.get(t.name) == t.id)
+        return self._program(new, slots, keep, compiled)
+
     # -- the API's commands ---------------------------------------------------------------
     @_locked
     def status(self) -> Dict[str, Any]:
@@ -238,6 +298,9 @@ class Controller:
             "uptime_s": round(time.time() - self.started_at, 1),
             "config": self.config_path, "pin_dir": self.dp.pin_dir,
             "program_id": self.prog_id(),
+            # adopted: a warm start took the pinned program (nothing compiled)
+            "program": {"how": self.dp.how, "build_id": f"{self.dp.build:016x}",
+                        "load_seconds": round(self.dp.load_seconds, 3)},
             "maps": [{"map": s.name, "action": s.action, "detail": s.detail}
                      for s in self.dp.pin_report],
             "tenants": self.tenant_rows(),
@@ -335,7 +398,9 @@ class Controller:
         if typ is None:
             raise model.Invalid("add", f"unknown kind {kind!r}")
         item = typ.from_dict(obj)
-        self._commit(self.state.with_added(kind, item))
+        new = self.state.with_added(kind, item)
+        # One rule: checked on its own as it was added, and its change known.
+        self._commit(new, {"rules": ([item], [], [])} if kind == "rules" else None)
         out = item.to_dict()
         if kind == "ports":
             out.update(self.port_status(item.name))
@@ -350,7 +415,10 @@ class Controller:
             gone = self.state.users_of_tenant(name) if cascade else {}
             self._commit(self.state.without_tenant(name, cascade))
             return gone
-        self._commit(self.state.with_removed(kind, tuple(ident)))
+        ident = tuple(ident)
+        gone = self.state.rule_index().get(ident[0]) if kind == "rules" else None
+        new = self.state.with_removed(kind, ident)
+        self._commit(new, None if gone is None else {"rules": ([], [gone], [])})
         return {}
 
     def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False) -> Dict[str, Any]:
@@ -369,17 +437,21 @@ class Controller:
             slots = self.planned_slots(new)
         # Compile before anything is written: a state the datapath cannot hold (too many
         # masks, entries or ports) is refused whole.
-        self._compile(new, slots, {})
+        img = self._compile(new, slots, {})
         if dry_run:
             return model.diff(cur, new, kept=kept)
         with self.lock:
-            if not prune and self.state is not cur:
+            compiled = None
+            if self.state is cur:
+                # What was compiled is what gets written: compiled once.
+                compiled = {t.name: img.tenants[t.id].classifier for t in new.tenants}
+            elif not prune:
                 # Changed meanwhile: keep what the file does not name as it is now.
                 new = self.state.merged(given)
                 new.validate()
             d = model.diff(self.state, new, kept=kept)
             if model.count_changes(d):
-                self._commit(new)
+                self._commit(new, compiled=compiled)
         return d
 
     def _names(self):
@@ -570,7 +642,36 @@ class Controller:
             # A dropped packet goes nowhere; a passed one goes to the kernel unchanged.
             "packet_out": out.hex() if rc in (3, 4) else packet.hex() if rc == 2 else None,
             "modified": rc in (3, 4) and out != packet,
+            "rate_limits": trace_buckets(self.state, rec, len(packet)),
         }
+
+
+def trace_buckets(state: model.State, rec, length: int) -> List[Dict[str, Any]]:
+    """The rate limits a traced packet met (the rule's, then the tenant's): which bucket,
+    its rate and burst, the tokens it held before the packet (packets, or bytes for a bit
+    rate), what the packet costs, and whether it conformed."""
+    out = []
+    for i in range(2):
+        key = rec.pol_key[i]
+        if not key:
+            continue
+        if key & abi.POLICER_RULE:
+            rid = key & ~abi.POLICER_RULE
+            obj = next((r for r in state.rules if r.id == rid), None)
+            name = f"rule {rid}"
+        else:
+            obj = next((t for t in state.tenants if t.id == key), None)
+            name = f"tenant {obj.name if obj else key}"
+        if obj is None or obj.rate is None:
+            continue
+        unit, _ = model.rate_value(obj.rate)
+        units = 1 if unit == "pps" else length
+        cost_ns = rec.pol_cost_ns[i]
+        tokens = rec.pol_credit_ns[i] * units // cost_ns if cost_ns else None
+        out.append({"bucket": name, "rate": obj.rate, "burst": model.burst_of(obj.rate, obj.burst),
+                    "unit": "packets" if unit == "pps" else "bytes", "tokens": tokens,
+                    "cost": units, "conformed": bool(rec.pol_ok[i])})
+    return out
 
 
 def file_sha256(path: str) -> str:

@@ -18,6 +18,9 @@ from .config import ConfigError
 
 log = logging.getLogger("xdpflow.agent")
 
+# Set across the exec after a compile (see Agent._shed_compiler): the compile's seconds.
+REEXEC_ENV = "XDPFLOW_REEXEC_COMPILED"
+
 EXAMPLES = """examples:
   xdpflow-agent --config /etc/xdpflow/agent.toml            run in the foreground
   xdpflow-agent --config /etc/xdpflow/agent.toml --check    validate the config, exit 0 or 2
@@ -52,13 +55,14 @@ class Agent:
         self.signals = []
         self.store = self.dp = self.links = self.controller = None
         self.api = self.metrics = self.watcher = None
-        self._pass_bpf = None
         from .metrics import Timings
         self.timings = Timings()   # shared by the controller and the API server
         self._links_dirty = threading.Event()
         self._links_lost = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # The command line to start over with after a compile (main sets it; None: never).
+        self.reexec_argv = None
 
     # -- start-up ---------------------------------------------------------------------------
     def start(self):
@@ -74,8 +78,9 @@ class Agent:
         self.dp = Datapath(self.cfg.agent.bpffs, self.cfg.datapath_defines())
         report = self.dp.load()
         self._log_pins(report)
-        self.links = Links()
         self._pass_fd = self._load_pass_program()
+        self._shed_compiler()
+        self.links = Links()
         self.controller = Controller(self.cfg, self.store, self.dp, self.links,
                                      pass_fd=self._pass_fd, config_path=self.config_path,
                                      lock=self.lock)
@@ -104,11 +109,30 @@ class Agent:
                          {"reuse": "reusing", "create": "creating", "migrate": "migrating",
                           "rebuild": "rebuilding"}[action], ", ".join(by[action]))
 
+    def _shed_compiler(self):
+        """After a compile, start over as a process that adopts what was just pinned (exec:
+        the same pid, arguments and environment, nothing attached or served yet): the
+        compiler's libraries, LLVM and clang, about 80 MiB resident, are not in it. Once:
+        the environment says it was done, and how long the compile took, so `status` still
+        says this start compiled."""
+        done = os.environ.pop(REEXEC_ENV, None)
+        if done is not None:
+            if self.dp.how == "adopted":
+                self.dp.how, self.dp.load_seconds = "compiled", float(done)
+            return
+        if self.reexec_argv is None or self.dp.how != "compiled":
+            return
+        log.info("re-executing (pid %d stays) to leave the compiler's memory behind; the new "
+                 "image adopts the program just built", os.getpid())
+        os.environ[REEXEC_ENV] = f"{self.dp.load_seconds:.3f}"
+        self.store.close()
+        for h in logging.getLogger().handlers:
+            h.flush()
+        os.execv(self.reexec_argv[0], self.reexec_argv)
+
     def _load_pass_program(self) -> int:
-        from bcc import BPF
-        from .datapath import BPF_DIR
-        self._pass_bpf = BPF(src_file=str(BPF_DIR / "xf_pass.c").encode())
-        return self._pass_bpf.load_func(b"xf_pass", BPF.XDP).fd
+        from .datapath import pass_program
+        return pass_program(self.dp.pin_dir, adopt=self.dp.how == "adopted")
 
     def _start_api(self):
         from .api import ApiServer
@@ -394,6 +418,8 @@ def main(argv=None) -> int:
             return 1
         return 0
     agent = Agent(cfg, args.config)
+    agent.reexec_argv = [sys.executable, "-m", "agent.daemon",
+                         *(sys.argv[1:] if argv is None else argv)]
     try:
         agent.start()
     except Exception as e:

@@ -17,7 +17,7 @@ from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class StoreError(Exception):
@@ -130,14 +130,22 @@ DROP TABLE endpoints_v3;
 CREATE INDEX endpoints_port ON endpoints(port);
 """
 
-# Version 5: per-tenant flow quotas. NULL: the config's [flows] max_per_tenant.
-_TENANTS_V5 = """
+# Version 5: rate limits of tenants and rules (NULL: none).
+_RATE_LIMITS_V5 = """
+ALTER TABLE tenants ADD COLUMN rate TEXT;      -- e.g. '10000pps', '100mbit'
+ALTER TABLE tenants ADD COLUMN burst INTEGER;  -- packets or bytes; NULL: the default
+ALTER TABLE rules ADD COLUMN rate TEXT;
+ALTER TABLE rules ADD COLUMN burst INTEGER;
+"""
+
+# Version 6: per-tenant flow quotas. NULL: the config's [flows] max_per_tenant.
+_TENANTS_V6 = """
 ALTER TABLE tenants ADD COLUMN max_flows INTEGER CHECK (max_flows >= 0);
 """
 
 # MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
 MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _PORTS_V3, 3: _ENDPOINTS_V4,
-                              4: _TENANTS_V5}
+                              4: _RATE_LIMITS_V5, 5: _TENANTS_V6}
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,7 +156,7 @@ MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _PORTS_V3, 3: _END
 def _rule_row(r) -> Tuple:
     return (r.id, r.tenant, r.priority, r.action, prefix_str(r.src), prefix_str(r.dst),
             r.proto, r.sport[0], r.sport[1], r.dport[0], r.dport[1], r.icmp_type,
-            r.icmp_code, r.in_port, r.comment)
+            r.icmp_code, r.in_port, r.comment, r.rate, r.burst)
 
 
 def _rule_dict(row: sqlite3.Row) -> Dict[str, Any]:
@@ -187,8 +195,9 @@ def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
 
 
 _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] = {
-    "tenants": (("name",), ("id", "vni", "default_verdict", "max_flows"),
-                lambda t: (t.name, t.id, t.vni, t.default, t.max_flows), _tenant_dict),
+    "tenants": (("name",), ("id", "vni", "default_verdict", "rate", "burst", "max_flows"),
+                lambda t: (t.name, t.id, t.vni, t.default, t.rate, t.burst, t.max_flows),
+                _tenant_dict),
     "ports": (("name",), ("tenant", "allow", "port_security", "allow_vlan", "uplink",
                           "local_ip"), _port_row,
               _port_dict),
@@ -200,7 +209,7 @@ _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] 
                           None if r.via is None else str(r.via)), dict),
     "rules": (("id",), ("tenant", "priority", "action", "src", "dst", "proto", "sport_lo",
                         "sport_hi", "dport_lo", "dport_hi", "icmp_type", "icmp_code",
-                        "in_port", "comment"), _rule_row, _rule_dict),
+                        "in_port", "comment", "rate", "burst"), _rule_row, _rule_dict),
 }
 
 # Which tables hold references to which: a change to a child, or a delete from a parent,
@@ -370,6 +379,9 @@ class Store:
             self._in_tx = tx.open = False
 
 
+_FEW = 64       # rows of one table written: checked one by one rather than by a scan
+
+
 def _statements(script: str) -> List[str]:
     """Split SQL into statements. executescript() would COMMIT the migration's transaction
     first, so migrations run one statement at a time."""
@@ -395,10 +407,16 @@ class Transaction:
     def write(self, old: State, new: State) -> int:
         """Make the stored state go from `old` (what is stored now) to `new`, touching only
         the rows that differ. Returns how many rows were written."""
+        return self.write_changes(changes(old, new))
+
+    def write_changes(self, changes: Dict[str, Tuple[list, list, list]]) -> int:
+        """Write a change given as {kind: (added, removed, changed)} objects (changed: the
+        new versions; kinds left out: unchanged), as changes() makes it; a caller that
+        knows its change (one rule added) spares the diff of two whole states."""
         if not self.open:
             # After the `with`, the connection is in autocommit: each row would commit alone.
             raise StoreError("write() after its transaction ended")
-        changes = {kind: _diff(kind, getattr(old, kind), getattr(new, kind)) for kind in KINDS}
+        changes = {kind: changes.get(kind, ([], [], [])) for kind in KINDS}
         written = 0
         # Deletes first so a port removed and another added in one change can take its slot.
         for kind in reversed(list(KINDS)):
@@ -453,8 +471,14 @@ class Transaction:
 
     def _check_references(self, changes) -> None:
         for kind, parents in _PARENTS.items():
-            touched = bool(changes[kind][0] or changes[kind][2])
-            if not touched and not any(changes[p][1] for p in parents):
+            touched = changes[kind][0] + changes[kind][2]
+            parent_gone = any(changes[p][1] for p in parents)
+            if not touched and not parent_gone:
+                continue
+            if not parent_gone and len(touched) <= _FEW:
+                # A few rows written, no parent removed: only they can refer to nothing
+                # (the whole table's check is a scan: 100,000 rules for one rule added).
+                self._check_rows(kind, touched)
                 continue
             bad = self._db.execute(f"PRAGMA foreign_key_check({kind})").fetchone()
             if bad:
@@ -462,6 +486,41 @@ class Transaction:
                                        (bad[1],)).fetchone()
                 raise StoreError(f"{self._path}: table {kind}: row {dict(row) if row else bad[1]}"
                                  f" refers to a missing row of table {bad[2]}")
+
+    def _check_rows(self, kind: str, objs: list) -> None:
+        """Each of these rows' foreign keys names an existing parent row (SQLite's rule:
+        a key with a NULL column refers to nothing and is fine)."""
+        keys, _, to_row, _ = _TABLES[kind]
+        fks: Dict[int, List[Tuple[str, str, str]]] = {}
+        for fk in self._db.execute(f"PRAGMA foreign_key_list({kind})"):
+            fks.setdefault(fk["id"], []).append((fk["table"], fk["from"], fk["to"]))
+        me = " AND ".join(f"c.{k} = ?" for k in keys)
+        for cols in fks.values():
+            parent = cols[0][0]
+            set_ = " AND ".join(f"c.{f} IS NOT NULL" for _, f, _ in cols)
+            match = " AND ".join(f"p.{t} = c.{f}" for _, f, t in cols)
+            sql = (f"SELECT 1 FROM {kind} c WHERE {me} AND {set_} AND NOT EXISTS "
+                   f"(SELECT 1 FROM {parent} p WHERE {match})")
+            for o in objs:
+                ident = to_row(o)[:len(keys)]
+                if self._db.execute(sql, ident).fetchone():
+                    row = self._db.execute(f"SELECT * FROM {kind} c WHERE {me}",
+                                           ident).fetchone()
+                    raise StoreError(f"{self._path}: table {kind}: row {dict(row)} refers to "
+                                     f"a missing row of table {parent}")
+
+
+def changes(old: State, new: State) -> Dict[str, Tuple[list, list, list]]:
+    """{kind: (added, removed, changed)} from `old` to `new`, kinds without change left out."""
+    out = {}
+    for kind in KINDS:
+        a, b = getattr(old, kind), getattr(new, kind)
+        if a is b:
+            continue
+        d = _diff(kind, a, b)
+        if any(d):
+            out[kind] = d
+    return out
 
 
 def _diff(kind: str, old: list, new: list) -> Tuple[list, list, list]:

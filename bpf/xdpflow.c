@@ -13,6 +13,8 @@
  *   install  the reverse (stateful allow), then the flow
  *   act      drop | pass | redirect with MAC rewrite and TTL decrement; what the rules
  *            allow but whose TTL expires goes to the kernel
+ *   police   before a packet is passed or redirected: the rate limits of the rule that
+ *            allowed its flow and of its tenant (xf_police.h)
  *   count    per-CPU rows per (port, verdict, reason); every exit goes through it
  *
  * A stage returns XF_NEXT to hand the packet on, or the XDP action it decided (having
@@ -43,6 +45,7 @@
 #include "xf_csum.h"
 #include "xf_parse.h"
 #include "xf_vxlan.h"
+#include "xf_police.h"
 /* Map accesses stay in this file: BCC rewrites map calls in the main file only. */
 
 struct xf_verdict {
@@ -62,21 +65,24 @@ struct xf_ctx {
     struct xf_flow_key fk;     /* the packet's flow key */
     struct xf_verdict v;
     __u64 len;
-    __u32 gen;                 /* the tenant's current generation */
+    __u32 gen;                 /* the tenant's current generation (of its flows) */
+    __u32 cls_gen;             /* the generation its classifier is keyed by */
     __u16 tenant;
     __u16 slot;                /* the ingress port's slot */
     __u32 port_flags;          /* XF_PORT_* */
     int dflt;                  /* the XDP action of the tenant's default verdict */
     __be32 decap_vtep;         /* arrived over VXLAN from this VTEP; 0: not decapsulated */
+    __u32 tenant_policer;      /* the tenant's xf_policers key, 0: no rate limit */
 };
 
 /* The best rule found for a packet. Kept as scalars, not a map pointer: far fewer
  * verifier states. */
 struct xf_match {
-    __u32 rank;
+    __u64 rank;
     __u32 rule_id;
     __u16 stat;                /* its counter slot */
     __u8  action;              /* XF_A_*; 0: no rule matched */
+    __u32 policer;             /* its xf_policers key, 0: no rate limit */
 };
 
 /* The slow path's judgement of a miss. */
@@ -417,6 +423,8 @@ static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
         return xf_decide(c, (port->flags & XF_PORT_TENANT_DROP) ? XF_V_DROP : XF_V_PASS,
                          XF_R_NO_TENANT);
     c->gen = t->generation;
+    c->tenant_policer = t->policer;
+    c->cls_gen = t->cls_generation ? t->cls_generation : t->generation;
     c->port_flags = port->flags;
     c->v.verdict = t->default_verdict == XF_V_PASS ? XF_V_PASS : XF_V_DROP;
     c->dflt = xf_verdict_action(c->v.verdict);
@@ -586,9 +594,55 @@ static __always_inline int xf_act(struct xdp_md *ctx, struct xf_pkt *p, struct x
     return bpf_redirect(f->out_ifindex, 0);
 }
 
-/* Record a flow's result as the packet's verdict, then act on it. */
+/* --- police ------------------------------------------------------------------------- */
+
+/* One rate limit (slot 0: the rule's, 1: the tenant's): 1 when the packet conforms or
+ * there is no such limit. The trace build looks without charging and records what it
+ * saw. The fine clock: the coarse one moves in jiffies, longer than a small burst. */
+static __always_inline int xf_police_one(struct xf_ctx *c, __u32 key, int i)
+{
+    if (!key)
+        return 1;
+    struct xf_policer *pl = xf_policers.lookup(&key);
+    if (!pl)
+        return 1;
+    __u64 now = bpf_ktime_get_ns();
+    __u64 cost = xf_police_cost(pl, c->len);
+#ifdef XF_TRACE
+    __u64 credit = xf_police_credit(pl, now);
+    int ok = cost <= credit;
+    __u32 zero = 0;
+    struct xf_trace *t = xf_trace_rec.lookup(&zero);
+    if (t && i >= 0 && i < 2) {
+        t->pol_key[i] = key;
+        t->pol_credit_ns[i] = credit;
+        t->pol_cost_ns[i] = cost;
+        t->pol_ok[i] = ok;
+    }
+    return ok;
+#else
+    return xf_police_charge(pl, cost, now);
+#endif
+}
+
+/* The xf_policers key of the limit of the rule a flow is charged to, 0: none. (A flag
+ * and the rule id, not a key in the entry: key and entry stay within two cache lines.) */
+static __always_inline __u32 xf_flow_policer(struct xf_flow *f)
+{
+    return (f->flags & XF_FLOW_POLICED) ? (f->rule_id | XF_POLICER_RULE) : 0;
+}
+
+/* The rule's limit first, then the tenant's: a packet the rule refuses costs the tenant
+ * nothing. */
+static __always_inline int xf_stage_police(struct xf_ctx *c, __u32 rule_policer)
+{
+    return xf_police_one(c, rule_policer, 0) && xf_police_one(c, c->tenant_policer, 1);
+}
+
+/* Record a flow's result as the packet's verdict, police it (rule_policer: the limit of
+ * the rule it is charged to, 0: none), then act on it. */
 static __always_inline int xf_act_flow(struct xdp_md *ctx, struct xf_ctx *c,
-                                       struct xf_flow *f, __u8 reason)
+                                       struct xf_flow *f, __u8 reason, __u32 rule_policer)
 {
     struct xf_port *uplink = NULL;
     if ((f->flags & XF_FLOW_ENCAP) && f->verdict == XF_V_REDIRECT) {
@@ -607,6 +661,8 @@ static __always_inline int xf_act_flow(struct xdp_md *ctx, struct xf_ctx *c,
     }
     c->v.verdict = f->verdict;
     c->v.reason = reason;
+    if (f->verdict != XF_V_DROP && !xf_stage_police(c, rule_policer))
+        return xf_decide(c, XF_V_DROP, XF_R_RATELIMIT);
     c->v.out_ifindex = f->out_ifindex;
     c->v.out_port = f->out_port;
     return xf_act(ctx, &c->p, f, uplink);
@@ -722,7 +778,10 @@ static __always_inline int xf_stage_hit(struct xdp_md *ctx, struct xf_ctx *c,
             f->flags |= XF_FLOW_CLOSING;
     }
 #endif
-    return xf_act_flow(ctx, c, f, related ? XF_R_RELATED : XF_R_FLOW);
+    /* An ICMP error about a flow is the connection's, not what its rule allowed: only the
+     * tenant's limit applies to it. */
+    return xf_act_flow(ctx, c, f, related ? XF_R_RELATED : XF_R_FLOW,
+                       related ? 0 : xf_flow_policer(f));
 }
 
 /* --- route ------------------------------------------------------------------------- */
@@ -798,6 +857,7 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
     best->rule_id = 0;
     best->stat = 0;
     best->action = 0;
+    best->policer = 0;
     struct xf_mask_key mk = {};
     mk.tenant = tenant;
     mk.generation = gen;
@@ -819,9 +879,11 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
         if (idx >= count || idx >= XF_MAX_MASKS)
             break;
         struct xf_mask *m = &ms->masks[idx];
-        if (best->rank > m->max_rank)
+        /* Ranks are unique per rule: a mask whose best is the match found (the same rule,
+         * another of its port-range prefixes) or lower cannot beat it, nor can any after. */
+        if (best->rank >= m->max_rank)
             break;
-        k.mask_idx = idx;
+        k.mask_idx = m->key_idx;
         k.proto = fk->proto & m->proto;
         k.in_port = in_port & m->in_port;
         k.src[0] = fk->src[0] & m->src[0];
@@ -840,6 +902,7 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
             best->rule_id = r->rule_id;
             best->stat = r->stat;
             best->action = r->action;
+            best->policer = r->policer;
         }
     }
     return best->action;
@@ -932,7 +995,7 @@ static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f
         sc->nf.last_seen_ns = now;
         /* The node's own addresses too: the rules judge them before the kernel sees them. */
         j->reason = xf_route(&sc->ck, &sc->nf);
-        xf_classify(c->tenant, c->gen, &sc->ck, j->in_port, &j->r);
+        xf_classify(c->tenant, c->cls_gen, &sc->ck, j->in_port, &j->r);
         if (!j->as_reply || (j->r.action == XF_A_ALLOW && sc->nf.verdict == XF_V_REDIRECT))
             break;
         /* The forward direction is no longer allowed and forwarded: the packet is new
@@ -986,6 +1049,8 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
 {
     sc->nf.rule_id = j->r.rule_id;
     sc->nf.rule_stat = j->r.stat;
+    if (j->r.policer)                 /* the forward direction is the rule's; a reply not */
+        sc->nf.flags |= XF_FLOW_POLICED;
     sc->nf.in_port = j->in_port;
     if (j->r.action == XF_A_PASS) {
         sc->nf.verdict = XF_V_PASS;
@@ -1042,8 +1107,8 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
     if (j->as_reply && !have_rev)
         return xf_decide(c, XF_V_DROP, XF_R_NO_ROUTE);
     if (j->as_reply)
-        return xf_act_flow(ctx, c, &sc->rf, XF_R_RULE_ALLOW);
-    return xf_act_flow(ctx, c, &sc->nf, sc->nf.reason);
+        return xf_act_flow(ctx, c, &sc->rf, XF_R_RULE_ALLOW, xf_flow_policer(&sc->rf));
+    return xf_act_flow(ctx, c, &sc->nf, sc->nf.reason, xf_flow_policer(&sc->nf));
 }
 
 /* --- the pipeline -------------------------------------------------------------------- */

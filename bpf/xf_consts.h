@@ -29,6 +29,9 @@
 #define XF_IPV6_MIN_MTU 1280         /* RFC 8200 5 */
 #define XF_EVENT_BYTES 128           /* packet bytes a monitor event carries */
 #define XF_EVENT_RING_PAGES 64       /* monitor ring buffer: 256 KiB, about 1,500 events */
+#define XF_MAX_POLICERS 16384        /* tenants and rules with a rate limit, together */
+#define XF_POLICER_RULE 0x80000000   /* xf_policers key of a rule's limit: rule id | this;
+                                      * a tenant's is its id */
 #define XF_ENCAP_LEN 50              /* VXLAN's outer Ethernet, IPv4, UDP and VXLAN headers */
 #define XF_VNI_ENTRIES 65536         /* decap's (VNI) and (VNI, VTEP) entries */
 
@@ -79,7 +82,8 @@
 #define XF_R_MTU_KERNEL 35     /* too big for the uplink once encapsulated: the kernel's */
 #define XF_R_PARSE_VXLAN 36    /* VXLAN to the node, truncated or lying: dropped */
 #define XF_R_NO_NEIGH 37       /* the underlay neighbour of a VTEP is not resolved yet */
-/* 40..47 belong to other work (NAT, rate limits). */
+/* 40-47: NAT and rate limits; 48-51: quotas */
+#define XF_R_RATELIMIT 40      /* over a tenant's or rule's rate limit (xf_policers) */
 #define XF_R_FLOW_QUOTA 48     /* event: the tenant is at its flow quota: judged, not cached */
 #define XF_R_MAX 49
 #define XF_R_ROWS 64           /* reasons per (port, verdict) in the counter array */
@@ -98,6 +102,7 @@
 #define XF_FLOW_REVERSE 0x01   /* installed as the reply direction of an allowed flow */
 #define XF_FLOW_CLOSING 0x02   /* TCP FIN or RST seen: aged with the short timeout */
 #define XF_FLOW_ENCAP 0x04     /* sent over VXLAN to a remote VTEP */
+#define XF_FLOW_POLICED 0x08   /* its rule has a rate limit (xf_policers: rule id | XF_POLICER_RULE) */
 
 /* Port flags. */
 #define XF_PORT_SECURITY 0x01  /* sources checked: the MAC and address of an endpoint of the port */
@@ -105,6 +110,9 @@
 #define XF_PORT_TENANT_DROP 0x04  /* its tenant's default is drop: so is a packet that finds
                                    * no tenant entry (fail closed) */
 #define XF_PORT_UPLINK 0x08    /* faces the underlay/external network; belongs to no tenant */
+
+/* Policer flags. */
+#define XF_POL_BYTES 0x01      /* a bit rate: cost is per byte; else per packet */
 
 /* Endpoint flags. */
 #define XF_EP_LOCAL 0x01       /* an address of the node itself: hand to the kernel */

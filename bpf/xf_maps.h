@@ -19,8 +19,10 @@ BPF_TABLE_PINNED("array", __u32, struct xf_port, xf_port_index, XF_PORT_INDEX, X
 BPF_TABLE_PINNED("hash", __u32, struct xf_port, xf_ports, XF_MAX_PORTS, XF_PIN(xf_ports));
 /* Tenants by id: current generation and default verdict. */
 BPF_TABLE_PINNED("array", __u32, struct xf_tenant, xf_tenants, XF_MAX_TENANTS, XF_PIN(xf_tenants));
-/* Per (tenant, generation): the masks of its tuple space, highest-ranked first. */
-BPF_TABLE_PINNED("hash", struct xf_mask_key, struct xf_mask_set, xf_masks, XF_MASK_SETS, XF_PIN(xf_masks));
+/* Per (tenant, generation): the masks of its tuple space, highest-ranked first. Not
+ * preallocated: a one-rule change replaces a set in place, and the set it replaced is
+ * freed only after every packet reading it is done (RCU), never reused under one. */
+BPF_TABLE_PINNED("hash", struct xf_mask_key, struct xf_mask_set, xf_masks, XF_MASK_SETS, XF_PIN(xf_masks), BPF_F_NO_PREALLOC);
 /* Classifier entries of every tenant's tuple space (one hash, partitioned by mask index). */
 BPF_TABLE_PINNED("hash", struct xf_rule_key, struct xf_rule, xf_rules, XF_MAX_RULE_ENTRIES, XF_PIN(xf_rules));
 /* Endpoints: (tenant, address) -> local port and MAC. */
@@ -44,6 +46,9 @@ BPF_TABLE_PINNED("percpu_hash", __u32, struct xf_rule_stat, xf_rule_hits, XF_MAX
 BPF_TABLE_PINNED("lru_hash", struct xf_frag_key, struct xf_frag, xf_frags, XF_FRAG_TABLE_SIZE, XF_PIN(xf_frags));
 /* Decap: (VNI, 0) -> tenant, (VNI, VTEP) -> tenant for the VTEPs of its remote endpoints. */
 BPF_TABLE_PINNED("hash", struct xf_vni_key, __u32, xf_vnis, XF_VNI_ENTRIES, XF_PIN(xf_vnis));
+/* Rate limits by key (a tenant's id, or rule id | XF_POLICER_RULE): one shared token
+ * bucket each, written by the agent, updated by every CPU with atomics. */
+BPF_TABLE_PINNED("hash", __u32, struct xf_policer, xf_policers, XF_MAX_POLICERS, XF_PIN(xf_policers));
 /* Layout fingerprint of the maps above, written by the agent. */
 BPF_TABLE_PINNED("array", __u32, struct xf_meta, xf_meta, 1, XF_PIN(xf_meta));
 

@@ -60,12 +60,20 @@ struct xf_port {
 
 /* Tenant: an array indexed by tenant id. */
 struct xf_tenant {
-    __u32 generation;      /* current classifier generation; 0: tenant not configured */
+    __u32 generation;      /* flows made under another one are stale; 0: not configured */
     __u8  default_verdict; /* XF_V_DROP or XF_V_PASS */
     __u8  pad;
     __u16 flags;
     __u32 vni;
-    __u32 pad2;
+    __u32 cls_generation;  /* the generation its masks and classifier entries are keyed
+                            * by (0: the same as generation). A one-rule change rewrites
+                            * entries in place and bumps only `generation`; a whole-state
+                            * apply writes a new cls_generation, then a new generation.
+                            * The agent changes one field per update (the array's update
+                            * is a copy a packet may read half of). */
+    /* --- rate limits (issue 11) --- */
+    __u32 policer;         /* xf_policers key of its rate limit (its id), 0: none */
+    __u32 pad_rl;
     /* Flow quota (appended; see xf_stage_install). The agent writes max_flows and keeps
      * `flows` when it rewrites the entry; the datapath adds 1 (atomically) per entry it
      * creates for the tenant and the sweeper re-bases it on what the table holds. */
@@ -81,9 +89,10 @@ struct xf_mask {
     __u16 sport;
     __u16 dport;
     __u8  proto;           /* 0 or 0xff */
-    __u8  pad;
+    __u8  key_idx;         /* the mask_idx its entries are keyed by: a mask keeps it when
+                            * the order changes, so a one-rule change rewrites no entry */
     __u16 in_port;         /* 0 or 0xffff */
-    __u32 max_rank;
+    __u64 max_rank;
 };
 
 struct xf_mask_key {
@@ -113,11 +122,15 @@ struct xf_rule_key {
 };
 
 struct xf_rule {
-    __u32 rank;            /* unique, higher wins: priority, then lower rule id */
+    __u64 rank;            /* unique, higher wins: priority << 32 | ~rule id (a function of
+                            * the rule alone: adding a rule changes no other's) */
     __u32 rule_id;
     __u8  action;          /* XF_A_* */
     __u8  pad;
     __u16 stat;            /* the rule's counter slot (xf_rule_stats), 0: not counted */
+    /* --- rate limits (issue 11) --- */
+    __u32 policer;         /* xf_policers key of its rate limit, 0: none */
+    __u32 pad_rl;
 };
 
 struct xf_ep_key {
@@ -173,6 +186,20 @@ struct xf_counter {
     __u64 bytes;
 };
 
+/* A rate limit (token bucket) as GCRA, the virtual-scheduling form of a token bucket:
+ * tat_ns is when the bucket would be full again. A packet costs `cost`; it conforms when
+ * max(tat, now) + cost <= now + burst_ns. One entry is shared by every CPU and updated
+ * with atomic adds, so the limit holds for the node whatever CPU a packet arrives on
+ * (per-CPU buckets each pass their share and drift when traffic is spread unevenly). */
+struct xf_policer {
+    __u64 tat_ns;          /* bpf_ktime_get_ns() scale; 0: a full bucket */
+    __u64 cost;            /* ns per packet, or (XF_POL_BYTES) ns per byte << 16 */
+    __u64 burst_ns;        /* how far tat may run ahead of now */
+    __u64 dropped;         /* packets refused */
+    __u32 flags;           /* XF_POL_* */
+    __u32 pad;
+};
+
 /* Per rule id, per CPU: classifications it decided and the time of the last one. */
 struct xf_rule_stat {
     __u64 hits;
@@ -212,6 +239,7 @@ struct xf_src_key {
 struct xf_meta {
     __u64 abi_version;
     __u64 layout_hash;
+    __u64 build_id;        /* of the pinned program, 0 if none matches (agent/datapath.py) */
 };
 
 /* The slow path's working set: the forward and reply flows and keys being built. */
@@ -234,6 +262,12 @@ struct xf_trace {
     __u8  flow_hit;
     __u8  stale;
     __u32 pad;
+    /* --- rate limits (issue 11): the rule's bucket [0] and the tenant's [1] --- */
+    __u32 pol_key[2];      /* xf_policers key checked, 0: none */
+    __u64 pol_credit_ns[2];   /* credit the bucket held before this packet */
+    __u64 pol_cost_ns[2];     /* what this packet costs */
+    __u8  pol_ok[2];       /* 1: it conformed */
+    __u8  pad_rl[6];
 };
 
 /* The monitor's switch and datapath-side filter (one entry, written by the agent). With

@@ -9,6 +9,7 @@ input (argument errors, invalid values, unreadable or malformed files, bad Scapy
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -148,7 +149,12 @@ class StateFile:
     def __init__(self, path: str, text: str, data: Dict[str, Any]):
         self.path = path if path != "-" else "<stdin>"
         self.data = data
-        self.lines = TomlLines(text)
+        self._text = text
+
+    @functools.cached_property
+    def lines(self) -> TomlLines:
+        """Indexed when an error needs a line (a 100,000-rule file takes seconds)."""
+        return TomlLines(self._text)
 
     def where(self, kind: str, i: int, field: str = "") -> str:
         line = self.lines.find(f"{kind}[{i}]" + (f".{field}" if field else ""))
@@ -381,21 +387,23 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 
 
 LIST_COLUMNS = {
-    "tenants": ("name", "id", "vni", "default", "max_flows"),
+    "tenants": ("name", "id", "vni", "default", "rate", "burst", "max_flows"),
     "ports": ("name", "tenant", "attached", "mode", "port_security", "allow_vlan", "allow",
               "local_ip", "note"),
     "endpoints": ("tenant", "ip", "port", "mac", "vtep"),
     "routes": ("tenant", "prefix", "action", "via"),
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
-              "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "comment"),
+              "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "rate",
+              "burst", "comment"),
 }
 _PORT_STATE_COLUMNS = ("attached", "mode", "note")
 _OVERLAY_COLUMNS = ("local_ip", "vtep")   # shown when some port/endpoint has one
+_LIMIT_COLUMNS = ("rate", "burst")      # shown when some row has a rate limit
 FLOW_COLUMNS = ("tenant", "in_port", "proto", "src", "sport", "dst", "dport", "verdict",
                 "out_port", "rule", "packets", "bytes", "idle_s", "flags")
 COUNTER_COLUMNS = ("tenant", "port", "verdict", "reason", "packets", "bytes")
 PORT_TX_COLUMNS = ("tenant", "port", "packets", "bytes")
-NUMERIC = ("id", "vni", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport",
+NUMERIC = ("id", "vni", "burst", "priority", "packets", "bytes", "idle_s", "rule", "sport", "dport",
            "hits")
 
 # Match fields that print "any" rather than "-" when unset.
@@ -564,9 +572,10 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             rows = [{**r, **{k: r.get(k) or "any" for k in _ANY_FIELDS}} for r in rows]
             if args.get("stats"):
                 return _rule_stats_table(rows)
-        # A port's attach state is left out when no row carries it (an older agent's reply).
+        # A port's attach state is left out when no row carries it (an older agent's
+        # reply), an uplink's address when no port is one, rate limits when nothing has one.
         columns = [c for c in LIST_COLUMNS[kind]
-                   if c not in _PORT_STATE_COLUMNS + _OVERLAY_COLUMNS
+                   if c not in _PORT_STATE_COLUMNS + _OVERLAY_COLUMNS + _LIMIT_COLUMNS
                    or any(c in r for r in rows)]
         return format_table(rows, columns, NUMERIC)
     if name == "port add":
@@ -635,6 +644,10 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             ("verdict:", "verdict"), ("tenant:", "tenant"), ("rule:", "rule"),
             ("route:", "route"), ("out port:", "out_port"), ("flow hit:", "flow_hit"),
             ("reason:", "reason"))]
+        for b in r.get("rate_limits") or []:
+            lines.append(f"{'limit:':<10} {b['bucket']} {b['rate']} burst {b['burst']}: "
+                         f"{b['tokens']} {b['unit']} in the bucket, this packet "
+                         f"{b['cost']}: {'conforms' if b['conformed'] else 'over the limit'}")
         if r.get("decapsulated"):
             lines.insert(1, f"{'overlay:':<10} decapsulated (VXLAN), judged as the tenant's")
         out = r.get("packet_out")

@@ -43,6 +43,7 @@ PACKET_BYTES = 60                # Ethernet + IPv4 + UDP + 18 bytes of payload
 BENCH_ENTRIES = 100_000          # bare_lookup's hash, filled
 RULES_SMALL, RULES_LARGE = 10, 100_000
 MASKS_MANY = 16
+MASK_COUNTS = (4, MASKS_MANY, 32)    # tenants "masks<N>", N masks each (32: the default limit)
 DEFAULT_JSON = "results/bench-datapath.json"
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
@@ -61,6 +62,14 @@ CASES: Dict[str, str] = {
     "miss_classify_16masks": f"datapath, flow-table miss classified on every packet: no rule "
                              f"matches, all {MASKS_MANY} masks visited (src /17../32), "
                              f"default drop",
+    **{f"miss_classify_{n}masks": f"datapath, miss classified on every packet: no rule "
+                                  f"matches, all {n} masks visited (src /{33 - n}../32), "
+                                  f"default drop: the worst case"
+       for n in MASK_COUNTS if n != MASKS_MANY},
+    **{f"miss_classify_{n}mask{'s' if n > 1 else ''}_best_first":
+       f"datapath, miss classified on every packet: the best match (a deny of the highest "
+       f"priority) is in the first of {n} mask{'s' if n > 1 else ''}; the search stops there"
+       for n in (1,) + MASK_COUNTS},
     "hit_redirect_rules_10": f"datapath, flow-table hit, tenant with {RULES_SMALL} rules "
                              f"(/32 src, 1 mask)",
     "hit_redirect_rules_100000": f"datapath, flow-table hit, tenant with {RULES_LARGE:,} rules "
@@ -100,6 +109,9 @@ RATIO_GOALS: Tuple[Tuple[str, str, str, float], ...] = (
      "hit_redirect_rules_100000", "hit_redirect_rules_10", 1.25),
     ("miss_classify_rules_100000/miss_classify_rules_10",
      "miss_classify_rules_100000", "miss_classify_rules_10", 1.25),
+    # Classifier cost flat in masks when the best match is in the highest-priority mask.
+    ("miss_classify_16masks_best_first/miss_classify_1mask_best_first",
+     "miss_classify_16masks_best_first", "miss_classify_1mask_best_first", 2.0),
     # The monitor's cost: no listener (one flag read), and a listener taking everything.
     ("hit_redirect/hit_redirect_no_hook", "hit_redirect", "hit_redirect_no_hook", 1.1),
     ("hit_redirect_monitor_on/hit_redirect_no_hook",
@@ -418,10 +430,12 @@ def measure(case: Case, total: int, call_size: int = CALL_SIZE) -> float:
 # ("1", where the packets arrive) and a destination port ("2", where they are redirected).
 _TENANTS = {  # name -> (id, datapath)
     "base": (1, "small"), "masks16": (2, "small"), "rules10": (3, "small"),
-    "rules100k": (4, "large"),
+    "rules100k": (4, "large"), "masks4": (5, "small"), "masks32": (6, "small"),
 }
-_PREFIX = {"base": "a", "masks16": "b", "rules10": "c", "rules100k": "d"}
-SRC_IP, DST_IP, OTHER_IP = "10.0.0.1", "10.0.0.2", "10.0.0.3"
+_PREFIX = {"base": "a", "masks16": "b", "rules10": "c", "rules100k": "d", "masks4": "e",
+           "masks32": "f"}
+# OTHER_IP matches no rule; BEST_IP a deny of the highest priority, in the first mask.
+SRC_IP, DST_IP, OTHER_IP, BEST_IP = "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"
 SPORT, DPORT = 1234, 5005
 VM_MAC = {SRC_IP: "02:00:00:00:00:01", DST_IP: "02:00:00:00:00:02"}
 
@@ -449,6 +463,13 @@ def _src32_rules(tenant: str, count: int, first_id: int) -> List[dict]:
     return out
 
 
+def _best_deny(tenant: str, rid: int):
+    """A deny of BEST_IP above every other rule (the mask of SRC_IP's /32 allow)."""
+    from agent import model
+    return model.Rule(id=rid, tenant=tenant, priority=1000, action="deny",
+                      src=ipaddress.ip_network(f"{BEST_IP}/32"), proto=17)
+
+
 def _state_for(tenants: Sequence[str]):
     """The model state of one datapath: tenants, their two ports, two endpoints, rules."""
     from agent import model
@@ -466,17 +487,22 @@ def _state_for(tenants: Sequence[str]):
             # security passes them on to the classifier, the path measured.
             model.Endpoint(tenant=t, ip=ipaddress.ip_address(OTHER_IP), port=f"{pre}1",
                            mac=_sender_mac(pre)),
+            model.Endpoint(tenant=t, ip=ipaddress.ip_address(BEST_IP), port=f"{pre}1",
+                           mac=_sender_mac(pre)),
             model.Endpoint(tenant=t, ip=ipaddress.ip_address(DST_IP), port=f"{pre}2",
                            mac=VM_MAC[DST_IP])]
         if t == "base":
-            rules = _src32_rules(t, 1, rid)
-        elif t == "masks16":
-            # SRC_IP /32 (for a hit) and 15 more masks, src 172.16.0.0/17 .. /31: a packet
-            # from OTHER_IP matches none and visits all 16.
-            rules = _src32_rules(t, 1, rid)
-            for i, plen in enumerate(range(17, 32), start=1):
+            rules = _src32_rules(t, 1, rid) + [_best_deny(t, rid + 1)]
+        elif t.startswith("masks"):
+            # SRC_IP /32 (for a hit) and BEST_IP's deny in one mask, then n - 1 more masks,
+            # src 172.16.0.0/(33-n) .. /31: a packet from OTHER_IP matches none and visits
+            # all n; one from BEST_IP is decided in the first.
+            n = int(t[len("masks"):])
+            rules = _src32_rules(t, 1, rid) + [_best_deny(t, rid + 1)]
+            for i, plen in enumerate(range(33 - n, 32), start=2):
                 rules.append(model.Rule(id=rid + i, tenant=t, priority=100, action="allow",
-                                        src=ipaddress.ip_network(f"172.16.0.0/{plen}"),
+                                        src=ipaddress.ip_network(f"172.16.0.0/{plen}",
+                                                                 strict=False),
                                         proto=17))
         elif t == "rules10":
             rules = _src32_rules(t, RULES_SMALL, rid)
@@ -642,7 +668,7 @@ def run_datapath_bench(repeat: int = 1_000_000, rounds: int = 3, call_size: int 
             flows.update_many([(k, bytes(8)) for k in keys])
             log(f"bench.c loaded, {BENCH_ENTRIES:,} entries in {time.monotonic() - t0:.1f}s")
 
-            # --- datapaths: "small" (base, masks16, rules10), "large" (rules100k), and
+            # --- datapaths: "small" (base, masks<N>, rules10), "large" (rules100k), and
             # "nohook" (base, built without the monitor hook: the baseline of its cost) ---
             dps = {}
             for dpname in ("small", "large", "nohook"):
@@ -662,7 +688,7 @@ def run_datapath_bench(repeat: int = 1_000_000, rounds: int = 3, call_size: int 
                 dp.sync(img)
                 for t in tenants:
                     cls = img.tenants[_TENANTS[t][0]].classifier
-                    want = {"masks16": MASKS_MANY}.get(t, 1)
+                    want = int(t[len("masks"):]) if t.startswith("masks") else 1
                     if len(cls.masks) != want:
                         raise BenchError(f"tenant {t}: {len(cls.masks)} masks, wanted {want}")
                 dps[dpname] = dp
@@ -682,6 +708,11 @@ def run_datapath_bench(repeat: int = 1_000_000, rounds: int = 3, call_size: int 
                 ("hit_redirect", "base", SRC_IP, True),
                 ("miss_classify_1mask", "base", OTHER_IP, False),
                 ("miss_classify_16masks", "masks16", OTHER_IP, False),
+                *[(f"miss_classify_{n}masks", f"masks{n}", OTHER_IP, False)
+                  for n in MASK_COUNTS if n != MASKS_MANY],
+                ("miss_classify_1mask_best_first", "base", BEST_IP, False),
+                *[(f"miss_classify_{n}masks_best_first", f"masks{n}", BEST_IP, False)
+                  for n in MASK_COUNTS],
                 ("hit_redirect_rules_10", "rules10", SRC_IP, True),
                 ("hit_redirect_rules_100000", "rules100k", SRC_IP, True),
                 ("miss_classify_rules_10", "rules10", OTHER_IP, False),
@@ -708,7 +739,8 @@ def run_datapath_bench(repeat: int = 1_000_000, rounds: int = 3, call_size: int 
                     row = (dp.maps["xf_stats"], link.slot, abi.V_REDIRECT, abi.REASON_IDS["flow"])
                     expect = XDP_REDIRECT
                 else:
-                    row = (dp.maps["xf_stats"], link.slot, abi.V_DROP, abi.REASON_IDS["default"])
+                    why = "rule_deny" if src == BEST_IP else "default"
+                    row = (dp.maps["xf_stats"], link.slot, abi.V_DROP, abi.REASON_IDS[why])
                     expect = XDP_DROP
                 case = Case(name, dp.prog_fd, p, link.ifindex, expect, row)
                 if not name.endswith("_no_hook"):

@@ -84,6 +84,11 @@ SUITES: Dict[str, Suite] = {
     "churn": Suite("rules per second applied under traffic; packets judged by neither set",
                    _lazy("bench_traffic", "run_churn"), _lazy("bench_traffic", "churn_table"),
                    _lazy("bench_traffic", "churn_plots")),
+    "ratelimit": Suite("rate limits under twice the load: delivered rate against the "
+                       "limit, pps and bps, one and two CPUs",
+                       _lazy("bench_ratelimit", "run_ratelimit"),
+                       _lazy("bench_ratelimit", "ratelimit_table"),
+                       _lazy("bench_ratelimit", "ratelimit_plots")),
     "flood": Suite("one tenant offers twice the flow table in new flows beside a steady "
                    "one: hash + sweeper (with and without a quota) against an LRU hash",
                    _lazy("bench_flood", "run_flood"), _lazy("bench_flood", "flood_table"),
@@ -91,6 +96,11 @@ SUITES: Dict[str, Suite] = {
     "memory": Suite("kernel map memory per flow and per rule, the agent's RSS",
                     _lazy("bench_memory", "run_memory"), _lazy("bench_memory", "memory_table"),
                     _lazy("bench_memory", "memory_plots")),
+    "control": Suite("the control plane: apply of 1k/10k/100k rules, one rule beside them, "
+                     "restart to ready, agent RSS, classifier cost in masks",
+                     _lazy("bench_control", "run_control"),
+                     _lazy("bench_control", "control_table"),
+                     _lazy("bench_control", "control_plots")),
 }
 # Asked for by the issue, not built yet: `all` lists them in its document as left out.
 LEFT_OUT: Dict[str, str] = {}

@@ -178,12 +178,16 @@ def _tx_packets(ns: str) -> int:
 
 
 @contextlib.contextmanager
-def trafgen(src_ns: str, conf: str, rate: Optional[int] = None):
-    """trafgen on CPU 0 in `src_ns` (full speed, or `rate` packets per second) until the
-    block ends; its own process group, ended by id."""
+def trafgen(src_ns: str, conf: str, rate: Optional[int] = None, cpu: int = 0,
+            gap_ns: Optional[int] = None):
+    """trafgen on CPU `cpu` in `src_ns` (full speed, or `rate` packets per second, or one
+    packet every `gap_ns`) until the block ends; its own process group, ended by id.
+    (--rate keeps the average, in bursts: a second's packets within the first tenth of it
+    here. --gap spaces them, up to what one sendto a packet can do.)"""
     p = subprocess.Popen(["nsenter", f"--net=/run/netns/{src_ns}", "--", "taskset",
-                          "-c", "0", "trafgen", "--dev", VM_IFNAME, "--conf", conf, "--cpus",
-                          "1", "--no-cpu-stats", "-q"] + (["--rate", f"{rate}pps"] if rate else []),
+                          "-c", str(cpu), "trafgen", "--dev", VM_IFNAME, "--conf", conf, "--cpus",
+                          "1", "--no-cpu-stats", "-q"] + (["--rate", f"{rate}pps"] if rate else []) +
+                         (["--gap", f"{gap_ns}ns"] if gap_ns else []),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:

@@ -5,7 +5,7 @@
     xdpflow-lab compare [--lab FILE] [--prefix P] [--scenario S ...] [--exclude S ...]
                         [--variant iptables|nftables ...] [--json FILE]
     xdpflow-lab bench datapath [--json FILE] [--png FILE] [--plot DIR] [--quick] [--repeat N] [--rounds R]
-    xdpflow-lab bench forward|setup|memory|all [--json FILE] [--plot DIR] [--quick]
+    xdpflow-lab bench forward|setup|memory|control|all [--json FILE] [--plot DIR] [--quick]
     xdpflow-lab demo [DEMO OPTIONS ...]
 
 Exit codes: 0 success, 1 the run failed (e.g. a benchmark measured the wrong path), 2 bad
@@ -148,6 +148,8 @@ BENCH_TARGETS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
     "restart": _bench_suite("restart"),
     "churn": _bench_suite("churn"),
     "memory": _bench_suite("memory"),
+    "ratelimit": _bench_suite("ratelimit"),
+    "control": _bench_suite("control"),
     "flood": _bench_suite("flood"),
     "all": _bench_suite("all"),
 }

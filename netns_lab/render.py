@@ -31,7 +31,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from agent.model import ANY, Rule, State
+from agent.model import ANY, Rule, State, burst_of, rate_value
 
 from .labfile import VM, VM_IFNAME, LabSpec
 
@@ -203,11 +203,9 @@ def _verdict(rule: Rule) -> str:
     return "ACCEPT" if rule.action == "allow" else "DROP"
 
 
-def iptables_rule(rule: Rule, family: int, chain: str) -> Optional[str]:
-    """One rule as an iptables-restore line, or None when it is of the other family."""
-    if family not in rule_families(rule):
-        return None
-    a = [f"-A {chain}"]
+def iptables_match(rule: Rule) -> List[str]:
+    """A rule's match as iptables arguments."""
+    a = []
     if rule.in_port:
         a.append(f"-i {rule.in_port}")
     if rule.src != ANY:
@@ -224,9 +222,71 @@ def iptables_rule(rule: Rule, family: int, chain: str) -> Optional[str]:
     if rule.icmp_type is not None:
         kind = f"{rule.icmp_type}" + ("" if rule.icmp_code is None else f"/{rule.icmp_code}")
         a.append(("--icmp-type " if rule.proto == 1 else "--icmpv6-type ") + kind)
-    a.append(f"-m comment --comment {_comment(rule)}")
-    a.append(f"-j {_verdict(rule)}")
-    return " ".join(a)
+    return a
+
+
+def iptables_rule(rule: Rule, family: int, chain: str) -> Optional[str]:
+    """One rule as an iptables-restore line, or None when it is of the other family."""
+    if family not in rule_families(rule):
+        return None
+    return " ".join([f"-A {chain}"] + iptables_match(rule) +
+                    [f"-m comment --comment {_comment(rule)}", f"-j {_verdict(rule)}"])
+
+
+# Rate limits. The datapath charges a packet it passes or forwards to the limit of the
+# rule that allowed its flow (the flow's own direction: the first rule in the datapath's
+# order its original direction matches) and then to its tenant's; denied traffic costs
+# nothing. The kernel path does the same in a chain before conntrack's shortcut, so
+# established packets are charged too: replies and related ICMP errors go straight to the
+# tenant's limit, an original-direction packet walks the rules in order and the first match decides (an
+# allow: its own limit, then the tenant's; a deny or pass: nothing). iptables uses
+# hashlimit with one bucket (no --hashlimit-mode), nftables `limit rate over`.
+# Their buckets are token buckets like the datapath's GCRA: `burst` packets (or bytes)
+# deep, full at the start. Byte limits differ: the kernel's hold a second's worth more
+# than the burst (hashlimit wants a burst of at least a second; nft_limit sizes its byte
+# buckets rate + burst), so the comparison's scenarios use packet limits.
+
+def _limited(spec: LabSpec, tenant: str) -> bool:
+    t = spec.state.tenant(tenant)
+    return (t is not None and t.rate is not None) or any(
+        r.rate is not None for r in rule_order(spec.state, tenant))
+
+
+def _hashlimit(name: str, rate: str, burst: Optional[int]) -> str:
+    unit, n = rate_value(rate)
+    b = burst_of(rate, burst)
+    if unit == "pps":
+        return f"-m hashlimit --hashlimit-above {n}/second --hashlimit-burst {b} " \
+               f"--hashlimit-name {name}"
+    # Byte mode: a rate in bytes/s ("b/s"), a burst in bytes ("b"), which hashlimit
+    # wants at least a second's worth: its bucket is a second's worth deeper than ours.
+    return f"-m hashlimit --hashlimit-above {n // 8}b/s --hashlimit-burst {n // 8 + b}b " \
+           f"--hashlimit-name {name}"
+
+
+def iptables_limits(spec: LabSpec, tenant: str, family: int) -> Tuple[List[str], List[str]]:
+    """The filter table's rate-limit chains of a tenant: their declarations, and their
+    lines with the FORWARD jump that goes first; nothing when nothing is limited."""
+    if not _limited(spec, tenant):
+        return [], []
+    t = spec.state.tenant(tenant)
+    rl, rt = f"xf-rl-{tenant}"[:28], f"xf-rlt-{tenant}"[:28]
+    out = [f"-A FORWARD -j {rl}", f"-A {rl} -m conntrack --ctdir REPLY -g {rt}",
+           f"-A {rl} -m conntrack --ctstate RELATED -g {rt}"]
+    for rule in rule_order(spec.state, tenant):
+        if family not in rule_families(rule):
+            continue
+        m = " ".join([f"-A {rl}"] + iptables_match(rule))
+        if rule.rate is not None:
+            out.append(f"{m} {_hashlimit(f'xf{family}-r{rule.id}', rule.rate, rule.burst)} "
+                       f"-m comment --comment \"rate limit of rule {rule.id}\" -j DROP")
+        out.append(f"{m} -g {rt}" if rule.action == "allow" else f"{m} -j RETURN")
+    if t.rate is not None:
+        # One bucket for both families: hashlimit buckets are per name and family, so the
+        # IPv6 side shares it only in the datapath (a documented gap of the kernel path).
+        out.append(f"-A {rt} {_hashlimit(f'xf{family}-t{t.id}', t.rate, t.burst)} "
+                   f"-m comment --comment \"rate limit of tenant {tenant}\" -j DROP")
+    return [f":{rl} - [0:0]", f":{rt} - [0:0]"], out
 
 
 # IPv6 link-local sources: a VM's own (neighbour discovery comes from it), tied to the
@@ -281,12 +341,14 @@ def iptables(spec: LabSpec, tenant: str, family: int, default: str) -> str:
                    f"\"spoof: {vm.name}'s addresses only\" -j DROP")
     out.append("COMMIT")
     chain = f"xf-sg-{tenant}"[:28]
+    rl_chains, rl_lines = iptables_limits(spec, tenant, family)
     out += ["*filter",
             # The router answers nothing itself but neighbour solicitations (proxy ND).
             ":INPUT DROP [0:0]", ":FORWARD DROP [0:0]", ":OUTPUT ACCEPT [0:0]",
-            f":{chain} - [0:0]"]
+            f":{chain} - [0:0]"] + rl_chains
     if family == 6:
         out.append("-A INPUT -p ipv6-icmp --icmpv6-type 135 -m hl --hl-eq 255 -j ACCEPT")
+    out += rl_lines
     out.append("-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT")
     out.append(f"-A FORWARD -j {chain}")
     for rule in rule_order(spec.state, tenant):
@@ -321,6 +383,13 @@ def arptables(spec: LabSpec, tenant: str) -> str:
 
 def nft_rule(rule: Rule) -> List[str]:
     """One rule as nft statements, one per family it applies to."""
+    verdict = "accept" if rule.action == "allow" else "drop"
+    return [" ".join(m + [f"counter {verdict}", f"comment {_comment(rule)}"])
+            for m in nft_matches(rule)]
+
+
+def nft_matches(rule: Rule) -> List[List[str]]:
+    """A rule's match as nft expressions, one list per family it applies to."""
     out = []
     for fam in rule_families(rule):
         ipk = "ip" if fam == 4 else "ip6"
@@ -348,9 +417,45 @@ def nft_rule(rule: Rule) -> List[str]:
                     m.append(f"{kw} code {rule.icmp_code}")
         elif rule.proto:
             m.append(f"meta l4proto {rule.proto}")
-        verdict = "accept" if rule.action == "allow" else "drop"
-        out.append(" ".join(m + [f"counter {verdict}", f"comment {_comment(rule)}"]))
+        out.append(m)
     return out
+
+
+def _nft_limit(name: str, rate: str, burst: Optional[int]) -> str:
+    """A named limit object: the statements of both families share its one bucket."""
+    unit, n = rate_value(rate)
+    b = burst_of(rate, burst)
+    spec = f"{n}/second burst {b} packets" if unit == "pps" else \
+        f"{n // 8} bytes/second burst {b} bytes"
+    return f"  limit {name} {{ rate over {spec} }}"
+
+
+def nft_limits(spec: LabSpec, tenant: str) -> Tuple[List[str], List[str]]:
+    """A tenant's rate limits (see iptables_limits): the forward chain's first statement,
+    and the limit objects and two chains, or nothing when nothing of the tenant is
+    limited."""
+    if not _limited(spec, tenant):
+        return [], []
+    t = spec.state.tenant(tenant)
+    rl, rt = f"rl_{tenant}", f"rlt_{tenant}"
+    objs, lines = [], [f"  chain {rl} {{", f"    ct direction reply goto {rt}",
+                       f"    ct state related goto {rt}"]
+    for rule in rule_order(spec.state, tenant):
+        if rule.rate is not None:
+            objs.append(_nft_limit(f"rule{rule.id}", rule.rate, rule.burst))
+        for m in nft_matches(rule):
+            if rule.rate is not None:
+                lines.append("    " + " ".join(m + [f'limit name "rule{rule.id}" counter drop',
+                                                   f'comment "rate limit of rule {rule.id}"']))
+            lines.append("    " + " ".join(m + [f"goto {rt}" if rule.action == "allow"
+                                                  else "return"]))
+    lines += ["  }", f"  chain {rt} {{"]
+    if t.rate is not None:
+        objs.append(_nft_limit(f"tenant{t.id}", t.rate, t.burst))
+        lines.append(f'    limit name "tenant{t.id}" counter drop '
+                     f'comment "rate limit of tenant {tenant}"')
+    lines.append("  }")
+    return [f"    jump {rl}"], objs + lines
 
 
 def _fold_key(rule: Rule) -> Tuple:
@@ -398,6 +503,7 @@ def nftables(spec: LabSpec, tenant: str, default: str, sets: bool = False) -> st
         return (f"  set {name} {{ type ifname . ether_addr . ipv{family}_addr; flags interval; "
                 + (f"elements = {{ {', '.join(elems)} }} " if elems else "") + "}")
     ports = ", ".join(f'"{vm.port}"' for vm in vms)
+    rl_jump, rl_chains = nft_limits(spec, tenant)
     lines = ["table inet xdpflow {",
              "  set vm_ports { type ifname; " + (f"elements = {{ {ports} }} " if ports else "")
              + "}",
@@ -418,10 +524,10 @@ def nftables(spec: LabSpec, tenant: str, default: str, sets: bool = False) -> st
              "    icmpv6 type nd-neighbor-solicit ip6 hoplimit 255 accept",
              "  }",
              "  chain forward {",
-             "    type filter hook forward priority filter; policy drop;",
+             "    type filter hook forward priority filter; policy drop;"] + rl_jump + [
              "    ct state established,related accept",
              f"    jump {chain}",
-             "  }",
+             "  }"] + rl_chains + [
              f"  chain {chain} {{"]
     ordered = rule_order(spec.state, tenant)
     stmts = nft_rule_runs(ordered) if sets else [st for r in ordered for st in nft_rule(r)]

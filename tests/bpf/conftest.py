@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import pytest
 
 from agent import abi, compiler, model
-from agent.datapath import Datapath
+from agent.datapath import BPF_DIR, Datapath
 from netns_lab.netns import Namespaces, entered
 
 # Node-side ports: fixed names inside the namespace, fixed MACs, fixed counter slots.
@@ -93,6 +93,23 @@ def dp():
         yield d
 
 
+@pytest.fixture(scope="session")
+def bcc_build(dp):
+    """BCC's own view of the program (its tables' ctypes, built from the C), normal build
+    (False) and trace build (True), for the layout tests: the datapath keeps only fds, its
+    BCC module is freed after the compile. Compiled here once more, loading no program."""
+    from bcc import BPF
+    builds = {}
+    try:
+        for trace in (False, True):
+            builds[trace] = BPF(src_file=str(BPF_DIR / "xdpflow.c").encode(),
+                                cflags=dp.cflags(trace=trace))
+        yield builds
+    finally:
+        for b in builds.values():
+            b.cleanup()
+
+
 @dataclass
 class Snapshot:
     rows: Dict[Tuple[int, str, str], Tuple[int, int]]
@@ -133,6 +150,15 @@ class Bench:
         self.dp.flush_flows()
         frags = self.dp.maps["xf_frags"]
         frags.delete_many(list(frags.keys()))
+        # Rate limits start full (a sync leaves an unchanged bucket as it is).
+        pols = self.dp.maps["xf_policers"]
+        full = []
+        for k, v in pols.items():
+            p = abi.Policer.from_buffer_copy(v)
+            p.tat_ns = p.dropped = 0
+            full.append((k, bytes(p)))
+        if full:
+            pols.update_many(full)
 
     def run(self, pkt: bytes, port: str) -> Tuple[int, bytes]:
         rc, out, _ = self.dp.run(bytes(pkt), self.lab.ifindex[port])

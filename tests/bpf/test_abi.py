@@ -74,8 +74,8 @@ def mirror_types(name, dp):
 
 
 @pytest.mark.parametrize("name", list(abi.MAPS))
-def test_map_key_and_value_layout(dp, name):
-    key, value = bcc_types(dp.bpf[name.encode()])
+def test_map_key_and_value_layout(dp, bcc_build, name):
+    key, value = bcc_types(bcc_build[False][name.encode()])
     mk, mv = mirror_types(name, dp)
     assert_same_layout(mk, key, f"{name} key")
     assert_same_layout(mv, value, f"{name} value")
@@ -95,9 +95,8 @@ def test_mask_set_follows_max_masks(dp):
     assert ct.sizeof(abi.mask_set_type(8)) == 8 + 8 * ct.sizeof(abi.Mask)
 
 
-def test_trace_record_layout(dp):
-    dp.load_trace()
-    _, leaf = bcc_types(dp.trace_bpf[b"xf_trace_rec"])
+def test_trace_record_layout(bcc_build):
+    _, leaf = bcc_types(bcc_build[True][b"xf_trace_rec"])
     assert_same_layout(abi.Trace, leaf, "xf_trace_rec value")
 
 

@@ -48,7 +48,8 @@ def test_bench_datapath_small_run(tmp_path, capsys):
         assert c["verdict"] == want, name
         if not name.startswith("bare"):
             assert c["counter_ok"] is True, name
-            assert c["counter"] == ("drop/default" if name.startswith("miss")
+            assert c["counter"] == ("drop/rule_deny" if name.endswith("_best_first") else
+                                    "drop/default" if name.startswith("miss")
                                     else "redirect/flow"), name
     assert set(rep["ratios"]) == {r[0] for r in bench.RATIO_GOALS}
     assert rep["machine"]["repeat"] == 2000 and rep["machine"]["call_size"] == 250

@@ -69,24 +69,28 @@ def test_old_generation_is_removed_only_after_a_grace_period(bench, monkeypatch)
     """Between the flip and the removal of the old classifier entries the agent waits
     until no packet can still hold the old generation number (an RCU grace period)."""
     bench.apply(cases.GEN1)
-    old_gen = bench.dp.generation(cases.BLUE)
     rules = bench.dp.maps["xf_rules"]
     seen = []
 
-    def watching_wait():
-        tenant = abi.Tenant.from_buffer_copy(
+    def tenant():
+        return abi.Tenant.from_buffer_copy(
             bench.dp.maps["xf_tenants"].get(bytes(abi.u32(cases.BLUE))))
+    old_gen = tenant().cls_generation     # what the classifier entries are keyed by
+
+    def watching_wait():
+        t = tenant()
         old_left = [k for k in rules.keys()
                     if abi.RuleKey.from_buffer_copy(k).generation == old_gen]
-        seen.append((tenant.generation, len(old_left)))
+        seen.append((t.cls_generation, t.generation, len(old_left)))
         return datapath.wait_for_readers()
 
     monkeypatch.setattr(bench.dp, "wait_for_readers", watching_wait)
     summary = bench.sync(cases.GEN2_DENY)
-    new_gen = bench.dp.generation(cases.BLUE)
+    new_gen = tenant().cls_generation
     assert new_gen != old_gen
-    # At the wait the flip had happened and the old entries were all still there ...
-    assert seen == [(new_gen, 1)]
+    # At the wait the flip (classifier, then flows) had happened and the old entries
+    # were all still there ...
+    assert seen == [(new_gen, bench.dp.generation(cases.BLUE), 1)]
     assert summary["grace"] == "rcu"
     # ... and after it they are gone.
     assert not [k for k in rules.keys() if abi.RuleKey.from_buffer_copy(k).generation == old_gen]

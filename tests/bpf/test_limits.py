@@ -1,9 +1,11 @@
 """Every size the config accepts must give a program the verifier loads: build the
 datapath (and its trace build) at the config's upper limit for masks, the bounded loop
 the verifier walks the longest."""
+import ctypes as ct
+
 import pytest
 
-from agent import config
+from agent import abi, config
 from .conftest import loaded
 
 pytestmark = pytest.mark.bpf
@@ -18,4 +20,4 @@ def test_the_largest_mask_count_the_config_accepts_loads_in_both_builds():
     with loaded(defines) as dp:
         assert dp.prog_fd >= 0
         assert dp.load_trace() >= 0
-        assert dp.maps["xf_masks"].value_size == 8 + 44 * 64
+        assert dp.maps["xf_masks"].value_size == 8 + ct.sizeof(abi.Mask) * 64

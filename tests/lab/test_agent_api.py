@@ -185,3 +185,29 @@ def test_socket_group_reads_admin_group_writes(lab):
     # refusal says it was denied (not only the JSON error code).
     assert "denied" in denied_text.lower(), \
         f"the message should say the request was denied: {denied_text!r}"
+
+
+def test_a_state_past_the_request_limit_applies_through_the_cli(lab):
+    """40,000 rules are about 4.2 MB of JSON, past the agent's 4 MiB max_request_bytes
+    (refused before issue 12): xdpflowctl sends them compressed; every rule arrives, the
+    dry run first changes nothing, and one rule added beside them lands in place."""
+    from netns_lab.bench_control import TENANT, shaped_rules, state
+    lab.write_config(datapath={"max_rule_entries": 131072})
+    lab.start_agent()
+    st = state(shaped_rules(40_000))
+    import json as jsonlib
+    assert len(jsonlib.dumps({"command": "apply", "args": {"state": st}})) > 4 * 2**20
+    path = Path(lab.dir) / "big.toml"
+    path.write_text(toml_tables("", st))
+    r = lab.ctl("apply", str(path), "--dry-run", timeout=600)
+    assert r.code == 0, r
+    assert len(r.data["rules"]["add"]) == 40_000 and lab.ok("status")["rules"] == 0
+    r = lab.ctl("apply", str(path), timeout=600)
+    assert r.code == 0, r
+    assert lab.ok("status")["rules"] == 40_000
+    gen = {t["name"]: t["generation"] for t in lab.ok("status")["tenants"]}[TENANT]
+    lab.ok("rule", "add", "--tenant", TENANT, "--id", "900000", "--priority", "60000",
+           "--src", "198.18.0.1/32", "--proto", "udp", "--dport", "53", "--action", "deny")
+    listed = {d["id"] for d in lab.ok("rule", "list")}
+    assert len(listed) == 40_001 and 900000 in listed
+    assert {t["name"]: t["generation"] for t in lab.ok("status")["tenants"]}[TENANT] != gen

@@ -99,12 +99,22 @@ def check_hitless(result, flows):
     assert (f2["verdict"], f2["rule"], f2["out_port"]) == ("redirect", 1, "bvm2"), f2
 
 
-def check_adopted(lab, status_before, status_after):
-    # The new agent reused every pinned map and put its own program on the ports.
+def check_adopted(lab, status_before, status_after, how="adopted"):
+    # The new agent reused every pinned map; a warm start (same build) took the pinned
+    # program as it was, compiling nothing; an upgrade put its own on the ports.
     actions = {m["map"]: m["action"] for m in status_after["maps"]}
     assert set(actions.values()) == {"reuse"}, actions
     assert status_after["pid"] != status_before["pid"]
-    assert status_after["program_id"] != status_before["program_id"]
+    assert status_after["program"]["how"] == how, status_after["program"]
+    # Whether it compiled or not, the running agent holds no compiler (LLVM, ~80 MiB).
+    with open(f"/proc/{status_after['pid']}/maps") as f:
+        assert not [line for line in f if "libLLVM" in line or "libclang" in line]
+    if how == "adopted":
+        assert status_after["program_id"] == status_before["program_id"]
+        assert "datapath adopted" in lab.log_text().rsplit("===== agent start", 1)[1]
+    else:
+        assert status_after["program_id"] != status_before["program_id"]
+        assert status_after["program"]["build_id"] != status_before["program"]["build_id"]
     for port in ("bvm1", "bvm2"):
         assert lab.xdp_prog(port).get("id") == status_after["program_id"], port
     assert all(p["attached"] for p in status_after["ports"]), status_after["ports"]
@@ -130,7 +140,7 @@ def test_upgrade_to_another_build_loses_nothing(agent):
     result, flows, before, after = restart_under_load(
         agent, 46003, "term", env={"XDPFLOW_CFLAGS": "-DXF_BUILD_ID=2"})
     check_hitless(result, flows)
-    check_adopted(agent, before, after)
+    check_adopted(agent, before, after, how="compiled")
     # A different program, not the same one loaded again.
     tag_after = agent.xdp_prog("bvm1").get("tag")
     environ = open(f"/proc/{agent.proc.pid}/environ", "rb").read().split(b"\0")

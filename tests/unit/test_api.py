@@ -1,5 +1,6 @@
 """The control API over a real unix socket: wire format, error codes, slow and oversized
 clients, peer credentials and the admin check, serialized controller calls."""
+import base64
 import grp
 import json
 import logging
@@ -8,6 +9,7 @@ import socket
 import stat
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -76,6 +78,7 @@ def test_request_without_newline_ended_by_shutdown(server, sock_path):
     (b'{"command": "frobnicate", "args": {}}\n', "unknown command"),
     (b'{"command": "tenant add", "args": {"name": "x"}}\n', "required"),
     (b'{"command": "tenant add", "args": "blue"}\n', "JSON object"),
+    (b"[" * 100_000 + b"\n", "not JSON"),
 ])
 def test_bad_requests(server, sock_path, payload, match):
     r = raw(sock_path, payload)
@@ -152,6 +155,42 @@ def test_oversized_request_is_rejected_at_once(sock_path):
         assert time.monotonic() - t0 < 2
         # and the server still serves
         assert ApiClient(sock_path).call("status")
+
+
+def big_state(n):
+    return {"tenants": [{"name": "blue", "id": 10}],
+            "rules": [{"id": i, "tenant": "blue", "priority": 100, "action": "allow",
+                       "src": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32",
+                       "proto": "udp", "dport": "9"} for i in range(1, n + 1)]}
+
+
+def test_a_state_larger_than_the_limit_goes_compressed_and_arrives_whole(sock_path):
+    """30,000 rules are about 3 MB of JSON, past the 1 MiB the client sends plain and
+    past this server's 2 MiB limit: compressed, the request fits, and the controller
+    gets every rule."""
+    ctl = populated()
+    state = big_state(30_000)
+    plain = len(json.dumps({"command": "apply", "args": {"state": state}}))
+    assert plain > 2 * 2**20
+    with ApiServer(ctl, sock_path, max_request_bytes=2 * 2**20, request_timeout=5,
+                   admin_group=grp.getgrgid(os.getgid()).gr_name):
+        d = ApiClient(sock_path).call("apply", {"state": state, "dry_run": False})
+    assert len(d["rules"]["add"]) == 30_000 and len(ctl.state.rules) == 30_000
+
+
+@pytest.mark.parametrize("payload,match", [
+    (b"!!", "not base64"),
+    (base64.b64encode(b"not zlib"), "not zlib"),
+    (base64.b64encode(zlib.compress(b"[" * 50_000)), "not JSON"),
+    (base64.b64encode(zlib.compress(b" " * 200_000)), "expands to more than 64000 bytes"),
+    (base64.b64encode(zlib.compress(b'{"state": {}}')[:-4]), "cut short"),
+])
+def test_compressed_args_that_are_wrong_are_refused_naming_why(sock_path, payload, match):
+    with ApiServer(populated(), sock_path, max_request_bytes=1000, request_timeout=5):
+        r = raw(sock_path, json.dumps({"command": "apply", "args_zlib": payload.decode()})
+                .encode() + b"\n")
+    assert r["error"]["code"] == "bad-request"
+    assert r["error"]["message"].startswith("args_zlib: ") and match in r["error"]["message"]
 
 
 def test_controller_calls_are_serialized(sock_path):

@@ -21,7 +21,10 @@ def fake_rounds(scale=1.0):
             "hit_redirect_rules_100000": 55, "miss_classify_rules_10": 150,
             "miss_classify_rules_100000": 200, "hit_redirect_no_hook": 48,
             "hit_redirect_monitor_on": 55, "miss_classify_1mask_no_hook": 145,
-            "miss_classify_1mask_monitor_on": 160, "bare_pass_1call": 250,
+            "miss_classify_1mask_monitor_on": 160, "miss_classify_4masks": 250,
+            "miss_classify_32masks": 1100, "miss_classify_1mask_best_first": 150,
+            "miss_classify_4masks_best_first": 160, "miss_classify_16masks_best_first": 170,
+            "miss_classify_32masks_best_first": 175, "bare_pass_1call": 250,
             "hit_redirect_1call": 400, "encap_hit": 420, "decap_hit": 480}
     return {k: [v * scale, v * scale * 1.1, v * scale * 0.9] for k, v in base.items()}
 
@@ -394,3 +397,32 @@ def test_markdown_lists_every_goal_and_plot():
     assert "| memory | bytes per flow | 187.00 | <= 128 | **missed** by 1.46x |" in md
     assert "![memory](benchmarks/memory.png)" in md and "MEM TABLE" in md
     assert "*Method:* fdinfo" in md and "FAILED in this run: RuntimeError: no" in md
+
+
+def test_bench_control_states_goals_and_table():
+    """`bench control`'s pure part: 4 rule shapes are 4 masks of distinct entries, the
+    goals are reported against the largest size (not measured when it failed), and the
+    table shows every figure."""
+    from agent import compiler, model
+    from netns_lab import bench_control as bc
+    st = model.State.from_dict(bc.state(bc.shaped_rules(400)))
+    cls = compiler.compile_rules(bc.TENANT, st.rules, {}, 32)
+    assert len(cls.masks) == 4 and cls.size == 400
+    doc = {"apply": [{"rules": 1000, "ok": True, "seconds": 0.5, "rules_per_s": 2000.0,
+                      "dry_run_seconds": 0.3},
+                     {"rules": 100000, "ok": False, "error": "request larger than 4194304"}],
+           "single": [{"beside": 1000, "add_e2e_ms": 200.0, "add_agent_ms": 3.0,
+                       "del_e2e_ms": 190.0, "del_agent_ms": 1.0}],
+           "restart": {"rules": 1000, "warm_ready_s": 0.8, "cold_ready_s": 7.0},
+           "agent_rss_mib": {"started_empty": 240.0},
+           "masks": [{"masks": n, "best_in_top_mask_ns": 100.0 + n, "no_match_ns": 50.0 * n}
+                     for n in bc.MASK_COUNTS]}
+    doc["goals"] = bc.goals(doc)
+    by = {g["name"]: g for g in doc["goals"]}
+    assert by["apply of 100,000 rules, rules/s end to end"]["met"] is None
+    assert by["warm restart to ready (s)"]["met"] is True
+    assert by["miss, best match in the top mask: 16 masks / 1 mask"]["value"] == round(116 / 101, 3)
+    text = bc.control_table(doc)
+    assert "100,000 rules: FAILED request larger" in text and "warm 0.8 s" in text
+    assert bc.metric_value("# x\nxdpflow_apply_duration_seconds 0.0125\n",
+                           "xdpflow_apply_duration_seconds") == 0.0125

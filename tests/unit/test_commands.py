@@ -112,6 +112,8 @@ class FakeController:
                           for p in self.state.sorted("ports")],
                 "flows": len(self.flows), "flow_capacity": 65536,
                 "rules": len(self.state.rules), "trace_program": "built",
+                "program": {"how": "adopted", "build_id": "00000000000000aa",
+                            "load_seconds": 0.01},
                 "bpf_stats": {"enabled": False, "how": "off ([metrics] bpf_stats = false)"}}
 
     @staticmethod
@@ -204,7 +206,8 @@ class FakeController:
                 "reason": "rule_allow", "tenant": "blue", "rule": 1, "out_port": "veth-vm2",
                 "out_ifindex": 8, "flow_hit": False, "stale_flow": False,
                 "decapsulated": False,
-                "packet_in": packet.hex(), "packet_out": packet.hex(), "modified": False}
+                "packet_in": packet.hex(), "packet_out": packet.hex(), "modified": False,
+                "rate_limits": []}
 
 
 def populated():

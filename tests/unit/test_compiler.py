@@ -115,7 +115,7 @@ def search(cls: compiler.Classifier, proto, src, dst, sport, dport, in_port):
     """What bpf/xdpflow.c xf_classify() does, over the compiled classifier."""
     best = None
     for idx, ((srcm, dstm, spm, dpm, protom, inpm), max_rank) in enumerate(cls.masks):
-        if best and best[0] > max_rank:
+        if best and best[0] >= max_rank:
             break
         key = (idx, proto & protom, in_port & inpm, compiler._and(src, srcm),
                compiler._and(dst, dstm), sport & spm, dport & dpm)
@@ -127,26 +127,7 @@ def search(cls: compiler.Classifier, proto, src, dst, sport, dport, in_port):
 
 def reference(rules, proto, src_ip, dst_ip, sport, dport, in_port_name):
     """Plain reading of the rules: the highest priority, then the lowest id, that matches."""
-    matching = []
-    for r in rules:
-        if r.proto and r.proto != proto:
-            continue
-        if r.src != model.ANY and (src_ip.version != r.src.version or src_ip not in r.src):
-            continue
-        if r.dst != model.ANY and (dst_ip.version != r.dst.version or dst_ip not in r.dst):
-            continue
-        if r.proto in (6, 17):
-            if not (r.sport[0] <= sport <= r.sport[1] and r.dport[0] <= dport <= r.dport[1]):
-                continue
-        if r.proto in (1, 58) and r.icmp_type is not None:
-            if dport >> 8 != r.icmp_type or (r.icmp_code is not None and dport & 0xFF != r.icmp_code):
-                continue
-        if r.in_port is not None and r.in_port != in_port_name:
-            continue
-        matching.append(r)
-    if not matching:
-        return None
-    return min(matching, key=lambda r: (-r.priority, r.id))
+    return model.matching_rule(rules, proto, src_ip, dst_ip, sport, dport, in_port_name)
 
 
 def random_rules(rng, n):
@@ -233,3 +214,32 @@ def test_rule_counter_slots_are_kept_reused_only_when_freed_and_bounded():
     cls = compiler.compile_rules("blue", [rule(id=4)], {}, 8)
     (k, v), = cls.rule_items(10, 1, {4: 7})
     assert abi.Rule.from_buffer_copy(v).stat == 7
+
+
+def test_rule_by_rule_changes_hold_what_a_fresh_compile_holds():
+    """A classifier changed one rule at a time (adds, removes, replacements, rules whose
+    entries coincide) holds, mask for mask and entry for entry, what compiling the final
+    rules from scratch holds; only the key index a mask carries may differ."""
+    rng = random.Random(7)
+    slots = {"p1": 1, "p2": 2}
+    cls = compiler.Classifier()
+    live = {}
+    for step in range(600):
+        if live and rng.random() < 0.45:
+            rid = rng.choice(sorted(live))
+            cls.remove_rule(live.pop(rid), slots)
+            if rng.random() < 0.5:          # replaced: the same id, another rule
+                r = random_rules(rng, 1)[0]
+                live[rid] = r = model.replace(r, id=rid)
+                cls.add_rule(r, slots)
+        else:
+            rid = max(live, default=0) + 1
+            live[rid] = r = model.replace(random_rules(rng, 1)[0], id=rid)
+            cls.add_rule(r, slots)
+        assert len(set(cls.key_idx.values())) == len(cls.key_idx)
+    want = compiler.compile_rules("blue", list(live.values()), slots, 10_000)
+
+    def view(c):
+        return c.masks, {(m,) + k: v for m, ents in c.by_mask.items() for k, v in ents.items()}
+    assert view(cls) == view(want)
+    assert cls.size == want.size and len(live) > 50

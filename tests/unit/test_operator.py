@@ -215,8 +215,10 @@ def test_status_prints_no_python_structures():
     status = {"version": "0.1", "maps": [{"map": "xf_flows", "action": "create", "detail": ""}],
               "tenants": [{"name": "blue", "id": 10, "generation": 2}],
               "ports": [{"name": "veth-vm1", "tenant": "blue", "attached": True,
-                         "ifindex": 7, "note": ""}], "flows": 3, "trace_program": "not built"}
+                         "ifindex": 7, "note": ""}], "flows": 3, "trace_program": "not built",
+              "program": {"how": "adopted", "build_id": "1f2e3d4c5b6a7988", "load_seconds": 0.01}}
     text = cli.render("status", status, {})
+    assert "how: adopted" in text, text
     assert "{" not in text and "[" not in text, text
     assert "  MAP       ACTION  DETAIL" in text and "  xf_flows  create" in text
 

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from agent.model import replace
 from netns_lab import compare, labfile, render, scenarios
 from netns_lab.scenarios import Expect, Send
 
@@ -82,11 +83,12 @@ def test_iptables_walks_the_rules_in_the_datapaths_order(spec):
     text = render.iptables(spec, "blue", 4, "drop")
     rules = _rules_of(text, "xf-sg-blue")
     ids = [int(l.split('"rule ')[1].split(":")[0]) for l in rules]
-    # priority 400 (8), 300 (4), 200 (3), 150 (5, 6: lower id first), 100 (1, 7)
-    assert ids == [8, 4, 3, 5, 6, 1, 7, 9]
+    # priority 400 (8), 300 (4), 200 (3), 160 (10), 150 (5, 6: lower id first), 100 (1, 7)
+    assert ids == [8, 4, 3, 10, 5, 6, 1, 7, 9]
     assert "-p tcp --dport 5050 " in rules[1] and rules[1].endswith("-j DROP")
     assert "-p tcp --dport 5000:5099 " in rules[2] and rules[2].endswith("-j ACCEPT")
-    assert "-s 10.0.0.1/32 -p udp --dport 7000:7999" in rules[3]
+    assert "-p udp --dport 7700 " in rules[3] and rules[3].endswith("-j ACCEPT")
+    assert "-s 10.0.0.1/32 -p udp --dport 7000:7999" in rules[4]
     assert "-s 10.0.0.2/32 -d 10.0.0.3/32 " in rules[0] and "-p" not in rules[0]
     assert rules[-1].startswith("-A xf-sg-blue -i bvm2 -p tcp --dport 9000 ")
 
@@ -94,8 +96,10 @@ def test_iptables_walks_the_rules_in_the_datapaths_order(spec):
 def test_iptables_state_first_then_rules_then_default_drop(spec):
     text = render.iptables(spec, "blue", 4, "drop")
     fwd = [l for l in text.splitlines() if l.startswith("-A FORWARD")]
-    assert "--ctstate ESTABLISHED,RELATED -j ACCEPT" in fwd[0]
-    assert fwd[1] == "-A FORWARD -j xf-sg-blue"
+    # Rate limits first (established packets are charged too), then conntrack's shortcut.
+    assert fwd[0] == "-A FORWARD -j xf-rl-blue"
+    assert "--ctstate ESTABLISHED,RELATED -j ACCEPT" in fwd[1]
+    assert fwd[2] == "-A FORWARD -j xf-sg-blue"
     assert fwd[-1].endswith("-j DROP")
     assert ":FORWARD DROP [0:0]" in text and ":INPUT DROP [0:0]" in text
     assert text.count("COMMIT") == 2
@@ -158,7 +162,7 @@ def test_nftables_variant_sets_and_one_chain_per_tenant(spec):
     assert "ct state established,related accept" in text
     body = text.split("chain sg_blue {")[1].split("\n  }")[0].splitlines()
     ids = [int(l.split('"rule ')[1].split(":")[0]) for l in body if '"rule ' in l]
-    assert ids == [8, 4, 4, 3, 3, 5, 6, 6, 1, 2, 7, 9, 9]   # both families for 4, 3, 6, 9
+    assert ids == [8, 4, 4, 3, 3, 10, 10, 5, 6, 6, 1, 2, 7, 9, 9]   # both families: 4, 3, 10, 6, 9
     assert any('iifname "bvm2" meta nfproto ipv4 meta l4proto tcp tcp dport 9000' in l
                for l in body)
     assert any("tcp dport 5000-5099 counter accept" in l for l in body)
@@ -382,3 +386,37 @@ def test_a_mismatch_carries_the_datapath_events_of_its_send():
     assert m["offload_events"] == a.events
     assert compare._events_brief(m["offload_events"]) == "blue1 drop rule_deny rule 990"
     assert compare._events_brief([]) == "no monitor event"
+
+
+def test_rate_limits_are_charged_before_conntrack_in_the_datapath_order(spec):
+    """The kernel path charges what the datapath charges: a reply goes to the tenant's
+    limit only, an original-direction packet to the first rule it matches in the
+    datapath's order (a deny: nothing), then to the tenant's."""
+    spec = copy.deepcopy(spec)
+    spec.state.tenants[0] = replace(spec.state.tenants[0], rate="10000pps", burst=50)
+    text = render.iptables(spec, "blue", 4, "drop")
+    rl = [l for l in text.splitlines() if l.startswith("-A xf-rl-blue ")]
+    assert rl[0] == "-A xf-rl-blue -m conntrack --ctdir REPLY -g xf-rlt-blue"
+    assert rl[1] == "-A xf-rl-blue -m conntrack --ctstate RELATED -g xf-rlt-blue"
+    assert rl[2].endswith("-d 10.0.0.3/32 -j RETURN")           # rule 8, a deny
+    limit = next(i for i, l in enumerate(rl) if "xf4-r10" in l)
+    assert rl[limit] == ("-A xf-rl-blue -p udp --dport 7700 -m hashlimit --hashlimit-above "
+                         "1/second --hashlimit-burst 3 --hashlimit-name xf4-r10 -m comment "
+                         "--comment \"rate limit of rule 10\" -j DROP")
+    assert rl[limit + 1] == "-A xf-rl-blue -p udp --dport 7700 -g xf-rlt-blue"
+    assert "-A xf-rlt-blue -m hashlimit --hashlimit-above 10000/second --hashlimit-burst 50 " \
+           "--hashlimit-name xf4-t10" in text
+    nft = render.nftables(spec, "blue", "drop")
+    assert "limit rule10 { rate over 1/second burst 3 packets }" in nft
+    assert "limit tenant10 { rate over 10000/second burst 50 packets }" in nft
+    fwd = nft.split("chain forward {")[1].split("}")[0]
+    assert fwd.index("jump rl_blue") < fwd.index("ct state established,related accept")
+    # Both families' statements name the one limit object: one bucket, as in the datapath.
+    assert nft.count('limit name "rule10" counter drop') == 2
+
+
+def test_no_limits_no_rate_limit_chains(spec):
+    spec = copy.deepcopy(spec)
+    spec.state.rules = [r for r in spec.state.rules if r.rate is None]
+    assert "xf-rl" not in render.iptables(spec, "blue", 4, "drop")
+    assert "rl_blue" not in render.nftables(spec, "blue", "drop")

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from agent.model import Port, Rule, State, Tenant, replace
+from agent.model import Port, Route, Rule, State, Tenant, replace
 from agent.store import SCHEMA_VERSION, Store, StoreError
 
 pytestmark = pytest.mark.unit
@@ -275,6 +275,30 @@ def test_dangling_reference_is_refused_before_commit(tmp_path):
         assert store.load().to_dict() == st.to_dict()
 
 
+@pytest.mark.parametrize("kind,obj,parent", [
+    ("rules", Rule.from_dict({"id": 77, "tenant": "ghost", "priority": 1, "action": "allow"}),
+     "tenants"),
+    ("rules", Rule.from_dict({"id": 78, "tenant": "blue", "priority": 1, "action": "allow",
+                              "in_port": "vm9"}), "ports"),
+    ("routes", Route.from_dict({"tenant": "blue", "prefix": "10.9.0.0/16",
+                                "via": "10.0.0.99"}), "endpoints"),
+])
+def test_a_few_rows_referring_to_nothing_are_refused_before_commit(tmp_path, kind, obj,
+                                                                   parent):
+    """A small change is checked row by row (not by a scan of the table): a row whose
+    reference names no row is still refused before the caller programs anything."""
+    st = _state()
+    with _open(tmp_path) as store:
+        _put(store, State(), st)
+        after_write = []
+        with pytest.raises(StoreError, match=f"refers to a missing row of table {parent}"):
+            with store.transaction() as tx:
+                tx.write_changes({kind: ([obj], [], [])})
+                after_write.append(True)
+        assert after_write == []
+        assert store.load().to_dict() == st.to_dict()
+
+
 def test_nested_transaction_is_refused(tmp_path):
     with _open(tmp_path) as store:
         with store.transaction():
@@ -458,7 +482,8 @@ def test_corrupted_row_names_table_and_row(tmp_path, table, sql, words):
 
 def test_version_2_database_is_migrated_keeping_ports_slots_and_references(tmp_path):
     """A database written before uplinks (schema 2: ports.tenant NOT NULL) is rebuilt to
-    schema 3 with every port, its slot and the rows that refer to it intact."""
+    schema 3 with every port, its slot and the rows that refer to it intact (and goes on
+    to 4: rate limits, none)."""
     from agent import store as store_mod
     path = tmp_path / "state.db"
     db = sqlite3.connect(path, isolation_level=None)
