@@ -788,6 +788,17 @@ def run_top(ns: argparse.Namespace, args: Dict[str, Any]) -> int:
         return EXIT_OK
 
 
+# Indented output needs json's pure-Python encoder: 1.4 s for the diff of a 100,000-rule
+# apply (22 MB), against 0.3 s compact in C. Past this size nobody reads it by eye.
+INDENT_MAX_BYTES = 1 << 20
+
+
+def json_document(result: Any) -> str:
+    """--json's one document: indented for reading, compact when it is big."""
+    text = json.dumps(result)
+    return text if len(text) > INDENT_MAX_BYTES else json.dumps(result, indent=2)
+
+
 def _fail(code: str, message: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"error": {"code": code, "message": message}}))
@@ -859,7 +870,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if cmd.name == "flow dump" and isinstance(result, list) and len(result) > ns.limit:
             result = result[:ns.limit]
             print(f"xdpflowctl: first {ns.limit} flows shown; more match", file=sys.stderr)
-        print(json.dumps(result, indent=2))
+        print(json_document(result))
     else:
         text = render(cmd.name, result, args)
         if text:

@@ -251,6 +251,14 @@ def test_apply_json_file_agent_error_names_the_object(run, agent, tmp_path):
     assert rc != 0 and f"{f}: rules[0]: rule 7" in err, err
 
 
+def test_json_output_is_indented_unless_big():
+    small = {"a": [1, 2]}
+    assert cli.json_document(small) == json.dumps(small, indent=2)
+    big = {"rules": [{"id": i, "tenant": "blue"} for i in range(40_000)]}
+    text = cli.json_document(big)
+    assert "\n" not in text and json.loads(text) == big
+
+
 def test_apply_from_stdin(run, agent, monkeypatch):
     import io
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(STATE_TOML.encode())))
