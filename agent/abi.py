@@ -33,11 +33,12 @@ REASONS = {
     36: "parse_vxlan", 37: "no_neigh",
     # 40-47: NAT and rate limits
     40: "ratelimit",
+    48: "flow_quota",       # issue 14: a tenant at its flow quota
 }
 REASON_IDS = {v: k for k, v in REASONS.items()}
-R_MAX = 41
+R_MAX = 49
 # Reasons that count events rather than packets (their verdict is "none").
-EVENT_REASONS = ("insert_failed", "flow_stale")
+EVENT_REASONS = ("insert_failed", "flow_stale", "flow_quota")
 
 A_ALLOW, A_DENY, A_PASS = 1, 2, 3
 RULE_ACTIONS = {"allow": A_ALLOW, "deny": A_DENY, "pass": A_PASS}
@@ -128,7 +129,8 @@ class Tenant(ct.Structure):
     _fields_ = [("generation", u32), ("default_verdict", u8), ("pad", u8), ("flags", u16),
                 ("vni", u32), ("cls_generation", u32),
                 # rate limits (issue 11)
-                ("policer", u32), ("pad_rl", u32)]
+                ("policer", u32), ("pad_rl", u32),
+                ("max_flows", u32), ("flows", u32)]   # the flow quota (appended)
 
 
 class Mask(ct.Structure):

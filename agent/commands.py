@@ -279,6 +279,8 @@ def _flow_dump(c, args):
         filters["proto"] = model.parse_protocol(args["proto"], "flow dump: proto")
     if args.get("ip") is not None:
         filters["ip"] = model.parse_ip(args["ip"], "flow dump: ip")
+    if args.get("cursor") is not None:
+        filters["cursor"] = args["cursor"]
     return c.flow_dump(args.get("tenant"), limit, **filters)
 
 
@@ -341,8 +343,9 @@ _cmd("status", False, "show the agent's state: version, uptime, ports attached, 
 _cmd("tenant add", True, "add a tenant (a VPC; its id is in every datapath key)",
      "  xdpflowctl tenant add blue --id 10\n"
      "  xdpflowctl tenant add red --id 20 --vni 5020 --default pass\n"
-     "  xdpflowctl tenant add green --id 30 --rate 100mbit --burst 1500000",
-     _add("tenants", "name", "id", "vni", "default", "rate", "burst"),
+     "  xdpflowctl tenant add green --id 30 --rate 100mbit --burst 1500000\n"
+     "  xdpflowctl tenant add gray --id 40 --max-flows 100000",
+     _add("tenants", "name", "id", "vni", "default", "rate", "burst", "max_flows"),
      args=(Arg("name", "the tenant's name", metavar="NAME", required=True),
            Arg("id", f"tenant id, 1..{model.MAX_TENANT_ID}", flags=("--id",), kind="int",
                required=True, metavar="ID"),
@@ -350,7 +353,11 @@ _cmd("tenant add", True, "add a tenant (a VPC; its id is in every datapath key)"
                kind="int", metavar="VNI"),
            Arg("default", "verdict for traffic no rule allows: drop (the cloud default) "
                           "or pass to the kernel", flags=("--default",),
-               choices=model.VERDICTS)) + _limit_args("all it lets through (what its rules allow, and their replies)"))
+               choices=model.VERDICTS),
+           Arg("max_flows", "flow-table entries it may hold (a flow and its reply are two); "
+                            "over it, new flows are judged but not cached. 0: no quota; "
+                            "default: the config's [flows] max_per_tenant",
+               flags=("--max-flows",), kind="int", metavar="N")) + _limit_args("all it lets through (what its rules allow, and their replies)"))
 _cmd("tenant del", True, "delete a tenant (refused, naming them, while ports, endpoints, "
                          "routes or rules still belong to it, unless --cascade)",
      "  xdpflowctl tenant del blue\n  xdpflowctl tenant del blue --cascade",
@@ -535,11 +542,15 @@ _cmd("apply", True, "apply a desired state (TOML) atomically and show the differ
 _cmd("flow dump", False, "show flow table entries, sorted, filtered by tenant, port, "
                         "protocol or address",
      "  xdpflowctl flow dump\n  xdpflowctl flow dump --tenant blue --limit 20\n"
-     "  xdpflowctl flow dump --port veth-vm1 --proto icmp --ip 10.0.0.5",
+     "  xdpflowctl flow dump --port veth-vm1 --proto icmp --ip 10.0.0.5\n"
+     "  xdpflowctl --json flow dump --cursor start --limit 10000",
      _flow_dump,
      description="Rows are sorted by tenant, protocol, source, source port, destination, "
                  "destination port. ICMP flows show type, code and id instead of ports. "
-                 "When more flows match than --limit, the table says so.",
+                 "When more flows match than --limit, the table says so. --cursor pages "
+                 "through a table of any size: start with --cursor start, go on with each "
+                 "page's next cursor (JSON: {\"flows\": [...], \"next_cursor\": ...}, "
+                 "null after the last page).",
      args=(_TENANT_FILTER,
            Arg("port", "only flows in or out of this port", flags=("--port",),
                metavar="IFNAME"),
@@ -548,7 +559,9 @@ _cmd("flow dump", False, "show flow table entries, sorted, filtered by tenant, p
            Arg("ip", "only flows from or to this address", flags=("--ip",), metavar="IP"),
            Arg("limit", f"at most this many flows (default 1000, at most {MAX_FLOW_DUMP})",
                flags=("--limit",),
-               kind="int", default=1000, metavar="N")))
+               kind="int", default=1000, metavar="N"),
+           Arg("cursor", "page: 'start', or the next cursor a page ended with",
+               flags=("--cursor",), metavar="CURSOR")))
 _cmd("flow flush", True, "empty the flow table (a pure cache: the next packets are "
                          "classified again)",
      "  xdpflowctl flow flush\n  xdpflowctl flow flush --tenant blue",

@@ -343,6 +343,7 @@ class TenantImage:
     vni: int
     classifier: Classifier
     policer: int = 0            # its rate limit's xf_policers key, 0: none
+    max_flows: int = 0          # the flow quota in force (0: none)
 
 
 # IPv6 link-local sources (fe80::/64): a VM's own, tied to its MAC by the MAC check.
@@ -428,14 +429,17 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
                   slots: Optional[Dict[str, int]] = None,
                   max_entries: Optional[int] = None,
                   classifiers: Optional[Dict[str, Classifier]] = None,
-                  neighbours: Optional[Dict[str, str]] = None) -> Image:
+                  neighbours: Optional[Dict[str, str]] = None,
+                  max_flows: int = 0) -> Image:
     """The whole image. Ports without a live interface (not in `links`) are left out, and
     so are endpoints behind them: nothing can be sent there yet. Rules name ports by
     `slots` (the store's, every configured port), so an in_port rule compiles whether or
     not its port's interface exists; without `slots`, the live links' slots. With
     `max_entries`, the classifier entries of all tenants together are bounded.
     `classifiers`: tenant name -> a classifier of its current rules, taken as it is.
-    `neighbours`: VTEP address -> the underlay neighbour's MAC, as the node resolved it."""
+    `neighbours`: VTEP address -> the underlay neighbour's MAC, as the node resolved it.
+    A tenant without its own flow quota gets `max_flows` (the config's [flows]
+    max_per_tenant)."""
     state.validate()
     img = Image()
     tenants = {t.name: t for t in state.tenants}
@@ -506,7 +510,8 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
         img.tenants[t.id] = TenantImage(
             id=t.id, name=t.name,
             default_verdict=abi.V_PASS if t.default == "pass" else abi.V_DROP,
-            vni=t.vni or 0, classifier=cls, policer=t.id if t.rate is not None else 0)
+            vni=t.vni or 0, classifier=cls, policer=t.id if t.rate is not None else 0,
+            max_flows=max_flows if t.max_flows is None else t.max_flows)
         if t.rate is not None:
             img.policers[bytes(ct.c_uint32(t.id))] = policer_value(t.rate, t.burst)
     for r in state.rules:

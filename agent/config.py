@@ -224,9 +224,16 @@ class MonitorSettings:
     rate_limit: int = _setting(1000, _int(1, 1000000))
 
 
+@dataclass(frozen=True)
+class FlowsSettings:
+    # Flow-table entries a tenant may hold unless it has its own --max-flows (a flow and
+    # its reply are two); over it, its new flows are judged but not cached. 0: no quota.
+    max_per_tenant: int = _setting(0, _int(0, (1 << 32) - 1))
+
+
 _SECTIONS = {"agent": AgentSettings, "metrics": MetricsSettings,
              "datapath": DatapathSettings, "aging": AgingSettings,
-             "monitor": MonitorSettings}
+             "monitor": MonitorSettings, "flows": FlowsSettings}
 
 
 @dataclass(frozen=True)
@@ -236,6 +243,7 @@ class Config:
     datapath: DatapathSettings = field(default_factory=DatapathSettings)
     aging: AgingSettings = field(default_factory=AgingSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    flows: FlowsSettings = field(default_factory=FlowsSettings)
     state: State = field(default_factory=State)  # declarative initial state, may be empty
     # Where it came from, for messages; two configs with the same settings are equal.
     source: str = field(default="<default>", compare=False)

@@ -108,7 +108,8 @@ class Controller:
         neighbours = self.links.neighbours(vteps) if self.links and vteps else {}
         return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots,
                                       max_entries=self.cfg.datapath.max_rule_entries,
-                                      classifiers=held, neighbours=neighbours)
+                                      classifiers=held, neighbours=neighbours,
+                                      max_flows=self.cfg.flows.max_per_tenant)
 
     def planned_slots(self, state: model.State) -> Dict[str, int]:
         """The slots `state`'s ports would get: kept ones from the store, the smallest free
@@ -461,10 +462,14 @@ class Controller:
 
     def flow_dump(self, tenant: Optional[str] = None, limit: int = 1000,
                   port: Optional[str] = None, proto: Optional[int] = None,
-                  ip=None) -> List[Dict[str, Any]]:
+                  ip=None, cursor: Optional[str] = None):
         """The first `limit` (at most MAX_FLOW_DUMP) flows, sorted (tenant, protocol,
         addresses, ports), of those that match every filter given: tenant, port (in or
-        out), protocol number, address (source or destination). Read outside the lock."""
+        out), protocol number, address (source or destination). Read outside the lock.
+        With `cursor` ("start", or a page's next_cursor) a page: {"flows": the `limit`
+        flows after the cursor, "next_cursor": where the next page starts, or None}. Each
+        page streams the table and holds `limit` rows, whatever the table's size."""
+        after = parse_flow_cursor(cursor) if cursor is not None else None
         if limit > MAX_FLOW_DUMP:
             raise model.Invalid("flow dump: limit", f"{limit} is more than one reply holds "
                                 f"(at most {MAX_FLOW_DUMP}; use --tenant to narrow it)")
@@ -488,10 +493,17 @@ class Controller:
                     continue
                 if ip is not None and str(ip) not in (d["src"], d["dst"]):
                     continue
+                if after is not None and flow_order(d) <= after:
+                    continue
                 yield d
 
         # Only `limit` rows are ever held, whatever the table's size.
-        return heapq.nsmallest(limit, matching(), key=flow_order)
+        if cursor is None:
+            return heapq.nsmallest(limit, matching(), key=flow_order)
+        rows = heapq.nsmallest(limit + 1, matching(), key=flow_order)
+        more = len(rows) > limit
+        return {"flows": rows[:limit],
+                "next_cursor": flow_cursor(rows[limit - 1]) if more else None}
 
     def top(self, tenant: Optional[str], by: str, limit: int) -> Dict[str, Any]:
         tenants, slots, _ = self._names()
@@ -540,14 +552,20 @@ class Controller:
         return rows
 
     def flow_summary(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
-        """Flow-table fill as of the last sweep, and insert failures from counter rows."""
+        """Flow-table fill as of the last sweep; insert failures and quota refusals (by
+        tenant) from counter rows."""
         tenants, _, _ = self._names()
         counts = self.sweeper.flow_counts
+        refused: Dict[str, int] = {}
+        for r in rows:
+            if r["reason"] == "flow_quota":
+                refused[r["tenant"]] = refused.get(r["tenant"], 0) + r["packets"]
         return {"total": sum(counts.values()),
                 "capacity": self.cfg.datapath.flow_table_size,
                 "by_tenant": {tenants.get(t, str(t)): n for t, n in sorted(counts.items())},
                 "insert_failures": sum(r["packets"] for r in rows
-                                       if r["reason"] == "insert_failed")}
+                                       if r["reason"] == "insert_failed"),
+                "quota_refusals": refused}
 
     @_locked
     def stats(self, tenant: Optional[str] = None) -> Dict[str, Any]:
@@ -680,6 +698,26 @@ def describe_summary(summary: Dict[str, Any]) -> str:
 def flow_order(d: Dict[str, Any]):
     return (d["tenant"], d["proto"], _addr_order(d["src"]), d["sport"], _addr_order(d["dst"]),
             d["dport"])
+
+
+def flow_cursor(d: Dict[str, Any]) -> str:
+    """Where a page of `flow dump` ended: the last row's sort key, readable."""
+    return "|".join(str(d[k]) for k in ("tenant", "proto", "src", "sport", "dst", "dport"))
+
+
+def parse_flow_cursor(text: Any):
+    """A cursor back to a sort key (flow_order's); "start": before every flow."""
+    if text == "start":
+        return ()
+    parts = text.split("|") if isinstance(text, str) else []
+    try:
+        if len(parts) != 6:
+            raise ValueError
+        return (parts[0], parts[1], _addr_order(parts[2]), int(parts[3]),
+                _addr_order(parts[4]), int(parts[5]))
+    except ValueError:
+        raise model.Invalid("flow dump: cursor", f"{text!r} is not a cursor (\"start\", "
+                            "or the next_cursor of the page before)") from None
 
 
 def _addr_order(text: str):

@@ -224,8 +224,8 @@ class Agent:
             log.exception("%s failed", what)
 
     def _sweep(self):
-        with self.lock:
-            done = self.controller.sweeper.sweep()
+        # The sweeper holds the lock a slice at a time: the API answers during a sweep.
+        done = self.controller.sweeper.sweep(self.lock)
         if done:
             log.debug("sweep evicted %s", ", ".join(f"{n} {why}" for why, n in done.items()))
 

@@ -473,7 +473,8 @@ class Datapath:
                 tid = ct.c_uint32.from_buffer_copy(k).value
                 self._gens[tid] = t.generation
                 self._cls_gens[tid] = t.cls_generation or t.generation
-                self._tenant_vals[tid] = v
+                t.flows = 0         # the datapath's field: never compared or cached
+                self._tenant_vals[tid] = bytes(t)
         self._rules, self._rule_slots, self._pool = {}, {}, None
         for k, v in self.maps["xf_rules"].items():
             rk = abi.RuleKey.from_buffer_copy(k)
@@ -565,7 +566,7 @@ class Datapath:
                 flipped.append(t.name)
                 continue
             self._write_tenant(tid, default_verdict=t.default_verdict, vni=t.vni,
-                               policer=t.policer)
+                               policer=t.policer, max_flows=t.max_flows)
             if tid in changed_tenants:
                 self._bump(tid)
                 bumped.append(t.name)
@@ -773,15 +774,22 @@ class Datapath:
         """Change fields of a tenant's entry, one field per map update. The tenant array's
         update is a copy a packet may read half of: with one field changing per update,
         any half is the old or the new entry. Callers order the fields so each step is
-        safe (a new classifier generation before the flow generation that trusts it)."""
+        safe (a new classifier generation before the flow generation that trusts it).
+        The flow count is the datapath's field: each write keeps the count it reads just
+        before (an insert made between that read and the write is lost to the count until
+        the sweeper re-bases it); the cached entry holds 0 there."""
+        key = bytes(ct.c_uint32(tid))
         cur = abi.Tenant.from_buffer_copy(self._tenant_vals.get(tid, bytes(abi.Tenant())))
         for name, value in fields.items():
             if getattr(cur, name) == value:
                 continue
             setattr(cur, name, value)
-            val = bytes(cur)
-            self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), val)
-            self._tenant_vals[tid] = val
+            out = abi.Tenant.from_buffer_copy(bytes(cur))
+            live = self.maps["xf_tenants"].get(key)
+            if live is not None:
+                out.flows = abi.Tenant.from_buffer_copy(live).flows
+            self.maps["xf_tenants"].put(key, bytes(out))
+            self._tenant_vals[tid] = bytes(cur)
 
     def _next_generation(self, tid: int) -> int:
         used = {g for (x, g) in list(self._rules) + list(self._masks) if x == tid}
@@ -813,15 +821,41 @@ class Datapath:
         if tid not in self._gens:
             tval = bytes(abi.Tenant(generation=gen, default_verdict=t.default_verdict,
                                     vni=t.vni, cls_generation=gen,
-                                    policer=t.policer))
+                                    policer=t.policer, max_flows=t.max_flows))
             self.maps["xf_tenants"].put(bytes(ct.c_uint32(tid)), tval)
             self._tenant_vals[tid] = tval
         else:
             self._write_tenant(tid, default_verdict=t.default_verdict, vni=t.vni,
-                               policer=t.policer, cls_generation=gen, generation=gen)
+                               policer=t.policer, max_flows=t.max_flows,
+                               cls_generation=gen, generation=gen)
         self._gens[tid] = self._cls_gens[tid] = gen
         self._cls[tid] = t.classifier
         return gen
+
+    def tenant_flow_counts(self) -> Dict[int, int]:
+        """Each configured tenant's flow count as the datapath keeps it (for its quota)."""
+        out = {}
+        for tid in self._gens:
+            v = self.maps["xf_tenants"].get(bytes(ct.c_uint32(tid)))
+            if v is not None:
+                out[tid] = abi.Tenant.from_buffer_copy(v).flows
+        return out
+
+    def rebase_flow_counts(self, counted: Dict[int, int], before: Dict[int, int]) -> None:
+        """After a sweep: each tenant's flow count is what the sweep found it holding
+        (`counted`, after evictions), plus what the datapath added since the sweep began
+        (its count now minus `before`). Entries made during the sweep and also seen by it
+        count twice until the next sweep: the quota errs strict, never lenient for long."""
+        for tid, was in before.items():
+            key = bytes(ct.c_uint32(tid))
+            cur = self.maps["xf_tenants"].get(key)
+            if cur is None:
+                continue
+            t = abi.Tenant.from_buffer_copy(cur)
+            if not t.generation:
+                continue
+            t.flows = counted.get(tid, 0) + max(0, t.flows - was)
+            self.maps["xf_tenants"].put(key, bytes(t))
 
     def _drop_other_generations(self, tid: int, keep: Optional[int]):
         for key in [k for k in self._rules if k[0] == tid and k[1] != keep]:
@@ -836,14 +870,23 @@ class Datapath:
             yield abi.FlowKey.from_buffer_copy(k), abi.Flow.from_buffer_copy(v)
 
     def flush_flows(self, tenant_id: Optional[int] = None) -> int:
+        before = self.tenant_flow_counts()
+        if tenant_id is not None:
+            before = {t: n for t, n in before.items() if t == tenant_id}
         keys = [k for k, _ in self.maps["xf_flows"].items()
                 if tenant_id is None or flow_head(k)[0] == tenant_id]
-        return self.delete_flows(keys)
+        n = self.delete_flows(keys)
+        self.rebase_flow_counts({}, before)     # the flushed tenants hold nothing now
+        return n
 
-    def flow_entries(self) -> Dict[bytes, bytes]:
-        """The raw flow table (key bytes -> entry bytes): the sweeper reads a million of
-        these per interval and unpacks only what it needs (flow_head, flow_age)."""
-        return dict(self.maps["xf_flows"].items())
+    def flow_items(self) -> Iterator[Tuple[bytes, bytes]]:
+        """The raw flow table (key bytes, entry bytes), read in batches: the sweeper reads a
+        million of these per sweep, a slice at a time, and unpacks only what it needs
+        (flow_head, flow_age)."""
+        return self.maps["xf_flows"].items()
+
+    def flow_entry(self, key: bytes) -> Optional[bytes]:
+        return self.maps["xf_flows"].get(key)
 
     def delete_flows(self, keys: List[bytes]) -> int:
         return self.maps["xf_flows"].delete_many(keys)
@@ -935,3 +978,4 @@ class Datapath:
         records = [abi.Trace.from_buffer_copy(v) for v in rec.per_cpu(rec.get(zero))]
         written = [t for t in records if t.verdict or t.reason]
         return rc, out, written[0] if written else abi.Trace()
+

@@ -78,6 +78,9 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
      "Flow-table inserts that failed (the packet was still classified and acted on).", ()),
     ("xdpflow_flow_evictions", "counter",
      "Flow-table entries removed, by reason.", ("reason",)),
+    ("xdpflow_flow_quota_refusals", "counter",
+     "Packets whose new flow was judged but not cached: the tenant held its flow quota.",
+     ("tenant",)),
     ("xdpflow_tenant_generation", "gauge",
      "Rule-set generation currently active in the datapath, by tenant.", ("tenant",)),
     ("xdpflow_rules", "gauge",
@@ -315,6 +318,8 @@ class DatapathCollector:
         f["xdpflow_flow_table_fill_ratio"].add_metric(
             [], total / capacity if capacity > 0 else 0.0)
         f["xdpflow_flow_insert_failures"].add_metric([], int(summary["insert_failures"]))
+        for tenant, n in sorted(summary.get("quota_refusals", {}).items()):
+            f["xdpflow_flow_quota_refusals"].add_metric([_label(tenant)], int(n))
 
     def _fill_evictions(self, f: Dict[str, Metric]) -> None:
         # Every reason, at 0 until it happens, so rate() and alerts work from the first
@@ -464,8 +469,10 @@ class AgentSource:
 
     def flow_summary(self):
         with self.c.lock:
-            # Insert failures are event rows (verdict "none"), which counters() leaves out.
-            events = [r for r in self.c.counter_rows() if r["reason"] == "insert_failed"]
+            # Insert failures and quota refusals are event rows (verdict "none"), which
+            # counters() leaves out.
+            events = [r for r in self.c.counter_rows()
+                      if r["reason"] in ("insert_failed", "flow_quota")]
             return self.c.flow_summary(events)
 
     def evictions(self):

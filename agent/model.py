@@ -18,6 +18,7 @@ IPNet = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 MAX_TENANT_ID = 65535
 MAX_VNI = (1 << 24) - 1
+MAX_FLOW_QUOTA = (1 << 32) - 1   # a u32 in the tenant entry
 MAX_PRIORITY = 65535
 MAX_RULE_ID = (1 << 31) - 1
 IFNAMSIZ = 15
@@ -258,7 +259,12 @@ class Tenant:
     rate: Optional[str] = None       # rate limit of what its rules let through (parse_rate)
     burst: Optional[int] = None      # packets (pps) or bytes (bit rates); None: burst_of
 
-    FIELDS = ("name", "id", "vni", "default", "rate", "burst")
+    # Flow-table entries it may hold (a flow and its reply are two); over it, its new
+    # flows are judged but not cached. None: the config's [flows] max_per_tenant; 0: none.
+    max_flows: Optional[int] = None
+
+
+    FIELDS = ("name", "id", "vni", "default", "rate", "burst", "max_flows")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Tenant":
@@ -271,11 +277,13 @@ class Tenant:
             vni=None if d.get("vni") is None else parse_int(d["vni"], f"{where}: vni", 1, MAX_VNI),
             default=parse_choice(d.get("default", "drop"), f"{where}: default", VERDICTS),
             rate=rate, burst=burst,
+            max_flows=None if d.get("max_flows") is None else
+            parse_int(d["max_flows"], f"{where}: max_flows", 0, MAX_FLOW_QUOTA),
         )
 
     def to_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "id": self.id, "vni": self.vni, "default": self.default,
-                **limit_dict(self)}
+                "max_flows": self.max_flows, **limit_dict(self)}
 
 
 def parse_bool(value: Any, where: str) -> bool:

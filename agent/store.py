@@ -17,7 +17,7 @@ from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class StoreError(Exception):
@@ -138,8 +138,14 @@ ALTER TABLE rules ADD COLUMN rate TEXT;
 ALTER TABLE rules ADD COLUMN burst INTEGER;
 """
 
+# Version 6: per-tenant flow quotas. NULL: the config's [flows] max_per_tenant.
+_TENANTS_V6 = """
+ALTER TABLE tenants ADD COLUMN max_flows INTEGER CHECK (max_flows >= 0);
+"""
+
 # MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
-MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _PORTS_V3, 3: _ENDPOINTS_V4, 4: _RATE_LIMITS_V5}
+MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _PORTS_V3, 3: _ENDPOINTS_V4,
+                              4: _RATE_LIMITS_V5, 5: _TENANTS_V6}
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,8 +195,9 @@ def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
 
 
 _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] = {
-    "tenants": (("name",), ("id", "vni", "default_verdict", "rate", "burst"),
-                lambda t: (t.name, t.id, t.vni, t.default, t.rate, t.burst), _tenant_dict),
+    "tenants": (("name",), ("id", "vni", "default_verdict", "rate", "burst", "max_flows"),
+                lambda t: (t.name, t.id, t.vni, t.default, t.rate, t.burst, t.max_flows),
+                _tenant_dict),
     "ports": (("name",), ("tenant", "allow", "port_security", "allow_vlan", "uplink",
                           "local_ip"), _port_row,
               _port_dict),

@@ -23,6 +23,7 @@
  * Built with -DXF_TRACE it is the trace build: the same pipeline run by BPF_PROG_TEST_RUN
  * for `xdpflowctl trace`, which records what it decided and writes no flow or counter. */
 #include <uapi/linux/bpf.h>
+#include <uapi/asm-generic/errno-base.h>   /* EEXIST */
 #include <linux/in.h>
 #include <linux/in6.h>
 #include <linux/if_ether.h>
@@ -907,10 +908,28 @@ static __always_inline __u8 xf_classify(__u16 tenant, __u32 gen, struct xf_flow_
     return best->action;
 }
 
-static __always_inline int xf_insert(struct xf_flow_key *k, struct xf_flow *f, __u16 port)
+/* A new entry counts against its tenant's quota (t->flows, added to atomically: several
+ * CPUs install at once); replacing an entry that exists (a stale one) does not, and is
+ * done at the quota too, or a tenant at its quota would re-judge its flows after every
+ * rule change until they aged out. Returns 0 when cached, -1 when the insert failed
+ * (counted), 1 when the quota refused a new entry. */
+static __always_inline int xf_insert(struct xf_flow_key *k, struct xf_flow *f, __u16 port,
+                                     struct xf_tenant *t, int at_quota)
 {
 #ifndef XF_TRACE
-    if (xf_flows.update(k, f)) {
+    int rc;
+    if (at_quota) {
+        if (!xf_flows.lookup(k))
+            return 1;
+        rc = xf_flows.update(k, f);
+    } else {
+        rc = xf_flows.insert(k, f);
+        if (rc == -EEXIST)
+            rc = xf_flows.update(k, f);
+        else if (!rc && t)
+            __sync_fetch_and_add(&t->flows, 1);
+    }
+    if (rc) {
         xf_count(port, XF_V_NONE, XF_R_INSERT_FAILED, 0);
         return -1;
     }
@@ -1069,12 +1088,21 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
     own->tcp_flags = tflags;
     if (tflags & (TCPHDR_FIN | TCPHDR_RST))
         own->flags |= XF_FLOW_CLOSING;
+    /* A tenant at its flow quota gets the verdict it was judged, its new entries
+     * uncached (counted once a packet): a flood of new flows fills its own share of the
+     * table, never another tenant's. */
+    __u32 tid = c->tenant;
+    struct xf_tenant *t = xf_tenants.lookup(&tid);
+    int at_quota = t && t->max_flows && t->flows >= t->max_flows;
+    int refused = 0;
     /* The reply first: a full table then leaves no forward entry without its reply
      * path. A forward entry still current (a reply re-creating its entry) is kept. */
     if (have_rev)
-        xf_insert(&sc->rk, &sc->rf, c->slot);
+        refused |= xf_insert(&sc->rk, &sc->rf, c->slot, t, at_quota) > 0;
     if (!j->keep_fwd)
-        xf_insert(&sc->ck, &sc->nf, c->slot);
+        refused |= xf_insert(&sc->ck, &sc->nf, c->slot, t, at_quota) > 0;
+    if (refused)
+        xf_count(c->slot, XF_V_NONE, XF_R_FLOW_QUOTA, 0);
 
     if (j->as_reply && !have_rev)
         return xf_decide(c, XF_V_DROP, XF_R_NO_ROUTE);

@@ -84,7 +84,8 @@
 #define XF_R_NO_NEIGH 37       /* the underlay neighbour of a VTEP is not resolved yet */
 /* 40-47: NAT and rate limits; 48-51: quotas */
 #define XF_R_RATELIMIT 40      /* over a tenant's or rule's rate limit (xf_policers) */
-#define XF_R_MAX 41
+#define XF_R_FLOW_QUOTA 48     /* event: the tenant is at its flow quota: judged, not cached */
+#define XF_R_MAX 49
 #define XF_R_ROWS 64           /* reasons per (port, verdict) in the counter array */
 
 /* Rule actions (classifier entries). */

@@ -5,8 +5,14 @@
 
 #define XF_PIN(name) XF_PIN_DIR "/" #name
 
-/* Exact-match flow table: (tenant, 5-tuple) -> flattened action and counters. */
+/* Exact-match flow table: (tenant, 5-tuple) -> flattened action and counters. A hash
+ * aged by the agent's sweeper; -DXF_FLOW_LRU builds it as an LRU hash, for the flood
+ * benchmark's comparison only (netns_lab/bench_flood.py: why the hash stays). */
+#ifdef XF_FLOW_LRU
+BPF_TABLE_PINNED("lru_hash", struct xf_flow_key, struct xf_flow, xf_flows, XF_FLOW_TABLE_SIZE, XF_PIN(xf_flows));
+#else
 BPF_TABLE_PINNED("hash", struct xf_flow_key, struct xf_flow, xf_flows, XF_FLOW_TABLE_SIZE, XF_PIN(xf_flows));
+#endif
 /* Ports by ingress ifindex (tenant, slot, MAC): an array for ifindexes below
  * XF_PORT_INDEX, the common case, one array lookup per packet; a hash for the rest. */
 BPF_TABLE_PINNED("array", __u32, struct xf_port, xf_port_index, XF_PORT_INDEX, XF_PIN(xf_port_index));

@@ -74,6 +74,11 @@ struct xf_tenant {
     /* --- rate limits (issue 11) --- */
     __u32 policer;         /* xf_policers key of its rate limit (its id), 0: none */
     __u32 pad_rl;
+    /* Flow quota (appended; see xf_stage_install). The agent writes max_flows and keeps
+     * `flows` when it rewrites the entry; the datapath adds 1 (atomically) per entry it
+     * creates for the tenant and the sweeper re-bases it on what the table holds. */
+    __u32 max_flows;       /* entries the tenant may hold; 0: no quota */
+    __u32 flows;           /* entries it holds (approximate between sweeps) */
 };
 
 /* One mask of a tenant's tuple space. Masks are sorted by max_rank, highest first, so the

@@ -387,8 +387,10 @@ def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
             model.parse_int(ns.limit, "flow dump: limit", 1, MAX_FLOW_DUMP)
         except model.Invalid as e:
             raise UsageError(str(e)) from None
-        # One more than shown, to know whether --limit cut (within what one reply holds).
-        args["limit"] = min(ns.limit + 1, MAX_FLOW_DUMP)
+        # One more than shown, to know whether --limit cut (within what one reply holds);
+        # a page (--cursor) says itself where the next one starts.
+        if ns.cursor is None:
+            args["limit"] = min(ns.limit + 1, MAX_FLOW_DUMP)
     return args
 
 
@@ -419,7 +421,7 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str],
 
 
 LIST_COLUMNS = {
-    "tenants": ("name", "id", "vni", "default", "rate", "burst"),
+    "tenants": ("name", "id", "vni", "default", "rate", "burst", "max_flows"),
     "ports": ("name", "tenant", "attached", "mode", "port_security", "allow_vlan", "allow",
               "local_ip", "note"),
     "endpoints": ("tenant", "ip", "port", "mac", "vtep"),
@@ -633,6 +635,12 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             lines[-1] += (f"; kept {n_kept} object{'s' if n_kept != 1 else ''} not in the file "
                           "(--prune removes them)")
         return "\n".join(lines)
+    if name == "flow dump" and isinstance(result, dict):
+        rows, cols = _flow_rows(result["flows"])
+        text = format_table(rows, cols, NUMERIC) if rows else "no flows"
+        if result.get("next_cursor"):
+            text += f"\n(more: --cursor '{result['next_cursor']}')"
+        return text
     if name == "flow dump":
         rows = list(result or [])
         limit = args.get("limit", 0) - 1

@@ -89,6 +89,10 @@ SUITES: Dict[str, Suite] = {
                        _lazy("bench_ratelimit", "run_ratelimit"),
                        _lazy("bench_ratelimit", "ratelimit_table"),
                        _lazy("bench_ratelimit", "ratelimit_plots")),
+    "flood": Suite("one tenant offers twice the flow table in new flows beside a steady "
+                   "one: hash + sweeper (with and without a quota) against an LRU hash",
+                   _lazy("bench_flood", "run_flood"), _lazy("bench_flood", "flood_table"),
+                   _lazy("bench_flood", "flood_plots")),
     "memory": Suite("kernel map memory per flow and per rule, the agent's RSS",
                     _lazy("bench_memory", "run_memory"), _lazy("bench_memory", "memory_table"),
                     _lazy("bench_memory", "memory_plots")),

@@ -150,6 +150,7 @@ BENCH_TARGETS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
     "memory": _bench_suite("memory"),
     "ratelimit": _bench_suite("ratelimit"),
     "control": _bench_suite("control"),
+    "flood": _bench_suite("flood"),
     "all": _bench_suite("all"),
 }
 

@@ -90,14 +90,15 @@ def test_the_search_stops_at_a_mask_that_cannot_win(bench):
                  abi.RuleKey.from_buffer_copy(k).tenant == BLUE]
     r2 = abi.Rule.from_buffer_copy(v2)
     try:
-        r2.rank = 1000                                   # would beat rule 1 if seen
+        top = ms.masks[0].max_rank                       # rule 1's (64-bit) rank
+        r2.rank = top + 1                                # would beat rule 1 if seen
         rules.put(k2, bytes(r2))
         ms.masks[1].max_rank = ms.masks[0].max_rank      # "nothing here beats mask 0's best"
         bench.dp.maps["xf_masks"].put(key, bytes(ms))
         bench.dp.flush_flows()
         rc, _ = bench.run(raw(udp4()), "p1")
         assert rc == XDP_DROP, "mask 1 was searched although it could not win"
-        ms.masks[1].max_rank = 1000                      # now it can: it is searched
+        ms.masks[1].max_rank = top + 1                   # now it can: it is searched
         bench.dp.maps["xf_masks"].put(key, bytes(ms))
         rc, _ = bench.run(raw(udp4()), "p1")
         assert rc == XDP_REDIRECT

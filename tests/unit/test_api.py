@@ -56,7 +56,7 @@ def raw(path, payload: bytes, timeout=5.0):
 def test_ok_reply(server, sock_path):
     r = raw(sock_path, b'{"command": "tenant list", "args": {}}\n')
     assert r == {"ok": True, "result": [{"name": "blue", "id": 10, "vni": None,
-                                         "default": "drop"}]}
+                                         "default": "drop", "max_flows": None}]}
 
 
 def test_request_without_newline_ended_by_shutdown(server, sock_path):

@@ -137,8 +137,8 @@ def test_tenants(run, agent):
     assert rc == 0 and out.startswith("added tenant red")
     rc, out, _ = run("tenant", "list")
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "ID", "VNI", "DEFAULT"]
-    assert lines[2].split() == ["red", "20", "5020", "pass"]
+    assert lines[0].split() == ["NAME", "ID", "VNI", "DEFAULT", "MAX_FLOWS"]
+    assert lines[2].split() == ["red", "20", "5020", "pass", "-"]
     assert run("tenant", "del", "red") == (0, "deleted tenant red\n", "")
     assert [t.name for t in ctl.state.tenants] == ["blue"]
 

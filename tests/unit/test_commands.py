@@ -256,7 +256,7 @@ def test_rule_priority_help_says_highest_wins():
 def test_tenant_add_passes_only_given_fields():
     c = FakeController()
     assert dispatch(c, "tenant add", {"name": "blue", "id": 10}) == {
-        "name": "blue", "id": 10, "vni": None, "default": "drop"}
+        "name": "blue", "id": 10, "vni": None, "default": "drop", "max_flows": None}
     assert c.calls == [("add", "tenants", {"name": "blue", "id": 10})]
 
 

@@ -41,7 +41,7 @@ class FakeSource:
     def flow_summary(self):
         self._call("flow_summary")
         return dict(total=250, capacity=1000, by_tenant={"blue": 200, "red": 50},
-                    insert_failures=4)
+                    insert_failures=4, quota_refusals={"red": 7})
 
     def evictions(self):
         self._call("evictions")
@@ -144,6 +144,7 @@ def test_scrape_matches_the_source(server):
     assert value(got, "xdpflow_flow_table_capacity") == 1000
     assert value(got, "xdpflow_flow_table_fill_ratio") == pytest.approx(0.25)
     assert value(got, "xdpflow_flow_insert_failures_total") == 4
+    assert value(got, "xdpflow_flow_quota_refusals_total", tenant="red") == 7
 
     assert value(got, "xdpflow_flow_evictions_total", reason="idle") == 30
     assert value(got, "xdpflow_flow_evictions_total", reason="closed") == 12

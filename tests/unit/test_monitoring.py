@@ -23,6 +23,8 @@ ALERTS = {
     "XdpflowFlowTableNearlyFull",   # flow table above 90% full
     "XdpflowMapNearlyFull",         # every other sized map
     "XdpflowFlowInsertsFailing",
+    "XdpflowFlowTableEvicting",     # issue 14: evictions of live flows (over the watermark)
+    "XdpflowTenantAtFlowQuota",     # issue 14: a tenant's new flows refused by its quota
     "XdpflowDropsRising",           # drops by reason rising
     "XdpflowAgentDown",             # agent down ...
     "XdpflowAgentNotScraped",       # ... or not scraped

@@ -110,6 +110,7 @@ def test_store_migrates_a_version_1_database(tmp_path):
     with store.Store.open(path) as s:
         assert s.get_meta("schema_version") == str(store.SCHEMA_VERSION)
         st = s.load()
+        assert st.tenants[0].max_flows is None                # the config's default
         assert st.ports == [model.Port("vm1", "blue")]        # secured, untagged
         new = st.copy()
         new.ports = [port(name="vm1", allow=["10.0.0.64/26"], port_security=False,

@@ -48,7 +48,8 @@ def test_burst_needs_a_rate_and_a_rule_limit_needs_allow():
 
 def test_objects_without_a_limit_print_as_before():
     st = _state()
-    assert st.tenants[0].to_dict() == {"name": "blue", "id": 10, "vni": None, "default": "drop"}
+    assert st.tenants[0].to_dict() == {"name": "blue", "id": 10, "vni": None, "default": "drop",
+                                       "max_flows": None}
     assert "rate" not in st.rules[0].to_dict()
     st = _state(tenant={"rate": "100mbit"}, rule={"rate": "5pps", "burst": 2})
     assert st.tenants[0].to_dict()["rate"] == "100mbit"

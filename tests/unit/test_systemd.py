@@ -174,7 +174,7 @@ def test_example_config_parses_with_every_section():
     from agent import config
     doc = tomllib.loads(EXAMPLE.read_text())
     # Every setting spelled out, at the agent's defaults; the state example stays commented.
-    assert set(doc) == {"agent", "metrics", "datapath", "aging", "monitor"}
+    assert set(doc) == {"agent", "metrics", "datapath", "aging", "monitor", "flows"}
     assert config.parse(EXAMPLE.read_text()) == config.Config.default()
     for section in doc:
         assert re.search(rf"^# .*\n\[{section}\]$", EXAMPLE.read_text(), re.M), section
