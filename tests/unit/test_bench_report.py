@@ -409,7 +409,8 @@ def test_bench_control_states_goals_and_table():
     cls = compiler.compile_rules(bc.TENANT, st.rules, {}, 32)
     assert len(cls.masks) == 4 and cls.size == 400
     doc = {"apply": [{"rules": 1000, "ok": True, "seconds": 0.5, "rules_per_s": 2000.0,
-                      "dry_run_seconds": 0.3},
+                      "dry_run_seconds": 0.3, "json_seconds": 0.25, "json_rules_per_s": 4000.0,
+                      "json_dry_run_seconds": 0.2},
                      {"rules": 100000, "ok": False, "error": "request larger than 4194304"}],
            "single": [{"beside": 1000, "add_e2e_ms": 200.0, "add_agent_ms": 3.0,
                        "del_e2e_ms": 190.0, "del_agent_ms": 1.0}],
@@ -420,9 +421,11 @@ def test_bench_control_states_goals_and_table():
     doc["goals"] = bc.goals(doc)
     by = {g["name"]: g for g in doc["goals"]}
     assert by["apply of 100,000 rules, rules/s end to end"]["met"] is None
+    assert by["apply of 100,000 rules from JSON, rules/s end to end"]["met"] is None
     assert by["warm restart to ready (s)"]["met"] is True
     assert by["miss, best match in the top mask: 16 masks / 1 mask"]["value"] == round(116 / 101, 3)
     text = bc.control_table(doc)
     assert "100,000 rules: FAILED request larger" in text and "warm 0.8 s" in text
+    assert "  1,000 rules from JSON" in text and "4,000" in text
     assert bc.metric_value("# x\nxdpflow_apply_duration_seconds 0.0125\n",
                            "xdpflow_apply_duration_seconds") == 0.0125

@@ -211,6 +211,54 @@ def test_apply_dry_run_then_real(run, agent, tmp_path):
     assert out.strip() == "no changes"
 
 
+def test_apply_json_file_is_the_same_state_as_toml(run, agent, tmp_path):
+    from ctl.cli import load_state_file
+    toml = tmp_path / "state.toml"
+    toml.write_text(STATE_TOML)
+    f = tmp_path / "state.JSON"           # by extension, any case
+    f.write_text(json.dumps(load_state_file(str(toml))))
+    assert load_state_file(str(f)) == load_state_file(str(toml))
+    rc, out, _ = run("apply", str(f))
+    assert rc == 0 and out.rstrip().endswith("applied 6 changes")
+    assert run("apply", str(toml))[1].strip() == "no changes"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"tenants": [', "JSON syntax error: Expecting value: line 1 column 14"),
+    ('{"tenants": [{"name": "blue", "id": NaN}]}', "NaN is not a JSON number"),
+    ('[{"name": "blue"}]', "a JSON apply file is one object"),
+    ('{"tenants": {"name": "blue"}}', "tenants must be a list of objects"),
+    ('{"vpcs": []}', "vpcs: unknown table 'vpcs'"),
+    ('{"tenants": [{"name": "blue", "id": "10"}]}', "tenants[0].id: tenant blue: id: '10' is text"),
+    ('{"tenants": [{"name": "b", "id": 1}, {"name": "b", "id": 2}]}',
+     "tenants[1]: tenant b: given twice (first at tenants[0])"),
+    ("[" * 100_000, "nested too deeply"),
+])
+def test_apply_json_file_errors_name_the_place(run, agent, tmp_path, text, message):
+    ctl, _ = agent
+    f = tmp_path / "state.json"
+    f.write_text(text)
+    rc, _, err = run("apply", str(f))
+    assert rc == 2 and f"{f}" in err and message in err, err
+    assert ctl.state.tenants == []
+
+
+def test_apply_json_file_agent_error_names_the_object(run, agent, tmp_path):
+    f = tmp_path / "state.json"
+    f.write_text(json.dumps({"rules": [{"id": 7, "tenant": "nosuch", "priority": 1,
+                                        "action": "allow"}]}))
+    rc, _, err = run("apply", str(f))
+    assert rc != 0 and f"{f}: rules[0]: rule 7" in err, err
+
+
+def test_json_output_is_indented_unless_big():
+    small = {"a": [1, 2]}
+    assert cli.json_document(small) == json.dumps(small, indent=2)
+    big = {"rules": [{"id": i, "tenant": "blue"} for i in range(40_000)]}
+    text = cli.json_document(big)
+    assert "\n" not in text and json.loads(text) == big
+
+
 def test_apply_from_stdin(run, agent, monkeypatch):
     import io
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(STATE_TOML.encode())))
