@@ -556,7 +556,9 @@ class Controller:
         tenant) from counter rows."""
         tenants, _, _ = self._names()
         counts = self.sweeper.flow_counts
-        refused: Dict[str, int] = {}
+        # Every tenant at 0 until it is refused, so rate() and the quota alert work from
+        # the first scrape.
+        refused: Dict[str, int] = {t.name: 0 for t in self.state.tenants}
         for r in rows:
             if r["reason"] == "flow_quota":
                 refused[r["tenant"]] = refused.get(r["tenant"], 0) + r["packets"]
