@@ -182,7 +182,7 @@ class FakeController:
              "packets": 3, "bytes": 180}],
             "flows": {"total": len(self.flows), "capacity": 65536,
                       "by_tenant": {"blue": 1, "red": 1}, "insert_failures": 0,
-                      "quota_refusals": {}},
+                      "quota_refusals": {"blue": 0}},
             "evictions": {r: 0 for r in EVICTION_REASONS},
             "rule_hits": {"1": 1000},
             "rule_counters": {"1": {"packets": 1200, "bytes": 76800}},
