@@ -108,8 +108,13 @@ def reply_ok(result: Any) -> Dict[str, Any]:
     return {"ok": True, "result": result}
 
 
-def reply_error(code: str, message: str) -> Dict[str, Any]:
-    return {"ok": False, "error": {"code": code, "message": message}}
+def reply_error(code: str, message: str, **place: Optional[str]) -> Dict[str, Any]:
+    """An error reply; `place`: where in the request's apply file the object it is about
+    sits ("at": "rules[3].dport", and "first_at" for an object given twice), left out
+    when not known."""
+    err = {"code": code, "message": message}
+    err.update((k, v) for k, v in place.items() if v is not None)
+    return {"ok": False, "error": err}
 
 
 def _encode(doc: Dict[str, Any]) -> bytes:
@@ -545,9 +550,9 @@ class ApiServer:
         except commands.BadArgs as e:
             return reply_error(BAD_REQUEST, str(e))
         except model.Conflict as e:
-            return reply_error(REFUSED, str(e))
+            return reply_error(REFUSED, str(e), at=e.at, first_at=e.first_at)
         except model.Invalid as e:
-            return reply_error(INVALID, str(e))
+            return reply_error(INVALID, str(e), at=e.at, first_at=e.first_at)
         except PermissionError as e:
             return reply_error(DENIED, str(e))
         except Exception as e:
@@ -629,10 +634,12 @@ def describe_result(cmd: commands.Command, reply: Dict[str, Any]) -> str:
 class ApiError(Exception):
     """An error reply, or "unreachable" when the agent's socket cannot be reached."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, at: Optional[str] = None,
+                 first_at: Optional[str] = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.at, self.first_at = at, first_at     # reply_error's place in an apply file
 
 
 class ApiClient:
@@ -732,7 +739,8 @@ class ApiClient:
         if reply["ok"]:
             return reply.get("result")
         err = reply.get("error") or {}
-        raise ApiError(str(err.get("code", INTERNAL)), str(err.get("message", "")))
+        place = {k: str(err[k]) for k in ("at", "first_at") if err.get(k) is not None}
+        raise ApiError(str(err.get("code", INTERNAL)), str(err.get("message", "")), **place)
 
 
 class ApiStream:

@@ -421,13 +421,14 @@ class Controller:
         self._commit(new, None if gone is None else {"rules": ([], [gone], [])})
         return {}
 
-    def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False) -> Dict[str, Any]:
+    def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False,
+              diff_limit: Optional[int] = None) -> Dict[str, Any]:
         """A desired state, as a diff. With `prune` it is the whole state (objects it does
         not name are removed); without, objects it does not name are kept and listed under
         "keep". A dry run holds the lock only to take the current state and slots; parsing,
         compiling (bounded by the datapath's sizes) and diffing a client's big state happen
-        outside it."""
-        given = model.State.from_dict(state)
+        outside it. `diff_limit`: model.diff's `limit`."""
+        given = model.State.from_apply(state)
         kept = None if prune else given
         with self.lock:
             cur = self.state
@@ -439,7 +440,7 @@ class Controller:
         # masks, entries or ports) is refused whole.
         img = self._compile(new, slots, {})
         if dry_run:
-            return model.diff(cur, new, kept=kept)
+            return model.diff(cur, new, kept=kept, limit=diff_limit)
         with self.lock:
             compiled = None
             if self.state is cur:
@@ -449,7 +450,7 @@ class Controller:
                 # Changed meanwhile: keep what the file does not name as it is now.
                 new = self.state.merged(given)
                 new.validate()
-            d = model.diff(self.state, new, kept=kept)
+            d = model.diff(self.state, new, kept=kept, limit=diff_limit)
             if model.count_changes(d):
                 self._commit(new, compiled=compiled)
         return d

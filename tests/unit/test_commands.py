@@ -149,12 +149,12 @@ class FakeController:
         self.state = self.state.with_removed(kind, tuple(ident))
         return {}
 
-    def apply(self, state, dry_run, prune=False):
+    def apply(self, state, dry_run, prune=False, diff_limit=None):
         self._enter("apply", state, dry_run)
-        given = model.State.from_dict(state)
+        given = model.State.from_apply(state)
         new = given if prune else self.state.merged(given)
         new.validate()
-        d = model.diff(self.state, new, kept=None if prune else given)
+        d = model.diff(self.state, new, kept=None if prune else given, limit=diff_limit)
         if not dry_run:
             self.state = new
         return d
