@@ -1054,12 +1054,18 @@ def diff(old: State, new: State, kept: Optional[State] = None,
             part["keep"] = [o for o in sorted(getattr(old, kind),
                                               key=lambda o: _ident_order(identity(kind, o)))
                             if identity(kind, o) not in named]
-        a = {identity(kind, o): o for o in getattr(old, kind)}
-        b = {identity(kind, o): o for o in getattr(new, kind)}
-        part["add"] = [b[k] for k in sorted(b.keys() - a.keys(), key=_ident_order)]
-        part["remove"] = [a[k] for k in sorted(a.keys() - b.keys(), key=_ident_order)]
-        part["change"] = [k for k in sorted(a.keys() & b.keys(), key=_ident_order)
-                          if a[k] != b[k]]
+        if kind == "rules":
+            # (id,) sorts as _ident_order sorts it, without a key built per rule.
+            a = {(o.id,): o for o in old.rules}
+            b = {(o.id,): o for o in new.rules}
+            order = None
+        else:
+            a = {identity(kind, o): o for o in getattr(old, kind)}
+            b = {identity(kind, o): o for o in getattr(new, kind)}
+            order = _ident_order
+        part["add"] = [b[k] for k in sorted(b.keys() - a.keys(), key=order)]
+        part["remove"] = [a[k] for k in sorted(a.keys() - b.keys(), key=order)]
+        part["change"] = [k for k in sorted(a.keys() & b.keys(), key=order) if a[k] != b[k]]
         if limit is not None and any(len(v) > limit for v in part.values()):
             part["counts"] = {k: len(v) for k, v in part.items()}
         for k, objs in part.items():
