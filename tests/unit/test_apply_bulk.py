@@ -153,15 +153,18 @@ def test_ctl_names_the_line_of_a_rule_the_agent_refuses(run, agent, tmp_path):
 
 @pytest.mark.parametrize("text", [
     'a = {\n b = 1 }\n', 'a = { b = 1, }\n', 'a = "\\e"\n', 'a = "\\x41"\n', 'a = 07:32\n',
-    'a = 1979-05-27T07:32\n', 'a = 1\na = 2\n', '[x]\n[x]\n', 'a = 01\n', 'a = "\x01"\n',
+    'a = [\n  07:32]\n', 'a = 1979-05-27T07:32\n', 'a = 1\na = 2\n', '[x]\n[x]\n', 'a = 01\n',
+    'a = "\x01"\n',
 ])
-def test_toml_that_tomllib_refuses_is_refused_with_its_message(text):
+def test_toml_that_tomllib_refuses_is_refused_with_its_message(text, tmp_path):
     # rtoml reads TOML 1.1; an apply file is read as TOML 1.0, as it always was.
     with pytest.raises(tomllib.TOMLDecodeError) as want:
         tomllib.loads(text)
-    with pytest.raises(tomllib.TOMLDecodeError) as got:
-        cli._parse_toml(text, tomllib.loads)
-    assert str(got.value) == str(want.value)
+    f = tmp_path / "s.toml"
+    f.write_text(text)
+    with pytest.raises(cli.UsageError) as got:
+        cli.load_state_file(str(f))
+    assert str(got.value) == f"{f}: TOML syntax error: {want.value}"
 
 
 def test_plain_toml_reads_as_tomllib_reads_it():
@@ -170,5 +173,5 @@ def test_plain_toml_reads_as_tomllib_reads_it():
     text = toml_tables("", {k: [v] * 3 for k, v in VALID.items()}) + \
         '# a comment\n[[rules]]\nid = 9\ntenant = "b"\npriority = 1_000\naction = \'deny\'\n' \
         'src = """10.0.0.0/8"""\nmac = "02:00:00:00:00:05"\nip = "fe80::10:20"\nf = 1.5e3\n'
-    assert not cli._TOML_1_1.search(text)
+    assert not any(s in text for s in cli._TOML_1_1)
     assert cli._parse_toml(text, tomllib.loads) == tomllib.loads(text)
