@@ -266,7 +266,7 @@ def _apply(c, args):
     if limit is not None:
         model.parse_int(limit, "apply: diff_limit", 0, model.MAX_RULE_ID)
     return c.apply(args["state"], bool(args.get("dry_run")), prune=bool(args.get("prune")),
-                   diff_limit=limit)
+                   diff_limit=limit, no_duplicates=bool(args.get("no_duplicates")))
 
 
 # What xdpflowctl asks an apply's diff to list of each kind's added, removed, changed and
@@ -550,7 +550,10 @@ _cmd("apply", True, "apply a desired state (TOML) atomically and show the differ
                             f"{DIFF_SHOWN} of each list and the counts)",
                flags=("--full-diff",), kind="flag", wire=False),
            Arg("diff_limit", "list at most this many objects per list of the diff, with "
-                             "\"counts\" when cut (absent: all)", kind="int", cli=False)))
+                             "\"counts\" when cut (absent: all)", kind="int", cli=False),
+           Arg("no_duplicates", "refuse an object that `state` names twice, as an apply "
+                                "file may not (without it the later one counts)",
+               kind="flag", cli=False)))
 
 # -- flows --
 _cmd("flow dump", False, "show flow table entries, sorted, filtered by tenant, port, "

@@ -461,13 +461,14 @@ class Controller:
         return {}
 
     def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False,
-              diff_limit: Optional[int] = None) -> Dict[str, Any]:
+              diff_limit: Optional[int] = None, no_duplicates: bool = False
+              ) -> Dict[str, Any]:
         """A desired state, as a diff. With `prune` it is the whole state (objects it does
         not name are removed); without, objects it does not name are kept and listed under
         "keep". A dry run holds the lock only to take the current state and slots; parsing,
         compiling (bounded by the datapath's sizes) and diffing a client's big state happen
-        outside it. `diff_limit`: model.diff's `limit`."""
-        given = model.State.from_apply(state)
+        outside it. `diff_limit`: model.diff's `limit`; `no_duplicates`: State.from_apply's."""
+        given = model.State.from_apply(state, no_duplicates)
         kept = None if prune else given
         with self.lock:
             cur = self.state

@@ -746,11 +746,12 @@ class State:
         return st
 
     @classmethod
-    def from_apply(cls, d: Dict[str, Any]) -> "State":
+    def from_apply(cls, d: Dict[str, Any], no_duplicates: bool = False) -> "State":
         """An apply request's state: from_dict, with each object's place in the file on
-        its error (Invalid.at), and an object given twice in it refused (merging would
-        silently keep the last). The one check of an apply file's objects: the client
-        sends the file as it parsed it and turns `at` into a line."""
+        its error (Invalid.at); with `no_duplicates`, an object given twice in it is
+        refused (an apply file's rule; an API caller's later object replaces the
+        earlier). The one check of an apply file's objects: the client sends the file as
+        it parsed it and turns `at` into a line."""
         if d is None:
             d = {}
         _check_keys(d, "state", KINDS)
@@ -766,7 +767,8 @@ class State:
                         objs.append(typ.from_dict(x))
                     except Invalid as e:
                         raise _placed(e, kind, i) from None
-            _refuse_twice(kind, objs)
+            if no_duplicates:
+                _refuse_twice(kind, objs)
             setattr(st, kind, objs)
         return st
 

@@ -432,6 +432,7 @@ def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
     if cmd.name == "apply":
         ns.state_file = read_state_file(ns.file)    # kept to locate the agent's errors
         args["state"] = ns.state_file.data
+        args["no_duplicates"] = True        # the agent checks the file's objects, once
         if not ns.full_diff:
             args["diff_limit"] = commands.DIFF_SHOWN
     elif cmd.name == "trace" and ns.scapy is not None:
