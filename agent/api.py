@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, Optional
 
 from agent import commands, model
+from agent.bulk import no_collector_passes
 
 DEFAULT_SOCKET = "/run/xdpflow/agent.sock"
 COMPRESS_ABOVE = 1 << 20           # bytes of a plain request the client sends compressed
@@ -584,7 +585,8 @@ def inflate_args(text: Any, limit: int) -> Any:
         raise ValueError(f"expands to more than {limit} bytes ({INFLATE_FACTOR} x the "
                          f"agent's [agent] max_request_bytes), or is cut short")
     try:
-        return json.loads(raw.decode("utf-8"))
+        with no_collector_passes():     # a large state: many objects at once
+            return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"not JSON: {e}") from None
 

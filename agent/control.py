@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import VERSION, abi, compiler, model
+from .bulk import no_collector_passes
 from .commands import MAX_FLOW_DUMP
 from .flows import flow_dict, now_coarse_ns
 from .links import Link, LinkError, Links
@@ -468,6 +469,11 @@ class Controller:
         "keep". A dry run holds the lock only to take the current state and slots; parsing,
         compiling (bounded by the datapath's sizes) and diffing a client's big state happen
         outside it. `diff_limit`: model.diff's `limit`; `no_duplicates`: State.from_apply's."""
+        with no_collector_passes():
+            return self._apply(state, dry_run, prune, diff_limit, no_duplicates)
+
+    def _apply(self, state: Dict[str, Any], dry_run: bool, prune: bool,
+               diff_limit: Optional[int], no_duplicates: bool) -> Dict[str, Any]:
         given = model.State.from_apply(state, no_duplicates)
         kept = None if prune else given
         with self.lock:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from agent import VERSION, commands, model
 from agent.api import DEFAULT_SOCKET, ApiClient, ApiError
+from agent.bulk import no_collector_passes
 from agent.commands import MAX_FLOW_DUMP
 from agent.config import _Lines as TomlLines
 
@@ -430,7 +431,8 @@ def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
             if v is not None and v is not False:
                 args[a.name] = v
     if cmd.name == "apply":
-        ns.state_file = read_state_file(ns.file)    # kept to locate the agent's errors
+        with no_collector_passes():     # the file's objects: hundreds of thousands
+            ns.state_file = read_state_file(ns.file)    # kept to locate the agent's errors
         args["state"] = ns.state_file.data
         args["no_duplicates"] = True        # the agent checks the file's objects, once
         if not ns.full_diff:
