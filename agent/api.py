@@ -602,6 +602,11 @@ def describe_peer(peer: Optional[Peer]) -> str:
     return f"uid {peer.uid} ({user}) pid {peer.pid}"
 
 
+# How an apply's answer is cut and how strictly its file is read (xdpflowctl sends both):
+# not what it changes, which is what the audit line says.
+_NOT_AUDITED = ("diff_limit", "no_duplicates")
+
+
 def describe_request(cmd: commands.Command, args: Any) -> str:
     """The command and its arguments as typed, in one line ("rule add tenant=blue ...");
     an apply's state is summarized by what it holds."""
@@ -609,6 +614,8 @@ def describe_request(cmd: commands.Command, args: Any) -> str:
         return cmd.name
     parts = [cmd.name]
     for k, v in args.items():
+        if k in _NOT_AUDITED:
+            continue
         if k == "state" and isinstance(v, dict):
             held = ", ".join(f"{len(x)} {kind}" for kind, x in v.items()
                              if isinstance(x, list) and x)
