@@ -4,26 +4,22 @@ path its port moves between the routers, routes and neighbours follow), then bac
 Traffic reaches it at its new home on both paths: from blue1 (node a) across the overlay
 before (TTL 62), locally after (TTL 63); from blue2 (node b) the other way round."""
 from .. import Move, Send
+from . import echo, udp
 
 DESCRIPTION = __doc__
 
-_U = ('Ether(src=me.mac, dst=me.gw)/IP(src=me.ip, dst=vm("{dst}").ip)'
-      '/UDP(sport={sport}, dport={dport})/N')
-_E = 'Ether(src=me.mac, dst=me.gw)/IP(src=me.ip, dst=vm("{dst}").ip)/ICMP(id={id})/N'
-
-
 def _round(tag: int, where: str):
     return [
-        Send("blue1", _U.format(dst="blue4", sport=47000 + tag, dport=7000),
+        Send("blue1", udp("blue4", 47000 + tag, 7000),
              f"blue1 (node a) -> blue4 on node {where}"),
-        Send("blue2", _U.format(dst="blue4", sport=47100 + tag, dport=7000),
+        Send("blue2", udp("blue4", 47100 + tag, 7000),
              f"blue2 (node b) -> blue4 on node {where}"),
-        Send("blue4", _E.format(dst="blue1", id=700 + tag), f"blue4 on node {where} pings blue1"),
-        Send("blue4", _U.format(dst="blue2", sport=47200 + tag, dport=7000),
+        Send("blue4", echo("blue1", 700 + tag), f"blue4 on node {where} pings blue1"),
+        Send("blue4", udp("blue2", 47200 + tag, 7000),
              f"blue4 on node {where} -> blue2"),
-        Send("red1", _U.format(dst="blue4", sport=47300 + tag, dport=7000),
+        Send("red1", udp("blue4", 47300 + tag, 7000),
              f"red1 -> 10.0.0.4 (blue's, on node {where}): nothing"),
-        Send("blue1", _U.format(dst="blue4", sport=47000, dport=7000),
+        Send("blue1", udp("blue4", 47000, 7000),
              f"the first flow's tuple again, blue4 on node {where}"),
     ]
 

@@ -10,11 +10,16 @@ and blue2 gets the fragments. That is the difference listed on those sends:
 where the offloaded node's own stack is the tenant's slow path (a real deployment), it
 answers as the kernel path does; in this lab it has none."""
 from .. import Expect, Send
+from . import to
 
 DESCRIPTION = __doc__
 
-_U = ('Ether(src=me.mac, dst=me.gw)/IP(src=me.ip, dst=vm("blue2").ip, flags="{flags}")'
-      '/UDP(sport={sport}, dport=7000)/Raw(N + b"m" * ({size} - 28 - len(N)))')
+
+
+def _big(flags: str, sport: int, size: int) -> str:
+    """An IPv4 packet of `size` bytes from blue3 to blue2."""
+    return to("blue2", f'flags="{flags}"') + \
+        f'/UDP(sport={sport}, dport=7000)/Raw(N + b"m" * ({size} - 28 - len(N)))'
 
 _DF = Expect("too big for the uplink once encapsulated: the datapath passes it to the "
              "node's kernel (mtu_kernel), which in this lab has no path for tenants, so "
@@ -28,14 +33,14 @@ _NODF = Expect("too big for the uplink once encapsulated, DF clear: the datapath
                same_delivery=False)
 
 SENDS = [
-    Send("blue3", _U.format(flags="DF", sport=46000, size=1450),
+    Send("blue3", _big(flags="DF", sport=46000, size=1450),
          "1450 bytes with DF: fits the uplink encapsulated, delivered"),
-    Send("blue3", _U.format(flags="DF", sport=46001, size=1451),
+    Send("blue3", _big(flags="DF", sport=46001, size=1451),
          "1451 bytes with DF: one byte too big", expect=_DF),
-    Send("blue3", _U.format(flags="DF", sport=46002, size=1500),
+    Send("blue3", _big(flags="DF", sport=46002, size=1500),
          "1500 bytes with DF", expect=_DF),
-    Send("blue3", _U.format(flags="", sport=46003, size=1500),
+    Send("blue3", _big(flags="", sport=46003, size=1500),
          "1500 bytes without DF", expect=_NODF),
-    Send("blue3", _U.format(flags="DF", sport=46004, size=1400),
+    Send("blue3", _big(flags="DF", sport=46004, size=1400),
          "1400 bytes with DF after the big ones: delivered"),
 ]
