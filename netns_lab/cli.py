@@ -210,16 +210,17 @@ def _lab_args(p: argparse.ArgumentParser) -> None:
                    help="name prefix of everything the lab makes (default: [lab] prefix)")
 
 
-def _lab_for(args: argparse.Namespace, what: str):
+def _lab_for(args: argparse.Namespace, what: str, root: bool = True):
     """The lab file, checked first (bad input: exit 2 naming what is wrong, nothing
-    changed), then root; None after printing why not."""
+    changed), then root (unless `root` is false: the caller checks more input first);
+    None after printing why not."""
     from netns_lab import labfile
     try:
         spec = labfile.load(args.lab, prefix=args.prefix)
     except labfile.LabFileError as e:
         print(f"xdpflow-lab: {e}", file=sys.stderr)
         return None
-    err = _need_root(what)
+    err = _need_root(what) if root else None
     if err:
         print(f"xdpflow-lab: {err}", file=sys.stderr)
         return None
@@ -323,13 +324,17 @@ def _add_compare(sub) -> None:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from netns_lab import compare, render, scenarios, topology
-    spec = _lab_for(args, "compare")
+    spec = _lab_for(args, "compare", root=False)
     if spec is None:
         return EXIT_USAGE
     try:
         chosen = scenarios.load(args.scenario, args.exclude, spec.scenarios)
     except ValueError as e:
         print(f"xdpflow-lab: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    err = _need_root("compare")
+    if err:
+        print(f"xdpflow-lab: {err}", file=sys.stderr)
         return EXIT_USAGE
     variants = args.variant or list(render.VARIANTS)
     _terminate_cleanly()

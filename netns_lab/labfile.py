@@ -214,8 +214,8 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
         where = f"vms[{i}]"
         if not isinstance(d, dict) or not set(VM_KEYS) <= set(d) or \
                 set(d) - set(VM_KEYS) - set(VM_OPTIONAL):
-            raise bad(f"{where}: needs the fields {', '.join(VM_KEYS)} (optional: "
-                      f"{', '.join(VM_OPTIONAL)})")
+            raise bad(f"{where}: needs exactly the fields {', '.join(VM_KEYS)} (and "
+                      f"optionally {', '.join(VM_OPTIONAL)})")
         node, mtu = d.get("node"), d.get("mtu")
         if nodes and node not in {n.name for n in nodes}:
             raise bad(f"{where}: VM {d['name']}: node {node!r} is not one of [[nodes]]")
