@@ -22,6 +22,7 @@ the other node's namespace, both nodes' state follows, the VM keeps its namespac
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -225,7 +226,8 @@ class Nodes(Topology):
                              detach, what=f"offload node {n}")
 
     def _write_state(self) -> None:
-        doc = {"prefix": self.prefix, "lab_file": self.spec.source, "paths": self.paths,
+        doc = {"prefix": self.prefix, "lab_file": os.path.abspath(self.spec.source),
+               "paths": self.paths,
                "agents": {n: agent_doc(lab) for n, lab in self.labs.items()}}
         (self.dir / "lab.json").write_text(json.dumps(doc, indent=2) + "\n")
 
