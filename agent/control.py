@@ -15,16 +15,18 @@ import os
 import platform
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from . import VERSION, abi, compiler, digest, model
 from .commands import MAX_FLOW_DUMP
 from .flows import flow_dict, now_coarse_ns
-from .links import Link, LinkError, Links
 from .monitor import Monitor
 from .store import changes as store_changes
 from .sweeper import Evictions, Sweeper
 from .top import FlowRates
+
+if TYPE_CHECKING:       # pyroute2 (agent.links) is imported once netlink is needed
+    from .links import Link, Links
 
 log = logging.getLogger("xdpflow.control")
 
@@ -41,7 +43,7 @@ def _locked(fn: Callable) -> Callable:
 class Controller:
     def __init__(self, cfg, store, datapath, links: Optional[Links], pass_fd: int = -1,
                  config_path: str = "", lock=None, load: bool = True):
-        """`load=False`: the stored state is loaded later, by start_up() (a warm start
+        """`load=False`: the stored state is loaded later, by load_state() (a warm start
         answers before it; see `startup`)."""
         self.cfg = cfg
         # Held by whoever changes the node (the API around a change, the daemon's loop);
@@ -194,6 +196,7 @@ class Controller:
     def _attach_ports(self, state: model.State, live: Dict[str, Link]):
         """Our program on every configured port whose interface exists (after its
         entries were written)."""
+        from .links import LinkError
         self.port_notes = {}
         for p in state.ports:
             link = live.get(p.name)

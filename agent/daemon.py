@@ -55,7 +55,7 @@ class Agent:
         self.signals = []
         self.store = self.dp = self.links = self.controller = None
         self.api = self.metrics = self.watcher = None
-        from .metrics import Timings
+        from .timings import Timings
         self.timings = Timings()   # shared by the controller and the API server
         self._links_dirty = threading.Event()
         self._links_lost = threading.Event()
@@ -68,7 +68,6 @@ class Agent:
     def start(self):
         from .control import Controller
         from .datapath import Datapath, ensure_bpffs
-        from .links import Links, LinkWatcher
         from .store import Store
 
         if ensure_bpffs():
@@ -76,12 +75,14 @@ class Agent:
         os.makedirs(self.cfg.agent.state_dir, mode=0o750, exist_ok=True)
         self.store = Store.open(os.path.join(self.cfg.agent.state_dir, "state.db"))
         self.dp = Datapath(self.cfg.agent.bpffs, self.cfg.datapath_defines())
-        report = self.dp.load()
+        # An adopted datapath's maps are read by the start-up's second half.
+        report = self.dp.load(read_maps=False)
         self._log_pins(report)
         self._pass_fd = self._load_pass_program()
         self._shed_compiler()
-        self.links = Links()
-        self.controller = Controller(self.cfg, self.store, self.dp, self.links,
+        # Netlink (pyroute2) and the metrics server (prometheus_client) come with the
+        # start-up's second half: a warm start answers without importing them.
+        self.controller = Controller(self.cfg, self.store, self.dp, None,
                                      pass_fd=self._pass_fd, config_path=self.config_path,
                                      lock=self.lock, load=False)
         self._use_bpf_stats(self.cfg.metrics.bpf_stats)
@@ -91,9 +92,16 @@ class Agent:
             # stored state and check it against the maps behind the lock (every command
             # but status waits for it).
             self._start_up_behind()
+            self._start_api()
         else:
             self._start_up()     # nothing of ours forwards yet: ready once programmed
-        self._start_api()
+            self._start_api()
+            self._start_watching()
+
+    def _start_watching(self):
+        """The metrics server and the link watcher (after the start-up: the watcher's
+        events are reconciled against a loaded state)."""
+        from .links import LinkWatcher
         self._start_metrics()
         self.watcher = LinkWatcher(self._mark_links_dirty)
         self.watcher.start()
@@ -103,9 +111,12 @@ class Agent:
         seeded from the config on a first start), checked against the maps (agent/
         digest.py: skipped when the pinned digest matches, else a reconcile), flows
         counted."""
+        from .links import Links
         t0 = time.monotonic()
         c = self.controller
         with self.lock:
+            self.links = c.links = Links()
+            self.dp.read_mirror()
             c.load_state()
             c.startup["phase"] = "checking the maps"
             how = None
@@ -129,6 +140,7 @@ class Agent:
                 with self.lock:
                     holding.set()
                     self._start_up()
+                self._start_watching()
                 log.info("start-up done in %.3fs: %s", self.controller.startup["seconds"],
                          self.controller.startup["reconcile"])
                 self._wake("s")     # the loop's sweeps and link reconciles may begin
