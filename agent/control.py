@@ -618,8 +618,9 @@ class Controller:
                 "next_cursor": flow_cursor(rows[limit - 1]) if more else None}
 
     def top(self, tenant: Optional[str], by: str, limit: int) -> Dict[str, Any]:
-        tenants, slots, _ = self._names()
-        tid = self._tenant_id(tenant) if tenant else None
+        with self.lock:     # names of the loaded state (a warm start loads it behind the lock)
+            tenants, slots, _ = self._names()
+            tid = self._tenant_id(tenant) if tenant else None
         now = now_coarse_ns()
         rows, sampled = self.rates.sample(self.dp.maps["xf_flows"], now, tid, by, limit)
         flows = []
