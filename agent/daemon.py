@@ -63,6 +63,7 @@ class Agent:
         os.set_blocking(self._wake_w, False)
         # The command line to start over with after a compile (main sets it; None: never).
         self.reexec_argv = None
+        self._stopping = False      # set by stop(): a start-up behind it starts nothing more
 
     # -- start-up ---------------------------------------------------------------------------
     def start(self):
@@ -140,7 +141,9 @@ class Agent:
                 with self.lock:
                     holding.set()
                     self._start_up()
-                self._start_watching()
+                    if self._stopping:
+                        return
+                    self._start_watching()
                 log.info("start-up done in %.3fs: %s", self.controller.startup["seconds"],
                          self.controller.startup["reconcile"])
                 self._wake("s")     # the loop's sweeps and link reconciles may begin
@@ -244,7 +247,8 @@ class Agent:
             signal.signal(s, self._on_signal)
         signal.set_wakeup_fd(self._wake_w)
         wd = notify.watchdog_interval()
-        notify.ready(f"serving {len(self.controller.state.ports)} ports")
+        notify.ready("loading the stored state" if not self.controller.startup["done"] else
+                     f"serving {len(self.controller.state.ports)} ports")
         log.info("ready (xdpflow %s, pid %d)", VERSION, os.getpid())
         next_sweep = time.monotonic() + self.cfg.aging.interval
         next_wd = time.monotonic()
@@ -386,6 +390,9 @@ class Agent:
 
     def stop(self) -> int:
         notify.stopping()
+        self._stopping = True
+        with self.lock:
+            pass            # a start-up still loading finishes first (and starts no watcher)
         for part in (self.watcher, self.api):
             if part:
                 try:
