@@ -59,7 +59,8 @@ class Controller:
         self.state, rows = store.load_with_digest() if load else (model.State(), None)
         # A warm start's progress (status shows it until done): the state loaded, then
         # checked against the maps (the pinned digest, or a reconcile).
-        self.startup: Dict[str, Any] = {"done": load, "phase": "" if load else "loading state"}
+        self.startup: Dict[str, Any] = {"done": load, "phase": "" if load else "loading state",
+                                        "reconcile": "", "seconds": 0.0}
         self._rows = rows       # digest.rows_digest(self.state), when known
         self._context = None    # digest.context of what the maps were last programmed from
         self.started_at = time.time()
