@@ -104,7 +104,8 @@ class Agent:
         events are reconciled against a loaded state)."""
         from .links import LinkWatcher
         self._start_metrics()
-        self.watcher = LinkWatcher(self._mark_links_dirty)
+        self.watcher = LinkWatcher(self._mark_links_dirty,
+                                   neighbour_wanted=self.links.wants_neighbour)
         self.watcher.start()
 
     def _start_up(self):
