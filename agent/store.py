@@ -220,6 +220,12 @@ _PARENTS = {"tenants": (), "ports": ("tenants",), "endpoints": ("tenants", "port
 assert set(_TABLES) == set(KINDS) == set(_PARENTS)
 
 
+def row_of(kind: str, obj) -> Tuple:
+    """The row an object is stored as (its columns, port slots aside): what the digest of
+    the applied image hashes (agent/digest.py)."""
+    return _TABLES[kind][2](obj)
+
+
 class Store:
     """One open state database. Not for use from several threads at once."""
 
@@ -318,13 +324,23 @@ class Store:
     # -- reading -------------------------------------------------------------------------
     def load(self) -> State:
         """The stored state, every row checked by the model as if it were new input."""
+        return self.load_with_digest()[0]
+
+    def load_with_digest(self) -> Tuple[State, int]:
+        """load(), and the digest of the rows as stored (agent/digest.py): equal to that
+        of the state's objects when every row is as the agent wrote it; a row written by
+        hand in another form (an upper-case MAC) makes them differ, which at worst costs
+        a start a compare."""
+        from agent.digest import add_row
         st = State()
+        rows = 0
         for kind, (keys, cols, _, to_dict) in _TABLES.items():
             order = ", ".join(keys)
             objs = []
             for row in self._db.execute(
                     f"SELECT rowid AS _rowid, {', '.join(keys + cols)} FROM {kind} "
                     f"ORDER BY {order}"):
+                rows = add_row(rows, kind, tuple(row)[1:])
                 d = to_dict(row)
                 rowid = d.pop("_rowid")
                 try:
@@ -336,7 +352,7 @@ class Store:
             st.validate()
         except Invalid as e:
             raise StoreError(f"{self.path}: stored state is inconsistent: {e}") from None
-        return st
+        return st, rows
 
     def port_slots(self) -> Dict[str, int]:
         """Port name -> its slot."""

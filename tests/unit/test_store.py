@@ -544,3 +544,41 @@ def test_inconsistent_rows_are_refused(tmp_path):
     with _open(tmp_path) as store:
         with pytest.raises(StoreError, match="inconsistent: rule 5: unknown tenant 'ghost'"):
             store.load()
+
+
+def test_the_rows_digest_of_a_load_is_that_of_its_objects_and_follows_changes(tmp_path):
+    """The digest of the applied image (agent/digest.py) hashes the rows as stored: a
+    load's digest (from the rows as read) equals the objects' (as the store writes them),
+    for every kind and field in use; a change updates it to what a whole hash of the new
+    state gives; a row changed by hand, or written in another form, changes it."""
+    from agent import digest
+    from agent.store import changes
+    st = _state()
+    s = _open(tmp_path)
+    with s.transaction() as tx:
+        tx.write(State(), st)
+    loaded, rows = s.load_with_digest()
+    assert rows == digest.rows_digest(loaded) == digest.rows_digest(st)
+    new = State.from_dict({**st.to_dict(), "rules": [
+        r for r in st.to_dict()["rules"] if r["id"] != 5] + [
+        {"id": 9, "tenant": "red", "priority": 7, "action": "deny"}]})
+    new.rules = [replace(r, priority=3) if r.id == 1 else r for r in new.rules]
+    assert digest.changed_rows(rows, st, changes(st, new)) == digest.rows_digest(new)
+    assert digest.changed_rows(None, st, changes(st, new)) is None
+    with s.transaction() as tx:
+        tx.write(st, new)
+    assert s.load_with_digest()[1] == digest.rows_digest(new)
+    db = _raw(tmp_path)
+    db.execute("UPDATE rules SET comment = 'by hand' WHERE id = 2")
+    db.commit()
+    assert s.load_with_digest()[1] != digest.rows_digest(new)
+    db.execute("UPDATE rules SET comment = '' WHERE id = 2")
+    db.execute("UPDATE endpoints SET mac = '02:00:00:00:00:05' WHERE ip = '10.0.0.5' "
+               "AND tenant = 'blue'")
+    db.commit()
+    assert s.load_with_digest()[1] == digest.rows_digest(new)      # as it was written
+    db.execute("UPDATE endpoints SET mac = '02:00:00:00:00:0A' WHERE ip = '10.0.0.5' "
+               "AND tenant = 'blue'")
+    db.commit()
+    loaded, rows = s.load_with_digest()     # upper case: the same object, another row
+    assert rows != digest.rows_digest(loaded)
