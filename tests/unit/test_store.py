@@ -582,3 +582,22 @@ def test_the_rows_digest_of_a_load_is_that_of_its_objects_and_follows_changes(tm
     db.commit()
     loaded, rows = s.load_with_digest()     # upper case: the same object, another row
     assert rows != digest.rows_digest(loaded)
+
+
+@pytest.mark.parametrize("column,value,says", [
+    ("dport_lo", 70000, "dport"),          # out of range: the bulk builder's fallback names it
+    ("action", "maybe", "action"),
+    ("dst", "10.0.0.0/33", "dst"),
+])
+def test_a_hand_edited_bad_rule_row_is_named_by_its_row(tmp_path, column, value, says):
+    """Rules load through the apply path's bulk builder (a large state's warm start); a
+    row edited by hand into something the model refuses still stops the load with the
+    table, the row and the field, as every other table's rows do."""
+    with _open(tmp_path) as store:
+        _put(store, State(), _state())
+    db = _raw(tmp_path)
+    rowid = db.execute("SELECT rowid FROM rules ORDER BY id DESC LIMIT 1").fetchone()[0]
+    db.execute(f"UPDATE rules SET {column} = ? WHERE rowid = ?", (value, rowid))
+    with _open(tmp_path) as store:
+        with pytest.raises(StoreError, match=f"table rules, row {rowid}: .*{says}"):
+            store.load()
