@@ -973,6 +973,16 @@ class Datapath:
         rows = self._counter_rows("xf_rule_stats", {s for s in self._rule_slots.values() if s})
         return {rid: rows.get(slot, (0, 0)) for rid, slot in self._rule_slots.items()}
 
+    def nat_counters(self) -> Dict[Tuple[int, int], Tuple[int, int]]:
+        """(tenant id, abi.NATC_* kind) -> (packets, bytes): NAT's translations and SNAT
+        port exhaustions."""
+        out = {}
+        for k, v in self.maps["xf_nat_stats"].items():
+            key = ct.c_uint32.from_buffer_copy(k).value
+            words = memoryview(v).cast("Q")            # per CPU: packets, bytes
+            out[(key >> 8, key & 0xFF)] = (sum(words[0::2]), sum(words[1::2]))
+        return out
+
     def port_tx(self, slots: Set[int]) -> Dict[int, Tuple[int, int]]:
         """port slot -> (packets, bytes) it transmitted on redirect."""
         rows = self._counter_rows("xf_port_tx", set(slots))
