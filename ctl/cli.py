@@ -489,6 +489,8 @@ LIST_COLUMNS = {
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
               "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "rate",
               "burst", "comment"),
+    "fips": ("tenant", "ip", "to"),
+    "snats": ("tenant", "to", "ports"),
 }
 _PORT_STATE_COLUMNS = ("attached", "mode", "note")
 _OVERLAY_COLUMNS = ("local_ip", "vtep")   # shown when some port/endpoint has one
@@ -507,7 +509,8 @@ _ANY_FIELDS = ("src", "dst", "proto", "sport", "dport")
 def _describe(kind: str, obj: Dict[str, Any]) -> str:
     """One object on one line: its identity, then its other fields."""
     ident = {"tenants": ("name",), "ports": ("name",), "endpoints": ("tenant", "ip"),
-             "routes": ("tenant", "prefix"), "rules": ("id",)}.get(kind, ())
+             "routes": ("tenant", "prefix"), "rules": ("id",), "fips": ("tenant", "ip"),
+             "snats": ("tenant",)}.get(kind, ())
     head = "/".join(str(obj.get(k)) for k in ident)
     rest = " ".join(f"{k}={_cell(v)}" for k, v in obj.items()
                     if k not in ident and v not in (None, ""))
@@ -602,6 +605,8 @@ def _flow_rows(rows: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Tuple[
     if any("icmp" in r for r in out):
         i = cols.index("dport") + 1
         cols = cols[:i] + ("icmp",) + cols[i:]
+    if any("nat" in r for r in out):        # what NAT rewrites to: address:port
+        cols = cols + ("nat",)
     return out, cols
 
 
@@ -744,6 +749,10 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             lines.append(f"{'limit:':<10} {b['bucket']} {b['rate']} burst {b['burst']}: "
                          f"{b['tokens']} {b['unit']} in the bucket, this packet "
                          f"{b['cost']}: {'conforms' if b['conformed'] else 'over the limit'}")
+        nat = r.get("nat")
+        if nat:
+            lines.append(f"{'nat:':<10} {nat['kind']} {nat['direction']}: {nat['from']} -> "
+                         f"{nat['to']}")
         if r.get("decapsulated"):
             lines.insert(1, f"{'overlay:':<10} decapsulated (VXLAN), judged as the tenant's")
         out = r.get("packet_out")
