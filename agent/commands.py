@@ -515,6 +515,60 @@ _cmd("rule list", False, "list security rules",
            Arg("stats", "show hits and the last hit time per rule", flags=("--stats",),
                kind="flag")))
 
+# -- NAT (issue 11) --
+def _fip_ident(args):
+    return [model.parse_name(args["tenant"], "fip: tenant"),
+            str(model.parse_ipv4(args["ip"], "fip: ip"))]
+
+
+def _snat_ident(args):
+    return [model.parse_name(args["tenant"], "snat: tenant")]
+
+
+_cmd("fip add", True, "give a tenant's endpoint a floating IP (1:1 NAT): what the external "
+                      "network (behind the uplink) sends to it reaches the endpoint, and "
+                      "what the endpoint sends outside its tenant leaves as it",
+     "  xdpflowctl fip add --tenant blue 203.0.113.10 --to 10.0.0.5",
+     _add("fips", "tenant", "ip", "to"),
+     description="IPv4. The endpoint's tenant's rules judge the translated packet (as a "
+                 "security group on the endpoint's address). The node answers ARP for the "
+                 "floating address on the uplink. A floating IP wins over the tenant's SNAT.",
+     args=(_tenant_opt(True),
+           Arg("ip", "the floating (external) IPv4 address", metavar="ADDR", required=True),
+           Arg("to", "the tenant's endpoint it stands for", flags=("--to",), required=True,
+               metavar="VMADDR")))
+_cmd("fip del", True, "remove a floating IP",
+     "  xdpflowctl fip del --tenant blue 203.0.113.10",
+     _delete("fips", _fip_ident),
+     args=(_tenant_opt(True),
+           Arg("ip", "the floating address", metavar="ADDR", required=True)))
+_cmd("fip list", False, "list floating IPs",
+     "  xdpflowctl fip list\n  xdpflowctl --json fip list --tenant blue",
+     _list("fips"), args=(_TENANT_FILTER,))
+_cmd("snat add", True, "source NAT for a tenant (one each): its connections to the external "
+                       "network leave with address --to and a source port the datapath "
+                       "allocates from --ports",
+     "  xdpflowctl snat add --tenant blue --to 198.51.100.1\n"
+     "  xdpflowctl snat add --tenant red --to 198.51.100.1 --ports 10000-19999",
+     _add("snats", "tenant", "to", "ports"),
+     description="IPv4. Tenants may share an address (the node's own): ports are allocated "
+                 "across all of them, never twice for the same remote address and port. "
+                 "When the range is used up, new connections are dropped and counted "
+                 "(reason nat_ports_exhausted). Traffic to the address at a port no flow "
+                 "holds is the node's kernel's.",
+     args=(_tenant_opt(True),
+           Arg("to", "the IPv4 address its connections leave with", flags=("--to",),
+               required=True, metavar="ADDR"),
+           Arg("ports", f"source ports to allocate, LO-HI (default "
+                        f"{model.SNAT_PORTS[0]}-{model.SNAT_PORTS[1]})", flags=("--ports",),
+               metavar="LO-HI")))
+_cmd("snat del", True, "remove a tenant's SNAT",
+     "  xdpflowctl snat del --tenant blue",
+     _delete("snats", _snat_ident), args=(_tenant_opt(True),))
+_cmd("snat list", False, "list SNATs",
+     "  xdpflowctl snat list\n  xdpflowctl --json snat list",
+     _list("snats"), args=(_TENANT_FILTER,))
+
 # -- the whole state --
 _cmd("apply", True, "apply a desired state (TOML) atomically and show the difference; "
                     "with --prune it is the whole state",
@@ -522,7 +576,7 @@ _cmd("apply", True, "apply a desired state (TOML) atomically and show the differ
      "  xdpflowctl apply whole-node.toml --prune --dry-run",
      _apply,
      description="FILE is TOML with arrays of tables [[tenants]], [[ports]], [[endpoints]], "
-                 "[[routes]], [[rules]]; their fields are the add commands' arguments, named "
+                 "[[routes]], [[rules]], [[fips]], [[snats]]; their fields are the add commands' arguments, named "
                  "as the flags are without the dashes (--icmp-type is icmp_type; a route's "
                  "--kernel/--drop are kernel = true / drop = true, or action = \"kernel\"). "
                  "Numbers are TOML numbers (id = 10, not \"10\"). Objects in FILE are added "
@@ -531,7 +585,8 @@ _cmd("apply", True, "apply a desired state (TOML) atomically and show the differ
                  "all of it is applied or none; errors name the file's line.",
      args=(Arg("file", "desired state, TOML ('-' for stdin)", metavar="FILE", required=True,
                wire=False),
-           Arg("state", "desired state as tenants/ports/endpoints/routes/rules lists",
+           Arg("state", "desired state as tenants/ports/endpoints/routes/rules/fips/snats "
+                        "lists",
                kind="object", required=True, cli=False),
            Arg("dry_run", "show what would change, change nothing", flags=("--dry-run", "-n"),
                kind="flag"),

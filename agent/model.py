@@ -568,8 +568,77 @@ class Rule:
         return a == b
 
 
+
+# NAT (issue 11): the external side of a node is IPv4 behind its uplink.
+SNAT_PORTS = (20000, 60000)     # the default range SNAT allocates source ports from
+
+
+def parse_ipv4(value: Any, where: str) -> ipaddress.IPv4Address:
+    ip = parse_ip(value, where)
+    if ip.version != 4:
+        raise Invalid(where, f"{ip} is IPv6; NAT is IPv4 only")
+    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip == ipaddress.ip_address(
+            "255.255.255.255"):
+        raise Invalid(where, f"{ip} is not a unicast address")
+    return ip
+
+
+@dataclass(frozen=True)
+class Fip:
+    """A floating IP (1:1 NAT): external address `ip`, reached through the uplink, is the
+    tenant's endpoint `to`; what `to` sends outside the tenant leaves as `ip`."""
+    tenant: str
+    ip: ipaddress.IPv4Address
+    to: ipaddress.IPv4Address
+
+    FIELDS = ("tenant", "ip", "to")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Fip":
+        where = (f"fip {d.get('tenant', '?')}/{d.get('ip', '?')}"
+                 if isinstance(d, dict) else "fip")
+        _check_keys(d, where, cls.FIELDS, cls.FIELDS)
+        return cls(tenant=parse_name(d["tenant"], f"{where}: tenant"),
+                   ip=parse_ipv4(d["ip"], f"{where}: ip"),
+                   to=parse_ipv4(d["to"], f"{where}: to"))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"tenant": self.tenant, "ip": str(self.ip), "to": str(self.to)}
+
+
+@dataclass(frozen=True)
+class Snat:
+    """Source NAT of a tenant (one each): its connections to the external network leave
+    as address `to` with a source port the datapath allocates from `ports`."""
+    tenant: str
+    to: ipaddress.IPv4Address
+    ports: Tuple[int, int] = SNAT_PORTS
+
+    FIELDS = ("tenant", "to", "ports")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Snat":
+        where = f"snat {d.get('tenant', '?')}" if isinstance(d, dict) else "snat"
+        _check_keys(d, where, cls.FIELDS, ("tenant", "to"))
+        ports = d.get("ports")
+        if ports is None:
+            rng = SNAT_PORTS
+        else:
+            if ports in ("", "any"):
+                raise Invalid(f"{where}: ports", f"{ports!r} is not a port range (LO-HI)")
+            rng = parse_port_range(ports, f"{where}: ports")
+            if rng[0] < 1:
+                raise Invalid(f"{where}: ports", "port 0 cannot be allocated (1-65535)")
+        return cls(tenant=parse_name(d["tenant"], f"{where}: tenant"),
+                   to=parse_ipv4(d["to"], f"{where}: to"), ports=rng)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"tenant": self.tenant, "to": str(self.to),
+                "ports": f"{self.ports[0]}-{self.ports[1]}"}
+
+
 KINDS = {"tenants": Tenant, "ports": Port, "endpoints": Endpoint, "routes": Route,
-         "rules": Rule}
+         "rules": Rule, "fips": Fip, "snats": Snat}
 
 
 def identity(kind: str, obj) -> Tuple:
@@ -584,6 +653,10 @@ def identity(kind: str, obj) -> Tuple:
         return (obj.tenant, str(obj.prefix))
     if kind == "rules":
         return (obj.id,)
+    if kind == "fips":
+        return (obj.tenant, str(obj.ip))
+    if kind == "snats":
+        return (obj.tenant,)
     raise KeyError(kind)
 
 
@@ -595,6 +668,8 @@ class State:
     endpoints: List[Endpoint] = field(default_factory=list)
     routes: List[Route] = field(default_factory=list)
     rules: List[Rule] = field(default_factory=list)
+    fips: List[Fip] = field(default_factory=list)
+    snats: List[Snat] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], where: str = "state") -> "State":
@@ -685,6 +760,44 @@ class State:
                 raise Conflict(f"rule {r.id}", "id used twice")
             rule_ids.add(r.id)
             _check_rule(r, names, ports)
+        self._check_nat(names, eps, local_ips)
+
+    def _check_nat(self, names, eps, local_ips) -> None:
+        """Floating IPs and SNAT: each external address means one thing on the node."""
+        snat_addrs, snat_tenants = {}, set()
+        for s in self.snats:
+            where = f"snat {s.tenant}"
+            if s.tenant not in names:
+                raise Conflict(where, f"unknown tenant {s.tenant!r}")
+            if s.tenant in snat_tenants:
+                raise Conflict(where, "defined twice (one SNAT per tenant)")
+            snat_tenants.add(s.tenant)
+            # Tenants may share an address (the node's): the datapath allocates ports
+            # across all of them.
+            snat_addrs.setdefault(s.to, s.tenant)
+        fip_ips, fip_tos = {}, {}
+        for f in self.fips:
+            where = f"fip {f.tenant}/{f.ip}"
+            if f.tenant not in names:
+                raise Conflict(where, f"unknown tenant {f.tenant!r}")
+            if f.ip in fip_ips:
+                raise Conflict(where, f"{f.ip} is already a floating IP of tenant "
+                                      f"{fip_ips[f.ip]}")
+            if f.ip in snat_addrs:
+                raise Conflict(where, f"{f.ip} is the SNAT address of tenant "
+                                      f"{snat_addrs[f.ip]}")
+            if f.ip in local_ips:
+                raise Conflict(where, f"{f.ip} is this node's own (uplink "
+                                      f"{local_ips[f.ip]}'s local_ip)")
+            e = eps.get((f.tenant, f.to))
+            if e is None or e.vtep is not None:
+                raise Conflict(f"{where}: to", f"{f.to} is not an endpoint of tenant "
+                                               f"{f.tenant} on this node")
+            if (f.tenant, f.to) in fip_tos:
+                raise Conflict(f"{where}: to", f"{f.to} already has floating IP "
+                                               f"{fip_tos[(f.tenant, f.to)]}")
+            fip_ips[f.ip] = f.tenant
+            fip_tos[(f.tenant, f.to)] = f.ip
 
     def rule_index(self) -> Dict[int, "Rule"]:
         """Rule id -> rule, kept with this state while its rule list is unchanged (a
@@ -698,7 +811,8 @@ class State:
     def _with_rules(self, rules: List["Rule"], index: Dict[int, "Rule"]) -> "State":
         """This state with another rule list (the other lists shared: states are values,
         never changed in place once made)."""
-        st = State(self.tenants, self.ports, self.endpoints, self.routes, rules)
+        st = State(self.tenants, self.ports, self.endpoints, self.routes, rules, self.fips,
+                   self.snats)
         st.__dict__["_rule_index"] = (rules, len(rules), index)
         return st
 

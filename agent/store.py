@@ -17,7 +17,7 @@ from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class StoreError(Exception):
@@ -143,9 +143,30 @@ _TENANTS_V6 = """
 ALTER TABLE tenants ADD COLUMN max_flows INTEGER CHECK (max_flows >= 0);
 """
 
+# Version 7: NAT (issue 11): floating IPs and one SNAT per tenant. Addresses in canonical
+# text; `to` is an SQL keyword, so the columns are to_ip.
+_NAT_V7 = """
+CREATE TABLE fips (
+    tenant TEXT NOT NULL REFERENCES tenants(name) DEFERRABLE INITIALLY DEFERRED,
+    ip     TEXT NOT NULL,                   -- the floating (external) IPv4 address
+    to_ip  TEXT NOT NULL,                   -- the tenant's endpoint it stands for
+    PRIMARY KEY (tenant, ip),
+    FOREIGN KEY (tenant, to_ip) REFERENCES endpoints(tenant, ip) DEFERRABLE INITIALLY DEFERRED
+);
+CREATE UNIQUE INDEX fips_ip ON fips(ip);
+CREATE INDEX fips_to ON fips(tenant, to_ip);
+CREATE TABLE snats (
+    tenant  TEXT PRIMARY KEY REFERENCES tenants(name) DEFERRABLE INITIALLY DEFERRED,
+    to_ip   TEXT NOT NULL,                  -- the address its connections leave with
+    port_lo INTEGER NOT NULL CHECK (port_lo BETWEEN 1 AND 65535),
+    port_hi INTEGER NOT NULL CHECK (port_hi BETWEEN port_lo AND 65535)
+);
+"""
+
 # MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
 MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _PORTS_V3, 3: _ENDPOINTS_V4,
-                              4: _RATE_LIMITS_V5, 5: _TENANTS_V6}
+                              4: _RATE_LIMITS_V5, 5: _TENANTS_V6,
+                              6: _NAT_V7}
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,6 +215,19 @@ def _tenant_dict(row: sqlite3.Row) -> Dict[str, Any]:
     return d
 
 
+def _fip_dict(row: sqlite3.Row) -> Dict[str, Any]:
+    d = dict(row)
+    d["to"] = d.pop("to_ip")
+    return d
+
+
+def _snat_dict(row: sqlite3.Row) -> Dict[str, Any]:
+    d = dict(row)
+    d["to"] = d.pop("to_ip")
+    d["ports"] = [d.pop("port_lo"), d.pop("port_hi")]
+    return d
+
+
 _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] = {
     "tenants": (("name",), ("id", "vni", "default_verdict", "rate", "burst", "max_flows"),
                 lambda t: (t.name, t.id, t.vni, t.default, t.rate, t.burst, t.max_flows),
@@ -210,12 +244,17 @@ _TABLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable, Callable]] 
     "rules": (("id",), ("tenant", "priority", "action", "src", "dst", "proto", "sport_lo",
                         "sport_hi", "dport_lo", "dport_hi", "icmp_type", "icmp_code",
                         "in_port", "comment", "rate", "burst"), _rule_row, _rule_dict),
+    "fips": (("tenant", "ip"), ("to_ip",), lambda f: (f.tenant, str(f.ip), str(f.to)),
+             _fip_dict),
+    "snats": (("tenant",), ("to_ip", "port_lo", "port_hi"),
+              lambda n: (n.tenant, str(n.to), n.ports[0], n.ports[1]), _snat_dict),
 }
 
 # Which tables hold references to which: a change to a child, or a delete from a parent,
 # means the child's references must be checked.
 _PARENTS = {"tenants": (), "ports": ("tenants",), "endpoints": ("tenants", "ports"),
-            "routes": ("tenants", "endpoints"), "rules": ("tenants", "ports")}
+            "routes": ("tenants", "endpoints"), "rules": ("tenants", "ports"),
+            "fips": ("tenants", "endpoints"), "snats": ("tenants",)}
 
 assert set(_TABLES) == set(KINDS) == set(_PARENTS)
 

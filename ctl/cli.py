@@ -429,6 +429,8 @@ LIST_COLUMNS = {
     "rules": ("id", "tenant", "priority", "action", "src", "dst", "proto", "sport", "dport",
               "icmp_type", "icmp_code", "in_port", "hits", "packets", "bytes", "rate",
               "burst", "comment"),
+    "fips": ("tenant", "ip", "to"),
+    "snats": ("tenant", "to", "ports"),
 }
 _PORT_STATE_COLUMNS = ("attached", "mode", "note")
 _OVERLAY_COLUMNS = ("local_ip", "vtep")   # shown when some port/endpoint has one
@@ -447,7 +449,8 @@ _ANY_FIELDS = ("src", "dst", "proto", "sport", "dport")
 def _describe(kind: str, obj: Dict[str, Any]) -> str:
     """One object on one line: its identity, then its other fields."""
     ident = {"tenants": ("name",), "ports": ("name",), "endpoints": ("tenant", "ip"),
-             "routes": ("tenant", "prefix"), "rules": ("id",)}.get(kind, ())
+             "routes": ("tenant", "prefix"), "rules": ("id",), "fips": ("tenant", "ip"),
+             "snats": ("tenant",)}.get(kind, ())
     head = "/".join(str(obj.get(k)) for k in ident)
     rest = " ".join(f"{k}={_cell(v)}" for k, v in obj.items()
                     if k not in ident and v not in (None, ""))

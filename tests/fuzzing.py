@@ -71,6 +71,8 @@ VALID = {
     "routes": {"tenant": "blue", "prefix": "10.1.0.0/16", "via": "10.0.0.1"},
     "rules": {"id": 1, "tenant": "blue", "priority": 10, "action": "allow",
               "src": "10.0.0.0/24", "proto": "tcp", "dport": "22", "comment": "ssh"},
+    "fips": {"tenant": "blue", "ip": "203.0.113.10", "to": "10.0.0.1"},
+    "snats": {"tenant": "blue", "to": "198.51.100.1", "ports": "20000-60000"},
 }
 
 

@@ -432,6 +432,11 @@ JSON_EVERYWHERE = [
     ["endpoint", "add", "--tenant", "green", "10.1.0.9", "--port", "veth-vm9", "--mac",
      "02:00:00:00:01:09"],
     ["route", "add", "--tenant", "green", "10.2.0.0/16", "--via", "10.1.0.9"],
+    ["fip", "add", "--tenant", "green", "203.0.113.10", "--to", "10.1.0.9"],
+    ["snat", "add", "--tenant", "green", "--to", "198.51.100.1", "--ports", "1000-1999"],
+    ["fip", "list"], ["snat", "list"],
+    ["fip", "del", "--tenant", "green", "203.0.113.10"],
+    ["snat", "del", "--tenant", "green"],
     ["rule", "add", "--tenant", "green", "--priority", "5", "--action", "allow"],
     ["trace", "--port", "veth-vm9", "--hex", FRAME],
     ["rule", "del", "1"],
@@ -454,7 +459,8 @@ def test_json_is_always_one_document(run, tmp_path):
         rc, out, err = run("--json", *argv)
         json.loads(out)  # exactly one document: json.loads rejects trailing data
         seen.add(" ".join(argv[:2]) if argv[0] in ("tenant", "port", "endpoint", "route",
-                                                   "rule", "flow") else argv[0])
+                                                   "rule", "flow", "fip", "snat")
+                 else argv[0])
         # --json after the command works too
         if rc == 0 and argv[-1] in ("list", "dump", "status", "stats"):
             rc2, out2, _ = run(*argv, "--json")

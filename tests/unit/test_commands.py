@@ -17,6 +17,7 @@ CONTRACT = {
     "status", "apply", "stats", "trace", "flow dump", "flow flush", "monitor", "top",
     *(f"{noun} {verb}" for noun in ("tenant", "port", "endpoint", "route", "rule")
       for verb in ("add", "del", "list")),
+    *(f"{noun} {verb}" for noun in ("fip", "snat") for verb in ("add", "del", "list")),
 }
 
 
@@ -242,7 +243,8 @@ def test_mutating_is_what_changes_state():
     mutating = {n for n, c in COMMANDS.items() if c.mutating}
     assert mutating == {"tenant add", "tenant del", "port add", "port del", "endpoint add",
                         "endpoint del", "route add", "route del", "rule add", "rule del",
-                        "apply", "flow flush"}
+                        "apply", "flow flush", "fip add", "fip del", "snat add",
+                        "snat del"}
     assert COMMANDS["apply"].changes_state({"dry_run": False})
     assert not COMMANDS["apply"].changes_state({"dry_run": True})
     assert not COMMANDS["trace"].changes_state({})
