@@ -189,6 +189,20 @@ def router_uplink(spec, tenant: str, path: str) -> List[str]:
             f"route add default via {theirs.split('/')[0]} dev {ROUTER_IF}"]
 
 
+# A NAT tenant's VMs route everything else to their port (the node, or the tenant's
+# router) through a gateway address nobody has, with a permanent neighbour entry: no ARP
+# for it between scenario sends, and nothing new for the datapath to answer.
+VM_GATEWAY = "169.254.0.1"
+
+
+def vm_default_route(spec, vm) -> List[str]:
+    """ip -batch lines of a VM's namespace: its default route, when its tenant has NAT."""
+    if vm.tenant not in nat_tenants(spec):
+        return []
+    return [f"neigh replace {VM_GATEWAY} lladdr {vm.port_mac} dev eth0 nud permanent",
+            f"route add default via {VM_GATEWAY} dev eth0 onlink"]
+
+
 def gw_setup(spec, variant: str):
     """The gateway namespace of a kernel variant (render.NsSetup), or None without an
     external network."""
@@ -247,8 +261,11 @@ def gw_iptables(spec) -> str:
             fwd.append(f"-A FORWARD -i {gif} -o {up} -s {f.to}/32 -j ACCEPT")
         sn = snat(spec, tenant)
         if sn is not None:
-            nat.append(f"-A POSTROUTING -o {up} -m mark --mark {tid} "
-                       f"-j SNAT --to-source {_snat_to(sn)}")
+            # Ports from the range for TCP and UDP; ICMP echo ids (and anything else) as
+            # the kernel chooses (an id is kept when free).
+            nat += [f"-A POSTROUTING -o {up} -m mark --mark {tid} -p {p} "
+                    f"-j SNAT --to-source {_snat_to(sn)}" for p in ("tcp", "udp")]
+            nat.append(f"-A POSTROUTING -o {up} -m mark --mark {tid} -j SNAT --to-source {sn.to}")
             fwd.append(f"-A FORWARD -i {gif} -o {up} -j ACCEPT")
     # Marks first, then the restore for this packet, then the TTL the gateway gives back
     # (replies of translated flows come to the node's own address: by direction).
@@ -290,7 +307,9 @@ def gw_nftables(spec) -> str:
             fwd.append(f'    iifname "{gif}" oifname "{up}" ip saddr {f.to} accept')
         sn = snat(spec, tenant)
         if sn is not None:
-            snat_l.append(f'    oifname "{up}" meta mark {tid} snat to {_snat_to(sn)}')
+            snat_l += [f'    oifname "{up}" meta mark {tid} meta l4proto {{ tcp, udp }} '
+                       f'snat to {_snat_to(sn)}',
+                       f'    oifname "{up}" meta mark {tid} snat to {sn.to}']
             fwd.append(f'    iifname "{gif}" oifname "{up}" accept')
     lines = (["table ip xdpflow_nat {",
               "  chain raw {", "    type filter hook prerouting priority raw; policy accept;"]
@@ -302,9 +321,9 @@ def gw_nftables(spec) -> str:
                 "  chain ttl_back {"]
              + [f"    ip ttl {t} ip ttl set {t + 1} return" for t in _TTL_ORDER]
              + ["  }",
-                "  chain dnat {", "    type nat hook prerouting priority dstnat; policy accept;"]
+                "  chain to_vm {", "    type nat hook prerouting priority dstnat; policy accept;"]
              + dnat + ["  }",
-                       "  chain snat {",
+                       "  chain from_vm {",
                        "    type nat hook postrouting priority srcnat; policy accept;"]
              + snat_l + ["  }",
                          "  chain forward {",
@@ -362,11 +381,13 @@ def _l4_checksum_ok(frame: bytes) -> bool:
 def snat_normaliser(spec, hosts: Sequence[str]) -> Callable[[str, bytes], bytes]:
     """A function (receiver, frame) -> frame for one path's run: what an external host
     receives from a SNAT address has its allocated source port (TCP/UDP) or echo id
-    replaced by a label, P1, P2, ... in order of first appearance on this path, with the
-    L4 checksum zeroed after it was checked; a port out of the range is left as it is
-    (and so differs from the other path's label)."""
+    replaced by a label, P1, P2, ... per flow (that port to that remote address and port)
+    in order of first appearance on this path, with the
+    L4 checksum zeroed after it was checked; a port out of the SNAT's range is left as it
+    is (and so differs from the other path's label). Echo ids have no range (the kernel
+    keeps a free one as it is)."""
     ranges = snat_ranges(spec)
-    labels: Dict[Tuple[int, int], str] = {}
+    labels: Dict[Tuple, str] = {}
     hosts = set(hosts)
 
     def norm(receiver: str, frame: bytes) -> bytes:
@@ -383,9 +404,12 @@ def snat_normaliser(spec, hosts: Sequence[str]) -> Callable[[str, bytes], bytes]
         else:
             return frame
         port = int.from_bytes(frame[at:at + 2], "big")
-        if not any(lo <= port <= hi for lo, hi in ranges[src]):
+        if proto != 1 and not any(lo <= port <= hi for lo, hi in ranges[src]):
             return frame
-        label = labels.setdefault((proto, port), f"P{len(labels) + 1}")
+        # A flow is its port and its remote end: two flows to different remotes may share
+        # a port on one path and not on the other, both rightly.
+        remote = frame[30:34] + (frame[at + 2:at + 4] if proto != 1 else b"")
+        label = labels.setdefault((proto, port, remote), f"P{len(labels) + 1}")
         ok = "ok" if _l4_checksum_ok(frame) else "BAD"
         b = bytearray(frame)
         b[at:at + 2] = b"\0\0"

@@ -1,5 +1,6 @@
 """A lab description (TOML): the desired state in exactly the schema of `xdpflowctl apply`
-(tenants, ports, endpoints, routes, rules), plus `[lab]` and `[[vms]]`. Both datapaths are
+(tenants, ports, endpoints, routes, rules, fips, snats), plus `[lab]`, `[[vms]]` and
+`[[external]]` (hosts behind an uplink: netns_lab/external.py). Both datapaths are
 rendered from this one state; a VM only names its namespace and its port, and takes its
 addresses and MAC from the endpoints behind that port, so nothing is written twice.
 
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from agent.model import KINDS, Invalid, State
+
+from . import external
 
 LAB_KEYS = ("prefix",)
 VM_KEYS = ("name", "port")
@@ -63,13 +66,15 @@ class LabSpec:
     state: State
     vms: List[VM] = field(default_factory=list)
     source: str = "?"
+    external: List[Any] = field(default_factory=list)   # external.ExternalHost
 
-    def vm(self, name: str) -> VM:
-        for v in self.vms:
+    def vm(self, name: str):
+        """A VM, or an external host (scenarios send from and to both)."""
+        for v in list(self.vms) + list(self.external):
             if v.name == name:
                 return v
-        raise KeyError(f"lab {self.source}: no VM named {name!r} "
-                       f"(VMs: {', '.join(v.name for v in self.vms)})")
+        raise KeyError(f"lab {self.source}: no VM or external host named {name!r} "
+                       f"(VMs: {', '.join(v.name for v in self.vms + self.external)})")
 
     def tenant_id(self, name: str) -> int:
         return self.state.tenant(name).id
@@ -100,9 +105,9 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
 
     if not isinstance(data, dict):
         raise bad("not a table")
-    unknown = set(data) - set(KINDS) - {"lab", "vms"}
+    unknown = set(data) - set(KINDS) - {"lab", "vms", "external"}
     if unknown:
-        raise bad(f"unknown section(s) {', '.join(sorted(unknown))} (known: lab, vms, "
+        raise bad(f"unknown section(s) {', '.join(sorted(unknown))} (known: lab, vms, external, "
                   f"{', '.join(KINDS)})")
     lab = data.get("lab") or {}
     if not isinstance(lab, dict) or set(lab) - set(LAB_KEYS):
@@ -146,7 +151,14 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
         tenant = ports[port].tenant
         vms.append(VM(name, port, tenant, macs.pop(),
                       port_mac(state.tenant(tenant).id, index[port]), addrs))
-    return LabSpec(prefix, state, vms, source)
+    try:
+        hosts = external.parse(data.get("external"), state, [v.name for v in vms], source)
+    except external.ExternalError as e:
+        raise LabFileError(str(e)) from None
+    if (state.fips or state.snats) and not hosts:
+        raise bad("fips and snats need an external network: an [[external]] host behind an "
+                  "uplink port")
+    return LabSpec(prefix, state, vms, source, hosts)
 
 
 def load(path: str, prefix: Optional[str] = None) -> LabSpec:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from . import render
+from . import external, render
 from .lab import Lab, toml_tables
 from .labfile import VM, VM_IFNAME, LabSpec
 from .netns import run
@@ -161,11 +161,31 @@ class Topology:
             _ip_batch(side, [f"link set {vm.port} up"])
             # Finished checksums in what the VM sends, on every path: bytes compare.
             run(["ethtool", "-K", VM_IFNAME, "tx", "off"], ns=vs.name)
+        self._build_external(path)
         for s in sides:
             _sysctl(s.name, s.late_sysctls)
             _ip_batch(s.name, s.ip_batch)
             for argv, text in (s.firewall if self.firewall else ()):
                 run(argv, ns=s.name, input=text)
+
+    def _build_external(self, path: str) -> None:
+        """The external hosts, wired to the uplink in the node (offload) or the gateway
+        namespace (kernel variants; the gateway's own setup comes with the routers')."""
+        spec = self.spec
+        side = render.ns_name(self.prefix, path, "node" if path == "offload" else "gw")
+        for host in spec.external:
+            hs = external.host_setup(spec, host, path)
+            run(["ip", "netns", "add", hs.name])
+            _sysctl(hs.name, hs.sysctls)
+            _ip_batch(hs.name, [
+                "link set lo up",
+                f"link add {VM_IFNAME} address {host.mac} type veth peer name {host.port} "
+                f"address {host.port_mac} netns {side}",
+                f"link set {VM_IFNAME} up"] + hs.ip_batch)
+            _ip_batch(side, [f"link set {host.port} up"])
+            run(["ethtool", "-K", VM_IFNAME, "tx", "off"], ns=hs.name)
+        if path == "offload":
+            _ip_batch(side, external.node_batch(spec))
 
     def _start_agent(self, detach: bool) -> None:
         lab = self.lab
