@@ -73,8 +73,9 @@ class LabSpec:
         for v in list(self.vms) + list(self.external):
             if v.name == name:
                 return v
-        raise KeyError(f"lab {self.source}: no VM or external host named {name!r} "
-                       f"(VMs: {', '.join(v.name for v in self.vms + self.external)})")
+        raise KeyError(f"lab {self.source}: no VM named {name!r} "
+                       f"(VMs: {', '.join(v.name for v in self.vms)}; external hosts: "
+                       f"{', '.join(h.name for h in self.external) or 'none'})")
 
     def tenant_id(self, name: str) -> int:
         return self.state.tenant(name).id

@@ -44,7 +44,7 @@ def test_vms_take_addresses_and_mac_from_their_ports_endpoints(spec):
 
 def test_the_apply_part_is_the_state_without_lab_or_vms(spec):
     d = spec.apply_dict()
-    assert set(d) == {"tenants", "ports", "endpoints", "routes", "rules"}
+    assert set(d) == {"tenants", "ports", "endpoints", "routes", "rules", "fips", "snats"}
     assert all(None not in r.values() for r in d["rules"])
 
 
