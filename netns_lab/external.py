@@ -158,6 +158,11 @@ def _transit(spec, tenant: str, h: int) -> str:
     return TRANSIT.format(i=nat_tenants(spec).index(tenant) + 1, h=h)
 
 
+def _hop(spec, tenant: str, h: int) -> str:
+    """An end of a tenant's transit link, without its length (1 router, 2 gateway)."""
+    return _transit(spec, tenant, h).split("/")[0]
+
+
 def _gw_if(tenant: str) -> str:
     return f"g{tenant}"[:15]
 
@@ -185,8 +190,8 @@ def router_uplink(spec, tenant: str, path: str) -> List[str]:
             f"address {gmac} netns {gw_ns(spec.prefix, path)}",
             f"link set {ROUTER_IF} up",
             f"addr add {mine} dev {ROUTER_IF}",
-            f"neigh replace {theirs.split('/')[0]} lladdr {gmac} dev {ROUTER_IF} nud permanent",
-            f"route add default via {theirs.split('/')[0]} dev {ROUTER_IF}"]
+            f"neigh replace {_hop(spec, tenant, 2)} lladdr {gmac} dev {ROUTER_IF} nud permanent",
+            f"route add default via {_hop(spec, tenant, 2)} dev {ROUTER_IF}"]
 
 
 # A NAT tenant's VMs route everything else to their port (the node, or the tenant's
@@ -222,13 +227,22 @@ def gw_setup(spec, variant: str):
         gif = _gw_if(tenant)
         s.ip_batch += [f"link set {gif} up",
                        f"addr add {_transit(spec, tenant, 2)} dev {gif}",
-                       f"neigh replace {_transit(spec, tenant, 1).split('/')[0]} lladdr {rmac} "
+                       f"neigh replace {_hop(spec, tenant, 1)} lladdr {rmac} "
                        f"dev {gif} nud permanent",
                        # Translated back, a reply's address is the tenant's: its mark
                        # (the connection's) picks the tenant's table.
-                       f"route add default via {_transit(spec, tenant, 1).split('/')[0]} "
+                       f"route add default via {_hop(spec, tenant, 1)} "
                        f"dev {gif} table {tid}",
                        f"rule add iif {host.port} fwmark {tid} lookup {tid} pref {100 + pref}"]
+    # The node answers ARP for floating IPs on the uplink: here a proxy entry each,
+    # answered at once (not after a random delay of up to 0.8 s).
+    # (The kernel proxies only for an address routed elsewhere than the asking
+    # interface: each floating IP is routed to its tenant, where it is.)
+    for f in spec.state.fips:
+        s.ip_batch += [f"neigh add proxy {f.ip} dev {host.port}",
+                       f"route add {f.ip}/32 via {_hop(spec, f.tenant, 1)} "
+                       f"dev {_gw_if(f.tenant)}"]
+    s.late_sysctls.append((f"net.ipv4.neigh.{host.port}.proxy_delay", "0"))
     if variant == "iptables":
         s.firewall.append((["iptables-restore"], gw_iptables(spec)))
     else:

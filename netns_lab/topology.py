@@ -106,9 +106,13 @@ class Topology:
         return render.ns_name(self.prefix, path, vm.name)
 
     def side_ns(self, path: str, vm: VM) -> str:
-        """Where the VM's port lives on this path: the node, or its tenant's router."""
-        return (render.ns_name(self.prefix, path, "node") if path == "offload"
-                else render.router_ns(self.prefix, path, vm.tenant))
+        """Where the VM's port lives on this path: the node, or its tenant's router (an
+        external host's uplink: the node, or the kernel path's gateway)."""
+        if path == "offload":
+            return render.ns_name(self.prefix, path, "node")
+        if vm.tenant is None:
+            return external.gw_ns(self.prefix, path)
+        return render.router_ns(self.prefix, path, vm.tenant)
 
     # -- up ----------------------------------------------------------------------------------
     def up(self, detach: bool = False) -> "Topology":
@@ -148,8 +152,10 @@ class Topology:
                 run(["ip", "netns", "add", s.name])
                 _ip_batch(s.name, ["link set lo up"])
                 _sysctl(s.name, s.sysctls)
-        for vm in spec.vms:
-            vs = render.vm_setup(spec, vm, path)
+        # VMs behind their ports; external hosts (netns_lab/external.py) behind uplinks.
+        wired = [(vm, render.vm_setup(spec, vm, path)) for vm in spec.vms] + [
+            (host, external.host_setup(spec, host, path)) for host in spec.external]
+        for vm, vs in wired:
             side = self.side_ns(path, vm)
             run(["ip", "netns", "add", vs.name])
             _sysctl(vs.name, vs.sysctls)
@@ -161,31 +167,13 @@ class Topology:
             _ip_batch(side, [f"link set {vm.port} up"])
             # Finished checksums in what the VM sends, on every path: bytes compare.
             run(["ethtool", "-K", VM_IFNAME, "tx", "off"], ns=vs.name)
-        self._build_external(path)
+        if path == "offload":
+            _ip_batch(node, external.node_batch(spec))
         for s in sides:
             _sysctl(s.name, s.late_sysctls)
             _ip_batch(s.name, s.ip_batch)
             for argv, text in (s.firewall if self.firewall else ()):
                 run(argv, ns=s.name, input=text)
-
-    def _build_external(self, path: str) -> None:
-        """The external hosts, wired to the uplink in the node (offload) or the gateway
-        namespace (kernel variants; the gateway's own setup comes with the routers')."""
-        spec = self.spec
-        side = render.ns_name(self.prefix, path, "node" if path == "offload" else "gw")
-        for host in spec.external:
-            hs = external.host_setup(spec, host, path)
-            run(["ip", "netns", "add", hs.name])
-            _sysctl(hs.name, hs.sysctls)
-            _ip_batch(hs.name, [
-                "link set lo up",
-                f"link add {VM_IFNAME} address {host.mac} type veth peer name {host.port} "
-                f"address {host.port_mac} netns {side}",
-                f"link set {VM_IFNAME} up"] + hs.ip_batch)
-            _ip_batch(side, [f"link set {host.port} up"])
-            run(["ethtool", "-K", VM_IFNAME, "tx", "off"], ns=hs.name)
-        if path == "offload":
-            _ip_batch(side, external.node_batch(spec))
 
     def _start_agent(self, detach: bool) -> None:
         lab = self.lab

@@ -2,7 +2,8 @@
 address in two tenants, through their floating IPs (TCP, UDP, ICMP echo); their answers
 and ICMP errors leave with the floating IP (the error's inner header translated too); what
 they send on their own leaves with it and its ICMP error comes back translated; the
-tenant's rules judge the translated packet (its VM address, the untranslated peer)."""
+tenant's rules judge the translated packet (its VM address, the untranslated peer); the
+node answers ARP for a floating IP on the uplink."""
 from . import Send
 
 DESCRIPTION = __doc__
@@ -44,6 +45,9 @@ SENDS = [
          "gold1, the same address and port: out with gold's floating IP"),
     Send("green1", _OUT.format(dst="198.51.100.2", l4='TCP(sport=41011, dport=22, flags="S")'),
          "green1 tcp/22 out: no rule allows it"),
+    Send("inet", 'Ether(src=me.mac, dst="ff:ff:ff:ff:ff:ff")/ARP(hwsrc=me.mac, psrc=me.ip, '
+                 f'pdst="{GREEN}")',
+         "ARP for green's floating IP on the uplink: the node answers with the uplink's MAC"),
 ]
 
 WAITING_ON = "issue 11: floating IPs in the datapath (h/nat)"

@@ -9,16 +9,13 @@ scenarios (0 mismatches once the datapath has NAT: until then they are `waiting`
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from netns_lab import compare, labfile, render, scenarios, topology
-from netns_lab.lab import CREATED_NAMESPACES, CREATED_PINS
-from netns_lab.netns import unique
+from netns_lab import compare, render, scenarios
 from netns_lab.traffic import tcp_transfer
 
 pytestmark = pytest.mark.lab
@@ -29,29 +26,9 @@ GREEN_FIP, GOLD_FIP, NODE, SERVER = "203.0.113.10", "203.0.113.20", "198.51.100.
 TEN_MB = 10 * 1000 * 1000
 
 
-def _spec():
-    if os.geteuid() != 0:
-        pytest.skip("the lab tier needs root")
-    spec = labfile.load(labfile.DEMO_LAB, prefix=unique("xn", 8))
-    CREATED_PINS.append(topology.pin_dir(spec.prefix))
-    for path in render.PATHS:
-        for what in ("node", "gw", "inet"):
-            CREATED_NAMESPACES.append(render.ns_name(spec.prefix, path, what))
-    return spec
-
-
 @pytest.fixture(scope="module")
-def up_lab():
-    spec = _spec()
-    topo = topology.Topology(spec)
-    try:
-        topo.up()
-        yield topo
-    finally:
-        log = topo.lab.log_text() if topo.lab is not None else ""
-        topo.close()
-        print(f"----- agent log -----\n{log[-4000:]}")
-    assert not topology.namespaces_of(spec.prefix)
+def up_lab(demo_lab):
+    return demo_lab
 
 
 def _run(topo, path):
@@ -74,9 +51,10 @@ def _parsed(results):
     return out
 
 
-def _kernel_expectations(got):
+def _kernel_expectations(got, uplink_mac):
     """What the scenarios say, checked on one path's (normalised) outcome."""
     from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.l2 import ARP
 
     def rx(sc, i):
         """receiver -> (packet, SNAT label): one frame each in these scenarios."""
@@ -113,6 +91,9 @@ def _kernel_expectations(got):
         assert err.type == 3 and err.payload.src == "10.0.0.1"
         assert err.payload.payload.sport == 41010
     assert got[("fip", 12)] == []
+    # ARP for a floating IP on the uplink: answered with the uplink's MAC.
+    arp = rx("fip", 13)["inet"][0][ARP]
+    assert (arp.op, arp.psrc, arp.hwsrc) == (2, GREEN_FIP, uplink_mac), arp
     # SNAT: both tenants' 10.0.0.2:40000 -> server:7000 leave as the node with different
     # ports (labels; in the range, checksums right), the errors back to the right VM.
     labels = {}
@@ -145,7 +126,7 @@ def test_the_kernel_path_does_what_the_nat_scenarios_say(up_lab):
     results = {v: _run(up_lab, v) for v in render.VARIANTS}
     compare.normalise_snat(spec, results)
     for v in render.VARIANTS:
-        _kernel_expectations(_parsed(results[v]))
+        _kernel_expectations(_parsed(results[v]), spec.vm("inet").port_mac)
     # And the two variants alike, byte for byte (labels for the allocated ports).
     same = compare.compare_results(results["iptables"], results["nftables"])
     assert compare.totals(same)["mismatches"] == 0, [

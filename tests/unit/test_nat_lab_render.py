@@ -12,17 +12,6 @@ from netns_lab import external, labfile, render
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module")
-def raw():
-    from ctl.cli import load_state_file
-    return load_state_file(labfile.DEMO_LAB)
-
-
-@pytest.fixture(scope="module")
-def spec(raw):
-    return labfile.parse(copy.deepcopy(raw), source="demo.toml")
-
-
 def test_the_demo_lab_has_one_external_host_behind_the_uplink(spec):
     (inet,) = spec.external
     assert (inet.name, inet.port, inet.ip, inet.local_ip) == ("inet", "upl", "198.51.100.2",
@@ -72,6 +61,9 @@ def test_the_gateway_is_set_up_after_the_routers_whose_links_it_uses(spec):
         assert "addr add 198.51.100.1/24 dev upl" in gw
         assert "rule add iif upl fwmark 30 lookup 30 pref 100" in gw
         assert "route add default via 169.254.2.1 dev ggold table 40" in gw
+        # ARP for floating IPs is answered on the uplink, at once.
+        assert "neigh add proxy 203.0.113.10 dev upl" in gw
+        assert ("net.ipv4.neigh.upl.proxy_delay", "0") in setups[-1].late_sysctls
 
 
 def test_iptables_gateway_zones_marks_and_translations(spec):

@@ -14,17 +14,6 @@ from netns_lab.scenarios import Expect, Send
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module")
-def raw():
-    from ctl.cli import load_state_file
-    return load_state_file(labfile.DEMO_LAB)
-
-
-@pytest.fixture(scope="module")
-def spec(raw):
-    return labfile.parse(copy.deepcopy(raw), source="demo.toml")
-
-
 def _rules_of(text: str, chain: str):
     return [l for l in text.splitlines() if l.startswith(f"-A {chain} ")]
 
