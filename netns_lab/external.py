@@ -185,11 +185,10 @@ def router_uplink(spec, tenant: str, path: str) -> List[str]:
     if tenant not in nat_tenants(spec):
         return []
     rmac, gmac = _transit_macs(spec, tenant)
-    mine, theirs = _transit(spec, tenant, 1), _transit(spec, tenant, 2)
     return [f"link add {ROUTER_IF} address {rmac} type veth peer name {_gw_if(tenant)} "
             f"address {gmac} netns {gw_ns(spec.prefix, path)}",
             f"link set {ROUTER_IF} up",
-            f"addr add {mine} dev {ROUTER_IF}",
+            f"addr add {_transit(spec, tenant, 1)} dev {ROUTER_IF}",
             f"neigh replace {_hop(spec, tenant, 2)} lladdr {gmac} dev {ROUTER_IF} nud permanent",
             f"route add default via {_hop(spec, tenant, 2)} dev {ROUTER_IF}"]
 
