@@ -282,10 +282,13 @@ def describe(outcome: List[Frame]) -> List[Dict[str, str]]:
     from scapy.layers.l2 import Ether
     out = []
     for vm, data in sorted(outcome, key=lambda f: (f[0], f[1])):
+        frame, _, label = data.partition(b"|snat port ")      # normalise_snat's
         try:
-            summary = Ether(data).summary()
+            summary = Ether(frame).summary()
         except Exception:
-            summary = f"{len(data)} bytes"
+            summary = f"{len(frame)} bytes"
+        if label:
+            summary += f" [SNAT port {label.decode()}]"
         out.append({"vm": vm, "summary": summary, "bytes": data.hex()})
     return out
 
