@@ -33,6 +33,8 @@ REASONS = {
     36: "parse_vxlan", 37: "no_neigh",
     # 40-47: NAT and rate limits
     40: "ratelimit",
+    41: "nat_no_flow", 42: "nat_exhausted", 43: "nat_no_neigh", 44: "nat_no_route",
+    45: "nat_frag",
     48: "flow_quota",       # issue 14: a tenant at its flow quota
 }
 REASON_IDS = {v: k for k, v in REASONS.items()}
@@ -45,6 +47,14 @@ RULE_ACTIONS = {"allow": A_ALLOW, "deny": A_DENY, "pass": A_PASS}
 RT_VIA, RT_KERNEL, RT_DROP = 1, 2, 3
 ROUTE_ACTIONS = {"via": RT_VIA, "kernel": RT_KERNEL, "drop": RT_DROP}
 FLOW_REVERSE, FLOW_CLOSING, FLOW_ENCAP, FLOW_POLICED = 0x01, 0x02, 0x04, 0x08
+FLOW_SNAT, FLOW_DNAT, FLOW_FIP = 0x10, 0x20, 0x40      # NAT (issue 11)
+NAT_FIP, NAT_SNAT = 1, 2                               # xf_nat entry kinds
+# xf_nat_stats kinds (key: tenant << 8 | kind)
+NATC_FIP_IN, NATC_FIP_OUT, NATC_SNAT_IN, NATC_SNAT_OUT, NATC_EXHAUSTED = range(5)
+NAT_KINDS = {NATC_FIP_IN: ("fip", "in"), NATC_FIP_OUT: ("fip", "out"),
+             NATC_SNAT_IN: ("snat", "in"), NATC_SNAT_OUT: ("snat", "out")}
+NAT_ENTRIES, NAT_STATS, NAT_TRIES = 65536, 65536, 8
+TENANT_EXTERNAL = 0      # the tenant of flow keys of packets from the external network
 EP_LOCAL, EP_REMOTE = 0x01, 0x02
 ENCAP_LEN = 50           # VXLAN's outer Ethernet, IPv4, UDP, VXLAN headers
 VNI_ENTRIES = 65536
@@ -95,6 +105,12 @@ CONSTANTS = {  # name in xf_consts.h -> value here (checked by the abi test)
     "XF_EVENT_BYTES": EVENT_BYTES, "XF_EVENT_RING_PAGES": EVENT_RING_PAGES,
     "XF_MAX_POLICERS": MAX_POLICERS, "XF_POLICER_RULE": POLICER_RULE,
     "XF_POL_BYTES": POL_BYTES,
+    "XF_FLOW_SNAT": FLOW_SNAT, "XF_FLOW_DNAT": FLOW_DNAT, "XF_FLOW_FIP": FLOW_FIP,
+    "XF_NAT_FIP": NAT_FIP, "XF_NAT_SNAT": NAT_SNAT, "XF_NATC_FIP_IN": NATC_FIP_IN,
+    "XF_NATC_FIP_OUT": NATC_FIP_OUT, "XF_NATC_SNAT_IN": NATC_SNAT_IN,
+    "XF_NATC_SNAT_OUT": NATC_SNAT_OUT, "XF_NATC_EXHAUSTED": NATC_EXHAUSTED,
+    "XF_NAT_ENTRIES": NAT_ENTRIES, "XF_NAT_STATS": NAT_STATS, "XF_NAT_TRIES": NAT_TRIES,
+    "XF_TENANT_EXTERNAL": TENANT_EXTERNAL,
 }
 CONSTANTS.update({"XF_R_" + name.upper(): rid for rid, name in REASONS.items()})
 
@@ -115,8 +131,19 @@ class Flow(ct.Structure):
                 ("out_port", u16), ("verdict", u8), ("flags", u8), ("dmac", Mac),
                 ("smac", Mac), ("in_port", u16), ("reason", u8), ("tcp_flags", u8),
                 ("in_mac", Mac), ("rule_stat", u16),
-                # overlay (VXLAN): network-order addresses, as in the outer header
+                # overlay (VXLAN): network-order addresses, as in the outer header. A NAT
+                # flow (FLOW_SNAT/FLOW_DNAT) keeps its rewrite here: vtep the address
+                # written, encap_sport the port, vni the VM's tenant (bpf/xf_structs.h)
                 ("vtep", u32), ("vni", u32), ("vtep_mac", Mac), ("encap_sport", u16)]
+
+
+class NatKey(ct.Structure):
+    _fields_ = [("tenant", u16), ("pad", u16), ("addr", u32)]   # addr: network order
+
+
+class Nat(ct.Structure):
+    _fields_ = [("addr", u32), ("tenant", u16), ("kind", u8), ("pad", u8),
+                ("port_lo", u16), ("port_hi", u16)]
 
 
 class Port(ct.Structure):
@@ -230,7 +257,9 @@ class Trace(ct.Structure):
                 ("stale", u8), ("pad", u32),
                 # rate limits (issue 11): [0] the rule's bucket, [1] the tenant's
                 ("pol_key", u32 * 2), ("pol_credit_ns", u64 * 2), ("pol_cost_ns", u64 * 2),
-                ("pol_ok", u8 * 2), ("pad_rl", u8 * 6)]
+                ("pol_ok", u8 * 2), ("pad_rl", u8 * 6),
+                # NAT (issue 11): the translation made
+                ("nat_addr", u32), ("nat_port", u16), ("nat_flags", u8), ("pad_nat", u8)]
 
 
 class MonCfg(ct.Structure):
@@ -252,7 +281,7 @@ class Event(ct.Structure):
 
 # --- maps: name -> (BPF map type, key type, value type, size setting) -----------------
 
-HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LPM_TRIE = 1, 2, 5, 6, 9, 11
+HASH, ARRAY, PROG_ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LPM_TRIE = 1, 2, 3, 5, 6, 9, 11
 MAPS = {
     "xf_flows": (HASH, FlowKey, Flow, "XF_FLOW_TABLE_SIZE"),
     "xf_port_index": (ARRAY, u32, Port, "XF_PORT_INDEX"),
@@ -271,6 +300,9 @@ MAPS = {
     "xf_vnis": (HASH, VniKey, u32, VNI_ENTRIES),
     "xf_meta": (ARRAY, u32, Meta, 1),
     "xf_policers": (HASH, u32, Policer, MAX_POLICERS),
+    "xf_nat": (HASH, NatKey, Nat, NAT_ENTRIES),
+    "xf_nat_stats": (PERCPU_HASH, u32, Counter, NAT_STATS),
+    "xf_nat_prog": (PROG_ARRAY, u32, u32, 2),      # the NAT programs (tail calls)
 }
 
 

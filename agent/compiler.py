@@ -333,6 +333,7 @@ class Image:
     vnis: Dict[bytes, bytes] = field(default_factory=dict)         # decap's checks
     tenants: Dict[int, "TenantImage"] = field(default_factory=dict)
     policers: Dict[bytes, bytes] = field(default_factory=dict)     # rate limits, full
+    nat: Dict[bytes, bytes] = field(default_factory=dict)          # floating IPs, SNATs
 
 
 @dataclass
@@ -424,6 +425,28 @@ def vni_entries(state: model.State) -> Dict[bytes, bytes]:
     return out
 
 
+def nat_entries(state: model.State) -> Dict[bytes, bytes]:
+    """NAT both ways (bpf/xf_structs.h struct xf_nat_key): a floating address -> its
+    tenant and VM, the VM -> its floating address; a tenant -> its SNAT address and port
+    range, the SNAT address -> "a SNAT address" (its flows say whose)."""
+    ids = {t.name: t.id for t in state.tenants}
+    out: Dict[bytes, bytes] = {}
+    for f in state.sorted("fips"):
+        tid = ids[f.tenant]
+        out[bytes(abi.NatKey(tenant=abi.TENANT_EXTERNAL, addr=_be32(f.ip)))] = bytes(
+            abi.Nat(addr=_be32(f.to), tenant=tid, kind=abi.NAT_FIP))
+        out[bytes(abi.NatKey(tenant=tid, addr=_be32(f.to)))] = bytes(
+            abi.Nat(addr=_be32(f.ip), tenant=tid, kind=abi.NAT_FIP))
+    for n in state.sorted("snats"):
+        tid = ids[n.tenant]
+        out[bytes(abi.NatKey(tenant=tid))] = bytes(
+            abi.Nat(addr=_be32(n.to), tenant=tid, kind=abi.NAT_SNAT, port_lo=n.ports[0],
+                    port_hi=n.ports[1]))
+        out[bytes(abi.NatKey(tenant=abi.TENANT_EXTERNAL, addr=_be32(n.to)))] = bytes(
+            abi.Nat(kind=abi.NAT_SNAT))
+    return out
+
+
 def compile_state(state: model.State, links: Dict[str, PortLink],
                   max_masks: int = abi.DEFAULT_MAX_MASKS,
                   slots: Optional[Dict[str, int]] = None,
@@ -473,6 +496,7 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
 
     img.endpoints.update(remote_endpoints(state, links, neighbours or {}))
     img.vnis = vni_entries(state)
+    img.nat = nat_entries(state)
     for e in state.sorted("endpoints"):
         link = links.get(e.port)
         if e.vtep is not None or link is None:

@@ -6,6 +6,7 @@ lock). Flow aging is the sweeper's (agent/sweeper.py); the controller only reads
 counted."""
 from __future__ import annotations
 
+import ctypes as ct
 import functools
 import hashlib
 import heapq
@@ -599,6 +600,24 @@ class Controller:
         return [{"tenant": r.tenant, "rule": r.id, "packets": counts.get(r.id, (0, 0))[0],
                  "bytes": counts.get(r.id, (0, 0))[1]} for r in self.state.rules]
 
+    def nat_rows(self) -> List[Dict[str, Any]]:
+        """NAT per tenant that has some: packets translated by kind (fip, snat) and
+        direction (in: from the external network), and new SNAT flows refused for want of
+        a port ("exhausted"); 0 until they happen."""
+        counts = self.dp.nat_counters()
+        rows = []
+        for t in self.state.sorted("tenants"):
+            kinds = ({"fip"} if any(f.tenant == t.name for f in self.state.fips) else set()) | \
+                ({"snat"} if any(n.tenant == t.name for n in self.state.snats) else set())
+            for kid, (kind, direction) in abi.NAT_KINDS.items():
+                if kind in kinds:
+                    rows.append({"tenant": t.name, "kind": kind, "direction": direction,
+                                 "packets": counts.get((t.id, kid), (0, 0))[0]})
+            if "snat" in kinds:
+                rows.append({"tenant": t.name, "kind": "snat", "direction": "exhausted",
+                             "packets": counts.get((t.id, abi.NATC_EXHAUSTED), (0, 0))[0]})
+        return rows
+
     def port_tx_rows(self) -> List[Dict[str, Any]]:
         """What each port transmitted on redirect (per VM, its receive)."""
         _, slots, port_tenant = self._names()
@@ -625,13 +644,15 @@ class Controller:
         # Through an uplink, a packet with a tenant was decapsulated: its route is the
         # inner packet's.
         uplink = any(p.uplink and p.name == port for p in self.state.ports)
-        inner = packet[abi.ENCAP_LEN:] if uplink and tenant else packet
+        decap = bool(uplink and tenant and not rec.nat_flags & abi.FLOW_DNAT)
+        inner = packet[abi.ENCAP_LEN:] if decap else packet
         return {
             # The first trace builds the trace program (seconds); later ones reuse it.
             "built_trace_program": building,
             "seconds": round(time.monotonic() - t0, 3),
             "route": route_for(self.state, tenant, inner) if rec.reason in _ROUTED else None,
-            "decapsulated": bool(uplink and tenant),
+            "decapsulated": decap,
+            "nat": trace_nat(rec, packet),
             "port": port, "action": actions.get(rc, str(rc)),
             "verdict": abi.VERDICTS.get(rec.verdict, str(rec.verdict)),
             "reason": abi.REASONS.get(rec.reason, str(rec.reason)),
@@ -646,6 +667,26 @@ class Controller:
             "modified": rc in (3, 4) and out != packet,
             "rate_limits": trace_buckets(self.state, rec, len(packet)),
         }
+
+
+def trace_nat(rec, packet: bytes) -> Optional[Dict[str, Any]]:
+    """The translation a traced packet got: a floating IP's or a SNAT's, in (from the
+    external network: its destination) or out (its source), the address and port before
+    (the input's) and after (a SNAT port as the datapath allocated it); None if none."""
+    if not rec.nat_flags & (abi.FLOW_SNAT | abi.FLOW_DNAT):
+        return None
+    dnat = bool(rec.nat_flags & abi.FLOW_DNAT)
+    before = None
+    if len(packet) >= 34 and packet[12:14] == b"\x08\x00":
+        l4 = 14 + (packet[14] & 0x0F) * 4
+        addr = ipaddress.IPv4Address(packet[30:34] if dnat else packet[26:30])
+        at = l4 + 4 if packet[23] == 1 else l4 + (2 if dnat else 0)
+        port = int.from_bytes(packet[at:at + 2], "big") if len(packet) >= at + 2 else None
+        before = f"{addr}:{port}"
+    after = ipaddress.IPv4Address(bytes(ct.c_uint32(rec.nat_addr)))
+    return {"kind": "fip" if rec.nat_flags & abi.FLOW_FIP else "snat",
+            "direction": "in" if dnat else "out", "from": before,
+            "to": f"{after}:{rec.nat_port}"}
 
 
 def trace_buckets(state: model.State, rec, length: int) -> List[Dict[str, Any]]:

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 from . import abi, bpfsys, compiler
 from .bpfsys import RawMap
 from .config import Config
-from .flows import flow_head
+from .flows import flow_tenant
 
 log = logging.getLogger("xdpflow.datapath")
 
@@ -27,7 +27,8 @@ MAP_ORDER = list(abi.MAPS)
 # Maps whose contents the agent can always rebuild from its store; the rest (flows,
 # counters) are state the datapath made and are migrated when only their size changed.
 REBUILT_FROM_STORE = {"xf_port_index", "xf_ports", "xf_tenants", "xf_masks", "xf_rules", "xf_endpoints",
-                      "xf_routes", "xf_port_src", "xf_vnis", "xf_meta", "xf_policers"}
+                      "xf_routes", "xf_port_src", "xf_vnis", "xf_meta", "xf_policers", "xf_nat",
+                      "xf_nat_prog"}
 # The sizes' one home is the config's [datapath] defaults; bpf/xf_consts.h has none.
 DEFAULT_DEFINES = Config().datapath_defines()
 
@@ -93,6 +94,12 @@ def source_files() -> List[Path]:
     return sorted(BPF_DIR.glob("xf_*.h")) + [BPF_DIR / "xdpflow.c", BPF_DIR / "xf_pass.c"]
 
 
+# Programs the port program tail-calls: prog array -> the functions at its indexes. Each
+# compile of the port program loads them and writes them in (the trace build's array is
+# its own, and the caller holds it: a prog array nobody in user space holds is emptied).
+TAIL_CALLS = {"xf_nat_prog": ("xdpflow_nat_in", "xdpflow_nat_out")}
+
+
 def compile_program(src: str, func: str, cflags: List[str] = (),
                     maps: Tuple[str, ...] = ()) -> Tuple[int, Dict[str, int]]:
     """Compile and load one XDP program with BCC. Returns its fd and those of the named
@@ -104,6 +111,11 @@ def compile_program(src: str, func: str, cflags: List[str] = (),
     b = BPF(src_file=str(BPF_DIR / src).encode(), cflags=list(cflags))
     try:
         fd = os.dup(b.load_func(func.encode(), BPF.XDP).fd)
+        if func == PROGRAM:
+            for table, tails in TAIL_CALLS.items():
+                for i, tail in enumerate(tails):
+                    b[table.encode()][ct.c_int(i)] = ct.c_int(
+                        b.load_func(tail.encode(), BPF.XDP).fd)
         own = {name: os.dup(b[name.encode()].get_fd()) for name in maps}
     finally:
         b.cleanup()
@@ -436,9 +448,9 @@ class Datapath:
         """The trace build shares the pinned maps; it records instead of counting."""
         if self.trace_fd < 0:
             self.trace_fd, own = compile_program("xdpflow.c", PROGRAM, self.cflags(trace=True),
-                                                 ("xf_trace_rec",))
+                                                 ("xf_trace_rec", "xf_nat_prog"))
             self._trace_rec = own["xf_trace_rec"]
-            self._fds += [self.trace_fd, self._trace_rec]
+            self._fds += [self.trace_fd, self._trace_rec, own["xf_nat_prog"]]
         return self.trace_fd
 
     def close(self):
@@ -460,7 +472,7 @@ class Datapath:
     def _read_mirror(self):
         self._mirror = {n: dict(self.maps[n].items())
                         for n in ("xf_ports", "xf_port_src", "xf_endpoints", "xf_routes",
-                                  "xf_vnis")}
+                                  "xf_vnis", "xf_nat")}
         # Arrays (16,384 port rows, 65,536 tenant rows): their empty rows are passed over.
         self._mirror["xf_port_index"] = {k: v for k, v in
                                          self.maps["xf_port_index"].items(skip_zero=True)
@@ -535,7 +547,8 @@ class Datapath:
                                  img.ports) for v in m.values()}
         for name, want in (("xf_port_src", img.port_src), ("xf_port_index", indexed),
                            ("xf_ports", hashed), ("xf_endpoints", img.endpoints),
-                           ("xf_routes", img.routes), ("xf_vnis", img.vnis)):
+                           ("xf_routes", img.routes), ("xf_vnis", img.vnis),
+                           ("xf_nat", img.nat)):
             have = self._mirror[name]
             put = [(k, v) for k, v in want.items() if have.get(k) != v]
             gone = [k for k in have if k not in want]
@@ -768,6 +781,8 @@ class Datapath:
             return abi.EpKey.from_buffer_copy(key).tenant
         if name == "xf_vnis":
             return ct.c_uint32.from_buffer_copy(value).value
+        if name == "xf_nat":       # a floating address's key has no tenant; its value does
+            return abi.NatKey.from_buffer_copy(key).tenant or abi.Nat.from_buffer_copy(value).tenant
         return abi.RouteKey.from_buffer_copy(key).tenant
 
     def _write_tenant(self, tid: int, **fields) -> None:
@@ -873,8 +888,8 @@ class Datapath:
         before = self.tenant_flow_counts()
         if tenant_id is not None:
             before = {t: n for t, n in before.items() if t == tenant_id}
-        keys = [k for k, _ in self.maps["xf_flows"].items()
-                if tenant_id is None or flow_head(k)[0] == tenant_id]
+        keys = [k for k, v in self.maps["xf_flows"].items()
+                if tenant_id is None or flow_tenant(k, v) == tenant_id]
         n = self.delete_flows(keys)
         self.rebase_flow_counts({}, before)     # the flushed tenants hold nothing now
         return n
@@ -957,6 +972,16 @@ class Datapath:
         """rule id -> (packets, bytes) it decided, flow-table hits included."""
         rows = self._counter_rows("xf_rule_stats", {s for s in self._rule_slots.values() if s})
         return {rid: rows.get(slot, (0, 0)) for rid, slot in self._rule_slots.items()}
+
+    def nat_counters(self) -> Dict[Tuple[int, int], Tuple[int, int]]:
+        """(tenant id, abi.NATC_* kind) -> (packets, bytes): NAT's translations and SNAT
+        port exhaustions."""
+        out = {}
+        for k, v in self.maps["xf_nat_stats"].items():
+            key = ct.c_uint32.from_buffer_copy(k).value
+            words = memoryview(v).cast("Q")            # per CPU: packets, bytes
+            out[(key >> 8, key & 0xFF)] = (sum(words[0::2]), sum(words[1::2]))
+        return out
 
     def port_tx(self, slots: Set[int]) -> Dict[int, Tuple[int, int]]:
         """port slot -> (packets, bytes) it transmitted on redirect."""

@@ -4,6 +4,8 @@ the C), the reply key the datapath would make, and the dict `flow dump` prints. 
 here: the datapath layer reads and deletes entries, the sweeper decides which."""
 from __future__ import annotations
 
+import ctypes as ct
+import ipaddress
 import struct
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -36,6 +38,49 @@ assert abi.Flow.generation.offset == _AGE_AT + 8
 assert _DST_AT == _SRC_AT + _ADDR and _PORTS_AT == _DST_AT + _ADDR
 # ICMP echo types and their replies (the key's dport carries type << 8 | code).
 _REPLY_TYPE = {1: {8: 0, 0: 8}, 58: {128: 129, 129: 128}}
+
+
+# NAT (issue 11): a NAT entry's rewrite sits in the overlay's bytes (bpf/xf_structs.h):
+# vtep the address written (network order, as a key holds it), vni the VM's tenant,
+# encap_sport the port written.
+_NAT_ADDR_AT, _NAT_TENANT_AT = abi.Flow.vtep.offset, abi.Flow.vni.offset
+_NAT_PORT_AT = abi.Flow.encap_sport.offset
+_FLAGS_AT = abi.Flow.flags.offset
+_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
+_NAT_FLAGS = abi.FLOW_SNAT | abi.FLOW_DNAT
+
+
+def flow_tenant(kb: bytes, fb: bytes) -> int:
+    """The tenant an entry belongs to: its key's, or for an entry keyed on the external
+    side (NAT: packets from outside), the VM's it translates to."""
+    tenant = _U16.unpack_from(kb)[0]
+    if tenant == abi.TENANT_EXTERNAL and fb[_FLAGS_AT] & abi.FLOW_DNAT:
+        return _U32.unpack_from(fb, _NAT_TENANT_AT)[0]
+    return tenant
+
+
+def pair_key(kb: bytes, fb: bytes) -> Optional[bytes]:
+    """The raw key of the other direction of an entry's flow, as the datapath installed
+    it: the reply key, and for NAT the other side's terms (a VM's entry pairs with the one
+    keyed on the external side at the translated address and port, and back)."""
+    rkb = reverse_flow_key(kb)
+    flags = fb[_FLAGS_AT]
+    if rkb is None or not flags & _NAT_FLAGS:
+        return rkb
+    addr = fb[_NAT_ADDR_AT:_NAT_ADDR_AT + 4]
+    port = fb[_NAT_PORT_AT:_NAT_PORT_AT + 2]
+    icmp = kb[2] == 1
+    if flags & abi.FLOW_SNAT:       # the VM's: its reply arrives at the NAT address, port
+        head = _U16.pack(abi.TENANT_EXTERNAL) + rkb[2:]
+        at = _DST_AT + _ADDR - 4
+        out = head[:at] + addr + head[at + 4:]
+        p = _PORTS_AT if icmp else _PORTS_AT + 2
+    else:                           # from outside: its reply leaves the VM, from its port
+        head = _U16.pack(_U32.unpack_from(fb, _NAT_TENANT_AT)[0]) + rkb[2:]
+        at = _SRC_AT + _ADDR - 4
+        out = head[:at] + addr + head[at + 4:]
+        p = _PORTS_AT
+    return out[:p] + port + out[p + 2:]
 
 
 def flow_head(kb: bytes) -> Tuple[int, int]:
@@ -74,8 +119,14 @@ def flow_dict(k: abi.FlowKey, f: abi.Flow, tenants: Dict[int, str], slots: Dict[
         flags.append("closing")
     if f.generation != generation:
         flags.append("stale")
+    owner = k.tenant
+    if f.flags & abi.FLOW_DNAT:
+        flags.append("dnat")
+        owner = f.vni
+    if f.flags & abi.FLOW_SNAT:
+        flags.append("snat")
     d = {
-        "tenant": tenants.get(k.tenant, str(k.tenant)),
+        "tenant": tenants.get(owner, str(owner)),
         "proto": PROTO_NAMES.get(k.proto, str(k.proto)),
         "src": str(abi.get_addr(k.src)), "dst": str(abi.get_addr(k.dst)),
         "sport": k.sport, "dport": k.dport,
@@ -88,4 +139,6 @@ def flow_dict(k: abi.FlowKey, f: abi.Flow, tenants: Dict[int, str], slots: Dict[
     }
     if k.proto in (1, 58):
         d["icmp_type"], d["icmp_code"], d["icmp_id"] = k.dport >> 8, k.dport & 0xFF, k.sport
+    if f.flags & _NAT_FLAGS:        # what it rewrites to: address and port (echo id)
+        d["nat"] = f"{ipaddress.IPv4Address(bytes(ct.c_uint32(f.vtep)))}:{f.encap_sport}"
     return d

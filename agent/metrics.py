@@ -78,6 +78,13 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
      "Flow-table inserts that failed (the packet was still classified and acted on).", ()),
     ("xdpflow_flow_evictions", "counter",
      "Flow-table entries removed, by reason.", ("reason",)),
+    ("xdpflow_nat_translations", "counter",
+     "Packets NAT translated, by tenant, kind (fip, snat) and direction (in: from the "
+     "external network, out: to it); every tenant with a NAT, 0 until used.",
+     ("tenant", "kind", "direction")),
+    ("xdpflow_nat_port_exhaustions", "counter",
+     "New SNAT flows dropped for want of a free port in the tenant's range (reason "
+     "nat_exhausted); every tenant with a SNAT, 0 until it happens.", ("tenant",)),
     ("xdpflow_flow_quota_refusals", "counter",
      "Packets whose new flow was judged but not cached: the tenant held its flow quota.",
      ("tenant",)),
@@ -178,7 +185,10 @@ _KINDS: Dict[str, Callable[..., Metric]] = {
 # Families whose samples are summed per label set: zero rows for every configured
 # tenant/port plus the real rows.
 # Reasons of uplink packets that were not decapsulated (the kernel's, or refused).
-NOT_DECAPSULATED = ("uplink_other", "vni_unknown", "vtep_unknown", "parse_vxlan")
+NOT_DECAPSULATED = ("uplink_other", "vni_unknown", "vtep_unknown", "parse_vxlan",
+                    # NAT's: to a NAT address, not decapsulated (but what NAT let in and
+                    # the tenant's rules then judged is counted under their reasons)
+                    "nat_no_flow", "nat_frag", "arp_reply")
 _SUMMED = ("xdpflow_flows", "xdpflow_port_packets", "xdpflow_port_bytes")
 
 
@@ -262,6 +272,7 @@ class DatapathCollector:
             ("monitor", self._fill_monitor),
             ("port_tx", self._fill_port_tx),
             ("rule_counters", self._fill_rule_counters),
+            ("nat", self._fill_nat),
             ("timings", self._fill_timings),
         ):
             # Fill into scratch families and merge only on success, so a part that fails
@@ -368,6 +379,15 @@ class DatapathCollector:
             labels = [_label(row["tenant"]), _label(row["rule"])]
             f["xdpflow_rule_packets"].add_metric(labels, int(row["packets"]))
             f["xdpflow_rule_bytes"].add_metric(labels, int(row["bytes"]))
+
+    def _fill_nat(self, f: Dict[str, Metric]) -> None:
+        for row in self._source.nat():
+            if row["direction"] == "exhausted":
+                f["xdpflow_nat_port_exhaustions"].add_metric([_label(row["tenant"])],
+                                                             int(row["packets"]))
+            else:
+                f["xdpflow_nat_translations"].add_metric(
+                    [_label(row["tenant"]), row["kind"], row["direction"]], int(row["packets"]))
 
     def _fill_agent_info(self, f: Dict[str, Metric]) -> None:
         info = self._source.agent_info()
@@ -508,6 +528,10 @@ class AgentSource:
             return []
         with self.c.lock:
             return self.c.rule_counter_rows()
+
+    def nat(self):
+        with self.c.lock:
+            return self.c.nat_rows()
 
     def monitor(self):
         # The monitor's own counters and maps: no controller lock needed.

@@ -17,7 +17,7 @@ import time
 from typing import Dict, Iterable, Iterator, List, Set, Tuple
 
 from . import abi
-from .flows import EVICTION_REASONS, flow_age, flow_head, now_coarse_ns, reverse_flow_key
+from .flows import EVICTION_REASONS, flow_age, flow_head, flow_tenant, now_coarse_ns, pair_key
 
 _NS = 1_000_000_000
 
@@ -128,7 +128,8 @@ class Sweeper:
                 if kb in gone:
                     gone.discard(kb)
                     continue
-                tenant, proto = flow_head(kb)
+                proto = flow_head(kb)[1]
+                tenant = flow_tenant(kb, fb)     # NAT's external-side entries: the VM's
                 live = live_tenant.get(tenant)
                 if live is None:
                     live = live_tenant[tenant] = dp.generation(tenant) != 0
@@ -143,7 +144,7 @@ class Sweeper:
                     counts[tenant] = counts.get(tenant, 0) + 1
                     continue
                 group = [kb]
-                rkb = reverse_flow_key(kb)
+                rkb = pair_key(kb, fb)      # (a SNAT port is freed with its pair, never alone)
                 pair = dp.flow_entry(rkb) if rkb is not None and rkb != kb else None
                 if pair is not None:
                     group.append(rkb)
@@ -190,14 +191,16 @@ class Sweeper:
         over = shares_over(counts, sum(counts.values()) - high)
         if not over:
             return
-        chosen: Dict[int, List[Tuple[int, bytes]]] = {t: [] for t in over}
+        chosen: Dict[int, List[Tuple[int, bytes, bytes]]] = {t: [] for t in over}
         for part in self._slices(lock, dp.flow_items()):
             for kb, fb in part:
-                heap = chosen.get(flow_head(kb)[0])
+                tenant = flow_tenant(kb, fb)
+                heap = chosen.get(tenant)
                 if heap is None:
                     continue
-                item = (-flow_age(fb)[0], kb)         # a max-heap of the longest idle
-                if len(heap) < over[flow_head(kb)[0]]:
+                # A max-heap of the longest idle, each with its pair's key.
+                item = (-flow_age(fb)[0], kb, pair_key(kb, fb) or b"")
+                if len(heap) < over[tenant]:
                     heapq.heappush(heap, item)
                 elif item > heap[0]:
                     heapq.heapreplace(heap, item)
@@ -205,14 +208,13 @@ class Sweeper:
         taken: Set[bytes] = set()
         for tenant, heap in chosen.items():
             n = 0
-            for _, kb in sorted(heap, reverse=True):          # longest idle first
+            for _, kb, rkb in sorted(heap, reverse=True):     # longest idle first
                 if n >= over[tenant]:
                     break
                 if kb in taken:
                     continue
                 group = [kb]
-                rkb = reverse_flow_key(kb)
-                if rkb is not None and rkb != kb and rkb not in taken and \
+                if rkb and rkb != kb and rkb not in taken and \
                         dp.flow_entry(rkb) is not None:
                     group.append(rkb)
                 keys += group

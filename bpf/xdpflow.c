@@ -46,6 +46,7 @@
 #include "xf_parse.h"
 #include "xf_vxlan.h"
 #include "xf_police.h"
+#include "xf_nat.h"
 /* Map accesses stay in this file: BCC rewrites map calls in the main file only. */
 
 struct xf_verdict {
@@ -73,7 +74,21 @@ struct xf_ctx {
     int dflt;                  /* the XDP action of the tenant's default verdict */
     __be32 decap_vtep;         /* arrived over VXLAN from this VTEP; 0: not decapsulated */
     __u32 tenant_policer;      /* the tenant's xf_policers key, 0: no rate limit */
+    /* NAT: a packet from the external network to a floating or SNAT address. */
+    __u8  nat_kind;            /* XF_NAT_* of its destination; 0: not from outside */
+    __u8  pad_nat;
+    __u16 nat_hint;            /* a SNAT port this flow held (kept when judged again) */
+    __be32 nat_to;             /* a floating address's VM address */
+    __u8  mode;                /* XF_MODE_*: which program runs the pipeline (a constant) */
 };
+
+/* The programs (one pipeline each; the verifier walks each within its budget):
+ * xdpflow_port, on every port, hands NAT's packets to the NAT programs by tail call
+ * (xf_nat_prog): xdpflow_nat_in an uplink's packets to a NAT address, xdpflow_nat_out a
+ * VM's packets that a NAT translates (a NAT flow's, or new ones with none). */
+#define XF_MODE_PORT 0
+#define XF_MODE_NAT_IN 1
+#define XF_MODE_NAT_OUT 2
 
 /* The best rule found for a packet. Kept as scalars, not a map pointer: far fewer
  * verifier states. */
@@ -341,6 +356,91 @@ static __always_inline struct xf_port *xf_port_of(__u32 ifindex)
 
 /* --- decap (uplink ports) ------------------------------------------------------------ */
 
+/* --- NAT in (uplink ports) ---------------------------------------------------------- */
+
+/* The xf_nat entry of an uplink packet's IPv4 destination or ARP target, or NULL. */
+static __always_inline struct xf_nat *xf_nat_of(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct xf_nat_key nk = {};
+    nk.tenant = XF_TENANT_EXTERNAL;
+    if ((void *)(eth + 1) > data_end)
+        return NULL;
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *iph = (void *)(eth + 1);
+        if ((void *)(iph + 1) > data_end)
+            return NULL;
+        nk.addr = iph->daddr;
+    } else if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+        struct xf_arp *arp = (void *)(eth + 1);
+        if ((void *)(arp + 1) > data_end)
+            return NULL;
+        nk.addr = arp->tpa;
+    } else {
+        return NULL;
+    }
+    return xf_nat.lookup(&nk);
+}
+
+static __always_inline int xf_nat_wanted(struct xdp_md *ctx)
+{
+    return xf_nat_of(ctx) != NULL;
+}
+
+/* ARP on the uplink for a floating address: answered with the uplink's MAC (the node
+ * holds the address for its VM). Else, as all ARP there, the kernel's. */
+static __always_inline int xf_uplink_arp(struct xdp_md *ctx, struct xf_ctx *c,
+                                         struct xf_port *port)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct xf_arp *arp = (void *)(eth + 1);
+    if ((void *)(arp + 1) > data_end || (void *)(eth + 1) > data_end ||
+        !xf_arp_is_request(arp))
+        return xf_decide(c, XF_V_PASS, XF_R_UPLINK_OTHER);
+    struct xf_nat *n = xf_nat_of(ctx);
+    if (!n || n->kind != XF_NAT_FIP)
+        return xf_decide(c, XF_V_PASS, XF_R_UPLINK_OTHER);
+    xf_arp_write_reply(eth, arp, port->mac);
+    c->v.verdict = XF_V_TX;
+    c->v.reason = XF_R_ARP_REPLY;
+    return XDP_TX;
+}
+
+/* What is not VXLAN to the node on an uplink: IPv4 to a floating address goes on as its
+ * VM's tenant's traffic, to a SNAT address as the traffic of the flow it belongs to
+ * (xf_stage_flow); ARP for a floating address is answered. The rest is the kernel's:
+ * the node's own traffic, and tagged frames (an uplink takes none). Fragments to a SNAT
+ * address are the kernel's too (the node may share it); to a floating address they are
+ * dropped: the datapath does not reassemble, and the kernel does not hold the address. */
+static __always_inline int xf_stage_nat_in(struct xdp_md *ctx, struct xf_ctx *c,
+                                           struct xf_port *port)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *iph = (void *)(eth + 1);
+    if ((void *)(eth + 1) > data_end)
+        return xf_decide(c, XF_V_PASS, XF_R_UPLINK_OTHER);
+    if (eth->h_proto == bpf_htons(ETH_P_ARP))
+        return xf_uplink_arp(ctx, c, port);
+    if (eth->h_proto != bpf_htons(ETH_P_IP) || (void *)(iph + 1) > data_end)
+        return xf_decide(c, XF_V_PASS, XF_R_UPLINK_OTHER);
+    struct xf_nat *n = xf_nat_of(ctx);
+    if (!n)
+        return xf_decide(c, XF_V_PASS, XF_R_UPLINK_OTHER);
+    if (iph->frag_off & bpf_htons(IP_MF | IP_OFFSET))
+        return n->kind == XF_NAT_FIP ? xf_decide(c, XF_V_DROP, XF_R_NAT_FRAG) :
+                                       xf_decide(c, XF_V_PASS, XF_R_UPLINK_OTHER);
+    c->nat_kind = n->kind;
+    c->nat_to = n->addr;
+    c->tenant = n->kind == XF_NAT_FIP ? n->tenant : 0;
+    return XF_NEXT;
+}
+
 /* VXLAN to this node from a VTEP of the VNI's tenant: the outer headers are set aside and
  * stripped, and the inner packet goes through the pipeline as that tenant's. What is not
  * VXLAN to this node is the kernel's. */
@@ -349,8 +449,13 @@ static __always_inline int xf_stage_decap(struct xdp_md *ctx, struct xf_ctx *c,
 {
     struct xf_outer o = {};
     int r = xf_vxlan_parse(ctx, port->local_ip[3], &o);
-    if (r == XF_R_UPLINK_OTHER)
+    if (r == XF_R_UPLINK_OTHER) {
+        /* NAT's: the NAT program (one of its own: the verifier walks each pipeline
+         * within its budget). It does not come back unless it is not loaded. */
+        if (xf_nat_wanted(ctx))
+            xf_nat_prog.call(ctx, XF_MODE_NAT_IN - 1);
         return xf_decide(c, XF_V_PASS, r);
+    }
     if (r)
         return xf_decide(c, XF_V_DROP, r);
     struct xf_vni_key vk = {};
@@ -397,6 +502,22 @@ static __always_inline int xf_decap_exit(struct xdp_md *ctx, struct xf_ctx *c, i
 
 /* --- port -------------------------------------------------------------------------- */
 
+/* The packet is tenant tid's: its generations, rate limit and default verdict. 0 when
+ * the tenant is not configured. */
+static __always_inline int xf_use_tenant(struct xf_ctx *c, __u32 tid)
+{
+    struct xf_tenant *t = xf_tenants.lookup(&tid);
+    if (!t || t->generation == 0)
+        return 0;
+    c->tenant = tid;
+    c->gen = t->generation;
+    c->tenant_policer = t->policer;
+    c->cls_gen = t->cls_generation ? t->cls_generation : t->generation;
+    c->v.verdict = t->default_verdict == XF_V_PASS ? XF_V_PASS : XF_V_DROP;
+    c->dflt = xf_verdict_action(c->v.verdict);
+    return 1;
+}
+
 static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
                                          struct xf_port **portp)
 {
@@ -411,24 +532,44 @@ static __always_inline int xf_stage_port(struct xdp_md *ctx, struct xf_ctx *c,
     c->tenant = port->tenant;
     c->slot = port->slot;
     /* An uplink belongs to no tenant: VXLAN to the node becomes its VNI's tenant's
-     * traffic; the rest is the node's own. */
+     * traffic; the rest is the node's own. (The NAT-out program sees VMs' packets.) */
+    if ((port->flags & XF_PORT_UPLINK) && c->mode != XF_MODE_PORT)
+        return xf_decide(c, XF_V_PASS, XF_R_UPLINK_OTHER);
     if (port->flags & XF_PORT_UPLINK) {
         int rc = xf_stage_decap(ctx, c, port);
         if (rc != XF_NEXT)
             return rc;
     }
-    __u32 tid = c->tenant;
-    struct xf_tenant *t = xf_tenants.lookup(&tid);
-    if (!t || t->generation == 0)   /* fail closed where the tenant's default is drop */
+    c->port_flags = port->flags;
+    *portp = port;
+    if (!xf_use_tenant(c, c->tenant))   /* fail closed where the tenant's default is drop */
         return xf_decide(c, (port->flags & XF_PORT_TENANT_DROP) ? XF_V_DROP : XF_V_PASS,
                          XF_R_NO_TENANT);
-    c->gen = t->generation;
-    c->tenant_policer = t->policer;
-    c->cls_gen = t->cls_generation ? t->cls_generation : t->generation;
+    return XF_NEXT;
+}
+
+/* The NAT program's port stage (xdpflow_nat_in): an uplink's packet to a NAT address. */
+static __always_inline int xf_stage_port_nat(struct xdp_md *ctx, struct xf_ctx *c,
+                                             struct xf_port **portp)
+{
+    struct xf_port *port = xf_port_of(ctx->ingress_ifindex);
+    if (!port || !(port->flags & XF_PORT_UPLINK))
+        return xf_decide(c, XF_V_PASS, XF_R_UPLINK_OTHER);
+    c->slot = port->slot;
     c->port_flags = port->flags;
-    c->v.verdict = t->default_verdict == XF_V_PASS ? XF_V_PASS : XF_V_DROP;
-    c->dflt = xf_verdict_action(c->v.verdict);
     *portp = port;
+    int rc = xf_stage_nat_in(ctx, c, port);
+    if (rc != XF_NEXT)
+        return rc;
+    /* To a SNAT address: whose traffic it is, its flow says (xf_stage_flow); without
+     * one it is the kernel's. */
+    if (c->nat_kind == XF_NAT_SNAT) {
+        c->v.verdict = XF_V_PASS;
+        c->dflt = XDP_PASS;
+        return XF_NEXT;
+    }
+    if (!xf_use_tenant(c, c->tenant))
+        return xf_decide(c, XF_V_DROP, XF_R_NO_TENANT);
     return XF_NEXT;
 }
 
@@ -473,6 +614,24 @@ static __always_inline int xf_stage_parse(struct xdp_md *ctx, struct xf_ctx *c)
         return xf_default(c, err);
     if (c->p.family == 0 && c->p.eth_proto != bpf_htons(ETH_P_ARP))
         return xf_default(c, XF_R_NOT_IP);
+    return XF_NEXT;
+}
+
+/* The NAT programs' parse stage: NAT is IPv4, untagged (what the port program hands them;
+ * the rest of the parser's cases are not in their copies of the pipeline). */
+static __always_inline int xf_stage_parse_v4(struct xdp_md *ctx, struct xf_ctx *c)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return xf_decide(c, XF_V_DROP, XF_R_NAT_NO_ROUTE);
+    __builtin_memcpy(c->p.smac, eth->h_source, ETH_ALEN);
+    c->p.eth_proto = eth->h_proto;
+    c->p.l3_off = sizeof(*eth);
+    int err = xf_parse_ipv4(&c->p, data, (void *)(eth + 1), data_end);
+    if (err)
+        return xf_default(c, err);
     return XF_NEXT;
 }
 
@@ -564,12 +723,46 @@ static __always_inline int xf_stage_boundary(struct xdp_md *ctx, struct xf_ctx *
 
 /* --- act --------------------------------------------------------------------------- */
 
+/* A translation, counted per (tenant, kind) (the trace build records it instead). */
+static __always_inline void xf_count_nat_kind(__u16 tenant, __u32 kind, __u64 len)
+{
+#ifndef XF_TRACE
+    __u32 key = ((__u32)tenant << 8) | kind;
+    struct xf_counter *row = xf_nat_stats.lookup(&key);
+    if (row) {
+        row->packets++;
+        row->bytes += len;
+    } else {
+        struct xf_counter one = {.packets = 1, .bytes = len};
+        xf_nat_stats.update(&key, &one);
+    }
+#endif
+}
+
+static __always_inline void xf_count_nat(struct xf_ctx *c, struct xf_flow *f)
+{
+    int fip = f->flags & XF_FLOW_FIP;
+    __u32 kind = (f->flags & XF_FLOW_DNAT) ? (fip ? XF_NATC_FIP_IN : XF_NATC_SNAT_IN)
+                                           : (fip ? XF_NATC_FIP_OUT : XF_NATC_SNAT_OUT);
+    xf_count_nat_kind(c->tenant, kind, c->len);
+#ifdef XF_TRACE
+    __u32 zero = 0;
+    struct xf_trace *t = xf_trace_rec.lookup(&zero);
+    if (t) {
+        t->nat_addr = f->vtep;
+        t->nat_port = f->encap_sport;
+        t->nat_flags = f->flags & (XF_FLOW_SNAT | XF_FLOW_DNAT | XF_FLOW_FIP);
+    }
+#endif
+}
+
 /* Act on a flow's flattened result. */
 static __always_inline int xf_act(struct xdp_md *ctx, struct xf_pkt *p, struct xf_flow *f,
                                   struct xf_port *uplink)
 {
     if (f->verdict != XF_V_REDIRECT)
         return xf_verdict_action(f->verdict);
+
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
@@ -665,6 +858,15 @@ static __always_inline int xf_act_flow(struct xdp_md *ctx, struct xf_ctx *c,
         return xf_decide(c, XF_V_DROP, XF_R_RATELIMIT);
     c->v.out_ifindex = f->out_ifindex;
     c->v.out_port = f->out_port;
+    /* NAT flows are IPv4 (xf_nat_route) and acted on by the NAT programs only; an ICMP
+     * error is translated as its flow's. */
+    if (c->mode != XF_MODE_PORT && (f->flags & (XF_FLOW_SNAT | XF_FLOW_DNAT)) &&
+        f->verdict == XF_V_REDIRECT) {
+        if (c->p.family != 4 || (reason == XF_R_RELATED ? xf_nat_rewrite_error(ctx, &c->p, f)
+                                                         : xf_nat_rewrite(ctx, &c->p, f)))
+            return xf_decide(c, XF_V_DROP, XF_R_PARSE_L4);
+        xf_count_nat(c, f);
+    }
     return xf_act(ctx, &c->p, f, uplink);
 }
 
@@ -715,7 +917,7 @@ static __always_inline struct xf_flow *xf_related(struct xdp_md *ctx, struct xf_
     __builtin_memset(&qs->ck, 0, sizeof(qs->ck));
     if (xf_parse_quoted(ctx, &c->p, &qs->ck))
         return NULL;
-    qs->ck.tenant = c->tenant;
+    qs->ck.tenant = c->nat_kind ? XF_TENANT_EXTERNAL : c->tenant;
     if ((c->p.dst[0] ^ qs->ck.src[0]) | (c->p.dst[1] ^ qs->ck.src[1]) |
         (c->p.dst[2] ^ qs->ck.src[2]) | (c->p.dst[3] ^ qs->ck.src[3]))
         return NULL;
@@ -723,10 +925,18 @@ static __always_inline struct xf_flow *xf_related(struct xdp_md *ctx, struct xf_
         !xf_src_ok(c->tenant, c->slot, c->p.smac, c->p.src))
         return NULL;
     struct xf_flow *orig = xf_flows.lookup(&qs->ck);
-    if (!orig || orig->generation != c->gen || !xf_reverse_key(&qs->ck, &qs->rk))
+    if ((orig && orig->generation != c->gen) || !xf_reverse_key(&qs->ck, &qs->rk))
         return NULL;
     struct xf_flow *f = xf_flows.lookup(&qs->rk);
-    if (!f || f->generation != c->gen || f->in_port != c->slot || f->verdict != XF_V_REDIRECT)
+    /* A translated flow's error quotes the packet as the far side saw it, which no key
+     * holds: the entry of the direction it travels (the quoted packet's reply) is the
+     * flow. */
+    if (!f || (!orig && !(f->flags & (XF_FLOW_SNAT | XF_FLOW_DNAT))))
+        return NULL;
+    if (c->nat_kind == XF_NAT_SNAT && !xf_use_tenant(c, f->vni))
+        return NULL;
+    if ((c->nat_kind && f->vni != c->tenant) || f->generation != c->gen ||
+        f->in_port != c->slot || f->verdict != XF_V_REDIRECT)
         return NULL;
     return f;
 }
@@ -735,13 +945,17 @@ static __always_inline struct xf_flow *xf_related(struct xdp_md *ctx, struct xf_
 static __always_inline struct xf_flow *xf_stage_flow(struct xdp_md *ctx, struct xf_ctx *c,
                                                      int *related)
 {
-    c->fk.tenant = c->tenant;
+    c->fk.tenant = c->nat_kind ? XF_TENANT_EXTERNAL : c->tenant;
     c->fk.proto = c->p.proto;
     __builtin_memcpy(c->fk.src, c->p.src, 16);
     __builtin_memcpy(c->fk.dst, c->p.dst, 16);
     c->fk.sport = c->p.sport;
     c->fk.dport = c->p.dport;
     struct xf_flow *f = xf_flows.lookup(&c->fk);
+    /* To a SNAT address, the flow's tenant is the packet's. */
+    if (f && c->nat_kind == XF_NAT_SNAT &&
+        (!(f->flags & XF_FLOW_DNAT) || !xf_use_tenant(c, f->vni)))
+        f = NULL;
     if (f || !xf_icmp_is_error(&c->p))
         return f;
     f = xf_related(ctx, c);
@@ -755,7 +969,7 @@ static __always_inline struct xf_flow *xf_stage_flow(struct xdp_md *ctx, struct 
 static __always_inline int xf_is_hit(struct xf_ctx *c, struct xf_flow *f)
 {
     return f && f->generation == c->gen && f->in_port == c->slot &&
-           xf_from_ok(c, f->in_mac, f->vtep);
+           (c->nat_kind ? f->vni == c->tenant : xf_from_ok(c, f->in_mac, f->vtep));
 }
 
 static __always_inline int xf_stage_hit(struct xdp_md *ctx, struct xf_ctx *c,
@@ -786,9 +1000,79 @@ static __always_inline int xf_stage_hit(struct xdp_md *ctx, struct xf_ctx *c,
 
 /* --- route ------------------------------------------------------------------------- */
 
+/* A tenant's packet to what is neither its endpoint nor its route: out of an uplink,
+ * translated, when its source has a floating IP (which wins) or its tenant a SNAT (TCP,
+ * UDP and ICMP echo: what a port can be given for); else no route, as without NAT. Only
+ * for the node's own VMs (a floating IP's is a local endpoint; a decapsulated packet's
+ * source is not). The next hop: for the reply of what came in from outside, back to the
+ * MAC it came from; for what a VM starts, the node's FIB (bpf_fib_lookup: an uplink and
+ * a resolved neighbour, else dropped and counted, never sent untranslated). */
+static __always_inline __u8 xf_nat_route(struct xdp_md *ctx, struct xf_ctx *c,
+                                         struct xf_flow_key *k, struct xf_flow *f)
+{
+    f->verdict = XF_V_DROP;
+    if ((k->dst[0] | k->dst[1] | (k->dst[2] ^ bpf_htonl(0xffff))) || c->decap_vtep)
+        return XF_R_NO_ROUTE;
+    struct xf_nat_key nk = {};
+    nk.tenant = k->tenant;
+    nk.addr = k->src[3];
+    struct xf_nat *n = xf_nat.lookup(&nk);
+    if (!n || n->kind != XF_NAT_FIP) {
+        nk.addr = 0;
+        n = xf_nat.lookup(&nk);
+        if (!n || n->kind != XF_NAT_SNAT)
+            return XF_R_NO_ROUTE;
+        if (k->proto != IPPROTO_TCP && k->proto != IPPROTO_UDP &&
+            !(k->proto == IPPROTO_ICMP && (k->dport >> 8) == ICMP_ECHO))
+            return XF_R_NO_ROUTE;
+    }
+    if (c->mode == XF_MODE_PORT) {
+        xf_nat_prog.call(ctx, XF_MODE_NAT_OUT - 1);
+        return XF_R_NAT_NO_ROUTE;       /* the NAT program is not loaded */
+    }
+    struct xf_port *up;
+    if (c->mode == XF_MODE_NAT_IN) {
+        up = xf_port_of(ctx->ingress_ifindex);
+        if (!up)
+            return XF_R_NAT_NO_ROUTE;
+        f->out_ifindex = ctx->ingress_ifindex;
+        __builtin_memcpy(f->dmac, c->p.smac, ETH_ALEN);
+    } else {
+        __u32 zero = 0;
+        struct xf_scratch *sc = xf_scratch.lookup(&zero);
+        if (!sc)
+            return XF_R_NAT_NO_ROUTE;
+        struct bpf_fib_lookup *fp = &sc->fib;
+        __builtin_memset(fp, 0, sizeof(*fp));
+        fp->family = AF_INET;
+        fp->l4_protocol = k->proto;
+        fp->ipv4_src = n->addr;
+        fp->ipv4_dst = k->dst[3];
+        fp->ifindex = ctx->ingress_ifindex;
+        int rc = bpf_fib_lookup(ctx, fp, sizeof(*fp), 0);
+        if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+            return XF_R_NAT_NO_NEIGH;
+        if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+            return XF_R_NAT_NO_ROUTE;
+        up = xf_port_of(fp->ifindex);
+        if (!up || !(up->flags & XF_PORT_UPLINK))
+            return XF_R_NAT_NO_ROUTE;
+        f->out_ifindex = fp->ifindex;
+        __builtin_memcpy(f->dmac, fp->dmac, ETH_ALEN);
+    }
+    f->out_port = up->slot;
+    __builtin_memcpy(f->smac, up->mac, ETH_ALEN);
+    f->verdict = XF_V_REDIRECT;
+    f->flags |= XF_FLOW_SNAT | (n->kind == XF_NAT_FIP ? XF_FLOW_FIP : 0);
+    f->vtep = n->addr;
+    f->encap_sport = k->sport;    /* a floating IP keeps ports; a SNAT's: xf_nat_claim */
+    return XF_R_RULE_ALLOW;
+}
+
 /* Where a flow key's destination goes: fills *f (verdict, output, MACs, the overlay's
- * outer headers) and returns the reason. */
-static __always_inline __u8 xf_route(struct xf_flow_key *k, struct xf_flow *f)
+ * outer headers, a NAT's rewrite) and returns the reason. */
+static __always_inline __u8 xf_route(struct xdp_md *ctx, struct xf_ctx *c,
+                                     struct xf_flow_key *k, struct xf_flow *f)
 {
     __u16 tenant = k->tenant;
     __u32 *dst = k->dst;
@@ -802,10 +1086,8 @@ static __always_inline __u8 xf_route(struct xf_flow_key *k, struct xf_flow *f)
         rk.tenant = tenant;
         __builtin_memcpy(rk.addr, dst, 16);
         struct xf_route *rt = xf_routes.lookup(&rk);
-        if (!rt) {
-            f->verdict = XF_V_DROP;
-            return XF_R_NO_ROUTE;
-        }
+        if (!rt)
+            return xf_nat_route(ctx, c, k, f);
         if (rt->action == XF_RT_KERNEL) {
             f->verdict = XF_V_PASS;
             return XF_R_ROUTE_KERNEL;
@@ -965,7 +1247,8 @@ static __always_inline int xf_reply_of(struct xf_ctx *c, struct xf_flow *f,
 /* A miss, or a flow made under an older rule set: judge it by the rules (a current flow
  * judged for another port is a plain miss for this one). The forward result being built
  * is sc->nf for the key sc->ck. */
-static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f,
+static __always_inline int xf_stage_classify(struct xdp_md *ctx, struct xf_ctx *c,
+                                             struct xf_flow *f,
                                              struct xf_scratch *sc, struct xf_judgement *j)
 {
     if (f && f->generation != c->gen) {
@@ -994,7 +1277,7 @@ static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f
         sc->nf.created_ns = now;
         sc->nf.last_seen_ns = now;
         /* The node's own addresses too: the rules judge them before the kernel sees them. */
-        j->reason = xf_route(&sc->ck, &sc->nf);
+        j->reason = xf_route(ctx, c, &sc->ck, &sc->nf);
         xf_classify(c->tenant, c->cls_gen, &sc->ck, j->in_port, &j->r);
         if (!j->as_reply || (j->r.action == XF_A_ALLOW && sc->nf.verdict == XF_V_REDIRECT))
             break;
@@ -1022,8 +1305,8 @@ static __always_inline int xf_stage_classify(struct xf_ctx *c, struct xf_flow *f
 /* Stateful: the reply direction of an allowed flow is installed with the forward one
  * (redirects only; what goes to the kernel comes back through the kernel). Builds it in
  * sc->rf for the key sc->rk; returns 1 when the reply has somewhere to go. */
-static __always_inline int xf_reverse_flow(struct xf_ctx *c, struct xf_scratch *sc,
-                                           struct xf_judgement *j)
+static __always_inline int xf_reverse_flow(struct xdp_md *ctx, struct xf_ctx *c,
+                                           struct xf_scratch *sc, struct xf_judgement *j)
 {
     __builtin_memset(&sc->rf, 0, sizeof(sc->rf));
     if (sc->nf.verdict != XF_V_REDIRECT || j->r.action != XF_A_ALLOW ||
@@ -1036,12 +1319,189 @@ static __always_inline int xf_reverse_flow(struct xf_ctx *c, struct xf_scratch *
     sc->rf.flags = XF_FLOW_REVERSE;
     sc->rf.in_port = sc->nf.out_port;
     __builtin_memcpy(sc->rf.in_mac, sc->nf.dmac, ETH_ALEN);   /* replies come from it */
-    int routed = xf_route(&sc->rk, &sc->rf) == XF_R_RULE_ALLOW;
+    int routed = xf_route(ctx, c, &sc->rk, &sc->rf) == XF_R_RULE_ALLOW;
     sc->rf.reason = XF_R_RULE_ALLOW;
     /* Replies of what was sent over the overlay come back from that VTEP. */
     if (sc->nf.flags & XF_FLOW_ENCAP)
         sc->rf.vtep = sc->nf.vtep;
     return routed;
+}
+
+/* --- NAT: the direction from outside -------------------------------------------------- */
+
+/* A packet from outside that is no current flow's hit, in its VM tenant's terms: the
+ * destination its flow (SNAT) or floating address stands for. It is then judged as that
+ * tenant's traffic: as the reply of the VM's flow, or (a floating IP) as new traffic to
+ * the VM, which the tenant's rules judge as they would on the VM's own address. */
+static __always_inline int xf_nat_judge_in(struct xf_ctx *c, struct xf_flow *f)
+{
+    __u16 *port = c->fk.proto == IPPROTO_ICMP ? &c->fk.sport : &c->fk.dport;
+    c->nat_hint = *port;
+    if (c->nat_kind == XF_NAT_SNAT) {
+        if (!f)
+            return xf_decide(c, XF_V_PASS, XF_R_NAT_NO_FLOW);
+        c->fk.dst[3] = f->vtep;
+        *port = f->encap_sport;
+    } else {
+        c->fk.dst[3] = c->nat_to;
+    }
+    c->fk.tenant = c->tenant;
+    return XF_NEXT;
+}
+
+/* Make entry `in` of key ki (to a VM, in its tenant's terms) the entry of packets from
+ * outside: keyed on the external side, to nat_addr at nat_port (TCP/UDP: the
+ * destination port; ICMP: the echo id), translating to the VM's address and port. */
+static __always_inline void xf_nat_in_entry(struct xf_flow_key *ki, struct xf_flow *in,
+                                            __be32 nat_addr, __u16 nat_port)
+{
+    __u16 *port = ki->proto == IPPROTO_ICMP ? &ki->sport : &ki->dport;
+    in->flags |= XF_FLOW_DNAT;
+    in->vtep = ki->dst[3];
+    in->encap_sport = *port;
+    in->vni = ki->tenant;
+    ki->tenant = XF_TENANT_EXTERNAL;
+    ki->dst[3] = nat_addr;
+    *port = nat_port;
+}
+
+/* Is e the external-side entry of the same flow as `in` (an older one of it)? */
+static __always_inline int xf_nat_same(struct xf_flow *e, struct xf_flow *in)
+{
+    return (e->flags & XF_FLOW_DNAT) && e->vni == in->vni && e->vtep == in->vtep &&
+           e->encap_sport == in->encap_sport;
+}
+
+/* Take SNAT port *ki's for entry `in`: insert its key if nobody holds it (BPF_NOEXIST:
+ * two CPUs cannot both get it), or take over an older entry of the same flow. */
+static __always_inline int xf_nat_take(struct xf_flow_key *ki, struct xf_flow *in,
+                                       struct xf_tenant *t, int at_quota)
+{
+#ifdef XF_TRACE
+    struct xf_flow *e = xf_flows.lookup(ki);
+    return !e || xf_nat_same(e, in);
+#else
+    if (!at_quota) {
+        int rc = xf_flows.insert(ki, in);
+        if (!rc) {
+            if (t)
+                __sync_fetch_and_add(&t->flows, 1);
+            return 1;
+        }
+        if (rc != -EEXIST)
+            return 0;
+    }
+    struct xf_flow *e = xf_flows.lookup(ki);
+    return e && xf_nat_same(e, in) && !xf_flows.update(ki, in);
+#endif
+}
+
+/* One SNAT port search. */
+struct xf_claim {
+    __u32 lo;              /* the range */
+    __u32 range;
+    __u32 h;               /* where the search starts: a hash of the flow */
+    __u32 tid;             /* its tenant (the quota counts its claim) */
+    __u16 hint;            /* tried first: the port the flow held */
+    __u16 port;            /* the port taken; 0: none yet */
+    __u8  at_quota;
+    __u8  icmp;            /* the port is the key's sport (an echo id), else its dport */
+    __u8  pad[2];
+};
+
+/* Try the i-th candidate port for the reply entry being built (sc->rk / rf). Returns 1
+ * once a port is taken. */
+static __always_inline int xf_nat_try(__u32 i, struct xf_claim *cl, struct xf_scratch *sc)
+{
+    __u32 cand = cl->lo + (cl->h + i) % cl->range;
+    if (i == 0 && cl->hint >= cl->lo && cl->hint - cl->lo < cl->range)
+        cand = cl->hint;
+    if (cl->icmp)
+        sc->rk.sport = cand;
+    else
+        sc->rk.dport = cand;
+    __u32 tid = cl->tid;
+    struct xf_tenant *t = xf_tenants.lookup(&tid);
+    if (!xf_nat_take(&sc->rk, &sc->rf, t, cl->at_quota))
+        return 0;
+    cl->port = cand;
+    return 1;
+}
+
+/* A SNAT flow's port: the external-side key (protocol, remote address and port, SNAT
+ * address and port) is the claim, so no two flows of any tenants share one. Tried: the
+ * port it held (judged again), then from a hash of the flow on, at most XF_NAT_TRIES.
+ * The forward direction is sc->ck / nf, its reply sc->rk / rf. Returns 0 with the reply
+ * entry in the table and nf's port set, or -1: exhausted. */
+static __always_inline int xf_nat_claim(struct xf_ctx *c, struct xf_scratch *sc, int at_quota)
+{
+    struct xf_nat_key nk = {};
+    nk.tenant = sc->ck.tenant;
+    struct xf_nat *n = xf_nat.lookup(&nk);
+    if (!n || n->kind != XF_NAT_SNAT || !n->port_lo || n->port_hi < n->port_lo)
+        return -1;
+    struct xf_claim cl = {};
+    cl.lo = n->port_lo;
+    cl.range = (__u32)n->port_hi - n->port_lo + 1;
+    cl.h = xf_flow_hash(&sc->ck);
+    cl.tid = c->tenant;
+    cl.hint = c->nat_hint;
+    cl.at_quota = at_quota;
+    cl.icmp = sc->rk.proto == IPPROTO_ICMP;
+    xf_nat_in_entry(&sc->rk, &sc->rf, sc->nf.vtep, 0);
+    /* (bpf_loop would let the verifier walk the try once, not once per try and per path
+     * that reaches the search; BCC 0.26 cannot load its callback. The tries are what
+     * the verifier's budget for this program allows.) */
+#pragma nounroll
+    for (__u32 i = 0; i < XF_NAT_TRIES; i++) {
+        if (i >= cl.range || xf_nat_try(i, &cl, sc))
+            break;
+    }
+    if (!cl.port)
+        return -1;
+    sc->nf.encap_sport = cl.port;
+    return 0;
+}
+
+/* Key the direction from outside on the external side (a SNAT flow claiming its port
+ * there). Returns XF_NEXT, or the action for a packet that cannot be translated. *done:
+ * the reply entry is in the table already (the claim). */
+static __always_inline int xf_nat_install(struct xf_ctx *c, struct xf_scratch *sc,
+                                          struct xf_judgement *j, int have_rev,
+                                          struct xf_tenant *t, int at_quota, int *done)
+{
+    if (sc->nf.flags & XF_FLOW_SNAT) {
+        if (!have_rev)       /* a floating IP's one-way traffic (no reply to expect) */
+            return (sc->nf.flags & XF_FLOW_FIP) ? XF_NEXT : xf_decide(c, XF_V_DROP, XF_R_NO_ROUTE);
+        if (sc->nf.flags & XF_FLOW_FIP) {
+            xf_nat_in_entry(&sc->rk, &sc->rf, sc->nf.vtep, sc->nf.encap_sport);
+            sc->rf.flags |= XF_FLOW_FIP;
+            return XF_NEXT;
+        }
+        if (xf_nat_claim(c, sc, at_quota)) {
+            xf_count_nat_kind(c->tenant, XF_NATC_EXHAUSTED, c->len);
+            return xf_decide(c, XF_V_DROP, XF_R_NAT_EXHAUSTED);
+        }
+        *done = 1;
+        return XF_NEXT;
+    }
+    /* From outside to a VM: its reply leaves by its floating IP (a SNAT flow always
+     * starts inside). */
+    if (have_rev && (sc->rf.flags & XF_FLOW_FIP)) {
+        xf_nat_in_entry(&sc->ck, &sc->nf, sc->rf.vtep, sc->rf.encap_sport);
+        sc->nf.flags |= XF_FLOW_FIP;
+        return XF_NEXT;
+    }
+    if (c->nat_kind == XF_NAT_FIP && !j->as_reply) {
+        xf_nat_in_entry(&sc->ck, &sc->nf, c->p.dst[3], c->p.proto == IPPROTO_ICMP ?
+                        c->p.sport : c->p.dport);
+        sc->nf.flags |= XF_FLOW_FIP;
+        return XF_NEXT;
+    }
+    /* From outside, and nothing to translate it to (its flow is no longer allowed). */
+    if (c->nat_kind)
+        return xf_decide(c, XF_V_PASS, XF_R_NAT_NO_FLOW);
+    return XF_NEXT;
 }
 
 static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c,
@@ -1072,7 +1532,7 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
     sc->nf.reason = j->reason;
     if (c->decap_vtep && !j->as_reply)
         sc->nf.vtep = c->decap_vtep;    /* its packets must keep coming from that VTEP */
-    int have_rev = xf_reverse_flow(c, sc, j);
+    int have_rev = xf_reverse_flow(ctx, c, sc, j);
     /* The MAC the forward direction's packets carry: this one's, or for a reply the
      * forward sender's (where the reply goes). */
     if (j->as_reply)
@@ -1095,9 +1555,15 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
     struct xf_tenant *t = xf_tenants.lookup(&tid);
     int at_quota = t && t->max_flows && t->flows >= t->max_flows;
     int refused = 0;
+    int rev_done = 0;
+    if (c->mode != XF_MODE_PORT) {
+        int rc = xf_nat_install(c, sc, j, have_rev, t, at_quota, &rev_done);
+        if (rc != XF_NEXT)
+            return rc;
+    }
     /* The reply first: a full table then leaves no forward entry without its reply
      * path. A forward entry still current (a reply re-creating its entry) is kept. */
-    if (have_rev)
+    if (have_rev && !rev_done)
         refused |= xf_insert(&sc->rk, &sc->rf, c->slot, t, at_quota) > 0;
     if (!j->keep_fwd)
         refused |= xf_insert(&sc->ck, &sc->nf, c->slot, t, at_quota) > 0;
@@ -1113,17 +1579,20 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
 
 /* --- the pipeline -------------------------------------------------------------------- */
 
-int xdpflow_port(struct xdp_md *ctx)
+/* The pipeline, as program `mode` runs it (a constant: each program has its own copy). */
+static __always_inline int xf_pipeline(struct xdp_md *ctx, __u8 mode)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     struct xf_ctx c = {};
     c.len = data_end - data;
+    c.mode = mode;
 
     struct xf_port *port = NULL;
-    int rc = xf_stage_port(ctx, &c, &port);
+    int rc = mode == XF_MODE_NAT_IN ? xf_stage_port_nat(ctx, &c, &port)
+                                    : xf_stage_port(ctx, &c, &port);
     if (rc == XF_NEXT)
-        rc = xf_stage_parse(ctx, &c);
+        rc = mode == XF_MODE_PORT ? xf_stage_parse(ctx, &c) : xf_stage_parse_v4(ctx, &c);
     if (rc == XF_NEXT)
         rc = xf_stage_boundary(ctx, &c, port);
     if (rc != XF_NEXT)
@@ -1131,6 +1600,11 @@ int xdpflow_port(struct xdp_md *ctx)
 
     int related = 0;
     struct xf_flow *f = xf_stage_flow(ctx, &c, &related);
+    /* A NAT flow (current or not, or an ICMP error about one) is the NAT program's. */
+    if (mode == XF_MODE_PORT && f && (f->flags & (XF_FLOW_SNAT | XF_FLOW_DNAT))) {
+        xf_nat_prog.call(ctx, XF_MODE_NAT_OUT - 1);
+        return xf_finish(ctx, &c, xf_decide(&c, XF_V_DROP, XF_R_NAT_NO_ROUTE));
+    }
     if (xf_is_hit(&c, f))
         return xf_finish(ctx, &c, xf_stage_hit(ctx, &c, f, related));
 
@@ -1141,8 +1615,31 @@ int xdpflow_port(struct xdp_md *ctx)
     if (!sc)
         return xf_finish(ctx, &c, xf_default(&c, XF_R_DEFAULT));
     struct xf_judgement j = {};
-    rc = xf_stage_classify(&c, f, sc, &j);
+    if (mode == XF_MODE_NAT_IN)
+        rc = xf_nat_judge_in(&c, f);
+    else if (f && (f->flags & XF_FLOW_SNAT))
+        c.nat_hint = f->encap_sport;       /* judged again: keep its SNAT port */
+    if (rc == XF_NEXT)
+        rc = xf_stage_classify(ctx, &c, f, sc, &j);
     if (rc == XF_NEXT)
         rc = xf_stage_install(ctx, &c, sc, &j);
     return xf_finish(ctx, &c, rc);
+}
+
+int xdpflow_port(struct xdp_md *ctx)
+{
+    return xf_pipeline(ctx, XF_MODE_PORT);
+}
+
+/* Tail-called from xdpflow_port (xf_nat_prog[0]) for an uplink's packets to a floating
+ * or SNAT address, and ARP for one. */
+int xdpflow_nat_in(struct xdp_md *ctx)
+{
+    return xf_pipeline(ctx, XF_MODE_NAT_IN);
+}
+
+/* Tail-called from xdpflow_port (xf_nat_prog[1]) for a VM's packets a NAT translates. */
+int xdpflow_nat_out(struct xdp_md *ctx)
+{
+    return xf_pipeline(ctx, XF_MODE_NAT_OUT);
 }

@@ -34,6 +34,11 @@
                                       * a tenant's is its id */
 #define XF_ENCAP_LEN 50              /* VXLAN's outer Ethernet, IPv4, UDP and VXLAN headers */
 #define XF_VNI_ENTRIES 65536         /* decap's (VNI) and (VNI, VTEP) entries */
+#define XF_NAT_ENTRIES 65536         /* xf_nat: floating IPs (two entries each) and SNATs */
+#define XF_NAT_STATS 65536           /* xf_nat_stats: (tenant, kind) translation counters */
+#define XF_NAT_TRIES 8               /* SNAT ports tried for a new flow (the verifier's budget) */
+#define XF_TENANT_EXTERNAL 0         /* the tenant of flow keys of packets from the external
+                                      * network (tenant ids are 1..65535: never a tenant's) */
 
 /* Verdicts: what the datapath did with a packet (XF_V_NONE marks event counters). */
 #define XF_V_NONE 0
@@ -84,6 +89,11 @@
 #define XF_R_NO_NEIGH 37       /* the underlay neighbour of a VTEP is not resolved yet */
 /* 40-47: NAT and rate limits; 48-51: quotas */
 #define XF_R_RATELIMIT 40      /* over a tenant's or rule's rate limit (xf_policers) */
+#define XF_R_NAT_NO_FLOW 41    /* to a SNAT address at a port no flow holds: the kernel's */
+#define XF_R_NAT_EXHAUSTED 42  /* no SNAT port could be claimed for a new flow: dropped */
+#define XF_R_NAT_NO_NEIGH 43   /* the external next hop's MAC is not resolved: dropped */
+#define XF_R_NAT_NO_ROUTE 44   /* no route out of an uplink to the external address: dropped */
+#define XF_R_NAT_FRAG 45       /* a fragment to a floating address: dropped (not translated) */
 #define XF_R_FLOW_QUOTA 48     /* event: the tenant is at its flow quota: judged, not cached */
 #define XF_R_MAX 49
 #define XF_R_ROWS 64           /* reasons per (port, verdict) in the counter array */
@@ -103,6 +113,22 @@
 #define XF_FLOW_CLOSING 0x02   /* TCP FIN or RST seen: aged with the short timeout */
 #define XF_FLOW_ENCAP 0x04     /* sent over VXLAN to a remote VTEP */
 #define XF_FLOW_POLICED 0x08   /* its rule has a rate limit (xf_policers: rule id | XF_POLICER_RULE) */
+/* NAT (issue 11): the entry's overlay bytes hold the rewrite (struct xf_flow). */
+#define XF_FLOW_SNAT 0x10      /* source rewritten: a tenant's packet leaving by an uplink */
+#define XF_FLOW_DNAT 0x20      /* destination rewritten: from the external network, keyed
+                                * with XF_TENANT_EXTERNAL */
+#define XF_FLOW_FIP 0x40       /* the translation is a floating IP's (else a SNAT's) */
+
+/* xf_nat entry kinds. */
+#define XF_NAT_FIP 1
+#define XF_NAT_SNAT 2
+
+/* xf_nat_stats kinds: translations by direction and kind, and SNAT ports not found. */
+#define XF_NATC_FIP_IN 0
+#define XF_NATC_FIP_OUT 1
+#define XF_NATC_SNAT_IN 2
+#define XF_NATC_SNAT_OUT 3
+#define XF_NATC_EXHAUSTED 4
 
 /* Port flags. */
 #define XF_PORT_SECURITY 0x01  /* sources checked: the MAC and address of an endpoint of the port */

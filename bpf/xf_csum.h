@@ -20,6 +20,13 @@ static __always_inline void xf_csum_replace2(__u16 *csum, __u16 old, __u16 new_)
     *csum = ~sum & 0xffff;
 }
 
+/* Replace a 32-bit field (an IPv4 address, network order) of a checksummed header. */
+static __always_inline void xf_csum_replace4(__u16 *csum, __be32 old, __be32 new_)
+{
+    xf_csum_replace2(csum, (__u16)old, (__u16)new_);
+    xf_csum_replace2(csum, (__u16)(old >> 16), (__u16)(new_ >> 16));
+}
+
 /* Decrement the IPv4 TTL and fix the header checksum incrementally. */
 static __always_inline void xf_ipv4_dec_ttl(struct iphdr *iph)
 {

@@ -49,6 +49,17 @@ BPF_TABLE_PINNED("hash", struct xf_vni_key, __u32, xf_vnis, XF_VNI_ENTRIES, XF_P
 /* Rate limits by key (a tenant's id, or rule id | XF_POLICER_RULE): one shared token
  * bucket each, written by the agent, updated by every CPU with atomics. */
 BPF_TABLE_PINNED("hash", __u32, struct xf_policer, xf_policers, XF_MAX_POLICERS, XF_PIN(xf_policers));
+/* NAT: floating IPs and SNATs, both ways (struct xf_nat_key), written by the agent. */
+BPF_TABLE_PINNED("hash", struct xf_nat_key, struct xf_nat, xf_nat, XF_NAT_ENTRIES, XF_PIN(xf_nat));
+/* Translations per (tenant << 8 | XF_NATC_*), per CPU: packets and bytes. */
+BPF_TABLE_PINNED("percpu_hash", __u32, struct xf_counter, xf_nat_stats, XF_NAT_STATS, XF_PIN(xf_nat_stats));
+/* The NAT programs (xdpflow_nat_in, xdpflow_nat_out: xdpflow.c), tail-called; written by the agent after each compile. Pinned: a prog array is emptied
+ * when nothing in user space holds it (the trace build's own is held by the agent). */
+#ifdef XF_TRACE
+BPF_TABLE("prog", __u32, __u32, xf_nat_prog, 2);
+#else
+BPF_TABLE_PINNED("prog", __u32, __u32, xf_nat_prog, 2, XF_PIN(xf_nat_prog));
+#endif
 /* Layout fingerprint of the maps above, written by the agent. */
 BPF_TABLE_PINNED("array", __u32, struct xf_meta, xf_meta, 1, XF_PIN(xf_meta));
 

@@ -72,6 +72,31 @@ static __always_inline int xf_nd_src_ok(struct xdp_md *ctx, struct xf_pkt *p, __
     return xf_mac_eq(o->addr, p->smac);
 }
 
+/* An Ethernet/IPv4 ARP request worth answering: not gratuitous ARP, not a probe
+ * (duplicate-address detection). */
+static __always_inline int xf_arp_is_request(struct xf_arp *arp)
+{
+    return arp->htype == bpf_htons(ARPHRD_ETHER) && arp->ptype == bpf_htons(ETH_P_IP) &&
+           arp->hlen == ETH_ALEN && arp->plen == 4 && arp->op == bpf_htons(ARPOP_REQUEST) &&
+           arp->tpa != arp->spa && arp->spa != 0;
+}
+
+/* Turn the request into its reply in place: `mac` has the asked-for address. */
+static __always_inline void xf_arp_write_reply(struct ethhdr *eth, struct xf_arp *arp,
+                                               __u8 *mac)
+{
+    __be32 tpa = arp->tpa, spa = arp->spa;
+    __u8 asker[6];
+    __builtin_memcpy(asker, arp->sha, 6);
+    arp->op = bpf_htons(ARPOP_REPLY);
+    __builtin_memcpy(arp->tha, asker, 6);
+    arp->tpa = spa;
+    __builtin_memcpy(arp->sha, mac, 6);
+    arp->spa = tpa;
+    __builtin_memcpy(eth->h_dest, asker, 6);
+    __builtin_memcpy(eth->h_source, mac, 6);
+}
+
 /* Returns XDP_TX with the reply written in place, or -1 when not answered. */
 static __always_inline int xf_arp_reply(struct xdp_md *ctx, struct xf_pkt *p,
                                         struct xf_port *port)
@@ -83,28 +108,15 @@ static __always_inline int xf_arp_reply(struct xdp_md *ctx, struct xf_pkt *p,
     struct xf_arp *arp = data + off;
     if ((void *)(arp + 1) > data_end || (void *)(eth + 1) > data_end)
         return -1;
-    if (arp->htype != bpf_htons(ARPHRD_ETHER) || arp->ptype != bpf_htons(ETH_P_IP) ||
-        arp->hlen != ETH_ALEN || arp->plen != 4 || arp->op != bpf_htons(ARPOP_REQUEST))
+    if (!xf_arp_is_request(arp))
         return -1;
-    __be32 tpa = arp->tpa, spa = arp->spa;
-    if (tpa == spa || spa == 0)        /* gratuitous ARP, or a probe (duplicate detection) */
-        return -1;
-    __u32 addr[4] = {0, 0, bpf_htonl(0xffff), tpa};
+    __u32 addr[4] = {0, 0, bpf_htonl(0xffff), arp->tpa};
     int who = xf_tenant_knows(port->tenant, port->slot, addr);
     if (who == XF_NB_KERNEL)
         return XDP_PASS;
     if (who != XF_NB_DATAPATH)
         return -1;
-
-    __u8 asker[6];
-    __builtin_memcpy(asker, arp->sha, 6);
-    arp->op = bpf_htons(ARPOP_REPLY);
-    __builtin_memcpy(arp->tha, asker, 6);
-    arp->tpa = spa;
-    __builtin_memcpy(arp->sha, port->mac, 6);
-    arp->spa = tpa;
-    __builtin_memcpy(eth->h_dest, asker, 6);
-    __builtin_memcpy(eth->h_source, port->mac, 6);
+    xf_arp_write_reply(eth, arp, port->mac);
     return XDP_TX;
 }
 

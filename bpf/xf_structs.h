@@ -39,11 +39,37 @@ struct xf_flow {
     /* Overlay (VXLAN, XF_FLOW_ENCAP): what the outer headers take from the flow (the
      * node's address and the MTU are the uplink's, out_ifindex's port entry). For an
      * entry whose packets arrive over the overlay, vtep is the VTEP they must come
-     * from. 16 bytes: key and entry stay within two cache lines. */
+     * from. 16 bytes: key and entry stay within two cache lines.
+     * NAT (XF_FLOW_SNAT / XF_FLOW_DNAT; a NAT flow is never encapsulated) keeps its
+     * rewrite in the same bytes, under the same names (one layout for the agent's
+     * mirror): vtep is the address written (SNAT: the new source, the floating or SNAT
+     * address; DNAT: the new destination, the VM's), encap_sport the port written (host
+     * order; ICMP echo: the id), vni the VM's tenant (of a DNAT entry, whose key's
+     * tenant is XF_TENANT_EXTERNAL: its generation is that tenant's). */
     __be32 vtep;           /* remote VTEP: outer destination, or expected outer source */
     __u32 vni;
     __u8  vtep_mac[6];     /* the underlay next hop's MAC (outer destination) */
     __u16 encap_sport;     /* outer UDP source port: the inner flow's hash */
+};
+
+/* NAT (issue 11), keyed by (tenant, IPv4 address):
+ *   (XF_TENANT_EXTERNAL, a floating address) -> kind FIP, its tenant, the VM's address
+ *   (XF_TENANT_EXTERNAL, a SNAT address)     -> kind SNAT (the tenant is in each flow)
+ *   (tenant, a VM's address)                 -> kind FIP, the floating address
+ *   (tenant, 0)                              -> kind SNAT, the address and port range */
+struct xf_nat_key {
+    __u16 tenant;
+    __u16 pad;
+    __be32 addr;
+};
+
+struct xf_nat {
+    __be32 addr;           /* what the key's address translates to (0: a SNAT address) */
+    __u16 tenant;          /* of an external floating address */
+    __u8  kind;            /* XF_NAT_* */
+    __u8  pad;
+    __u16 port_lo;         /* SNAT: the source ports it allocates from */
+    __u16 port_hi;
 };
 
 /* Port: keyed by ifindex. */
@@ -248,6 +274,7 @@ struct xf_scratch {
     struct xf_flow rf;        /* the reply direction's */
     struct xf_flow_key ck;    /* the forward direction being judged */
     struct xf_flow_key rk;    /* its reply direction */
+    struct bpf_fib_lookup fib;   /* NAT: the external next hop */
 };
 
 /* What the trace build records for the packet it ran (per CPU). */
@@ -268,6 +295,11 @@ struct xf_trace {
     __u64 pol_cost_ns[2];     /* what this packet costs */
     __u8  pol_ok[2];       /* 1: it conformed */
     __u8  pad_rl[6];
+    /* --- NAT (issue 11): the translation made (before: the input packet) --- */
+    __be32 nat_addr;       /* the address written */
+    __u16 nat_port;        /* the port (echo id) written: a SNAT port as allocated */
+    __u8  nat_flags;       /* the flow's XF_FLOW_SNAT / DNAT / FIP bits; 0: none */
+    __u8  pad_nat;
 };
 
 /* The monitor's switch and datapath-side filter (one entry, written by the agent). With

@@ -64,9 +64,8 @@ static __always_inline int xf_vxlan_parse(struct xdp_md *ctx, __be32 local, stru
     return 0;
 }
 
-/* The outer UDP source port of a flow: a hash of its inner key, so the underlay's ECMP
- * spreads flows and keeps each on one path (RFC 7348 5), in the dynamic port range. */
-static __always_inline __u16 xf_encap_sport(struct xf_flow_key *k)
+/* A 32-bit hash of a flow key (also where NAT starts looking for a SNAT port). */
+static __always_inline __u32 xf_flow_hash(struct xf_flow_key *k)
 {
     __u32 h = k->src[0] ^ k->src[1] ^ k->src[2] ^ k->src[3] ^
               k->dst[0] ^ k->dst[1] ^ k->dst[2] ^ k->dst[3] ^
@@ -76,7 +75,14 @@ static __always_inline __u16 xf_encap_sport(struct xf_flow_key *k)
     h ^= h >> 15;
     h *= 0x846ca68b;
     h ^= h >> 16;
-    return 0xc000 | (h & 0x3fff);
+    return h;
+}
+
+/* The outer UDP source port of a flow: a hash of its inner key, so the underlay's ECMP
+ * spreads flows and keeps each on one path (RFC 7348 5), in the dynamic port range. */
+static __always_inline __u16 xf_encap_sport(struct xf_flow_key *k)
+{
+    return 0xc000 | (xf_flow_hash(k) & 0x3fff);
 }
 
 /* Put the outer headers of flow f in front of the (already rewritten) inner frame of

@@ -685,6 +685,10 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
             lines.append(f"{'limit:':<10} {b['bucket']} {b['rate']} burst {b['burst']}: "
                          f"{b['tokens']} {b['unit']} in the bucket, this packet "
                          f"{b['cost']}: {'conforms' if b['conformed'] else 'over the limit'}")
+        nat = r.get("nat")
+        if nat:
+            lines.append(f"{'nat:':<10} {nat['kind']} {nat['direction']}: {nat['from']} -> "
+                         f"{nat['to']}")
         if r.get("decapsulated"):
             lines.insert(1, f"{'overlay:':<10} decapsulated (VXLAN), judged as the tenant's")
         out = r.get("packet_out")

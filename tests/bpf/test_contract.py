@@ -43,6 +43,8 @@ STATE = [
     ("route add", {"tenant": "blue", "prefix": "10.9.0.0/16", "drop": True}),
     ("rule add", {"tenant": "blue", "priority": 10, "proto": "tcp", "dport": "80",
                   "action": "allow"}),
+    ("fip add", {"tenant": "blue", "ip": "203.0.113.10", "to": "10.0.0.1"}),
+    ("snat add", {"tenant": "blue", "to": "198.51.100.1", "ports": "20000-20009"}),
 ]
 FRAME = raw(tcp4(4000, 80)).hex()
 APPLY = {"tenants": [{"name": "blue", "id": 10}, {"name": "green", "id": 30}],
@@ -54,7 +56,8 @@ APPLY = {"tenants": [{"name": "blue", "id": 10}, {"name": "green", "id": 30}],
                     "action": "allow"}]}
 CALLS = [
     ("status", {}),
-    *[(f"{k} list", {}) for k in ("tenant", "port", "endpoint", "route", "rule")],
+    *[(f"{k} list", {}) for k in ("tenant", "port", "endpoint", "route", "rule", "fip",
+                                  "snat")],
     ("rule list", {"tenant": "blue"}),
     ("flow dump", {}),
     ("stats", {}),

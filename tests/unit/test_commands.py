@@ -207,7 +207,7 @@ class FakeController:
                 "port": port, "action": "redirect", "verdict": "redirect",
                 "reason": "rule_allow", "tenant": "blue", "rule": 1, "out_port": "veth-vm2",
                 "out_ifindex": 8, "flow_hit": False, "stale_flow": False,
-                "decapsulated": False,
+                "decapsulated": False, "nat": None,
                 "packet_in": packet.hex(), "packet_out": packet.hex(), "modified": False,
                 "rate_limits": []}
 

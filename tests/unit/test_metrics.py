@@ -84,6 +84,11 @@ class FakeSource:
         return [dict(tenant="blue", port="veth-vm1", packets=40, bytes=3200),
                 dict(tenant="red", port="veth-vm2", packets=0, bytes=0)]
 
+    def nat(self):
+        self._call("nat")
+        return [dict(tenant="blue", kind="snat", direction="out", packets=7),
+                dict(tenant="blue", kind="snat", direction="exhausted", packets=2)]
+
     def rule_counters(self):
         self._call("rule_counters")
         return [dict(tenant="blue", rule=3, packets=1200, bytes=96000)]
@@ -211,7 +216,7 @@ def test_values_are_read_at_scrape_time(server, source):
     scrape("127.0.0.1", server.port)
     before = source.calls
     scrape("127.0.0.1", server.port)
-    assert source.calls == before + 12      # ports() twice: its family, the uplinks
+    assert source.calls == before + 13      # ports() twice: its family, the uplinks
 
 
 def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
@@ -235,7 +240,7 @@ def test_raising_part_gives_up_0_and_the_rest_still_exports(server, source):
 def test_wholly_broken_source_still_answers():
     srv = serve(DatapathCollector(RaisingSource()), "127.0.0.1", 0)
     try:
-        for expected_errors in (11, 22):
+        for expected_errors in (12, 24):
             body = scrape("127.0.0.1", srv.port)
             got = samples(body)
             assert value(got, "xdpflow_up") == 0
@@ -332,3 +337,12 @@ def test_overlay_encap_and_decap_counts():
            for fam in DatapathCollector(FakeSource()).collect()
            if fam.name == "xdpflow_overlay_packets" for s in fam.samples}
     assert got == {"encap": 0, "decap": 0}
+
+
+def test_nat_translations_and_exhaustions_are_exported(source):
+    families = {f.name: f for f in DatapathCollector(source).collect()}
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in families.values() for s in f.samples}
+    assert got[("xdpflow_nat_translations_total",
+                (("direction", "out"), ("kind", "snat"), ("tenant", "blue")))] == 7
+    assert got[("xdpflow_nat_port_exhaustions_total", (("tenant", "blue"),))] == 2

@@ -245,3 +245,26 @@ def test_apply_file_with_fips_and_snats(run, tmp_path):  # noqa: F811
     bad.write_text('[[snats]]\ntenant = "blue"\nto = "198.51.100.1"\nports = "5-1"\n')
     rc, _, err = run("apply", str(bad))
     assert rc == 2 and "bad.toml:" in err and "ports" in err
+
+
+# -- trace's account of a translation ---------------------------------------------------------
+
+def test_trace_nat_names_before_and_after():
+    from scapy.all import ICMP, IP, UDP, Ether, raw
+
+    from agent import abi
+    from agent.control import trace_nat
+    rec = abi.Trace()
+    assert trace_nat(rec, b"\0" * 60) is None
+    rec.nat_flags = abi.FLOW_SNAT
+    rec.nat_addr = int.from_bytes(bytes([198, 51, 100, 1]), "little")
+    rec.nat_port = 20007
+    pkt = raw(Ether() / IP(src="10.0.0.5", dst="198.18.0.7") / UDP(sport=4000, dport=53))
+    assert trace_nat(rec, pkt) == {"kind": "snat", "direction": "out",
+                                   "from": "10.0.0.5:4000", "to": "198.51.100.1:20007"}
+    rec.nat_flags = abi.FLOW_DNAT | abi.FLOW_FIP
+    rec.nat_addr = int.from_bytes(bytes([10, 0, 0, 5]), "little")
+    rec.nat_port = 300
+    ping = raw(Ether() / IP(src="198.18.0.7", dst="203.0.113.10") / ICMP(id=300))
+    assert trace_nat(rec, ping) == {"kind": "fip", "direction": "in",
+                                    "from": "203.0.113.10:300", "to": "10.0.0.5:300"}
