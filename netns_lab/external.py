@@ -44,7 +44,7 @@ each path on its own; `snat_normaliser` replaces them by labels in order of appe
 (the same flow keeps its label, different flows get different ones), after checking the
 port is in the SNAT's range and the L4 checksum is right.
 
-Pure but for `build_host` and `node_setup` (topology.py calls them)."""
+Pure: text and argument lists (topology.py applies them)."""
 from __future__ import annotations
 
 import ipaddress
@@ -265,7 +265,9 @@ def gw_iptables(spec) -> str:
         for f in fips(spec, tenant):
             mangle.append(f"-A PREROUTING -i {up} -d {f.ip}/32 -m conntrack --ctstate NEW "
                           f"-j CONNMARK --set-mark {tid}")
-            ttl.append(f"-A PREROUTING -i {up} -d {f.ip}/32 -j TTL --ttl-inc 1")
+            # (Its replies, to the floating IP too, get theirs by direction below.)
+            ttl.append(f"-A PREROUTING -i {up} -d {f.ip}/32 -m conntrack --ctdir ORIGINAL "
+                       f"-j TTL --ttl-inc 1")
             nat.append(f"-A PREROUTING -i {up} -d {f.ip}/32 -j DNAT --to-destination {f.to}")
         mangle.extend(ttl)
         for f in fips(spec, tenant):
@@ -314,7 +316,8 @@ def gw_nftables(spec) -> str:
         ttl_from.append(f'    iifname "{gif}" jump ttl_back')
         for f in fips(spec, tenant):
             marks.append(f'    iifname "{up}" ip daddr {f.ip} ct state new ct mark set {tid}')
-            ttl_from.append(f'    iifname "{up}" ip daddr {f.ip} jump ttl_back')
+            ttl_from.append(f'    iifname "{up}" ip daddr {f.ip} ct direction original '
+                            f'jump ttl_back')
             dnat.append(f'    iifname "{up}" ip daddr {f.ip} dnat to {f.to}')
             snat_l.append(f'    oifname "{up}" meta mark {tid} ip saddr {f.to} snat to {f.ip}')
             fwd.append(f'    iifname "{gif}" oifname "{up}" ip saddr {f.to} accept')
@@ -359,14 +362,30 @@ def host_setup(spec, host: ExternalHost, path: str):
     return s
 
 
-def node_batch(spec) -> List[str]:
-    """The offloaded path's node: its uplinks' addresses, default route and neighbour."""
-    out = []
+def node_setup(spec):
+    """The offloaded path's node namespace (render.NsSetup): its uplinks' addresses,
+    default route and neighbour. The datapath finds the next hop of what a VM starts with
+    bpf_fib_lookup, which answers only for an ingress interface that forwards (else
+    BPF_FIB_LKUP_RET_FWD_DISABLED, counted as nat_no_route): forwarding is on for NAT
+    tenants' ports, and what the datapath passes to the node's stack from them is dropped
+    first thing, so it still ends there as from any other port (no ICMP from the node)."""
+    from .render import NsSetup, ns_name
+    s = NsSetup(ns_name(spec.prefix, "offload", "node"))
     for host in spec.external:
-        out += [f"addr add {host.local_ip}/{host.link.network.prefixlen} dev {host.port}",
-                f"neigh replace {host.ip} lladdr {host.mac} dev {host.port} nud permanent",
-                f"route add default via {host.ip} dev {host.port}"]
-    return out
+        s.ip_batch += [f"addr add {host.local_ip}/{host.link.network.prefixlen} dev {host.port}",
+                       f"neigh replace {host.ip} lladdr {host.mac} dev {host.port} nud permanent",
+                       f"route add default via {host.ip} dev {host.port}"]
+    ports = [vm.port for vm in spec.vms if vm.tenant in nat_tenants(spec)]
+    if ports:
+        s.late_sysctls += [(f"net.ipv4.conf.{p}.forwarding", "1") for p in ports]
+        names = ", ".join(f'"{p}"' for p in ports)
+        s.firewall.append((["nft", "-f", "-"], "\n".join([
+            "table inet xdpflow_node {",
+            "  chain prerouting {",
+            "    type filter hook prerouting priority raw; policy accept;",
+            f'    iifname {{ {names} }} drop comment "passed by the datapath: ends here"',
+            "  }", "}"]) + "\n"))
+    return s
 
 
 # -- comparing --------------------------------------------------------------------------------

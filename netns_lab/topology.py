@@ -168,7 +168,11 @@ class Topology:
             # Finished checksums in what the VM sends, on every path: bytes compare.
             run(["ethtool", "-K", VM_IFNAME, "tx", "off"], ns=vs.name)
         if path == "offload":
-            _ip_batch(node, external.node_batch(spec))
+            ns = external.node_setup(spec)
+            _sysctl(node, ns.late_sysctls)
+            _ip_batch(node, ns.ip_batch)
+            for argv, text in ns.firewall:
+                run(argv, ns=node, input=text)
         for s in sides:
             _sysctl(s.name, s.late_sysctls)
             _ip_batch(s.name, s.ip_batch)

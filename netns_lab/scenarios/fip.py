@@ -49,5 +49,3 @@ SENDS = [
                  f'pdst="{GREEN}")',
          "ARP for green's floating IP on the uplink: the node answers with the uplink's MAC"),
 ]
-
-WAITING_ON = "issue 11: floating IPs in the datapath (h/nat)"

@@ -45,5 +45,3 @@ SENDS = [
     Send("green2", _out('TCP(sport=40002, dport=22, flags="S")'),
          "green2 tcp/22 out: no rule allows it"),
 ]
-
-WAITING_ON = "issue 11: SNAT in the datapath (h/nat)"
