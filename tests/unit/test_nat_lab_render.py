@@ -82,6 +82,11 @@ def test_iptables_gateway_zones_marks_and_translations(spec):
     restore = lines.index("-A PREROUTING -j CONNMARK --restore-mark")
     assert max(i for i, l in enumerate(lines) if "--set-mark" in l) < restore
     assert min(i for i, l in enumerate(lines) if "TTL --ttl-inc" in l) > restore
+    # A floating IP's new traffic gets its TTL back by address, replies by direction
+    # (once: a reply to a floating IP's own connection matches both).
+    assert ("-A PREROUTING -i upl -d 203.0.113.10/32 -m conntrack --ctdir ORIGINAL "
+            "-j TTL --ttl-inc 1") in lines
+    assert "-A PREROUTING -i upl -m conntrack --ctdir REPLY -j TTL --ttl-inc 1" in lines
     assert ":FORWARD DROP [0:0]" in lines
     assert "-A FORWARD -i upl -m conntrack --ctstate DNAT -j ACCEPT" in lines
 
@@ -129,3 +134,15 @@ def test_snat_ports_become_labels_per_flow_checked_for_range_and_checksum(spec):
     other = _udp("203.0.113.10", 31000)
     assert norm("inet", other) == other
     assert norm("green2", _udp("198.51.100.1", 31000)) == _udp("198.51.100.1", 31000)
+
+
+def test_the_offloaded_node_forwards_only_for_the_datapaths_fib_lookups(spec):
+    node = external.node_setup(spec)
+    assert node.name == render.ns_name(spec.prefix, "offload", "node")
+    assert "route add default via 198.51.100.2 dev upl" in node.ip_batch
+    fwd = {k for k, v in node.late_sysctls if v == "1"}
+    assert fwd == {f"net.ipv4.conf.{p}.forwarding" for p in ("gvm1", "gvm2", "ovm1", "ovm2")}
+    ((argv, text),) = node.firewall
+    assert argv == ["nft", "-f", "-"]
+    assert 'iifname { "gvm1", "gvm2", "ovm1", "ovm2" } drop' in text
+    assert "priority raw" in text
