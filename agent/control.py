@@ -485,11 +485,13 @@ class Controller:
 
         def matching():
             for k, f in dp.flows():
-                if tid is not None and k.tenant != tid:
+                # NAT's external-side entries are their VM tenant's (f.vni).
+                owner = f.vni if f.flags & abi.FLOW_DNAT else k.tenant
+                if tid is not None and owner != tid:
                     continue
                 if proto is not None and k.proto != proto:
                     continue
-                d = flow_dict(k, f, tenants, slots, now, gens.get(k.tenant, 0))
+                d = flow_dict(k, f, tenants, slots, now, gens.get(owner, 0))
                 if port is not None and port not in (d["in_port"], d["out_port"]):
                     continue
                 if ip is not None and str(ip) not in (d["src"], d["dst"]):

@@ -862,8 +862,7 @@ static __always_inline int xf_act_flow(struct xdp_md *ctx, struct xf_ctx *c,
      * error is translated as its flow's. */
     if (c->mode != XF_MODE_PORT && (f->flags & (XF_FLOW_SNAT | XF_FLOW_DNAT)) &&
         f->verdict == XF_V_REDIRECT) {
-        if (c->p.family != 4 || (reason == XF_R_RELATED ? xf_nat_rewrite_error(ctx, &c->p, f)
-                                                         : xf_nat_rewrite(ctx, &c->p, f)))
+        if (c->p.family != 4 || xf_nat_rewrite(ctx, &c->p, f, reason == XF_R_RELATED))
             return xf_decide(c, XF_V_DROP, XF_R_PARSE_L4);
         xf_count_nat(c, f);
     }

@@ -81,53 +81,13 @@ static __always_inline void xf_l4_csum_fix(__u16 *ck, __u8 proto, __be32 old, __
         *ck = XF_UDP_CSUM_MANGLED;
 }
 
-/* The packet's own translation: SNAT writes its source, DNAT its destination. */
-static __always_inline int xf_nat_rewrite(struct xdp_md *ctx, struct xf_pkt *p,
-                                          struct xf_flow *f)
+/* The quoted packet of an ICMP error about a translated flow: its address and port on
+ * the flow's far side (it went the other way) become addr and f's port, with the quoted
+ * IP and L4 checksums and the ICMP checksum, which covers the quoted bytes. */
+static __always_inline int xf_nat_rewrite_quoted(void *data, void *data_end,
+                                                 struct xf_pkt *p, struct xf_flow *f,
+                                                 int dnat, __be32 addr)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    struct iphdr *iph = data + (p->l3_off & 0x3f);
-    int dnat = f->flags & XF_FLOW_DNAT;
-    __be32 *a = xf_ip_addr(iph, dnat, data_end);
-    if ((void *)(iph + 1) > data_end || !a)
-        return -1;
-    __be32 addr = f->vtep;
-    __be32 old = *a;
-    xf_csum_replace4(&iph->check, old, addr);
-    *a = addr;
-    /* A later fragment has no L4 header: the first carried the checksum. */
-    if (p->frag == XF_FRAG_LATER)
-        return 0;
-    __u32 off = p->l4_off;
-    XF_BOUND(off, 0xff);            /* IPv4: Ethernet, two tags and 60 bytes of header */
-    void *l4 = data + off;
-    __u16 port = bpf_htons(f->encap_sport);
-    __u16 *pp = xf_l4_port(l4, p->proto, p->icmp_type, !dnat, data_end);
-    __u16 old_port = pp ? *pp : port;
-    xf_l4_csum_fix(xf_l4_csum(l4, p->proto, data_end), p->proto, old, addr, old_port, port);
-    if (pp)
-        *pp = port;
-    return 0;
-}
-
-/* An ICMP error about a translated flow (XF_R_RELATED), entry f being the flow's own
- * direction the error travels: the outer address as f says, and the quoted packet's
- * address and port on the other side (the quoted packet went the other way). */
-static __always_inline int xf_nat_rewrite_error(struct xdp_md *ctx, struct xf_pkt *p,
-                                                struct xf_flow *f)
-{
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    struct iphdr *iph = data + (p->l3_off & 0x3f);
-    int dnat = f->flags & XF_FLOW_DNAT;
-    __be32 *a = xf_ip_addr(iph, dnat, data_end);
-    if ((void *)(iph + 1) > data_end || !a)
-        return -1;
-    __be32 addr = f->vtep;
-    xf_csum_replace4(&iph->check, *a, addr);
-    *a = addr;
-
     __u32 off = p->l4_off;
     XF_BOUND(off, 0xff);
     struct icmphdr *ih = data + off;
@@ -164,5 +124,40 @@ static __always_inline int xf_nat_rewrite_error(struct xdp_md *ctx, struct xf_pk
         xf_csum_replace2(&ih->checksum, old_port, port);
         *pp = port;
     }
+    return 0;
+}
+
+/* A NAT flow's translation of a packet: SNAT writes its source, DNAT its destination
+ * (address and port). An ICMP error about the flow (`related`, f being the entry of the
+ * direction it travels) gets the address, and its quoted packet the other side's
+ * (xf_nat_rewrite_quoted). */
+static __always_inline int xf_nat_rewrite(struct xdp_md *ctx, struct xf_pkt *p,
+                                          struct xf_flow *f, int related)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct iphdr *iph = data + (p->l3_off & 0x3f);
+    int dnat = f->flags & XF_FLOW_DNAT;
+    __be32 *a = xf_ip_addr(iph, dnat, data_end);
+    if ((void *)(iph + 1) > data_end || !a)
+        return -1;
+    __be32 addr = f->vtep;
+    __be32 old = *a;
+    xf_csum_replace4(&iph->check, old, addr);
+    *a = addr;
+    if (related)
+        return xf_nat_rewrite_quoted(data, data_end, p, f, dnat, addr);
+    /* A later fragment has no L4 header: the first carried the checksum. */
+    if (p->frag == XF_FRAG_LATER)
+        return 0;
+    __u32 off = p->l4_off;
+    XF_BOUND(off, 0xff);            /* IPv4: Ethernet, two tags and 60 bytes of header */
+    void *l4 = data + off;
+    __u16 port = bpf_htons(f->encap_sport);
+    __u16 *pp = xf_l4_port(l4, p->proto, p->icmp_type, !dnat, data_end);
+    __u16 old_port = pp ? *pp : port;
+    xf_l4_csum_fix(xf_l4_csum(l4, p->proto, data_end), p->proto, old, addr, old_port, port);
+    if (pp)
+        *pp = port;
     return 0;
 }

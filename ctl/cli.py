@@ -545,6 +545,8 @@ def _flow_rows(rows: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Tuple[
     if any("icmp" in r for r in out):
         i = cols.index("dport") + 1
         cols = cols[:i] + ("icmp",) + cols[i:]
+    if any("nat" in r for r in out):        # what NAT rewrites to: address:port
+        cols = cols + ("nat",)
     return out, cols
 
 

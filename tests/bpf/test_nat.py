@@ -483,3 +483,15 @@ def test_trace_shows_the_translation_and_writes_nothing(nat):
     assert sorted(nat.dp.maps["xf_flows"].items()) == flows0
     rc2, out2 = nat.run(raw(pkt), "p2")
     assert (rc2, out2) == (rc, out)
+
+
+def test_snat_removed_its_flows_no_longer_translate(nat):
+    pkt = from_vm(UDP(sport=4000, dport=53) / b"q")
+    rc, out = nat.run(raw(pkt), "p2")
+    assert rc == XDP_REDIRECT
+    st = nat_state()
+    st["snats"] = [s for s in st["snats"] if s["tenant"] != "blue"]
+    nat.sync(st)                       # the tenant's flows go stale: judged again, no NAT
+    (rc, out), delta = counters(nat, lambda: nat.run(raw(pkt), "p2"))
+    assert (rc, out) == (XDP_DROP, raw(pkt))
+    assert delta[(slot("p2"), "drop", "no_route")] == (1, len(pkt))

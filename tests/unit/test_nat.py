@@ -10,7 +10,8 @@ from agent import model
 from agent.model import Invalid, State
 from agent.store import SCHEMA_VERSION, Store
 
-from test_cli import run, agent  # noqa: F401  (fixtures)
+from test_cli import agent, run  # noqa: F401  (fixtures)
+from test_cli import setup_blue as _setup
 
 pytestmark = pytest.mark.unit
 
@@ -189,12 +190,6 @@ def test_sql_refuses_a_fip_to_a_missing_endpoint(tmp_path):
 
 # -- the CLI (against the fake controller: the real one's words are checked in bpf) -----------
 
-def _setup(run):
-    for argv in (["tenant", "add", "blue", "--id", "10"],
-                 ["port", "add", "veth-vm1", "--tenant", "blue"],
-                 ["endpoint", "add", "--tenant", "blue", "10.0.0.5", "--port", "veth-vm1",
-                  "--mac", "02:00:00:00:00:05"]):
-        assert run(*argv)[0] == 0, argv
 
 
 def test_cli_fip_and_snat_add_list_del(run):  # noqa: F811
