@@ -96,7 +96,8 @@ class Agent:
             self.controller.sweeper.sweep()
         self._start_api()
         self._start_metrics()
-        self.watcher = LinkWatcher(self._mark_links_dirty)
+        self.watcher = LinkWatcher(self._mark_links_dirty,
+                                   neighbour_wanted=self.links.wants_neighbour)
         self.watcher.start()
 
     def _log_pins(self, report):

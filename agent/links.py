@@ -10,7 +10,7 @@ import select
 import subprocess
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Set, Tuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -82,6 +82,9 @@ class Links:
     def __init__(self):
         self.ipr = IPRoute()
         self._lock = threading.Lock()
+        # The underlay next hops (ifindex, address) `neighbours` last looked up: the only
+        # neighbours whose changes matter to the datapath (wants_neighbour).
+        self.next_hops: FrozenSet[Tuple[int, str]] = frozenset()
 
     def close(self):
         self.ipr.close()
@@ -105,16 +108,22 @@ class Links:
         One not resolved is asked for (a datagram to its discard port makes the kernel
         resolve it; the event that follows reconciles) and left out meanwhile: the
         datapath hands its packets to the kernel until it is known."""
-        out = {}
+        out, hops = {}, set()
         for addr in sorted(addrs):
-            mac = self._next_hop_mac(addr)
+            mac = self._next_hop_mac(addr, hops)
             if mac:
                 out[addr] = mac
             else:
                 self._solicit(addr)
+        self.next_hops = frozenset(hops)
         return out
 
-    def _next_hop_mac(self, addr: str) -> Optional[str]:
+    def wants_neighbour(self, ifindex: int, addr: Optional[str]) -> bool:
+        """Is a neighbour event about an underlay next hop (of the last `neighbours`)?
+        Any other (a VM's ARP, the node's own peers) changes nothing in the datapath."""
+        return (ifindex, (addr or "").lower()) in self.next_hops
+
+    def _next_hop_mac(self, addr: str, hops: Set[Tuple[int, str]]) -> Optional[str]:
         with self._lock:
             try:
                 routes = self.ipr.route("get", dst=addr)
@@ -124,6 +133,10 @@ class Links:
                 return None
             oif = routes[0].get_attr("RTA_OIF")
             hop = routes[0].get_attr("RTA_GATEWAY") or addr
+            hops.add((oif, hop.lower()))
+            # Wanted at once: the answer to the solicitation below may come before
+            # `neighbours` is done.
+            self.next_hops = self.next_hops | {(oif, hop.lower())}
             for n in self.ipr.get_neighbours(ifindex=oif, dst=hop):
                 lladdr = n.get_attr("NDA_LLADDR")
                 if lladdr and n["state"] & NUD_USABLE:
@@ -274,13 +287,19 @@ class LinkWatcher:
     `on_change(why)` from the watcher's own thread, a burst coalesced into one call. `why`
     is "link", or "lost" when the kernel dropped events because the socket's receive
     buffer overflowed (ENOBUFS): the caller cannot know what changed and must reconcile
-    every port."""
+    every port. Neighbour events count only where `neighbour_wanted(ifindex, address)`
+    says so (the agent: Links.wants_neighbour, its underlay next hops): a node's VMs and
+    peers resolve neighbours all the time, and none of those is a reason to reconcile."""
 
     # Neighbours too: a VTEP's underlay MAC is part of the overlay's flow entries.
     GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_NEIGH
+    NEIGH_EVENTS = ("RTM_NEWNEIGH", "RTM_DELNEIGH")
 
-    def __init__(self, on_change: Callable[[str], None], rcvbuf: int = 1 << 20):
+    def __init__(self, on_change: Callable[[str], None], rcvbuf: int = 1 << 20,
+                 neighbour_wanted: Callable[[int, Optional[str]], bool] = lambda i, a: True):
         self.on_change = on_change
+        self.neighbour_wanted = neighbour_wanted
+        self.neighbours_ignored = 0        # neighbour events that were not about a next hop
         self.rcvbuf = rcvbuf
         self.lost = 0                      # overflows seen (each followed by "lost")
         self.ipr: Optional[IPRoute] = None
@@ -332,15 +351,23 @@ class LinkWatcher:
         self._overflowed()
         return self.ipr.fileno()
 
-    def _read(self) -> None:
+    def _read(self) -> bool:
+        """Read what is there; True when any of it is a change to report."""
+        relevant = False
         try:
             for msg in self.ipr.get():
+                if msg.get("event") in self.NEIGH_EVENTS and not self.neighbour_wanted(
+                        msg.get("ifindex"), msg.get_attr("NDA_DST")):
+                    self.neighbours_ignored += 1
+                    continue
+                relevant = True
                 log.debug("netlink: %s %s", msg.get("event"),
                           msg.get_attr("IFLA_IFNAME") or msg.get("index"))
         except OSError as e:
             if e.errno != errno.ENOBUFS:
                 raise
             self._overflowed()
+        return relevant
 
     def _run(self):
         # pyroute2's synchronous socket belongs to the thread that made it (its event
@@ -370,14 +397,17 @@ class LinkWatcher:
                                     0 if self._lost_pending else None)
             if self._stop_r in r:
                 return
+            relevant = False
             try:
                 if fd in r:
-                    self._read()
+                    relevant = self._read()
                 # Coalesce a burst of events into one reconcile.
                 while select.select([self._fd()], [], [], 0.05)[0]:
-                    self._read()
+                    relevant = self._read() or relevant
             except OSError:
                 log.exception("reading link events")
+                continue
+            if not relevant and not self._lost_pending:
                 continue
             why = "lost" if self._lost_pending else "link"
             self._lost_pending = False

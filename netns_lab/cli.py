@@ -210,16 +210,17 @@ def _lab_args(p: argparse.ArgumentParser) -> None:
                    help="name prefix of everything the lab makes (default: [lab] prefix)")
 
 
-def _lab_for(args: argparse.Namespace, what: str):
+def _lab_for(args: argparse.Namespace, what: str, root: bool = True):
     """The lab file, checked first (bad input: exit 2 naming what is wrong, nothing
-    changed), then root; None after printing why not."""
+    changed), then root (unless `root` is false: the caller checks more input first);
+    None after printing why not."""
     from netns_lab import labfile
     try:
         spec = labfile.load(args.lab, prefix=args.prefix)
     except labfile.LabFileError as e:
         print(f"xdpflow-lab: {e}", file=sys.stderr)
         return None
-    err = _need_root(what)
+    err = _need_root(what) if root else None
     if err:
         print(f"xdpflow-lab: {err}", file=sys.stderr)
         return None
@@ -246,7 +247,7 @@ def _run_up(args: argparse.Namespace) -> int:
     from netns_lab import topology
     _terminate_cleanly()
     try:
-        topo = topology.Topology(spec, say=_say).up(detach=True)
+        topo = topology.topology_for(spec)(spec, say=_say).up(detach=True)
     except topology.LabError as e:
         print(f"xdpflow-lab: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -256,20 +257,17 @@ def _run_up(args: argparse.Namespace) -> int:
 
 def reach_text(topo) -> str:
     """How to reach an up lab (printed by `up` and `demo --keep`)."""
-    from netns_lab import render
     spec = topo.spec
     lines = [f"lab {spec.prefix} is up ({spec.source}); namespaces:"]
     for path in topo.paths:
         vms = ", ".join(topo.vm_ns(path, vm) for vm in spec.vms)
         lines.append(f"  {path:9} VMs: {vms}")
-        if path == "offload":
-            lines.append(f"  {'':9} node: {render.ns_name(spec.prefix, path, 'node')}")
-        else:
-            lines.append(f"  {'':9} routers: " + ", ".join(
-                render.router_ns(spec.prefix, path, t) for t in render.all_tenants(spec)))
-            if spec.external:
-                lines.append(f"  {'':9} NAT gateway: {render.ns_name(spec.prefix, path, 'gw')}")
+        sides = ", ".join(sorted({topo.side_ns(path, v) for v in spec.vms}))
+        lines.append(f"  {'':9} {'node(s)' if path == 'offload' else 'routers'}: {sides}")
         if spec.external:
+            from netns_lab import render
+            if path != "offload":
+                lines.append(f"  {'':9} NAT gateway: {render.ns_name(spec.prefix, path, 'gw')}")
             lines.append(f"  {'':9} external hosts: " + ", ".join(
                 topo.vm_ns(path, h) for h in spec.external))
     vm = spec.vms[0]
@@ -285,8 +283,7 @@ def reach_text(topo) -> str:
             f"http://127.0.0.1:{topo.lab.metrics_port}/metrics | grep ^xdpflow_packets",
         ]
     if "iptables" in topo.paths:
-        lines.append(f"  ip netns exec {render.router_ns(spec.prefix, 'iptables', vm.tenant)} "
-                     f"iptables -L -v -n")
+        lines.append(f"  ip netns exec {topo.side_ns('iptables', vm)} iptables -L -v -n")
     lines += [f"  xdpflow-lab compare --lab {spec.source} --prefix {spec.prefix}",
               f"  xdpflow-lab down --prefix {spec.prefix}      # removes all of it"]
     return "\n".join(lines)
@@ -333,13 +330,17 @@ def _add_compare(sub) -> None:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from netns_lab import compare, render, scenarios, topology
+    spec = _lab_for(args, "compare", root=False)
+    if spec is None:
+        return EXIT_USAGE
     try:
-        chosen = scenarios.load(args.scenario, args.exclude)
+        chosen = scenarios.load(args.scenario, args.exclude, spec.scenarios)
     except ValueError as e:
         print(f"xdpflow-lab: {e}", file=sys.stderr)
         return EXIT_USAGE
-    spec = _lab_for(args, "compare")
-    if spec is None:
+    err = _need_root("compare")
+    if err:
+        print(f"xdpflow-lab: {err}", file=sys.stderr)
         return EXIT_USAGE
     variants = args.variant or list(render.VARIANTS)
     _terminate_cleanly()
@@ -358,11 +359,12 @@ def _run_compare(args: argparse.Namespace) -> int:
 def run_compare(spec, chosen, variants, say: Callable[[str], None] = _say):
     """Compare on the lab if it is up, else on one built for the run (and removed)."""
     from netns_lab import compare, topology
-    if topology.Topology.is_up(spec.prefix):
+    cls = topology.topology_for(spec)
+    if cls.is_up(spec.prefix):
         say(f"using lab {spec.prefix}, which is up")
-        return compare.compare(topology.Topology.attach(spec), chosen, variants, say)
+        return compare.compare(cls.attach(spec), chosen, variants, say)
     say(f"building lab {spec.prefix} for this run")
-    with topology.Topology(spec, ["offload"] + list(variants), say=say).up() as topo:
+    with cls(spec, ["offload"] + list(variants), say=say).up() as topo:
         return compare.compare(topo, chosen, variants, say)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from . import render
 from .labfile import VM, VM_IFNAME, LabSpec
 from .netns import in_netns
-from .scenarios import Scenario, Send
+from .scenarios import Move, Scenario, Send
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -84,18 +84,32 @@ def snmac(addr: str) -> str:
     return "33:33:" + ":".join(f"{b:02x}" for b in low)
 
 
+def sender_view(spec: LabSpec, src: str):
+    """`me` of a send: a VM, or a node's underlay end ("A.uplink", netns_lab/nodes.py)."""
+    if spec.nodes and src.endswith(".uplink"):
+        from .nodes import node_view
+        try:
+            return node_view(spec, src[:-len(".uplink")])
+        except (KeyError, ValueError):
+            raise KeyError(f"lab {spec.source}: no node for sender {src!r}") from None
+    return view(spec.vm(src))
+
+
 def build_frames(spec: LabSpec, scenario: str, index: int, send: Send) -> List[bytes]:
     """A send's frames as bytes: the same on every path."""
     import scapy.all as scapy
     names: Dict[str, Any] = {k: getattr(scapy, k) for k in dir(scapy) if not k.startswith("_")}
     try:
-        me = view(spec.vm(send.src))
+        me = sender_view(spec, send.src)
     except KeyError as e:
         raise ScenarioError(f"scenario {scenario}, send {index}: {e.args[0]}") from None
 
     def vm(name: str) -> VMView:
         return view(spec.vm(name))
     names.update(me=me, vm=vm, N=nonce(scenario, index), snma=snma, snmac=snmac)
+    if spec.nodes:
+        from .nodes import node_view
+        names["node"] = lambda n: node_view(spec, n)
     try:
         got = eval(send.frames, names)    # scenario files are this project's own code
     except Exception as e:
@@ -130,13 +144,19 @@ def with_vlan_tag(data: bytes, ancillary) -> bytes:
 
 
 class Wire:
-    """One AF_PACKET socket on eth0 of every VM of a path."""
+    """One AF_PACKET socket on eth0 of every VM of a path; `senders`: name -> (namespace,
+    interface) of sockets that only send (a node's underlay end: what crosses the
+    underlay is the paths' own encapsulation, never compared)."""
 
-    def __init__(self, vm_namespaces: Dict[str, str]):
+    def __init__(self, vm_namespaces: Dict[str, str],
+                 senders: Optional[Dict[str, Tuple[str, str]]] = None):
         self.socks: Dict[str, socket.socket] = {}
+        self.send_only: Dict[str, socket.socket] = {}
         try:
             for name, ns in vm_namespaces.items():
                 self.socks[name] = in_netns(ns, self._open)
+            for name, (ns, ifname) in (senders or {}).items():
+                self.send_only[name] = in_netns(ns, lambda i=ifname: self._open(i, 0))
         except BaseException:
             self.close()
             raise
@@ -144,13 +164,14 @@ class Wire:
         self.background = 0
 
     @staticmethod
-    def _open() -> socket.socket:
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    def _open(ifname: str = VM_IFNAME, proto: int = ETH_P_ALL) -> socket.socket:
+        # Protocol 0: a socket that receives nothing.
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         # The receive path takes a VLAN tag out of the frame into metadata: ask for it, to
         # put it back (a tagged frame must not compare equal to an untagged one).
         s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-        s.bind((VM_IFNAME, 0))
+        s.bind((ifname, proto))
         s.setblocking(False)
         return s
 
@@ -177,7 +198,7 @@ class Wire:
 
     def exchange(self, src: str, frames: Sequence[bytes]) -> List[Frame]:
         """Send frames from VM `src`, return what every VM received until quiet."""
-        sock = self.socks[src]
+        sock = self.send_only.get(src) or self.socks[src]
         for f in frames:
             sock.send(f)
         got: List[Frame] = []
@@ -192,9 +213,9 @@ class Wire:
                 last = time.monotonic()
 
     def close(self) -> None:
-        for s in self.socks.values():
+        for s in list(self.socks.values()) + list(self.send_only.values()):
             s.close()
-        self.socks = {}
+        self.socks, self.send_only = {}, {}
 
 
 # -- running ------------------------------------------------------------------------------
@@ -210,22 +231,40 @@ class SendResult:
 
 
 def run_path(spec: LabSpec, vm_namespaces: Dict[str, str], scenarios: List[Scenario],
-             progress: Callable[[str], None] = lambda s: None) -> Tuple[List[SendResult], int]:
-    """Every send of every scenario on one path (VM name -> namespace); returns the
-    results and the number of background frames seen."""
-    built = [SendResult(sc.name, i, s, build_frames(spec, sc.name, i, s))
-             for sc in scenarios for i, s in enumerate(sc.sends)]
+             progress: Callable[[str], None] = lambda s: None,
+             senders: Optional[Dict[str, Tuple[str, str]]] = None,
+             change: Callable[[Move], None] = lambda m: None
+             ) -> Tuple[List[SendResult], int]:
+    """Every send of every scenario on one path (VM name -> namespace; `senders` see
+    Wire), a scenario's moves done by `change` in their place; returns the results and
+    the number of background frames seen."""
+    steps: List[Any] = []
+    for sc in scenarios:
+        i = 0
+        for st in sc.steps:
+            if isinstance(st, Move):
+                steps.append(st)
+                continue
+            steps.append(SendResult(sc.name, i, st, build_frames(spec, sc.name, i, st)))
+            i += 1
+    built = [r for r in steps if isinstance(r, SendResult)]
     by_nonce = {nonce(r.scenario, r.index): r for r in built}
-    wire = Wire(vm_namespaces)
+    wire = Wire(vm_namespaces, senders)
     try:
         wire.drain()
-        for n, r in enumerate(built):
+        n = 0
+        for r in steps:
+            if isinstance(r, Move):
+                change(r)
+                wire.drain()      # what the move itself made (a port coming up) is no send's
+                continue
+            n += 1
             for vm, data in wire.exchange(r.send.src, r.frames):
                 m = NONCE_RE.search(data)
                 owner = by_nonce.get(m.group(0), r) if m else r
                 owner.outcome.append((vm, data))
-            if progress and (n + 1) % 25 == 0:
-                progress(f"{n + 1}/{len(built)} sends")
+            if progress and n % 25 == 0:
+                progress(f"{n}/{len(built)} sends")
         for vm, data in wire.drain():     # late frames still find their send by nonce
             m = NONCE_RE.search(data)
             if m and m.group(0) in by_nonce:
@@ -461,7 +500,8 @@ def compare(topo, scenarios: List[Scenario], variants: Sequence[str] = render.VA
         rec = _recorder(topo, monitor) if path == "offload" else None
         try:
             results[path], background[path] = run_path(
-                topo.spec, nss, scenarios, lambda s, p=path: progress(f"  {p}: {s}"))
+                topo.spec, nss, scenarios, lambda s, p=path: progress(f"  {p}: {s}"),
+                topo.senders(path), lambda m, p=path: topo.change(p, m))
         finally:
             if rec is not None:
                 rec.stop()

@@ -10,6 +10,15 @@ addresses and MAC from the endpoints behind that port, so nothing is written twi
     [[vms]]
     name = "blue1"           # the VM (its namespaces are PREFIX-PATH-NAME)
     port = "bvm1"            # the node port it sits behind: one of [[ports]]
+    node = "a"               # two-node labs only: the node it runs on (see below)
+    mtu = 1450               # optional: its eth0's MTU (default the veth's 1500)
+
+A two-node lab (netns_lab/nodes.py) adds `[[nodes]]` (name, uplink, local_ip: the node's
+uplink port and VTEP address) and a `node` for every VM; each node's `xdpflowctl apply`
+state is derived (`node_state`): its own VMs' ports and endpoints local, the other node's
+endpoints remote behind that node's VTEP, its uplink port, every tenant and rule.
+`[lab] scenarios` names the scenario set the lab is written for (a package under
+netns_lab/scenarios/; default: the shipped top-level ones, written for the demo lab).
 
 Pure: no root, no kernel."""
 from __future__ import annotations
@@ -24,8 +33,11 @@ from agent.model import KINDS, Invalid, State
 
 from . import external
 
-LAB_KEYS = ("prefix",)
+LAB_KEYS = ("prefix", "scenarios")
 VM_KEYS = ("name", "port")
+VM_OPTIONAL = ("node", "mtu")
+NODE_KEYS = ("name", "uplink", "local_ip")
+_NODE_RE = re.compile(r"^[a-z][a-z0-9]{0,3}$")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,7}$")
 _VM_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 # The VM's interface: the same name on every path, so captured frames compare.
@@ -44,6 +56,8 @@ class VM:
     mac: str
     port_mac: str                  # the node side of the VM's wire (its gateway's MAC)
     addrs: Tuple[str, ...]         # IPv4 first, then IPv6
+    node: Optional[str] = None     # a two-node lab's: where it runs
+    mtu: Optional[int] = None
 
     def addr(self, version: int) -> Optional[str]:
         for a in self.addrs:
@@ -66,7 +80,40 @@ class LabSpec:
     state: State
     vms: List[VM] = field(default_factory=list)
     source: str = "?"
+    nodes: List["Node"] = field(default_factory=list)
+    scenarios: str = ""            # the scenario package ("" : the top-level ones)
     external: List[Any] = field(default_factory=list)   # external.ExternalHost
+
+    def node(self, name: str) -> "Node":
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"lab {self.source}: no node named {name!r}")
+
+    def node_state(self, node: str) -> Dict[str, List[Dict[str, Any]]]:
+        """Node `node`'s `xdpflowctl apply` state (see the module doc): ports of its VMs,
+        its uplink, endpoints of its VMs local and of the other nodes' VMs remote."""
+        home = {v.port: v.node for v in self.vms}
+        full = self.apply_dict()
+        out = {k: v for k, v in full.items() if k not in ("ports", "endpoints")}
+        out["ports"] = [p for p in full.get("ports", []) if home.get(p["name"]) == node]
+        n = self.node(node)
+        out["ports"].append({"name": n.uplink, "uplink": True, "local_ip": n.local_ip})
+        out["endpoints"] = []
+        for e in full.get("endpoints", []):
+            where = home.get(e.get("port"))
+            if where is not None and where != node:
+                e = {k: v for k, v in e.items() if k != "port"}
+                e["vtep"] = self.node(where).local_ip
+            out["endpoints"].append(e)
+        return out
+
+    def with_vm_on(self, vm: str, node: str) -> "LabSpec":
+        """The same lab with VM `vm` running on `node` (a VM that moved)."""
+        import dataclasses
+        self.node(node)
+        moved = [dataclasses.replace(v, node=node) if v.name == vm else v for v in self.vms]
+        return dataclasses.replace(self, vms=moved)
 
     def vm(self, name: str):
         """A VM, or an external host (scenarios send from and to both)."""
@@ -91,6 +138,44 @@ def port_mac(tenant_id: int, index: int) -> str:
     return f"02:aa:{tenant_id >> 8:02x}:{tenant_id & 0xff:02x}:{index >> 8:02x}:{index & 0xff:02x}"
 
 
+@dataclass(frozen=True)
+class Node:
+    """A node of a two-node lab: its uplink port and VTEP address."""
+    name: str
+    uplink: str
+    local_ip: str
+
+
+def uplink_mac(spec: "LabSpec", node: str) -> str:
+    """The MAC of a node's uplink, the same on every path."""
+    return f"02:ee:00:00:00:{[n.name for n in spec.nodes].index(node) + 1:02x}"
+
+
+def _nodes(raw: Any, bad) -> List[Node]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or len(raw) != 2:
+        raise bad("[[nodes]] needs two nodes (name, uplink, local_ip): the lab's underlay "
+                  "is one link between them")
+    out: List[Node] = []
+    for i, d in enumerate(raw):
+        where = f"nodes[{i}]"
+        if not isinstance(d, dict) or set(d) != set(NODE_KEYS):
+            raise bad(f"{where}: needs exactly the fields {', '.join(NODE_KEYS)}")
+        if not isinstance(d["name"], str) or not _NODE_RE.match(d["name"]):
+            raise bad(f"{where}: name {d['name']!r} must be 1-4 lower-case letters and digits")
+        try:
+            addr = ipaddress.IPv4Address(d["local_ip"])
+        except (ValueError, TypeError):
+            raise bad(f"{where}: local_ip {d['local_ip']!r} is not an IPv4 address "
+                      f"(the lab's underlay is IPv4)") from None
+        if any(n.name == d["name"] or n.uplink == d["uplink"] or n.local_ip == str(addr)
+               for n in out):
+            raise bad(f"{where}: name, uplink and local_ip must differ between nodes")
+        out.append(Node(d["name"], str(d["uplink"]), str(addr)))
+    return out
+
+
 def check_prefix(prefix) -> Optional[str]:
     """Why `prefix` cannot be a lab prefix, or None."""
     if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
@@ -106,9 +191,10 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
 
     if not isinstance(data, dict):
         raise bad("not a table")
-    unknown = set(data) - set(KINDS) - {"lab", "vms", "external"}
+    unknown = set(data) - set(KINDS) - {"lab", "vms", "nodes", "external"}
     if unknown:
-        raise bad(f"unknown section(s) {', '.join(sorted(unknown))} (known: lab, vms, external, "
+        raise bad(f"unknown section(s) {', '.join(sorted(unknown))} (known: lab, vms, nodes, "
+                  f"external, "
                   f"{', '.join(KINDS)})")
     lab = data.get("lab") or {}
     if not isinstance(lab, dict) or set(lab) - set(LAB_KEYS):
@@ -116,6 +202,10 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
     prefix = prefix or lab.get("prefix")
     if check_prefix(prefix):
         raise bad(check_prefix(prefix))
+    nodes = _nodes(data.get("nodes"), bad)
+    scen = lab.get("scenarios", "")
+    if not isinstance(scen, str) or (scen and not _VM_RE.match(scen)):
+        raise bad(f"[lab] scenarios {scen!r} must name a package of netns_lab/scenarios/")
     try:
         state = State.from_dict({k: v for k, v in data.items() if k in KINDS})
         state.validate()
@@ -129,8 +219,17 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
         raise bad("needs at least one [[vms]] entry (name, port)")
     for i, d in enumerate(raw_vms):
         where = f"vms[{i}]"
-        if not isinstance(d, dict) or set(d) != set(VM_KEYS):
-            raise bad(f"{where}: needs exactly the fields {', '.join(VM_KEYS)}")
+        if not isinstance(d, dict) or not set(VM_KEYS) <= set(d) or \
+                set(d) - set(VM_KEYS) - set(VM_OPTIONAL):
+            raise bad(f"{where}: needs exactly the fields {', '.join(VM_KEYS)} (and "
+                      f"optionally {', '.join(VM_OPTIONAL)})")
+        node, mtu = d.get("node"), d.get("mtu")
+        if nodes and node not in {n.name for n in nodes}:
+            raise bad(f"{where}: VM {d['name']}: node {node!r} is not one of [[nodes]]")
+        if not nodes and node is not None:
+            raise bad(f"{where}: VM {d['name']}: `node` needs [[nodes]]")
+        if mtu is not None and (not isinstance(mtu, int) or not 1280 <= mtu <= 9000):
+            raise bad(f"{where}: VM {d['name']}: mtu {mtu!r} must be 1280-9000")
         name, port = d["name"], d["port"]
         if not isinstance(name, str) or not _VM_RE.match(name):
             raise bad(f"{where}: name {name!r} must be 1-12 lower-case letters and digits")
@@ -151,7 +250,10 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
         addrs = tuple(str(e.ip) for e in sorted(eps, key=lambda e: (e.ip.version, e.ip)))
         tenant = ports[port].tenant
         vms.append(VM(name, port, tenant, macs.pop(),
-                      port_mac(state.tenant(tenant).id, index[port]), addrs))
+                      port_mac(state.tenant(tenant).id, index[port]), addrs, node, mtu))
+    for n in nodes:
+        if n.uplink in ports:
+            raise bad(f"node {n.name}: uplink {n.uplink} is derived, not one of [[ports]]")
     try:
         hosts = external.parse(data.get("external"), state, [v.name for v in vms], source)
     except external.ExternalError as e:
@@ -159,7 +261,10 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
     if (state.fips or state.snats) and not hosts:
         raise bad("fips and snats need an external network: an [[external]] host behind an "
                   "uplink port")
-    return LabSpec(prefix, state, vms, source, hosts)
+    if hosts and nodes:
+        raise bad("[[external]] is for a one-node lab (a two-node lab's uplinks are its "
+                  "nodes' underlay)")
+    return LabSpec(prefix, state, vms, source, nodes, scen, hosts)
 
 
 def load(path: str, prefix: Optional[str] = None) -> LabSpec:

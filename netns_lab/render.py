@@ -110,6 +110,8 @@ def rule_order(state: State, tenant: str) -> List[Rule]:
 def vm_setup(spec: LabSpec, vm: VM, path: str) -> NsSetup:
     """A VM's namespace, the same on every path but for its name."""
     s = NsSetup(ns_name(spec.prefix, path, vm.name), sysctls=list(QUIET_SYSCTLS))
+    if vm.mtu:
+        s.ip_batch.append(f"link set {VM_IFNAME} mtu {vm.mtu}")
     for a in vm.addrs:
         v = ipaddress.ip_address(a).version
         s.ip_batch.append(f"addr add {a}/{VM_PREFIXLEN[v]} dev {VM_IFNAME}"

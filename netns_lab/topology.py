@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import external, render
 from .lab import Lab, toml_tables
@@ -79,6 +79,46 @@ def _ip_batch(ns: str, lines: Sequence[str]) -> None:
         run(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n")
 
 
+def make_ns(s: render.NsSetup) -> None:
+    """A kernel path's namespace, with its early sysctls."""
+    run(["ip", "netns", "add", s.name])
+    _ip_batch(s.name, ["link set lo up"])
+    _sysctl(s.name, s.sysctls)
+
+
+def agent_doc(lab: Lab) -> Dict:
+    """What lab.json keeps of a running agent (see lab_handle)."""
+    return dict(agent_pid=lab.proc.pid, socket=lab.socket, metrics_port=lab.metrics_port,
+                node=lab.node, config=str(lab.config))
+
+
+def lab_handle(doc: Dict) -> Lab:
+    """The handles of an agent `up` started (its socket, log): up owns its namespaces."""
+    lab = Lab.__new__(Lab)
+    lab.socket, lab.metrics_port, lab.node = doc["socket"], doc["metrics_port"], doc["node"]
+    lab.proc = None
+    lab.config = Path(doc["config"])
+    lab.log_path = lab.config.parent / "agent.log"
+    return lab
+
+
+def apply_state(lab: Lab, state: Dict, state_file: Path) -> None:
+    """`xdpflowctl apply --prune` of `state` (the lab's whole state for that agent)."""
+    state_file.write_text(toml_tables("", state))
+    r = lab.ctl("apply", str(state_file), "--prune")
+    if r.code != 0:
+        raise LabError(f"xdpflowctl apply {state_file} failed: {r.stderr.strip()}; agent "
+                       f"log (end):\n{lab.log_text()[-4000:]}")
+
+
+def topology_for(spec: LabSpec):
+    """The class that builds this lab: two nodes (netns_lab/nodes.py) or one."""
+    if spec.nodes:
+        from .nodes import Nodes
+        return Nodes
+    return Topology
+
+
 class Topology:
     """The lab's namespaces on the chosen paths, and for `offload` the running agent."""
 
@@ -136,22 +176,29 @@ class Topology:
             raise
         return self
 
-    def _build_path(self, path: str) -> None:
-        spec = self.spec
+    def _offload_node(self, node: str, workdir: Path, pins: str) -> Lab:
+        """A node namespace with its (not yet started) agent."""
+        lab = Lab(prefix=self.prefix, node=node, workdir=workdir, pin_dir=pins)
+        # The node forwards nothing itself: what the datapath passes to it ends there.
+        _sysctl(node, list(render.QUIET_SYSCTLS) + [("net.ipv4.ip_forward", "0"),
+                                                    ("net.ipv6.conf.all.forwarding", "0")])
+        return lab
+
+    def _sides(self, path: str) -> List[render.NsSetup]:
+        """The namespaces the VMs' ports live in on this path, made (the kernel paths'
+        netfilter and routes come after the ports, from the setups returned)."""
         if path == "offload":
             node = render.ns_name(self.prefix, path, "node")
-            self.lab = Lab(prefix=self.prefix, node=node, workdir=self.dir / "agent",
-                           pin_dir=pin_dir(self.prefix))
-            # The node forwards nothing itself: what the datapath passes to it ends there.
-            _sysctl(node, list(render.QUIET_SYSCTLS) + [("net.ipv4.ip_forward", "0"),
-                                                        ("net.ipv6.conf.all.forwarding", "0")])
-            sides = [render.NsSetup(node)]
-        else:
-            sides = render.kernel_setups(spec, path)
-            for s in sides:
-                run(["ip", "netns", "add", s.name])
-                _ip_batch(s.name, ["link set lo up"])
-                _sysctl(s.name, s.sysctls)
+            self.lab = self._offload_node(node, self.dir / "agent", pin_dir(self.prefix))
+            return [render.NsSetup(node)]
+        sides = render.kernel_setups(self.spec, path)
+        for s in sides:
+            make_ns(s)
+        return sides
+
+    def _build_path(self, path: str) -> None:
+        spec = self.spec
+        sides = self._sides(path)
         # VMs behind their ports; external hosts (netns_lab/external.py) behind uplinks.
         wired = [(vm, render.vm_setup(spec, vm, path)) for vm in spec.vms] + [
             (host, external.host_setup(spec, host, path)) for host in spec.external]
@@ -169,10 +216,10 @@ class Topology:
             run(["ethtool", "-K", VM_IFNAME, "tx", "off"], ns=vs.name)
         if path == "offload":
             ns = external.node_setup(spec)
-            _sysctl(node, ns.late_sysctls)
-            _ip_batch(node, ns.ip_batch)
+            _sysctl(ns.name, ns.late_sysctls)
+            _ip_batch(ns.name, ns.ip_batch)
             for argv, text in ns.firewall:
-                run(argv, ns=node, input=text)
+                run(argv, ns=ns.name, input=text)
         for s in sides:
             _sysctl(s.name, s.late_sysctls)
             _ip_batch(s.name, s.ip_batch)
@@ -180,17 +227,16 @@ class Topology:
                 run(argv, ns=s.name, input=text)
 
     def _start_agent(self, detach: bool) -> None:
-        lab = self.lab
+        self.start_agent(self.lab, self.spec.apply_dict(), self.dir / "state.toml", detach)
+
+    def start_agent(self, lab: Lab, state: Dict, state_file: Path, detach: bool,
+                    what: str = "offload") -> None:
+        """Start `lab`'s agent, configure it with `state` and wait until it is attached."""
         lab.write_config(datapath=self.datapath)
         t0 = time.monotonic()
-        self.say("  offload: starting the agent (builds the datapath with BCC) ...")
+        self.say(f"  {what}: starting the agent (builds the datapath with BCC) ...")
         lab.start_agent(detach=detach)
-        state_file = self.dir / "state.toml"
-        state_file.write_text(toml_tables("", self.spec.apply_dict()))
-        r = lab.ctl("apply", str(state_file), "--prune")   # the lab file is the whole state
-        if r.code != 0:
-            raise LabError(f"xdpflowctl apply {state_file} failed: {r.stderr.strip()}; agent "
-                           f"log (end):\n{lab.log_text()[-4000:]}")
+        apply_state(lab, state, state_file)
         deadline = time.monotonic() + 30
         while True:
             ports = lab.ok("status")["ports"]
@@ -201,7 +247,7 @@ class Topology:
                 raise LabError(f"the agent did not attach to {', '.join(missing)}; "
                                f"log:\n{lab.log_text()}")
             time.sleep(0.1)
-        self.say(f"  offload: agent pid {lab.proc.pid} attached to {len(ports)} ports, "
+        self.say(f"  {what}: agent pid {lab.proc.pid} attached to {len(ports)} ports, "
                  f"configured with `xdpflowctl apply` ({time.monotonic() - t0:.1f}s)")
 
     def _write_state(self) -> None:
@@ -209,8 +255,7 @@ class Topology:
         doc = {"prefix": self.prefix, "lab_file": os.path.abspath(self.spec.source),
                "paths": self.paths}
         if lab is not None:
-            doc.update(agent_pid=lab.proc.pid, socket=lab.socket,
-                       metrics_port=lab.metrics_port, node=lab.node, config=str(lab.config))
+            doc.update(agent_doc(lab))
         (self.dir / "lab.json").write_text(json.dumps(doc, indent=2) + "\n")
 
     # -- an up lab ------------------------------------------------------------------------------
@@ -223,12 +268,15 @@ class Topology:
             raise LabError(f"lab {spec.prefix} is not up") from None
         topo = cls(spec, doc["paths"], say)
         if "socket" in doc:
-            lab = Lab.__new__(Lab)     # the agent's handles only; up owns its namespaces
-            lab.socket, lab.metrics_port, lab.node = doc["socket"], doc["metrics_port"], doc["node"]
-            lab.proc = None
-            lab.log_path = Path(doc["config"]).parent / "agent.log"
-            topo.lab = lab
+            topo.lab = lab_handle(doc)
         return topo
+
+    def senders(self, path: str) -> Dict[str, Tuple[str, str]]:
+        """Scenario senders besides the VMs: name -> (namespace, interface); none here."""
+        return {}
+
+    def change(self, path: str, step) -> None:
+        raise LabError(f"lab {self.prefix} has one node: a VM cannot move ({step})")
 
     @staticmethod
     def is_up(prefix: str) -> bool:
@@ -246,6 +294,10 @@ class Topology:
 
     # -- the end -----------------------------------------------------------------------------------
     def close(self) -> None:
+        self._stop_agent()
+        down(self.prefix)
+
+    def _stop_agent(self) -> None:
         if self.lab is not None and getattr(self.lab, "proc", None) is not None:
             p = self.lab.proc
             if p.poll() is None:
@@ -255,7 +307,6 @@ class Topology:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(10)
-        down(self.prefix)
 
     def __enter__(self):
         return self

@@ -10,7 +10,8 @@ For a well-formed unicast IP packet the answer is one outcome; a reply of a conn
 the rules allowed, or an ICMP error about one, may also take the connection's way back.
 ARP and neighbour discovery get a set that never contains a redirect. Malformed packets
 get the tenant's default. New datapath features (overlay, NAT, rate limits) extend
-`Oracle.judge` where their rules apply."""
+`Oracle.judge` where their rules apply: the overlay's is `_uplink` (a packet arriving on an
+uplink port: exact for what is not decapsulated, a set for what is; see its doc)."""
 from __future__ import annotations
 
 import ipaddress
@@ -221,10 +222,13 @@ def _in(addr, net) -> bool:
 @dataclass
 class Outcome:
     """What a packet may do: XDP actions, and for a redirect where to and with which MACs
-    (ifindex, dst MAC, src MAC)."""
+    (ifindex, dst MAC, src MAC). `stays`: what a drop or pass leaves (None: the packet as
+    it came); `decap`: a redirect's input is this inner frame, not the packet."""
     actions: FrozenSet[int]
     redirect: Optional[Tuple[int, bytes, bytes]] = None
     why: str = ""
+    stays: Optional[bytes] = None
+    decap: Optional[bytes] = None
 
 
 def one(action: int, why: str, redirect=None) -> Outcome:
@@ -289,6 +293,10 @@ class Oracle:
             e = self.endpoint(tenant, best.via)
             if e is None:
                 return XDP_DROP, None, "no_route"
+        if e.vtep is not None:
+            # Encapsulation needs the VTEP's underlay MAC; the fuzz's node knows none, so
+            # the kernel gets the packet (and would resolve it).
+            return XDP_PASS, None, "encap: no underlay neighbour"
         link = self.links.get(e.port)
         if link is None:
             return XDP_DROP, None, "no_route"
@@ -320,6 +328,8 @@ class Oracle:
         port = self.ports.get(port_name)
         if port is None or port_name not in self.links:
             return one(XDP_PASS, "no_port")
+        if port.uplink:
+            return self._uplink(pkt, port)
         tenant = self.tenants[port.tenant]
         default = XDP_PASS if tenant.default == "pass" else XDP_DROP
         try:
@@ -469,6 +479,81 @@ class Oracle:
             if act == XDP_REDIRECT:
                 return Outcome(frozenset({XDP_REDIRECT, XDP_DROP, XDP_PASS}), target, "related")
         return None
+
+
+    # -- the overlay: a packet arriving on an uplink --------------------------------------
+    def _uplink(self, pkt: bytes, port: model.Port) -> Outcome:
+        """RFC 7348 as the README states the datapath takes it: VXLAN (UDP 4789, I flag)
+        to the uplink's address is its VNI's tenant's, from a VTEP one of that tenant's
+        remote endpoints is behind; anything else to the node is the kernel's, untouched;
+        VXLAN whose headers are cut or lie is dropped. Decapsulated, the inner packet may
+        be dropped or passed (outer headers kept, Ethernet padding behind the outer
+        packet gone), and delivered only to a local VM of that tenant that has its
+        destination, from a remote endpoint behind that VTEP, routed, where the rules
+        allow its flow (or its reverse: a reply) or it is an ICMP error or a fragment."""
+        outer = vxlan_outer(pkt, port.local_ip)
+        if outer == "other":
+            return one(XDP_PASS, "uplink_other")
+        if outer == "bad":
+            return one(XDP_DROP, "parse_vxlan")
+        vtep, vni, end = outer
+        tenant = next((t for t in self.st.tenants if t.vni == vni), None)
+        if tenant is None:
+            return one(XDP_DROP, "vni_unknown")
+        if not any(e.tenant == tenant.name and e.vtep == vtep for e in self.st.endpoints):
+            return one(XDP_DROP, "vtep_unknown")
+        kept, inner = pkt[:end], pkt[DECAP_LEN:end]
+        loose = Outcome(frozenset({XDP_DROP, XDP_PASS}), None, "decap", stays=kept)
+        try:
+            p = parse(inner)
+        except Malformed:
+            return loose
+        if p.tags or p.family == 0 or p.dst.is_multicast or p.ttl <= 1:
+            return loose
+        e = self.endpoint(tenant.name, p.src)
+        if e is None or e.vtep != vtep:
+            return loose                 # spoofed: no remote endpoint behind that VTEP
+        act, target, _ = self.route(tenant.name, p.dst)
+        if act != XDP_REDIRECT:
+            return loose
+        icmp = self._icmp(p)
+        sport = 0 if p.proto in (ICMP, ICMPV6) else p.sport
+        fwd = self.classify(tenant.name, port.name, p.src, p.dst, p.proto, sport, p.dport,
+                            icmp)
+        key = self._reverse((tenant.name, p.proto, p.src, p.sport, p.dst, p.dport))
+        rev = None
+        if key is not None:
+            _, proto, src, rs, dst, rd = key
+            ricmp = (rd >> 8, rd & 0xFF) if proto in (ICMP, ICMPV6) else None
+            rev = self.classify(tenant.name, target and self.port_of_ifindex[target[0]],
+                                src, dst, proto, 0 if ricmp else rs, rd, ricmp)
+        error = p.icmp_type is not None and p.icmp_type in {ICMP: (3, 11, 12),
+                                                            ICMPV6: (1, 2, 3, 4)}.get(p.proto, ())
+        if not ((fwd and fwd.action == "allow") or (rev and rev.action == "allow") or
+                error or p.frag):
+            return loose
+        return Outcome(frozenset({XDP_DROP, XDP_PASS, XDP_REDIRECT}), target, "decap",
+                       stays=kept, decap=inner)
+
+
+DECAP_LEN = 14 + 20 + 8 + 8          # outer Ethernet, IPv4, UDP, VXLAN
+
+
+def vxlan_outer(pkt: bytes, local) -> object:
+    """"other" (not VXLAN to `local`: the node's own), "bad" (VXLAN to it whose headers
+    are cut or lie), or (the sending VTEP, the VNI, where the outer IPv4 packet ends)."""
+    if len(pkt) < 34 or pkt[12:14] != b"\x08\x00" or pkt[14] != 0x45 or \
+            pkt[30:34] != local.packed or pkt[23] != UDP or \
+            struct.unpack_from("!H", pkt, 20)[0] & 0x3FFF:
+        return "other"
+    if len(pkt) < 42 or struct.unpack_from("!H", pkt, 36)[0] != 4789:
+        return "other"
+    if len(pkt) < DECAP_LEN + 14:
+        return "bad"
+    tot, ulen = struct.unpack_from("!H", pkt, 16)[0], struct.unpack_from("!H", pkt, 38)[0]
+    if tot < DECAP_LEN or tot > len(pkt) - 14 or ulen != tot - 20 or not pkt[42] & 0x08:
+        return "bad"
+    return _ip4(pkt[26:30]), int.from_bytes(pkt[46:49], "big"), 14 + tot
 
 
 def _conn_key(key):

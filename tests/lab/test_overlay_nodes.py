@@ -1,323 +1,224 @@
-"""Two nodes joined by an underlay link, an agent on each (its own socket, state and
-pins), VMs of two tenants with the same addresses on both nodes and different VNIs:
-traffic between nodes goes over VXLAN in the datapath (encap on one node, decap on the
-other), tenants stay apart, rules apply on both ends, and a remote endpoint can move.
-
-The same two nodes on the kernel path (a router namespace per tenant and node, a Linux
-vxlan device in it with FDB entries for the remote endpoints, iptables at the
-destination) get the same probes; what each VM gets must be the same on both paths."""
+"""The two-node overlay lab (netns_lab/labs/overlay.toml, built by netns_lab/nodes.py as
+`xdpflow-lab up` builds it): two nodes joined by an underlay link, an agent on each (its
+own socket, state and pins), VMs of two tenants with the same addresses on both nodes and
+different VNIs. `compare` (the CLI's own function) runs the overlay scenarios on the
+offloaded path and both kernel variants (a Linux vxlan device per tenant router): 0
+mismatches. Beside it, what the comparison cannot see: the datapath's counters (encap,
+decap, drops by reason), the MTU rule's event, both nodes' state after a VM moved, a 10 MB
+TCP transfer on every path, rules at the destination node, trace through decap, and the
+underlay neighbour followed."""
 from __future__ import annotations
 
+import os
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from netns_lab.lab import VM, VM_MAC, Lab
-from netns_lab.netns import Namespaces, ip, run, unique
-from netns_lab.traffic import exchange, ping, tcp_transfer, Server
+from netns_lab import cli, compare, labfile, render, scenarios, topology
+from netns_lab.lab import CREATED_NAMESPACES, CREATED_PINS
+from netns_lab.netns import ip, run, unique
+from netns_lab.nodes import Nodes, node_view
+from netns_lab.scenarios import Move
+from netns_lab.traffic import ping, tcp_transfer
 
 pytestmark = pytest.mark.lab
 
-VTEP = {"a": "192.0.2.1", "b": "192.0.2.2"}
-UL = {"a": "ula", "b": "ulb"}            # each node's uplink
-VNI = {"blue": 5010, "red": 5020}
-TID = {"blue": 10, "red": 20}
-# The MTU clouds give VMs on a VXLAN overlay (1500 - 50), so full frames fit the uplink.
-VM_MTU = 1450
-# vm1 of each tenant on node a, vm2 on node b.
-HOME = {1: "a", 2: "b"}
-
-
-class Nodes:
-    def __init__(self):
-        self.a, self.b = Lab(prefix="xfoa"), Lab(prefix="xfob")
-        self.node = {"a": self.a, "b": self.b}
-
-    def build(self):
-        # The underlay: one veth between the nodes.
-        self.a.ns.veth(UL["a"], self.a.node, UL["b"], self.b.node, a_mac="02:ee:00:00:00:01",
-                       b_mac="02:ee:00:00:00:02")
-        for n, lab in self.node.items():
-            ip("addr", "add", f"{VTEP[n]}/24", "dev", UL[n], ns=lab.node)
-        for tenant in ("blue", "red"):
-            for i, n in HOME.items():
-                vm = self.node[n].add_vm(tenant, i)
-                ip("link", "set", "eth0", "mtu", str(VM_MTU), ns=vm.name)
-
-    def state(self, n: str, rules=None, remote=None):
-        """Node n's state: its VMs local, the other node's remote. `remote`: (tenant, ip)
-        -> VTEP override (an endpoint that moved)."""
-        remote = remote or {}
-        lab = self.node[n]
-        st = {"tenants": [{"name": t, "id": TID[t], "vni": VNI[t]} for t in ("blue", "red")],
-              "ports": [{"name": vm.port, "tenant": vm.tenant} for vm in lab.vms.values()] +
-              [{"name": UL[n], "uplink": True, "local_ip": VTEP[n]}],
-              "endpoints": [], "rules": rules if rules is not None else [
-                  {"id": 1, "tenant": "blue", "priority": 10, "action": "allow"},
-                  {"id": 2, "tenant": "red", "priority": 10, "action": "allow"}]}
-        for tenant in ("blue", "red"):
-            for i, home in HOME.items():
-                where = remote.get((tenant, i), home)
-                addr = f"10.0.0.{i}"
-                ep = {"tenant": tenant, "ip": addr, "mac": VM_MAC[i]}
-                if where == n:
-                    ep["port"], = [v.port for v in lab.vms.values()
-                                   if (v.tenant, v.ip) == (tenant, addr)]
-                else:
-                    ep["vtep"] = VTEP[where]
-                st["endpoints"].append(ep)
-        return st
-
-    def apply(self, n: str, **kw):
-        from netns_lab.lab import toml_tables
-        lab = self.node[n]
-        f = lab.dir / "state.toml"
-        f.write_text(toml_tables("", self.state(n, **kw)))
-        lab.ok("apply", str(f), "--prune")
-
-    def start(self):
-        for n, lab in self.node.items():
-            lab.write_config()
-            lab.start_agent()
-            self.apply(n)
-
-    def counters(self, n: str):
-        out = {}
-        for r in self.node[n].ok("stats")["counters"]:
-            key = (r["port"], r["verdict"], r["reason"])
-            out[key] = out.get(key, 0) + r["packets"]
-        return out
-
-    def close(self):
-        try:
-            self.a.close(show_log=True)
-        finally:
-            self.b.close(show_log=True)
+OVERLAY_LAB = os.path.join(os.path.dirname(labfile.DEMO_LAB), "overlay.toml")
 
 
 @pytest.fixture(scope="module")
 def nodes():
-    import os
     if os.geteuid() != 0:
         pytest.skip("the lab tier needs root")
-    n = Nodes()
+    spec = labfile.load(OVERLAY_LAB, prefix=unique("xo", 8))
+    CREATED_PINS.append(topology.pin_dir(spec.prefix))
+    topo = Nodes(spec)
     try:
-        n.build()
-        n.start()
-        yield n
+        topo.up()
+        CREATED_NAMESPACES.extend(topology.namespaces_of(spec.prefix))
+        yield topo
     finally:
-        n.close()
+        logs = {n: lab.log_text()[-3000:] for n, lab in topo.labs.items()}
+        topo.close()
+        for n, log in logs.items():
+            print(f"----- agent log, node {n} -----\n{log}")
+    assert not topology.namespaces_of(spec.prefix)
 
 
-def vm(nodes, tenant, i):
-    return nodes.node[HOME[i]].vm(tenant, i)
+def on(nodes, path, name):
+    """A VM of the lab on a path, as netns_lab.traffic takes it (its namespace)."""
+    return SimpleNamespace(name=nodes.vm_ns(path, nodes.spec.vm(name)))
 
 
-class KernelNodes:
-    """The kernel path of the same two nodes: per node a namespace with the underlay
-    end, per tenant and node a router namespace holding the VM's port and the tenant's
-    vxlan device (made in the node's namespace, so its UDP socket is the node's, then
-    moved in), routes and permanent neighbours for every endpoint (a remote one's: the
-    other router's vxlan MAC), an FDB entry per remote router. Routed at both ends, as the datapath does (TTL down by one per node)."""
-
-    def __init__(self):
-        self.ns = Namespaces()
-        self.vms = {}
-        self.routers = {}
-
-    def _ns(self, stem):
-        return self.ns.add(unique("xfok" + stem, 14), exact=True)
-
-    def build(self):
-        node = {n: self._ns(n) for n in HOME.values()}
-        self.ns.veth(UL["a"], node["a"], UL["b"], node["b"])
-        for n in node:
-            ip("addr", "add", f"{VTEP[n]}/24", "dev", UL[n], ns=node[n])
-        for tenant in ("blue", "red"):
-            for i, n in HOME.items():
-                r = self.routers[(tenant, n)] = self._ns("r")
-                v = self._ns("v")
-                port, port_mac = f"p{i}", f"02:aa:00:00:{TID[tenant]:02x}:{i:02x}"
-                self.ns.veth(port, r, "eth0", v, a_mac=port_mac, b_mac=VM_MAC[i])
-                self.vms[(tenant, i)] = VM(tenant, i, v, port, f"10.0.0.{i}", VM_MAC[i],
-                                           port_mac)
-                j = 3 - i                         # the other VM, on the other node
-                run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], ns=r)
-                for cmd in (f"addr add 10.0.0.{i}/24 dev eth0", f"link set eth0 mtu {VM_MTU}",
-                            f"neigh replace 10.0.0.{j} lladdr {port_mac} dev eth0 "
-                            "nud permanent"):
-                    ip(*cmd.split(), ns=v)
-                vx, other = f"vx{tenant}", "b" if n == "a" else "a"
-                # Routed, so the inner frame goes to the other router's vxlan MAC.
-                vx_mac = {m: f"02:cc:00:00:{TID[tenant]:02x}:0{ord(m) - 96}" for m in "ab"}
-                ip("link", "add", vx, "address", vx_mac[n], "type", "vxlan", "id",
-                   str(VNI[tenant]), "local", VTEP[n], "dstport", "4789", "nolearning",
-                   ns=node[n])
-                ip("link", "set", vx, "netns", r, ns=node[n])
-                for cmd in (f"link set {vx} mtu {VM_MTU} up",
-                            f"route add 10.0.0.{i}/32 dev {port}",
-                            f"neigh replace 10.0.0.{i} lladdr {VM_MAC[i]} dev {port} "
-                            "nud permanent",
-                            f"route add 10.0.0.{j}/32 dev {vx}",
-                            f"neigh replace 10.0.0.{j} lladdr {vx_mac[other]} dev {vx} "
-                            "nud permanent"):
-                    ip(*cmd.split(), ns=r)
-                run(["bridge", "fdb", "append", vx_mac[other], "dev", vx, "dst", VTEP[other],
-                     "self", "permanent"], ns=r)
-
-    def destination_rule(self, on: bool):
-        """As the offload test's rules of node b: blue TCP 5001 from 10.0.0.1 only."""
-        r = self.routers[("blue", "b")]
-        run(["iptables", "-F", "FORWARD"], ns=r)
-        run(["iptables", "-P", "FORWARD", "DROP" if on else "ACCEPT"], ns=r)
-        if on:
-            run(["iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate",
-                 "ESTABLISHED,RELATED", "-j", "ACCEPT"], ns=r)
-            run(["iptables", "-A", "FORWARD", "-o", "p2", "-s", "10.0.0.1", "-p", "tcp",
-                 "--dport", "5001", "-j", "ACCEPT"], ns=r)
-            run(["iptables", "-A", "FORWARD", "-o", "vxblue", "-j", "ACCEPT"], ns=r)
-
-    def close(self):
-        self.ns.close()
-
-
-@pytest.fixture(scope="module")
-def kernel_nodes():
-    import os
-    if os.geteuid() != 0:
-        pytest.skip("the lab tier needs root")
-    k = KernelNodes()
-    try:
-        k.build()
-        yield k
-    finally:
-        k.close()
-
-
-def probes(vm_of, set_rule):
-    """What each VM gets for the same probes: pings across nodes in both tenants, a UDP
-    exchange per tenant to the same address (who answers), a 10 MB TCP transfer, and a
-    ping refused at the destination by its rules."""
+def counters(nodes, n):
     out = {}
-    for tenant in ("blue", "red"):
-        out[f"ping {tenant} 1->2"] = ping(vm_of(tenant, 1), "10.0.0.2", count=2)
-        out[f"ping {tenant} 2->1"] = ping(vm_of(tenant, 2), "10.0.0.1", count=2)
-    with Server(vm_of("blue", 2), "udp", 7000) as b, Server(vm_of("red", 2), "udp", 7000) as r:
-        for tenant in ("blue", "red"):
-            got = exchange(vm_of(tenant, 1), "udp", "10.0.0.2", 7000, f"to-{tenant}")
-            out[f"udp {tenant} answered by"] = got.get("reply", "").split(":")[0] \
-                if got["ok"] else None
-    set_rule(True)
-    try:
-        r = tcp_transfer(vm_of("blue", 1).name, vm_of("blue", 2).name, "10.0.0.2", 5001,
-                         10_000_000)
-        out["tcp 10 MB"] = (r["received"]["bytes"], r["received"]["sha256"] ==
-                            r["sent"]["sha256"])
-        out["seconds"] = r["sent"]["seconds"]
-        out["ping blue 1->2 under the rule"] = ping(vm_of("blue", 1), "10.0.0.2", count=1)
-    finally:
-        set_rule(False)
+    for r in nodes.labs[n].ok("stats")["counters"]:
+        key = (r["port"], r["verdict"], r["reason"])
+        out[key] = out.get(key, 0) + r["packets"]
     return out
 
 
-def test_both_paths_agree(nodes, kernel_nodes):
-    rules_b = [{"id": 1, "tenant": "blue", "priority": 10, "action": "allow",
-                "src": "10.0.0.1/32", "proto": "tcp", "dport": "5001"},
-               {"id": 2, "tenant": "red", "priority": 10, "action": "allow"}]
-    offload = probes(lambda t, i: vm(nodes, t, i),
-                     lambda on: nodes.apply("b", **({"rules": rules_b} if on else {})))
-    kernel = probes(lambda t, i: kernel_nodes.vms[(t, i)], kernel_nodes.destination_rule)
-    print(f"10 MB TCP across the overlay: offload {offload.pop('seconds')} s, "
-          f"kernel {kernel.pop('seconds')} s")
-    assert offload == kernel
-    assert offload["tcp 10 MB"] == (10_000_000, True)
-    assert offload["udp blue answered by"] != offload["udp red answered by"]
-    assert not offload["ping blue 1->2 under the rule"]
+UL = {"a": "ula", "b": "ulb"}
 
 
-def test_cross_node_ping_in_each_tenant(nodes):
-    for tenant in ("blue", "red"):
-        assert ping(vm(nodes, tenant, 1), "10.0.0.2", count=3), tenant
-        assert ping(vm(nodes, tenant, 2), "10.0.0.1", count=3), tenant
-    a, b = nodes.counters("a"), nodes.counters("b")
-    # Encapsulated on the sender's node (redirect to the uplink), decapsulated and
-    # delivered on the other (counted on the uplink port).
-    for n, c in (("a", a), ("b", b)):
-        assert c.get((UL[n], "redirect", "rule_allow"), 0) + \
-            c.get((UL[n], "redirect", "flow"), 0) > 0, c
+def overlay(nodes, n):
+    """Node n's xdpflow_overlay_packets by direction (encap, decap), from its metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return {s.labels["direction"]: s.value
+            for f in text_string_to_metric_families(nodes.labs[n].metrics())
+            for s in f.samples if s.name == "xdpflow_overlay_packets_total"}
 
 
-def test_tenants_stay_apart_across_nodes(nodes):
-    """Same addresses in both tenants: what blue vm1 sends reaches blue vm2 only."""
-    with Server(vm(nodes, "blue", 2), "udp", 7000) as blue_srv, \
-            Server(vm(nodes, "red", 2), "udp", 7000) as red_srv:
-        r = exchange(vm(nodes, "blue", 1), "udp", "10.0.0.2", 7000, "to-blue")
-        assert r["ok"] and r["reply"].startswith("blue-vm2"), r
-        r = exchange(vm(nodes, "red", 1), "udp", "10.0.0.2", 7000, "to-red")
-        assert r["ok"] and r["reply"].startswith("red-vm2"), r
+@pytest.fixture(scope="module")
+def compared(nodes):
+    """The overlay scenarios through `xdpflow-lab compare`'s function, on the lab that
+    is up, with the datapath's counters and overlay metrics before and after."""
+    before = {n: (counters(nodes, n), overlay(nodes, n)) for n in UL}
+    chosen = scenarios.load(package=nodes.spec.scenarios)
+    doc = cli.run_compare(nodes.spec, chosen, list(render.VARIANTS), say=print)
+    after = {n: (counters(nodes, n), overlay(nodes, n)) for n in UL}
+    print(compare.format_table(doc))
+    return doc, before, after
 
 
-def test_stateful_replies_and_rules_at_the_destination(nodes):
-    """Node b allows blue TCP to 5001 only from 10.0.0.1; replies come back across the
-    overlay without a rule; anything else to vm2 is dropped at node b (where vm2 is),
-    though node a allowed it out."""
-    rules_b = [{"id": 1, "tenant": "blue", "priority": 10, "action": "allow",
-                "src": "10.0.0.1/32", "proto": "tcp", "dport": "5001"},
-               {"id": 2, "tenant": "red", "priority": 10, "action": "allow"}]
-    nodes.apply("b", rules=rules_b)
+def gained(compared, n, which):
+    """What node n counted during the comparison: 0 counters, 1 overlay metrics."""
+    _, before, after = compared
+    return {k: v - before[n][which].get(k, 0) for k, v in after[n][which].items()}
+
+
+def test_compare_on_the_overlay_scenarios_has_no_mismatch(compared):
+    doc, _, _ = compared
+    names = set(scenarios.names("overlay"))
+    assert names >= {"cross_node", "isolation", "stateful", "underlay", "mtu", "move"}
+    assert set(doc["variants"]) == {"iptables", "nftables"}
+    for variant, v in doc["variants"].items():
+        assert set(v["scenarios"]) == names
+        assert v["total"]["mismatches"] == 0, (variant, [
+            (n, m["index"], m["what"], m["why"]) for n, s in v["scenarios"].items()
+            for m in s["mismatches"]])
+        for name, s in v["scenarios"].items():
+            assert s["sends"] >= 5, (variant, name)
+            delivered = [r for r in s["per_send"] if r["offload_to"]]
+            # Not a comparison of silences: a good part of every scenario's sends reach
+            # a VM (isolation's and the underlay's are mostly refusals).
+            assert len(delivered) * 3 >= s["sends"], (variant, name)
+            # Only the MTU scenario has differences, and each says why.
+            assert bool(s["expected"]) == (name == "mtu"), (variant, name)
+    assert doc["total"]["mismatches"] == 0
+    assert doc["monitor"]["events"] > 0 and not doc["monitor"]["error"]
+
+
+def test_traffic_was_encapsulated_and_decapsulated_by_the_datapath(compared):
+    """Cross-node sends left each node encapsulated and arrived decapsulated at the other
+    (its overlay metrics; decapsulated packets are counted on the uplink port)."""
+    for n in UL:
+        ov = gained(compared, n, 1)
+        assert ov["encap"] >= 20 and ov["decap"] >= 20, (n, ov)
+        decap = sum(v for (port, verdict, _), v in gained(compared, n, 0).items()
+                    if port == UL[n] and verdict == "redirect")
+        assert decap >= 20, n
+
+
+def test_unknown_vni_and_unknown_vtep_are_dropped_and_counted(compared):
+    """The underlay scenario's forged frames: node b dropped them by reason (the
+    comparison only sees that nobody got them)."""
+    got = gained(compared, "b", 0)
+    for reason, sent in (("vni_unknown", 2), ("vtep_unknown", 2)):
+        assert got.get((UL["b"], "drop", reason), 0) == sent, (reason, got)
+
+
+def test_too_big_for_the_uplink_goes_to_the_kernel_counted(compared):
+    """The MTU scenario's differences: the datapath passed each too-big packet to the
+    kernel with reason mtu_kernel (its monitor event and counter), the kernel path
+    answered ICMP fragmentation needed (mtu 1450) with DF set and fragmented without."""
+    from scapy.all import ICMP, IP, Ether
+    doc = compared[0]
+    for variant in render.VARIANTS:
+        exp = doc["variants"][variant]["scenarios"]["mtu"]["expected"]
+        assert [e["index"] for e in exp] == [1, 2, 3]
+        for e in exp:
+            assert e["offload"] == []
+            assert [(ev["port"], ev["verdict"], ev["reason"]) for ev in e["offload_events"]] \
+                == [("bvm3", "pass", "mtu_kernel")], e["offload_events"]
+            got = [Ether(bytes.fromhex(f["bytes"])) for f in e["kernel"]]
+            if e["index"] < 3:
+                assert [f["vm"] for f in e["kernel"]] == ["blue3"]
+                assert (got[0][ICMP].type, got[0][ICMP].code, got[0][ICMP].nexthopmtu) == \
+                    (3, 4, 1450)
+            else:
+                assert sum(IP in g and g[IP].dst == "10.0.0.2" for g in got) == 2   # fragments
+    assert gained(compared, "a", 0).get(("bvm3", "pass", "mtu_kernel"), 0) == 3
+
+
+def test_a_moved_vm_is_reached_at_its_new_home(nodes):
+    """Both nodes' state follows a move (a has the endpoint local on its port, b remote
+    behind a's VTEP), and what blue4 receives from blue1 changes from routed twice
+    (TTL 62) to routed once (63) on the offloaded path and the kernel path alike."""
+    from scapy.all import IP, Ether
+    spec = nodes.spec
+    move = scenarios.load(["move"], package="overlay")[0]
+    first = move.steps[:move.steps.index(Move("blue4", "a")) + 1]
+    seen = {}
     try:
-        before = nodes.counters("b")
-        r = tcp_transfer(vm(nodes, "blue", 1).name, vm(nodes, "blue", 2).name, "10.0.0.2",
-                         5001, 10_000_000)
-        assert r["received"]["bytes"] == 10_000_000
+        for path in nodes.paths:
+            nss = {vm.name: nodes.vm_ns(path, vm) for vm in spec.vms}
+            sc = scenarios.Scenario("move", "", [s for s in first if not isinstance(s, Move)],
+                                    steps=first + [move.sends[0]])
+            res, _ = compare.run_path(spec, nss, [sc], senders=nodes.senders(path),
+                                      change=lambda m, p=path: nodes.change(p, m))
+            seen[path] = [[Ether(d)[IP].ttl for vm, d in r.outcome if vm == "blue4"]
+                          for r in (res[0], res[-1])]
+            if path == "offload":
+                a = nodes.labs["a"].ok("endpoint", "list", "--tenant", "blue")
+                b = nodes.labs["b"].ok("endpoint", "list", "--tenant", "blue")
+                assert any(e["ip"] == "10.0.0.4" and e.get("port") == "bvm4" for e in a), a
+                assert any(e["ip"] == "10.0.0.4" and e.get("vtep") == "192.0.2.1" for e in b), b
+                assert "bvm4" in ip("-o", "link", "show", ns=nodes.node_ns(path, "a"))
+    finally:
+        for path in nodes.paths:
+            nodes.change(path, Move("blue4", "b"))
+    assert seen == {p: [[62], [63]] for p in nodes.paths}, seen
+    # Back home: reached across the overlay again.
+    assert ping(on(nodes, "offload", "blue1"), "10.0.0.4", count=2)
+
+
+def test_a_10mb_tcp_transfer_across_the_overlay_on_every_path(nodes):
+    spec = nodes.spec
+    a, b = spec.vm("blue1"), spec.vm("blue2")
+    assert a.node != b.node
+    got = {}
+    for path in nodes.paths:
+        r = tcp_transfer(nodes.vm_ns(path, a), nodes.vm_ns(path, b), b.ip, 5001, 10_000_000)
+        assert r["received"] == {k: r["sent"][k] for k in ("bytes", "sha256")}, (path, r)
+        got[path] = (r["received"]["sha256"], r["sent"]["seconds"])
+        print(f"10 MB TCP across the overlay, {path}: {r['sent']['seconds']} s")
+    assert len({h for h, _ in got.values()}) == 1 and len(got) == 3, got
+
+
+def test_rules_apply_at_the_destination_node(nodes):
+    """Node b alone allows blue TCP to 5001 only from 10.0.0.1: the transfer from blue1
+    passes, a ping that node a let out is dropped at node b (counted on its uplink)."""
+    spec = nodes.spec
+    st = spec.node_state("b")
+    st["rules"] = [{"id": 1, "tenant": "blue", "priority": 10, "action": "allow",
+                    "src": "10.0.0.1/32", "proto": "tcp", "dport": "5001"}] + \
+        [r for r in st["rules"] if r["tenant"] == "red"]
+    blue1 = on(nodes, "offload", "blue1")
+    try:
+        topology.apply_state(nodes.labs["b"], st, nodes.dir / "state-b-test.toml")
+        before = counters(nodes, "b")
+        r = tcp_transfer(blue1.name, on(nodes, "offload", "blue2").name, "10.0.0.2", 5001,
+                         1_000_000)
         assert r["received"]["sha256"] == r["sent"]["sha256"]
-        print(f"10 MB over the VXLAN overlay (offload) in {r['sent']['seconds']} s")
-        assert not ping(vm(nodes, "blue", 1), "10.0.0.2", count=1)
-        after = nodes.counters("b")
+        assert not ping(blue1, "10.0.0.2", count=1)
         key = (UL["b"], "drop", "default")
-        assert after.get(key, 0) > before.get(key, 0)
+        assert counters(nodes, "b").get(key, 0) > before.get(key, 0)
     finally:
-        nodes.apply("b")
-
-
-def test_unknown_vni_and_unknown_vtep_are_dropped_and_counted(nodes):
-    from scapy.all import IP, UDP, Ether, raw
-    from scapy.layers.vxlan import VXLAN
-    inner = Ether(src=VM_MAC[1], dst="02:00:00:00:00:02") / IP(src="10.0.0.1", dst="10.0.0.2") / \
-        UDP(sport=1, dport=2)
-    before = nodes.counters("b")
-    for vni, src in ((5999, VTEP["a"]), (VNI["blue"], "192.0.2.99")):
-        # From node a's namespace onto the underlay, as a forged sender would.
-        frame = Ether(dst="02:ee:00:00:00:02", src="02:ee:00:00:00:01") / \
-            IP(src=src, dst=VTEP["b"]) / UDP(sport=50000, dport=4789) / VXLAN(vni=vni) / inner
-        run(["python3", "-c", "import socket,sys; s=socket.socket(socket.AF_PACKET, "
-             "socket.SOCK_RAW); s.bind((sys.argv[2], 0)); s.send(bytes.fromhex(sys.argv[1]))",
-             raw(frame).hex(), UL["a"]], ns=nodes.a.node)
-    time.sleep(0.5)
-    after = nodes.counters("b")
-    for reason in ("vni_unknown", "vtep_unknown"):
-        key = (UL["b"], "drop", reason)
-        assert after.get(key, 0) == before.get(key, 0) + 1
-
-
-def test_a_remote_endpoint_moves_to_the_other_node(nodes):
-    """blue 10.0.0.2 moves from node b to node a: a VM with its address and MAC appears on
-    a; a now has it local and b has it remote behind a's VTEP."""
-    moved = nodes.a.add_vm("blue", 3, ip_addr="10.0.0.2", mac=VM_MAC[2], port="bvm2m")
-    ip("link", "set", "eth0", "mtu", str(VM_MTU), ns=moved.name)
-    try:
-        nodes.apply("a", remote={("blue", 2): "a"})
-        # The state of a names the moved VM's port: its endpoint is local there.
-        st = nodes.node["a"].ok("endpoint", "list", "--tenant", "blue")
-        assert any(e["ip"] == "10.0.0.2" and e.get("port") == "bvm2m" for e in st), st
-        nodes.apply("b", remote={("blue", 2): "a"})
-        with Server(moved, "udp", 7001, ident="moved") as srv:
-            r = exchange(vm(nodes, "blue", 1), "udp", "10.0.0.2", 7001, "hello")
-            assert r["ok"] and r["reply"].startswith("moved"), r
-    finally:
-        nodes.apply("b")
-        del nodes.a.vms[("blue", 3)]
-        nodes.apply("a")
+        topology.apply_state(nodes.labs["b"], spec.node_state("b"),
+                             nodes.dir / "state-b.toml")
+    assert ping(blue1, "10.0.0.2", count=1)
 
 
 def test_trace_through_decap(nodes):
@@ -325,19 +226,23 @@ def test_trace_through_decap(nodes):
     and the route named is the inner destination's."""
     from scapy.all import IP, UDP, Ether, raw
     from scapy.layers.vxlan import VXLAN
-    frame = Ether(dst="02:ee:00:00:00:02", src="02:ee:00:00:00:01") / \
-        IP(src=VTEP["a"], dst=VTEP["b"]) / UDP(sport=50000, dport=4789) / \
-        VXLAN(vni=VNI["blue"]) / Ether(src=VM_MAC[1], dst="02:aa:00:00:00:02") / \
-        IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000, dport=2000)
-    t = nodes.b.ok("trace", "--port", UL["b"], "--hex", raw(frame).hex(), timeout=180)
+    spec = nodes.spec
+    a, b = node_view(spec, "a"), node_view(spec, "b")
+    blue1, blue2 = spec.vm("blue1"), spec.vm("blue2")
+    frame = Ether(dst=b.mac, src=a.mac) / IP(src=a.ip, dst=b.ip) / \
+        UDP(sport=50000, dport=4789) / VXLAN(vni=5010) / \
+        Ether(src=blue1.mac, dst=b.router["blue"]) / \
+        IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000, dport=7000)
+    lab = nodes.labs["b"]
+    t = lab.ok("trace", "--port", UL["b"], "--hex", raw(frame).hex(), timeout=180)
     assert (t["verdict"], t["tenant"], t["decapsulated"], t["out_port"]) == \
-        ("redirect", "blue", True, vm(nodes, "blue", 2).port), t
-    assert t["route"] == f"endpoint 10.0.0.2 on port {vm(nodes, 'blue', 2).port}"
+        ("redirect", "blue", True, blue2.port), t
+    assert t["route"] == f"endpoint 10.0.0.2 on port {blue2.port}"
     out = Ether(bytes.fromhex(t["packet_out"]))
-    assert out.dst == VM_MAC[2] and out[IP].ttl == 63 and UDP in out
+    assert out.dst == blue2.mac and out[IP].ttl == 63 and UDP in out
     # From a VTEP of no blue endpoint: dropped before decap, nothing decapsulated.
     frame[IP].src = "192.0.2.99"
-    t = nodes.b.ok("trace", "--port", UL["b"], "--hex", raw(frame).hex())
+    t = lab.ok("trace", "--port", UL["b"], "--hex", raw(frame).hex())
     assert (t["verdict"], t["reason"], t["decapsulated"]) == ("drop", "vtep_unknown", False)
 
 
@@ -347,31 +252,58 @@ def test_the_underlay_neighbour_is_kept_current(nodes):
     stale with the endpoint entry, so no flow keeps the old MAC)."""
     from scapy.all import IP, UDP, Ether, raw
     from scapy.layers.vxlan import VXLAN
-    a = nodes.a
-    pkt = Ether(src=VM_MAC[1], dst=vm(nodes, "blue", 1).port_mac) / \
-        IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000, dport=2000)
+    spec = nodes.spec
+    a, b = nodes.labs["a"], node_view(spec, "b")
+    blue1 = spec.vm("blue1")
+    node_a = nodes.node_ns("offload", "a")
+    pkt = Ether(src=blue1.mac, dst=blue1.port_mac) / \
+        IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000, dport=7000)
 
     def outer_dst():
         # The first trace builds the trace program: seconds, more on a loaded machine.
-        t = a.ok("trace", "--port", vm(nodes, "blue", 1).port, "--hex", raw(pkt).hex(),
-                 timeout=180)
+        t = a.ok("trace", "--port", blue1.port, "--hex", raw(pkt).hex(), timeout=180)
         assert t["verdict"] == "redirect" and t["out_port"] == UL["a"], t
         out = Ether(bytes.fromhex(t["packet_out"]))
-        assert VXLAN in out and out[IP].dst == VTEP["b"]
+        assert VXLAN in out and out[IP].dst == b.ip
         return out.dst
 
-    assert outer_dst() == "02:ee:00:00:00:02"
-    ip("neigh", "replace", VTEP["b"], "lladdr", "02:ee:00:00:00:99", "dev", UL["a"],
-       "nud", "permanent", ns=a.node)
+    assert outer_dst() == b.mac
+    ip("neigh", "replace", b.ip, "lladdr", "02:ee:00:00:00:99", "dev", UL["a"],
+       "nud", "permanent", ns=node_a)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60   # a trace takes seconds on a loaded machine
         while outer_dst() != "02:ee:00:00:00:99" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert outer_dst() == "02:ee:00:00:00:99"
     finally:
-        ip("neigh", "replace", VTEP["b"], "lladdr", "02:ee:00:00:00:02", "dev", UL["a"],
-           "nud", "reachable", ns=a.node)
-    deadline = time.monotonic() + 20
-    while outer_dst() != "02:ee:00:00:00:02" and time.monotonic() < deadline:
+        ip("neigh", "replace", b.ip, "lladdr", b.mac, "dev", UL["a"], "nud", "reachable",
+           ns=node_a)
+    deadline = time.monotonic() + 60   # a trace takes seconds on a loaded machine
+    while outer_dst() != b.mac and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ping(vm(nodes, "blue", 1), "10.0.0.2", count=2)
+    assert ping(on(nodes, "offload", "blue1"), "10.0.0.2", count=2)
+
+
+def test_the_cli_builds_compares_and_removes_the_two_node_lab(tmp_path):
+    """`xdpflow-lab compare --lab overlay.toml` on a lab it builds for the run (one
+    scenario: the full run is above), then nothing of it is left."""
+    import json
+    import subprocess
+    import sys
+    if os.geteuid() != 0:
+        pytest.skip("the lab tier needs root")
+    prefix = unique("xp", 8)
+    CREATED_PINS.append(topology.pin_dir(prefix))
+    out = tmp_path / "c.json"
+    lab_cli = os.path.join(os.path.dirname(sys.executable), "xdpflow-lab")
+    try:
+        p = subprocess.run([lab_cli, "compare", "--lab", OVERLAY_LAB, "--prefix", prefix,
+                            "--scenario", "cross_node", "--json", str(out)],
+                           capture_output=True, text=True, timeout=400)
+    finally:
+        run([lab_cli, "down", "--prefix", prefix], check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["total"]["mismatches"] == 0 and doc["total"]["matches"] >= 30
+    assert topology.namespaces_of(prefix) == []
+    assert not os.path.exists(topology.pin_dir(prefix))
