@@ -39,14 +39,14 @@ static __always_inline __u16 *xf_l4_csum(void *l4, __u8 proto, void *data_end)
 }
 
 /* Where a header at l4 keeps its "port": TCP/UDP source (src) or destination, an ICMP
- * echo's id (either way); NULL for what has none. */
-static __always_inline __u16 *xf_l4_port(void *l4, __u8 proto, __u8 icmp_type, int src,
+ * echo's id (either way: `echo` says the ICMP header is one); NULL for what has none. */
+static __always_inline __u16 *xf_l4_port(void *l4, __u8 proto, int echo, int src,
                                          void *data_end)
 {
     __u16 *pp;
     if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
         pp = src ? &((struct udphdr *)l4)->source : &((struct udphdr *)l4)->dest;
-    else if (proto == IPPROTO_ICMP && xf_is_icmp_echo(proto, icmp_type))
+    else if (proto == IPPROTO_ICMP && echo)
         pp = &((struct icmphdr *)l4)->un.echo.id;
     else
         return NULL;
@@ -108,11 +108,10 @@ static __always_inline int xf_nat_rewrite_quoted(void *data, void *data_end,
     XF_BOUND(ihl, 0x3c);
     void *l4 = (void *)in + ihl;
     __u8 proto = in->protocol;
-    __u8 qtype = 0;
-    if (proto == IPPROTO_ICMP && l4 + 1 <= data_end)
-        qtype = *(__u8 *)l4;
+    __u8 *qtype = l4;
+    int echo = (void *)(qtype + 1) <= data_end && xf_is_icmp_echo(proto, *qtype);
     __u16 port = bpf_htons(f->encap_sport);
-    __u16 *pp = xf_l4_port(l4, proto, qtype, dnat, data_end);
+    __u16 *pp = xf_l4_port(l4, proto, echo, dnat, data_end);
     __u16 old_port = pp ? *pp : port;
     __u16 *ck = xf_l4_csum(l4, proto, data_end);
     if (ck) {
@@ -154,7 +153,8 @@ static __always_inline int xf_nat_rewrite(struct xdp_md *ctx, struct xf_pkt *p,
     XF_BOUND(off, 0xff);            /* IPv4: Ethernet, two tags and 60 bytes of header */
     void *l4 = data + off;
     __u16 port = bpf_htons(f->encap_sport);
-    __u16 *pp = xf_l4_port(l4, p->proto, p->icmp_type, !dnat, data_end);
+    __u16 *pp = xf_l4_port(l4, p->proto, xf_is_icmp_echo(p->proto, p->icmp_type), !dnat,
+                           data_end);
     __u16 old_port = pp ? *pp : port;
     xf_l4_csum_fix(xf_l4_csum(l4, p->proto, data_end), p->proto, old, addr, old_port, port);
     if (pp)
