@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, Optional
 
 from agent import commands, model
+from agent.bulk import no_collector_passes
 
 DEFAULT_SOCKET = "/run/xdpflow/agent.sock"
 COMPRESS_ABOVE = 1 << 20           # bytes of a plain request the client sends compressed
@@ -108,8 +109,13 @@ def reply_ok(result: Any) -> Dict[str, Any]:
     return {"ok": True, "result": result}
 
 
-def reply_error(code: str, message: str) -> Dict[str, Any]:
-    return {"ok": False, "error": {"code": code, "message": message}}
+def reply_error(code: str, message: str, **place: Optional[str]) -> Dict[str, Any]:
+    """An error reply; `place`: where in the request's apply file the object it is about
+    sits ("at": "rules[3].dport", and "first_at" for an object given twice), left out
+    when not known."""
+    err = {"code": code, "message": message}
+    err.update((k, v) for k, v in place.items() if v is not None)
+    return {"ok": False, "error": err}
 
 
 def _encode(doc: Dict[str, Any]) -> bytes:
@@ -545,9 +551,9 @@ class ApiServer:
         except commands.BadArgs as e:
             return reply_error(BAD_REQUEST, str(e))
         except model.Conflict as e:
-            return reply_error(REFUSED, str(e))
+            return reply_error(REFUSED, str(e), at=e.at, first_at=e.first_at)
         except model.Invalid as e:
-            return reply_error(INVALID, str(e))
+            return reply_error(INVALID, str(e), at=e.at, first_at=e.first_at)
         except PermissionError as e:
             return reply_error(DENIED, str(e))
         except Exception as e:
@@ -579,7 +585,8 @@ def inflate_args(text: Any, limit: int) -> Any:
         raise ValueError(f"expands to more than {limit} bytes ({INFLATE_FACTOR} x the "
                          f"agent's [agent] max_request_bytes), or is cut short")
     try:
-        return json.loads(raw.decode("utf-8"))
+        with no_collector_passes():     # a large state: many objects at once
+            return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"not JSON: {e}") from None
 
@@ -595,6 +602,11 @@ def describe_peer(peer: Optional[Peer]) -> str:
     return f"uid {peer.uid} ({user}) pid {peer.pid}"
 
 
+# How an apply's answer is cut and how strictly its file is read (xdpflowctl sends both):
+# not what it changes, which is what the audit line says.
+_NOT_AUDITED = ("diff_limit", "no_duplicates")
+
+
 def describe_request(cmd: commands.Command, args: Any) -> str:
     """The command and its arguments as typed, in one line ("rule add tenant=blue ...");
     an apply's state is summarized by what it holds."""
@@ -602,6 +614,8 @@ def describe_request(cmd: commands.Command, args: Any) -> str:
         return cmd.name
     parts = [cmd.name]
     for k, v in args.items():
+        if k in _NOT_AUDITED:
+            continue
         if k == "state" and isinstance(v, dict):
             held = ", ".join(f"{len(x)} {kind}" for kind, x in v.items()
                              if isinstance(x, list) and x)
@@ -629,10 +643,12 @@ def describe_result(cmd: commands.Command, reply: Dict[str, Any]) -> str:
 class ApiError(Exception):
     """An error reply, or "unreachable" when the agent's socket cannot be reached."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, at: Optional[str] = None,
+                 first_at: Optional[str] = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.at, self.first_at = at, first_at     # reply_error's place in an apply file
 
 
 class ApiClient:
@@ -732,7 +748,8 @@ class ApiClient:
         if reply["ok"]:
             return reply.get("result")
         err = reply.get("error") or {}
-        raise ApiError(str(err.get("code", INTERNAL)), str(err.get("message", "")))
+        place = {k: str(err[k]) for k in ("at", "first_at") if err.get(k) is not None}
+        raise ApiError(str(err.get("code", INTERNAL)), str(err.get("message", "")), **place)
 
 
 class ApiStream:

@@ -262,7 +262,16 @@ def _rule_add(c, args):
 
 
 def _apply(c, args):
-    return c.apply(args["state"], bool(args.get("dry_run")), prune=bool(args.get("prune")))
+    limit = args.get("diff_limit")
+    if limit is not None:
+        model.parse_int(limit, "apply: diff_limit", 0, model.MAX_RULE_ID)
+    return c.apply(args["state"], bool(args.get("dry_run")), prune=bool(args.get("prune")),
+                   diff_limit=limit, no_duplicates=bool(args.get("no_duplicates")))
+
+
+# What xdpflowctl asks an apply's diff to list of each kind's added, removed, changed and
+# kept objects (the counts say the rest): what a person reads; --full-diff lists all.
+DIFF_SHOWN = 1000
 
 
 # What one `flow dump` may return: a client pages with --tenant/--limit, and a reply of a
@@ -591,7 +600,15 @@ _cmd("apply", True, "apply a desired state (TOML) atomically and show the differ
            Arg("dry_run", "show what would change, change nothing", flags=("--dry-run", "-n"),
                kind="flag"),
            Arg("prune", "FILE is the whole state: remove objects it does not name",
-               flags=("--prune",), kind="flag")))
+               flags=("--prune",), kind="flag"),
+           Arg("full_diff", f"list every object the diff holds (without it, the first "
+                            f"{DIFF_SHOWN} of each list and the counts)",
+               flags=("--full-diff",), kind="flag", wire=False),
+           Arg("diff_limit", "list at most this many objects per list of the diff, with "
+                             "\"counts\" when cut (absent: all)", kind="int", cli=False),
+           Arg("no_duplicates", "refuse an object that `state` names twice, as an apply "
+                                "file may not (without it the later one counts)",
+               kind="flag", cli=False)))
 
 # -- flows --
 _cmd("flow dump", False, "show flow table entries, sorted, filtered by tenant, port, "

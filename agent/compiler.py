@@ -4,6 +4,7 @@ of their maps. The output is bytes, ready for the map layer to diff and write in
 from __future__ import annotations
 
 import ctypes as ct
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass, field
@@ -46,9 +47,20 @@ def prefix_mask(net: model.IPNet) -> Tuple[bytes, bytes]:
     """(address, mask), 16 bytes each, in the IPv4-mapped space of the datapath keys."""
     if net.version == 6 and net.prefixlen == 0:
         return b"\0" * 16, b"\0" * 16             # any address, either family
-    bits = net.prefixlen + (96 if net.version == 4 else 0)
-    mask = ((1 << 128) - 1) ^ ((1 << (128 - bits)) - 1)
-    return abi.addr16(net.network_address), mask.to_bytes(16, "big")
+    return abi.addr16(net.network_address), _mask16(net.version, net.prefixlen)
+
+
+@functools.lru_cache(maxsize=None)          # 33 + 129 masks at most
+def _mask16(version: int, prefixlen: int) -> bytes:
+    bits = prefixlen + (96 if version == 4 else 0)
+    return (((1 << 128) - 1) ^ ((1 << (128 - bits)) - 1)).to_bytes(16, "big")
+
+
+@functools.lru_cache(maxsize=4096)
+def _port_prefixes(r: Tuple[int, int]) -> Tuple[Tuple[int, int], ...]:
+    """A port range's (value, mask) prefixes, (0, 0) for any port: rules share a few
+    ranges, computed once each."""
+    return ((0, 0),) if r == (0, 65535) else tuple(range_to_prefixes(*r))
 
 
 def _and(a: bytes, m: bytes) -> bytes:
@@ -92,8 +104,7 @@ def rule_entries(r: model.Rule, slots: Dict[str, int]) -> List[Tuple[MaskTuple, 
         else:
             dports = [((r.icmp_type << 8) | r.icmp_code, FULL16)]
     elif r.proto in (6, 17):
-        sports = range_to_prefixes(*r.sport) if r.sport != (0, 65535) else [(0, 0)]
-        dports = range_to_prefixes(*r.dport) if r.dport != (0, 65535) else [(0, 0)]
+        sports, dports = _port_prefixes(r.sport), _port_prefixes(r.dport)
     else:
         sports = dports = [(0, 0)]
     # A prefix's address has no host bits (the model refuses them): it is its own

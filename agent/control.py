@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import VERSION, abi, compiler, model
+from .bulk import no_collector_passes
 from .commands import MAX_FLOW_DUMP
 from .flows import flow_dict, now_coarse_ns
 from .links import Link, LinkError, Links
@@ -37,6 +38,37 @@ def _locked(fn: Callable) -> Callable:
         with self.lock:
             return fn(self, *args, **kw)
     return wrapper
+
+
+# A change of at least this many objects writes its store rows in a thread beside the
+# maps: SQLite (100,000 rules: about a second) and the map writes both leave the GIL.
+BESIDE_ABOVE = 1000
+
+
+def _written_beside(changes: Dict[str, Tuple[list, list, list]]) -> bool:
+    return "ports" not in changes and \
+        sum(len(x) for parts in changes.values() for x in parts) >= BESIDE_ABOVE
+
+
+def _beside(background: Callable[[], Any], foreground: Callable[[], Any]) -> Any:
+    """foreground()'s result, with background() run in a thread meanwhile; both have
+    ended when this returns or raises (foreground's exception first)."""
+    failed: List[BaseException] = []
+
+    def run():
+        try:
+            background()
+        except BaseException as e:   # raised in the caller's thread below
+            failed.append(e)
+    t = threading.Thread(target=run, name="store-write", daemon=True)
+    t.start()
+    try:
+        out = foreground()
+    finally:
+        t.join()
+    if failed:
+        raise failed[0]
+    return out
 
 
 class Controller:
@@ -235,12 +267,20 @@ class Controller:
         old_slots = self.store.port_slots()
         try:
             with self.store.transaction() as tx:
-                tx.write_changes(changes)
-                slots = self.store.port_slots()
-                for name, slot in slots.items():
-                    if old_slots.get(name) != slot:
-                        self.dp.clear_counters(slot)   # a reused slot starts from zero
-                summary = self._program_change(old, new, slots, changes, compiled)
+                if _written_beside(changes):
+                    # No port added or removed: the slots are the stored ones, and the
+                    # store's rows are written while the maps are (both wait for the
+                    # commit below, as in the order above).
+                    summary = _beside(lambda: tx.write_changes(changes),
+                                      lambda: self._program_change(old, new, old_slots,
+                                                                   changes, compiled))
+                else:
+                    tx.write_changes(changes)
+                    slots = self.store.port_slots()
+                    for name, slot in slots.items():
+                        if old_slots.get(name) != slot:
+                            self.dp.clear_counters(slot)   # a reused slot starts from zero
+                    summary = self._program_change(old, new, slots, changes, compiled)
         except Exception:
             # The store rolled back; put the maps back as the old state wants them.
             try:
@@ -422,13 +462,20 @@ class Controller:
         self._commit(new, None if gone is None else {"rules": ([], [gone], [])})
         return {}
 
-    def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False) -> Dict[str, Any]:
+    def apply(self, state: Dict[str, Any], dry_run: bool, prune: bool = False,
+              diff_limit: Optional[int] = None, no_duplicates: bool = False
+              ) -> Dict[str, Any]:
         """A desired state, as a diff. With `prune` it is the whole state (objects it does
         not name are removed); without, objects it does not name are kept and listed under
         "keep". A dry run holds the lock only to take the current state and slots; parsing,
         compiling (bounded by the datapath's sizes) and diffing a client's big state happen
-        outside it."""
-        given = model.State.from_dict(state)
+        outside it. `diff_limit`: model.diff's `limit`; `no_duplicates`: State.from_apply's."""
+        with no_collector_passes():
+            return self._apply(state, dry_run, prune, diff_limit, no_duplicates)
+
+    def _apply(self, state: Dict[str, Any], dry_run: bool, prune: bool,
+               diff_limit: Optional[int], no_duplicates: bool) -> Dict[str, Any]:
+        given = model.State.from_apply(state, no_duplicates)
         kept = None if prune else given
         with self.lock:
             cur = self.state
@@ -440,7 +487,7 @@ class Controller:
         # masks, entries or ports) is refused whole.
         img = self._compile(new, slots, {})
         if dry_run:
-            return model.diff(cur, new, kept=kept)
+            return model.diff(cur, new, kept=kept, limit=diff_limit)
         with self.lock:
             compiled = None
             if self.state is cur:
@@ -450,7 +497,7 @@ class Controller:
                 # Changed meanwhile: keep what the file does not name as it is now.
                 new = self.state.merged(given)
                 new.validate()
-            d = model.diff(self.state, new, kept=kept)
+            d = model.diff(self.state, new, kept=kept, limit=diff_limit)
             if model.count_changes(d):
                 self._commit(new, compiled=compiled)
         return d

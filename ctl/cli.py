@@ -17,10 +17,11 @@ import re
 import sys
 import textwrap
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from agent import VERSION, commands, model
 from agent.api import DEFAULT_SOCKET, ApiClient, ApiError
+from agent.bulk import no_collector_passes
 from agent.commands import MAX_FLOW_DUMP
 from agent.config import _Lines as TomlLines
 
@@ -168,18 +169,37 @@ class StateFile:
     def where(self, kind: str, i: int, field: str = "") -> str:
         return self.at(f"{kind}[{i}]" + (f".{field}" if field else ""))
 
-    def check(self) -> None:
-        """What the file alone shows wrong: a bad value, an object given twice. (What it
-        is at odds with on the node, the agent says; locate() finds its line.)"""
+    def check_shape(self) -> None:
+        """What the file's outline shows wrong: an unknown table, a kind that is not a
+        list. The objects themselves the agent checks, once (model.State.from_apply),
+        and its error says where the object is (placed())."""
         for name in self.data:
             if name not in model.KINDS:
                 raise UsageError(f"{self.at(name)}: unknown table "
                                  f"{name!r} (known: {', '.join(model.KINDS)})")
-        for kind, typ in model.KINDS.items():
+        for kind in model.KINDS:
             items = self.data.get(kind) or []
             if not isinstance(items, list):
                 shape = "a list of objects" if self.is_json else f"an array of tables [[{kind}]]"
                 raise UsageError(f"{self.path}: {kind} must be {shape}")
+
+    def placed(self, e: ApiError) -> str:
+        """An agent's error about an object of this file, named by the object's place:
+        "FILE:LINE: rule 7: dport: ..." (what check() says of the same object)."""
+        message = e.message
+        if e.first_at and not self.is_json:
+            message = message.replace(f"(first at {e.first_at})",
+                                      f"(first at line {self.lines.find(e.first_at)})")
+        return f"{self.at(e.at)}: {message}"
+
+    def check(self) -> None:
+        """What the file alone shows wrong: a bad value, an object given twice, checked
+        here without the agent (when it cannot be reached, to still name the file's
+        mistakes). What it is at odds with on the node, the agent says; locate() finds
+        its line."""
+        self.check_shape()
+        for kind, typ in model.KINDS.items():
+            items = self.data.get(kind) or []
             seen: Dict[Any, int] = {}
             for i, item in enumerate(items):
                 try:
@@ -228,10 +248,18 @@ def load_state_file(path: str) -> Dict[str, Any]:
 
 
 def check_state_file(path: str) -> StateFile:
-    """A desired-state file, read and checked object by object (what apply sends)."""
+    """A desired-state file, read and checked object by object."""
+    f = read_state_file(path)
+    f.check()
+    return f
+
+
+def read_state_file(path: str) -> StateFile:
+    """A desired-state file, read and its outline checked (what apply sends: the agent
+    checks the objects)."""
     text, data = _read_state_file(path)
     f = StateFile(path, text, data)
-    f.check()
+    f.check_shape()
     return f
 
 
@@ -252,7 +280,7 @@ def _read_state_file(path: str) -> Tuple[str, Dict[str, Any]]:
         text = raw.decode("utf-8")
         if is_json_file(path):
             return text, _parse_json_state(path, text)
-        data = tomllib.loads(text)
+        data = _parse_toml(text, tomllib.loads)
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
@@ -265,8 +293,36 @@ def _read_state_file(path: str) -> Tuple[str, Dict[str, Any]]:
     try:
         json.dumps(data)
     except (TypeError, ValueError):
+        try:
+            tomllib.loads(text)     # a time without seconds is TOML 1.1 (rtoml): its error
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"{path}: TOML syntax error: {e}") from None
         raise UsageError(f"{path}: dates and times are not accepted in a state file") from None
     return text, data
+
+
+# What TOML 1.1 adds, and rtoml (which reads 1.1) would accept where tomllib (1.0) refuses:
+# inline tables over lines or with a trailing comma, \e and \xHH escapes (a file with
+# any "{", or any backslash before e or x, is read by tomllib), and times without seconds
+# (read as times, which a state file refuses: _read_state_file then asks tomllib). So an
+# apply file means what it meant and is refused as it was.
+_TOML_1_1 = ("{", "\\e", "\\x")
+
+
+def _parse_toml(text: str, loads: Callable[[str], Dict[str, Any]]) -> Dict[str, Any]:
+    """TOML text -> data: rtoml (Rust, 5x tomllib on a big file) when it is installed
+    and the text is plain TOML 1.0; tomllib (`loads`) otherwise, and for every error, so
+    its message (with line and column) is what the user sees."""
+    try:
+        import rtoml
+    except ImportError:
+        return loads(text)
+    if any(s in text for s in _TOML_1_1):
+        return loads(text)
+    try:
+        return rtoml.loads(text)
+    except rtoml.TomlParsingError:
+        return loads(text)
 
 
 def _refuse_constant(name: str):
@@ -375,8 +431,12 @@ def wire_args(cmd: commands.Command, ns: argparse.Namespace) -> Dict[str, Any]:
             if v is not None and v is not False:
                 args[a.name] = v
     if cmd.name == "apply":
-        ns.state_file = check_state_file(ns.file)   # kept to locate the agent's errors
+        with no_collector_passes():     # the file's objects: hundreds of thousands
+            ns.state_file = read_state_file(ns.file)    # kept to locate the agent's errors
         args["state"] = ns.state_file.data
+        args["no_duplicates"] = True        # the agent checks the file's objects, once
+        if not ns.full_diff:
+            args["diff_limit"] = commands.DIFF_SHOWN
     elif cmd.name == "trace" and ns.scapy is not None:
         raw, defaults = scapy_packet_defaults(ns.scapy)
         args["hex"] = raw.hex()
@@ -554,11 +614,11 @@ def _kept_lines(d: Dict[str, Any]) -> Tuple[List[str], int]:
     lines, total = [], 0
     for kind in model.KINDS:
         kept = (d.get(kind) or {}).get("keep") or []
-        total += len(kept)
+        n = ((d.get(kind) or {}).get("counts") or {}).get("keep", len(kept))
+        total += n
         if kept:
             names = [_describe(kind, o).split(" (")[0] for o in kept]
-            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8
-                                           else "")
+            shown = ", ".join(names[:8]) + (f" and {n - 8} more" if n > 8 else "")
             lines.append(f"= kept, not in the file: {shown}")
     return lines, total
 
@@ -628,7 +688,9 @@ def render(name: str, result: Any, args: Dict[str, Any]) -> str:
                                             if gone else "")
     if name == "apply":
         lines = format_diff(result or {})
-        n = len(lines)
+        n = model.count_changes(result or {})
+        if n > len(lines):
+            lines.append(f"... and {n - len(lines)} more (--full-diff lists them)")
         kept, n_kept = _kept_lines(result or {})
         lines += kept
         s = "s" if n != 1 else ""
@@ -850,6 +912,23 @@ def _announce_trace_build(client: ApiClient, quiet: bool) -> None:
                   "reuse it)...", file=sys.stderr, flush=True)
 
 
+def _apply_error(f: StateFile, e: ApiError) -> Tuple[str, str]:
+    """(code, message) of an apply the agent refused, with the file's place of what it
+    is about. An object of the file that is wrong is the file's mistake ("usage", as
+    when it is found here). Unreachable: the file is checked here, so its mistakes are
+    still named first."""
+    if e.code == "unreachable":
+        try:
+            f.check()
+        except UsageError as bad:
+            return "usage", str(bad)
+        return e.code, e.message
+    if e.at:
+        return "usage", f.placed(e)
+    where = f.locate(e.message)
+    return e.code, f"{where}: {e.message}" if where else e.message
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Known before parsing, so that even a usage error comes out as JSON when asked to.
@@ -875,14 +954,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         result = client.call(cmd.name, args)
     except ApiError as e:
-        message = e.message
-        if e.code == "unreachable":
+        code, message = _apply_error(ns.state_file, e) if cmd.name == "apply" else \
+            (e.code, e.message)
+        if code == "unreachable":
             message = _unreachable_hint(message, ns.socket,
                                         ns.socket == os.environ.get("XDPFLOW_SOCKET"))
-        elif cmd.name == "apply":
-            where = ns.state_file.locate(message)
-            message = f"{where}: {message}" if where else message
-        return _fail(e.code, message, ns.json)
+        return _fail(code, message, ns.json)
     if ns.json:
         if cmd.name == "flow dump" and isinstance(result, list) and len(result) > ns.limit:
             result = result[:ns.limit]

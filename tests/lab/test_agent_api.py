@@ -201,7 +201,10 @@ def test_a_state_past_the_request_limit_applies_through_the_cli(lab):
     path.write_text(toml_tables("", st))
     r = lab.ctl("apply", str(path), "--dry-run", timeout=600)
     assert r.code == 0, r
-    assert len(r.data["rules"]["add"]) == 40_000 and lab.ok("status")["rules"] == 0
+    # The diff lists the first DIFF_SHOWN and counts all (--full-diff lists all).
+    from agent.commands import DIFF_SHOWN
+    assert r.data["rules"]["counts"]["add"] == 40_000 and lab.ok("status")["rules"] == 0
+    assert [d["id"] for d in r.data["rules"]["add"]] == list(range(1, DIFF_SHOWN + 1))
     r = lab.ctl("apply", str(path), timeout=600)
     assert r.code == 0, r
     assert lab.ok("status")["rules"] == 40_000

@@ -150,12 +150,12 @@ class FakeController:
         self.state = self.state.with_removed(kind, tuple(ident))
         return {}
 
-    def apply(self, state, dry_run, prune=False):
+    def apply(self, state, dry_run, prune=False, diff_limit=None, no_duplicates=False):
         self._enter("apply", state, dry_run)
-        given = model.State.from_dict(state)
+        given = model.State.from_apply(state, no_duplicates)
         new = given if prune else self.state.merged(given)
         new.validate()
-        d = model.diff(self.state, new, kept=None if prune else given)
+        d = model.diff(self.state, new, kept=None if prune else given, limit=diff_limit)
         if not dry_run:
             self.state = new
         return d

@@ -116,9 +116,22 @@ def test_apply_file_input_errors_exit_2_with_the_line(run, agent, tmp_path, body
     ctl, _ = agent
     f = tmp_path / "s.toml"
     f.write_text(body)
+    before = ctl.state.to_dict()
     rc, out, err = run("apply", str(f))
     assert rc == 2 and f"{f}{where}" in err, err
-    assert not any(c[0] == "apply" for c in ctl.calls), "refused before sending"
+    # The objects are checked once, by the agent (issue 12: a 100,000-rule file is not
+    # checked twice); what it refuses changes nothing.
+    assert ctl.state.to_dict() == before
+
+
+def test_apply_file_input_errors_are_named_without_the_agent(tmp_path, capsys):
+    # Unreachable: the file is checked here, and its mistake named first, as before.
+    f = tmp_path / "s.toml"
+    f.write_text('[[tenants]]\nname = "a"\nid = 1\n[[tenants]]\nname = "a"\nid = 2\n')
+    rc = cli.main(["--socket", str(tmp_path / "nobody.sock"), "--json", "apply", str(f)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and json.loads(out)["error"]["code"] == "usage"
+    assert f"{f}:4: tenant a: given twice (first at line 1)" in err, err
 
 
 def test_apply_refusal_names_the_line(run, agent, tmp_path):
