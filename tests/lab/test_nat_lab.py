@@ -168,7 +168,7 @@ def test_10mb_tcp_through_snat_on_every_path(up_lab):
         assert r["received"]["bytes"] == TEN_MB, (path, r)
         assert r["received"]["sha256"] == r["sent"]["sha256"], (path, r)
         # The server saw the node's address, not the tenant's.
-        assert r["received"]["peer"] == NODE, (path, r)
+        assert r["peer"] == NODE, (path, r)
 
 
 def test_10mb_tcp_through_a_floating_ip_inbound_on_every_path(up_lab):
@@ -180,4 +180,4 @@ def test_10mb_tcp_through_a_floating_ip_inbound_on_every_path(up_lab):
         assert r["received"]["bytes"] == TEN_MB, (path, r)
         assert r["received"]["sha256"] == r["sent"]["sha256"], (path, r)
         # The VM saw the external host's own address (DNAT only).
-        assert r["received"]["peer"] == inet.ip, (path, r)
+        assert r["peer"] == inet.ip, (path, r)
