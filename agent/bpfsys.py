@@ -95,6 +95,25 @@ def obj_pin(fd: int, path: str) -> None:
     _check(_lib.bpf_obj_pin(fd, path.encode()), f"pin {path}")
 
 
+BPF_MAP_TYPE_ARRAY = 2
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int,
+               max_entries: int) -> int:
+    """A new map (the caller's fd), for the agent's own pins (agent/digest.py)."""
+    if hasattr(_lib, "bpf_map_create"):         # libbpf >= 0.7
+        _lib.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32,
+                                        ct.c_uint32, ct.c_void_p]
+        rc = _lib.bpf_map_create(map_type, name.encode(), key_size, value_size,
+                                 max_entries, None)
+    else:
+        _lib.bpf_create_map_name.argtypes = [ct.c_int, ct.c_char_p, ct.c_int, ct.c_int,
+                                             ct.c_int, ct.c_uint32]
+        rc = _lib.bpf_create_map_name(map_type, name.encode(), key_size, value_size,
+                                      max_entries, 0)
+    return _check(rc, f"create map {name}")
+
+
 def obj_get(path: str) -> int:
     return _check(_lib.bpf_obj_get(path.encode()), f"open pinned {path}")
 

@@ -16,17 +16,19 @@ import os
 import platform
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from . import VERSION, abi, compiler, model
+from . import VERSION, abi, compiler, digest, model
 from .bulk import no_collector_passes
 from .commands import MAX_FLOW_DUMP
 from .flows import flow_dict, now_coarse_ns
-from .links import Link, LinkError, Links
 from .monitor import Monitor
 from .store import changes as store_changes
 from .sweeper import Evictions, Sweeper
 from .top import FlowRates
+
+if TYPE_CHECKING:       # pyroute2 (agent.links) is imported once netlink is needed
+    from .links import Link, Links
 
 log = logging.getLogger("xdpflow.control")
 
@@ -73,7 +75,9 @@ def _beside(background: Callable[[], Any], foreground: Callable[[], Any]) -> Any
 
 class Controller:
     def __init__(self, cfg, store, datapath, links: Optional[Links], pass_fd: int = -1,
-                 config_path: str = "", lock=None):
+                 config_path: str = "", lock=None, load: bool = True):
+        """`load=False`: the stored state is loaded later, by load_state() (a warm start
+        answers before it; see `startup`)."""
         self.cfg = cfg
         # Held by whoever changes the node (the API around a change, the daemon's loop);
         # reading commands hold it only while they take their snapshot.
@@ -85,7 +89,13 @@ class Controller:
         self.config_path = config_path
         # Of the config as loaded (the daemon sets it again on reload).
         self.config_sha256 = file_sha256(config_path) if config_path else ""
-        self.state = store.load()
+        self.state, rows = store.load_with_digest() if load else (model.State(), None)
+        # A warm start's progress (status shows it until done): the state loaded, then
+        # checked against the maps (the pinned digest, or a reconcile).
+        self.startup: Dict[str, Any] = {"done": load, "phase": "" if load else "loading state",
+                                        "reconcile": "", "seconds": 0.0}
+        self._rows = rows       # digest.rows_digest(self.state), when known
+        self._context = None    # digest.context of what the maps were last programmed from
         self.started_at = time.time()
         self.last_reconcile_seconds = 0.0
         self.last_apply_seconds = 0.0     # the last change that reached store and maps
@@ -121,28 +131,61 @@ class Controller:
 
     def _compile(self, state: model.State, slots: Dict[str, int],
                  live: Dict[str, Link], keep: Tuple[str, ...] = (),
-                 compiled: Optional[Dict[str, compiler.Classifier]] = None) -> compiler.Image:
+                 compiled: Optional[Dict[str, compiler.Classifier]] = None,
+                 neighbours: Optional[Dict[str, str]] = None) -> compiler.Image:
         """The image for `state`: rules name ports by their stored slots (every configured
         port), forwarding entries exist only for ports whose interface is here now.
         Tenants in `keep` have the rules the datapath holds: their classifier is taken
         from it, not compiled again; `compiled` has classifiers of `state` compiled
         before (apply's check outside the lock), taken as they are."""
         self._check_slots(state, slots)
-        links = {p.name: compiler.PortLink(p.name, live[p.name].ifindex, live[p.name].mac,
-                                           slots[p.name], live[p.name].addrs,
-                                           live[p.name].mtu)
-                 for p in state.ports if p.name in live}
+        links = self._port_links(state, slots, live)
         held = dict(compiled or {})
         for t in state.tenants:
             cls = self.dp.classifier(t.id) if t.name in keep else None
             if cls is not None:
                 held[t.name] = cls
-        vteps = {str(e.vtep) for e in state.endpoints if e.vtep is not None}
-        neighbours = self.links.neighbours(vteps) if self.links and vteps else {}
+        if neighbours is None:
+            neighbours = self._neighbours(state)
         return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots,
                                       max_entries=self.cfg.datapath.max_rule_entries,
                                       classifiers=held, neighbours=neighbours,
                                       max_flows=self.cfg.flows.max_per_tenant)
+
+    @staticmethod
+    def _port_links(state: model.State, slots: Dict[str, int],
+                    live: Dict[str, Link]) -> Dict[str, compiler.PortLink]:
+        return {p.name: compiler.PortLink(p.name, live[p.name].ifindex, live[p.name].mac,
+                                          slots[p.name], live[p.name].addrs, live[p.name].mtu)
+                for p in state.ports if p.name in live}
+
+    def _neighbours(self, state: model.State) -> Dict[str, str]:
+        vteps = {str(e.vtep) for e in state.endpoints if e.vtep is not None}
+        return self.links.neighbours(vteps) if self.links and vteps else {}
+
+    def _image_context(self, state: model.State, slots: Dict[str, int],
+                       live: Dict[str, Link], neighbours: Dict[str, str]) -> bytes:
+        """digest.context of programming `state` with these interfaces, now."""
+        self._check_slots(state, slots)
+        d = self.cfg.datapath
+        return digest.context(self.dp.build, slots,
+                              self._port_links(state, slots, live).values(), neighbours,
+                              (("max_masks", d.max_masks), ("max_entries", d.max_rule_entries),
+                               ("max_flows", self.cfg.flows.max_per_tenant)))
+
+    def _rows_now(self) -> int:
+        """The rows digest of the current state (hashed whole when not known: after a
+        big change, see digest.MAX_CHANGED_ROWS)."""
+        if self._rows is None:
+            self._rows = digest.rows_digest(self.state)
+        return self._rows
+
+    def _record_digest(self, rows: Optional[int]) -> None:
+        """Pin the digest of the image just programmed (after its last map write, before
+        the store commits: see agent/digest.py for the crash order); rows None: not
+        known, the digest stays cleared."""
+        if self._context is not None and rows is not None:
+            self.dp.record_digest(digest.image(rows, self._context, self.dp.maps_summary()))
 
     def planned_slots(self, state: model.State) -> Dict[str, int]:
         """The slots `state`'s ports would get: kept ones from the store, the smallest free
@@ -162,11 +205,14 @@ class Controller:
                  keep: Tuple[str, ...] = (),
                  compiled: Optional[Dict[str, compiler.Classifier]] = None) -> Dict[str, Any]:
         live = self._live_links(state)
-        img = self._compile(state, slots, live, keep, compiled)
+        neighbours = self._neighbours(state)
+        img = self._compile(state, slots, live, keep, compiled, neighbours)
         # Off a removed port before its entry goes: our program never runs on an
         # interface it has no port for (it would hand the VM's traffic to the kernel).
         self._detach_removed(state)
+        self._context = None
         summary = self.dp.sync(img)
+        self._context = self._image_context(state, slots, live, neighbours)
         self._attach_ports(state, live)
         return summary
 
@@ -184,6 +230,7 @@ class Controller:
     def _attach_ports(self, state: model.State, live: Dict[str, Link]):
         """Our program on every configured port whose interface exists (after its
         entries were written)."""
+        from .links import LinkError
         self.port_notes = {}
         for p in state.ports:
             link = live.get(p.name)
@@ -231,7 +278,10 @@ class Controller:
         (start-up, link events, reloads). Changes nothing in the store."""
         t0 = time.monotonic()
         try:
+            rows = self._rows_now()
+            self.dp.forget_digest()
             summary = self._program(self.state, self.store.port_slots())
+            self._record_digest(rows)
         except Exception:
             self.reconcile_errors += 1
             raise
@@ -265,8 +315,13 @@ class Controller:
             new.validate()
             changes = store_changes(old, new)
         old_slots = self.store.port_slots()
+        old_rows = self._rows
+        new_rows = digest.changed_rows(old_rows, old, changes)
         try:
             with self.store.transaction() as tx:
+                # The pinned digest goes before the first map write, the new one comes
+                # after the last, the store commits last (agent/digest.py).
+                self.dp.forget_digest()
                 if _written_beside(changes):
                     # No port added or removed: the slots are the stored ones, and the
                     # store's rows are written while the maps are (both wait for the
@@ -281,15 +336,17 @@ class Controller:
                         if old_slots.get(name) != slot:
                             self.dp.clear_counters(slot)   # a reused slot starts from zero
                     summary = self._program_change(old, new, slots, changes, compiled)
+                self._record_digest(new_rows)
         except Exception:
             # The store rolled back; put the maps back as the old state wants them.
             try:
                 self._program(old, old_slots)
+                self._record_digest(old_rows)
             except Exception:
                 log.exception("restoring the datapath after a failed change")
                 self.reconcile_errors += 1
             raise
-        self.state = new
+        self.state, self._rows = new, new_rows
         self.last_apply_seconds = time.monotonic() - t0
         self.last_change = time.time()
         self.store.set_meta("last_change", repr(self.last_change))
@@ -318,9 +375,14 @@ class Controller:
         if set(changes) == {"rules"} and len(added) + len(removed) + len(changed) == 1 \
                 and all(r.rate is None for r in before + after):
             (tenant,) = touched
+            tid = new.tenant(tenant).id
+            if self.dp.classifier(tid) is None and getattr(old.tenant(tenant), "id", 0) == tid:
+                # After a start that trusted the pinned digest: compiled once, compared.
+                self.dp.hold(tid, compiler.compile_rules(
+                    tenant, [r for r in old.rules if r.tenant == tenant], slots,
+                    self.cfg.datapath.max_masks))
             try:
-                return self.dp.change_rules(new.tenant(tenant).id, before, after, slots,
-                                            tenant)
+                return self.dp.change_rules(tid, before, after, slots, tenant)
             except LookupError:
                 pass            # not held by this process: the whole image below
         # The datapath holds `old`'s classifiers: a tenant new to `old` (or given another
@@ -330,10 +392,56 @@ class Controller:
                      if t.name not in touched and was.get(t.name) == t.id)
         return self._program(new, slots, keep, compiled)
 
+    # -- start-up -------------------------------------------------------------------------
+    def load_state(self) -> None:
+        """The stored state, every row checked (a warm start's, after it answers)."""
+        self.state, self._rows = self.store.load_with_digest()
+
+    def check_start(self) -> str:
+        """At start, with the maps adopted: when the pinned digest equals the digest of
+        the stored state, the interfaces and sizes now and the maps as read, the maps hold
+        the stored state's image and nothing is compiled or compared; otherwise (no
+        digest: a change died while writing, a first start of this version; a different
+        one: the store, an interface or the maps changed) a reconcile compiles the image
+        and rewrites whatever differs. Returns what it did, in words."""
+        t0 = time.monotonic()
+        state = self.state
+        slots = self.store.port_slots()
+        live = self._live_links(state)
+        have = self.dp.pinned_digest()
+        try:
+            ctx = self._image_context(state, slots, live, self._neighbours(state))
+        except model.Invalid:
+            ctx = None              # the reconcile below names what is wrong
+        if have is not None and ctx is not None and have == digest.image(
+                self._rows_now(), ctx, self.dp.maps_summary()):
+            self._context = ctx
+            self._attach_ports(state, live)     # programs found attached: only noted
+            self.last_reconcile_seconds = time.monotonic() - t0
+            log.info("start: the pinned digest matches the stored state (%d rules), the "
+                     "interfaces and the maps: nothing compiled or compared (%.3fs)",
+                     len(state.rules), self.last_reconcile_seconds)
+            return "skipped: the pinned digest matches"
+        why = "no pinned digest" if have is None else "the pinned digest differs"
+        log.info("start: %s: compiling the stored state and comparing it with the maps", why)
+        self.reconcile("start")
+        return f"reconciled: {why}"
+
+    def start_done(self, how: str, seconds: float) -> None:
+        self.startup = {"done": True, "phase": "", "reconcile": how,
+                        "seconds": round(seconds, 3)}
+
     # -- the API's commands ---------------------------------------------------------------
-    @_locked
     def status(self) -> Dict[str, Any]:
-        flows = sum(self.sweeper.flow_counts.values())
+        """Answered during a warm start's loading too, without the lock (the start-up
+        holds it): then only what is known before the state ("startup" says how far)."""
+        if not self.startup["done"]:
+            return {**self._status_head(), "startup": dict(self.startup)}
+        with self.lock:
+            return {**self._status_head(), **self._status_state(),
+                    "startup": dict(self.startup)}
+
+    def _status_head(self) -> Dict[str, Any]:
         return {
             "version": VERSION, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -344,6 +452,11 @@ class Controller:
                         "load_seconds": round(self.dp.load_seconds, 3)},
             "maps": [{"map": s.name, "action": s.action, "detail": s.detail}
                      for s in self.dp.pin_report],
+        }
+
+    def _status_state(self) -> Dict[str, Any]:
+        flows = sum(self.sweeper.flow_counts.values())
+        return {
             "tenants": self.tenant_rows(),
             "ports": self.port_rows(),
             "flows": flows, "flow_capacity": self.cfg.datapath.flow_table_size,
@@ -556,8 +669,9 @@ class Controller:
                 "next_cursor": flow_cursor(rows[limit - 1]) if more else None}
 
     def top(self, tenant: Optional[str], by: str, limit: int) -> Dict[str, Any]:
-        tenants, slots, _ = self._names()
-        tid = self._tenant_id(tenant) if tenant else None
+        with self.lock:     # names of the loaded state (a warm start loads it behind the lock)
+            tenants, slots, _ = self._names()
+            tid = self._tenant_id(tenant) if tenant else None
         now = now_coarse_ns()
         rows, sampled = self.rates.sample(self.dp.maps["xf_flows"], now, tid, by, limit)
         flows = []

@@ -55,7 +55,7 @@ class Agent:
         self.signals = []
         self.store = self.dp = self.links = self.controller = None
         self.api = self.metrics = self.watcher = None
-        from .metrics import Timings
+        from .timings import Timings
         self.timings = Timings()   # shared by the controller and the API server
         self._links_dirty = threading.Event()
         self._links_lost = threading.Event()
@@ -63,12 +63,12 @@ class Agent:
         os.set_blocking(self._wake_w, False)
         # The command line to start over with after a compile (main sets it; None: never).
         self.reexec_argv = None
+        self._stopping = False      # set by stop(): a start-up behind it starts nothing more
 
     # -- start-up ---------------------------------------------------------------------------
     def start(self):
         from .control import Controller
         from .datapath import Datapath, ensure_bpffs
-        from .links import Links, LinkWatcher
         from .store import Store
 
         if ensure_bpffs():
@@ -76,29 +76,89 @@ class Agent:
         os.makedirs(self.cfg.agent.state_dir, mode=0o750, exist_ok=True)
         self.store = Store.open(os.path.join(self.cfg.agent.state_dir, "state.db"))
         self.dp = Datapath(self.cfg.agent.bpffs, self.cfg.datapath_defines())
-        report = self.dp.load()
+        # An adopted datapath's maps are read by the start-up's second half.
+        report = self.dp.load(read_maps=False)
         self._log_pins(report)
         self._pass_fd = self._load_pass_program()
         self._shed_compiler()
-        self.links = Links()
-        self.controller = Controller(self.cfg, self.store, self.dp, self.links,
+        # Netlink (pyroute2) and the metrics server (prometheus_client) come with the
+        # start-up's second half: a warm start answers without importing them.
+        self.controller = Controller(self.cfg, self.store, self.dp, None,
                                      pass_fd=self._pass_fd, config_path=self.config_path,
-                                     lock=self.lock)
+                                     lock=self.lock, load=False)
         self._use_bpf_stats(self.cfg.metrics.bpf_stats)
         self.controller.timings = self.timings
-        with self.lock:
-            if self.store.get_meta("seeded") is None:
-                if any(getattr(self.cfg.state, k) for k in model.KINDS):
-                    self.controller.apply(self.cfg.state.to_dict(), dry_run=False, prune=True)
-                    log.info("initial state from %s applied", self.config_path)
-                self.store.set_meta("seeded", "1")
-            self.controller.reconcile("start")
-            self.controller.sweeper.sweep()
-        self._start_api()
+        if self.dp.how == "adopted":
+            # The pinned program keeps forwarding on its maps: answer first, load the
+            # stored state and check it against the maps behind the lock (every command
+            # but status waits for it).
+            self._start_up_behind()
+            self._start_api()
+        else:
+            self._start_up()     # nothing of ours forwards yet: ready once programmed
+            self._start_api()
+            self._start_watching()
+
+    def _start_watching(self):
+        """The metrics server and the link watcher (after the start-up: the watcher's
+        events are reconciled against a loaded state)."""
+        from .links import LinkWatcher
         self._start_metrics()
         self.watcher = LinkWatcher(self._mark_links_dirty,
                                    neighbour_wanted=self.links.wants_neighbour)
         self.watcher.start()
+
+    def _start_up(self):
+        """The start-up's second half, holding the lock: the stored state loaded (and
+        seeded from the config on a first start), checked against the maps (agent/
+        digest.py: skipped when the pinned digest matches, else a reconcile), flows
+        counted."""
+        from .links import Links
+        t0 = time.monotonic()
+        c = self.controller
+        with self.lock:
+            self.links = c.links = Links()
+            self.dp.read_mirror()
+            c.load_state()
+            c.startup["phase"] = "checking the maps"
+            how = None
+            if self.store.get_meta("seeded") is None:
+                if any(getattr(self.cfg.state, k) for k in model.KINDS):
+                    c.apply(self.cfg.state.to_dict(), dry_run=False, prune=True)
+                    log.info("initial state from %s applied", self.config_path)
+                self.store.set_meta("seeded", "1")
+                c.reconcile("start")
+                how = "reconciled: first start"
+            how = how or c.check_start()
+            c.sweeper.sweep()
+            c.start_done(how, time.monotonic() - t0)
+
+    def _start_up_behind(self):
+        """_start_up in a thread that holds the lock before this returns."""
+        holding = threading.Event()
+
+        def run():
+            try:
+                with self.lock:
+                    holding.set()
+                    self._start_up()
+                    if self._stopping:
+                        return
+                    self._start_watching()
+                log.info("start-up done in %.3fs: %s", self.controller.startup["seconds"],
+                         self.controller.startup["reconcile"])
+                self._wake("s")     # the loop's sweeps and link reconciles may begin
+            except BaseException as e:
+                # Serving an empty state would let a change erase the stored one: the
+                # process ends with the lock held (pins and programs left as they are).
+                log.exception("start-up failed")
+                notify.status(f"start-up failed: {e}")
+                for h in logging.getLogger().handlers:
+                    h.flush()
+                os._exit(1)
+
+        threading.Thread(target=run, name="start-up", daemon=True).start()
+        holding.wait()
 
     def _log_pins(self, report):
         by = {}
@@ -171,8 +231,11 @@ class Agent:
         if why == "lost":
             self._links_lost.set()
         self._links_dirty.set()
+        self._wake("l")
+
+    def _wake(self, why: str) -> None:
         try:
-            os.write(self._wake_w, b"l")
+            os.write(self._wake_w, why.encode())
         except BlockingIOError:
             pass
 
@@ -185,7 +248,8 @@ class Agent:
             signal.signal(s, self._on_signal)
         signal.set_wakeup_fd(self._wake_w)
         wd = notify.watchdog_interval()
-        notify.ready(f"serving {len(self.controller.state.ports)} ports")
+        notify.ready("loading the stored state" if not self.controller.startup["done"] else
+                     f"serving {len(self.controller.state.ports)} ports")
         log.info("ready (xdpflow %s, pid %d)", VERSION, os.getpid())
         next_sweep = time.monotonic() + self.cfg.aging.interval
         next_wd = time.monotonic()
@@ -194,7 +258,12 @@ class Agent:
             if wd and now >= next_wd:
                 notify.watchdog()
                 next_wd = now + wd / 2
-            if now >= next_sweep:
+            # While a warm start loads its state (holding the lock), sweeps and link
+            # reconciles wait: the start-up sweeps, and wakes the loop when done.
+            starting = not self.controller.startup["done"]
+            if now >= next_sweep and starting:
+                next_sweep = now + self.cfg.aging.interval
+            elif now >= next_sweep:
                 self._guarded("sweep", self._sweep)
                 # A sweep of a full table takes seconds in Python: never spend more than
                 # about a third of a core on it, whatever the configured interval.
@@ -207,7 +276,7 @@ class Agent:
                 else:
                     log.info("signal %s: stopping", signal.Signals(sig).name)
                     return self.stop()
-            if self._links_dirty.is_set():
+            if self._links_dirty.is_set() and not starting:
                 self._links_dirty.clear()
                 self._guarded("link change", self._reconcile_links)
             timeout = max(0.0, min(next_sweep, next_wd if wd else next_sweep) - time.monotonic())
@@ -322,6 +391,9 @@ class Agent:
 
     def stop(self) -> int:
         notify.stopping()
+        self._stopping = True
+        with self.lock:
+            pass            # a start-up still loading finishes first (and starts no watcher)
         for part in (self.watcher, self.api):
             if part:
                 try:

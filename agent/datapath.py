@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
-from . import abi, bpfsys, compiler
+from . import abi, bpfsys, compiler, digest
 from .bpfsys import RawMap
 from .config import Config
 from .flows import flow_tenant
@@ -183,6 +183,7 @@ class Datapath:
         self._pool: Optional[Tuple[List[int], List[int]]] = None   # see _slot_pool
         self._tenant_vals: Dict[int, bytes] = {}
         self._gen_floor: Dict[int, int] = {}   # generations to go on from (see load)
+        self._digest_map: Optional[RawMap] = None   # the pinned digest (agent/digest.py)
 
     # -- build and load ----------------------------------------------------------------
     def cflags(self, trace: bool = False) -> List[str]:
@@ -268,7 +269,7 @@ class Datapath:
                         build_id=build_id)
         self.maps["xf_meta"].put(bytes(ct.c_uint32(0)), bytes(meta))
 
-    def _adopt(self, report: List[PinStatus]) -> bool:
+    def _adopt(self, report: List[PinStatus], read_maps: bool = True) -> bool:
         """A warm start: every map reused and the pinned program built from what this
         agent would compile (the meta's build id). Takes the pinned program and its maps,
         compiling nothing. False (having changed nothing) when it cannot."""
@@ -306,7 +307,8 @@ class Datapath:
             return False
         self.prog_fd, self.maps, self._own_maps = fd, maps, own
         self._fds = [fd, *own.values()]
-        self._read_mirror()
+        if read_maps:
+            self._read_mirror()
         self.how, self.load_seconds = "adopted", time.monotonic() - t0
         self.build = meta.build_id
         log.info("datapath adopted: pinned program id %d (build %016x) and its maps, "
@@ -326,10 +328,13 @@ class Datapath:
         if build_id is not None:
             self._write_meta(build_id)
 
-    def load(self, beside: bool = False, adopt: bool = True) -> List[PinStatus]:
+    def load(self, beside: bool = False, adopt: bool = True,
+             read_maps: bool = True) -> List[PinStatus]:
         """Compile and load the program, reusing, migrating or rebuilding pinned maps; or,
         with `adopt` when every map is reused and the pinned program has this build id,
         take the pinned program as it is (a warm start, see _adopt: `how` says which).
+        An adopted datapath with `read_maps=False` has not read its configuration maps
+        yet (100,000 rules: a fraction of a second): read_mirror() before any use.
 
         beside=True is for a reload that resizes maps while a program runs on the ports:
         the build goes to a staging dir next to the live pins and touches neither them nor
@@ -346,8 +351,9 @@ class Datapath:
         # A staging dir left by a reload that died before its commit: the live pins win.
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         report = self.check_pins()
-        if adopt and not beside and self._adopt(report):
+        if adopt and not beside and self._adopt(report, read_maps):
             self.pin_report = report
+            self._open_digest()
             return report
         live = self.pin_dir
         if beside:
@@ -395,6 +401,8 @@ class Datapath:
         self._pin_program(None if beside else self.build)
         self._read_mirror()
         self.pin_report = report
+        self._open_digest()
+        self.forget_digest()        # a new program: what the maps hold is to be checked
         return report
 
     @staticmethod
@@ -432,7 +440,7 @@ class Datapath:
         if not self.pin_dir.endswith(_STAGED):
             return
         live = self.pin_dir[:-len(_STAGED)]
-        for name in MAP_ORDER + [PROG_PIN]:
+        for name in MAP_ORDER + [PROG_PIN, digest.PIN]:
             os.rename(f"{self.pin_dir}/{name}", f"{live}/{name}")
         os.rmdir(self.pin_dir)
         self.pin_dir = live
@@ -457,6 +465,9 @@ class Datapath:
         for m in self.maps.values():
             m.close()
         self.maps = {}
+        if self._digest_map is not None:
+            self._digest_map.close()
+            self._digest_map = None
         for fd in self._fds:
             os.close(fd)
         self._fds, self._own_maps = [], {}
@@ -468,7 +479,60 @@ class Datapath:
             if os.path.isdir(d):
                 shutil.rmtree(d, ignore_errors=True)
 
+    # -- the digest of the programmed image (agent/digest.py) ----------------------------
+    def _open_digest(self) -> None:
+        """The pinned digest map of this pin dir, made (empty) when missing or not one."""
+        path = f"{self.pin_dir}/{digest.PIN}"
+        size = ct.sizeof(digest.Record)
+        if os.path.exists(path):
+            m = RawMap.pinned(path)
+            if (m.type, m.key_size, m.value_size) == (bpfsys.BPF_MAP_TYPE_ARRAY, 4, size):
+                self._digest_map = m
+                return
+            m.close()
+            os.unlink(path)
+        fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, digest.PIN, 4, size, 1)
+        bpfsys.obj_pin(fd, path)
+        self._digest_map = RawMap(fd, digest.PIN, owned=True)
+
+    def pinned_digest(self) -> Optional[bytes]:
+        """The digest of the image the maps were last programmed with; None: none (cleared
+        while a change was written, never written, or not a digest)."""
+        if self._digest_map is None:
+            return None
+        return digest.unpack(self._digest_map.get(bytes(4)))
+
+    def record_digest(self, value: Optional[bytes]) -> None:
+        """Pin `value` as the programmed image's digest; None clears it (before a change
+        writes its first entry)."""
+        if self._digest_map is not None:
+            m = self._digest_map
+            m.put(bytes(4), digest.pack(value) if value else bytes(m.value_size))
+
+    def forget_digest(self) -> None:
+        self.record_digest(None)
+
+    def maps_summary(self) -> bytes:
+        """The configuration maps as this process holds them (read at load, then kept in
+        step): tenant entries, mask sets and entry counts, for the digest."""
+        counts = {name: len(m) for name, m in self._mirror.items()}
+        counts["xf_rules"] = sum(len(e) for e in self._rules.values())
+        counts["xf_policers"] = len(self._policers)
+        return digest.maps_summary(self._tenant_vals, self._masks, counts)
+
+    def hold(self, tid: int, cls: compiler.Classifier) -> bool:
+        """Take `cls` as the classifier the tenant's maps hold, if they hold it (compared
+        entry for entry): one-rule changes need it after a start that skipped the
+        compare."""
+        return tid in self._cls_gens and self._holds(tid, cls)
+
     # -- configuration maps -------------------------------------------------------------
+    def read_mirror(self) -> None:
+        """Read what the configuration maps hold, if not read yet (load() does, unless
+        told not to)."""
+        if not self._mirror:
+            self._read_mirror()
+
     def _read_mirror(self):
         self._mirror = {n: dict(self.maps[n].items())
                         for n in ("xf_ports", "xf_port_src", "xf_endpoints", "xf_routes",

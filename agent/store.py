@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from agent.model import KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_str
+from agent.model import (KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_str,
+                         rules_from_dicts)
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +185,10 @@ def _rule_row(r) -> Tuple:
 def _rule_dict(row: sqlite3.Row) -> Dict[str, Any]:
     d = dict(row)
     d["proto"] = PROTOCOL_NAMES.get(d["proto"], d["proto"])
-    d["sport"] = [d.pop("sport_lo"), d.pop("sport_hi")]
-    d["dport"] = [d.pop("dport_lo"), d.pop("dport_hi")]
+    # Tuples, not lists: the bulk builder (rules_from_dicts) keys its memo of parsed
+    # fields by them, which is most of what makes a large load fast.
+    d["sport"] = (d.pop("sport_lo"), d.pop("sport_hi"))
+    d["dport"] = (d.pop("dport_lo"), d.pop("dport_hi"))
     return d
 
 
@@ -257,6 +261,12 @@ _PARENTS = {"tenants": (), "ports": ("tenants",), "endpoints": ("tenants", "port
             "fips": ("tenants", "endpoints"), "snats": ("tenants",)}
 
 assert set(_TABLES) == set(KINDS) == set(_PARENTS)
+
+
+def row_of(kind: str, obj) -> Tuple:
+    """The row an object is stored as (its columns, port slots aside): what the digest of
+    the applied image hashes (agent/digest.py)."""
+    return _TABLES[kind][2](obj)
 
 
 class Store:
@@ -357,25 +367,50 @@ class Store:
     # -- reading -------------------------------------------------------------------------
     def load(self) -> State:
         """The stored state, every row checked by the model as if it were new input."""
+        return self.load_with_digest()[0]
+
+    def load_with_digest(self) -> Tuple[State, int]:
+        """load(), and the digest of the rows as stored (agent/digest.py): equal to that
+        of the state's objects when every row is as the agent wrote it; a row written by
+        hand in another form (an upper-case MAC) makes them differ, which at worst costs
+        a start a compare."""
+        from agent.digest import add_row
         st = State()
+        rows = 0
         for kind, (keys, cols, _, to_dict) in _TABLES.items():
             order = ", ".join(keys)
-            objs = []
+            dicts, rowids = [], []
             for row in self._db.execute(
                     f"SELECT rowid AS _rowid, {', '.join(keys + cols)} FROM {kind} "
                     f"ORDER BY {order}"):
+                rows = add_row(rows, kind, tuple(row)[1:])
                 d = to_dict(row)
-                rowid = d.pop("_rowid")
-                try:
-                    objs.append(KINDS[kind].from_dict(d))
-                except Invalid as e:
-                    raise StoreError(f"{self.path}: table {kind}, row {rowid}: {e}") from None
-            setattr(st, kind, objs)
+                rowids.append(d.pop("_rowid"))
+                dicts.append(d)
+            setattr(st, kind, self._objects(kind, dicts, rowids))
         try:
             st.validate()
         except Invalid as e:
             raise StoreError(f"{self.path}: stored state is inconsistent: {e}") from None
-        return st
+        return st, rows
+
+    def _objects(self, kind: str, dicts: List[dict], rowids: List[int]) -> list:
+        """A table's rows as model objects, checked as new input. Rules (the bulk of a
+        large state) go through the apply path's builder, which parses each distinct
+        combination of shared fields once: a warm start's load is mostly this."""
+        if kind == "rules":
+            try:
+                return rules_from_dicts(dicts)
+            except Invalid as e:
+                i = int(re.match(r"rules\[(\d+)\]", e.at or "rules[0]").group(1))
+                raise StoreError(f"{self.path}: table rules, row {rowids[i]}: {e}") from None
+        objs = []
+        for d, rowid in zip(dicts, rowids):
+            try:
+                objs.append(KINDS[kind].from_dict(d))
+            except Invalid as e:
+                raise StoreError(f"{self.path}: table {kind}, row {rowid}: {e}") from None
+        return objs
 
     def port_slots(self) -> Dict[str, int]:
         """Port name -> its slot."""

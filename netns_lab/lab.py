@@ -221,7 +221,9 @@ class Lab:
                                      f"answering; log:\n{self.log_text()}")
             if os.path.exists(self.socket):
                 last = self.ctl("status", timeout=5)
-                if last.code == 0 and last.data.get("pid") == self.proc.pid:
+                # A warm start answers before its state is loaded: tests want it whole.
+                if last.code == 0 and last.data.get("pid") == self.proc.pid and \
+                        (last.data.get("startup") or {}).get("done", True):
                     return last.data
             time.sleep(0.1)
         raise AssertionError(f"the agent did not answer `status` within {timeout}s "

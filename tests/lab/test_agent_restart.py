@@ -112,7 +112,10 @@ def check_adopted(lab, status_before, status_after, how="adopted"):
     if how == "adopted":
         assert status_after["program_id"] == status_before["program_id"]
         assert "datapath adopted" in lab.log_text().rsplit("===== agent start", 1)[1]
+        # The store and the maps as the pinned digest says: nothing compiled or compared.
+        assert status_after["startup"]["reconcile"] == "skipped: the pinned digest matches"
     else:
+        assert status_after["startup"]["reconcile"].startswith("reconciled"), status_after
         assert status_after["program_id"] != status_before["program_id"]
         assert status_after["program"]["build_id"] != status_before["program"]["build_id"]
     for port in ("bvm1", "bvm2"):

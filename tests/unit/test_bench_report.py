@@ -415,6 +415,8 @@ def test_bench_control_states_goals_and_table():
            "single": [{"beside": 1000, "add_e2e_ms": 200.0, "add_agent_ms": 3.0,
                        "del_e2e_ms": 190.0, "del_agent_ms": 1.0}],
            "restart": {"rules": 1000, "warm_ready_s": 0.8, "cold_ready_s": 7.0},
+           "restart_small": {"rules": 0, "warm_ready_s": 0.5, "cold_ready_s": 3.0,
+                             "warm_started_s": 0.6, "cold_started_s": 3.1},
            "agent_rss_mib": {"started_empty": 240.0},
            "masks": [{"masks": n, "best_in_top_mask_ns": 100.0 + n, "no_match_ns": 50.0 * n}
                      for n in bc.MASK_COUNTS]}
@@ -426,6 +428,7 @@ def test_bench_control_states_goals_and_table():
     assert by["miss, best match in the top mask: 16 masks / 1 mask"]["value"] == round(116 / 101, 3)
     text = bc.control_table(doc)
     assert "100,000 rules: FAILED request larger" in text and "warm 0.8 s" in text
+    assert "with 0 rules: warm 0.5 s, cold 3.0 s (start-up done: warm 0.6 s, cold 3.1 s)" in text
     assert "  1,000 rules from JSON" in text and "4,000" in text
     assert bc.metric_value("# x\nxdpflow_apply_duration_seconds 0.0125\n",
                            "xdpflow_apply_duration_seconds") == 0.0125

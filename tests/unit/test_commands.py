@@ -115,7 +115,9 @@ class FakeController:
                 "rules": len(self.state.rules), "trace_program": "built",
                 "program": {"how": "adopted", "build_id": "00000000000000aa",
                             "load_seconds": 0.01},
-                "bpf_stats": {"enabled": False, "how": "off ([metrics] bpf_stats = false)"}}
+                "bpf_stats": {"enabled": False, "how": "off ([metrics] bpf_stats = false)"},
+                "startup": {"done": True, "phase": "", "seconds": 0.01,
+                            "reconcile": "skipped: the pinned digest matches"}}
 
     @staticmethod
     def port_status(name):

@@ -544,3 +544,60 @@ def test_inconsistent_rows_are_refused(tmp_path):
     with _open(tmp_path) as store:
         with pytest.raises(StoreError, match="inconsistent: rule 5: unknown tenant 'ghost'"):
             store.load()
+
+
+def test_the_rows_digest_of_a_load_is_that_of_its_objects_and_follows_changes(tmp_path):
+    """The digest of the applied image (agent/digest.py) hashes the rows as stored: a
+    load's digest (from the rows as read) equals the objects' (as the store writes them),
+    for every kind and field in use; a change updates it to what a whole hash of the new
+    state gives; a row changed by hand, or written in another form, changes it."""
+    from agent import digest
+    from agent.store import changes
+    st = _state()
+    s = _open(tmp_path)
+    with s.transaction() as tx:
+        tx.write(State(), st)
+    loaded, rows = s.load_with_digest()
+    assert rows == digest.rows_digest(loaded) == digest.rows_digest(st)
+    new = State.from_dict({**st.to_dict(), "rules": [
+        r for r in st.to_dict()["rules"] if r["id"] != 5] + [
+        {"id": 9, "tenant": "red", "priority": 7, "action": "deny"}]})
+    new.rules = [replace(r, priority=3) if r.id == 1 else r for r in new.rules]
+    assert digest.changed_rows(rows, st, changes(st, new)) == digest.rows_digest(new)
+    assert digest.changed_rows(None, st, changes(st, new)) is None
+    with s.transaction() as tx:
+        tx.write(st, new)
+    assert s.load_with_digest()[1] == digest.rows_digest(new)
+    db = _raw(tmp_path)
+    db.execute("UPDATE rules SET comment = 'by hand' WHERE id = 2")
+    db.commit()
+    assert s.load_with_digest()[1] != digest.rows_digest(new)
+    db.execute("UPDATE rules SET comment = '' WHERE id = 2")
+    db.execute("UPDATE endpoints SET mac = '02:00:00:00:00:05' WHERE ip = '10.0.0.5' "
+               "AND tenant = 'blue'")
+    db.commit()
+    assert s.load_with_digest()[1] == digest.rows_digest(new)      # as it was written
+    db.execute("UPDATE endpoints SET mac = '02:00:00:00:00:0A' WHERE ip = '10.0.0.5' "
+               "AND tenant = 'blue'")
+    db.commit()
+    loaded, rows = s.load_with_digest()     # upper case: the same object, another row
+    assert rows != digest.rows_digest(loaded)
+
+
+@pytest.mark.parametrize("column,value,says", [
+    ("dport_lo", 70000, "dport"),          # out of range: the bulk builder's fallback names it
+    ("action", "maybe", "action"),
+    ("dst", "10.0.0.0/33", "dst"),
+])
+def test_a_hand_edited_bad_rule_row_is_named_by_its_row(tmp_path, column, value, says):
+    """Rules load through the apply path's bulk builder (a large state's warm start); a
+    row edited by hand into something the model refuses still stops the load with the
+    table, the row and the field, as every other table's rows do."""
+    with _open(tmp_path) as store:
+        _put(store, State(), _state())
+    db = _raw(tmp_path)
+    rowid = db.execute("SELECT rowid FROM rules ORDER BY id DESC LIMIT 1").fetchone()[0]
+    db.execute(f"UPDATE rules SET {column} = ? WHERE rowid = ?", (value, rowid))
+    with _open(tmp_path) as store:
+        with pytest.raises(StoreError, match=f"table rules, row {rowid}: .*{says}"):
+            store.load()
