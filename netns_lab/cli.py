@@ -204,8 +204,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _lab_args(p: argparse.ArgumentParser) -> None:
     from netns_lab.labfile import DEMO_LAB
     p.add_argument("--lab", metavar="FILE", default=DEMO_LAB,
-                   help="the lab file: the `xdpflowctl apply` schema plus [lab] and [[vms]] "
-                        "(default: the demo lab)")
+                   help="the lab file: the `xdpflowctl apply` schema plus [lab], [[vms]] and "
+                        "[[external]] (default: the demo lab)")
     p.add_argument("--prefix", metavar="P",
                    help="name prefix of everything the lab makes (default: [lab] prefix)")
 
@@ -264,6 +264,12 @@ def reach_text(topo) -> str:
         lines.append(f"  {path:9} VMs: {vms}")
         sides = ", ".join(sorted({topo.side_ns(path, v) for v in spec.vms}))
         lines.append(f"  {'':9} {'node(s)' if path == 'offload' else 'routers'}: {sides}")
+        if spec.external:
+            from netns_lab import render
+            if path != "offload":
+                lines.append(f"  {'':9} NAT gateway: {render.ns_name(spec.prefix, path, 'gw')}")
+            lines.append(f"  {'':9} external hosts: " + ", ".join(
+                topo.vm_ns(path, h) for h in spec.external))
     vm = spec.vms[0]
     other = next((v for v in spec.vms[1:] if v.tenant == vm.tenant), vm)
     lines += [

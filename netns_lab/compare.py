@@ -282,13 +282,35 @@ def _ipv4_payload(frame: bytes) -> Optional[bytes]:
     return frame[14 + (frame[14] & 0x0F) * 4:]
 
 
+def _ipv4_header_ok(frame: bytes) -> bool:
+    hdr = frame[14:14 + (frame[14] & 0x0F) * 4]
+    total = sum(int.from_bytes(hdr[i:i + 2], "big") for i in range(0, len(hdr) - 1, 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total == 0xFFFF
+
+
 def canonical(frame: bytes, sent: Sequence[bytes]) -> bytes:
-    """A frame as compared: a kernel-made IPv4 frame without its random identification
-    (see the module doc)."""
+    """A frame as compared: a kernel-made (or translated) IPv4 frame without its random
+    identification (see the module doc), its header checksum checked instead."""
     payload = _ipv4_payload(frame)
     if payload is None or payload in {_ipv4_payload(f) for f in sent}:
         return frame
-    return frame[:18] + b"\0\0" + frame[20:24] + b"\0\0" + frame[26:]
+    return (frame[:18] + b"\0\0" + frame[20:24] + b"\0\0" + frame[26:]
+            + (b"" if _ipv4_header_ok(frame) else b"|bad IPv4 header checksum"))
+
+
+def normalise_snat(spec: LabSpec, results: Dict[str, List["SendResult"]]) -> None:
+    """Each path's SNAT allocations as labels (netns_lab/external.py), in place: ports
+    allocated on their own may differ between paths, their use may not."""
+    from . import external
+    hosts = [h.name for h in spec.external]
+    if not hosts or not spec.state.snats:
+        return
+    for path_results in results.values():
+        norm = external.snat_normaliser(spec, hosts)
+        for r in path_results:
+            r.outcome = [(vm, norm(vm, data)) for vm, data in r.outcome]
 
 
 def _canon(outcome: List[Frame], sent: Sequence[bytes]) -> List[Tuple[str, str]]:
@@ -299,10 +321,13 @@ def describe(outcome: List[Frame]) -> List[Dict[str, str]]:
     from scapy.layers.l2 import Ether
     out = []
     for vm, data in sorted(outcome, key=lambda f: (f[0], f[1])):
+        frame, _, label = data.partition(b"|snat port ")      # normalise_snat's
         try:
-            summary = Ether(data).summary()
+            summary = Ether(frame).summary()
         except Exception:
-            summary = f"{len(data)} bytes"
+            summary = f"{len(frame)} bytes"
+        if label:
+            summary += f" [SNAT port {label.decode()}]"
         out.append({"vm": vm, "summary": summary, "bytes": data.hex()})
     return out
 
@@ -374,6 +399,7 @@ def report(spec: LabSpec, scenarios: List[Scenario], results: Dict[str, List[Sen
                                                   "waiting_on": s.waiting_on}
                                          for s in scenarios},
                            "background_frames": background, "variants": {}}
+    normalise_snat(spec, results)
     grand = {"packets_compared": 0, "sends": 0, "matches": 0, "mismatches": 0, "expected": 0}
     for variant in render.VARIANTS:
         if variant not in results:
@@ -470,7 +496,7 @@ def compare(topo, scenarios: List[Scenario], variants: Sequence[str] = render.VA
     monitor: Dict[str, Any] = {}
     for path in ["offload"] + [v for v in render.VARIANTS if v in variants]:
         t0 = time.monotonic()
-        nss = {vm.name: topo.vm_ns(path, vm) for vm in topo.spec.vms}
+        nss = {vm.name: topo.vm_ns(path, vm) for vm in topo.spec.vms + topo.spec.external}
         rec = _recorder(topo, monitor) if path == "offload" else None
         try:
             results[path], background[path] = run_path(

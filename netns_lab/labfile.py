@@ -1,5 +1,6 @@
 """A lab description (TOML): the desired state in exactly the schema of `xdpflowctl apply`
-(tenants, ports, endpoints, routes, rules), plus `[lab]` and `[[vms]]`. Both datapaths are
+(tenants, ports, endpoints, routes, rules, fips, snats), plus `[lab]`, `[[vms]]` and
+`[[external]]` (hosts behind an uplink: netns_lab/external.py). Both datapaths are
 rendered from this one state; a VM only names its namespace and its port, and takes its
 addresses and MAC from the endpoints behind that port, so nothing is written twice.
 
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from agent.model import KINDS, Invalid, State
+
+from . import external
 
 LAB_KEYS = ("prefix", "scenarios")
 VM_KEYS = ("name", "port")
@@ -79,6 +82,7 @@ class LabSpec:
     source: str = "?"
     nodes: List["Node"] = field(default_factory=list)
     scenarios: str = ""            # the scenario package ("" : the top-level ones)
+    external: List[Any] = field(default_factory=list)   # external.ExternalHost
 
     def node(self, name: str) -> "Node":
         for n in self.nodes:
@@ -111,12 +115,14 @@ class LabSpec:
         moved = [dataclasses.replace(v, node=node) if v.name == vm else v for v in self.vms]
         return dataclasses.replace(self, vms=moved)
 
-    def vm(self, name: str) -> VM:
-        for v in self.vms:
+    def vm(self, name: str):
+        """A VM, or an external host (scenarios send from and to both)."""
+        for v in list(self.vms) + list(self.external):
             if v.name == name:
                 return v
         raise KeyError(f"lab {self.source}: no VM named {name!r} "
-                       f"(VMs: {', '.join(v.name for v in self.vms)})")
+                       f"(VMs: {', '.join(v.name for v in self.vms)}; external hosts: "
+                       f"{', '.join(h.name for h in self.external) or 'none'})")
 
     def tenant_id(self, name: str) -> int:
         return self.state.tenant(name).id
@@ -185,9 +191,10 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
 
     if not isinstance(data, dict):
         raise bad("not a table")
-    unknown = set(data) - set(KINDS) - {"lab", "vms", "nodes"}
+    unknown = set(data) - set(KINDS) - {"lab", "vms", "nodes", "external"}
     if unknown:
         raise bad(f"unknown section(s) {', '.join(sorted(unknown))} (known: lab, vms, nodes, "
+                  f"external, "
                   f"{', '.join(KINDS)})")
     lab = data.get("lab") or {}
     if not isinstance(lab, dict) or set(lab) - set(LAB_KEYS):
@@ -247,7 +254,17 @@ def parse(data: Dict[str, Any], source: str = "?", prefix: Optional[str] = None)
     for n in nodes:
         if n.uplink in ports:
             raise bad(f"node {n.name}: uplink {n.uplink} is derived, not one of [[ports]]")
-    return LabSpec(prefix, state, vms, source, nodes, scen)
+    try:
+        hosts = external.parse(data.get("external"), state, [v.name for v in vms], source)
+    except external.ExternalError as e:
+        raise LabFileError(str(e)) from None
+    if (state.fips or state.snats) and not hosts:
+        raise bad("fips and snats need an external network: an [[external]] host behind an "
+                  "uplink port")
+    if hosts and nodes:
+        raise bad("[[external]] is for a one-node lab (a two-node lab's uplinks are its "
+                  "nodes' underlay)")
+    return LabSpec(prefix, state, vms, source, nodes, scen, hosts)
 
 
 def load(path: str, prefix: Optional[str] = None) -> LabSpec:

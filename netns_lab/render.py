@@ -33,6 +33,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from agent.model import ANY, Rule, State, burst_of, rate_value
 
+from . import external
 from .labfile import VM, VM_IFNAME, LabSpec
 
 VARIANTS = ("iptables", "nftables")
@@ -125,6 +126,7 @@ def vm_setup(spec: LabSpec, vm: VM, path: str) -> NsSetup:
     for r in spec.state.routes:
         if r.tenant == vm.tenant and r.action == "via" and str(r.via) not in own:
             s.ip_batch.append(f"route add {r.prefix} via {r.via} dev {VM_IFNAME}")
+    s.ip_batch += external.vm_default_route(spec, vm)
     return s
 
 
@@ -178,7 +180,9 @@ def router_setup(spec: LabSpec, tenant: str, variant: str, nft_sets: bool = Fals
         else:
             # `kernel`: the node's own stack, which forwards nothing for tenants in the lab.
             s.ip_batch.append(f"route add blackhole {r.prefix}")
-    s.ip_batch.append("route add blackhole default")
+    # A tenant with floating IPs or SNAT reaches the external network through the
+    # gateway namespace (netns_lab/external.py); any other: nowhere.
+    s.ip_batch += external.router_uplink(spec, tenant, variant) or ["route add blackhole default"]
     s.ip_batch.append("route add blackhole ::/0")
     default = st.tenant(tenant).default
     if variant == "iptables":
@@ -551,8 +555,11 @@ def nftables(spec: LabSpec, tenant: str, default: str, sets: bool = False) -> st
 
 
 def kernel_setups(spec: LabSpec, variant: str) -> List[NsSetup]:
+    """Every router, then the gateway to the external network if the lab has one (its
+    setup uses the links the routers' setups make)."""
+    gw = external.gw_setup(spec, variant)
     return [router_setup(spec, t.name, variant) for t in spec.state.tenants
-            if tenant_vms(spec, t.name)]
+            if tenant_vms(spec, t.name)] + ([gw] if gw else [])
 
 
 def all_tenants(spec: LabSpec) -> Iterable[str]:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import render
+from . import external, render
 from .lab import Lab, toml_tables
 from .labfile import VM, VM_IFNAME, LabSpec
 from .netns import run
@@ -146,9 +146,13 @@ class Topology:
         return render.ns_name(self.prefix, path, vm.name)
 
     def side_ns(self, path: str, vm: VM) -> str:
-        """Where the VM's port lives on this path: the node, or its tenant's router."""
-        return (render.ns_name(self.prefix, path, "node") if path == "offload"
-                else render.router_ns(self.prefix, path, vm.tenant))
+        """Where the VM's port lives on this path: the node, or its tenant's router (an
+        external host's uplink: the node, or the kernel path's gateway)."""
+        if path == "offload":
+            return render.ns_name(self.prefix, path, "node")
+        if vm.tenant is None:
+            return external.gw_ns(self.prefix, path)
+        return render.router_ns(self.prefix, path, vm.tenant)
 
     # -- up ----------------------------------------------------------------------------------
     def up(self, detach: bool = False) -> "Topology":
@@ -195,8 +199,10 @@ class Topology:
     def _build_path(self, path: str) -> None:
         spec = self.spec
         sides = self._sides(path)
-        for vm in spec.vms:
-            vs = render.vm_setup(spec, vm, path)
+        # VMs behind their ports; external hosts (netns_lab/external.py) behind uplinks.
+        wired = [(vm, render.vm_setup(spec, vm, path)) for vm in spec.vms] + [
+            (host, external.host_setup(spec, host, path)) for host in spec.external]
+        for vm, vs in wired:
             side = self.side_ns(path, vm)
             run(["ip", "netns", "add", vs.name])
             _sysctl(vs.name, vs.sysctls)
@@ -208,6 +214,12 @@ class Topology:
             _ip_batch(side, [f"link set {vm.port} up"])
             # Finished checksums in what the VM sends, on every path: bytes compare.
             run(["ethtool", "-K", VM_IFNAME, "tx", "off"], ns=vs.name)
+        if path == "offload":
+            ns = external.node_setup(spec)
+            _sysctl(ns.name, ns.late_sysctls)
+            _ip_batch(ns.name, ns.ip_batch)
+            for argv, text in ns.firewall:
+                run(argv, ns=ns.name, input=text)
         for s in sides:
             _sysctl(s.name, s.late_sysctls)
             _ip_batch(s.name, s.ip_batch)

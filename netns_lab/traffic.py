@@ -252,7 +252,7 @@ s.bind(("0.0.0.0", int(sys.argv[1])))
 s.listen(1)
 s.settimeout(float(sys.argv[2]))
 print("ready", flush=True)
-c, _ = s.accept()
+c, peer = s.accept()
 c.settimeout(float(sys.argv[2]))
 h, n = hashlib.sha256(), 0
 while True:
@@ -261,7 +261,7 @@ while True:
         break
     h.update(b)
     n += len(b)
-print(json.dumps({"bytes": n, "sha256": h.hexdigest()}), flush=True)
+print(json.dumps({"bytes": n, "sha256": h.hexdigest(), "peer": peer[0]}), flush=True)
 '''
 
 # Sends N pseudo-random bytes (seeded: the same on every path) and prints what it sent.
@@ -283,11 +283,14 @@ print(json.dumps({"bytes": n, "sha256": hashlib.sha256(data).hexdigest(),
 def tcp_transfer(src_ns: str, dst_ns: str, dst_ip: str, port: int, nbytes: int,
                  timeout: float = 60) -> Dict[str, Any]:
     """A real TCP connection from one VM namespace to another carrying `nbytes`;
-    {"sent": {bytes, sha256, seconds}, "received": {bytes, sha256}}."""
+    {"sent": {bytes, sha256, seconds}, "received": {bytes, sha256}, "peer": the source
+    address the receiver saw (a translated one through NAT)}."""
     with _Proc(_in_ns(dst_ns, SINK, port, timeout), "tcp sink") as sink:
         p = run(_script(SOURCE, dst_ip, port, nbytes, timeout), ns=src_ns, check=False,
                 timeout=timeout + 10)
         if p.returncode != 0:
             raise AssertionError(f"tcp source failed: {p.stderr.strip()}")
-        return {"sent": json.loads(p.stdout.strip().splitlines()[-1]),
-                "received": sink.finish(timeout)}
+        received = dict(sink.finish(timeout))
+        peer = received.pop("peer")
+        return {"sent": json.loads(p.stdout.strip().splitlines()[-1]), "received": received,
+                "peer": peer}

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from netns_lab.lab import CREATED_NAMESPACES, CREATED_PINS, Lab
+from netns_lab.netns import unique
 
 
 def _require_root():
@@ -40,6 +41,44 @@ def lab():
 def module_lab():
     """A lab shared by the tests of one module."""
     yield from _a_lab()
+
+
+def _recorded_prefix() -> str:
+    """A new lab file lab's prefix (short, lower-case: [lab] prefix rules; the pid+random
+    tail keeps runs apart), its names (node, gateway and external host namespaces on every
+    path, its pins) recorded for the session check below."""
+    from netns_lab import render, topology
+    prefix = unique("xt", 8)
+    CREATED_PINS.append(topology.pin_dir(prefix))
+    for path in render.PATHS:
+        for what in ("node", "gw", "inet"):
+            CREATED_NAMESPACES.append(render.ns_name(prefix, path, what))
+    return prefix
+
+
+@pytest.fixture
+def lab_prefix():
+    """A prefix for a lab a test builds itself (e.g. with `xdpflow-lab up`)."""
+    _require_root()
+    return _recorded_prefix()
+
+
+@pytest.fixture(scope="module")
+def demo_lab():
+    """The demo lab (netns_lab/labs/demo.toml) up on every path for a module's tests,
+    always removed; the agent's log shown at the end."""
+    from netns_lab import labfile, topology
+    _require_root()
+    spec = labfile.load(labfile.DEMO_LAB, prefix=_recorded_prefix())
+    topo = topology.Topology(spec)
+    try:
+        topo.up()
+        yield topo
+    finally:
+        log = topo.lab.log_text() if topo.lab is not None else ""
+        topo.close()
+        print(f"----- agent log -----\n{log[-4000:]}")
+    assert not topology.namespaces_of(spec.prefix)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from netns_lab import labfile, render, scenarios, topology
-from netns_lab.lab import CREATED_NAMESPACES, CREATED_PINS
-from netns_lab.netns import unique
+from netns_lab import render, scenarios, topology
 from netns_lab.traffic import tcp_transfer
 
 pytestmark = pytest.mark.lab
@@ -26,33 +24,9 @@ LAB_CLI = str(Path(sys.executable).parent / "xdpflow-lab")
 WAITING = {s.name for s in scenarios.load() if s.waiting_on}
 
 
-def _prefix() -> str:
-    # Short and lower-case: [lab] prefix rules; the pid+random tail keeps runs apart.
-    return unique("xt", 8)
-
-
-def _record(prefix: str) -> None:
-    """Let the session check (tests/lab/conftest.py) see this lab's names."""
-    CREATED_PINS.append(topology.pin_dir(prefix))
-    for path in render.PATHS:
-        CREATED_NAMESPACES.append(render.ns_name(prefix, path, "node"))
-
-
 @pytest.fixture(scope="module")
-def up_lab():
-    if os.geteuid() != 0:
-        pytest.skip("the lab tier needs root")
-    spec = labfile.load(labfile.DEMO_LAB, prefix=_prefix())
-    _record(spec.prefix)
-    topo = topology.Topology(spec)
-    try:
-        topo.up()
-        yield topo
-    finally:
-        log = topo.lab.log_text() if topo.lab is not None else ""
-        topo.close()
-        print(f"----- agent log -----\n{log[-4000:]}")
-    assert not topology.namespaces_of(spec.prefix)
+def up_lab(demo_lab):
+    return demo_lab
 
 
 def _compare(prefix: str, tmp_path: Path, *extra: str):
@@ -99,6 +73,7 @@ def test_a_10mb_tcp_transfer_carries_the_same_bytes_on_every_path(up_lab):
         r = tcp_transfer(up_lab.vm_ns(path, a), up_lab.vm_ns(path, b), b.ip, 5001,
                          10 * 1000 * 1000)
         assert r["received"] == {k: r["sent"][k] for k in ("bytes", "sha256")}, (path, r)
+        assert r["peer"] == a.ip, (path, r)
         got[path] = r["received"]["sha256"]
     assert len(set(got.values())) == 1 and len(got) == 3, got
     # The offloaded path carried it: the flow is in the agent's table.
@@ -162,11 +137,8 @@ def _alive(pid: int, wait: float = 5.0) -> bool:
     return True
 
 
-def test_down_after_a_killed_up_leaves_nothing_behind(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("the lab tier needs root")
-    prefix = _prefix()
-    _record(prefix)
+def test_down_after_a_killed_up_leaves_nothing_behind(lab_prefix):
+    prefix = lab_prefix
     up = subprocess.Popen([LAB_CLI, "up", "--prefix", prefix], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     try:

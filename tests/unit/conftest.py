@@ -32,3 +32,18 @@ def ctl(tmp_path):
         yield Controller(config.Config(), store, datapath=None, links=None)
     finally:
         store.close()
+
+
+# The demo lab (netns_lab/labs/demo.toml): its parsed TOML, and its LabSpec.
+@pytest.fixture(scope="module")
+def raw():
+    from ctl.cli import load_state_file
+    from netns_lab import labfile
+    return load_state_file(labfile.DEMO_LAB)
+
+
+@pytest.fixture(scope="module")
+def spec(raw):
+    import copy
+    from netns_lab import labfile
+    return labfile.parse(copy.deepcopy(raw), source="demo.toml")

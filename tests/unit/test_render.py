@@ -14,17 +14,6 @@ from netns_lab.scenarios import Expect, Send
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module")
-def raw():
-    from ctl.cli import load_state_file
-    return load_state_file(labfile.DEMO_LAB)
-
-
-@pytest.fixture(scope="module")
-def spec(raw):
-    return labfile.parse(copy.deepcopy(raw), source="demo.toml")
-
-
 def _rules_of(text: str, chain: str):
     return [l for l in text.splitlines() if l.startswith(f"-A {chain} ")]
 
@@ -44,7 +33,7 @@ def test_vms_take_addresses_and_mac_from_their_ports_endpoints(spec):
 
 def test_the_apply_part_is_the_state_without_lab_or_vms(spec):
     d = spec.apply_dict()
-    assert set(d) == {"tenants", "ports", "endpoints", "routes", "rules"}
+    assert set(d) == {"tenants", "ports", "endpoints", "routes", "rules", "fips", "snats"}
     assert all(None not in r.values() for r in d["rules"])
 
 
