@@ -34,7 +34,7 @@ REASONS = {
     # 40-47: NAT and rate limits
     40: "ratelimit",
     41: "nat_no_flow", 42: "nat_exhausted", 43: "nat_no_neigh", 44: "nat_no_route",
-    45: "nat_frag",
+    45: "nat_frag", 46: "nat_forwarding_off",
     48: "flow_quota",       # issue 14: a tenant at its flow quota
 }
 REASON_IDS = {v: k for k, v in REASONS.items()}

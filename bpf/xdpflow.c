@@ -1051,6 +1051,10 @@ static __always_inline __u8 xf_nat_route(struct xdp_md *ctx, struct xf_ctx *c,
         int rc = bpf_fib_lookup(ctx, fp, sizeof(*fp), 0);
         if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
             return XF_R_NAT_NO_NEIGH;
+        /* The kernel's FIB lookup answers only for an interface that forwards: said
+         * apart from "no route", so the operator sees which setting is missing. */
+        if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+            return XF_R_NAT_FORWARDING_OFF;
         if (rc != BPF_FIB_LKUP_RET_SUCCESS)
             return XF_R_NAT_NO_ROUTE;
         up = xf_port_of(fp->ifindex);

@@ -94,6 +94,7 @@
 #define XF_R_NAT_NO_NEIGH 43   /* the external next hop's MAC is not resolved: dropped */
 #define XF_R_NAT_NO_ROUTE 44   /* no route out of an uplink to the external address: dropped */
 #define XF_R_NAT_FRAG 45       /* a fragment to a floating address: dropped (not translated) */
+#define XF_R_NAT_FORWARDING_OFF 46 /* the FIB lookup refused: IPv4 forwarding off on the VM's port */
 #define XF_R_FLOW_QUOTA 48     /* event: the tenant is at its flow quota: judged, not cached */
 #define XF_R_MAX 49
 #define XF_R_ROWS 64           /* reasons per (port, verdict) in the counter array */

@@ -495,3 +495,24 @@ def test_snat_removed_its_flows_no_longer_translate(nat):
     (rc, out), delta = counters(nat, lambda: nat.run(raw(pkt), "p2"))
     assert (rc, out) == (XDP_DROP, raw(pkt))
     assert delta[(slot("p2"), "drop", "no_route")] == (1, len(pkt))
+
+
+def test_forwarding_off_on_the_vm_port_is_named_never_sent_untranslated(nat, lab):
+    """bpf_fib_lookup answers only for an interface that forwards: with IPv4 forwarding
+    off on the VM's port, a new NAT flow is dropped as nat_forwarding_off (not the
+    misleading no_route), untranslated, and goes out once it is back on."""
+    conf = "/proc/sys/net/ipv4/conf/p2/forwarding"
+    pkt = from_vm(UDP(sport=4100, dport=53) / b"q")
+    with open(conf) as f:
+        was = f.read().strip()
+    try:
+        with open(conf, "w") as f:
+            f.write("0")
+        (rc, out), delta = counters(nat, lambda: nat.run(raw(pkt), "p2"))
+    finally:
+        with open(conf, "w") as f:
+            f.write(was)
+    assert (rc, out) == (XDP_DROP, raw(pkt))
+    assert delta == {(slot("p2"), "drop", "nat_forwarding_off"): (1, len(pkt))}
+    rc, out = nat.run(raw(pkt), "p2")
+    assert rc == XDP_REDIRECT and Ether(out)[IP].src == SNAT_IP
