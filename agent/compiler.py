@@ -251,11 +251,15 @@ class Classifier:
                    stat_of: Optional[Dict[int, int]] = None) -> Iterable[Tuple[bytes, bytes]]:
         """Classifier entries; stat_of: rule id -> its counter slot (the map layer's)."""
         stat_of = stat_of or {}
-        key, value = self.key_bytes, self.value_bytes
+        # key_bytes and value_bytes inlined: 100,000 entries for a big state.
+        pack_key, pack_value, slot, policed = _RULE_KEY.pack, _RULE.pack, stat_of.get, \
+            self.policed
         for mask, ents in self.by_mask.items():
             idx = self.key_idx[mask]
-            for k, v in ents.items():
-                yield key(idx, k, tenant_id, generation), value(v, stat_of)
+            for (proto, inp, src, dst, sp, dp), (rank, rid, action) in ents.items():
+                yield pack_key(generation, tenant_id, idx, proto, inp, 0, src, dst, sp, dp), \
+                    pack_value(rank, rid, action, 0, slot(rid, 0),
+                               rule_policer(rid) if rid in policed else 0)
 
 
 def rule_policer(rule_id: int) -> int:

@@ -14,7 +14,7 @@ import re
 import sqlite3
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from agent.model import (KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix_str,
+from agent.model import (KINDS, Invalid, PROTOCOL_NAMES, State, identities, prefix_str,
                          rules_from_dicts)
 
 log = logging.getLogger(__name__)
@@ -611,10 +611,10 @@ def changes(old: State, new: State) -> Dict[str, Tuple[list, list, list]]:
 
 def _diff(kind: str, old: list, new: list) -> Tuple[list, list, list]:
     """(added, removed, changed) objects of one kind, by identity."""
-    a = {identity(kind, o): o for o in old}
+    a = dict(zip(identities(kind, old), old))
     added, changed = [], []
-    for o in new:
-        prev = a.pop(identity(kind, o), None)
+    for ident, o in zip(identities(kind, new), new):
+        prev = a.pop(ident, None)
         if prev is None:
             added.append(o)
         elif prev is not o and prev != o:  # `is` first: unchanged objects are shared
