@@ -1224,9 +1224,10 @@ def diff(old: State, new: State, kept: Optional[State] = None,
                                                  key=lambda io: _ident_order(io[0]))
                             if i not in named]
         if kind == "rules":
-            # (id,) sorts as _ident_order sorts it, without a key built per rule.
-            a = {(o.id,): o for o in old.rules}
-            b = {(o.id,): o for o in new.rules}
+            # Keyed by id (an identity of one int): sorted as _ident_order sorts (id,),
+            # without a key or a tuple built per rule.
+            a = {o.id: o for o in old.rules}
+            b = {o.id: o for o in new.rules}
             order = None
         else:
             a = {identity(kind, o): o for o in getattr(old, kind)}
