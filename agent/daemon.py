@@ -81,29 +81,32 @@ class Agent:
         self._log_pins(report)
         self._pass_fd = self._load_pass_program()
         self._shed_compiler()
-        # Netlink (pyroute2) and the metrics server (prometheus_client) come with the
-        # start-up's second half: a warm start answers without importing them.
+        # Netlink (pyroute2) comes with the start-up's second half: a warm start answers
+        # without importing it.
         self.controller = Controller(self.cfg, self.store, self.dp, None,
                                      pass_fd=self._pass_fd, config_path=self.config_path,
                                      lock=self.lock, load=False)
         self._use_bpf_stats(self.cfg.metrics.bpf_stats)
         self.controller.timings = self.timings
-        if self.dp.how == "adopted":
+        adopted = self.dp.how == "adopted"
+        if adopted:
             # The pinned program keeps forwarding on its maps: answer first, load the
             # stored state and check it against the maps behind the lock (every command
-            # but status waits for it).
+            # but status waits for it; scrapes get what needs no state, see
+            # metrics.AgentSource).
             self._start_up_behind()
-            self._start_api()
         else:
             self._start_up()     # nothing of ours forwards yet: ready once programmed
-            self._start_api()
+        self._start_api()
+        # Listening as soon as the API answers: a restart is not a down target.
+        self._start_metrics()
+        if not adopted:
             self._start_watching()
 
     def _start_watching(self):
-        """The metrics server and the link watcher (after the start-up: the watcher's
-        events are reconciled against a loaded state)."""
+        """The link watcher (after the start-up: its events are reconciled against a
+        loaded state)."""
         from .links import LinkWatcher
-        self._start_metrics()
         self.watcher = LinkWatcher(self._mark_links_dirty,
                                    neighbour_wanted=self.links.wants_neighbour)
         self.watcher.start()
