@@ -93,7 +93,6 @@ def test_metrics_answer_during_a_warm_restarts_state_load(lab):
     path.write_text(json.dumps(state))
     lab.ok("apply", str(path), timeout=600)
     before = parsed(lab.metrics())
-    assert one(before, "xdpflow_agent_state_loaded") == 1
     (info,) = before["xdpflow_agent_info"]
     started = time.time()
 
