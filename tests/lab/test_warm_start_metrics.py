@@ -3,7 +3,9 @@ while the start-up still loads the stored state and checks it against the maps (
 with a large state, the controller's lock held all along). A Prometheus scraping then must
 not see the target down, nor numbers from a half-started agent: every answer is a 200 the
 Prometheus parser and `promtool check metrics` accept, says `xdpflow_agent_state_loaded 0`
-and leaves out the series read from the state; once loaded, the full set is back."""
+and leaves out the series read from the state; once loaded, the full set is back.
+A cold start compiles in a child process (the agent reads the stored state meanwhile): an
+agent stopped during that compile takes the child along."""
 from __future__ import annotations
 
 import json
@@ -128,3 +130,41 @@ def test_metrics_answer_during_a_warm_restarts_state_load(lab):
     st = lab.ok("status")
     assert st["program"]["how"] == "adopted" and st["startup"]["done"], st
     print(f"scrapes: {refused} refused, {len(loading)} answered during the load")
+
+
+def children(pid: int) -> list:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_stop_during_a_cold_starts_compile_leaves_no_compile_behind(lab):
+    """A start that compiles does it in a child process; the agent stopped meanwhile
+    takes it along (no compile finishing behind a stopped agent, racing the next one for
+    the pins), and the next start compiles and serves as usual."""
+    lab.add_vm("blue", 1)
+    lab.write_config(state=lab.base_state())
+    proc = lab.start_agent(wait=False)
+    deadline = time.monotonic() + 60
+    while not children(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, lab.log_text()[-3000:]
+        time.sleep(0.01)
+    (compiler,) = children(proc.pid)
+    lab.stop_agent(signal.SIGTERM, timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{compiler}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    break       # a zombie: ended, its parent gone before reaping it
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the compiling process {compiler} outlived the agent")
+    lab.start_agent(timeout=300)
+    st = lab.ok("status")
+    assert st["program"]["how"] == "compiled" and st["ports"][0]["attached"], st
+    assert lab.xdp_prog("bvm1").get("id") == st["program_id"]
