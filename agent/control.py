@@ -389,9 +389,11 @@ class Controller:
         return self._program(new, slots, keep)
 
     # -- start-up -------------------------------------------------------------------------
-    def load_state(self) -> None:
-        """The stored state, every row checked (a warm start's, after it answers)."""
-        self.state, self._rows = self.store.load_with_digest()
+    def load_state(self, loaded: Optional[Tuple[model.State, int]] = None) -> None:
+        """The stored state, every row checked (a warm start's, after it answers); or
+        `loaded`, what store.load_with_digest() gave (a cold start's, read while the
+        datapath compiles)."""
+        self.state, self._rows = loaded or self.store.load_with_digest()
 
     def check_start(self) -> str:
         """At start, with the maps adopted: when the pinned digest equals the digest of
