@@ -296,6 +296,9 @@ def _fmt_range(r: Tuple[int, int]) -> Optional[str]:
 
 
 def prefix_str(p: IPNet) -> Optional[str]:
+    text = p.__dict__.get("_text")      # a Net4's own, without two property calls
+    if text is not None:
+        return text
     return None if p.prefixlen == 0 and p.version == 6 else str(p)
 
 
