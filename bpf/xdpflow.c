@@ -1279,9 +1279,13 @@ static __always_inline int xf_stage_classify(struct xdp_md *ctx, struct xf_ctx *
         sc->nf.generation = c->gen;
         sc->nf.created_ns = now;
         sc->nf.last_seen_ns = now;
-        /* The node's own addresses too: the rules judge them before the kernel sees them. */
-        j->reason = xf_route(ctx, c, &sc->ck, &sc->nf);
+        /* The node's own addresses too: the rules judge them before the kernel sees them.
+         * The rules first, then the route: the classifier's mask loop (the longest walk
+         * of the verifier) is then walked once per state that reaches it, not once more
+         * for each outcome of the route lookup (the verifier walks the loop's body per
+         * path). Either order decides the same: the classifier writes only j->r. */
         xf_classify(c->tenant, c->cls_gen, &sc->ck, j->in_port, &j->r);
+        j->reason = xf_route(ctx, c, &sc->ck, &sc->nf);
         if (!j->as_reply || (j->r.action == XF_A_ALLOW && sc->nf.verdict == XF_V_REDIRECT))
             break;
         /* The forward direction is no longer allowed and forwarded: the packet is new
