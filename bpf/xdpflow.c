@@ -1524,8 +1524,11 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
         sc->nf.out_ifindex = 0;
         sc->nf.out_port = 0;
         j->reason = XF_R_RULE_PASS;
-    } else if (c->decap_vtep && !j->as_reply && (sc->nf.flags & XF_FLOW_ENCAP)) {
-        /* From the overlay back into it: no node is a transit for another. */
+    } else if (c->decap_vtep && !j->as_reply &&
+               ((sc->nf.flags & XF_FLOW_ENCAP) || j->reason == XF_R_NO_NEIGH)) {
+        /* From the overlay back into it: no node is a transit for another, also while
+         * the far VTEP's underlay neighbour is not resolved (no_neigh: a remote endpoint
+         * without its outer MAC yet), or the kernel would get it. */
         return xf_decide(c, XF_V_DROP, XF_R_NO_ROUTE);
     } else if (sc->nf.verdict == XF_V_DROP) {
         /* Allowed, but nowhere to go: not cached, so a new endpoint or route takes
