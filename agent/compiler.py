@@ -182,9 +182,8 @@ class Classifier:
                 if entries is None:
                     entries = by_mask[mask] = {}
                     max_rank[mask] = rank
-                old = entries.get(key)
-                if old is None:
-                    entries[key] = value
+                old = entries.setdefault(key, value)    # one hash of the key, not two
+                if old is value:
                     size += 1
                 elif old[0] < rank:
                     hidden.setdefault((mask, key), []).append(old)

@@ -9,6 +9,7 @@ import heapq
 import logging
 import os
 import shutil
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .config import Config
 from .flows import flow_tenant
 
 log = logging.getLogger("xdpflow.datapath")
+_U32 = struct.Struct("=I").pack     # a u32 key in native order, as ctypes c_uint32 is
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM = "xdpflow_port"
@@ -844,7 +846,7 @@ class Datapath:
             m = self.maps["xf_rule_stats"]
             zero = bytes(m.vsize)
             # previous={}: a failed write puts zeros back, which is what is being written.
-            m.update_many([(bytes(ct.c_uint32(s)), zero) for s in fresh_slots], previous={})
+            m.update_many([(_U32(s), zero) for s in fresh_slots], previous={})
         if new_ids:
             # Only ids with hits have an entry: a delete of each new id would be a syscall
             # per rule of a 100,000-rule apply.
