@@ -12,7 +12,8 @@ do not fit) or "internal" (a bug or a kernel failure; the traceback goes to the 
 Large requests go compressed (a whole state of 100,000 rules is about 10 MB of JSON,
 1.1 MB compressed):
     -> {"command": "apply", "args_zlib": BASE64(ZLIB(JSON(args)))}\n
-which the client does above COMPRESS_ABOVE bytes. Compression, not a larger limit or a
+which the client does above COMPRESS_ABOVE bytes, and always for an apply of a JSON file,
+whose text goes as it is (RawJSON). Compression, not a larger limit or a
 stream: every connection may hold up to `max_request_bytes` while its request arrives
 (up to max_connections of them), so the limit stays small (4 MiB: about 350,000 such
 rules compressed), and the one expansion happens in the worker that runs the commands one
@@ -562,9 +563,24 @@ class ApiServer:
                                          "agent's log)")
 
 
-def deflate_args(args: Any) -> str:
-    return base64.b64encode(zlib.compress(json.dumps(args, separators=(",", ":")).encode(),
-                                          1)).decode()
+class RawJSON(str):
+    """Text that is already JSON, sent in a request's args as it is (an apply file of
+    *.json: the agent parses it; the client need not parse and encode it again). A
+    value at the args' top level only; such a request is always sent compressed. Text
+    that is not JSON is the agent's to refuse."""
+
+
+def encode_args(args: Dict[str, Any]) -> str:
+    """A request's args as JSON text, RawJSON values as they are."""
+    if not any(type(v) is RawJSON for v in args.values()):
+        return json.dumps(args, separators=(",", ":"))
+    return "{" + ",".join(json.dumps(k) + ":" + (
+        v if type(v) is RawJSON else json.dumps(v, separators=(",", ":")))
+        for k, v in args.items()) + "}"
+
+
+def deflate_text(text: str) -> str:
+    return base64.b64encode(zlib.compress(text.encode(), 1)).decode()
 
 
 def inflate_args(text: Any, limit: int) -> Any:
@@ -680,11 +696,14 @@ class ApiClient:
         return ApiStream(self, s, head, buf)
 
     def _request(self, command: str, args: Optional[Dict[str, Any]]) -> socket.socket:
-        request = (json.dumps({"command": command, "args": args or {}},
-                              separators=(",", ":")) + "\n").encode()
-        if len(request) > COMPRESS_ABOVE:
-            request = (json.dumps({"command": command, "args_zlib": deflate_args(args)}) +
+        args = args or {}
+        body = encode_args(args)        # encoded once: it may be 10 MB
+        # RawJSON may hold newlines, which end a plain request: always compressed.
+        if len(body) > COMPRESS_ABOVE or any(type(v) is RawJSON for v in args.values()):
+            request = (json.dumps({"command": command, "args_zlib": deflate_text(body)}) +
                        "\n").encode()
+        else:
+            request = (f'{{"command":{json.dumps(command)},"args":{body}}}\n').encode()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
         deadline = time.monotonic() + self.timeout

@@ -43,8 +43,14 @@ def range_to_prefixes(lo: int, hi: int, bits: int = 16) -> List[Tuple[int, int]]
     return out
 
 
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
 def prefix_mask(net: model.IPNet) -> Tuple[bytes, bytes]:
     """(address, mask), 16 bytes each, in the IPv4-mapped space of the datapath keys."""
+    if type(net) is model.Net4:     # most prefixes of a big state: without ipaddress's calls
+        return _V4_MAPPED + net.network_address._ip.to_bytes(4, "big"), \
+            _mask16(4, net._prefixlen)
     if net.version == 6 and net.prefixlen == 0:
         return b"\0" * 16, b"\0" * 16             # any address, either family
     return abi.addr16(net.network_address), _mask16(net.version, net.prefixlen)
@@ -464,7 +470,7 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
                   max_entries: Optional[int] = None,
                   classifiers: Optional[Dict[str, Classifier]] = None,
                   neighbours: Optional[Dict[str, str]] = None,
-                  max_flows: int = 0) -> Image:
+                  max_flows: int = 0, validated: bool = False) -> Image:
     """The whole image. Ports without a live interface (not in `links`) are left out, and
     so are endpoints behind them: nothing can be sent there yet. Rules name ports by
     `slots` (the store's, every configured port), so an in_port rule compiles whether or
@@ -473,8 +479,10 @@ def compile_state(state: model.State, links: Dict[str, PortLink],
     `classifiers`: tenant name -> a classifier of its current rules, taken as it is.
     `neighbours`: VTEP address -> the underlay neighbour's MAC, as the node resolved it.
     A tenant without its own flow quota gets `max_flows` (the config's [flows]
-    max_per_tenant)."""
-    state.validate()
+    max_per_tenant). `validated`: the caller has validated `state` (a 100,000-rule state
+    takes 0.1 s to validate)."""
+    if not validated:
+        state.validate()
     img = Image()
     tenants = {t.name: t for t in state.tenants}
     if slots is None:

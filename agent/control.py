@@ -147,10 +147,12 @@ class Controller:
                 held[t.name] = cls
         if neighbours is None:
             neighbours = self._neighbours(state)
+        # Every state programmed here is validated: self.state always is, a change's new
+        # state is checked before _commit (State.with_added/with_removed, apply) or in it.
         return compiler.compile_state(state, links, self.cfg.datapath.max_masks, slots=slots,
                                       max_entries=self.cfg.datapath.max_rule_entries,
                                       classifiers=held, neighbours=neighbours,
-                                      max_flows=self.cfg.flows.max_per_tenant)
+                                      max_flows=self.cfg.flows.max_per_tenant, validated=True)
 
     @staticmethod
     def _port_links(state: model.State, slots: Dict[str, int],
@@ -612,7 +614,8 @@ class Controller:
                 new.validate()
             d = model.diff(self.state, new, kept=kept, limit=diff_limit)
             if model.count_changes(d):
-                self._commit(new, compiled=compiled)
+                # `new` is validated above (either way): _commit need not again.
+                self._commit(new, store_changes(self.state, new), compiled=compiled)
         return d
 
     def _names(self):

@@ -19,7 +19,7 @@ from agent.model import (KINDS, Invalid, PROTOCOL_NAMES, State, identity, prefix
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 class StoreError(Exception):
@@ -165,10 +165,22 @@ CREATE TABLE snats (
 );
 """
 
+# Version 8: leaner rule indexes (issue 12). Each index is written on every row an apply
+# inserts: with both, 100,000 rules took 0.74 s of CPU to insert, without them 0.44 s
+# (measured). They serve only SQLite's foreign-key checks when a port or tenant is
+# deleted. in_port is NULL for most rules: a partial index holds only those naming a port
+# (and serves `in_port = ?`). A tenant's rules are found by a scan when the tenant is
+# deleted (a few milliseconds per 100,000 rules, on a rare change).
+_RULE_INDEXES_V8 = """
+DROP INDEX rules_tenant;
+DROP INDEX rules_in_port;
+CREATE INDEX rules_in_port ON rules(in_port) WHERE in_port IS NOT NULL;
+"""
+
 # MIGRATIONS[n] is the SQL that brings a database from version n to n + 1 (0: a new file).
 MIGRATIONS: Dict[int, str] = {0: _SCHEMA_V1, 1: _PORTS_V2, 2: _PORTS_V3, 3: _ENDPOINTS_V4,
                               4: _RATE_LIMITS_V5, 5: _TENANTS_V6,
-                              6: _NAT_V7}
+                              6: _NAT_V7, 7: _RULE_INDEXES_V8}
 
 
 # ---------------------------------------------------------------------------------------

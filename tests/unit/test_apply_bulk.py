@@ -11,6 +11,7 @@ import tomllib
 import pytest
 from fuzzing import VALID, fuzz_settings, mutated
 from hypothesis import given
+from hypothesis import strategies as st
 
 from agent import model
 from ctl import cli
@@ -177,3 +178,73 @@ def test_plain_toml_reads_as_tomllib_reads_it():
         'src = """10.0.0.0/8"""\nmac = "02:00:00:00:00:05"\nip = "fe80::10:20"\nf = 1.5e3\n'
     assert not any(s in text for s in cli._TOML_1_1)
     assert cli._parse_toml(text, tomllib.loads) == tomllib.loads(text)
+
+
+# parse_prefix's fast IPv4 path (model.Net4) against ipaddress, on texts around the
+# edges: what it accepts must be the same network with the same text, what it refuses
+# must be refused with the same words as before.
+PREFIX_TEXTS = [
+    "10.0.0.0/8", "10.1.2.3/32", "10.1.2.3", "1.2.3.4/31", "1.2.3.4/30", "0.0.0.0/0",
+    "255.255.255.255/32", "10.0.0.0/08", "10.0.0.0/008", "10.0.0.1/24", "10.0.0.01/24",
+    "010.0.0.0/8", "10.0.0/24", "10.0.0.0.0/8", "256.0.0.0/8", "10.0.0.0/33", "10.0.0.0/",
+    "10.0.0.0/-1", "10.0.0.0/+8", "10.0.0.0/8 ", " 10.0.0.0/8", "10.0.0.0/1_6",
+    "10.0.0.0/\u0661\u0666", "10.0.0.0\x00/8", "10.0.0.0/8/8", "fd00::/64", "::/0",
+    "::ffff:10.0.0.0/104", "1.2.3.4/\u00b2", "\ud800/8", "a.b.c.d/8",
+]
+
+
+def _general(text):
+    """What parse_prefix said before the fast path: ipaddress's parse, strict."""
+    import ipaddress
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        return "host bits" if "has host bits set" in str(e) else "not a prefix"
+
+
+@pytest.mark.parametrize("text", PREFIX_TEXTS)
+def test_fast_prefixes_are_ipaddress_networks(text):
+    import ipaddress
+    import itertools
+    want = _general(text)
+    try:
+        got = model.parse_prefix(text, "src")
+    except model.Invalid as e:
+        assert isinstance(want, str) and want in e.message, (text, want, e.message)
+        return
+    assert not isinstance(want, str), (text, got)
+    assert got == want and hash(got) == hash(want) and str(got) == str(want)
+    assert repr(got) == repr(want) and got.prefixlen == want.prefixlen
+    assert isinstance(got, type(want)) and not (got < want) and not (want < got)
+    assert list(itertools.islice(got.hosts(), 3)) == list(itertools.islice(want.hosts(), 3))
+    assert got.broadcast_address == want.broadcast_address and got.overlaps(want)
+    if want.prefixlen:
+        assert str(got.supernet()) == str(want.supernet())
+
+
+_OCTET = st.integers(0, 300)
+
+
+@fuzz_settings(ci=300, long=20_000)
+@given(st.builds(lambda a, b, c, d, n, zeros: f"{a}.{b}.{c}.{d}" + (
+    "" if n is None else "/" + "0" * zeros + str(n)),
+    _OCTET, _OCTET, _OCTET, _OCTET, st.none() | st.integers(0, 40), st.integers(0, 2)))
+def test_fast_prefixes_agree_with_ipaddress_on_random_texts(text):
+    want = _general(text)
+    try:
+        got = model.parse_prefix(text, "src")
+    except model.Invalid as e:
+        assert isinstance(want, str) and want in e.message
+        return
+    assert got == want and str(got) == str(want) and got.network_address == want.network_address
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/8", "10.1.2.3/32", "0.0.0.0/0", "1.2.3.4/31",
+                                  "255.255.255.255"])
+def test_fast_prefixes_compile_to_the_same_datapath_key(text):
+    import ipaddress
+    from agent import compiler
+    fast, slow = model.parse_prefix(text, "src"), ipaddress.ip_network(text)
+    assert type(fast) is model.Net4 and type(slow) is ipaddress.IPv4Network
+    assert compiler.prefix_mask(fast) == compiler.prefix_mask(slow)
+    assert model.prefix_str(fast) == model.prefix_str(slow)

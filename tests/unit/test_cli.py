@@ -233,6 +233,15 @@ def test_apply_json_file_is_the_same_state_as_toml(run, agent, tmp_path):
     ('{"tenants": [{"name": "b", "id": 1}, {"name": "b", "id": 2}]}',
      "tenants[1]: tenant b: given twice (first at tenants[0])"),
     ("[" * 100_000, "nested too deeply"),
+    # The file's text goes to the agent unparsed (api.RawJSON); whatever the agent makes
+    # of Python's NaN/Infinity extension, the file is refused for it, as before.
+    ('{"tenants": [{"name": "blue", "id": 1, "max_flows": Infinity}]}', "Infinity is not"),
+    ('{"tenants": [{"name": "blue", "id": 1}], "rules": [{"id": 1, "tenant": "blue", '
+     '"priority": 1, "action": "allow", "comment": NaN}]}', "NaN is not a JSON number"),
+    ('{"tenants": [{"name": "blue", "id": 1}], "rules": [{"id": 1, "tenant": "blue", '
+     '"priority": -Infinity, "action": "allow"}]}', "-Infinity is not a JSON number"),
+    ('{"tenants": [{"name": "blue", "id": 1}]} trailing', "JSON syntax error: Extra data"),
+    ('', "JSON syntax error: Expecting value: line 1 column 1"),
 ])
 def test_apply_json_file_errors_name_the_place(run, agent, tmp_path, text, message):
     ctl, _ = agent

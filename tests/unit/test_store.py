@@ -601,3 +601,46 @@ def test_a_hand_edited_bad_rule_row_is_named_by_its_row(tmp_path, column, value,
     with _open(tmp_path) as store:
         with pytest.raises(StoreError, match=f"table rules, row {rowid}: .*{says}"):
             store.load()
+
+
+def test_version_7_database_gets_the_lean_rule_indexes_and_keeps_its_references(tmp_path):
+    """Schema 8 drops the rule indexes an apply paid for on every row (rules_tenant) and
+    makes rules_in_port partial; SQLite's foreign keys still refuse removing a port or a
+    tenant that rules name, and a port's rules are found through the partial index."""
+    from agent import store as store_mod
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for n in range(7):
+        for stmt in store_mod._statements(store_mod.MIGRATIONS[n]):
+            db.execute(stmt)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '7')")
+    db.close()
+    with Store.open(path) as store:
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+        with store.transaction() as tx:
+            tx.write(State(), _state())
+    raw = _raw(tmp_path)
+    indexes = dict(raw.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+                               "AND tbl_name = 'rules'").fetchall())
+    assert set(indexes) == {"rules_in_port"} and "WHERE in_port IS NOT NULL" in indexes[
+        "rules_in_port"]
+    plan = " ".join(str(r) for r in raw.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM rules WHERE in_port = 'vm1'"))
+    assert "rules_in_port" in plan
+    raw.execute("PRAGMA foreign_keys=ON")
+    named = raw.execute("SELECT in_port, tenant FROM rules WHERE in_port IS NOT NULL"
+                        ).fetchone()
+    assert named is not None
+    for sql, arg in (("DELETE FROM ports WHERE name = ?", named[0]),
+                     ("DELETE FROM tenants WHERE name = ?", named[1])):
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+            raw.execute("BEGIN")
+            try:
+                raw.execute(sql, (arg,))
+                raw.execute("COMMIT")
+            finally:
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK")
+    with Store.open(path) as store:
+        assert store.load().to_dict() == _state().to_dict()
