@@ -269,22 +269,28 @@ class RawMap:
         or is deleted if it was new, before the error is raised. A caller that knows what
         the map holds passes it as `previous` (key -> value; keys not in it are new) and
         spares a lookup per entry."""
-        old = [(k, previous.get(k) if previous is not None else self.get(k)) for k, _ in items]
+        # Read before anything is written; with `previous`, built only for an undo.
+        old = None if previous is not None else [(k, self.get(k)) for k, _ in items]
         for i in range(0, len(items), chunk):
             try:
                 self._write_chunk(items[i:i + chunk])
             except BpfError:
                 # Up to the end of the failed chunk: where in it the kernel stopped does
                 # not matter, putting back an entry that was not written changes nothing.
+                if old is None:
+                    old = [(k, previous.get(k)) for k, _ in items[:i + chunk]]
                 self._undo(old[:i + chunk])
                 raise
 
     def _write_chunk(self, part: Sequence[Tuple[bytes, bytes]]) -> None:
-        for k, v in part:
-            self._sizes(k, v)
+        keys, vals = zip(*part) if part else ((), ())
+        # Every size checked at C speed (a 100,000-rule apply writes 100,000 entries).
+        if set(map(len, keys)) - {self.key_size} or set(map(len, vals)) - {self.vsize}:
+            for k, v in part:
+                self._sizes(k, v)       # names the first wrong one
         if self.type in BATCH_TYPES:
-            keys = b"".join(k for k, _ in part)
-            vals = b"".join(v for _, v in part)
+            keys = b"".join(keys)
+            vals = b"".join(vals)
             n = ct.c_uint32(len(part))
             rc = _lib.bpf_map_update_batch(self.fd, keys, vals, ct.byref(n), None)
             if rc >= 0:

@@ -96,28 +96,37 @@ def rule_entries(r: model.Rule, slots: Dict[str, int]) -> List[Tuple[MaskTuple, 
     entry per (source prefix, destination prefix) pair; a packet matches at most one."""
     src, srcm = prefix_mask(r.src)
     dst, dstm = prefix_mask(r.dst)
-    proto, protom = (r.proto, 0xFF) if r.proto else (0, 0)
-    if r.in_port is not None:
-        inp, inpm = slots[r.in_port], FULL16
-    else:
-        inp, inpm = 0, 0
-    if r.proto in (1, 58):
-        sports = [(0, 0)]
-        if r.icmp_type is None:
-            dports = [(0, 0)]
-        elif r.icmp_code is None:
-            dports = [(r.icmp_type << 8, 0xFF00)]
-        else:
-            dports = [((r.icmp_type << 8) | r.icmp_code, FULL16)]
-    elif r.proto in (6, 17):
-        sports, dports = _port_prefixes(r.sport), _port_prefixes(r.dport)
-    else:
-        sports = dports = [(0, 0)]
     # A prefix's address has no host bits (the model refuses them): it is its own
     # masked value.
-    return [((srcm, dstm, spm, dpm, protom, inpm),
-             (proto & protom, inp & inpm, src, dst, sp & spm, dp & dpm))
-            for sp, spm in sports for dp, dpm in dports]
+    return [((srcm, dstm, spm, dpm, protom, inpm), (proto, inp, src, dst, sp, dp))
+            for spm, dpm, protom, inpm, proto, inp, sp, dp in _match_entries(
+                r.proto, None if r.in_port is None else slots[r.in_port], r.sport, r.dport,
+                r.icmp_type, r.icmp_code)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _match_entries(proto: int, in_slot: Optional[int], sport: Tuple[int, int],
+                   dport: Tuple[int, int], icmp_type: Optional[int], icmp_code: Optional[int]
+                   ) -> Tuple[Tuple[int, ...], ...]:
+    """A rule's entries apart from its addresses: (sport mask, dport mask, proto mask,
+    in_port mask, and the masked proto, in_port, sport, dport) each. Rules share a few of
+    these (a 100,000-rule state has a handful): computed once each."""
+    protom = 0xFF if proto else 0
+    inp, inpm = (in_slot, FULL16) if in_slot is not None else (0, 0)
+    if proto in (1, 58):
+        sports = [(0, 0)]
+        if icmp_type is None:
+            dports = [(0, 0)]
+        elif icmp_code is None:
+            dports = [(icmp_type << 8, 0xFF00)]
+        else:
+            dports = [((icmp_type << 8) | icmp_code, FULL16)]
+    elif proto in (6, 17):
+        sports, dports = _port_prefixes(sport), _port_prefixes(dport)
+    else:
+        sports = dports = [(0, 0)]
+    return tuple((spm, dpm, protom, inpm, proto & protom, inp & inpm, sp & spm, dp & dpm)
+                 for sp, spm in sports for dp, dpm in dports)
 
 
 def order_masks(max_rank: Dict[MaskTuple, int]) -> List[Tuple[MaskTuple, int]]:
@@ -145,31 +154,52 @@ class Classifier:
 
     # -- changes: each returns the (mask, key) pairs whose winner it changed -----------
     def add_rule(self, r: model.Rule, slots: Dict[str, int]) -> List[Tuple[MaskTuple, EntryKey]]:
-        value = (rule_rank(r), r.id, abi.RULE_ACTIONS[r.action])
-        if r.rate is not None:
-            self.policed.add(r.id)
-        touched = []
-        for mask, key in rule_entries(r, slots):
-            entries = self.by_mask.get(mask)
-            if entries is None:
-                entries = self.by_mask[mask] = {}
-                self.max_rank[mask] = value[0]
+        touched: List[Tuple[MaskTuple, EntryKey]] = []
+        self.insert((r,), slots, touched)
+        for mask in self.by_mask:
+            if mask not in self.key_idx:    # a new mask: the smallest index not in use
                 used = set(self.key_idx.values()) | self.reserved
                 self.key_idx[mask] = next(i for i in range(len(used) + 1) if i not in used)
-            old = entries.get(key)
-            if old is None:
-                entries[key] = value
-                self.size += 1
-            elif old[0] < value[0]:
-                self.hidden.setdefault((mask, key), []).append(old)
-                entries[key] = value
-            else:
-                self.hidden.setdefault((mask, key), []).append(value)
-                continue
-            if value[0] > self.max_rank[mask]:
-                self.max_rank[mask] = value[0]
-            touched.append((mask, key))
         return touched
+
+    def insert(self, rules: Iterable[model.Rule], slots: Dict[str, int],
+               touched: Optional[List[Tuple[MaskTuple, EntryKey]]] = None,
+               max_entries: Optional[int] = None, tenant: str = "") -> None:
+        """The rules' entries in; each entry whose winner changed goes to `touched`. New
+        masks get no key index (add_rule's, or number_masks' for a whole compile). Past
+        `max_entries` entries: refused, the rest not built. One loop for one rule or a
+        100,000 (no call per rule or entry)."""
+        by_mask, hidden, max_rank, actions = self.by_mask, self.hidden, self.max_rank, \
+            abi.RULE_ACTIONS
+        size = self.size
+        for r in rules:
+            rank = rule_rank(r)
+            value = (rank, r.id, actions[r.action])
+            if r.rate is not None:
+                self.policed.add(r.id)
+            for mask, key in rule_entries(r, slots):
+                entries = by_mask.get(mask)
+                if entries is None:
+                    entries = by_mask[mask] = {}
+                    max_rank[mask] = rank
+                old = entries.get(key)
+                if old is None:
+                    entries[key] = value
+                    size += 1
+                elif old[0] < rank:
+                    hidden.setdefault((mask, key), []).append(old)
+                    entries[key] = value
+                else:
+                    hidden.setdefault((mask, key), []).append(value)
+                    continue
+                if rank > max_rank[mask]:
+                    max_rank[mask] = rank
+                if touched is not None:
+                    touched.append((mask, key))
+            if max_entries is not None and size > max_entries:
+                self.size = size
+                raise entries_error(tenant, max_entries)
+        self.size = size
 
     def remove_rule(self, r: model.Rule, slots: Dict[str, int]) -> List[Tuple[MaskTuple, EntryKey]]:
         self.policed.discard(r.id)
@@ -251,11 +281,15 @@ class Classifier:
                    stat_of: Optional[Dict[int, int]] = None) -> Iterable[Tuple[bytes, bytes]]:
         """Classifier entries; stat_of: rule id -> its counter slot (the map layer's)."""
         stat_of = stat_of or {}
-        key, value = self.key_bytes, self.value_bytes
+        # key_bytes and value_bytes inlined: 100,000 entries for a big state.
+        pack_key, pack_value, slot, policed = _RULE_KEY.pack, _RULE.pack, stat_of.get, \
+            self.policed
         for mask, ents in self.by_mask.items():
             idx = self.key_idx[mask]
-            for k, v in ents.items():
-                yield key(idx, k, tenant_id, generation), value(v, stat_of)
+            for (proto, inp, src, dst, sp, dp), (rank, rid, action) in ents.items():
+                yield pack_key(generation, tenant_id, idx, proto, inp, 0, src, dst, sp, dp), \
+                    pack_value(rank, rid, action, 0, slot(rid, 0),
+                               rule_policer(rid) if rid in policed else 0)
 
 
 def rule_policer(rule_id: int) -> int:
@@ -330,10 +364,7 @@ def compile_rules(tenant: str, rules: Sequence[model.Rule], slots: Dict[str, int
     (port ranges into prefixes) to more entries is refused as soon as it gets there, before
     the rest is built: an oversized state costs no more than the datapath could hold."""
     cls = Classifier()
-    for r in rules:
-        cls.add_rule(r, slots)
-        if max_entries is not None and cls.size > max_entries:
-            raise entries_error(tenant, max_entries)
+    cls.insert(rules, slots, max_entries=max_entries, tenant=tenant)
     check_masks(tenant, cls, max_masks)
     cls.number_masks()
     return cls

@@ -131,16 +131,14 @@ class Controller:
 
     def _compile(self, state: model.State, slots: Dict[str, int],
                  live: Dict[str, Link], keep: Tuple[str, ...] = (),
-                 compiled: Optional[Dict[str, compiler.Classifier]] = None,
                  neighbours: Optional[Dict[str, str]] = None) -> compiler.Image:
         """The image for `state`: rules name ports by their stored slots (every configured
         port), forwarding entries exist only for ports whose interface is here now.
         Tenants in `keep` have the rules the datapath holds: their classifier is taken
-        from it, not compiled again; `compiled` has classifiers of `state` compiled
-        before (apply's check outside the lock), taken as they are."""
+        from it, not compiled again."""
         self._check_slots(state, slots)
         links = self._port_links(state, slots, live)
-        held = dict(compiled or {})
+        held: Dict[str, compiler.Classifier] = {}
         for t in state.tenants:
             cls = self.dp.classifier(t.id) if t.name in keep else None
             if cls is not None:
@@ -204,11 +202,10 @@ class Controller:
         return out
 
     def _program(self, state: model.State, slots: Dict[str, int],
-                 keep: Tuple[str, ...] = (),
-                 compiled: Optional[Dict[str, compiler.Classifier]] = None) -> Dict[str, Any]:
+                 keep: Tuple[str, ...] = ()) -> Dict[str, Any]:
         live = self._live_links(state)
         neighbours = self._neighbours(state)
-        img = self._compile(state, slots, live, keep, compiled, neighbours)
+        img = self._compile(state, slots, live, keep, neighbours)
         # Off a removed port before its entry goes: our program never runs on an
         # interface it has no port for (it would hand the VM's traffic to the kernel).
         self._detach_removed(state)
@@ -297,8 +294,7 @@ class Controller:
         return summary
 
     def _commit(self, new: model.State,
-                changes: Optional[Dict[str, Tuple[list, list, list]]] = None,
-                compiled: Optional[Dict[str, compiler.Classifier]] = None) -> Dict[str, Any]:
+                changes: Optional[Dict[str, Tuple[list, list, list]]] = None) -> Dict[str, Any]:
         """Store and datapath both get `new`, or neither does. `changes`: what differs
         from the current state ({kind: (added, removed, changed)}), given by a caller
         that made `new` by one checked change (one rule); otherwise `new` is validated
@@ -330,14 +326,14 @@ class Controller:
                     # commit below, as in the order above).
                     summary = _beside(lambda: tx.write_changes(changes),
                                       lambda: self._program_change(old, new, old_slots,
-                                                                   changes, compiled))
+                                                                   changes))
                 else:
                     tx.write_changes(changes)
                     slots = self.store.port_slots()
                     for name, slot in slots.items():
                         if old_slots.get(name) != slot:
                             self.dp.clear_counters(slot)   # a reused slot starts from zero
-                    summary = self._program_change(old, new, slots, changes, compiled)
+                    summary = self._program_change(old, new, slots, changes)
                 self._record_digest(new_rows)
         except Exception:
             # The store rolled back; put the maps back as the old state wants them.
@@ -357,9 +353,7 @@ class Controller:
         return summary
 
     def _program_change(self, old: model.State, new: model.State, slots: Dict[str, int],
-                        changes: Dict[str, Tuple[list, list, list]],
-                        compiled: Optional[Dict[str, compiler.Classifier]] = None
-                        ) -> Dict[str, Any]:
+                        changes: Dict[str, Tuple[list, list, list]]) -> Dict[str, Any]:
         """Program the datapath for a change from `old` to `new`, touching what it
         affects: one rule (added, removed or replaced) is written in place under the
         tenant's classifier generation; anything else compiles the whole image but
@@ -392,12 +386,14 @@ class Controller:
         was = {t.name: t.id for t in old.tenants}
         keep = tuple(t.name for t in new.tenants
                      if t.name not in touched and was.get(t.name) == t.id)
-        return self._program(new, slots, keep, compiled)
+        return self._program(new, slots, keep)
 
     # -- start-up -------------------------------------------------------------------------
-    def load_state(self) -> None:
-        """The stored state, every row checked (a warm start's, after it answers)."""
-        self.state, self._rows = self.store.load_with_digest()
+    def load_state(self, loaded: Optional[Tuple[model.State, int]] = None) -> None:
+        """The stored state, every row checked (a warm start's, after it answers); or
+        `loaded`, what store.load_with_digest() gave (a cold start's, read while the
+        datapath compiles)."""
+        self.state, self._rows = loaded or self.store.load_with_digest()
 
     def check_start(self) -> str:
         """At start, with the maps adopted: when the pinned digest equals the digest of
@@ -582,9 +578,10 @@ class Controller:
               ) -> Dict[str, Any]:
         """A desired state, as a diff. With `prune` it is the whole state (objects it does
         not name are removed); without, objects it does not name are kept and listed under
-        "keep". A dry run holds the lock only to take the current state and slots; parsing,
-        compiling (bounded by the datapath's sizes) and diffing a client's big state happen
-        outside it. `diff_limit`: model.diff's `limit`; `no_duplicates`: State.from_apply's."""
+        "keep". Parsing and checking a client's big state happen outside the lock; a dry
+        run holds it only to take the current state and slots (its compile, bounded by
+        the datapath's sizes, and diff are outside too). `diff_limit`: model.diff's
+        `limit`; `no_duplicates`: State.from_apply's."""
         with no_collector_passes():
             return self._apply(state, dry_run, prune, diff_limit, no_duplicates)
 
@@ -596,26 +593,25 @@ class Controller:
             cur = self.state
         new = given if prune else cur.merged(given)
         new.validate()
-        with self.lock:
-            slots = self.planned_slots(new)
-        # Compile before anything is written: a state the datapath cannot hold (too many
-        # masks, entries or ports) is refused whole.
-        img = self._compile(new, slots, {})
         if dry_run:
+            with self.lock:
+                slots = self.planned_slots(new)
+            # A state the datapath cannot hold (too many masks, entries or ports) is
+            # refused by the dry run as by the apply.
+            self._compile(new, slots, {})
             return model.diff(cur, new, kept=kept, limit=diff_limit)
         with self.lock:
-            compiled = None
-            if self.state is cur:
-                # What was compiled is what gets written: compiled once.
-                compiled = {t.name: img.tenants[t.id].classifier for t in new.tenants}
-            elif not prune:
+            if self.state is not cur and not prune:
                 # Changed meanwhile: keep what the file does not name as it is now.
                 new = self.state.merged(given)
                 new.validate()
             d = model.diff(self.state, new, kept=kept, limit=diff_limit)
             if model.count_changes(d):
-                # `new` is validated above (either way): _commit need not again.
-                self._commit(new, store_changes(self.state, new), compiled=compiled)
+                # `new` is validated above (either way): _commit need not again. It
+                # compiles the changed tenants while a big change's store rows are
+                # written (a thread: SQLite leaves the GIL), before any map write: a
+                # state the datapath cannot hold is refused whole, nothing written.
+                self._commit(new, store_changes(self.state, new))
         return d
 
     def _names(self):

@@ -18,9 +18,6 @@ from .config import ConfigError
 
 log = logging.getLogger("xdpflow.agent")
 
-# Set across the exec after a compile (see Agent._shed_compiler): the compile's seconds.
-REEXEC_ENV = "XDPFLOW_REEXEC_COMPILED"
-
 EXAMPLES = """examples:
   xdpflow-agent --config /etc/xdpflow/agent.toml            run in the foreground
   xdpflow-agent --config /etc/xdpflow/agent.toml --check    validate the config, exit 0 or 2
@@ -61,8 +58,8 @@ class Agent:
         self._links_lost = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        # The command line to start over with after a compile (main sets it; None: never).
-        self.reexec_argv = None
+        # A cold start's stored state, read while its datapath compiles (see _compile).
+        self._loaded = None
         self._stopping = False      # set by stop(): a start-up behind it starts nothing more
 
     # -- start-up ---------------------------------------------------------------------------
@@ -77,33 +74,38 @@ class Agent:
         self.store = Store.open(os.path.join(self.cfg.agent.state_dir, "state.db"))
         self.dp = Datapath(self.cfg.agent.bpffs, self.cfg.datapath_defines())
         # An adopted datapath's maps are read by the start-up's second half.
-        report = self.dp.load(read_maps=False)
+        report = self.dp.load(read_maps=False, compile=False)
+        if self.dp.how != "adopted":
+            report = self._compile()
         self._log_pins(report)
-        self._pass_fd = self._load_pass_program()
-        self._shed_compiler()
-        # Netlink (pyroute2) and the metrics server (prometheus_client) come with the
-        # start-up's second half: a warm start answers without importing them.
+        from .datapath import pass_program
+        self._pass_fd = pass_program(self.dp.pin_dir, adopt=True)
+        # Netlink (pyroute2) comes with the start-up's second half: a warm start answers
+        # without importing it.
         self.controller = Controller(self.cfg, self.store, self.dp, None,
                                      pass_fd=self._pass_fd, config_path=self.config_path,
                                      lock=self.lock, load=False)
         self._use_bpf_stats(self.cfg.metrics.bpf_stats)
         self.controller.timings = self.timings
-        if self.dp.how == "adopted":
+        adopted = self.dp.how == "adopted"
+        if adopted:
             # The pinned program keeps forwarding on its maps: answer first, load the
             # stored state and check it against the maps behind the lock (every command
-            # but status waits for it).
+            # but status waits for it; scrapes get what needs no state, see
+            # metrics.AgentSource).
             self._start_up_behind()
-            self._start_api()
         else:
             self._start_up()     # nothing of ours forwards yet: ready once programmed
-            self._start_api()
+        self._start_api()
+        # Listening as soon as the API answers: a restart is not a down target.
+        self._start_metrics()
+        if not adopted:
             self._start_watching()
 
     def _start_watching(self):
-        """The metrics server and the link watcher (after the start-up: the watcher's
-        events are reconciled against a loaded state)."""
+        """The link watcher (after the start-up: its events are reconciled against a
+        loaded state)."""
         from .links import LinkWatcher
-        self._start_metrics()
         self.watcher = LinkWatcher(self._mark_links_dirty,
                                    neighbour_wanted=self.links.wants_neighbour)
         self.watcher.start()
@@ -119,7 +121,8 @@ class Agent:
         with self.lock:
             self.links = c.links = Links()
             self.dp.read_mirror()
-            c.load_state()
+            c.load_state(self._loaded)
+            self._loaded = None
             c.startup["phase"] = "checking the maps"
             how = None
             if self.store.get_meta("seeded") is None:
@@ -170,30 +173,55 @@ class Agent:
                          {"reuse": "reusing", "create": "creating", "migrate": "migrating",
                           "rebuild": "rebuilding"}[action], ", ".join(by[action]))
 
-    def _shed_compiler(self):
-        """After a compile, start over as a process that adopts what was just pinned (exec:
-        the same pid, arguments and environment, nothing attached or served yet): the
-        compiler's libraries, LLVM and clang, about 80 MiB resident, are not in it. Once:
-        the environment says it was done, and how long the compile took, so `status` still
-        says this start compiled."""
-        done = os.environ.pop(REEXEC_ENV, None)
-        if done is not None:
-            if self.dp.how == "adopted":
-                self.dp.how, self.dp.load_seconds = "compiled", float(done)
-            return
-        if self.reexec_argv is None or self.dp.how != "compiled":
-            return
-        log.info("re-executing (pid %d stays) to leave the compiler's memory behind; the new "
-                 "image adopts the program just built", os.getpid())
-        os.environ[REEXEC_ENV] = f"{self.dp.load_seconds:.3f}"
-        self.store.close()
-        for h in logging.getLogger().handlers:
-            h.flush()
-        os.execv(self.reexec_argv[0], self.reexec_argv)
-
-    def _load_pass_program(self) -> int:
+    def _compile(self):
+        """A start that cannot adopt the pinned program (first start, upgrade, new sizes):
+        a child process compiles and pins the datapath and the pass program, then exits,
+        and this one adopts what it pinned. The compiler's libraries (LLVM and clang,
+        about 80 MiB resident) and the compile's heap never enter the agent, and the
+        stored state is read meanwhile, on the other core (100,000 rules: seconds).
+        Returns the adoption's pin report; `status` says this start compiled, and how long
+        the compile and load took (the child's own figure: it writes that, or its error,
+        to a pipe)."""
         from .datapath import pass_program
-        return pass_program(self.dp.pin_dir, adopt=self.dp.how == "adopted")
+        r, w = os.pipe()
+        parent = os.getpid()
+        t0 = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            code, said = 1, b""
+            try:
+                os.close(r)
+                _die_with(parent)
+                self._log_pins(self.dp.load(read_maps=False))
+                os.close(pass_program(self.dp.pin_dir, adopt=False))
+                log.info("datapath compiled and pinned in %.2fs (a child process: pid %d)",
+                         time.monotonic() - t0, os.getpid())
+                code, said = 0, f"{self.dp.load_seconds:.3f}".encode()
+            except BaseException as e:
+                log.exception("compiling the datapath failed")
+                said = f"{type(e).__name__}: {e}".encode()
+            finally:
+                os.write(w, said[:4000])
+                for h in logging.getLogger().handlers:
+                    h.flush()
+                os._exit(code)
+        os.close(w)
+        try:
+            # Nothing else uses the store yet, and the child never does.
+            self._loaded = self.store.load_with_digest()
+        finally:
+            _, status = os.waitpid(pid, 0)
+            with os.fdopen(r, "rb") as f:
+                said = f.read().decode(errors="replace")
+        if status != 0:
+            said = said or f"the compiling process ended with wait status {status}"
+            raise RuntimeError(f"compiling the datapath failed: {said}")
+        # Adopts what the child pinned (failing that, the log says why, and it compiles
+        # here after all).
+        report = self.dp.load(read_maps=False)
+        if self.dp.how == "adopted":
+            self.dp.how, self.dp.load_seconds = "compiled", float(said)
+        return report
 
     def _start_api(self):
         from .api import ApiServer
@@ -419,6 +447,16 @@ class Agent:
         return 0
 
 
+def _die_with(parent: int) -> None:
+    """This (child) process gets SIGKILL when `parent` ends (a stop during a compile):
+    no compile finishing behind a stopped agent, racing the next one for the pins."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 class TeardownRefused(Exception):
     pass
 
@@ -491,8 +529,6 @@ def main(argv=None) -> int:
             return 1
         return 0
     agent = Agent(cfg, args.config)
-    agent.reexec_argv = [sys.executable, "-m", "agent.daemon",
-                         *(sys.argv[1:] if argv is None else argv)]
     try:
         agent.start()
     except Exception as e:

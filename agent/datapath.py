@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
@@ -110,17 +111,31 @@ def compile_program(src: str, func: str, cflags: List[str] = (),
     from bcc import BPF
     b = BPF(src_file=str(BPF_DIR / src).encode(), cflags=list(cflags))
     try:
-        fd = os.dup(b.load_func(func.encode(), BPF.XDP).fd)
-        if func == PROGRAM:
-            for table, tails in TAIL_CALLS.items():
-                for i, tail in enumerate(tails):
-                    b[table.encode()][ct.c_int(i)] = ct.c_int(
-                        b.load_func(tail.encode(), BPF.XDP).fd)
+        tails = TAIL_CALLS if func == PROGRAM else {}
+        loaded = _verified(b, [func] + [t for names in tails.values() for t in names])
+        fd = os.dup(loaded[func])
+        for table, names in tails.items():
+            for i, tail in enumerate(names):
+                b[table.encode()][ct.c_int(i)] = ct.c_int(loaded[tail])
         own = {name: os.dup(b[name.encode()].get_fd()) for name in maps}
     finally:
         b.cleanup()
     trim_heap()
     return fd, own
+
+
+def _verified(b, funcs: List[str]) -> Dict[str, int]:
+    """Load `funcs` of the compiled module `b` (the kernel verifies each: seconds apiece
+    for the port program and its tail-called NAT programs), all at once: each load is a
+    bpf() syscall BCC makes with the GIL released, over the module's finished code, so
+    they verify side by side on as many cores. Returns their fds (BCC's, closed by
+    cleanup)."""
+    from bcc import BPF
+    if len(funcs) == 1:
+        return {funcs[0]: b.load_func(funcs[0].encode(), BPF.XDP).fd}
+    with ThreadPoolExecutor(len(funcs), thread_name_prefix="verify") as pool:
+        fns = pool.map(lambda f: b.load_func(f.encode(), BPF.XDP), funcs)
+        return {f: fn.fd for f, fn in zip(funcs, fns)}
 
 
 def trim_heap() -> None:
@@ -329,12 +344,14 @@ class Datapath:
             self._write_meta(build_id)
 
     def load(self, beside: bool = False, adopt: bool = True,
-             read_maps: bool = True) -> List[PinStatus]:
+             read_maps: bool = True, compile: bool = True) -> List[PinStatus]:
         """Compile and load the program, reusing, migrating or rebuilding pinned maps; or,
         with `adopt` when every map is reused and the pinned program has this build id,
         take the pinned program as it is (a warm start, see _adopt: `how` says which).
         An adopted datapath with `read_maps=False` has not read its configuration maps
         yet (100,000 rules: a fraction of a second): read_mirror() before any use.
+        `compile=False`: adopt or nothing (`how` stays "", nothing changed): the caller
+        compiles elsewhere (the daemon's start: in a child process).
 
         beside=True is for a reload that resizes maps while a program runs on the ports:
         the build goes to a staging dir next to the live pins and touches neither them nor
@@ -354,6 +371,8 @@ class Datapath:
         if adopt and not beside and self._adopt(report, read_maps):
             self.pin_report = report
             self._open_digest()
+            return report
+        if not compile:
             return report
         live = self.pin_dir
         if beside:

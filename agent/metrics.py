@@ -14,7 +14,9 @@ The source provides:
   ports()        -> [{name, tenant, attached, ifindex, mode}]
   agent_info()   -> {version, started_at, last_reconcile_seconds, last_apply_seconds,
                      reconcile_errors, sweeps, sweep_seconds_total; optional:
-                     program_id, kernel, config_sha256, last_change}
+                     program_id, kernel, config_sha256, last_change, state_loaded}
+                     (read first: state_loaded False, while a warm start loads its
+                     state, leaves out every part read from the state; see _FROM_STATE)
   map_pressure() -> {map: (entries in use, capacity)}   (every map the config sizes)
   datapath_runs() -> {run_time_ns, run_count} of the XDP program, or {} when the kernel's
                      BPF statistics are off ([metrics] bpf_stats)
@@ -24,6 +26,12 @@ The source provides:
   rule_counters() -> [{tenant, rule, packets, bytes}], or [] unless [metrics] rule_counters
                      is on (a series per rule: opt-in, as `iptables -L -v` on demand)
 
+A warm start serves scrapes from the moment it answers, before its stored state is loaded
+and checked against the maps (seconds with 100,000 rules): `xdpflow_agent_state_loaded` is
+0 then and the series read from the state (traffic, tenants, ports, flows, maps, NAT) are
+absent, never numbers from a half-started agent; what needs no state (the agent's info and
+start time, BPF statistics, the monitor, timings, the process) is there.
+
 Every configured tenant and port has its series from the first scrape, at 0 until traffic
 comes (`xdpflow_flows`, `xdpflow_port_packets_total` / `_bytes_total` per verdict), so
 graphs have no gaps. Durations of reconciles, configuration changes and control-API
@@ -31,6 +39,7 @@ requests are histograms kept by a `Timings` the agent shares with the API server
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -136,6 +145,10 @@ _FAMILIES: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
      "How long control-API requests took to serve, by command.", ("command",)),
     ("xdpflow_agent_start_time_seconds", "gauge",
      "When the agent started, in seconds since the Unix epoch.", ()),
+    ("xdpflow_agent_state_loaded", "gauge",
+     "1 once the agent has loaded its stored state and checked it against the maps; 0 "
+     "while a warm start does (the pinned program forwards meanwhile): series read from "
+     "the state (traffic, tenants, ports, flows, maps, NAT) are absent until then.", ()),
     ("xdpflow_reconcile_duration_seconds", "gauge",
      "How long the last reconcile of desired state into the datapath took.", ()),
     ("xdpflow_apply_duration_seconds", "gauge",
@@ -188,6 +201,10 @@ NOT_DECAPSULATED = ("uplink_other", "vni_unknown", "vtep_unknown", "parse_vxlan"
                     # the tenant's rules then judged is counted under their reasons)
                     "nat_no_flow", "nat_frag", "arp_reply")
 _SUMMED = ("xdpflow_flows", "xdpflow_port_packets", "xdpflow_port_bytes")
+# Parts read from the loaded state (port and tenant names, slots, flow counts of the
+# start-up's sweep): left out while a warm start loads it (agent_info's state_loaded).
+_FROM_STATE = frozenset(("counters", "flow_summary", "evictions", "tenants", "ports",
+                         "map_pressure", "port_tx", "rule_counters", "nat"))
 
 
 def _empty_families() -> Dict[str, Metric]:
@@ -221,12 +238,12 @@ class DatapathCollector:
         self._uplink_names = None
         failed = 0
         for part, fill in (
+            ("agent_info", self._fill_agent_info),
             ("counters", self._fill_counters),
             ("flow_summary", self._fill_flow_summary),
             ("evictions", self._fill_evictions),
             ("tenants", self._fill_tenants),
             ("ports", self._fill_ports),
-            ("agent_info", self._fill_agent_info),
             ("map_pressure", self._fill_map_pressure),
             ("datapath_runs", self._fill_datapath_runs),
             ("monitor", self._fill_monitor),
@@ -235,6 +252,8 @@ class DatapathCollector:
             ("nat", self._fill_nat),
             ("timings", self._fill_timings),
         ):
+            if part in _FROM_STATE and not _state_loaded(families):
+                continue
             # Fill into scratch families and merge only on success, so a part that fails
             # halfway exports nothing rather than a misleading subset.
             scratch = _empty_families()
@@ -363,6 +382,8 @@ class DatapathCollector:
         f["xdpflow_sweeps"].add_metric([], int(info["sweeps"]))
         f["xdpflow_sweep_duration_seconds"].add_metric(
             [], float(info["sweep_seconds_total"]))
+        f["xdpflow_agent_state_loaded"].add_metric([], 1 if info.get("state_loaded", True)
+                                                   else 0)
 
     def _fill_map_pressure(self, f: Dict[str, Metric]) -> None:
         for name, (used, capacity) in sorted(self._source.map_pressure().items()):
@@ -392,6 +413,13 @@ class DatapathCollector:
                 f[family].add_metric(list(labels), buckets, total)
         for labels, n in t.counts("api"):
             f["xdpflow_api_requests"].add_metric(list(labels), n)
+
+
+def _state_loaded(families: Dict[str, Metric]) -> bool:
+    """What agent_info (read first) said of the state; loaded when it said nothing (a
+    source without warm starts, or agent_info failed: each part then answers for itself)."""
+    samples = families["xdpflow_agent_state_loaded"].samples
+    return not samples or samples[0].value == 1
 
 
 def _summed(samples: List[Any]) -> List[Any]:
@@ -438,10 +466,17 @@ def serve(collector: DatapathCollector, host: str, port: int) -> MetricsServer:
 
 class AgentSource:
     """The collector's source in the agent: the controller's reads, each taken under the
-    controller's lock (the one every change of the datapath holds)."""
+    controller's lock (the one every change of the datapath holds), except while a warm
+    start loads its state: its start-up holds the lock for seconds then, and the collector
+    reads only what needs no state (agent_info says state_loaded False)."""
 
     def __init__(self, controller):
         self.c = controller
+
+    def _lock(self):
+        if self.c.startup["done"]:
+            return self.c.lock
+        return contextlib.nullcontext()
 
     def counters(self):
         with self.c.lock:
@@ -468,15 +503,16 @@ class AgentSource:
             return self.c.port_rows()
 
     def agent_info(self):
-        with self.c.lock:
-            return self.c.agent_info()
+        loaded = self.c.startup["done"]
+        with self._lock():
+            return {**self.c.agent_info(), "state_loaded": loaded}
 
     def map_pressure(self):
         with self.c.lock:
             return self.c.map_pressure()
 
     def datapath_runs(self):
-        with self.c.lock:
+        with self._lock():
             return self.c.datapath_runs()
 
     def port_tx(self):

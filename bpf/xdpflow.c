@@ -1252,7 +1252,8 @@ static __always_inline int xf_reply_of(struct xf_ctx *c, struct xf_flow *f,
  * is sc->nf for the key sc->ck. */
 static __always_inline int xf_stage_classify(struct xdp_md *ctx, struct xf_ctx *c,
                                              struct xf_flow *f,
-                                             struct xf_scratch *sc, struct xf_judgement *j)
+                                             struct xf_scratch *sc, struct xf_judgement *j,
+                                             __u8 mode)
 {
     if (f && f->generation != c->gen) {
         c->v.stale = 1;
@@ -1279,9 +1280,18 @@ static __always_inline int xf_stage_classify(struct xdp_md *ctx, struct xf_ctx *
         sc->nf.generation = c->gen;
         sc->nf.created_ns = now;
         sc->nf.last_seen_ns = now;
-        /* The node's own addresses too: the rules judge them before the kernel sees them. */
+        /* The node's own addresses too: the rules judge them before the kernel sees them.
+         * Either order decides the same (the classifier only writes j->r, and has no
+         * side effect before the route's NAT tail call). The order is the verifier's:
+         * the port program walks the mask loop fewer times with the rules first (not
+         * once more per outcome of the route), the NAT programs with the route first
+         * (`mode` is a compile-time constant: each program has one order). Measured
+         * at 32 masks: port 869k rules first, 916k route first; NAT-out 818k / 980k. */
+        if (mode == XF_MODE_PORT)
+            xf_classify(c->tenant, c->cls_gen, &sc->ck, j->in_port, &j->r);
         j->reason = xf_route(ctx, c, &sc->ck, &sc->nf);
-        xf_classify(c->tenant, c->cls_gen, &sc->ck, j->in_port, &j->r);
+        if (mode != XF_MODE_PORT)
+            xf_classify(c->tenant, c->cls_gen, &sc->ck, j->in_port, &j->r);
         if (!j->as_reply || (j->r.action == XF_A_ALLOW && sc->nf.verdict == XF_V_REDIRECT))
             break;
         /* The forward direction is no longer allowed and forwarded: the packet is new
@@ -1508,7 +1518,8 @@ static __always_inline int xf_nat_install(struct xf_ctx *c, struct xf_scratch *s
 }
 
 static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c,
-                                            struct xf_scratch *sc, struct xf_judgement *j)
+                                            struct xf_scratch *sc, struct xf_judgement *j,
+                                            __u8 mode)
 {
     sc->nf.rule_id = j->r.rule_id;
     sc->nf.rule_stat = j->r.stat;
@@ -1520,8 +1531,13 @@ static __always_inline int xf_stage_install(struct xdp_md *ctx, struct xf_ctx *c
         sc->nf.out_ifindex = 0;
         sc->nf.out_port = 0;
         j->reason = XF_R_RULE_PASS;
-    } else if (c->decap_vtep && !j->as_reply && (sc->nf.flags & XF_FLOW_ENCAP)) {
-        /* From the overlay back into it: no node is a transit for another. */
+    } else if (c->decap_vtep && !j->as_reply &&
+               ((sc->nf.flags & XF_FLOW_ENCAP) ||
+                (mode == XF_MODE_PORT && j->reason == XF_R_NO_NEIGH))) {
+        /* From the overlay back into it: no node is a transit for another, also while
+         * the far VTEP's underlay neighbour is not resolved (no_neigh: a remote endpoint
+         * without its outer MAC yet), or the kernel would get it. Only the port program
+         * decapsulates: the NAT programs leave the test out (the verifier's budget). */
         return xf_decide(c, XF_V_DROP, XF_R_NO_ROUTE);
     } else if (sc->nf.verdict == XF_V_DROP) {
         /* Allowed, but nowhere to go: not cached, so a new endpoint or route takes
@@ -1623,9 +1639,9 @@ static __always_inline int xf_pipeline(struct xdp_md *ctx, __u8 mode)
     else if (f && (f->flags & XF_FLOW_SNAT))
         c.nat_hint = f->encap_sport;       /* judged again: keep its SNAT port */
     if (rc == XF_NEXT)
-        rc = xf_stage_classify(ctx, &c, f, sc, &j);
+        rc = xf_stage_classify(ctx, &c, f, sc, &j, mode);
     if (rc == XF_NEXT)
-        rc = xf_stage_install(ctx, &c, sc, &j);
+        rc = xf_stage_install(ctx, &c, sc, &j, mode);
     return xf_finish(ctx, &c, rc);
 }
 

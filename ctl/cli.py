@@ -147,15 +147,18 @@ def leaf_commands(parser: argparse.ArgumentParser) -> List[str]:
 class StateFile:
     """An apply file's text and data, to name the line of what an error is about."""
 
-    def __init__(self, path: str, text: str, data: Optional[Dict[str, Any]]):
+    def __init__(self, path: str, text: str, data: Optional[Dict[str, Any]],
+                 wire: Optional[str] = None):
         """`data` None: a JSON file, parsed (and its outline checked) when first asked
         for: apply sends a JSON file's text as it is (RawJSON) and reads it only to name
-        the place of an error."""
+        the place of an error. `wire`: a TOML file's data as JSON text (made once, when
+        checking that it holds no dates)."""
         self.path = path if path != "-" else "<stdin>"
         self._path = path
         if data is not None:
             self.data = data
         self._text = text
+        self._wire = wire
         self.is_json = is_json_file(path)
 
     @functools.cached_property
@@ -166,9 +169,11 @@ class StateFile:
         return data
 
     def wire_state(self) -> Any:
-        """What apply sends as its state: a JSON file's text unparsed (the agent parses
-        it anyway; a 100,000-rule file took the client 0.2 s to parse and encode again),
-        a TOML file's data."""
+        """What apply sends as its state, as JSON text: a JSON file's own, unparsed (the
+        agent parses it anyway; a 100,000-rule file took the client 0.2 s to parse and
+        encode again), a TOML file's data encoded once."""
+        if self._wire is not None:
+            return RawJSON(self._wire)
         return RawJSON(self._text) if "data" not in self.__dict__ else self.data
 
     @functools.cached_property
@@ -278,8 +283,8 @@ def read_state_file(path: str, raw_json: bool = False) -> StateFile:
     when its data is first asked for (StateFile.wire_state)."""
     if raw_json and is_json_file(path):
         return StateFile(path, _read_text(path), None)
-    text, data = _read_state_file(path)
-    f = StateFile(path, text, data)
+    text, data, wire = _read_state_file(path)
+    f = StateFile(path, text, data, wire)
     f.check_shape()
     return f
 
@@ -299,7 +304,8 @@ def _read_text(path: str) -> str:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _read_state_file(path: str) -> Tuple[str, Dict[str, Any]]:
+def _read_state_file(path: str) -> Tuple[str, Dict[str, Any], Optional[str]]:
+    """(text, data, the data as JSON text: what apply sends; None for a JSON file)."""
     try:
         import tomllib
     except ModuleNotFoundError:      # Python < 3.11 (pyproject pulls tomli in there)
@@ -307,7 +313,7 @@ def _read_state_file(path: str) -> Tuple[str, Dict[str, Any]]:
     text = _read_text(path)
     try:
         if is_json_file(path):
-            return text, _parse_json_state(path, text)
+            return text, _parse_json_state(path, text), None
         data = _parse_toml(text, tomllib.loads)
     except tomllib.TOMLDecodeError as e:
         # tomllib's message ends "(at line L, column C)", which is what the user needs.
@@ -317,14 +323,14 @@ def _read_state_file(path: str) -> Tuple[str, Dict[str, Any]]:
         # RecursionError, not TOMLDecodeError (found by the fuzz tests, issue 14).
         raise UsageError(f"{path}: arrays or tables nested too deeply") from None
     try:
-        json.dumps(data)
+        wire = json.dumps(data, separators=(",", ":"))
     except (TypeError, ValueError):
         try:
             tomllib.loads(text)     # a time without seconds is TOML 1.1 (rtoml): its error
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"{path}: TOML syntax error: {e}") from None
         raise UsageError(f"{path}: dates and times are not accepted in a state file") from None
-    return text, data
+    return text, data, wire
 
 
 # What TOML 1.1 adds, and rtoml (which reads 1.1) would accept where tomllib (1.0) refuses:

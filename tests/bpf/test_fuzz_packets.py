@@ -456,9 +456,8 @@ def test_overlay_packets_on_the_uplink_are_judged_by_the_oracle(bench):
     got = {k: v[0] for k, v in (bench.snapshot() - before).items()}
     p5 = SLOT["p5"]
     # Transit (an inner destination behind another VTEP) is refused (test_overlay.py:
-    # drop, no_route) once the VTEP's underlay MAC is known; this node knows none, and the
-    # datapath looks the neighbour up first: the kernel gets it, outer headers kept.
+    # drop, no_route), also while the VTEP's underlay MAC is unknown, as here.
     assert got == {(p5, "redirect", "rule_allow"): 2, (p5, "redirect", "flow"): 1,
                    (p5, "drop", "vtep_unknown"): 2,
                    (p5, "drop", "vni_unknown"): 1, (p5, "drop", "spoof"): 3,
-                   (p5, "pass", "no_neigh"): 1}, got
+                   (p5, "drop", "no_route"): 1}, got

@@ -16,9 +16,9 @@ from scapy.layers.vxlan import VXLAN
 from agent import abi
 
 from . import cases
-from .cases import (BLUE, XDP_PASS, XDP_REDIRECT, Case, Send, arp_answer, arp_req,
+from .cases import (BLUE, XDP_DROP, XDP_PASS, XDP_REDIRECT, Case, Send, arp_answer, arp_req,
                     flow_check, routed, rule, stays, tcp4, udp4, udp6)
-from .conftest import PORT_MAC
+from .conftest import PORT_MAC, SLOT
 from .test_datapath import run_case, trace_case
 
 pytestmark = pytest.mark.bpf
@@ -263,6 +263,29 @@ def test_unresolved_underlay_neighbour_goes_to_the_kernel(bench):
         rc, out = bench.run(raw(to_remote()), "p1")
         assert rc == XDP_REDIRECT
         assert Ether(out)[IP].dst == REMOTE_VTEP and Ether(out).dst == UNDERLAY_MAC
+    finally:
+        bench.neighbours = {}
+
+
+def test_transit_is_refused_whether_or_not_the_far_vteps_neighbour_is_resolved(bench):
+    """Decapsulated traffic to a remote endpoint behind another VTEP is dropped as
+    no_route before that VTEP's underlay MAC is known too: it never goes to the kernel
+    (`no_neigh`, outer headers kept), nor out again once the MAC is known."""
+    transit = raw(vxlan(from_remote(dst=FAR_IP)))
+    up = SLOT[UPLINK]
+    # The sender's VTEP is resolved (the reply path exists); the far one is not yet.
+    bench.neighbours = {REMOTE_VTEP: UNDERLAY_MAC}
+    try:
+        bench.apply(overlay())
+        for resolved in (False, True):
+            if resolved:
+                bench.neighbours = {REMOTE_VTEP: UNDERLAY_MAC, OTHER_VTEP: "02:ee:00:00:00:03"}
+                bench.sync(overlay())
+            before = bench.snapshot()
+            rc, _ = bench.run(transit, UPLINK)
+            delta = {k: v[0] for k, v in (bench.snapshot() - before).items()}
+            assert (rc, delta) == (XDP_DROP, {(up, "drop", "no_route"): 1}), resolved
+            assert not bench.flows(), resolved       # refused, not cached
     finally:
         bench.neighbours = {}
 

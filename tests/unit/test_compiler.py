@@ -216,6 +216,23 @@ def test_rule_counter_slots_are_kept_reused_only_when_freed_and_bounded():
     assert abi.Rule.from_buffer_copy(v).stat == 7
 
 
+def test_whole_classifier_items_are_the_entries_one_by_one():
+    """rule_items (a whole write, packed inline for speed) writes each entry exactly as
+    entry_item (a one-rule change) does: keys, ranks, actions, counter slots, buckets."""
+    rules = [rule(id=4, src="10.0.0.0/8", proto="tcp", dport="20-30"),
+             rule(id=5, dst="fd00::/64", proto="udp", action="deny", priority=9),
+             rule(id=6, proto="icmp", icmp_type=8, in_port="p1"),
+             rule(id=7, src="10.1.0.0/16", rate="100pps")]
+    cls = compiler.compile_rules("blue", rules, {"p1": 3}, 8)
+    stat = {4: 7, 6: 9}
+    whole = dict(cls.rule_items(10, 5, stat))
+    one = dict(cls.entry_item(mask, key, 10, 5, stat)
+               for mask, ents in cls.by_mask.items() for key in ents)
+    assert whole == one and len(whole) == cls.size > len(rules)
+    values = [abi.Rule.from_buffer_copy(v) for v in whole.values()]
+    assert {(v.stat, v.policer != 0) for v in values} >= {(7, False), (9, False), (0, True)}
+
+
 def test_rule_by_rule_changes_hold_what_a_fresh_compile_holds():
     """A classifier changed one rule at a time (adds, removes, replacements, rules whose
     entries coincide) holds, mask for mask and entry for entry, what compiling the final

@@ -2,6 +2,7 @@
 import shutil
 import socket
 import subprocess
+import threading
 import urllib.request
 
 import pytest
@@ -346,3 +347,151 @@ def test_nat_translations_and_exhaustions_are_exported(source):
     assert got[("xdpflow_nat_translations_total",
                 (("direction", "out"), ("kind", "snat"), ("tenant", "blue")))] == 7
     assert got[("xdpflow_nat_port_exhaustions_total", (("tenant", "blue"),))] == 2
+
+
+# -- a warm start's load: scrapes answer with what needs no state --------------------------
+
+# Families read from the stored state: absent while a warm start loads it.
+FROM_STATE = ("xdpflow_packets_total", "xdpflow_flows", "xdpflow_flow_table_capacity",
+              "xdpflow_flow_evictions_total", "xdpflow_tenant_generation", "xdpflow_rules",
+              "xdpflow_port_attached", "xdpflow_port_packets_total", "xdpflow_map_entries",
+              "xdpflow_port_tx_packets_total", "xdpflow_rule_packets_total",
+              "xdpflow_nat_translations_total", "xdpflow_overlay_packets_total")
+
+
+class LoadingSource(FakeSource):
+    """A warm start still loading its state: agent_info says so; every read is named."""
+
+    def __init__(self):
+        super().__init__()
+        self.loaded = False
+        self.read = []
+
+    def _call(self, name):
+        self.read.append(name)
+        super()._call(name)
+
+    def agent_info(self):
+        return {**super().agent_info(), "state_loaded": self.loaded}
+
+
+def test_while_the_state_loads_only_what_needs_no_state_is_exported():
+    source = LoadingSource()
+    srv = serve(DatapathCollector(source), "127.0.0.1", 0)
+    try:
+        body = scrape("127.0.0.1", srv.port)
+        got = samples(body)
+        assert value(got, "xdpflow_agent_state_loaded") == 0
+        # Nothing failed: the parts left out were not read, and count as no error.
+        assert value(got, "xdpflow_up") == 1
+        assert value(got, "xdpflow_scrape_errors_total") == 0
+        assert set(source.read) == {"agent_info", "datapath_runs", "monitor"}
+        names = {name for name, _ in got}
+        for name in FROM_STATE:
+            assert name not in names, name
+        assert value(got, "xdpflow_agent_info", version="0.1.0") == 1
+        assert value(got, "xdpflow_agent_start_time_seconds") == 1700000000.5
+        assert value(got, "xdpflow_datapath_runs_total") == 100_000_000
+        assert value(got, "xdpflow_monitor_events_total") == 900
+        if shutil.which(PROMTOOL):
+            check = subprocess.run([PROMTOOL, "check", "metrics"], input=body, text=True,
+                                   capture_output=True, timeout=30)
+            assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), \
+                check.stdout + check.stderr
+
+        source.loaded, source.read = True, []
+        got = samples(scrape("127.0.0.1", srv.port))
+        assert value(got, "xdpflow_agent_state_loaded") == 1
+        assert value(got, "xdpflow_rules", tenant="blue") == 5
+        assert value(got, "xdpflow_port_attached", port="veth-vm1", tenant="blue",
+                     mode="native") == 1
+        assert len(set(source.read)) == 12      # every part of the source
+    finally:
+        srv.shutdown()
+
+
+def test_a_source_that_says_nothing_of_the_state_is_loaded(source):
+    families = {f.name: f for f in DatapathCollector(source).collect()}
+    assert families["xdpflow_agent_state_loaded"].samples[0].value == 1
+    assert families["xdpflow_rules"].samples
+
+
+class _Controller:
+    """What AgentSource reads of the controller, with the lock a warm start's start-up
+    holds while it loads the state."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+        self.lock = threading.RLock()
+        self.startup = {"done": False, "phase": "loading state"}
+        self.cfg = SimpleNamespace(metrics=SimpleNamespace(rule_counters=False))
+        self.monitor = SimpleNamespace(stats=lambda: dict(listeners=0, sent=0, rate_cap=0,
+                                                          ring_full=0, client=0))
+        self.evictions = SimpleNamespace(as_dict=dict)
+
+    def agent_info(self):
+        return dict(version="0.1.0", started_at=1700000000.5, last_reconcile_seconds=0.0,
+                    last_apply_seconds=0.0, reconcile_errors=0, sweeps=0,
+                    sweep_seconds_total=0.0, program_id=42)
+
+    def datapath_runs(self):
+        return {}
+
+    def counter_rows(self):
+        return []
+
+    def flow_summary(self, rows):
+        return dict(total=0, capacity=1000, by_tenant={}, insert_failures=0)
+
+    def tenant_rows(self):
+        return [dict(name="blue", id=1, generation=1, rules=3, endpoints=1)]
+
+    def port_rows(self):
+        return []
+
+    def map_pressure(self):
+        return {}
+
+    def port_tx_rows(self):
+        return []
+
+    def nat_rows(self):
+        return []
+
+
+def test_agent_source_takes_no_lock_while_the_start_up_holds_it():
+    """The start-up holds the controller's lock for as long as the load takes (seconds):
+    a scrape then answers at once with what needs no state, without waiting for it."""
+    from agent.metrics import AgentSource
+    c = _Controller()
+    collector = DatapathCollector(AgentSource(c))
+    holding, release = threading.Event(), threading.Event()
+
+    def start_up():
+        with c.lock:
+            holding.set()
+            release.wait(60)
+            c.startup = {"done": True, "phase": ""}
+
+    t = threading.Thread(target=start_up)
+    t.start()
+    try:
+        holding.wait(10)
+        out = []
+        scraper = threading.Thread(target=lambda: out.append(
+            {f.name: f for f in collector.collect()}))
+        scraper.start()
+        scraper.join(30)
+        assert out, "the scrape waited for the start-up's lock"
+        fam = out[0]
+        assert fam["xdpflow_agent_state_loaded"].samples[0].value == 0
+        assert fam["xdpflow_up"].samples[0].value == 1
+        assert fam["xdpflow_agent"].samples[0].labels["program_id"] == "42"
+        assert not fam["xdpflow_rules"].samples
+    finally:
+        release.set()
+        t.join(10)
+    fam = {f.name: f for f in collector.collect()}
+    assert fam["xdpflow_agent_state_loaded"].samples[0].value == 1
+    assert fam["xdpflow_rules"].samples[0].value == 3
+    assert fam["xdpflow_up"].samples[0].value == 1

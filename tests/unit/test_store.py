@@ -644,3 +644,20 @@ def test_version_7_database_gets_the_lean_rule_indexes_and_keeps_its_references(
                     raw.execute("ROLLBACK")
     with Store.open(path) as store:
         assert store.load().to_dict() == _state().to_dict()
+
+
+def test_many_rows_referring_to_nothing_are_refused_at_commit_naming_one(tmp_path):
+    """Past a few rows no scan is made before the commit (a 100,000-rule apply's rows are
+    written beside its map writes anyway): SQLite's deferred keys refuse the commit, the
+    error names a row that refers to nothing, and nothing of the change is stored."""
+    from agent import store as store_mod
+    st = _state()
+    ghosts = [Rule.from_dict({"id": 1000 + i, "tenant": "ghost", "priority": 1,
+                              "action": "allow"}) for i in range(store_mod._FEW + 1)]
+    with _open(tmp_path) as store:
+        _put(store, State(), st)
+        with pytest.raises(StoreError, match=r"commit failed|refers to a missing row") as e:
+            with store.transaction() as tx:
+                tx.write_changes({"rules": (ghosts, [], [])})
+        assert "table rules: row {'id': 10" in str(e.value) and "table tenants" in str(e.value)
+        assert store.load().to_dict() == st.to_dict()
