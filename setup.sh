@@ -3,7 +3,8 @@
 # the demo or the tests:
 #   bash setup.sh          set up only
 #   bash setup.sh demo     set up, then run the agent on a demo lab (xdpflow-lab demo)
-#   bash setup.sh test     set up, then run the whole test suite (all tiers)
+#   bash setup.sh test     set up, then run the whole test suite (all tiers, .ci/tiers)
+#   bash setup.sh test ARGS...   set up, then pytest ARGS (e.g. -m unit)
 # Running it twice is quick and changes nothing the second time (it says so).
 # Works without a terminal (CI: no stdin, CI=true).
 #
@@ -190,5 +191,10 @@ rm -f "$log"   # exec below skips the EXIT trap
 case "${1:-}" in
   "") say "done. Run: bash setup.sh demo   or   bash setup.sh test" ;;
   demo) shift; step="demo"; exec "$venv/bin/xdpflow-lab" demo "$@" ;;
-  test) shift; step="test"; exec "$venv/bin/python" -m pytest "$@" ;;
+  test)
+    shift; step="test"
+    # With pytest arguments, one pytest run of what they select; without, every tier, the
+    # lab tier beside the others (.ci/tiers says why).
+    if [ "$#" -gt 0 ]; then exec "$venv/bin/python" -m pytest "$@"; fi
+    exec bash "$here/.ci/tiers" "$venv/bin/python" ;;
 esac

@@ -38,6 +38,14 @@ VM_MAC = {1: "02:00:00:00:00:01", 2: "02:00:00:00:00:02"}
 VM_IP = {1: "10.0.0.1", 2: "10.0.0.2"}
 TENANTS = {"blue": 10, "red": 20}
 
+# How long a starting agent may take to answer: a bound, polled, never waited out. A cold
+# start compiles the datapath with BCC: about 9 s on a quiet machine, past 60 s on a
+# shared 2-core one with other test tiers running beside it (`bash setup.sh test`).
+AGENT_START_TIMEOUT = 300.0
+# How long one xdpflowctl call may take, by default: commands wait while a reload
+# compiles (the same BCC build).
+CTL_TIMEOUT = 180.0
+
 SMALL_DATAPATH = {"flow_table_size": 65536, "max_rule_entries": 4096, "max_endpoints": 1024,
                   "max_routes": 1024, "max_ports": 64}
 
@@ -187,7 +195,8 @@ class Lab:
 
     # -- the agent ----------------------------------------------------------------------------
     def start_agent(self, env: Optional[Dict[str, str]] = None, wait: bool = True,
-                    timeout: float = 60.0, detach: bool = False) -> subprocess.Popen:
+                    timeout: float = AGENT_START_TIMEOUT,
+                    detach: bool = False) -> subprocess.Popen:
         """Start the agent in the node namespace; `detach` puts it in its own session, so
         it outlives this process (`xdpflow-lab up`) and a Ctrl-C here does not reach it."""
         assert self.proc is None or self.proc.poll() is not None, "an agent is running"
@@ -212,7 +221,7 @@ class Lab:
             self.wait_ready(timeout)
         return self.proc
 
-    def wait_ready(self, timeout: float = 60.0) -> Dict[str, Any]:
+    def wait_ready(self, timeout: float = AGENT_START_TIMEOUT) -> Dict[str, Any]:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -250,7 +259,7 @@ class Lab:
 
     # -- xdpflowctl and metrics -------------------------------------------------------------
     def ctl(self, *args: str, json: bool = True, as_user: Optional[Sequence[str]] = None,
-            timeout: float = 30.0, input: Optional[str] = None) -> CtlResult:
+            timeout: float = CTL_TIMEOUT, input: Optional[str] = None) -> CtlResult:
         cmd = [CTL, "--socket", self.socket] + (["--json"] if json else []) + list(args)
         if as_user is not None:
             cmd = list(as_user) + cmd

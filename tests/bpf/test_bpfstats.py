@@ -8,7 +8,8 @@ from agent.bpfstats import BpfStats, _sysctl_on, run_stats
 
 from . import cases
 
-pytestmark = pytest.mark.bpf
+# Global statistics: no lab agent of this run may hold them on meanwhile (tests/conftest.py).
+pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("bpf_stats_to_ourselves")]
 
 
 def test_run_stats_count_while_enabled_only(bench):

@@ -63,10 +63,13 @@ def lab_prefix():
     return _recorded_prefix()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo_lab():
-    """The demo lab (netns_lab/labs/demo.toml) up on every path for a module's tests,
-    always removed; the agent's log shown at the end."""
+    """The demo lab (netns_lab/labs/demo.toml) up on every path, built once for the
+    session (three paths, an agent's compile, two kernel variants: a minute or more on a
+    busy machine) and shared by the modules that compare on it; each of them undoes what
+    it changes. Always removed (after the last module, before the check below); the
+    agent's log shown at the end."""
     from netns_lab import labfile, topology
     _require_root()
     spec = labfile.load(labfile.DEMO_LAB, prefix=_recorded_prefix())

@@ -267,7 +267,9 @@ def test_a_monitor_keeps_streaming_across_a_datapath_rebuild(net):
                                            "flow_table_size = 131072"))
         net.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 60
-        while net.ok("status")["program_id"] == before:
+        # `status` waits while the reload compiles (9 s quiet, over 30 s on a busy
+        # machine): the deadline bounds the wait, not one call's timeout.
+        while net.ok("status", timeout=120)["program_id"] == before:
             assert time.monotonic() < deadline, "the program was not replaced"
             time.sleep(0.2)
         exchange(vm1, "tcp", vm2.ip, 5202, "x", timeout=0.5)

@@ -84,7 +84,9 @@ def pinned_entries(lab, name: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def node(module_lab):
+def node(bpf_stats_to_ourselves, module_lab):
+    """The agent holds BPF_ENABLE_STATS on: under the lock the bpf tier's statistics test
+    takes (tests/conftest.py), asked for first so it outlives the lab's agent."""
     lab = module_lab
     vm1, vm2 = lab.add_vm("blue", 1), lab.add_vm("blue", 2)
     lab.write_config(

@@ -51,3 +51,37 @@ def test_setup_refuses_an_unknown_command_first():
     assert p.stdout == ""      # nothing was done: no package check, no venv
     assert p.stderr == ("setup: error: step \"start\": unknown command 'tset' "
                         "(use: demo, test, or nothing)\n")
+
+
+def tiers_with_groups_exiting(tmp_path: Path, lab: int, rest: int) -> subprocess.CompletedProcess:
+    """.ci/tiers with a stand-in python that records its arguments and exits `lab` for
+    the lab group's pytest, `rest` for the other one's."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\necho "$*" >> "$(dirname "$0")/calls"\n'
+                    f'case "$*" in *"-m lab "*) exit {lab};; *) exit {rest};; esac\n')
+    fake.chmod(0o755)
+    return subprocess.run(["bash", str(CHECKOUT / ".ci" / "tiers"), str(fake), "-x"],
+                          capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("lab,rest,want", [(0, 0, 0), (1, 0, 1), (0, 1, 1), (0, 5, 5),
+                                           (5, 0, 5), (2, 1, 2)])
+def test_tiers_fail_when_either_group_fails_or_tests_nothing(tmp_path, lab, rest, want):
+    p = tiers_with_groups_exiting(tmp_path, lab, rest)
+    assert p.returncode == want, p.stdout + p.stderr
+    assert f"lab tier exit {lab}; bpf, setup and unit tiers exit {rest}" in p.stdout
+
+
+def test_tiers_run_every_test_once_in_two_groups(tmp_path):
+    """The two pytest runs select by marker, lab and not lab: together every test, none
+    twice; extra arguments reach both."""
+    tiers_with_groups_exiting(tmp_path, 0, 0)
+    calls = sorted((tmp_path / "calls").read_text().splitlines())
+    assert calls == ["-m pytest -m lab --durations=25 -x",
+                     "-m pytest -m not lab --durations=25 -x"]
+
+
+def test_setup_test_without_arguments_runs_the_tiers():
+    text = (CHECKOUT / "setup.sh").read_text()
+    assert 'exec bash "$here/.ci/tiers" "$venv/bin/python"' in text

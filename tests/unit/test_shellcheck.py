@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-SCRIPTS = ["setup.sh", "systemd/install.sh", ".ci/run"]
+SCRIPTS = ["setup.sh", "systemd/install.sh", ".ci/run", ".ci/tiers"]
 
 
 @pytest.fixture
