@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, Optional
 
 from agent import commands, model
-from agent.bulk import no_collector_passes
+from agent.bulk import no_collector_passes, state_building
 
 DEFAULT_SOCKET = "/run/xdpflow/agent.sock"
 COMPRESS_ABOVE = 1 << 20           # bytes of a plain request the client sends compressed
@@ -465,11 +465,14 @@ class ApiServer:
             c = self._work.get()
             if c is None:
                 return
+            # A compressed request is a big one (an apply of a big file): see state_building.
+            big = b'"args_zlib"' in c.buf[:64]
             try:
-                reply = self.handle(bytes(c.buf), c.peer)
-                if isinstance(reply, commands.Stream):
-                    c.stream, reply = reply, reply_ok(reply.head)
-                c.out = _encode(reply)
+                with state_building() if big else contextlib.nullcontext():
+                    reply = self.handle(bytes(c.buf), c.peer)
+                    if isinstance(reply, commands.Stream):
+                        c.stream, reply = reply, reply_ok(reply.head)
+                    c.out = _encode(reply)
             except Exception:  # a result JSON cannot carry: a bug in the controller
                 self.log.exception("control API: cannot encode the reply")
                 c.out = _encode(reply_error(INTERNAL, "the reply could not be encoded "

@@ -20,3 +20,21 @@ def no_collector_passes() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
+
+
+@contextlib.contextmanager
+def state_building() -> Iterator[None]:
+    """For a request that may build the agent's next state (an apply of a big file): no
+    collector pass while it runs, and what it leaves alive frozen at its end (gc.freeze:
+    the new state, long-lived, which no later pass need walk). Without the freeze the
+    first passes after such a request walked its million objects, 0.3-0.5 s (measured)
+    before its reply went out. Its temporaries are freed by their reference counts
+    before the freeze; a cycle made meanwhile stays frozen (none is expected)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was:
+            gc.enable()

@@ -178,6 +178,23 @@ def test_a_state_larger_than_the_limit_goes_compressed_and_arrives_whole(sock_pa
     assert len(d["rules"]["add"]) == 30_000 and len(ctl.state.rules) == 30_000
 
 
+def test_a_big_request_leaves_its_state_frozen_and_the_collector_on(sock_path):
+    """A compressed request (a big apply) runs without collector passes and freezes what
+    it leaves (bulk.state_building): the new state's objects are out of every later
+    pass. A plain request freezes nothing; the collector is on after both."""
+    import gc
+    ctl = populated()
+    gc.unfreeze()
+    with ApiServer(ctl, sock_path, admin_group=grp.getgrgid(os.getgid()).gr_name):
+        ApiClient(sock_path).call("apply", {"state": big_state(10)})
+        assert gc.get_freeze_count() == 0 and gc.isenabled()
+        d = ApiClient(sock_path).call("apply", {"state": big_state(20_000)})
+        frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    assert len(d["rules"]["add"]) == 19_990 and len(ctl.state.rules) == 20_000
+    assert frozen > 20_000 and gc.isenabled()
+
+
 @pytest.mark.parametrize("payload,match", [
     (b"!!", "not base64"),
     (base64.b64encode(b"not zlib"), "not zlib"),
