@@ -51,12 +51,7 @@ def test_a_warm_start_answers_first_and_commands_wait_for_its_state(lab):
     lab.add_vm("blue", 1)
     lab.write_config(datapath={"max_rule_entries": 2 * N + 4096})
     lab.start_agent()
-    state = lab.base_state()
-    state["rules"] = [{"id": 100 + i, "tenant": "blue", "priority": 10, "action": "deny",
-                       "src": f"198.18.{i // 250}.{i % 250}/32"} for i in range(N)]
-    path = lab.dir / "big.json"
-    path.write_text(json.dumps(state))
-    lab.ok("apply", str(path), timeout=600)
+    apply_many_rules(lab, N)
     # 12,000 rows are not hashed by the apply (the digest stays cleared), unless a link
     # event's reconcile recorded it since: the first start may compare; the next trusts.
     for expect in (("reconciled: no pinned digest", "skipped: the pinned digest matches"),
@@ -75,3 +70,13 @@ def test_a_warm_start_answers_first_and_commands_wait_for_its_state(lab):
         assert final["ports"][0]["attached"], final["ports"]
     # How many answers came before the start-up was done (0 on a fast enough machine).
     print(f"answers during the start-up: {sum(not a['startup']['done'] for a in answers)}")
+
+
+def apply_many_rules(lab, n: int) -> None:
+    """The lab's base state and `n` deny rules of blue (one mask), applied from JSON."""
+    state = lab.base_state()
+    state["rules"] = [{"id": 100 + i, "tenant": "blue", "priority": 10, "action": "deny",
+                       "src": f"198.18.{i // 250}.{i % 250}/32"} for i in range(n)]
+    path = lab.dir / "big.json"
+    path.write_text(json.dumps(state))
+    lab.ok("apply", str(path), timeout=600)

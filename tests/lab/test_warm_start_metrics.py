@@ -8,7 +8,6 @@ A cold start compiles in a child process (the agent reads the stored state meanw
 agent stopped during that compile takes the child along."""
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.netns import in_netns
+from test_warm_start import apply_many_rules
 
 pytestmark = pytest.mark.lab
 
@@ -88,12 +88,7 @@ def test_metrics_answer_during_a_warm_restarts_state_load(lab):
     lab.add_vm("blue", 2)
     lab.write_config(datapath={"max_rule_entries": 2 * N + 4096})
     lab.start_agent(timeout=300)
-    state = lab.base_state()
-    state["rules"] = [{"id": 100 + i, "tenant": "blue", "priority": 10, "action": "deny",
-                       "src": f"198.18.{i // 250}.{i % 250}/32"} for i in range(N)]
-    path = lab.dir / "big.json"
-    path.write_text(json.dumps(state))
-    lab.ok("apply", str(path), timeout=600)
+    apply_many_rules(lab, N)
     before = parsed(lab.metrics())
     (info,) = before["xdpflow_agent_info"]
     started = time.time()

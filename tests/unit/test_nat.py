@@ -148,15 +148,10 @@ def test_store_keeps_fips_and_snats(tmp_path):
 def test_version_6_database_is_migrated_to_7(tmp_path):
     """A database of schema 6 (before NAT) gains the fips and snats tables, empty, its
     rows intact; a NAT state can then be written to it."""
-    from agent import store as store_mod
+    from test_store import database_at_version
     assert SCHEMA_VERSION >= 7
     path = tmp_path / "state.db"
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for n in range(6):
-        for stmt in store_mod._statements(store_mod.MIGRATIONS[n]):
-            db.execute(stmt)
-    db.execute("INSERT INTO meta VALUES ('schema_version', '6')")
+    db = database_at_version(path, 6)
     db.execute("INSERT INTO tenants (name, id, default_verdict) VALUES ('blue', 10, 'drop')")
     db.execute("INSERT INTO ports (name, tenant, slot) VALUES ('vm1', 'blue', 3)")
     db.execute("INSERT INTO endpoints (tenant, ip, port, mac) VALUES "

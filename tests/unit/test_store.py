@@ -607,15 +607,8 @@ def test_version_7_database_gets_the_lean_rule_indexes_and_keeps_its_references(
     """Schema 8 drops the rule indexes an apply paid for on every row (rules_tenant) and
     makes rules_in_port partial; SQLite's foreign keys still refuse removing a port or a
     tenant that rules name, and a port's rules are found through the partial index."""
-    from agent import store as store_mod
     path = tmp_path / "state.db"
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for n in range(7):
-        for stmt in store_mod._statements(store_mod.MIGRATIONS[n]):
-            db.execute(stmt)
-    db.execute("INSERT INTO meta VALUES ('schema_version', '7')")
-    db.close()
+    database_at_version(path, 7).close()
     with Store.open(path) as store:
         assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
         with store.transaction() as tx:
@@ -661,3 +654,15 @@ def test_many_rows_referring_to_nothing_are_refused_at_commit_naming_one(tmp_pat
                 tx.write_changes({"rules": (ghosts, [], [])})
         assert "table rules: row {'id': 10" in str(e.value) and "table tenants" in str(e.value)
         assert store.load().to_dict() == st.to_dict()
+
+
+def database_at_version(path, version: int) -> sqlite3.Connection:
+    """A database file as a `version` agent left it (its migrations up to there), open."""
+    from agent import store as store_mod
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for n in range(version):
+        for stmt in store_mod._statements(store_mod.MIGRATIONS[n]):
+            db.execute(stmt)
+    db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(version),))
+    return db
