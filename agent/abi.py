@@ -348,10 +348,13 @@ def layout_hash(name: str, defines: Dict[str, int]) -> int:
 IPAddr = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
+V4_MAPPED = b"\0" * 10 + b"\xff\xff"     # ::ffff:0:0/96, before an IPv4 address's 4 bytes
+
+
 def addr16(ip: IPAddr) -> bytes:
     """16 bytes in network order; IPv4 mapped into ::ffff:0:0/96 as the datapath keys it."""
     if ip.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + ip.packed
+        return V4_MAPPED + ip.packed
     return ip.packed
 
 

@@ -43,13 +43,10 @@ def range_to_prefixes(lo: int, hi: int, bits: int = 16) -> List[Tuple[int, int]]
     return out
 
 
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
-
-
 def prefix_mask(net: model.IPNet) -> Tuple[bytes, bytes]:
     """(address, mask), 16 bytes each, in the IPv4-mapped space of the datapath keys."""
     if type(net) is model.Net4:     # most prefixes of a big state: without ipaddress's calls
-        return _V4_MAPPED + net.network_address._ip.to_bytes(4, "big"), \
+        return abi.V4_MAPPED + net.network_address._ip.to_bytes(4, "big"), \
             _mask16(4, net._prefixlen)
     if net.version == 6 and net.prefixlen == 0:
         return b"\0" * 16, b"\0" * 16             # any address, either family
