@@ -488,8 +488,16 @@ def _parse_halves(text: str) -> Optional[Tuple[Dict[str, Any], str]]:
     except ImportError:
         return None
     parent = os.getpid()
-    r, w = os.pipe()
-    pid = os.fork()
+    try:
+        r, w = os.pipe()
+    except OSError:                                # out of descriptors: one core will do
+        return None
+    try:
+        pid = os.fork()
+    except OSError:                                # out of processes or memory: likewise
+        os.close(r)
+        os.close(w)
+        return None
     if pid == 0:                                   # the child: never returns
         os.close(r)
         _second_half_child(rtoml, text[at:], w, parent)
@@ -497,8 +505,9 @@ def _parse_halves(text: str) -> Optional[Tuple[Dict[str, Any], str]]:
     try:
         try:
             first = rtoml.loads(text[:at])
-            rules = first.get("rules", [{}])
-            if not (isinstance(rules, list) and rules and isinstance(rules[0], dict)):
+            rules = first.get("rules")
+            if rules is not None and not (isinstance(rules, list) and rules
+                                          and isinstance(rules[0], dict)):
                 return None
             parts = {k: _json_text(v) for k, v in first.items()}
         except Exception:           # a syntax error, a date: the whole parse says which

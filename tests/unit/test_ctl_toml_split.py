@@ -341,3 +341,15 @@ def test_lazy_and_eager_parsers_read_every_example_and_mistake_alike(name):
                 got.append(("exit", e.code))
         assert got[0] == got[1], argv
 
+
+
+def test_no_fork_means_the_whole_parse(split_small, tmp_path, monkeypatch):
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(os, "fork", no_fork)
+    path = tmp_path / "s.toml"
+    path.write_text(TENANT + rule(1) + rule(2) + rule(3))
+    fds = len(os.listdir("/proc/self/fd"))
+    got = outcome(str(path), split=True)
+    assert got[0] == "ok" and not got[3] and got[1] == outcome(str(path), split=False)[1]
+    assert len(os.listdir("/proc/self/fd")) == fds          # the pipe closed again
