@@ -310,6 +310,10 @@ class Controller:
                     self.dp.forget_digest()
                     summary = self._program_change(old, new, old_slots, changes)
                     self._record_digest(new_rows)
+                log.info("a change of %d objects stored and programmed in %.3fs (%.3fs of "
+                         "it waiting for the store writer at the end)",
+                         sum(len(x) for parts in changes.values() for x in parts),
+                         time.monotonic() - t0, self.writer.last_wait)
             else:
                 with self.store.transaction() as tx:
                     self.dp.forget_digest()

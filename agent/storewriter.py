@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from multiprocessing.connection import Connection
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -65,6 +66,7 @@ class Writer:
         self._conn: Optional[Connection] = None
         self.started = 0            # writers started (the first, then after each that ended)
         self.local_writes = 0       # changes written by the agent's own connection instead
+        self.last_wait = 0.0        # seconds the last change waited for the writer at its end
 
     @property
     def pid(self) -> Optional[int]:
@@ -130,7 +132,11 @@ class Writer:
         except BaseException:
             self._end("rollback")
             raise
-        self._end("commit", meta)
+        t0 = time.monotonic()
+        try:
+            self._end("commit", meta)
+        finally:
+            self.last_wait = time.monotonic() - t0
 
     def _end(self, how: str, meta: Optional[Dict[str, str]] = None) -> None:
         """Wait for the writes, then commit or roll back (`how`). Raises StoreError when
