@@ -616,9 +616,9 @@ class Transaction:
             for row in rows:
                 ident = row[:len(keys)]
                 if self._db.execute(sql, ident).fetchone():
-                    row = self._db.execute(f"SELECT * FROM {kind} c WHERE {me}",
+                    bad = self._db.execute(f"SELECT * FROM {kind} c WHERE {me}",
                                            ident).fetchone()
-                    raise StoreError(f"{self._path}: table {kind}: row {dict(row)} refers to "
+                    raise StoreError(f"{self._path}: table {kind}: row {dict(bad)} refers to "
                                      f"a missing row of table {parent}")
 
 

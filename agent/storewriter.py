@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from .store import Store, StoreError
 
