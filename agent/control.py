@@ -23,7 +23,8 @@ from .bulk import no_collector_passes
 from .commands import MAX_FLOW_DUMP
 from .flows import flow_dict, now_coarse_ns
 from .monitor import Monitor
-from .store import changes as store_changes
+from .store import change_rows as store_change_rows, changes as store_changes
+from .storewriter import Writer
 from .sweeper import Evictions, Sweeper
 from .top import FlowRates
 
@@ -42,39 +43,14 @@ def _locked(fn: Callable) -> Callable:
     return wrapper
 
 
-# A change of at least this many objects writes its store rows in a thread beside the
-# maps, compile and map writes. They overlap less than hoped (measured for issue 12: a
-# 100,000-rule apply took as long with the thread as without): executemany takes the
-# GIL back after each row's SQLite step, so it mostly waits while the compile runs. The
-# thread overlaps the map writes' syscalls; a store writer in its own process would
-# overlap the rest.
-BESIDE_ABOVE = 1000
+# A change of at least this many objects has its store rows written by the store writer
+# process (agent/storewriter.py) while this one compiles and writes the maps.
+WRITER_ABOVE = 1000
 
 
-def _written_beside(changes: Dict[str, Tuple[list, list, list]]) -> bool:
+def _by_writer(changes: Dict[str, Tuple[list, list, list]]) -> bool:
     return "ports" not in changes and \
-        sum(len(x) for parts in changes.values() for x in parts) >= BESIDE_ABOVE
-
-
-def _beside(background: Callable[[], Any], foreground: Callable[[], Any]) -> Any:
-    """foreground()'s result, with background() run in a thread meanwhile; both have
-    ended when this returns or raises (foreground's exception first)."""
-    failed: List[BaseException] = []
-
-    def run():
-        try:
-            background()
-        except BaseException as e:   # raised in the caller's thread below
-            failed.append(e)
-    t = threading.Thread(target=run, name="store-write", daemon=True)
-    t.start()
-    try:
-        out = foreground()
-    finally:
-        t.join()
-    if failed:
-        raise failed[0]
-    return out
+        sum(len(x) for parts in changes.values() for x in parts) >= WRITER_ABOVE
 
 
 class Controller:
@@ -117,6 +93,7 @@ class Controller:
         self.monitor = Monitor(self)            # `monitor`'s event streams
         self.rates = FlowRates()                # `top`'s samples
         self.bpf_stats = None   # agent.bpfstats.BpfStats, set by the daemon
+        self.writer = Writer(store)
 
     # -- building the datapath image -----------------------------------------------------
     def _live_links(self, state: model.State) -> Dict[str, Link]:
@@ -319,26 +296,34 @@ class Controller:
         old_slots = self.store.port_slots()
         old_rows = self._rows
         new_rows = digest.changed_rows(old_rows, old, changes)
+        # Recorded with the change, in its transaction.
+        when = time.time()
+        meta = {"last_change": repr(when)}
+        # In both ways below, the pinned digest goes before the first map write, the new
+        # one comes after the last, the store commits last (agent/digest.py).
         try:
-            with self.store.transaction() as tx:
-                # The pinned digest goes before the first map write, the new one comes
-                # after the last, the store commits last (agent/digest.py).
-                self.dp.forget_digest()
-                if _written_beside(changes):
-                    # No port added or removed: the slots are the stored ones, and the
-                    # store's rows are written while the maps are (both wait for the
-                    # commit below, as in the order above).
-                    summary = _beside(lambda: tx.write_changes(changes),
-                                      lambda: self._program_change(old, new, old_slots,
-                                                                   changes))
-                else:
-                    tx.write_changes(changes)
+            if _by_writer(changes):
+                # No port added or removed: the slots are the stored ones. The store's
+                # rows go to the writer process first and are written there while the
+                # maps are (both wait for the commit, as in the order above).
+                with self.writer.transaction(store_change_rows(changes), meta):
+                    self.dp.forget_digest()
+                    summary = self._program_change(old, new, old_slots, changes)
+                    self._record_digest(new_rows)
+                log.info("a change of %d objects stored and programmed in %.3fs (%.3fs of "
+                         "it waiting for the store writer at the end)",
+                         sum(len(x) for parts in changes.values() for x in parts),
+                         time.monotonic() - t0, self.writer.last_wait)
+            else:
+                with self.store.transaction() as tx:
+                    self.dp.forget_digest()
+                    tx.write_changes(changes, meta)
                     slots = self.store.port_slots()
                     for name, slot in slots.items():
                         if old_slots.get(name) != slot:
                             self.dp.clear_counters(slot)   # a reused slot starts from zero
                     summary = self._program_change(old, new, slots, changes)
-                self._record_digest(new_rows)
+                    self._record_digest(new_rows)
         except Exception:
             # The store rolled back; put the maps back as the old state wants them.
             try:
@@ -349,9 +334,8 @@ class Controller:
                 self.reconcile_errors += 1
             raise
         self.state, self._rows = new, new_rows
+        self.last_change = when
         self.last_apply_seconds = time.monotonic() - t0
-        self.last_change = time.time()
-        self.store.set_meta("last_change", repr(self.last_change))
         if self.timings is not None:
             self.timings.observe("apply", self.last_apply_seconds)
         return summary
@@ -591,6 +575,10 @@ class Controller:
 
     def _apply(self, state: Dict[str, Any], dry_run: bool, prune: bool,
                diff_limit: Optional[int], no_duplicates: bool) -> Dict[str, Any]:
+        rules = state.get("rules") if isinstance(state, dict) else None
+        if not dry_run and isinstance(rules, list) and len(rules) >= WRITER_ABOVE:
+            with self.lock:     # its start-up overlaps the building below
+                self.writer.start()
         given = model.State.from_apply(state, no_duplicates)
         kept = None if prune else given
         with self.lock:

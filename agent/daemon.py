@@ -15,6 +15,7 @@ import time
 
 from . import VERSION, config as config_mod, model, notify
 from .config import ConfigError
+from .storewriter import die_with
 
 log = logging.getLogger("xdpflow.agent")
 
@@ -191,7 +192,7 @@ class Agent:
             code, said = 1, b""
             try:
                 os.close(r)
-                _die_with(parent)
+                die_with(parent)
                 self._log_pins(self.dp.load(read_maps=False))
                 os.close(pass_program(self.dp.pin_dir, adopt=False))
                 log.info("datapath compiled and pinned in %.2fs (a child process: pid %d)",
@@ -442,19 +443,11 @@ class Agent:
             # pyroute2 runs an asyncio loop under its socket: left open, its tasks are
             # destroyed pending at exit and asyncio logs an ERROR on every stop.
             self.links.close()
+        if self.controller:
+            self.controller.writer.close()
         if self.store:
             self.store.close()
         return 0
-
-
-def _die_with(parent: int) -> None:
-    """This (child) process gets SIGKILL when `parent` ends (a stop during a compile):
-    no compile finishing behind a stopped agent, racing the next one for the pins."""
-    import ctypes
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 class TeardownRefused(Exception):

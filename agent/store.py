@@ -434,10 +434,7 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         """Record a small fact; part of the open transaction if there is one."""
-        if not isinstance(value, str):
-            raise TypeError(f"meta value for {key!r} must be str, not {type(value).__name__}")
-        self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
-                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+        set_meta(self._db, key, value)
 
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -468,6 +465,13 @@ class Store:
                 raise StoreError(f"{self.path}: commit failed, rolled back: {e}") from None
         finally:
             self._in_tx = tx.open = False
+
+
+def set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"meta value for {key!r} must be str, not {type(value).__name__}")
+    db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+               "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
 
 _FEW = 64       # rows of one table written: checked one by one rather than by a scan
@@ -509,39 +513,48 @@ class Transaction:
         the rows that differ. Returns how many rows were written."""
         return self.write_changes(changes(old, new))
 
-    def write_changes(self, changes: Dict[str, Tuple[list, list, list]]) -> int:
+    def write_changes(self, changes: Dict[str, Tuple[list, list, list]],
+                      meta: Optional[Dict[str, str]] = None) -> int:
         """Write a change given as {kind: (added, removed, changed)} objects (changed: the
         new versions; kinds left out: unchanged), as changes() makes it; a caller that
-        knows its change (one rule added) spares the diff of two whole states."""
+        knows its change (one rule added) spares the diff of two whole states. `meta`:
+        facts recorded with it (Store.set_meta), in the same transaction."""
+        return self.write_rows(change_rows(changes), meta)
+
+    def write_rows(self, rows: Dict[str, Tuple[List[Tuple], List[Tuple], List[Tuple]]],
+                   meta: Optional[Dict[str, str]] = None) -> int:
+        """write_changes() of a change given as its rows (change_rows()): what a store
+        writer in another process is sent (agent/storewriter.py)."""
         if not self.open:
             # After the `with`, the connection is in autocommit: each row would commit alone.
             raise StoreError("write() after its transaction ended")
-        changes = {kind: changes.get(kind, ([], [], [])) for kind in KINDS}
+        rows = {kind: rows.get(kind, ([], [], [])) for kind in KINDS}
         written = 0
         # Deletes first so a port removed and another added in one change can take its slot.
         for kind in reversed(list(KINDS)):
-            keys, _, to_row, _ = _TABLES[kind]
-            rows = [to_row(o)[:len(keys)] for o in changes[kind][1]]
+            keys = _TABLES[kind][0]
             where = " AND ".join(f"{k} = ?" for k in keys)
-            written += self._many(f"DELETE FROM {kind} WHERE {where}", rows, kind, "delete")
+            written += self._many(f"DELETE FROM {kind} WHERE {where}", rows[kind][1], kind,
+                                  "delete")
         for kind in KINDS:
-            added, _, changed = changes[kind]
-            keys, cols, to_row, _ = _TABLES[kind]
-            rows = [to_row(o) for o in added]
+            added, _, changed = rows[kind]
+            keys, cols = _TABLES[kind][:2]
             if kind == "ports":
-                rows = self._with_slots(rows)
+                added = self._with_slots(added)
                 cols = cols + ("slot",)
             names = keys + cols
             written += self._many(
                 f"INSERT INTO {kind} ({', '.join(names)}) "
-                f"VALUES ({', '.join('?' * len(names))})", rows, kind, "insert")
+                f"VALUES ({', '.join('?' * len(names))})", added, kind, "insert")
             # An UPDATE keeps the row (and a port its slot); the identity never changes.
             # Its parameters are the other columns, then the key columns for WHERE.
-            rows = [row[len(keys):] + row[:len(keys)] for row in map(to_row, changed)]
             written += self._many(
                 f"UPDATE {kind} SET {', '.join(f'{c} = ?' for c in _TABLES[kind][1])} "
-                f"WHERE {' AND '.join(f'{k} = ?' for k in keys)}", rows, kind, "update")
-        self._check_references(changes)
+                f"WHERE {' AND '.join(f'{k} = ?' for k in keys)}",
+                [row[len(keys):] + row[:len(keys)] for row in changed], kind, "update")
+        self._check_references(rows)
+        for key, value in (meta or {}).items():
+            set_meta(self._db, key, value)
         return written
 
     def _many(self, sql: str, rows: List[Tuple], kind: str, what: str) -> int:
@@ -569,10 +582,10 @@ class Transaction:
             out.append(row + (slot,))
         return out
 
-    def _check_references(self, changes) -> None:
+    def _check_references(self, rows) -> None:
         for kind, parents in _PARENTS.items():
-            touched = changes[kind][0] + changes[kind][2]
-            parent_gone = any(changes[p][1] for p in parents)
+            touched = rows[kind][0] + rows[kind][2]
+            parent_gone = any(rows[p][1] for p in parents)
             if not touched and not parent_gone:
                 continue
             if not parent_gone:
@@ -586,10 +599,10 @@ class Transaction:
                 continue
             _raise_missing_parent(self._db, self._path, kind)
 
-    def _check_rows(self, kind: str, objs: list) -> None:
+    def _check_rows(self, kind: str, rows: List[Tuple]) -> None:
         """Each of these rows' foreign keys names an existing parent row (SQLite's rule:
         a key with a NULL column refers to nothing and is fine)."""
-        keys, _, to_row, _ = _TABLES[kind]
+        keys = _TABLES[kind][0]
         fks: Dict[int, List[Tuple[str, str, str]]] = {}
         for fk in self._db.execute(f"PRAGMA foreign_key_list({kind})"):
             fks.setdefault(fk["id"], []).append((fk["table"], fk["from"], fk["to"]))
@@ -600,13 +613,25 @@ class Transaction:
             match = " AND ".join(f"p.{t} = c.{f}" for _, f, t in cols)
             sql = (f"SELECT 1 FROM {kind} c WHERE {me} AND {set_} AND NOT EXISTS "
                    f"(SELECT 1 FROM {parent} p WHERE {match})")
-            for o in objs:
-                ident = to_row(o)[:len(keys)]
+            for row in rows:
+                ident = row[:len(keys)]
                 if self._db.execute(sql, ident).fetchone():
-                    row = self._db.execute(f"SELECT * FROM {kind} c WHERE {me}",
+                    bad = self._db.execute(f"SELECT * FROM {kind} c WHERE {me}",
                                            ident).fetchone()
-                    raise StoreError(f"{self._path}: table {kind}: row {dict(row)} refers to "
+                    raise StoreError(f"{self._path}: table {kind}: row {dict(bad)} refers to "
                                      f"a missing row of table {parent}")
+
+
+def change_rows(changes: Dict[str, Tuple[list, list, list]]
+                ) -> Dict[str, Tuple[List[Tuple], List[Tuple], List[Tuple]]]:
+    """A change ({kind: (added, removed, changed)} objects) as the rows it writes: {kind:
+    (rows added, keys removed, rows changed)}, plain tuples (port slots aside)."""
+    out = {}
+    for kind, (added, removed, changed) in changes.items():
+        keys, _, to_row, _ = _TABLES[kind]
+        out[kind] = ([to_row(o) for o in added], [to_row(o)[:len(keys)] for o in removed],
+                     [to_row(o) for o in changed])
+    return out
 
 
 def changes(old: State, new: State) -> Dict[str, Tuple[list, list, list]]:

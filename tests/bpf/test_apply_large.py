@@ -1,17 +1,19 @@
 """A large apply against the real controller, store and maps (issue 12): its store rows
-are written beside the maps (control.BESIDE_ABOVE), and afterwards the store holds exactly
+are written by the store writer process while the maps are (control.WRITER_ABOVE), and
+afterwards the store holds exactly
 what was applied (also as a new process reads it), the maps hold what a from-scratch
 compile writes, and a refused large apply or one whose store write fails changes nothing."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
 from agent import config, control, model
 from agent.api import ApiServer, Peer
 from agent.control import Controller
-from agent.store import Store, StoreError, Transaction
+from agent.store import Store, StoreError
 
 from .conftest import loaded
 from .test_incremental import canonical, fresh
@@ -19,7 +21,7 @@ from .test_incremental import canonical, fresh
 pytestmark = pytest.mark.bpf
 
 ROOT = Peer(pid=1, uid=0, gid=0)
-N = 3 * control.BESIDE_ABOVE
+N = 3 * control.WRITER_ABOVE
 BLUE = 10
 MAPS = ("xf_masks", "xf_rules", "xf_tenants")
 
@@ -73,19 +75,24 @@ def test_a_large_apply_leaves_store_and_maps_with_exactly_the_state(node):
     assert_agree(c, path)
 
 
-def test_a_large_apply_whose_store_write_fails_changes_nothing(node, monkeypatch):
+def test_a_large_apply_whose_store_write_fails_changes_nothing(node):
     c, path = node
     c.apply(state(N), dry_run=False, prune=True)
     # The maps are put back as the old state wants them (a new generation of the same
     # classifier, as after any failed change): compared by what they mean.
     before = (c.state.to_dict(), canonical(c.dp, BLUE))
 
-    def broken(self, changes):
-        raise StoreError("disk full (test)")
-    monkeypatch.setattr(Transaction, "write_changes", broken)
-    with pytest.raises(StoreError):
-        c.apply(state(N, salt=3), dry_run=False, prune=True)
-    monkeypatch.undo()
+    # The writer process's SQLite refuses a row of the change (as a full disk would).
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("CREATE TRIGGER fail BEFORE UPDATE ON rules WHEN NEW.id = 17 "
+               "BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END")
+    try:
+        with pytest.raises(StoreError, match="disk full"):
+            c.apply(state(N, salt=3), dry_run=False, prune=True)
+        assert c.writer.pid is not None and c.writer.local_writes == 0
+    finally:
+        db.execute("DROP TRIGGER fail")
+        db.close()
     assert (c.state.to_dict(), canonical(c.dp, BLUE)) == before
     assert canonical(c.dp, BLUE) == fresh(c, BLUE)
     assert_agree(c, path)

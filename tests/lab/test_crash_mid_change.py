@@ -152,9 +152,28 @@ def apply(lab, name, rules, *extra):
     return path
 
 
+def store_writers(lab):
+    """The pids of live store writer processes (agent/storewriter.py) of this lab's agent."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue        # ended meanwhile
+        if b"agent.storewriter" in cmd and any(str(lab.state_dir).encode() in c for c in cmd):
+            out.append(int(pid))
+    return out
+
+
 def kill_and_restart(lab):
     lab.proc.send_signal(signal.SIGKILL)
     lab.proc.wait(10)
+    # Its store writer ends with it (its transaction, if any, rolled back): none may be
+    # left to hold the store's write lock or commit behind the next agent.
+    deadline = time.monotonic() + 10
+    while store_writers(lab) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not store_writers(lab), "a store writer outlived its killed agent"
     # A BCC compile on a busy shared machine takes up to a minute, and a `status` while
     # it starts may outlast the CLI's 5 s: ask again.
     lab.start_agent(wait=False)
@@ -179,6 +198,8 @@ def test_kill_9_during_a_large_apply(node):
     t0 = time.monotonic()
     assert lab.ctl("apply", str(new), "--prune").code == 0
     took = time.monotonic() - t0                 # how long a whole apply takes here
+    # Changes this big are written by the agent's store writer: the kills below hit it too.
+    assert store_writers(lab), "no store writer runs beside the agent"
     rng = random.Random(14)
     outcomes = []
     for n in range(APPLY_KILLS):
