@@ -455,7 +455,8 @@ def _parse_toml(text: str, loads: Callable[[str], Dict[str, Any]]) -> Dict[str, 
 #   second half may append to (a static array, `rules = [...]`, may not be): a list of
 #   tables, since without inline tables ("{": none in the text) no static array holds one;
 # - no TOML 1.1 (_TOML_1_1: the whole goes to tomllib), rtoml installed, this process
-#   has one thread (fork copies only the calling one);
+#   has one thread (fork copies only the calling one) and may run on two CPUs (on one,
+#   the halves cost 10-20% more than the whole: the fork, the pipe, the child's exit);
 # - a date or time in either half, or the child failing in any way: not split.
 SPLIT_ABOVE = 1 << 20           # characters of TOML parsed in two halves at once
 _SPLIT_LINE = "[[rules]]"
@@ -481,7 +482,7 @@ def _parse_halves(text: str) -> Optional[Tuple[Dict[str, Any], str]]:
     if len(text) < SPLIT_ABOVE or "{" in text or any(s in text for s in _TOML_1_1):
         return None
     at = _split_at(text)
-    if at < 0 or _threads() > 1:
+    if at < 0 or _threads() > 1 or len(os.sched_getaffinity(0)) < 2:
         return None
     try:
         import rtoml

@@ -90,7 +90,13 @@ def state_texts(draw):
 
 
 @pytest.fixture
-def split_small(monkeypatch):
+def two_cpus(monkeypatch):
+    """The split wants two CPUs to run on: a test machine with one still tests it."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+
+
+@pytest.fixture
+def split_small(monkeypatch, two_cpus):
     """Split files of any size, so that small generated ones are."""
     monkeypatch.setattr(cli, "SPLIT_ABOVE", 0)
 
@@ -166,7 +172,7 @@ def big(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_big_plain_file_is_split_on_the_apply_path(big):
+def test_a_big_plain_file_is_split_on_the_apply_path(big, two_cpus):
     path = big
     assert len(path.read_text()) > cli.SPLIT_ABOVE    # the real threshold, not a patched one
     ns = cli.build_parser().parse_args(["apply", str(path)])
@@ -191,6 +197,7 @@ def _child_says(behaviour: str, tmp_path: Path, big: Path) -> str:
 import os, signal, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from ctl import cli
+os.sched_getaffinity = lambda pid: {{0, 1}}     # as the two_cpus fixture
 parent = os.getpid()
 encode = cli._json_text
 
@@ -254,7 +261,8 @@ def test_the_child_dies_with_a_killed_client(tmp_path, big):
     assert_gone(child)
 
 
-def test_an_interrupted_client_kills_and_reaps_its_child(tmp_path, monkeypatch, big):
+def test_an_interrupted_client_kills_and_reaps_its_child(tmp_path, monkeypatch, big,
+                                                         two_cpus):
     """Ctrl-C while this process parses its half: the child is killed and waited for
     before the interrupt goes on."""
     text = big.read_text()
@@ -353,3 +361,11 @@ def test_no_fork_means_the_whole_parse(split_small, tmp_path, monkeypatch):
     got = outcome(str(path), split=True)
     assert got[0] == "ok" and not got[3] and got[1] == outcome(str(path), split=False)[1]
     assert len(os.listdir("/proc/self/fd")) == fds          # the pipe closed again
+
+
+def test_no_split_on_one_cpu(split_small, tmp_path, monkeypatch):
+    path = tmp_path / "s.toml"
+    path.write_text(TENANT + rule(1) + rule(2) + rule(3))
+    assert outcome(str(path), split=True)[3]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})     # taskset -c 0
+    assert not outcome(str(path), split=True)[3]
