@@ -17,6 +17,7 @@ import pytest
 from fuzzing import fuzz_settings
 from hypothesis import event, given
 from hypothesis import strategies as st
+from test_cli import agent, run  # noqa: F401 - fixtures
 from test_operator import _leaves
 
 from agent import commands
@@ -369,3 +370,34 @@ def test_no_split_on_one_cpu(split_small, tmp_path, monkeypatch):
     assert outcome(str(path), split=True)[3]
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})     # taskset -c 0
     assert not outcome(str(path), split=True)[3]
+
+
+def test_a_split_file_refused_by_the_agent_names_the_same_lines(run, agent, tmp_path,
+                                                                 split_small, monkeypatch):
+    """Through xdpflowctl apply to an agent (in this process: its server's threads would
+    refuse the split, and the child runs nothing of theirs): a wrong rule and a rule given
+    twice in the second half, named by their lines as the whole parse names them."""
+    monkeypatch.setattr(cli, "_threads", lambda: 1)
+    halves = []
+    parse_halves = cli._parse_halves
+    monkeypatch.setattr(cli, "_parse_halves", lambda text: halves.append(
+        parse_halves(text)) or halves[-1])
+    ctl, _ = agent
+    f = tmp_path / "s.toml"
+    bad_port = TENANT + "".join(rule(i, 'proto = "udp"\ndport = "x"\n' if i == 7 else "")
+                                for i in range(1, 9))
+    twice = TENANT + "".join(rule(i) for i in range(1, 8)) + rule(2)
+    first, second = [n for n, ln in enumerate(twice.splitlines(), 1) if ln == "id = 2"]
+    dport = bad_port.splitlines().index('dport = "x"') + 1
+    for text, error in (
+            (bad_port, f":{dport}: rule 7: dport: 'x' is not a port"),
+            (twice, f":{second - 1}: rule 2: given twice (first at line {first - 1})")):
+        f.write_text(text)
+        got = run("apply", str(f))
+        assert halves.pop() is not None                       # split
+        assert got[0] == 2 and f"{f}{error}" in got[2], got
+        monkeypatch.setattr(cli, "SPLIT_ABOVE", 1 << 40)
+        assert run("apply", str(f)) == got                    # whole: the same words
+        assert halves.pop() is None
+        monkeypatch.setattr(cli, "SPLIT_ABOVE", 0)
+        assert ctl.state.rules == []
