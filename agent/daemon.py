@@ -15,7 +15,7 @@ import time
 
 from . import VERSION, config as config_mod, model, notify
 from .config import ConfigError
-from .storewriter import die_with
+from .child import die_with
 
 log = logging.getLogger("xdpflow.agent")
 

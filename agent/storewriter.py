@@ -28,7 +28,6 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from .child import die_with
 from .store import Store, StoreError
 
 log = logging.getLogger("xdpflow.storewriter")
@@ -45,16 +45,6 @@ Rows = Dict[str, Tuple[List[Tuple], List[Tuple], List[Tuple]]]
 # The agent's package, for the writer's `-m` wherever the agent runs from (an installed
 # package, a source tree, a unit's ExecStart).
 _TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def die_with(parent: int) -> None:
-    """This (child) process gets SIGKILL when `parent` ends: nothing of it (a compile, a
-    store transaction) outlives a stopped agent, racing the next one."""
-    import ctypes
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 class Writer:

@@ -544,7 +544,8 @@ def _second_half_child(rtoml: Any, text: str, w: int, parent: int) -> None:
     (no atexit handlers, no flush of the parent's buffers). It dies with its parent."""
     code = 1
     try:
-        _die_with(parent)
+        from agent.child import die_with
+        die_with(parent)
         try:
             data = rtoml.loads(text)
             ok = list(data) == ["rules"] and isinstance(data["rules"], list)
@@ -556,15 +557,6 @@ def _second_half_child(rtoml: Any, text: str, w: int, parent: int) -> None:
         code = 0
     finally:
         os._exit(code)
-
-
-def _die_with(parent: int) -> None:
-    """SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG), so a client killed while
-    parsing leaves no child behind; exits if the parent is already gone."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
-        os._exit(1)
 
 
 def _refuse_constant(name: str):
