@@ -449,6 +449,10 @@ class Controller:
             "rules": len(self.state.rules),
             "bpf_stats": self._bpf_stats().describe(),
             "trace_program": "built" if self.dp.trace_fd >= 0 else "not built",
+            # local_writes: big changes the agent wrote itself, its writer not starting
+            "store_writer": {"pid": self.writer.pid, "started": self.writer.started,
+                             "local_writes": self.writer.local_writes,
+                             "last_wait_s": round(self.writer.last_wait, 3)},
         }
 
     def _bpf_stats(self):

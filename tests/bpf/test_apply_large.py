@@ -6,6 +6,7 @@ compile writes, and a refused large apply or one whose store write fails changes
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
 import pytest
@@ -69,6 +70,10 @@ def test_a_large_apply_leaves_store_and_maps_with_exactly_the_state(node):
     c.apply(state(N), dry_run=False, prune=True)
     assert c.state.to_dict() == model.State.from_dict(state(N)).to_dict()
     assert_agree(c, path)
+    # Written by the store writer, a process of its own (status says so).
+    writer = c.status()["store_writer"]
+    assert writer["pid"] not in (None, os.getpid()) and writer["started"] == 1
+    assert writer["local_writes"] == 0
     # Every rule changed (a new source), half of them removed: rows updated and deleted.
     c.apply(state(N // 2, salt=7), dry_run=False, prune=True)
     assert len(c.state.rules) == N // 2
