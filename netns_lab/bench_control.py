@@ -280,6 +280,7 @@ def measure_apply(agent: _Agent, sizes: Sequence[int], say: Say,
             f"median of {took}; dry run {case['dry_run_seconds']:.2f}s)")
         # The same state from a JSON file (json's C parser instead of tomllib), again
         # into an empty tenant; it leaves the same state behind as the TOML apply.
+        agent.apply_file("empty.toml", base, "--prune")
         case["json_dry_run_seconds"] = round(
             agent.apply_file(f"s{n}.json", st, "--dry-run")[0], 3)
         took, agent_s = sample_apply(agent, f"s{n}.json", st, base)
@@ -312,13 +313,12 @@ def _median(values: List[Optional[float]]) -> Optional[float]:
 
 def sample_apply(agent: _Agent, name: str, st: Dict[str, object], base: Dict[str, object]
                  ) -> "tuple[List[float], List[float]]":
-    """APPLY_SAMPLES applies of `st` from file `name`, each into the emptied tenant: (end to
-    end seconds, agent seconds) of each. It leaves `st` applied."""
+    """APPLY_SAMPLES applies of `st` from file `name`, each into the tenant emptied first:
+    (end to end seconds, agent seconds) of each. It leaves `st` applied."""
     took: List[float] = []
     agent_s: List[Optional[float]] = []
-    for k in range(APPLY_SAMPLES):
-        if k:
-            agent.apply_file("empty.toml", base, "--prune")
+    for _ in range(APPLY_SAMPLES):
+        agent.apply_file("empty.toml", base, "--prune")
         took.append(round(agent.apply_file(name, st)[0], 3))
         agent_s.append(agent.agent_seconds())
     return took, agent_s
