@@ -42,6 +42,12 @@ log = logging.getLogger("xdpflow.storewriter")
 
 Rows = Dict[str, Tuple[List[Tuple], List[Tuple], List[Tuple]]]
 
+# Seconds the agent waits for each answer of its writer. 100,000 rows take well under a
+# second, and SQLite gives up on a lock after 10 s (Store.open): a writer silent this long
+# is stuck (stopped, swapped out) and is killed, failing the change, rather than holding
+# the agent's lock, and every change after it, for good.
+ANSWER_TIMEOUT = 120.0
+
 # The agent's package, for the writer's `-m` wherever the agent runs from (an installed
 # package, a source tree, a unit's ExecStart).
 _TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,21 +138,29 @@ class Writer:
         """Wait for the writes, then commit or roll back (`how`). Raises StoreError when
         the writes failed or (`commit`) the commit did not happen."""
         try:
-            said = self._conn.recv()
+            said = self._answer()
             if said[0] != "written":
                 raise StoreError(said[1])       # the writes failed: rolled back
             self._conn.send(how)
-            said = self._conn.recv()
+            said = self._answer()
         except (EOFError, OSError) as e:
             pid = self._proc.pid if self._proc else None
             self._kill()
             if how == "commit" and meta and \
                     self.store.get_meta("last_change") == meta.get("last_change"):
                 return      # it committed, then ended before saying so
-            raise StoreError(f"{self.store.path}: the store writer (pid {pid}) ended during "
-                             f"the change ({type(e).__name__}); nothing was stored") from None
+            why = (f"did not answer within {ANSWER_TIMEOUT:g} s and was killed"
+                   if isinstance(e, TimeoutError) else
+                   f"ended during the change ({type(e).__name__})")
+            raise StoreError(f"{self.store.path}: the store writer (pid {pid}) {why}; "
+                             "nothing was stored") from None
         if how == "commit" and said[0] != "committed":
             raise StoreError(said[1])
+
+    def _answer(self):
+        if not self._conn.poll(ANSWER_TIMEOUT):
+            raise TimeoutError
+        return self._conn.recv()
 
     def _kill(self) -> None:
         if self._proc is not None:

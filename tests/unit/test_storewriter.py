@@ -127,6 +127,23 @@ def test_a_writer_killed_during_the_change_fails_it_and_the_next_starts_another(
     assert len(_rows(store)["rules"]) == len(before["rules"]) + 3
 
 
+def test_a_writer_that_stops_answering_is_killed_and_the_change_fails(stores, monkeypatch):
+    store, writer = stores
+    before = _rows(store)
+    monkeypatch.setattr(storewriter, "ANSWER_TIMEOUT", 1.0)
+    with pytest.raises(StoreError, match=r"store writer \(pid \d+\) did not answer within 1 s"):
+        with writer.transaction(change_rows(changes(_state(), _bigger(2000))),
+                                {"last_change": "5.5"}):
+            time.sleep(0.3)             # written by now, and waiting to be told
+            proc = writer._proc
+            os.kill(proc.pid, signal.SIGSTOP)
+    assert proc.returncode == -signal.SIGKILL
+    assert _rows(store) == before and store.get_meta("last_change") is None
+    with writer.transaction(change_rows(changes(_state(), _bigger(3))), {}):
+        pass
+    assert writer.started == 2
+
+
 def test_a_commit_whose_answer_is_lost_is_read_from_the_store(stores, monkeypatch):
     """The writer committed, and its answer never came (it ended right after): the change
     is the store's, and the agent must not undo its maps. The commit is real; only the
