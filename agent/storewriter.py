@@ -9,16 +9,18 @@ against about 0.5 s of SQLite writes) and carries on.
 
 The order of a change stays the controller's (agent/control.py): the writer opens the
 transaction and writes, the agent writes the maps and its digest, then tells the writer to
-commit, and the change succeeds only when the commit is confirmed. A writer that fails
-(or ends) before that has committed nothing: the agent puts the maps back, as for a failed
-store write. The writer never commits on its own: if the agent ends, the writer reads the
-end of its socket (or is killed by the kernel: PR_SET_PDEATHSIG) and its transaction is
-rolled back. If it ends after the agent asked for the commit, whether the commit happened
-is read from the store (the change's `last_change`, written in its transaction).
+commit, and the change succeeds only once it is committed. The writer never
+commits on its own: if the agent ends, the writer reads the end of its socket (or is
+killed by the kernel: PR_SET_PDEATHSIG) and its transaction is rolled back. A writer that
+ends or stops answering (killed, stuck: ANSWER_TIMEOUT) is killed and the agent's own
+connection writes the change and commits it, still last; if it ended after being asked to
+commit, whether it did is read from the store (the change's `last_change`, written in its
+transaction). Only the store's refusal of a change (as the agent's connection would
+refuse it) fails the change, and the agent then puts the maps back.
 
 One writer per agent, started at the first big change and kept; started again after it
 ends. If it cannot be started at all, the change is written by the agent's own connection
-(slower, never refused for that).
+(slower, never refused for that; `status` counts such changes: store_writer.local_writes).
 
 Run as `python -m agent.storewriter DB FD PARENT_PID` by the agent only.
 """
@@ -109,15 +111,17 @@ class Writer:
     def transaction(self, rows: Rows, meta: Dict[str, str]) -> Iterator[None]:
         """Store.transaction() with its writes (Transaction.write_rows(rows, meta)) done by
         the writer process while the block runs: committed when the block ends, rolled
-        back if it raises. Raises StoreError if the writes or the commit fail."""
+        back if it raises. Raises StoreError if the store refuses the change (as the
+        agent's own connection would). A writer that cannot be started, or ends or stops
+        answering before its commit, is no reason to fail the change: the agent's
+        connection writes it instead (first, or after the block: the store still
+        commits last). `meta` must hold "last_change" (what tells whether a writer that
+        ended after being asked to commit did)."""
         try:
             self.start()
             self._conn.send(("write", rows, meta))
         except OSError as e:
-            # No writer: the agent's connection writes the change (first, then the block).
-            log.warning("the store writer could not be started (%s): this change is "
-                        "written by the agent", e)
-            self.close()
+            self._lost(f"could not be started or sent the change ({e})")
             self.local_writes += 1
             with self.store.transaction() as tx:
                 tx.write_rows(rows, meta)
@@ -126,36 +130,48 @@ class Writer:
         try:
             yield
         except BaseException:
-            self._end("rollback")
+            self._roll_back()
             raise
         t0 = time.monotonic()
         try:
-            self._end("commit", meta)
+            self._commit(rows, meta)
         finally:
             self.last_wait = time.monotonic() - t0
 
-    def _end(self, how: str, meta: Optional[Dict[str, str]] = None) -> None:
-        """Wait for the writes, then commit or roll back (`how`). Raises StoreError when
-        the writes failed or (`commit`) the commit did not happen."""
+    def _commit(self, rows: Rows, meta: Dict[str, str]) -> None:
         try:
             said = self._answer()
-            if said[0] != "written":
-                raise StoreError(said[1])       # the writes failed: rolled back
-            self._conn.send(how)
-            said = self._answer()
+            if said[0] == "written":
+                self._conn.send("commit")
+                said = self._answer()
         except (EOFError, OSError) as e:
-            pid = self._proc.pid if self._proc else None
-            self._kill()
-            if how == "commit" and meta and \
-                    self.store.get_meta("last_change") == meta.get("last_change"):
-                return      # it committed, then ended before saying so
-            why = (f"did not answer within {ANSWER_TIMEOUT:g} s and was killed"
-                   if isinstance(e, TimeoutError) else
-                   f"ended during the change ({type(e).__name__})")
-            raise StoreError(f"{self.store.path}: the store writer (pid {pid}) {why}; "
-                             "nothing was stored") from None
-        if how == "commit" and said[0] != "committed":
-            raise StoreError(said[1])
+            # Killed and waited for: its transaction is gone, committed or not, for good.
+            self._lost(_why(e))
+            if self.store.get_meta("last_change") != meta["last_change"]:
+                self.local_writes += 1
+                with self.store.transaction() as tx:
+                    tx.write_rows(rows, meta)
+            return      # else: it committed, then ended before saying so
+        if said[0] != "committed":
+            raise StoreError(said[1])   # its SQLite refused the change: rolled back
+
+    def _roll_back(self) -> None:
+        """The change is abandoned: the writer's transaction rolled back (a writer that
+        fails meanwhile is killed, which rolls it back as well)."""
+        try:
+            if self._answer()[0] == "written":
+                self._conn.send("rollback")
+                self._answer()
+        except (EOFError, OSError) as e:
+            self._lost(_why(e))
+
+    def _lost(self, why: str) -> None:
+        """The writer killed (it cannot commit after this returns); the change goes on
+        without it."""
+        pid = self._proc.pid if self._proc else None
+        self._kill()
+        log.warning("the store writer%s %s: this change goes on without it",
+                    f" (pid {pid})" if pid else "", why)
 
     def _answer(self):
         if not self._conn.poll(ANSWER_TIMEOUT):
@@ -166,6 +182,11 @@ class Writer:
         if self._proc is not None:
             self._proc.kill()
         self.close()
+
+
+def _why(e: BaseException) -> str:
+    return (f"did not answer within {ANSWER_TIMEOUT:g} s and was killed"
+            if isinstance(e, TimeoutError) else f"ended during the change ({type(e).__name__})")
 
 
 class _RollBack(Exception):
