@@ -46,8 +46,8 @@ Rows = Dict[str, Tuple[List[Tuple], List[Tuple], List[Tuple]]]
 
 # Seconds the agent waits for each answer of its writer. 100,000 rows take well under a
 # second, and SQLite gives up on a lock after 10 s (Store.open): a writer silent this long
-# is stuck (stopped, swapped out) and is killed, failing the change, rather than holding
-# the agent's lock, and every change after it, for good.
+# is stuck (stopped, swapped out). It is killed and the agent writes the change itself,
+# rather than the stuck writer holding the agent's lock, and every change after it.
 ANSWER_TIMEOUT = 120.0
 
 # The agent's package, for the writer's `-m` wherever the agent runs from (an installed
