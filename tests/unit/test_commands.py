@@ -113,6 +113,8 @@ class FakeController:
                           for p in self.state.sorted("ports")],
                 "flows": len(self.flows), "flow_capacity": 65536,
                 "rules": len(self.state.rules), "trace_program": "built",
+                "store_writer": {"pid": None, "started": 0, "local_writes": 0,
+                                 "last_wait_s": 0.0},
                 "program": {"how": "adopted", "build_id": "00000000000000aa",
                             "load_seconds": 0.01},
                 "bpf_stats": {"enabled": False, "how": "off ([metrics] bpf_stats = false)"},
