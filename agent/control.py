@@ -48,9 +48,9 @@ def _locked(fn: Callable) -> Callable:
 WRITER_ABOVE = 1000
 
 
-def _by_writer(changes: Dict[str, Tuple[list, list, list]]) -> bool:
-    return "ports" not in changes and \
-        sum(len(x) for parts in changes.values() for x in parts) >= WRITER_ABOVE
+def _size(changes: Dict[str, Tuple[list, list, list]]) -> int:
+    """Objects a change adds, removes and changes."""
+    return sum(len(x) for parts in changes.values() for x in parts)
 
 
 class Controller:
@@ -301,8 +301,9 @@ class Controller:
         meta = {"last_change": repr(when)}
         # In both ways below, the pinned digest goes before the first map write, the new
         # one comes after the last, the store commits last (agent/digest.py).
+        size = _size(changes)
         try:
-            if _by_writer(changes):
+            if size >= WRITER_ABOVE and "ports" not in changes:
                 # No port added or removed: the slots are the stored ones. The store's
                 # rows go to the writer process first and are written there while the
                 # maps are (both wait for the commit, as in the order above).
@@ -311,8 +312,7 @@ class Controller:
                     summary = self._program_change(old, new, old_slots, changes)
                     self._record_digest(new_rows)
                 log.info("a change of %d objects stored and programmed in %.3fs (%.3fs of "
-                         "it waiting for the store writer at the end)",
-                         sum(len(x) for parts in changes.values() for x in parts),
+                         "it waiting for the store writer at the end)", size,
                          time.monotonic() - t0, self.writer.last_wait)
             else:
                 with self.store.transaction() as tx:
@@ -449,7 +449,8 @@ class Controller:
             "rules": len(self.state.rules),
             "bpf_stats": self._bpf_stats().describe(),
             "trace_program": "built" if self.dp.trace_fd >= 0 else "not built",
-            # local_writes: big changes the agent wrote itself, its writer not starting
+            # local_writes: big changes the agent wrote itself (its writer would not
+            # start, died or hung)
             "store_writer": {"pid": self.writer.pid, "started": self.writer.started,
                              "local_writes": self.writer.local_writes,
                              "last_wait_s": round(self.writer.last_wait, 3)},
